@@ -1,0 +1,143 @@
+"""Model loading behind one interface: `load_model(recipe) -> Loaded(model, tokenizer, ...)`.
+
+- `unsloth`: `FastLanguageModel` (CUDA only), see `backends/unsloth.py`.
+- `transformers`: `AutoModelForCausalLM` + bitsandbytes + PEFT, anywhere, see `backends/transformers.py`.
+- `auto`: unsloth when a CUDA GPU is there and unsloth imports, else transformers, with one line
+  saying which and why.
+
+Nothing after this module asks which backend made the model, except `fastsft.loss`, which routes
+each backend's loss.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendError
+from . import builtin
+
+__all__ = ["Loaded", "choose_backend", "load_model", "load_tokenizer", "resolve_model_path", "compute_dtype"]
+
+
+@dataclass
+class Loaded:
+    model: Any  # a PeftModel (transformers) or Unsloth's PEFT model
+    tokenizer: Any
+    backend: str  # "unsloth" | "transformers"
+    reason: str  # why this backend was picked
+    model_path: str  # what was loaded: hub id or local folder
+    dtype: str  # "bf16" | "fp16" | "fp32"
+    info: dict = field(default_factory=dict)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - a broken torch install
+        return False
+
+
+def unsloth_status() -> tuple[bool, str]:
+    """(usable, why). Never imports unsloth when there is no GPU (it refuses to import there)."""
+    if importlib.util.find_spec("unsloth") is None:
+        return False, "unsloth is not installed (pip install 'fastsft[gpu]')"
+    if not cuda_available():
+        return False, "no CUDA GPU (unsloth needs one)"
+    return True, "a CUDA GPU and unsloth are present"
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """The backend to use for `[model] backend = requested`, and one line saying why."""
+    ok, why = unsloth_status()
+    if requested == "transformers":
+        return "transformers", "the recipe asks for it"
+    if requested == "unsloth":
+        if not ok:
+            raise BackendError(
+                f"[model] backend = \"unsloth\" cannot run here: {why}. "
+                "Use backend = \"transformers\" (or \"auto\") on this machine."
+            )
+        return "unsloth", "the recipe asks for it"
+    if ok:
+        return "unsloth", why
+    return "transformers", f"auto: {why}"
+
+
+def compute_dtype(requested: str) -> str:
+    """`[model] dtype` -> "bf16" | "fp16" | "fp32" for this machine."""
+    if requested != "auto":
+        if requested in ("bf16", "fp16") and not cuda_available():
+            return requested  # allowed (slow on CPU), the user asked
+        return requested
+    if not cuda_available():
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def resolve_model_path(recipe) -> str:
+    """`[model] name` -> what from_pretrained should read: a built-in model's cache folder, a local
+    folder (relative to the recipe), or a hub id."""
+    name = recipe.model.name
+    if builtin.is_builtin(name):
+        return str(builtin.materialize(name))
+    local = recipe.resolve_path(name)
+    if local.exists():
+        return str(local)
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise BackendError(f"[model] name = {name!r}: no such folder ({local})")
+    return name  # a hub id
+
+
+def _check_weights_format(path: str, allow_pickle: bool) -> None:
+    p = Path(path)
+    if not p.is_dir() or allow_pickle:
+        return
+    if not any(p.glob("*.safetensors")) and any(p.glob("*.bin")):
+        raise BackendError(
+            f"{path} holds only pickle (.bin) weights, which can run code when loaded. Convert them to "
+            "safetensors, or set [model] allow_pickle = true if you trust the files."
+        )
+
+
+def load_tokenizer(recipe, model_path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = model_path or resolve_model_path(recipe)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as e:
+        raise BackendError(f"cannot load the tokenizer of {path!r}: {e}") from None
+    return tok
+
+
+def load_model(recipe, *, log=print) -> Loaded:
+    backend, reason = choose_backend(recipe.model.backend)
+    log(f"backend: {backend} ({reason})")
+    if backend == "unsloth":
+        # Unsloth patches transformers, trl and peft when it is imported, so it must come first.
+        from . import unsloth as impl
+
+        impl.import_unsloth_first()
+    else:
+        from . import transformers as impl
+    path = resolve_model_path(recipe)
+    _check_weights_format(path, recipe.model.allow_pickle)
+    if recipe.model.trust_remote_code:
+        log("warning: trust_remote_code = true: the model repository's own Python code will run")
+    dtype = compute_dtype(recipe.model.dtype)
+    model, tokenizer, info = impl.load(recipe, path, dtype)
+    return Loaded(model, tokenizer, backend, reason, path, dtype, info)

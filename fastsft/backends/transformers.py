@@ -1,0 +1,67 @@
+"""The stock backend: `AutoModelForCausalLM` (+ bitsandbytes NF4 when 4-bit) + PEFT LoRA.
+
+Runs anywhere (bitsandbytes quantises on the CPU too) and is the baseline the benchmarks compare
+against. Gradient checkpointing is switched on by the Trainer from `SFTConfig`.
+"""
+
+from __future__ import annotations
+
+from ..errors import BackendError
+
+
+def lora_config(recipe):
+    from peft import LoraConfig
+
+    lc = recipe.lora
+    return LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.lora_alpha,
+        lora_dropout=lc.lora_dropout,
+        bias=lc.bias,
+        target_modules=lc.target_modules,
+        use_rslora=lc.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load(recipe, path: str, dtype: str):
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from . import load_tokenizer, torch_dtype
+
+    tdtype = torch_dtype(dtype)
+    kwargs = dict(
+        dtype=tdtype,
+        trust_remote_code=recipe.model.trust_remote_code,
+        use_safetensors=None if recipe.model.allow_pickle else True,
+    )
+    attn = recipe.model.attn_implementation
+    kwargs["attn_implementation"] = "sdpa" if attn == "auto" else attn
+    if recipe.model.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=tdtype,
+            bnb_4bit_quant_storage=tdtype,
+        )
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise BackendError(f"cannot load the model {path!r}: {e}") from None
+    tokenizer = load_tokenizer(recipe, path)
+    if recipe.model.load_in_4bit:
+        # Casts norms to float32 and readies the inputs for checkpointing; checkpointing itself is
+        # enabled by the Trainer, so not here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.config.use_cache = False
+    model = get_peft_model(model, lora_config(recipe))
+    info = {
+        "quantization": "nf4+double-quant" if recipe.model.load_in_4bit else None,
+        "attn_implementation": kwargs["attn_implementation"],
+    }
+    return model, tokenizer, info

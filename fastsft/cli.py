@@ -1,0 +1,155 @@
+"""The `fastsft` command line. Parses arguments, calls the modules in order, prints fastsft errors
+once, as a paragraph, and exits 2 (a traceback is kept for our own bugs only).
+
+Heavy imports (torch, transformers, trl, unsloth) happen inside the commands: unsloth must be
+imported before transformers, trl and peft, and `backends.load_model` sees to that.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import FastSFTError
+
+SET_HELP = "Override a recipe key, parsed as a TOML value: --set train.learning_rate=1e-4 (repeatable)."
+
+
+def _fail(message: str, code: int = 2):
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FastSFTError as e:
+            _fail(str(e), e.exit_code)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastsft")
+def main():
+    """fastsft: fine-tune a language model on one GPU from a TOML recipe.
+
+    \b
+    Example:
+      fastsft run recipes/tiny.toml          # a tiny offline run on the CPU, ~2 minutes
+      fastsft run recipes/mistral7b_qlora.toml --set train.max_steps=100
+    """
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False), help="Run directory (default runs/<recipe>-<time>).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty run directory.")
+@handle_errors
+def run(recipe, overrides, output_dir, overwrite):
+    """Train a LoRA adapter as RECIPE says and write a run directory.
+
+    \b
+    The run directory holds recipe.toml (resolved), run.json, metrics.jsonl,
+    checkpoints/, adapter/, report.md and loss.png.
+    \b
+    Example:
+      fastsft run recipes/tiny.toml --set train.max_steps=20 -o runs/try1
+    """
+    from . import recipe as recipe_mod
+    from . import train
+
+    r = recipe_mod.load(recipe, list(overrides))
+    train.run(r, output_dir=output_dir, overwrite=overwrite)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@handle_errors
+def validate(recipe, overrides):
+    """Check RECIPE and print it resolved (defaults filled in, overrides applied).
+
+    Exits 0 when valid; otherwise lists every problem at once and exits 2.
+
+    \b
+    Example:
+      fastsft validate recipes/mistral7b_qlora.toml --set train.learning_rate=1e-4
+    """
+    from . import recipe as recipe_mod
+
+    r = recipe_mod.load(recipe, list(overrides))
+    click.echo(f"# {recipe}: valid\n")
+    click.echo(r.to_toml())
+
+
+@main.command()
+@handle_errors
+def schema():
+    """Print the recipe schema as JSON Schema, for TOML editors.
+
+    \b
+    Example (taplo / Even Better TOML):
+      fastsft schema > fastsft-recipe.schema.json
+      # then, first line of a recipe:  #:schema ./fastsft-recipe.schema.json
+    """
+    from . import recipe as recipe_mod
+
+    click.echo(json.dumps(recipe_mod.json_schema(), indent=2))
+
+
+@main.command()
+@handle_errors
+def doctor():
+    """Versions, their tested bounds, the GPU, and which backend `auto` would pick.
+
+    \b
+    Example:
+      fastsft doctor
+    """
+    from . import doctor as doctor_mod
+
+    ok = doctor_mod.report()
+    sys.exit(0 if ok else 1)
+
+
+@main.group()
+def data():
+    """Look at the training data as the trainer will see it."""
+
+
+@data.command("preview")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@click.option("-n", "n", default=3, show_default=True, help="Examples to show.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per example on stdout, nothing else.")
+@handle_errors
+def preview(recipe, overrides, n, as_json):
+    """Render the first N training examples with the tokens that carry loss highlighted, then stats.
+
+    \b
+    Example:
+      fastsft data preview recipes/tiny.toml -n 2
+      fastsft data preview recipes/tiny.toml --json | jq .trained_text
+    """
+    from rich.console import Console
+
+    from . import backends
+    from . import data as data_mod
+    from . import recipe as recipe_mod
+
+    r = recipe_mod.load(recipe, list(overrides))
+    tokenizer = backends.load_tokenizer(r)
+    data_mod.preview(r, tokenizer, n=n, as_json=as_json, console=Console(stderr=as_json))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

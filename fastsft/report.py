@@ -1,0 +1,84 @@
+"""report.md and loss.png at the end of a run."""
+
+from __future__ import annotations
+
+from .rundir import LOSS_PNG, REPORT, RunDir
+
+
+def plot_loss(run: RunDir) -> bool:
+    """Writes loss.png (train loss, and eval loss when there is one). False when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = run.read_metrics()
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#1f77b4")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean CE per supervised token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run / LOSS_PNG)
+    plt.close(fig)
+    return True
+
+
+def _fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def write_report(run: RunDir, summary: dict) -> None:
+    """summary: the dict `train.run` builds (recipe name, backend, loss route, metrics, samples)."""
+    has_plot = plot_loss(run)
+    rows = run.read_metrics()
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    lines = [f"# fastsft run: {summary.get('name', run.path.name)}", ""]
+    lines += [
+        "| | |",
+        "|---|---|",
+        f"| model | `{summary['model']}` |",
+        f"| backend | {summary['backend']} ({summary['backend_reason']}) |",
+        f"| precision | {summary['dtype']}{', 4-bit NF4 base' if summary.get('load_in_4bit') else ''} |",
+        f"| loss | {summary['loss']['implementation']} |",
+        f"| device | {summary['device']} |",
+        f"| steps | {summary.get('global_step', '-')} |",
+        f"| train time | {_fmt(summary.get('train_seconds'), '.1f')} s |",
+        f"| tokens/s | {_fmt(summary.get('tokens_per_s'), '.0f')} |",
+        f"| peak memory | {_fmt(summary.get('peak_mem_gib'), '.2f')} GiB ({summary.get('mem_kind', '')}) |",
+        f"| first / last train loss | {_fmt(train[0]['loss'] if train else None)} / "
+        f"{_fmt(train[-1]['loss'] if train else None)} |",
+    ]
+    if evals:
+        lines.append(f"| first / last eval loss | {_fmt(evals[0]['eval_loss'])} / {_fmt(evals[-1]['eval_loss'])} |")
+    data = summary.get("data") or {}
+    if data:
+        lines.append(f"| data | {data.get('summary', '')} |")
+    lines.append("")
+    if has_plot:
+        lines += ["![loss curve](loss.png)", ""]
+    samples = summary.get("samples") or []
+    if samples:
+        lines += ["## Answers before and after", "", "| prompt | base model | fine-tuned |", "|---|---|---|"]
+        for s in samples:
+            cells = [s["prompt"], s["before"], s["after"]]
+            cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "## Files",
+        "",
+        "- `recipe.toml`: the resolved recipe; `run.json`: versions, device, data fingerprint;",
+        "- `metrics.jsonl`: one line per logged step; `adapter/`: the LoRA adapter and tokenizer.",
+        "",
+    ]
+    run.write_text(REPORT, "\n".join(lines))

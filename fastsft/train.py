@@ -1,0 +1,365 @@
+"""One fine-tuning run, top to bottom: recipe -> model -> data -> loss -> SFTTrainer -> run directory.
+
+TRL owns the training loop; this module configures it (`sft_config`), routes its loss through
+fastsft's kernels (`FastSFTTrainer.compute_loss`) and adds what TRL lacks: progress with tokens/s,
+ETA and memory, metrics.jsonl, the report.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import backends, report
+from .rundir import ADAPTER, METRICS, RECIPE, RUN_JSON, RunDir, default_path
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements shared by the progress line and metrics.jsonl
+# ----------------------------------------------------------------------------------------------
+
+
+def peak_memory_gib() -> tuple[float, str]:
+    """(peak, kind): the CUDA allocator's peak on a GPU, else the process's peak RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda max allocated"
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kib / 2**20, "cpu peak RSS"
+
+
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fastsft", "torch", "transformers", "trl", "peft", "bitsandbytes", "triton", "datasets", "accelerate", "unsloth"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# SFTConfig from the recipe
+# ----------------------------------------------------------------------------------------------
+
+
+def sft_config(recipe, output_dir: Path, *, dtype: str, backend: str, data_kwargs: dict):
+    import torch
+    from trl import SFTConfig
+
+    t = recipe.train
+    warmup = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio  # a float < 1 is a ratio
+    kwargs = dict(
+        output_dir=str(output_dir),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        warmup_steps=warmup,
+        lr_scheduler_type=t.lr_scheduler_type,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        # Unsloth checkpoints its own way (enabled when it loads the model).
+        gradient_checkpointing=t.gradient_checkpointing and backend == "transformers",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.load_best_model_at_end,
+        metric_for_best_model=t.metric_for_best_model,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        disable_tqdm=True,  # our progress line replaces tqdm's
+        prediction_loss_only=True,
+        loss_type="nll",
+        label_smoothing_factor=0.0,  # label smoothing happens in our loss, not in TRL's second forward
+        dataloader_num_workers=0,
+        **data_kwargs,
+    )
+    if t.lr_scheduler_type == "cosine_with_min_lr":
+        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": 0.1}
+    return SFTConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+
+
+def make_trainer_class():
+    """SFTTrainer with the loss routed through fastsft (imported lazily: trl must come after unsloth)."""
+    from trl import SFTTrainer
+
+    class FastSFTTrainer(SFTTrainer):
+        """One forward serves loss and metrics: `compute_loss` is replaced, so TRL's fused lm-head
+        (TRL 1.15's has no CPU path) and its second no-grad forward for metrics never run."""
+
+        def __init__(self, *args, loss_route, **kwargs):
+            self.loss_route = loss_route
+            super().__init__(*args, **kwargs)
+            # Our loss divides by num_items_in_batch itself; make the Trainer always count it and
+            # never divide again by the accumulation steps.
+            self.model_accepts_loss_kwargs = True
+            self.tokens_seen = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = self.loss_route(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every rank's tokens and DDP averages gradients.
+                loss = loss * self.accelerator.num_processes
+            if model.training and "attention_mask" in inputs:
+                n = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
+                self.tokens_seen += int(n)
+                self._metrics["train"]["num_tokens"] = [self.tokens_seen]
+            return (loss, outputs) if return_outputs else loss
+
+    return FastSFTTrainer
+
+
+def make_callbacks(run: RunDir, console, *, max_steps_hint: int | None = None):
+    from transformers import TrainerCallback
+
+    class ProgressAndMetrics(TrainerCallback):
+        """Progress line (step, loss, tokens/s, ETA, memory) and metrics.jsonl, on the main process."""
+
+        def __init__(self):
+            self.t0 = None
+            self.last_t = None
+            self.last_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = self.last_t = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.perf_counter()
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            if "loss" in logs:
+                tokens = int(logs.get("num_tokens", 0))
+                dt = max(now - self.last_t, 1e-9)
+                row["tokens_per_s"] = (tokens - self.last_tokens) / dt if tokens else None
+                self.last_t, self.last_tokens = now, tokens
+                mem, _ = peak_memory_gib()
+                row["peak_mem_gib"] = round(mem, 3)
+                row["elapsed_s"] = round(now - self.t0, 2)
+                done, total = state.global_step, state.max_steps
+                eta = (now - self.t0) / done * (total - done) if done else float("nan")
+                tps = row["tokens_per_s"]
+                console.print(
+                    f"step {done:>5}/{total}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+                    f"{'-' if tps is None else f'{tps:,.0f}'} tok/s  ETA {_duration(eta)}  mem {mem:.2f} GiB",
+                    highlight=False,
+                )
+            elif "eval_loss" in logs:
+                console.print(f"eval  step {state.global_step:>5}  eval_loss {logs['eval_loss']:.4f}", highlight=False)
+            run.append_metrics(row)
+
+    return [ProgressAndMetrics()]
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Before / after answers, for the report
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_prompts(dataset, n: int = 3) -> list[list[dict]]:
+    """The conversation up to the first assistant turn of the first `n` conversational rows."""
+    out = []
+    if dataset is None:
+        return out
+    for row in dataset.select(range(min(len(dataset), 50))):
+        msgs = row.get("prompt") if isinstance(row.get("prompt"), list) else row.get("messages")
+        if not isinstance(msgs, list):
+            continue
+        prompt = []
+        for m in msgs:
+            if m.get("role") == "assistant":
+                break
+            prompt.append({"role": m["role"], "content": m["content"]})
+        if prompt:
+            out.append(prompt)
+        if len(out) == n:
+            break
+    return out
+
+
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32) -> list[str]:
+    import torch
+
+    answers = []
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = {k: v.to(device) for k, v in ids.items()}
+        with torch.no_grad():
+            out = model.generate(
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    if was_training:
+        model.train()
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def run(recipe, *, output_dir: str | Path | None = None, overwrite: bool = False, console=None) -> RunResult:
+    """Train `recipe` into a new run directory. Raises fastsft errors for user mistakes."""
+    from rich.console import Console
+
+    console = console or Console()
+    log = lambda msg: console.print(msg, highlight=False)  # noqa: E731
+
+    out = Path(output_dir) if output_dir else default_path(recipe.path or "recipe")
+    run_dir = RunDir.create(out, overwrite=overwrite)
+    run_dir.write_text(RECIPE, recipe.to_toml())
+    log(f"run directory: {run_dir.path}")
+
+    loaded = backends.load_model(recipe, log=log)  # imports unsloth first when it is the backend
+
+    import torch
+
+    from . import data as data_mod
+    from . import loss as loss_mod
+
+    prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=log)
+    device = next(loaded.model.parameters()).device
+    route = loss_mod.resolve(recipe, loaded.model, loaded.backend, device)
+    route.install(loaded.model)
+    log(f"loss: {route.implementation} ({route.reason})")
+
+    run_info = {
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+        "recipe_path": str(recipe.path) if recipe.path else None,
+        "versions": versions(),
+        "device": device_description(),
+        "seed": recipe.train.seed,
+        "backend": loaded.backend,
+        "backend_reason": loaded.reason,
+        "model_path": loaded.model_path,
+        "dtype": loaded.dtype,
+        "loss": route.describe(),
+        "data": {"fingerprint": prepared.fingerprint, **prepared.stats},
+    }
+    run_dir.write_json(RUN_JSON, run_info)
+
+    args = sft_config(
+        recipe, run_dir.checkpoints, dtype=loaded.dtype, backend=loaded.backend, data_kwargs=prepared.sft_kwargs
+    )
+    Trainer = make_trainer_class()
+    trainer = Trainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=loaded.tokenizer,
+        loss_route=route,
+        callbacks=make_callbacks(run_dir, console),
+    )
+
+    prompts = sample_prompts(prepared.eval if prepared.eval is not None else prepared.train)
+    before = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts else []
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - t0
+
+    trainer.save_model(str(run_dir.adapter))
+    loaded.tokenizer.save_pretrained(str(run_dir.adapter))
+
+    after = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts else []
+    samples = [
+        {"prompt": p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)
+    ]
+    peak, mem_kind = peak_memory_gib()
+    total_tokens = getattr(trainer, "tokens_seen", 0)
+    summary = {
+        "name": run_dir.path.name,
+        "model": recipe.model.name,
+        "backend": loaded.backend,
+        "backend_reason": loaded.reason,
+        "dtype": loaded.dtype,
+        "load_in_4bit": recipe.model.load_in_4bit,
+        "loss": route.describe(),
+        "device": run_info["device"],
+        "global_step": trainer.state.global_step,
+        "train_seconds": train_seconds,
+        "train_loss": result.training_loss,
+        "tokens": total_tokens,
+        "tokens_per_s": total_tokens / train_seconds if train_seconds > 0 else None,
+        "peak_mem_gib": peak,
+        "mem_kind": mem_kind,
+        "samples": samples,
+        "data": {"summary": prepared.stats.get("summary", "")},
+    }
+    run_dir.update_json(RUN_JSON, status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), result=summary)
+    report.write_report(run_dir, summary)
+
+    if recipe.export.formats:
+        from . import export as export_mod
+
+        for fmt in recipe.export.formats:
+            export_mod.export_run(run_dir.path, fmt=fmt, dtype=recipe.export.dtype, console=console)
+
+    log(f"done: {trainer.state.global_step} steps in {train_seconds:.1f} s; report: {run_dir / 'report.md'}")
+    return RunResult(run_dir.path, summary)
+
+
+__all__ = ["run", "sft_config", "RunResult", "ADAPTER", "METRICS"]
