@@ -1,0 +1,61 @@
+"""The Unsloth backend: `FastLanguageModel` (CUDA only).
+
+Unsloth patches transformers, trl and peft when it is imported, so `import_unsloth_first` runs
+before anything of those is imported by the run (see `backends.load_model`).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from ..errors import BackendError
+
+# Unsloth wants explicit module names; "all-linear" means these for the decoder architectures it patches.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def import_unsloth_first() -> None:
+    late = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
+    if late:
+        warnings.warn(
+            f"{', '.join(late)} imported before unsloth: some of Unsloth's patches may not apply",
+            stacklevel=2,
+        )
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # unsloth raises plain exceptions (NotImplementedError, ImportError...)
+        raise BackendError(f"unsloth failed to import: {e}. Use [model] backend = \"transformers\".") from None
+
+
+def load(recipe, path: str, dtype: str):
+    from unsloth import FastLanguageModel
+
+    from . import torch_dtype
+
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path,
+            max_seq_length=recipe.data.max_length,
+            dtype=torch_dtype(dtype),
+            load_in_4bit=recipe.model.load_in_4bit,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BackendError(f"unsloth cannot load {path!r}: {e}") from None
+    lc = recipe.lora
+    targets = ALL_LINEAR if lc.target_modules == "all-linear" else lc.target_modules
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=lc.r,
+        lora_alpha=lc.lora_alpha,
+        lora_dropout=lc.lora_dropout,
+        bias=lc.bias,
+        target_modules=targets,
+        use_rslora=lc.use_rslora,
+        use_gradient_checkpointing="unsloth" if recipe.train.gradient_checkpointing else False,
+        random_state=recipe.train.seed,
+        max_seq_length=recipe.data.max_length,
+    )
+    info = {"quantization": "unsloth 4-bit" if recipe.model.load_in_4bit else None}
+    return model, tokenizer, info

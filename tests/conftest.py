@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny offline models, a private cache, the demo data.
+
+TRITON_INTERPRET=1 is set before anything imports triton when there is no GPU, so the Triton
+kernels run (slowly, exactly) on the CPU; on a GPU machine the same tests run natively.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Built-in models and tokenized-data caches go to a folder of this test session."""
+    if "FASTSFT_CACHE" not in os.environ:
+        os.environ["FASTSFT_CACHE"] = str(tmp_path_factory.mktemp("fastsft-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(_private_cache):
+    from fastsft.backends import builtin
+
+    return builtin.materialize("builtin:tiny-mistral")

@@ -1,0 +1,112 @@
+import json
+
+import pytest
+
+from fastsft import recipe as R
+from fastsft.errors import RecipeError
+
+from _tiny import RECIPES, TINY_RECIPE
+
+
+def load_text(tmp_path, text, overrides=None):
+    p = tmp_path / "r.toml"
+    p.write_text(text, encoding="utf-8")
+    return R.load(p, overrides)
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    r = R.load(path)
+    assert r.model.name
+    # data paths resolve from the recipe's folder, and the shipped data is there
+    assert r.resolve_path(r.data.train).exists()
+
+
+def test_defaults_and_types(tmp_path):
+    r = load_text(tmp_path, TINY_RECIPE)
+    assert r.train.learning_rate == 3e-3
+    assert r.lora.bias == "none" and r.lora.target_modules == "all-linear"
+    assert r.loss.kernel == "auto" and r.loss.label_smoothing == 0.0
+    assert isinstance(r.lora.lora_alpha, float)
+
+
+def test_misspelt_key_is_named_with_a_suggestion(tmp_path):
+    text = TINY_RECIPE.replace("learning_rate = 3e-3", "learnig_rate = 3e-3")
+    with pytest.raises(RecipeError) as e:
+        load_text(tmp_path, text)
+    msg = str(e.value)
+    assert "`learnig_rate`: unknown key in [train]; did you mean `learning_rate`?" in msg
+    assert "r.toml" in msg
+
+
+def test_all_problems_reported_together(tmp_path):
+    text = TINY_RECIPE.replace("learning_rate = 3e-3", "learning_rate = -1").replace(
+        "r = 8", "r = \"eight\""
+    ) + "\n[trian]\nseed = 1\n"
+    with pytest.raises(RecipeError) as e:
+        load_text(tmp_path, text)
+    problems = e.value.problems
+    assert len(problems) == 3, problems
+    joined = "\n".join(problems)
+    assert "[train] learning_rate = -1: must be > 0" in joined
+    assert "[lora] r = 'eight': expected an integer, got a string" in joined
+    assert "[trian]: unknown section; did you mean `train`?" in joined
+
+
+def test_choices_suggest(tmp_path):
+    with pytest.raises(RecipeError, match=r"must be one of .*did you mean `cosine`"):
+        load_text(tmp_path, TINY_RECIPE, ["train.lr_scheduler_type=cosin"])
+
+
+def test_overrides_are_toml_values_and_validated(tmp_path):
+    r = load_text(tmp_path, TINY_RECIPE, ["train.learning_rate=1e-4", "lora.target_modules=['q_proj','v_proj']", "train.lr_scheduler_type=linear"])
+    assert r.train.learning_rate == 1e-4
+    assert r.lora.target_modules == ["q_proj", "v_proj"]
+    assert r.train.lr_scheduler_type == "linear"
+    with pytest.raises(RecipeError, match="max_steps"):
+        load_text(tmp_path, TINY_RECIPE, ["train.max_steps=true"])
+    with pytest.raises(RecipeError, match="section.key=value"):
+        load_text(tmp_path, TINY_RECIPE, ["train.max_steps"])
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("", "the recipe is empty"),
+        ("[model\nname='x'", "invalid TOML"),
+        (b"\xff\xfe\x00garbage", "not a text file"),
+        ("[model]\nname='x'\n", "[data] train is required"),
+        ("[model]\nname = 'x'\n[data]\ntrain='d.jsonl'\n[train]\nlearning_rate = nan\n", "finite"),
+        ("[model]\nname = 'x'\n[data]\ntrain='d.jsonl'\n[train]\nmax_steps = 99999999999999\n", "must be <="),
+    ],
+)
+def test_hostile_recipes_get_a_message(tmp_path, text, fragment):
+    p = tmp_path / "bad.toml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(RecipeError) as e:
+        R.load(p)
+    assert fragment in str(e.value)
+    assert "bad.toml" in str(e.value)
+
+
+def test_cross_checks(tmp_path):
+    with pytest.raises(RecipeError, match="needs evaluation data"):
+        load_text(tmp_path, TINY_RECIPE, ["train.eval_strategy=steps", "train.eval_steps=2"])
+    with pytest.raises(RecipeError, match="formats"):
+        load_text(tmp_path, TINY_RECIPE, ["export.formats=['merged','ggfu']"])
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = load_text(tmp_path, TINY_RECIPE, ["train.seed=7"])
+    p2 = tmp_path / "again.toml"
+    p2.write_text(r.to_toml())
+    r2 = R.load(p2)
+    assert r2.as_dict() == r.as_dict()
+
+
+def test_json_schema_covers_every_key():
+    schema = R.json_schema()
+    json.dumps(schema)
+    for section, keys in R.SCHEMA.items():
+        assert set(schema["properties"][section]["properties"]) == set(keys)
+    assert schema["properties"]["train"]["properties"]["lr_scheduler_type"]["enum"][0] == "cosine"
