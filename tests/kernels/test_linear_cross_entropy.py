@@ -1,0 +1,109 @@
+"""fused_linear_cross_entropy against the float64 reference: loss and every gradient."""
+
+import pytest
+import torch
+from _kernel_util import GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
+from fastsft.kernels import chunk_rows, fused_linear_cross_entropy, linear_cross_entropy_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(n, h, v, dtype, device, *, bias=True, ignored=0.3):
+    gen, seed = fresh_generator()
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    weight = (torch.randn(v, h, generator=gen, dtype=torch.float64) / h**0.5 * 2).to(dtype).to(device)
+    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype).to(device) if bias else None
+    y = torch.randint(0, v, (n,), generator=gen)
+    if ignored == "all":
+        y[:] = -100
+    elif ignored:
+        y[torch.rand(n, generator=gen) < ignored] = -100
+    return hidden, weight, b, y.to(device), seed
+
+
+def check(hidden, weight, bias, y, seed, backend, *, frozen_weight=False, **kw):
+    hk = hidden.clone().requires_grad_()
+    wk = weight.clone().requires_grad_(not frozen_weight)
+    bk = bias.clone().requires_grad_() if bias is not None else None
+    loss = fused_linear_cross_entropy(hk, wk, y, bk, backend=backend, **kw)
+    hr = hidden.double().requires_grad_()
+    wr = weight.double().requires_grad_(not frozen_weight)
+    br = bias.double().requires_grad_() if bias is not None else None
+    ref_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    ref = linear_cross_entropy_reference(hr, wr, y, br, **ref_kw)
+    up = torch.rand(ref.shape, dtype=torch.float64, device=hidden.device) + 0.5
+    (loss * up.float()).sum().backward()
+    (ref * up).sum().backward()
+    tol = GRAD_TOL[hidden.dtype]
+    # low-precision logits are rounded once before the loss: the loss is good to that rounding
+    loss_tol = LOSS_TOL if hidden.dtype == torch.float32 else 2e-3
+    assert loss.dtype == torch.float32
+    assert rel(loss, ref) < loss_tol, f"loss {loss} vs {ref}, seed {seed}"
+    assert hk.grad.dtype == hidden.dtype
+    assert rel(hk.grad, hr.grad) < tol, f"hidden grad {rel(hk.grad, hr.grad)}, seed {seed}"
+    if frozen_weight:
+        assert wk.grad is None
+    else:
+        assert wk.grad.dtype == weight.dtype
+        assert rel(wk.grad, wr.grad) < tol, f"weight grad {rel(wk.grad, wr.grad)}, seed {seed}"
+    if bias is not None:
+        assert rel(bk.grad, br.grad) < tol, f"bias grad {rel(bk.grad, br.grad)}, seed {seed}"
+    return loss, hk
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_matches_reference(device, backend, dtype, bias):
+    hidden, weight, b, y, seed = make(45, 32, 503, dtype, device, bias=bias)
+    check(hidden, weight, b, y, seed, backend, label_smoothing=0.1, chunk_size=8)  # 8 does not divide 45
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_chunking(device, backend, reduction):
+    hidden, weight, b, y, seed = make(31, 16, 97, torch.float32, device)
+    for chunk in (1, 7, 31, None):
+        check(hidden, weight, b, y, seed, backend, reduction=reduction, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softcap(device, backend, dtype):
+    hidden, weight, b, y, seed = make(20, 24, 300, dtype, device)
+    check(hidden, weight * 8, b, y, seed, backend, softcap=5.0, label_smoothing=0.1, chunk_size=6)
+
+
+@pytest.mark.parametrize("device,backend", params())
+def test_frozen_lm_head_gets_no_weight_gradient(device, backend):
+    """LoRA / QLoRA: the lm_head is frozen, so no weight gradient is computed or stored."""
+    hidden, weight, _, y, seed = make(25, 16, 211, torch.bfloat16, device, bias=False)
+    check(hidden, weight, None, y, seed, backend, frozen_weight=True, chunk_size=4)
+
+
+@pytest.mark.parametrize("device,backend", params())
+def test_num_items_in_batch_divides_once(device, backend):
+    hidden, weight, b, y, seed = make(30, 16, 64, torch.float32, device)
+    n = int((y != -100).sum()) * 4
+    loss, _ = check(hidden, weight, b, y, seed, backend, num_items_in_batch=n)
+    total = linear_cross_entropy_reference(hidden, weight, y, b, reduction="sum")
+    assert abs(float(loss.detach()) * n - float(total)) < 1e-4 * abs(float(total))
+
+
+@pytest.mark.parametrize("device,backend", params())
+def test_ignored_rows_get_zero_gradient_and_all_ignored_is_zero(device, backend):
+    hidden, weight, b, y, seed = make(12, 16, 50, torch.float32, device)
+    _, hk = check(hidden, weight, b, y, seed, backend)
+    assert torch.all(hk.grad[y == -100] == 0)
+    hidden, weight, b, y, _ = make(6, 16, 50, torch.float32, device, ignored="all")
+    hk = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hk, weight, y, b, backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.all(hk.grad == 0)
+
+
+def test_chunk_size_follows_the_memory_budget():
+    rows = chunk_rows(128256, torch.bfloat16)  # Llama-3's vocabulary
+    assert rows * 128256 * 2 <= 256 * 1024 * 1024
+    assert rows >= 512
+    assert chunk_rows(13, torch.float32) >= 1
