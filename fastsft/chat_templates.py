@@ -1,0 +1,213 @@
+"""Chat templates for training, written here, each with `{% generation %}...{% endgeneration %}` around
+the assistant's answer *and* its end-of-turn token, so that `return_assistant_tokens_mask=True` (and so
+TRL's `assistant_only_loss`) trains the answer and the token that stops it, and nothing else.
+
+`data.chat_template = "chatml"` (or llama3, mistral, qwen2.5, gemma, or a path to a .jinja file)
+replaces the tokenizer's own template. Each template supports the roles system, user, assistant and
+tool, and `add_generation_prompt`.
+
+- `load_template(name_or_path, base_dir)`: the template text.
+- `has_generation_markers(template)`: whether assistant masks can come from the template itself.
+- `end_of_turn_token(tokenizer)`: the token that ends an assistant turn under the tokenizer's template.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import DataError
+
+# `bos_token` is guarded: a tokenizer without one passes None, which Jinja would print as "None".
+_BOS = "{%- if bos_token %}{{- bos_token -}}{%- endif -%}\n"
+
+CHATML = (
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] == 'assistant' -%}\n"
+    "{{- '<|im_start|>assistant\\n' -}}\n"
+    "{%- generation -%}\n"
+    "{{- message['content'] + '<|im_end|>' -}}\n"
+    "{%- endgeneration -%}\n"
+    "{{- '\\n' -}}\n"
+    "{%- else -%}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "{{- '<|im_start|>assistant\\n' -}}\n"
+    "{%- endif -%}\n"
+)
+
+# Llama 3 / 3.1 / 3.2 instruct. Tool results go in the `ipython` role, as Meta's template does.
+LLAMA3 = (
+    _BOS + "{%- for message in messages -%}\n"
+    "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] -%}\n"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' -}}\n"
+    "{%- if message['role'] == 'assistant' -%}\n"
+    "{%- generation -%}\n"
+    "{{- message['content'] | trim + '<|eot_id|>' -}}\n"
+    "{%- endgeneration -%}\n"
+    "{%- else -%}\n"
+    "{{- message['content'] | trim + '<|eot_id|>' -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    "{%- endif -%}\n"
+)
+
+# Mistral instruct ([INST] format). The system prompt goes before the first user message, as in
+# Mistral's own templates; the answer ends with the tokenizer's eos token (</s>). The prompt already
+# ends where the answer starts, so `add_generation_prompt` adds nothing.
+MISTRAL = (
+    _BOS + "{%- set ns = namespace(system='') -%}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] == 'system' -%}\n"
+    "{%- set ns.system = message['content'] + '\\n\\n' -%}\n"
+    "{%- elif message['role'] == 'user' -%}\n"
+    "{{- '[INST] ' + ns.system + message['content'] + ' [/INST]' -}}\n"
+    "{%- set ns.system = '' -%}\n"
+    "{%- elif message['role'] == 'tool' -%}\n"
+    "{{- '[TOOL_RESULTS] ' + message['content'] + ' [/TOOL_RESULTS]' -}}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n"
+    "{%- generation -%}\n"
+    "{{- ' ' + message['content'] + eos_token -}}\n"
+    "{%- endgeneration -%}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+)
+
+# Qwen 2.5 instruct: ChatML with Qwen's default system prompt; tool results are user turns wrapped
+# in <tool_response>, as Qwen's own template writes them.
+QWEN25 = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}\n"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' -}}\n"
+    "{%- endif -%}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] == 'assistant' -%}\n"
+    "{{- '<|im_start|>assistant\\n' -}}\n"
+    "{%- generation -%}\n"
+    "{{- message['content'] + '<|im_end|>' -}}\n"
+    "{%- endgeneration -%}\n"
+    "{{- '\\n' -}}\n"
+    "{%- elif message['role'] == 'tool' -%}\n"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}\n"
+    "{%- else -%}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "{{- '<|im_start|>assistant\\n' -}}\n"
+    "{%- endif -%}\n"
+)
+
+# Gemma (1, 2, 3 text): roles user and model; the system prompt goes before the first user message
+# and tool results are user turns, as Gemma has no roles for them.
+GEMMA = (
+    _BOS + "{%- set ns = namespace(system='') -%}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] == 'system' -%}\n"
+    "{%- set ns.system = message['content'] + '\\n\\n' -%}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n"
+    "{{- '<start_of_turn>model\\n' -}}\n"
+    "{%- generation -%}\n"
+    "{{- message['content'] | trim + '<end_of_turn>' -}}\n"
+    "{%- endgeneration -%}\n"
+    "{{- '\\n' -}}\n"
+    "{%- else -%}\n"
+    "{{- '<start_of_turn>user\\n' + ns.system + message['content'] | trim + '<end_of_turn>\\n' -}}\n"
+    "{%- set ns.system = '' -%}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "{{- '<start_of_turn>model\\n' -}}\n"
+    "{%- endif -%}\n"
+)
+
+TEMPLATES: dict[str, str] = {
+    "chatml": CHATML,
+    "llama3": LLAMA3,
+    "mistral": MISTRAL,
+    "qwen2.5": QWEN25,
+    "gemma": GEMMA,
+}
+
+_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def load_template(name_or_path: str, base_dir: str | Path | None = None) -> str:
+    """A built-in template by name, or the text of a .jinja file (relative paths from `base_dir`)."""
+    if name_or_path in TEMPLATES:
+        return TEMPLATES[name_or_path]
+    looks_like_path = name_or_path.endswith((".jinja", ".j2", ".jinja2")) or "/" in name_or_path or "\\" in name_or_path
+    if looks_like_path:
+        p = Path(name_or_path).expanduser()
+        if not p.is_absolute() and base_dir is not None:
+            p = Path(base_dir) / p
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError(f"data.chat_template = {name_or_path!r}: file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"data.chat_template = {name_or_path!r}: cannot read {p}: {e}") from None
+        if not text.strip():
+            raise DataError(f"data.chat_template = {name_or_path!r}: {p} is empty")
+        return text
+    choices = ", ".join(TEMPLATES)
+    raise DataError(
+        f"data.chat_template = {name_or_path!r}: unknown template; built-in templates are {choices}, "
+        "or give the path of a .jinja file"
+    )
+
+
+def has_generation_markers(template: str | dict | None) -> bool:
+    """Whether `template` marks assistant turns with `{% generation %}` (any whitespace-trim variant)."""
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        return False
+    return _GENERATION_RE.search(template) is not None
+
+
+_PROBE_ANSWER = "Xq7zv answer Wk9"
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids or [])
+    # every added token: control tokens such as <|im_end|> are added tokens, special-flagged or not
+    ids.update(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}))
+    return ids
+
+
+def end_of_turn_token(tokenizer, chat_template: str | None = None) -> str | None:
+    """The token that ends an assistant turn under the tokenizer's chat template (or `chat_template`).
+
+    Renders a user / assistant / user conversation and returns the first special token that follows
+    the assistant's content; falls back to the eos token when none does (or there is no template).
+    """
+    eos = tokenizer.eos_token
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if not template:
+        return eos
+    messages = [
+        {"role": "user", "content": "Ping?"},
+        {"role": "assistant", "content": _PROBE_ANSWER},
+        {"role": "user", "content": "Again?"},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
+    except Exception:
+        return eos
+    at = text.rfind(_PROBE_ANSWER)
+    if at < 0:
+        return eos
+    rest = text[at + len(_PROBE_ANSWER) :]
+    ids = tokenizer(rest, add_special_tokens=False)["input_ids"]
+    special = _special_ids(tokenizer)
+    for i in ids[:8]:  # only what directly follows the answer
+        if i in special:
+            return tokenizer.convert_ids_to_tokens(i)
+    return eos
+
+
+__all__ = ["TEMPLATES", "load_template", "has_generation_markers", "end_of_turn_token"]
