@@ -1,0 +1,181 @@
+"""The commands that use a finished run: `export`, `generate`, `chat`, `eval`.
+
+`register(main)` adds them to the `fastsft` Click group (cli.py calls it). Heavy imports happen inside
+the commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import FastSFTError
+
+
+def _handle_errors():
+    """cli.py's `handle_errors` (fastsft errors: one paragraph, no traceback, exit 2), or the same here."""
+    try:
+        from .cli import handle_errors
+
+        return handle_errors
+    except ImportError:  # pragma: no cover - cli.py not importable
+
+        def handle_errors(fn):
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                try:
+                    return fn(*args, **kwargs)
+                except FastSFTError as e:
+                    from rich.console import Console
+
+                    Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                    sys.exit(e.exit_code)
+
+            return wrapper
+
+        return handle_errors
+
+
+def register(main: click.Group) -> click.Group:
+    """Add `export`, `generate`, `chat` and `eval` to the Click group `main`."""
+    handle_errors = _handle_errors()
+
+    @main.command("export")
+    @click.argument("run_dir", type=click.Path(file_okay=False))
+    @click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["merged", "adapter", "gguf"]),
+        required=True,
+        help="merged: base + adapter as one safetensors model; adapter: the LoRA adapter with a model card; "
+        "gguf: one GGUF file for llama.cpp (Llama, Mistral, Qwen2).",
+    )
+    @click.option(
+        "--to",
+        "to",
+        type=click.Path(file_okay=False),
+        help="Destination folder (default RUN_DIR/export-<format>).",
+    )
+    @click.option(
+        "--dtype",
+        type=click.Choice(["bf16", "fp16", "fp32"]),
+        default="bf16",
+        show_default=True,
+        help="dtype of merged and GGUF weights.",
+    )
+    @click.option("--overwrite", is_flag=True, help="Replace an existing destination folder.")
+    @handle_errors
+    def export_cmd(run_dir, fmt, to, dtype, overwrite):
+        """Export the run in RUN_DIR as a merged model, an adapter or a GGUF file.
+
+        A merged export is reloaded and checked against base + adapter (export.json holds the numbers);
+        nothing is left behind when a check fails.
+
+        \b
+        Example:
+          fastsft export runs/tiny --format merged --to out/tiny-merged --dtype bf16
+        """
+        from .export import export_run
+
+        path = export_run(run_dir, fmt=fmt, to=to, dtype=dtype, overwrite=overwrite)
+        click.echo(str(path))
+
+    @main.command("generate")
+    @click.argument("model", type=click.Path())
+    @click.option("--prompt", "-p", required=True, help="The user message (sent through the chat template).")
+    @click.option(
+        "--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Answer budget."
+    )
+    @click.option(
+        "--temperature",
+        default=0.0,
+        show_default=True,
+        type=click.FloatRange(min=0.0),
+        help="0 = greedy; above 0 samples.",
+    )
+    @handle_errors
+    def generate_cmd(model, prompt, max_new_tokens, temperature):
+        """Answer one prompt with MODEL: a run directory, an adapter or a merged export.
+
+        \b
+        Example:
+          fastsft generate runs/tiny --prompt "What colour is a banana?"
+        """
+        from .use import generate
+
+        click.echo(generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature))
+
+    @main.command("chat")
+    @click.argument("model", type=click.Path())
+    @click.option(
+        "--max-new-tokens",
+        default=256,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Budget per answer.",
+    )
+    @click.option(
+        "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy."
+    )
+    @click.option("--system", default=None, help="A system message to start the conversation with.")
+    @handle_errors
+    def chat_cmd(model, max_new_tokens, temperature, system):
+        """Talk with MODEL in the terminal; the conversation is kept. /exit quits, /reset starts over.
+
+        \b
+        Example:
+          fastsft chat runs/tiny/export-merged
+        """
+        from .use import chat
+
+        chat(model, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
+
+    @main.command("eval")
+    @click.argument("run_or_model", type=click.Path())
+    @click.option(
+        "--data",
+        "data_file",
+        type=click.Path(dir_okay=False),
+        help='A .jsonl of {"messages": [...]} rows (default: the run\'s eval split).',
+    )
+    @click.option(
+        "--json-out",
+        type=click.Path(dir_okay=False),
+        help="Where to write the results (default RUN_DIR/eval.json).",
+    )
+    @click.option(
+        "-n",
+        "--n-gen",
+        default=16,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="Greedy answers checked for template compliance.",
+    )
+    @click.option(
+        "--max-new-tokens",
+        default=64,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Budget per checked answer.",
+    )
+    @handle_errors
+    def eval_cmd(run_or_model, data_file, json_out, n_gen, max_new_tokens):
+        """Held-out loss, perplexity and chat-template compliance of a run or a model.
+
+        \b
+        Example:
+          fastsft eval runs/tiny
+          fastsft eval runs/tiny/export-merged --data held_out.jsonl --json-out eval.json
+        """
+        from .use import evaluate
+
+        evaluate(
+            run_or_model, data_file=data_file, n_gen=n_gen, max_new_tokens=max_new_tokens, json_out=json_out
+        )
+
+    return main
+
+
+__all__ = ["register"]

@@ -1,0 +1,912 @@
+"""Exports of a finished run: `export_run(RUN_DIR, fmt=...)`.
+
+- `merged`: the base model loaded in 16-bit (never a dequantised 4-bit copy), the adapter merged in,
+  saved as safetensors with the tokenizer (chat template included) and a generation_config that stops
+  on the chat template's end-of-turn token. After writing, the folder is reloaded with plain
+  `AutoModelForCausalLM.from_pretrained` and its logits compared with base + adapter in fp32; the
+  export fails (and leaves nothing) when they differ by more than the dtype's tolerance. The drift
+  against the model as trained (4-bit base + adapter) is measured and recorded, not enforced.
+- `adapter`: the PEFT adapter and tokenizer, with a README.md model card.
+- `gguf`: one F16 / BF16 / F32 GGUF file for llama.cpp, for Llama, Mistral and Qwen2 models with a
+  byte-level BPE tokenizer, written with the `gguf` package and read back to check it.
+
+Every export is written into a temporary folder beside its destination and renamed at the end; an
+existing destination is refused unless `overwrite`. `export.json` in the folder records what was done
+and the checks' numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ExportError
+from .rundir import ADAPTER, RECIPE, RUN_JSON
+
+FORMATS = ("merged", "adapter", "gguf")
+DTYPES = ("bf16", "fp16", "fp32")
+EXPORT_JSON = "export.json"
+
+# Relative logit difference (norm of the difference / norm of the reference) allowed between the
+# reloaded merged model and base + adapter computed in fp32. It is the rounding of the merged weights.
+TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-4}
+
+# HF architecture -> (llama.cpp architecture, whether q/k weights are permuted as convert_hf_to_gguf does)
+GGUF_ARCHS = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+}
+
+# Tokens that end a turn in the common chat templates, tried when the template does not reveal its own.
+_EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
+
+_SAMPLE_PROMPTS = (
+    "What colour is a banana?",
+    "Hello! Who are you?",
+    "Write one short sentence about the sea.",
+)
+
+# Files of a Trainer's adapter folder that are not part of an adapter (pickles, optimizer state).
+_ADAPTER_SKIP = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
+
+
+def _print(console, msg: str, style: str | None = None) -> None:
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    console.print(msg, style=style, highlight=False, markup=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run being exported
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    adapter: Path
+    recipe: object | None  # fastsft.recipe.Recipe
+    run_json: dict
+    base_path: str  # what from_pretrained reads for the base model
+    train_dtype: str  # compute dtype of the run: bf16 | fp16 | fp32
+    load_in_4bit: bool
+    trust_remote_code: bool
+
+
+def read_run(run_dir: str | Path) -> RunInfo:
+    """The run directory's recipe, run.json and base model, or an ExportError saying what is missing."""
+    from . import recipe as recipe_mod
+    from .backends import compute_dtype, resolve_model_path
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ExportError(
+            f"{path}: no such run directory. Pass the folder `fastsft run` wrote (runs/<name>)."
+        )
+    adapter = path / ADAPTER
+    if not (adapter / "adapter_config.json").exists():
+        raise ExportError(
+            f"{path} has no trained adapter ({adapter}/adapter_config.json is missing). "
+            "Export a run that finished: `fastsft run` writes the adapter at the end of training."
+        )
+    run_json = {}
+    if (path / RUN_JSON).exists():
+        try:
+            run_json = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ExportError(f"{path / RUN_JSON} cannot be read: {e}") from None
+    recipe = recipe_mod.load(path / RECIPE) if (path / RECIPE).exists() else None
+
+    recorded = run_json.get("model_path")
+    base_path = None
+    if recorded and Path(recorded).exists():
+        base_path = recorded  # the folder the run trained on
+    elif recipe is not None:
+        base_path = resolve_model_path(recipe)  # a builtin model is re-made if its cache was cleared
+    elif recorded:
+        base_path = recorded  # a hub id
+    else:
+        cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        base_path = cfg.get("base_model_name_or_path")
+    if not base_path:
+        raise ExportError(f"{path}: cannot tell the base model (no recipe.toml, no model_path in run.json).")
+
+    train_dtype = run_json.get("dtype") or (
+        compute_dtype(recipe.model.dtype) if recipe is not None else "fp32"
+    )
+    return RunInfo(
+        path=path,
+        adapter=adapter,
+        recipe=recipe,
+        run_json=run_json,
+        base_path=str(base_path),
+        train_dtype=train_dtype,
+        load_in_4bit=bool(recipe.model.load_in_4bit) if recipe is not None else False,
+        trust_remote_code=bool(recipe.model.trust_remote_code) if recipe is not None else False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Model helpers (shared with fastsft.use)
+# ----------------------------------------------------------------------------------------------
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_base(path: str, dtype: str, *, load_in_4bit: bool = False, trust_remote_code: bool = False):
+    """The base model in `dtype`, or in 4-bit NF4 (as `fastsft run` trains it) with `dtype` compute."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tdtype = torch_dtype(dtype)
+    kwargs = dict(dtype=tdtype, trust_remote_code=trust_remote_code)
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=tdtype,
+            bnb_4bit_quant_storage=tdtype,
+        )
+        import torch
+
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot load the base model {path!r}: {e}") from None
+    model.eval()
+    return model
+
+
+def attach_adapter(base, adapter_dir: str | Path):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model
+
+
+def load_tokenizer(*folders, trust_remote_code: bool = False):
+    """The first folder's tokenizer that loads (the adapter folder carries the run's chat template)."""
+    from transformers import AutoTokenizer
+
+    last = None
+    for folder in folders:
+        if folder is None:
+            continue
+        p = Path(folder)
+        if p.is_dir() and not any(p.glob("tokenizer*")):
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            last = e
+    raise ExportError(f"cannot load a tokenizer from {', '.join(str(f) for f in folders if f)}: {last}")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the chat template's own end-of-turn token first, then eos.
+
+    The template is rendered with a sentinel answer and the first token after it is taken when it is a
+    special (added) token, e.g. `<|im_end|>` for ChatML or `<|eot_id|>` for Llama 3.
+    """
+    ids: list[int] = []
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    if getattr(tokenizer, "chat_template", None):
+        sentinel = "XQZSENTINELQZX"
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                tokenize=False,
+            )
+        except Exception:  # a template that needs other roles / arguments
+            text = None
+        if isinstance(text, str) and sentinel in text:
+            tail = text[text.index(sentinel) + len(sentinel) :]
+            tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+            if tail_ids and tail_ids[0] in special:
+                ids.append(int(tail_ids[0]))
+            else:
+                for cand in _EOT_CANDIDATES:
+                    if tail.lstrip().startswith(cand):
+                        tid = tokenizer.convert_tokens_to_ids(cand)
+                        if isinstance(tid, int) and tid >= 0:
+                            ids.append(tid)
+                        break
+    eos = tokenizer.eos_token_id
+    for tid in eos if isinstance(eos, list) else [eos]:
+        if tid is not None and tid not in ids:
+            ids.append(int(tid))
+    return ids
+
+
+def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool):
+    """input_ids (1, T) of `messages` through the chat template (or plain text without one)."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, return_tensors="pt", return_dict=True
+        )
+        return out["input_ids"]
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    if add_generation_prompt:
+        text += "\nassistant:"
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+def sample_inputs(tokenizer, run_json: dict | None = None, n: int = 3) -> list:
+    """A few short chat inputs (prompt + answer) for the parity check."""
+    prompts = []
+    for s in ((run_json or {}).get("result") or {}).get("samples") or []:
+        if isinstance(s, dict) and s.get("prompt"):
+            prompts.append(s["prompt"])
+    prompts = (prompts + list(_SAMPLE_PROMPTS))[:n]
+    out = []
+    for p in prompts:
+        msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": "A short answer."}]
+        out.append(chat_ids(tokenizer, msgs, add_generation_prompt=False))
+    return out
+
+
+def logits_of(model, inputs: list):
+    """fp32 logits of each input, concatenated (CPU)."""
+    import torch
+
+    device = next(model.parameters()).device
+    rows = []
+    with torch.no_grad():
+        for ids in inputs:
+            rows.append(model(input_ids=ids.to(device)).logits.float().cpu().reshape(-1))
+    return torch.cat(rows)
+
+
+def rel_diff(a, b) -> float:
+    """||a - b|| / ||b||"""
+    import torch
+
+    den = torch.linalg.vector_norm(b).item()
+    num = torch.linalg.vector_norm(a - b).item()
+    return num / den if den > 0 else num
+
+
+def _collect() -> None:
+    import gc
+
+    gc.collect()
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def export_run(
+    run_dir: str | Path,
+    *,
+    fmt: str,
+    to: str | Path | None = None,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    console=None,
+) -> Path:
+    """Export the run in `run_dir` as `fmt` (merged | adapter | gguf) into `to`
+    (default RUN_DIR/export-<fmt>) and return that folder. Raises ExportError."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}.")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown export dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
+    run = read_run(run_dir)
+    target = Path(to) if to is not None else run.path / f"export-{fmt}"
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"{target} is a file, not a folder; nothing was changed. Choose another --to.")
+    if target.exists() and not overwrite:
+        raise ExportError(
+            f"{target} already exists; nothing was changed. "
+            "Pass --overwrite to replace it, or choose another --to."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
+    try:
+        what = fmt if fmt == "adapter" else f"{fmt} ({dtype})"
+        _print(console, f"export {what} of {run.path} -> {target}")
+        t0 = time.perf_counter()
+        if fmt == "merged":
+            record = export_merged(run, tmp, dtype=dtype, console=console)
+        elif fmt == "adapter":
+            record = export_adapter(run, tmp, console=console)
+        else:
+            record = export_gguf(run, tmp, dtype=dtype, console=console)
+        record = {
+            "format": fmt,
+            "dtype": dtype if fmt != "adapter" else None,
+            "run_dir": str(run.path.resolve()),
+            "base_model": run.recipe.model.name if run.recipe is not None else run.base_path,
+            "base_path": run.base_path,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.perf_counter() - t0, 2),
+            **record,
+        }
+        (tmp / EXPORT_JSON).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{int(time.time())}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # put the previous export back
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _print(console, f"exported {fmt}: {target}", style="green")
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# merged
+# ----------------------------------------------------------------------------------------------
+
+
+def merge(run: RunInfo, dtype: str):
+    """Base model in `dtype` (16-bit or fp32, never a dequantised 4-bit copy) with the adapter merged in."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(run.base_path, trust_remote_code=run.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read the base model's config {run.base_path!r}: {e}") from None
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = (
+            quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        )
+        raise ExportError(
+            f"the base model {run.base_path!r} is stored pre-quantised ({method}); merging into it would "
+            "bake quantisation error into the export. Point [model] name in "
+            f"{run.path / RECIPE} at the 16-bit original of that model and export again."
+        )
+    base = load_base(run.base_path, dtype, trust_remote_code=run.trust_remote_code)
+    model = attach_adapter(base, run.adapter)
+    return model.merge_and_unload()
+
+
+def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tokenizer = load_tokenizer(run.adapter, run.base_path, trust_remote_code=run.trust_remote_code)
+    eot = end_of_turn_ids(tokenizer)
+
+    merged = merge(run, dtype)
+    gen = merged.generation_config if merged.generation_config is not None else GenerationConfig()
+    gen.eos_token_id = eot if len(eot) > 1 else (eot[0] if eot else gen.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    merged.generation_config = gen
+    merged.config.use_cache = True
+    merged.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    del merged
+    _collect()
+    if not any(out.glob("*.safetensors")):
+        raise ExportError(f"the merged model was not written as safetensors in {out}")
+
+    # Parity: the reloaded folder against base + adapter, both in fp32.
+    inputs = sample_inputs(tokenizer, run.run_json)
+    ref_model = attach_adapter(
+        load_base(run.base_path, "fp32", trust_remote_code=run.trust_remote_code), run.adapter
+    )
+    ref = logits_of(ref_model, inputs)
+    with ref_model.disable_adapter():
+        base_only = logits_of(ref_model, inputs)
+    del ref_model
+    _collect()
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    reloaded.eval()
+    got = logits_of(reloaded, inputs)
+    parity = rel_diff(got, ref)
+    tol = TOLERANCE[dtype]
+    _print(
+        console,
+        f"parity: merged ({dtype}, reloaded) vs base + adapter (fp32): "
+        f"relative logit diff {parity:.2e} (tolerance {tol:.0e})",
+    )
+    if not math.isfinite(parity) or parity > tol:
+        raise ExportError(
+            f"the merged model does not reproduce base + adapter: relative logit difference {parity:.3e} is "
+            f"above the {dtype} tolerance {tol:.0e}; nothing was written. Try --dtype fp32, and check that "
+            f"the adapter in {run.adapter} was trained on {run.base_path}."
+        )
+    record = {
+        "parity": {
+            "reference": "base (fp32) + adapter, unmerged",
+            "rel_logit_diff": parity,
+            "tolerance": tol,
+            "adapter_effect": rel_diff(ref, base_only),  # how much the adapter changes the base's logits
+            "inputs": len(inputs),
+        },
+        "end_of_turn_ids": eot,
+        "end_of_turn_tokens": tokenizer.convert_ids_to_tokens(eot),
+    }
+
+    # Drift against the model as trained (4-bit base + adapter), recorded only.
+    if run.load_in_4bit:
+        try:
+            trained = attach_adapter(
+                load_base(
+                    run.base_path, run.train_dtype, load_in_4bit=True, trust_remote_code=run.trust_remote_code
+                ),
+                run.adapter,
+            )
+            drift = rel_diff(got, logits_of(trained, inputs))
+            del trained
+            _collect()
+            record["drift_vs_trained"] = {
+                "reference": f"4-bit NF4 base ({run.train_dtype}) + adapter",
+                "rel_logit_diff": drift,
+            }
+            _print(
+                console,
+                f"drift: merged vs the model as trained (4-bit base + adapter): "
+                f"relative logit diff {drift:.2e}",
+            )
+        except Exception as e:  # bitsandbytes missing or unusable here: say so, do not fail the export
+            record["drift_vs_trained"] = {"error": f"{type(e).__name__}: {e}"}
+            _print(
+                console,
+                f"warning: could not measure the drift against the 4-bit model as trained: {e}",
+                style="yellow",
+            )
+    else:
+        record["drift_vs_trained"] = {
+            "reference": "the run trained on the 16-bit base",
+            "rel_logit_diff": parity,
+        }
+
+    # Smoke generation: a greedy answer must end on the end-of-turn token within its budget.
+    record["smoke"] = smoke_generation(reloaded, tokenizer, eot, run.run_json, console=console)
+    record["stops"] = record["smoke"]["stops"]
+    del reloaded
+    _collect()
+    return record
+
+
+def smoke_generation(
+    model, tokenizer, eot: list[int], run_json: dict | None = None, *, budget: int = 64, console=None
+) -> dict:
+    import torch
+
+    prompt = None
+    for s in ((run_json or {}).get("result") or {}).get("samples") or []:
+        if isinstance(s, dict) and s.get("prompt"):
+            prompt = s["prompt"]
+            break
+    prompt = prompt or _SAMPLE_PROMPTS[0]
+    ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
+            max_new_tokens=budget,
+            do_sample=False,
+            eos_token_id=eot or None,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else (eot[0] if eot else None),
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    stops = any(t in eot for t in new)
+    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+    if not stops:
+        _print(
+            console,
+            f"WARNING: the exported model did not end its answer with the end-of-turn token "
+            f"{tokenizer.convert_ids_to_tokens(eot[:1])} within {budget} tokens (prompt {prompt!r}). It may "
+            "ramble or invent new turns: check the chat template and train longer on complete answers.",
+            style="bold yellow",
+        )
+    return {"prompt": prompt, "answer": answer, "new_tokens": len(new), "budget": budget, "stops": stops}
+
+
+# ----------------------------------------------------------------------------------------------
+# adapter
+# ----------------------------------------------------------------------------------------------
+
+
+def export_adapter(run: RunInfo, out: Path, *, console=None) -> dict:
+    copied = []
+    for f in sorted(run.adapter.iterdir()):
+        if f.name in _ADAPTER_SKIP or f.name.startswith("."):
+            continue
+        if f.is_dir():
+            shutil.copytree(f, out / f.name)
+        else:
+            shutil.copy2(f, out / f.name)
+        copied.append(f.name)
+    if not any(n.startswith("tokenizer") for n in copied):
+        tok = load_tokenizer(run.base_path, trust_remote_code=run.trust_remote_code)
+        tok.save_pretrained(str(out))
+    if (run.path / RECIPE).exists():
+        shutil.copy2(run.path / RECIPE, out / RECIPE)
+    (out / "README.md").write_text(model_card(run), encoding="utf-8")
+    return {"files": sorted(p.name for p in out.iterdir())}
+
+
+def model_card(run: RunInfo) -> str:
+    rj = run.run_json
+    result = rj.get("result") or {}
+    data = rj.get("data") or {}
+    cfg = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    base = run.recipe.model.name if run.recipe is not None else run.base_path
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {base}",
+        "tags: [fastsft, lora, sft]",
+        "---",
+        "",
+        f"# LoRA adapter for {base}",
+        "",
+        f"Fine-tuned with fastsft (supervised fine-tuning, LoRA r={cfg.get('r')}, "
+        f"alpha={cfg.get('lora_alpha')}, "
+        f"targets {cfg.get('target_modules')}).",
+        "",
+        "## Base model",
+        "",
+        f"- name: `{base}`",
+        f"- loaded from: `{run.base_path}`",
+        f"- trained in 4-bit (QLoRA): {run.load_in_4bit}",
+        "",
+        "## Data",
+        "",
+    ]
+    if run.recipe is not None:
+        lines.append(f"- train: `{run.recipe.data.train}`")
+        if run.recipe.data.eval:
+            lines.append(f"- eval: `{run.recipe.data.eval}`")
+    if data.get("fingerprint"):
+        lines.append(f"- fingerprint: `{data['fingerprint']}`")
+    summary = data.get("summary") or (result.get("data") or {}).get("summary")
+    if summary:
+        lines.append(f"- {summary}")
+    lines += ["", "## Metrics", ""]
+    metrics = {
+        k: result.get(k)
+        for k in (
+            "global_step",
+            "train_loss",
+            "tokens",
+            "train_seconds",
+            "tokens_per_s",
+            "peak_mem_gib",
+            "device",
+            "backend",
+        )
+        if result.get(k) is not None
+    }
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        for k, v in metrics.items():
+            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    else:
+        lines.append("No metrics recorded (run.json has no result).")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+    ]
+    if (run.path / RECIPE).exists():
+        lines += [
+            "## Recipe",
+            "",
+            "```toml",
+            (run.path / RECIPE).read_text(encoding="utf-8").strip(),
+            "```",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# gguf
+# ----------------------------------------------------------------------------------------------
+
+
+def permute_qk(w, n_head: int, n_head_kv: int | None = None):
+    """llama.cpp's q/k permutation (convert_hf_to_gguf.LlamaModel.permute): HF's rotate-half layout ->
+    GGML's interleaved rotary pairs. Works on torch tensors and numpy arrays (weights and biases)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def unpermute_qk(w, n_head: int, n_head_kv: int | None = None):
+    """The inverse of `permute_qk`."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+_LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+
+
+def _tokenizer_pre(tok_json: dict, arch: str) -> tuple[str, str | None]:
+    """llama.cpp's pre-tokenizer name for this tokenizer, and a warning when it is a guess."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    if arch == "qwen2":
+        return "qwen2", None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2", None
+    if pre.get("type") == "Sequence":
+        for p in pre.get("pretokenizers", []):
+            regex = (p.get("pattern") or {}).get("Regex", "")
+            if p.get("type") == "Split" and regex.startswith(_LLAMA3_REGEX_START):
+                return "llama-bpe", None
+    return "default", "unrecognised pre-tokenizer: llama.cpp will split text with its default regex"
+
+
+def _vocab(tokenizer, n_vocab: int):
+    """(tokens, types) as convert_hf_to_gguf's BPE vocab: ids without a token become [PAD<id>] (unused)."""
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+
+
+def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
+    import gguf
+    import numpy as np
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(run.base_path, trust_remote_code=run.trust_remote_code)
+    hf_arch = (getattr(config, "architectures", None) or ["?"])[0]
+    if hf_arch not in GGUF_ARCHS:
+        raise ExportError(
+            f"GGUF export supports {', '.join(GGUF_ARCHS)}; {run.base_path} is {hf_arch}. Export `merged` "
+            "instead and convert it with llama.cpp's convert_hf_to_gguf.py."
+        )
+    arch, permute = GGUF_ARCHS[hf_arch]
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = (
+        (rope.get("rope_type") or rope.get("type") or "default") if isinstance(rope, dict) else "default"
+    )
+    if rope_type not in ("default", "linear"):
+        raise ExportError(
+            f"GGUF export does not handle rope scaling {rope_type!r} yet; "
+            "export `merged` and convert it with "
+            "llama.cpp's convert_hf_to_gguf.py."
+        )
+
+    tokenizer = load_tokenizer(run.adapter, run.base_path, trust_remote_code=run.trust_remote_code)
+    with tempfile.TemporaryDirectory(prefix="fastsft-tok-") as tokdir:
+        tokenizer.save_pretrained(tokdir)
+        tj_path = Path(tokdir) / "tokenizer.json"
+        tok_json = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.exists() else {}
+        model_type = (tok_json.get("model") or {}).get("type")
+        byte_level = (
+            "ByteLevel" in json.dumps(tok_json.get("pre_tokenizer"))
+            or (tok_json.get("decoder") or {}).get("type") == "ByteLevel"
+        )
+        if model_type != "BPE" or not byte_level:
+            raise ExportError(
+                'GGUF export writes byte-level BPE ("gpt2") tokenizers; '
+                f"this one is {model_type or 'not a tokenizer.json'}"
+                f"{'' if byte_level else ' without byte-level pre-tokenisation'}. "
+                "Export `merged` and convert it with "
+                "llama.cpp's convert_hf_to_gguf.py."
+            )
+        n_vocab = int(config.vocab_size)
+        tokens, types = _vocab(tokenizer, n_vocab)
+        if len(tokenizer) > n_vocab:
+            raise ExportError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings."
+            )
+        special = gguf.SpecialVocab(tokdir, load_merges=True, n_vocab=n_vocab)
+    pre, pre_warning = _tokenizer_pre(tok_json, arch)
+    if pre_warning:
+        _print(console, f"warning: {pre_warning}", style="yellow")
+    eot = end_of_turn_ids(tokenizer)
+
+    qtype = {
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "fp16": gguf.GGMLQuantizationType.F16,
+        "fp32": gguf.GGMLQuantizationType.F32,
+    }[dtype]
+    ftype = {
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "fp16": gguf.LlamaFileType.MOSTLY_F16,
+        "fp32": gguf.LlamaFileType.ALL_F32,
+    }[dtype]
+
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    n_layer = int(config.num_hidden_layers)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
+    tmap = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layer
+    )
+
+    name = Path(run.recipe.model.name if run.recipe is not None else run.base_path).name.replace(
+        "builtin:", ""
+    )
+    file = out / f"{name}-sft-{dtype}.gguf"
+    writer = gguf.GGUFWriter(str(file), arch)
+    writer.add_name(f"{name}-sft")
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_freq_base(_rope_theta(config))
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope.get("factor", 1.0)))
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special.add_to_gguf(writer, quiet=True)
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    if eot and eot[0] != tokenizer.eos_token_id:
+        writer.add_eot_token_id(eot[0])
+
+    merged = merge(run, dtype)
+    state = merged.state_dict()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    expected: dict[str, tuple[int, ...]] = {}
+    samples: dict[str, np.ndarray] = {}
+    for key, tensor in state.items():
+        if tied and key == "lm_head.weight":
+            continue
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ExportError(f"GGUF export: no llama.cpp name for tensor {key!r} of {hf_arch}.")
+        data = tensor.detach().float().cpu()
+        if permute and key.endswith(("q_proj.weight", "q_proj.bias")):
+            data = permute_qk(data, n_head, n_head)
+        elif permute and key.endswith(("k_proj.weight", "k_proj.bias")):
+            data = permute_qk(data, n_head, n_kv)
+        arr = data.numpy()
+        # 1-D tensors (norms, biases) stay F32, as llama.cpp's converter keeps them.
+        t_qtype = gguf.GGMLQuantizationType.F32 if arr.ndim == 1 else qtype
+        q = gguf.quants.quantize(arr, t_qtype)
+        if t_qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(gname, q)
+        else:
+            writer.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=t_qtype)
+        expected[gname] = tuple(arr.shape)
+        flat = arr.reshape(-1)
+        samples[gname] = gguf.quants.dequantize(
+            gguf.quants.quantize(flat[:64].copy(), t_qtype), t_qtype
+        ).reshape(-1)
+    del merged, state
+    _collect()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    check = verify_gguf(file, expected, samples, n_tokens=len(tokens))
+    _print(console, f"gguf: {file.name}: {check['tensors']} tensors, {arch}, {dtype}; read back and checked")
+    return {
+        "file": file.name,
+        "arch": arch,
+        "hf_arch": hf_arch,
+        "tokenizer_pre": pre,
+        "permuted_qk": permute,
+        "end_of_turn_ids": eot,
+        "verify": check,
+    }
+
+
+def verify_gguf(file: Path, expected: dict, samples: dict, *, n_tokens: int) -> dict:
+    """Read the file back: every tensor present with its shape, sample values equal, vocab complete."""
+    import gguf
+    import numpy as np
+
+    try:
+        reader = gguf.GGUFReader(str(file))
+    except Exception as e:
+        raise ExportError(f"the GGUF file {file.name} cannot be read back: {e}") from None
+    got = {t.name: t for t in reader.tensors}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ExportError(f"GGUF read-back: missing tensors {missing}, unexpected {extra}")
+    worst = 0.0
+    for name, shape in expected.items():
+        t = got[name]
+        shape_back = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGML lists dimensions fastest first
+        if shape_back != shape:
+            raise ExportError(f"GGUF read-back: {name} has shape {shape_back}, expected {shape}")
+        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)[: len(samples[name])]
+        diff = float(np.max(np.abs(values - samples[name]))) if len(values) else 0.0
+        worst = max(worst, diff)
+        if diff != 0.0:
+            raise ExportError(
+                f"GGUF read-back: values of {name} differ from what was written (max {diff:.3e})"
+            )
+    field = reader.get_field("tokenizer.ggml.tokens")
+    n_back = len(field.data) if field is not None else 0
+    if n_back != n_tokens:
+        raise ExportError(f"GGUF read-back: {n_back} tokens, expected {n_tokens}")
+    return {"tensors": len(expected), "tokens": n_back, "max_abs_diff": worst}
+
+
+__all__ = [
+    "FORMATS",
+    "DTYPES",
+    "TOLERANCE",
+    "GGUF_ARCHS",
+    "export_run",
+    "export_merged",
+    "export_adapter",
+    "export_gguf",
+    "read_run",
+    "merge",
+    "permute_qk",
+    "unpermute_qk",
+    "end_of_turn_ids",
+    "verify_gguf",
+]

@@ -1,0 +1,549 @@
+"""Using a trained model: `generate`, `chat` and `evaluate` on a run directory or an exported model.
+
+A model reference is one of
+- a run directory (RUN_DIR/adapter + recipe.toml): the base model loaded as it was trained (4-bit NF4
+  when the recipe says so) with the adapter attached;
+- an adapter folder (adapter_config.json): its base model (from adapter_config.json) + the adapter;
+- a merged export or any local Hugging Face model folder (config.json).
+
+Prompts go through the tokenizer's chat template; generation stops on the template's end-of-turn
+token (see `fastsft.export.end_of_turn_ids`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BackendError, DataError
+from .rundir import ADAPTER, RECIPE
+
+EVAL_JSON = "eval.json"
+
+# Role markers that must not appear in an answer: a model that writes them is inventing new turns.
+ROLE_MARKERS = re.compile(
+    r"<\|im_start\|>|<\|im_end\|>|<\|start_header_id\|>|<\|eot_id\|>"
+    r"|<start_of_turn>|<end_of_turn>|\[INST\]|\[/INST\]"
+    r"|^\s*(user|assistant|system|human|gpt)\s*:",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    kind: str  # "run" | "adapter" | "model"
+    path: Path
+    run_dir: Path | None = None
+    recipe: object | None = None
+    eot: list[int] = field(default_factory=list)
+
+    def __iter__(self):  # model, tokenizer = load_for_use(...)
+        return iter((self.model, self.tokenizer))
+
+
+def _default_dtype() -> str:
+    from .backends import compute_dtype
+
+    return compute_dtype("auto")
+
+
+def load_for_use(model_ref, *, dtype: str | None = None) -> Loaded:
+    """A run directory, adapter folder or model folder -> `Loaded` (unpacks as `model, tokenizer`)."""
+    import torch
+
+    from . import export
+
+    if isinstance(model_ref, Loaded):
+        return model_ref
+    path = Path(model_ref)
+    if not path.exists():
+        raise BackendError(
+            f"{path}: no such folder. Pass a run directory (runs/<name>), an export (RUN_DIR/export-merged) "
+            "or a local model folder."
+        )
+    if path.suffix == ".gguf" or (
+        path.is_dir() and any(path.glob("*.gguf")) and not (path / "config.json").exists()
+    ):
+        raise BackendError(
+            f"{path} is a GGUF export: run it with llama.cpp (llama-cli -m FILE.gguf), not fastsft."
+        )
+    if path.is_file():
+        raise BackendError(f"{path} is a file; pass a run directory or a model folder.")
+
+    if (path / ADAPTER / "adapter_config.json").exists():
+        run = export.read_run(path)
+        four_bit = run.load_in_4bit
+        dt = dtype or run.train_dtype
+        base = export.load_base(
+            run.base_path, dt, load_in_4bit=four_bit, trust_remote_code=run.trust_remote_code
+        )
+        model = export.attach_adapter(base, run.adapter)
+        tok = export.load_tokenizer(run.adapter, run.base_path, trust_remote_code=run.trust_remote_code)
+        loaded = Loaded(model, tok, "run", path, run_dir=path, recipe=run.recipe)
+    elif (path / "adapter_config.json").exists():
+        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        base_path = cfg.get("base_model_name_or_path")
+        if not base_path:
+            raise BackendError(
+                f"{path}/adapter_config.json does not name its base model (base_model_name_or_path)."
+            )
+        base = export.load_base(base_path, dtype or _default_dtype())
+        model = export.attach_adapter(base, path)
+        tok = export.load_tokenizer(path, base_path)
+        loaded = Loaded(model, tok, "adapter", path)
+    elif (path / "config.json").exists():
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": export.torch_dtype(dtype or _default_dtype())}
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError) as e:
+            raise BackendError(f"cannot load the model in {path}: {e}") from None
+        model.eval()
+        tok = export.load_tokenizer(path)
+        loaded = Loaded(model, tok, "model", path)
+    else:
+        raise BackendError(
+            f"{path} is neither a run directory (no adapter/), an adapter folder (no adapter_config.json) "
+            "nor a model folder (no config.json)."
+        )
+    quantized = getattr(getattr(loaded.model, "config", None), "quantization_config", None) is not None
+    if torch.cuda.is_available() and loaded.kind != "model" and not quantized:
+        loaded.model.to("cuda")
+    loaded.eot = export.end_of_turn_ids(loaded.tokenizer)
+    if loaded.tokenizer.pad_token_id is None and loaded.eot:
+        loaded.tokenizer.pad_token_id = loaded.eot[-1]
+    return loaded
+
+
+def _as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def generate_ids(loaded: Loaded, messages, *, max_new_tokens: int = 128, temperature: float = 0.0):
+    """(new token ids, stopped on an end-of-turn token) for the answer to `messages` (chat messages,
+    or the prompt's token ids, generation prompt included)."""
+    import torch
+
+    from .export import chat_ids
+
+    if messages and isinstance(messages[0], int):
+        ids = torch.tensor([list(messages)])
+    else:
+        ids = chat_ids(loaded.tokenizer, messages, add_generation_prompt=True)
+    device = next(loaded.model.parameters()).device
+    kwargs = dict(
+        input_ids=ids.to(device),
+        attention_mask=torch.ones_like(ids).to(device),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=loaded.eot or None,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+    )
+    if temperature and temperature > 0:
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=1.0, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = loaded.model.generate(**kwargs)
+    new = out[0, ids.shape[1] :].tolist()
+    stopped = False
+    for i, t in enumerate(new):
+        if t in loaded.eot:
+            new, stopped = new[:i], True
+            break
+    return new, stopped
+
+
+def generate(model_ref, prompt, max_new_tokens: int = 128, temperature: float = 0.0) -> str:
+    """The model's answer to `prompt` (a string, or a list of chat messages) through the chat template."""
+    if max_new_tokens < 1:
+        raise BackendError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
+    if temperature < 0:
+        raise BackendError(f"--temperature must be 0 (greedy) or more, got {temperature}.")
+    loaded = load_for_use(model_ref)
+    new, _ = generate_ids(
+        loaded, _as_messages(prompt), max_new_tokens=max_new_tokens, temperature=temperature
+    )
+    return loaded.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def chat(
+    model_ref,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    system: str | None = None,
+    input=None,
+    console=None,
+) -> list[dict]:
+    """Talk to the model: each line read is a user turn, the conversation is kept. `/exit` (or end of
+    input) quits, `/reset` starts over. Returns the conversation."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console or Console()
+    stream = input or sys.stdin
+    loaded = load_for_use(model_ref)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    console.print(
+        f"[bold]fastsft chat[/] with {loaded.path} ({loaded.kind}). /exit quits, /reset starts over."
+    )
+    while True:
+        console.print("[bold cyan]you>[/] ", end="")
+        line = stream.readline()
+        if not line:
+            console.print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            console.print("[dim](conversation cleared)[/]")
+            continue
+        messages.append({"role": "user", "content": text})
+        new, stopped = generate_ids(loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature)
+        answer = loaded.tokenizer.decode(new, skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": answer})
+        console.print("[bold green]model>[/] " + escape(answer), highlight=False)
+        if not stopped:
+            console.print(
+                f"[yellow](the answer hit the {max_new_tokens}-token limit without ending its turn)[/]"
+            )
+    return messages
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_messages_file(path: Path) -> list[list[dict]]:
+    """Conversations from a .jsonl/.json file of {"messages": [...]} rows (or prompt/completion)."""
+    if not path.exists():
+        raise DataError(f"{path}: no such data file.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a list of rows.")
+        numbered = list(enumerate(rows, 1))
+    else:
+        numbered = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {i}: invalid JSON: {e}") from None
+    convs = []
+    for i, row in numbered:
+        conv = _row_messages(row)
+        if conv is None:
+            raise DataError(
+                f'{path}, line {i}: expected a "messages" list of {{role, content}} '
+                "(or prompt + completion); "
+                f"got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}."
+            )
+        convs.append(conv)
+    if not convs:
+        raise DataError(f"{path}: no rows.")
+    return convs
+
+
+def _row_messages(row) -> list[dict] | None:
+    if not isinstance(row, dict):
+        return None
+    for key in ("messages", "conversations"):
+        msgs = row.get(key)
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
+            out = []
+            for m in msgs:
+                role = m.get("role") or {"human": "user", "gpt": "assistant"}.get(
+                    m.get("from"), m.get("from")
+                )
+                content = m.get("content", m.get("value"))
+                if not isinstance(role, str) or not isinstance(content, str):
+                    return None
+                out.append({"role": role, "content": content})
+            return out
+    p, c = row.get("prompt"), row.get("completion")
+    if isinstance(p, list) and isinstance(c, list):
+        return _row_messages({"messages": p + c})
+    if isinstance(p, str) and isinstance(c, str):
+        return [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+    return None
+
+
+def eval_conversations(recipe, tokenizer, *, log=None) -> tuple[list, str]:
+    """The run's held-out examples, re-created from its recipe, and where they came from.
+
+    Each example is a conversation (a list of messages) or, when `fastsft.data.prepare_data` gives
+    tokenized rows, a dict {"input_ids", "mask"} with the loss mask the run trained with.
+    `prepare_data` is used when it exists; otherwise the recipe's `[data] eval` file is read, or the
+    `val_ratio` share of `[data] train` is split off with the run's seed."""
+    from .errors import FastSFTError
+
+    try:
+        from . import data as data_mod
+
+        prepare = getattr(data_mod, "prepare_data", None)
+    except ImportError:
+        prepare = None
+    if prepare is not None:
+        try:
+            prepared = prepare(recipe, tokenizer, log=log or (lambda *_: None))
+            ds = getattr(prepared, "eval", None)
+            if ds is not None and len(ds):
+                cols = set(ds.column_names)
+                if {"input_ids", "assistant_masks"} <= cols:
+                    items = [
+                        {"input_ids": list(r["input_ids"]), "mask": list(r["assistant_masks"])} for r in ds
+                    ]
+                    return items, "the run's eval split (fastsft.data.prepare_data, tokenized)"
+                convs = [c for c in (_row_messages(dict(r)) for r in ds) if c]
+                if convs:
+                    return convs, "the run's eval split (fastsft.data.prepare_data)"
+        except FastSFTError:
+            raise
+        except Exception as e:  # noqa: BLE001 - fall back to reading the files ourselves
+            if log:
+                log(
+                    f"note: prepare_data could not give the eval split ({type(e).__name__}: {e}); "
+                    "reading the data directly"
+                )
+    d = recipe.data
+    if d.eval:
+        path = recipe.resolve_path(d.eval)
+        return _read_messages_file(path), f"[data] eval = {path}"
+    if d.val_ratio and d.val_ratio > 0:
+        path = recipe.resolve_path(d.train)
+        convs = _read_messages_file(path)
+        idx = list(range(len(convs)))
+        random.Random(recipe.train.seed).shuffle(idx)
+        n_eval = max(1, int(round(len(convs) * d.val_ratio)))
+        return [
+            convs[i] for i in sorted(idx[:n_eval])
+        ], f"{d.val_ratio:g} of {path} (seed {recipe.train.seed})"
+    raise DataError(
+        "the run has no held-out data: its recipe sets neither [data] eval nor [data] val_ratio. "
+        "Pass a file of conversations: fastsft eval RUN --data held_out.jsonl"
+    )
+
+
+def _loss_tokens(tokenizer, conv, max_length: int):
+    """(input_ids (1, T), labels (1, T)) with loss on the assistant tokens only."""
+    import torch
+
+    from .export import chat_ids
+
+    if isinstance(conv, dict):  # tokenized by fastsft.data, with its loss mask
+        ids = torch.tensor([conv["input_ids"][:max_length]])
+        labels = ids.clone()
+        labels[torch.tensor([conv["mask"][:max_length]]) == 0] = -100
+        return ids, labels
+
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    mask = None
+    if has_template:
+        try:
+            out = tokenizer.apply_chat_template(
+                conv, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+            )
+            ids = out["input_ids"]
+            m = out.get("assistant_masks")
+            if m is not None:
+                m = torch.as_tensor(m).reshape(ids.shape).bool()
+                if m.any():
+                    mask = m
+        except Exception:  # a template without {% generation %} markers
+            ids = None
+    if mask is None:
+        # Without generation markers: everything after the prompt of the last assistant turn.
+        ids = chat_ids(tokenizer, conv, add_generation_prompt=False)
+        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=None)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        if last is not None:
+            n_prompt = chat_ids(tokenizer, conv[:last], add_generation_prompt=True).shape[1]
+            mask[:, n_prompt:] = True
+        else:
+            mask[:] = True
+    ids, mask = ids[:, :max_length], mask[:, :max_length]
+    labels = ids.clone()
+    labels[~mask] = -100
+    return ids, labels
+
+
+def _prompt_of(conv):
+    """Messages (or token ids) up to the first assistant answer."""
+    if isinstance(conv, dict):
+        first = next((i for i, m in enumerate(conv["mask"]) if m), None)
+        return conv["input_ids"][:first] if first else None
+    out = []
+    for m in conv:
+        if m["role"] == "assistant":
+            return out or None
+        out.append(m)
+    return None
+
+
+def _recipe_near(path: Path):
+    """The recipe of an export: its own recipe.toml, or that of the run named in its export.json."""
+    from . import recipe as recipe_mod
+    from .export import EXPORT_JSON
+
+    if (path / RECIPE).exists():
+        return recipe_mod.load(path / RECIPE)
+    try:
+        run_dir = json.loads((path / EXPORT_JSON).read_text(encoding="utf-8")).get("run_dir")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if run_dir and (Path(run_dir) / RECIPE).exists():
+        return recipe_mod.load(Path(run_dir) / RECIPE)
+    return None
+
+
+def evaluate(
+    model_ref,
+    data_file=None,
+    n_gen: int = 16,
+    *,
+    max_new_tokens: int = 64,
+    json_out=None,
+    max_length: int | None = None,
+    console=None,
+) -> dict:
+    """Held-out loss and perplexity (assistant tokens), and template compliance of greedy answers.
+
+    Compliance is the share of answers to held-out prompts that end with the end-of-turn token within
+    `max_new_tokens` and hold no role markers. The results are printed as a table and saved as JSON:
+    `json_out`, else RUN_DIR/eval.json for a run directory."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    loaded = load_for_use(model_ref)
+    tokenizer = loaded.tokenizer
+    recipe = loaded.recipe
+    if recipe is None and data_file is None:
+        recipe = _recipe_near(loaded.path)
+    if data_file is not None:
+        convs, source = _read_messages_file(Path(data_file)), str(data_file)
+    elif recipe is not None:
+        convs, source = eval_conversations(recipe, tokenizer, log=lambda m: console.print(m, highlight=False))
+    else:
+        raise DataError(f"{loaded.path} is not a run directory, so it has no eval split: pass --data FILE.")
+    if max_length is None:
+        max_length = recipe.data.max_length if recipe is not None else 2048
+
+    model = loaded.model
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for conv in convs:
+            ids, labels = _loss_tokens(tokenizer, conv, max_length)
+            if (labels[:, 1:] != -100).sum() == 0:
+                continue
+            logits = model(input_ids=ids.to(device)).logits.float()
+            nll = torch.nn.functional.cross_entropy(
+                logits[0, :-1], labels[0, 1:].to(device), ignore_index=-100, reduction="sum"
+            )
+            total_nll += float(nll)
+            total_tokens += int((labels[0, 1:] != -100).sum())
+    if total_tokens == 0:
+        raise DataError(f"{source}: no assistant tokens to score.")
+    loss = total_nll / total_tokens
+    ppl = math.exp(min(loss, 700.0))
+
+    samples = []
+    prompts = [p for p in (_prompt_of(c) for c in convs) if p][: max(0, n_gen)]
+    for prompt in prompts:
+        new, stopped = generate_ids(loaded, prompt, max_new_tokens=max_new_tokens)
+        raw = tokenizer.decode(new, skip_special_tokens=False)
+        markers = sorted({m.group(0).strip() for m in ROLE_MARKERS.finditer(raw)})
+        samples.append(
+            {
+                "prompt": prompt[-1]["content"] if isinstance(prompt[-1], dict) else tokenizer.decode(prompt),
+                "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                "stopped": stopped,
+                "role_markers": markers,
+                "complies": stopped and not markers,
+            }
+        )
+    n = len(samples)
+    result = {
+        "model": str(loaded.path),
+        "kind": loaded.kind,
+        "data": source,
+        "conversations": len(convs),
+        "tokens": total_tokens,
+        "loss": loss,
+        "perplexity": ppl,
+        "generated": n,
+        "max_new_tokens": max_new_tokens,
+        "compliance": (sum(s["complies"] for s in samples) / n) if n else None,
+        "stopped_share": (sum(s["stopped"] for s in samples) / n) if n else None,
+        "role_marker_free_share": (sum(not s["role_markers"] for s in samples) / n) if n else None,
+        "samples": samples,
+    }
+
+    table = Table(title=f"fastsft eval: {loaded.path}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("held-out data", source)
+    table.add_row("conversations / scored tokens", f"{len(convs)} / {total_tokens}")
+    table.add_row("loss (assistant tokens)", f"{loss:.4f}")
+    table.add_row("perplexity", f"{ppl:.3f}")
+    if n:
+        table.add_row(f"template compliance ({n} greedy answers)", f"{result['compliance']:.0%}")
+        table.add_row("  ended with end-of-turn", f"{result['stopped_share']:.0%}")
+        table.add_row("  free of role markers", f"{result['role_marker_free_share']:.0%}")
+    console.print(table)
+
+    target = (
+        Path(json_out) if json_out else (loaded.run_dir / EVAL_JSON if loaded.run_dir is not None else None)
+    )
+    if target is not None:
+        _write_json_atomic(target, result)
+        result["saved_to"] = str(target)
+        console.print(f"saved {target}", highlight=False)
+    return result
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+__all__ = ["Loaded", "load_for_use", "generate", "chat", "evaluate", "eval_conversations", "ROLE_MARKERS"]

@@ -1,0 +1,544 @@
+"""Exports (merged / adapter / gguf), generate, chat, eval and their CLI, on fake run directories.
+
+A fake run is what `fastsft run` leaves behind, made without training: recipe.toml pointing at a tiny
+built-in model, an adapter made with PEFT on the fp32 base with random non-zero lora_B (so it changes
+the logits), the tokenizer in adapter/, and a minimal run.json.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _tiny import TINY_RECIPE
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+PROMPT = "What colour is a banana?"
+
+
+def make_fake_run(root: Path, model_dir: Path, *, four_bit: bool, seed: int = 0) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    recipe = TINY_RECIPE.replace('name = "builtin:tiny-mistral"', f'name = "{model_dir}"')
+    recipe = recipe.replace("load_in_4bit = false", f"load_in_4bit = {'true' if four_bit else 'false'}")
+    recipe = recipe.replace("max_length = 96", "max_length = 96\nval_ratio = 0.05")
+    (root / "recipe.toml").write_text(recipe, encoding="utf-8")
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    peft_model.save_pretrained(root / "adapter")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(root / "adapter")
+    run_json = {
+        "status": "finished",
+        "model_path": str(model_dir),
+        "dtype": "fp32",
+        "data": {"fingerprint": "0123abcd", "summary": "400 conversations"},
+        "result": {
+            "global_step": 6,
+            "train_loss": 3.21,
+            "tokens": 1234,
+            "samples": [{"prompt": PROMPT, "before": "", "after": ""}],
+        },
+    }
+    (root / "run.json").write_text(json.dumps(run_json), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    from fastsft.backends import builtin
+
+    root = tmp_path_factory.mktemp("export-runs")
+    return {
+        "fp": make_fake_run(root / "run16", tiny_model_dir, four_bit=False),
+        "4bit": make_fake_run(root / "run4", tiny_model_dir, four_bit=True, seed=1),
+        "qwen2": make_fake_run(
+            root / "runqwen", builtin.materialize("builtin:tiny-qwen2"), four_bit=False, seed=2
+        ),
+        "model_dir": tiny_model_dir,
+    }
+
+
+@pytest.fixture(scope="module")
+def merged_4bit(runs):
+    from fastsft.export import export_run
+
+    return export_run(runs["4bit"], fmt="merged", dtype="bf16")
+
+
+def _inputs(tokenizer):
+    from fastsft.export import chat_ids
+
+    return [
+        chat_ids(
+            tokenizer,
+            [{"role": "user", "content": q}, {"role": "assistant", "content": "A cow is brown."}],
+            add_generation_prompt=False,
+        )
+        for q in (PROMPT, "Where do you find a frog?")
+    ]
+
+
+def _base_and_adapter(run: Path, model_dir: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+
+
+def _no_temp_left(folder: Path) -> bool:
+    return not [
+        p for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# merged
+# ----------------------------------------------------------------------------------------------
+
+
+def test_merged_export_of_a_4bit_run_matches_base_plus_adapter(runs, merged_4bit):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastsft.export import logits_of, rel_diff
+
+    out = merged_4bit
+    assert out == runs["4bit"] / "export-merged"
+    assert list(out.glob("*.safetensors")) and (out / "config.json").exists()
+    assert _no_temp_left(out.parent)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    gen = json.loads((out / "generation_config.json").read_text())
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert eot in eos
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # plain transformers
+    ref_model = _base_and_adapter(runs["4bit"], runs["model_dir"])
+    inputs = _inputs(tok)
+    got, ref = logits_of(merged, inputs), logits_of(ref_model, inputs)
+    with ref_model.disable_adapter():
+        base_only = logits_of(ref_model, inputs)
+    assert rel_diff(got, ref) < 2e-2  # bf16 rounding only
+    assert rel_diff(got, base_only) > 0.2  # the adapter is in there
+
+    # merged into the 16-bit base, not a dequantised 4-bit copy: W + scale * B @ A exactly (up to bf16)
+    from safetensors.torch import load_file
+
+    adapter = load_file(runs["4bit"] / "adapter" / "adapter_model.safetensors")
+    key = "model.layers.0.self_attn.q_proj"
+    a = next(v for k, v in adapter.items() if k.endswith(f"{key}.lora_A.weight"))
+    b = next(v for k, v in adapter.items() if k.endswith(f"{key}.lora_B.weight"))
+    w = load_file(runs["model_dir"] / "model.safetensors")[f"{key}.weight"]
+    expect = (w + (16 / 8) * b @ a).to(torch.bfloat16).float()
+    saved = merged.state_dict()[f"{key}.weight"]
+    assert torch.allclose(saved, expect, atol=1e-2, rtol=0)
+    assert (saved - expect).abs().max() < (saved - w).abs().max() / 10
+
+    record = json.loads((out / "export.json").read_text())
+    assert record["format"] == "merged" and record["dtype"] == "bf16"
+    parity = record["parity"]
+    assert 0 < parity["rel_logit_diff"] < parity["tolerance"] == 2e-2
+    assert parity["adapter_effect"] > 0.2
+    drift = record["drift_vs_trained"]["rel_logit_diff"]  # 4-bit base + adapter: the model as trained
+    assert drift > parity["rel_logit_diff"]
+    assert isinstance(record["stops"], bool) and record["smoke"]["budget"] == 64
+
+
+def test_merged_fp32_is_exact_and_overwrite_rules(runs, tmp_path):
+    from fastsft.errors import ExportError
+    from fastsft.export import export_run
+
+    dest = tmp_path / "m32"
+    out = export_run(runs["fp"], fmt="merged", to=dest, dtype="fp32")
+    record = json.loads((out / "export.json").read_text())
+    assert record["parity"]["rel_logit_diff"] < 1e-5
+    assert (
+        record["drift_vs_trained"]["rel_logit_diff"] == record["parity"]["rel_logit_diff"]
+    )  # trained in 16-bit
+
+    before = (out / "export.json").read_text()
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_run(runs["fp"], fmt="merged", to=dest, dtype="fp32")
+    assert (out / "export.json").read_text() == before  # untouched
+    export_run(runs["fp"], fmt="adapter", to=dest, overwrite=True)
+    assert json.loads((dest / "export.json").read_text())["format"] == "adapter"
+    assert not (dest / "config.json").exists()  # the old export was replaced, not mixed in
+    assert _no_temp_left(tmp_path)
+
+
+def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
+    from fastsft import export
+    from fastsft.errors import ExportError
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "smoke_generation", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.export_run(runs["fp"], fmt="merged", to=tmp_path / "a", dtype="bf16")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    monkeypatch.setitem(export.TOLERANCE, "bf16", 1e-9)  # a parity failure
+    with pytest.raises(ExportError, match="tolerance"):
+        export.export_run(runs["fp"], fmt="merged", to=tmp_path / "b", dtype="bf16")
+    assert list(tmp_path.iterdir()) == []
+
+    # overwrite + failure: the previous export survives
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep.txt").write_text("old")
+    monkeypatch.setattr(export, "verify_gguf", boom)
+    with pytest.raises(RuntimeError):
+        export.export_run(runs["fp"], fmt="gguf", to=tmp_path / "c", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    assert (tmp_path / "c" / "keep.txt").read_text() == "old"
+
+
+def test_bad_arguments(runs, tmp_path):
+    from fastsft.errors import ExportError
+    from fastsft.export import export_run
+
+    with pytest.raises(ExportError, match="merged, adapter, gguf"):
+        export_run(runs["fp"], fmt="onnx")
+    with pytest.raises(ExportError, match="bf16, fp16, fp32"):
+        export_run(runs["fp"], fmt="merged", dtype="int4")
+    with pytest.raises(ExportError, match="no trained adapter"):
+        export_run(tmp_path, fmt="merged")
+
+
+# ----------------------------------------------------------------------------------------------
+# adapter
+# ----------------------------------------------------------------------------------------------
+
+
+def test_adapter_export_has_card_and_loads(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastsft.export import export_run, logits_of, rel_diff
+
+    out = export_run(runs["fp"], fmt="adapter", to=tmp_path / "ad")
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and str(runs["model_dir"]) in card
+    assert "train_loss" in card and "3.21" in card and "demo.jsonl" in card and "[lora]" in card
+    assert not (out / "training_args.bin").exists()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template
+    base = AutoModelForCausalLM.from_pretrained(runs["model_dir"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    ref = _base_and_adapter(runs["fp"], runs["model_dir"])
+    inputs = _inputs(tok)
+    assert rel_diff(logits_of(model, inputs), logits_of(ref, inputs)) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# gguf
+# ----------------------------------------------------------------------------------------------
+
+
+def _gguf_file(out: Path) -> Path:
+    files = list(out.glob("*.gguf"))
+    assert len(files) == 1
+    return files[0]
+
+
+def _field(reader, key):
+    f = reader.get_field(key)
+    return None if f is None else f.contents()
+
+
+@pytest.mark.parametrize("which,dtype", [("fp", "fp32"), ("qwen2", "bf16")])
+def test_gguf_reads_back(runs, tmp_path, which, dtype):
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fastsft.export import export_run, merge, read_run, unpermute_qk
+
+    run = runs[which]
+    out = export_run(run, fmt="gguf", to=tmp_path / "g", dtype=dtype)
+    record = json.loads((out / "export.json").read_text())
+    reader = gguf.GGUFReader(str(_gguf_file(out)))
+    config = AutoConfig.from_pretrained(read_run(run).base_path)
+    arch = "qwen2" if which == "qwen2" else "llama"
+    assert _field(reader, "general.architecture") == arch
+    assert record["permuted_qk"] is (arch == "llama")
+    assert _field(reader, f"{arch}.block_count") == config.num_hidden_layers
+    assert _field(reader, f"{arch}.attention.head_count_kv") == config.num_key_value_heads
+    assert _field(reader, "tokenizer.ggml.model") == "gpt2"
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == config.vocab_size and tokens[5] == tok.convert_ids_to_tokens(5)
+    assert len(_field(reader, "tokenizer.ggml.merges")) > 100
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.convert_tokens_to_ids("<|im_end|>")
+    assert "<|im_start|>" in _field(reader, "tokenizer.chat_template")
+
+    tensors = {t.name: t for t in reader.tensors}
+    n = config.num_hidden_layers
+    expected = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    for i in range(n):
+        expected |= {
+            f"blk.{i}.{s}.weight"
+            for s in (
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            )
+        }
+        if arch == "qwen2":
+            expected |= {f"blk.{i}.attn_q.bias", f"blk.{i}.attn_k.bias", f"blk.{i}.attn_v.bias"}
+    assert set(tensors) == expected
+
+    merged = merge(read_run(run), "fp32").state_dict()
+
+    def back(name):
+        t = tensors[name]
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).copy())
+
+    for gname, hf in [
+        ("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight"),
+        ("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj.weight"),
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+        ("token_embd.weight", "model.embed_tokens.weight"),
+    ]:
+        w = back(gname)
+        assert tuple(w.shape) == tuple(merged[hf].shape)
+        if arch == "llama" and "attn_q" in gname:
+            w = unpermute_qk(w, config.num_attention_heads)
+        elif arch == "llama" and "attn_k" in gname:
+            w = unpermute_qk(w, config.num_attention_heads, config.num_key_value_heads)
+        want = merged[hf] if dtype == "fp32" else merged[hf].to(torch.bfloat16).float()
+        # bf16 of a bf16-merged model vs bf16 of the fp32 merge: at most one rounding step apart
+        assert torch.allclose(
+            w, want, atol=0 if dtype == "fp32" else 1e-2, rtol=0 if dtype == "fp32" else 1e-2
+        ), gname
+        if arch == "llama" and "attn_" in gname:
+            assert not torch.equal(back(gname), merged[hf])  # the file holds the permuted layout
+    assert torch.equal(back("output_norm.weight"), merged["model.norm.weight"])
+
+
+def test_gguf_unsupported_arch(runs, tmp_path, monkeypatch):
+    from fastsft import export
+    from fastsft.errors import ExportError
+
+    monkeypatch.setattr(export, "GGUF_ARCHS", {"LlamaForCausalLM": ("llama", True)})
+    with pytest.raises(ExportError, match="LlamaForCausalLM.*MistralForCausalLM"):
+        export.export_run(runs["fp"], fmt="gguf", to=tmp_path / "g")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_greedy_matches_llama_cpp(runs, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from fastsft import use
+    from fastsft.export import chat_ids, export_run
+
+    out = export_run(runs["fp"], fmt="gguf", to=tmp_path / "g", dtype="fp32")
+    loaded = use.load_for_use(runs["fp"])
+    ids = chat_ids(loaded.tokenizer, [{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    with torch.no_grad():
+        hf = loaded.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[
+            0, ids.shape[1] :
+        ]
+    llm = llama_cpp.Llama(model_path=str(_gguf_file(out)), n_ctx=256, verbose=False, logits_all=False)
+    got = []
+    for tok in llm.generate(ids[0].tolist(), temp=0.0, top_k=1):
+        got.append(tok)
+        if len(got) == 8:
+            break
+    assert got == hf.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# generate / chat / eval
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_from_run_and_from_merged_export(runs, merged_4bit):
+    from fastsft import use
+    from fastsft.export import end_of_turn_ids
+
+    a = use.generate(runs["4bit"], PROMPT, max_new_tokens=6)
+    b = use.generate(merged_4bit, PROMPT, max_new_tokens=6)
+    c = use.generate(runs["fp"], PROMPT, max_new_tokens=6, temperature=0.8)
+    assert all(isinstance(x, str) and x for x in (a, b, c))
+    model, tok = use.load_for_use(merged_4bit)
+    assert end_of_turn_ids(tok)[0] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_chat_keeps_the_conversation(runs, merged_4bit):
+    from rich.console import Console
+
+    from fastsft import use
+
+    console = Console(file=io.StringIO(), width=120)
+    msgs = use.chat(
+        merged_4bit,
+        input=io.StringIO("Hi\n\nWhat colour is a cow?\n/exit\nnever read\n"),
+        max_new_tokens=4,
+        console=console,
+    )
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[2]["content"] == "What colour is a cow?"
+
+
+def test_eval_run_and_data_file(runs, merged_4bit, tmp_path):
+    from rich.console import Console
+
+    from fastsft import use
+
+    console = Console(file=io.StringIO(), width=120)
+    res = use.evaluate(runs["fp"], n_gen=3, max_new_tokens=8, console=console)
+    assert res["loss"] > 0 and res["perplexity"] == pytest.approx(
+        torch.tensor(res["loss"]).exp().item(), rel=1e-6
+    )
+    assert res["conversations"] == 20 and res["tokens"] > 0
+    assert 0.0 <= res["compliance"] <= 1.0 and res["generated"] == 3
+    saved = json.loads((runs["fp"] / "eval.json").read_text())
+    assert saved["loss"] == res["loss"]
+    assert "perplexity" in console.file.getvalue()
+
+    # a merged export finds its run's eval split through export.json
+    res_m = use.evaluate(merged_4bit, n_gen=0, console=console)
+    assert res_m["conversations"] == 20 and res_m["compliance"] is None
+    assert not (merged_4bit / "eval.json").exists()
+
+    data = tmp_path / "held.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": PROMPT},
+                {"role": "assistant", "content": "A banana is yellow."},
+            ]
+        },
+        {"prompt": "Where is a cow found?", "completion": "You find a cow in the farm."},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    res2 = use.evaluate(
+        runs["fp"], data_file=data, n_gen=2, max_new_tokens=4, json_out=tmp_path / "e.json", console=console
+    )
+    assert res2["conversations"] == 2 and (tmp_path / "e.json").exists()
+
+
+def test_eval_tokenized_rows_score_like_messages(runs, tmp_path, monkeypatch):
+    from rich.console import Console
+    from transformers import AutoTokenizer
+
+    from fastsft import use
+
+    tok = AutoTokenizer.from_pretrained(runs["fp"] / "adapter")
+    convs = [
+        [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "A banana is yellow."}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What does a cow say?"},
+            {"role": "assistant", "content": "A cow says moo."},
+        ],
+    ]
+    items = []
+    for c in convs:
+        out = tok.apply_chat_template(c, return_dict=True, return_assistant_tokens_mask=True)
+        items.append({"input_ids": out["input_ids"], "mask": out["assistant_masks"]})
+    console = Console(file=io.StringIO(), width=120)
+    results = []
+    for examples in (items, convs):
+        monkeypatch.setattr(use, "eval_conversations", lambda *a, _e=examples, **k: (_e, "test"))
+        results.append(
+            use.evaluate(runs["fp"], n_gen=1, max_new_tokens=3, json_out=tmp_path / "e.json", console=console)
+        )
+    assert results[0]["tokens"] == results[1]["tokens"] > 0
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+    assert results[0]["samples"][0]["answer"] == results[1]["samples"][0]["answer"]
+
+
+def test_role_markers():
+    from fastsft.use import ROLE_MARKERS
+
+    assert ROLE_MARKERS.search("fine\nuser: and then")
+    assert ROLE_MARKERS.search("x <|im_start|>assistant")
+    assert not ROLE_MARKERS.search("A banana is yellow. The user likes it.")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def cli():
+    import click
+
+    from fastsft.cli_use import register
+
+    @click.group()
+    def main():
+        """test group"""
+
+    return register(main)
+
+
+def test_cli_commands(cli, runs, merged_4bit, tmp_path):
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    for cmd in ("export", "generate", "chat", "eval"):
+        r = runner.invoke(cli, [cmd, "--help"])
+        assert r.exit_code == 0 and "Example" in r.output, cmd
+
+    dest = tmp_path / "ad"
+    r = runner.invoke(cli, ["export", str(runs["fp"]), "--format", "adapter", "--to", str(dest)])
+    assert r.exit_code == 0, r.output
+    assert (dest / "README.md").exists()
+    r = runner.invoke(cli, ["export", str(runs["fp"]), "--format", "adapter", "--to", str(dest)])
+    assert r.exit_code == 2 and "--overwrite" in r.output and "Traceback" not in r.output
+    r = runner.invoke(
+        cli, ["export", str(runs["fp"]), "--format", "adapter", "--to", str(dest), "--overwrite"]
+    )
+    assert r.exit_code == 0, r.output
+
+    r = runner.invoke(cli, ["generate", str(merged_4bit), "--prompt", PROMPT, "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["chat", str(merged_4bit), "--max-new-tokens", "3"], input="hello\n/exit\n")
+    assert r.exit_code == 0 and "model>" in r.output, r.output
+    out = tmp_path / "ev.json"
+    r = runner.invoke(
+        cli,
+        [
+            "eval",
+            str(merged_4bit),
+            "--data",
+            str(runs["fp"].parent.parent / "x.jsonl"),
+            "--json-out",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 2 and "no such data file" in r.output
+    r = runner.invoke(
+        cli, ["eval", str(runs["fp"]), "-n", "1", "--max-new-tokens", "4", "--json-out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["perplexity"] > 1
+    r = runner.invoke(cli, ["generate", str(tmp_path / "nope"), "--prompt", "x"])
+    assert r.exit_code == 2 and "no such folder" in r.output
