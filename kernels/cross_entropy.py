@@ -88,14 +88,18 @@ if triton is not None:
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
                 s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
                 m = m_new
-            lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+            # keep the max apart from log(s): at |x| ~ 1e4 a float32 lse has lost 1e-3 to rounding
+            m = tl.where(m == float("-inf"), 0.0, m)
+            log_s = tl.log(s)
+            inv_s = 1.0 / s
+            lse = m + log_s
 
             x_t = tl.load(x_row + label).to(tl.float32)
             if HAS_SOFTCAP:
                 x_t = softcap * _tanh(x_t / softcap)
-            loss = lse - x_t
+            loss = (m - x_t) + log_s
             if HAS_SMOOTHING:
-                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - row_sum / n_cols)
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * ((m - row_sum / n_cols) + log_s)
             if HAS_ZLOSS:
                 loss += lse_square_scale * lse * lse
             tl.store(loss_ptr + row, loss)
@@ -113,7 +117,7 @@ if triton is not None:
                     if HAS_SOFTCAP:
                         t = _tanh(x / softcap)
                         x = softcap * t
-                    g = tl.exp(x - lse) * coef
+                    g = tl.exp(x - m) * inv_s * coef
                     if HAS_SMOOTHING:
                         g = g - label_smoothing / n_cols
                     g = tl.where(cols == label, g - (1.0 - label_smoothing), g) * scale
@@ -189,15 +193,20 @@ def _ce_rows_torch(logits, labels, grad, scale, opts) -> torch.Tensor:
             x = cap * t
         valid = y != opts["ignore_index"]
         safe = torch.where(valid, y, torch.zeros_like(y))
-        lse = torch.logsumexp(x, dim=-1)
-        loss = lse - x.gather(1, safe[:, None])[:, 0]
+        m = x.amax(dim=-1)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        e = torch.exp(x - m[:, None])
+        s = e.sum(dim=-1)
+        log_s = torch.log(s)
+        lse = m + log_s
+        loss = (m - x.gather(1, safe[:, None])[:, 0]) + log_s
         if eps:
-            loss = (1 - eps) * loss + eps * (lse - x.mean(dim=-1))
+            loss = (1 - eps) * loss + eps * ((m - x.mean(dim=-1)) + log_s)
         if z:
             loss = loss + z * lse * lse
         out[i : i + step] = torch.where(valid, loss, torch.zeros_like(loss))
         if grad is not None:
-            g = torch.exp(x - lse[:, None])
+            g = e.div_(s[:, None])
             if z:
                 g *= 1 + 2 * z * lse[:, None]
             if eps:

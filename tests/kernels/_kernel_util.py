@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+
 from fastsft.kernels import triton_available
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

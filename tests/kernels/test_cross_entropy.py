@@ -6,8 +6,10 @@ Runs the Triton kernel (natively on CUDA, under TRITON_INTERPRET=1 on the CPU) a
 import pytest
 import torch
 import torch.nn.functional as F
-from _kernel_util import DEVICES, GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
+
 from fastsft.kernels import cross_entropy_reference, fused_cross_entropy, launch_counts
+
+from _kernel_util import DEVICES, GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
-from _kernel_util import GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
+
 from fastsft.kernels import chunk_rows, fused_linear_cross_entropy, linear_cross_entropy_reference
+
+from _kernel_util import GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
