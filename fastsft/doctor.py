@@ -95,9 +95,9 @@ def report(console=None) -> bool:
         console.print("GPU: none (CUDA not available): training runs on the CPU with the transformers backend")
     backend, why = choose_backend("auto")
     console.print(f"backend = \"auto\" picks: [bold]{backend}[/] ({why})")
-    from fastsft.kernels import triton_available
-
     import torch
+
+    from fastsft.kernels import triton_available
 
     dev = torch.device("cuda" if gpu else "cpu")
     console.print(

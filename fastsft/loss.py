@@ -140,7 +140,7 @@ class LossRoute:
             with _env(UNSLOTH_RETURN_HIDDEN_STATES="1"):
                 out = model(**inputs)
             lm = base_causal_lm(model)
-            head = getattr(lm, "lm_head")
+            head = lm.lm_head
             hidden = out.logits
             softcap = getattr(lm.config, "final_logit_softcapping", None)
             loss = fused_linear_cross_entropy(
@@ -171,6 +171,8 @@ class LossRoute:
                 reduction="mean" if num_items_in_batch is None else "sum",
                 num_items_in_batch=num_items_in_batch,
                 backend=self.kernel_backend,
+                # in training nothing reads the logits after the loss: the gradient goes over them
+                inplace_backward=model.training and logits.requires_grad,
             )
         else:
             loss = stock_loss(flat_logits, flat_labels, self.label_smoothing, num_items_in_batch)

@@ -124,6 +124,17 @@ def load_tokenizer(recipe, model_path: str | None = None):
     return tok
 
 
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def load_model(recipe, *, log=print) -> Loaded:
     backend, reason = choose_backend(recipe.model.backend)
     log(f"backend: {backend} ({reason})")
@@ -139,5 +150,6 @@ def load_model(recipe, *, log=print) -> Loaded:
     if recipe.model.trust_remote_code:
         log("warning: trust_remote_code = true: the model repository's own Python code will run")
     dtype = compute_dtype(recipe.model.dtype)
+    seed_everything(recipe.train.seed)  # the LoRA init is random: same seed, same run
     model, tokenizer, info = impl.load(recipe, path, dtype)
     return Loaded(model, tokenizer, backend, reason, path, dtype, info)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the way a tiny model is made changes, so stale caches are never reused.
-BUILTIN_VERSION = "1"
+BUILTIN_VERSION = "2"
 
 # name -> (config class name, extra config kwargs). Real sizes in comments, as the real configs have them.
 TINY_CONFIGS: dict[str, tuple[str, dict]] = {
@@ -215,6 +215,10 @@ def materialize(name: str) -> Path:
         )
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # A trained lm_head has rows far longer than the 0.02 init: with the final norm frozen, the
+        # init's head bounds every logit to about +-1 and no LoRA can make the model confident.
+        with torch.no_grad():
+            model.get_output_embeddings().weight.normal_(0.0, 2.0 / config.hidden_size**0.5)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
