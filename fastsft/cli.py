@@ -20,8 +20,9 @@ SET_HELP = "Override a recipe key, parsed as a TOML value: --set train.learning_
 
 def _fail(message: str, code: int = 2):
     from rich.console import Console
+    from rich.text import Text
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -32,6 +33,8 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except FastSFTError as e:
             _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
 
     return wrapper
 
@@ -49,24 +52,40 @@ def main():
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", type=click.Path(dir_okay=False), required=False)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), help="Run directory (default runs/<recipe>-<time>).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty run directory.")
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory from its newest complete checkpoint.",
+)
 @handle_errors
-def run(recipe, overrides, output_dir, overwrite):
+def run(recipe, overrides, output_dir, overwrite, resume_dir):
     """Train a LoRA adapter as RECIPE says and write a run directory.
 
     \b
     The run directory holds recipe.toml (resolved), run.json, metrics.jsonl,
-    checkpoints/, adapter/, report.md and loss.png.
+    checkpoints/, adapter/, report.md and loss.png. Ctrl-C writes a checkpoint
+    and prints the command that resumes the run.
     \b
     Example:
       fastsft run recipes/tiny.toml --set train.max_steps=20 -o runs/try1
+      fastsft run --resume runs/try1
     """
     from . import recipe as recipe_mod
     from . import train
 
+    if resume_dir:
+        if output_dir or overwrite:
+            raise click.UsageError("--resume continues the run in its own folder; drop --output-dir / --overwrite")
+        r = train.resume_recipe(resume_dir, recipe, list(overrides))
+        train.run(r, output_dir=resume_dir, resume=True)
+        return
+    if recipe is None:
+        raise click.UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
     r = recipe_mod.load(recipe, list(overrides))
     train.run(r, output_dir=output_dir, overwrite=overwrite)
 
@@ -149,6 +168,11 @@ def preview(recipe, overrides, n, as_json):
     r = recipe_mod.load(recipe, list(overrides))
     tokenizer = backends.load_tokenizer(r)
     data_mod.preview(r, tokenizer, n=n, as_json=as_json, console=Console(stderr=as_json))
+
+
+from .cli_use import register as _register_use  # noqa: E402  (export, generate, chat, eval)
+
+_register_use(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

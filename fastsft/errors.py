@@ -42,3 +42,18 @@ class RunDirError(FastSFTError):
 
 class ExportError(FastSFTError):
     """An export that cannot be written or that failed its parity check."""
+
+
+class TrainingStopped(FastSFTError):
+    """Training stopped before its end (interrupted, non-finite loss, out of memory): the message says
+    why, what was kept and how to go on."""
+
+
+class Interrupted(TrainingStopped):
+    """SIGINT / SIGTERM: a checkpoint was written and the resume command printed."""
+
+    exit_code = 130
+
+
+class OutOfMemory(TrainingStopped):
+    exit_code = 3

@@ -164,6 +164,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "load_best_model_at_end": Key("bool", False, "Keep the checkpoint with the best metric_for_best_model at the end."),
         "metric_for_best_model": Key("str", "eval_loss", "Metric that picks the best checkpoint."),
         "seed": Key("int", 42, "Seed for weights init, data order and dropout.", min=0, max=2**32 - 1),
+        "max_nonfinite_steps": Key(
+            "int",
+            0,
+            "Optimizer steps with a NaN/inf loss or gradient that are skipped (not applied) before the run "
+            "stops; 0 stops at the first.",
+            min=0,
+            max=10**6,
+        ),
     },
     "loss": {
         "kernel": Key(
@@ -248,6 +256,24 @@ class Recipe:
             out.append("")
         return "\n".join(out)
 
+    def with_absolute_paths(self) -> Recipe:
+        """The same recipe with its relative file paths made absolute, so that a copy stored elsewhere
+        (a run directory's recipe.toml) still finds its data, templates and local model."""
+        raw = copy.deepcopy(self.raw)
+        for section, key in PATH_KEYS:
+            value = raw.get(section, {}).get(key)
+            if not isinstance(value, str) or value.startswith("builtin:"):
+                continue
+            p = self.resolve_path(value)
+            if not Path(value).expanduser().is_absolute() and p.exists():
+                raw[section][key] = str(p.resolve())
+        return validate(raw, path=self.path)
+
+    def differences(self, other: Recipe) -> list[str]:
+        """`section.key` of every value that differs between the two recipes."""
+        a, b = self.as_dict(), other.as_dict()
+        return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s].get(k)]
+
     def with_overrides(self, overrides: list[str]) -> Recipe:
         raw = copy.deepcopy(self.raw)
         apply_overrides(raw, overrides)
@@ -271,6 +297,24 @@ def _toml_value(value: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 # Reading and validating
 # ----------------------------------------------------------------------------------------------
+
+
+# Keys holding file paths, resolved relative to the recipe's folder.
+PATH_KEYS = (("model", "name"), ("data", "train"), ("data", "eval"), ("data", "chat_template"))
+
+# Keys a resumed run may change: they do not change what is trained, only how it is watched and kept.
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "train.logging_steps",
+        "train.eval_steps",
+        "train.save_steps",
+        "train.save_total_limit",
+        "train.per_device_eval_batch_size",
+        "train.max_nonfinite_steps",
+        "export.formats",
+        "export.dtype",
+    }
+)
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -58,6 +58,44 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
 
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run directory, to resume."""
+        path = Path(path)
+        missing = [n for n in (RECIPE, RUN_JSON) if not (path / n).is_file()]
+        if not path.is_dir() or missing:
+            raise RunDirError(
+                f"--resume {path}: not a fastsft run directory (missing {', '.join(missing) or 'the folder'}). "
+                "Pass the folder that `fastsft run` printed as its run directory."
+            )
+        return cls(path)
+
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every complete checkpoint, oldest first. A checkpoint is complete when
+        its trainer_state.json parses; staging folders of an interrupted save never count."""
+        out = []
+        if not self.checkpoints.is_dir():
+            return out
+        for d in self.checkpoints.iterdir():
+            name = d.name
+            if not (d.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit()):
+                continue
+            try:
+                json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            out.append((int(name[len("checkpoint-") :]), d))
+        return sorted(out)
+
+    def latest_checkpoint(self) -> tuple[int, Path] | None:
+        found = self.complete_checkpoints()
+        return found[-1] if found else None
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric rows logged after `after_step` (they will be logged again on resume)."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        self.write_text(METRICS, "".join(json.dumps(r, default=float) + "\n" for r in rows))
+
     # paths
     def __truediv__(self, name: str) -> Path:
         return self.path / name

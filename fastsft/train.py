@@ -8,8 +8,10 @@ ETA and memory, metrics.jsonl, the report.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -128,26 +130,89 @@ def make_trainer_class():
         """One forward serves loss and metrics: `compute_loss` is replaced, so TRL's fused lm-head
         (TRL 1.15's has no CPU path) and its second no-grad forward for metrics never run."""
 
-        def __init__(self, *args, loss_route, **kwargs):
+        def __init__(self, *args, loss_route, nonfinite_guard=None, **kwargs):
             self.loss_route = loss_route
+            self.nonfinite_guard = nonfinite_guard
+            self.phase = "train"  # named in an out-of-memory message
             super().__init__(*args, **kwargs)
             # Our loss divides by num_items_in_batch itself; make the Trainer always count it and
             # never divide again by the accumulation steps.
             self.model_accepts_loss_kwargs = True
             self.tokens_seen = 0
+            # our progress line replaces the Trainer's raw log dicts and tqdm bars
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+            self.remove_callback(PrinterCallback)
+            self.remove_callback(ProgressCallback)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = self.loss_route(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # num_items_in_batch counts every rank's tokens and DDP averages gradients.
                 loss = loss * self.accelerator.num_processes
+            if model.training and self.nonfinite_guard is not None:
+                self.nonfinite_guard.observe_loss(loss)
             if model.training and "attention_mask" in inputs:
                 n = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
                 self.tokens_seen += int(n)
                 self._metrics["train"]["num_tokens"] = [self.tokens_seen]
             return (loss, outputs) if return_outputs else loss
 
+        def evaluate(self, *args, **kwargs):
+            self.phase = "eval"
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.phase = "train"
+
+        def _save_checkpoint(self, model, trial):
+            """Atomic checkpoints: written under checkpoints/.staging, renamed into place when whole;
+            older ones are rotated out only after that, so a resumable checkpoint always exists."""
+            self.phase = "save"
+            root = Path(self.args.output_dir)
+            staging = root / STAGING
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            original = self._get_output_dir
+            self._get_output_dir = lambda trial=None: str(staging)
+            limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate after the rename
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._get_output_dir = original
+                self.args.save_total_limit = limit
+            name = f"checkpoint-{self.state.global_step}"
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(str(staging)):
+                self.state.best_model_checkpoint = str(root / Path(best).name)
+                self.state.save_to_json(str(staging / name / "trainer_state.json"))
+            target = root / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.args.should_save and limit:
+                _rotate(self, root, limit)
+            self.phase = "train"
+
     return FastSFTTrainer
+
+
+STAGING = ".staging"
+
+
+def _rotate(trainer, root: Path, limit: int) -> None:
+    try:
+        from transformers.trainer_utils import rotate_checkpoints
+    except ImportError:  # older transformers: the Trainer's own method
+        trainer._rotate_checkpoints(use_mtime=True, output_dir=str(root))
+        return
+    rotate_checkpoints(
+        output_dir=str(root),
+        save_total_limit=limit,
+        best_model_checkpoint=trainer.state.best_model_checkpoint,
+        use_mtime=True,
+    )
 
 
 def make_callbacks(run: RunDir, console, *, max_steps_hint: int | None = None):
@@ -256,30 +321,90 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
 # ----------------------------------------------------------------------------------------------
 
 
-def run(recipe, *, output_dir: str | Path | None = None, overwrite: bool = False, console=None) -> RunResult:
-    """Train `recipe` into a new run directory. Raises fastsft errors for user mistakes."""
+def resume_recipe(run_dir: str | Path, recipe_path: str | Path | None, overrides: list[str]):
+    """The recipe a resumed run continues with: the one stored in RUN_DIR, with the overrides that do
+    not change what is trained. A given RECIPE (or an override) that changes the training is refused
+    with the differing keys named."""
+    from . import recipe as recipe_mod
+    from .errors import RecipeError
+
+    run = RunDir.open(run_dir)
+    stored = recipe_mod.load(run / RECIPE)
+    wanted = recipe_mod.load(recipe_path).with_absolute_paths() if recipe_path else stored
+    if overrides:
+        wanted = wanted.with_overrides(list(overrides))
+    changed = [k for k in stored.differences(wanted) if k not in recipe_mod.RESUME_SAFE_KEYS]
+    if changed:
+        raise RecipeError(
+            f"--resume {run.path}: the run was trained with a different "
+            f"{', '.join(changed)} (stored in {run / RECIPE}). Resuming would change the training; start a "
+            "new run instead, or resume without changing those keys. Keys a resume may change: "
+            + ", ".join(sorted(recipe_mod.RESUME_SAFE_KEYS)),
+            path=str(recipe_path or run / RECIPE),
+        )
+    return wanted
+
+
+def run(
+    recipe,
+    *,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    console=None,
+    resume: bool = False,
+) -> RunResult:
+    """Train `recipe` into a new run directory, or with `resume=True` continue the run in
+    `output_dir` from its newest complete checkpoint. Raises fastsft errors for user mistakes."""
     from rich.console import Console
 
-    console = console or Console()
-    log = lambda msg: console.print(msg, highlight=False)  # noqa: E731
+    from .errors import Interrupted, RunDirError
 
-    out = Path(output_dir) if output_dir else default_path(recipe.path or "recipe")
-    run_dir = RunDir.create(out, overwrite=overwrite)
-    run_dir.write_text(RECIPE, recipe.to_toml())
-    log(f"run directory: {run_dir.path}")
+    console = console or Console()
+    log = lambda msg: console.print(msg, highlight=False, markup=False)  # noqa: E731
+
+    checkpoint = None
+    if resume:
+        run_dir = RunDir.open(output_dir)
+        found = run_dir.latest_checkpoint()
+        if found is None:
+            raise RunDirError(
+                f"--resume {run_dir.path}: no complete checkpoint to resume from (the run stopped before "
+                f"its first save). Start it again: fastsft run RECIPE -o {run_dir.path} --overwrite"
+            )
+        step, checkpoint = found
+        shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)
+        run_dir.truncate_metrics(step)
+        log(f"resuming {run_dir.path} from {checkpoint.name} (step {step})")
+    else:
+        out = Path(output_dir) if output_dir else default_path(recipe.path or "recipe")
+        run_dir = RunDir.create(out, overwrite=overwrite)
+        run_dir.write_text(RECIPE, recipe.with_absolute_paths().to_toml())
+        log(f"run directory: {run_dir.path}")
 
     loaded = backends.load_model(recipe, log=log)  # imports unsloth first when it is the backend
 
     import torch
 
     from . import data as data_mod
+    from . import guard
     from . import loss as loss_mod
 
     prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=log)
+    if prepared.stats.get("added_pad_token") and len(loaded.tokenizer) > loaded.model.get_input_embeddings().num_embeddings:
+        loaded.model.resize_token_embeddings(len(loaded.tokenizer))  # the new pad row is never trained on
     device = next(loaded.model.parameters()).device
     route = loss_mod.resolve(recipe, loaded.model, loaded.backend, device)
     route.install(loaded.model)
     log(f"loss: {route.implementation} ({route.reason})")
+
+    estimate = guard.estimate_memory(loaded.model, recipe, route.kernel)
+    gpu_total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    line, wont_fit = guard.describe_estimate(estimate, gpu_total)
+    log(line)
+    if wont_fit:
+        log(guard.warn_wont_fit(estimate, gpu_total))
+    if recipe.train.save_strategy != "no":
+        guard.check_disk(run_dir.path, 2 * guard.checkpoint_bytes(loaded.model), "checkpointing")
 
     run_info = {
         "status": "running",
@@ -294,13 +419,22 @@ def run(recipe, *, output_dir: str | Path | None = None, overwrite: bool = False
         "model_path": loaded.model_path,
         "dtype": loaded.dtype,
         "loss": route.describe(),
+        "memory_estimate_gib": {k: round(v / 2**30, 3) for k, v in estimate.items()},
         "data": {"fingerprint": prepared.fingerprint, **prepared.stats},
     }
+    if resume:
+        previous = run_dir.read_json(RUN_JSON)
+        run_info["started"] = previous.get("started", run_info["started"])
+        run_info["resumed"] = previous.get("resumed", []) + [
+            {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": checkpoint.name}
+        ]
     run_dir.write_json(RUN_JSON, run_info)
 
     args = sft_config(
         recipe, run_dir.checkpoints, dtype=loaded.dtype, backend=loaded.backend, data_kwargs=prepared.sft_kwargs
     )
+    stop = guard.StopOnSignal(log)
+    nonfinite = guard.NonFiniteGuard(recipe.train.max_nonfinite_steps, check_grads=loaded.dtype != "fp16", log=log)
     Trainer = make_trainer_class()
     trainer = Trainer(
         model=loaded.model,
@@ -309,24 +443,48 @@ def run(recipe, *, output_dir: str | Path | None = None, overwrite: bool = False
         eval_dataset=prepared.eval,
         processing_class=loaded.tokenizer,
         loss_route=route,
-        callbacks=make_callbacks(run_dir, console),
+        nonfinite_guard=nonfinite,
+        callbacks=make_callbacks(run_dir, console) + [stop.callback(), nonfinite.callback()],
     )
 
     prompts = sample_prompts(prepared.eval if prepared.eval is not None else prepared.train)
-    before = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts else []
+    before = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts and not resume else []
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = trainer.train()
+    try:
+        with stop:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except guard.NonFinite as e:
+        kept = run_dir.latest_checkpoint()
+        msg = f"{e} Last good checkpoint: {kept[1] if kept else 'none'}."
+        run_dir.update_json(RUN_JSON, status="stopped: non-finite", error=msg)
+        raise guard.NonFinite(msg) from None
+    except BaseException as e:
+        if guard.is_oom(e):
+            err = guard.explain_oom(e, trainer.phase)
+            run_dir.update_json(RUN_JSON, status="stopped: out of memory", error=str(err))
+            raise err from None
+        if isinstance(e, KeyboardInterrupt):
+            run_dir.update_json(RUN_JSON, status="killed", error="interrupted twice; no checkpoint written")
+        raise
     train_seconds = time.perf_counter() - t0
+
+    if stop.requested:
+        kept = run_dir.latest_checkpoint()
+        msg = guard.interrupted_message(run_dir.path, trainer.state.global_step, kept[1] if kept else None)
+        run_dir.update_json(RUN_JSON, status="interrupted", error=msg)
+        raise Interrupted(msg)
 
     trainer.save_model(str(run_dir.adapter))
     loaded.tokenizer.save_pretrained(str(run_dir.adapter))
 
     after = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts else []
+    if not before:
+        before = [""] * len(after)
     samples = [
-        {"prompt": p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after)
+        {"prompt": p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after, strict=False)
     ]
     peak, mem_kind = peak_memory_gib()
     total_tokens = getattr(trainer, "tokens_seen", 0)
@@ -356,10 +514,15 @@ def run(recipe, *, output_dir: str | Path | None = None, overwrite: bool = False
         from . import export as export_mod
 
         for fmt in recipe.export.formats:
-            export_mod.export_run(run_dir.path, fmt=fmt, dtype=recipe.export.dtype, console=console)
+            try:
+                export_mod.export_run(run_dir.path, fmt=fmt, dtype=recipe.export.dtype, console=console)
+            except BaseException as e:
+                if guard.is_oom(e):
+                    raise guard.explain_oom(e, f"export ({fmt}, merge)") from None
+                raise
 
     log(f"done: {trainer.state.global_step} steps in {train_seconds:.1f} s; report: {run_dir / 'report.md'}")
     return RunResult(run_dir.path, summary)
 
 
-__all__ = ["run", "sft_config", "RunResult", "ADAPTER", "METRICS"]
+__all__ = ["run", "resume_recipe", "sft_config", "RunResult", "ADAPTER", "METRICS"]
