@@ -489,6 +489,8 @@ def _cross_checks(s: dict[str, dict[str, Any]]) -> list[str]:
     """Rules that involve more than one key."""
     problems = []
     t = s["train"]
+    if t["max_steps"] == 0:
+        problems.append("[train] max_steps = 0 trains nothing: use a positive number, or -1 to train num_train_epochs")
     if t["eval_strategy"] != "no" and not (s["data"]["eval"] or s["data"]["val_ratio"] > 0):
         problems.append(
             f"[train] eval_strategy = {t['eval_strategy']!r} needs evaluation data: set [data] eval or [data] val_ratio"

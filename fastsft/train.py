@@ -158,6 +158,16 @@ def make_trainer_class():
                 self._metrics["train"]["num_tokens"] = [self.tokens_seen]
             return (loss, outputs) if return_outputs else loss
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # PEFT's load_adapter upcasts bf16 adapters to float32, while SFTTrainer keeps QLoRA
+            # adapters in bf16: put back the dtypes the run trained with, or a resumed run diverges.
+            target = model if model is not None else self.model
+            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for n, p in target.named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+
         def evaluate(self, *args, **kwargs):
             self.phase = "eval"
             try:

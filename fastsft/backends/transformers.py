@@ -59,9 +59,23 @@ def load(recipe, path: str, dtype: str):
         # enabled by the Trainer, so not here.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
+    if recipe.model.load_in_4bit and not torch.cuda.is_available():
+        _keep_cpu_4bit_trainable(model)
     model = get_peft_model(model, lora_config(recipe))
     info = {
         "quantization": "nf4+double-quant" if recipe.model.load_in_4bit else None,
         "attn_implementation": kwargs["attn_implementation"],
     }
     return model, tokenizer, info
+
+
+def _keep_cpu_4bit_trainable(model) -> None:
+    """bitsandbytes repacks a CPU Linear4bit's weight for its bf16 inference kernel at the first
+    eval-mode forward (generation, evaluation) and keeps it so in training, where that kernel has no
+    autograd (wrong input gradients, bf16 numerics, a resumed run that differs from the original).
+    fastsft evaluates and generates between training steps, so the repacking is turned off."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

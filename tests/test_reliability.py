@@ -1,0 +1,301 @@
+"""A run survives SIGKILL and Ctrl-C, stops on NaN and out-of-memory with a message, and refuses
+hostile recipes and data without a traceback."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastsft import guard, train
+from fastsft import recipe as R
+from fastsft.cli import main
+from fastsft.errors import DataError, FastSFTError, RecipeError
+from fastsft.rundir import RunDir
+
+from _tiny import RECIPES, TINY_RECIPE
+
+SHORT = [
+    "--set", "train.max_steps=16",
+    "--set", "train.save_steps=4",
+    "--set", "train.logging_steps=1",
+    "--set", "train.eval_strategy=no",
+    "--set", "train.save_total_limit=2",
+]  # fmt: skip
+
+# Runs the real CLI in a child process that sends itself a signal at the end of a given step.
+DRIVER = """
+import os, signal, sys
+from transformers import TrainerCallback
+import fastsft.train as T
+
+action, at = sys.argv[1], int(sys.argv[2])
+
+class SignalAtStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == at:
+            os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGINT)
+
+original = T.make_callbacks
+T.make_callbacks = lambda *a, **k: original(*a, **k) + [SignalAtStep()]
+from fastsft.cli import main
+sys.argv = ["fastsft"] + sys.argv[3:]
+main()
+"""
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in RunDir(run_dir).read_metrics() if "loss" in r}
+
+
+def child(tmp_path, action, at, *args):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    return subprocess.run(
+        [sys.executable, str(driver), action, str(at), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same short run, never interrupted."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = CliRunner().invoke(main, ["run", str(RECIPES / "tiny.toml"), *SHORT, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return losses(out)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
+    out = tmp_path / "run"
+    killed = child(tmp_path, "kill", 10, "run", str(RECIPES / "tiny.toml"), *SHORT, "-o", str(out))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert RunDir(out).latest_checkpoint()[0] == 8
+    assert max(losses(out)) == 9  # killed in step 10, before its log row
+    result = CliRunner().invoke(main, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and "checkpoint-8" in result.output
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(1, 17))
+    for step, value in reference.items():
+        assert resumed[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["resumed"][0]["from"] == "checkpoint-8"
+
+
+def test_ctrl_c_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, reference):
+    out = tmp_path / "run"
+    stopped = child(tmp_path, "int", 6, "run", str(RECIPES / "tiny.toml"), *SHORT, "-o", str(out))
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert f"fastsft run --resume {out}" in stopped.stderr + stopped.stdout
+    assert "Traceback" not in stopped.stderr
+    assert RunDir(out).latest_checkpoint()[0] == 6  # step 6 is not a save step: saved because of the signal
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    result = CliRunner().invoke(main, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    resumed = losses(out)
+    for step, value in reference.items():
+        assert resumed[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+
+
+def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
+    run = RunDir(tmp_path)
+    for step, complete in ((4, True), (8, True), (12, False)):
+        d = run.checkpoints / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    (run.checkpoints / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 8}')
+    (run.checkpoints / ".staging" / "checkpoint-16").mkdir(parents=True)
+    (run.checkpoints / "checkpoint-16").mkdir()
+    (run.checkpoints / "checkpoint-16" / "trainer_state.json").write_text('{"global_')  # torn write
+    assert run.latest_checkpoint()[0] == 8
+
+
+def test_resume_refuses_a_recipe_that_changes_the_training(tmp_path, reference):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        main, ["run", str(RECIPES / "tiny.toml"), *SHORT, "--set", "train.max_steps=4", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    refused = CliRunner().invoke(main, ["run", "--resume", str(out), "--set", "train.learning_rate=1e-2"])
+    assert refused.exit_code == 2
+    assert "train.learning_rate" in refused.output and "Traceback" not in refused.output
+    other = CliRunner().invoke(main, ["run", str(RECIPES / "tiny.toml"), "--resume", str(out)])
+    assert other.exit_code == 2 and "train.max_steps" in other.output  # the stored run had 4 steps
+    nothing = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "nope")])
+    assert nothing.exit_code == 2 and "not a fastsft run directory" in nothing.output
+
+
+def _recipe(tmp_path, *overrides):
+    p = tmp_path / "r.toml"
+    p.write_text(TINY_RECIPE)
+    return R.load(p, list(overrides))
+
+
+def test_nan_loss_stops_the_run_and_is_never_applied(tmp_path, monkeypatch):
+    from fastsft import loss as loss_mod
+
+    calls = {"n": 0}
+    original = loss_mod.LossRoute.__call__
+
+    def poisoned(self, model, inputs, num_items_in_batch=None):
+        loss, out = original(self, model, inputs, num_items_in_batch)
+        calls["n"] += model.training
+        if model.training and calls["n"] == 3:
+            loss = loss * float("nan")
+        return loss, out
+
+    monkeypatch.setattr(loss_mod.LossRoute, "__call__", poisoned)
+    with pytest.raises(guard.NonFinite, match="step 3") as e:
+        train.run(_recipe(tmp_path, "train.save_steps=2", "train.save_strategy=steps"), output_dir=tmp_path / "a")
+    assert "learning rate" in str(e.value) and "checkpoint-2" in str(e.value)
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["status"] == "stopped: non-finite"
+
+    calls["n"] = 0  # allowed once: the step is skipped and the weights stay finite
+    result = train.run(_recipe(tmp_path, "train.max_nonfinite_steps=1"), output_dir=tmp_path / "b")
+    from safetensors.torch import load_file
+
+    weights = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_out_of_memory_is_explained_without_a_traceback(tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    original = train.make_callbacks
+    monkeypatch.setattr(train, "make_callbacks", lambda *a, **k: original(*a, **k) + [Boom()])
+    p = tmp_path / "r.toml"
+    p.write_text(TINY_RECIPE)
+    result = CliRunner().invoke(main, ["run", str(p), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 3
+    assert "out of memory during train" in result.output
+    assert "per_device_train_batch_size" in result.output and "Traceback" not in result.output
+
+
+def test_disk_space_is_checked_before_checkpoints(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1024))
+    with pytest.raises(FastSFTError, match="GiB is free"):
+        train.run(_recipe(tmp_path, "train.save_strategy=steps"), output_dir=tmp_path / "run")
+
+
+def test_memory_estimate_orders_the_losses_and_flags_a_recipe_that_cannot_fit(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=8, vocab_size=32768)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    recipe = _recipe(tmp_path, "train.per_device_train_batch_size=8", "data.max_length=4096")
+    parts = {k: guard.estimate_memory(model, recipe, k) for k in ("torch", "fastsft", "fastsft-linear")}
+    assert parts["fastsft-linear"]["loss"] < parts["fastsft"]["loss"] < parts["torch"]["loss"]
+    assert 13 * 2**30 < parts["torch"]["weights"] < 14 * 2**30  # 7.24B bf16 parameters
+    line, wont_fit = guard.describe_estimate(parts["torch"], 24 * 2**30)
+    assert wont_fit and "the GPU has 24.0 GiB" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile input
+# ----------------------------------------------------------------------------------------------
+
+toml_scalars = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=20),
+    st.lists(st.integers(), max_size=3),
+)
+keys = st.sampled_from(
+    ["name", "learning_rate", "max_steps", "r", "lora_alpha", "train", "kernel", "max_length", "bogus", "seed"]
+)
+sections = st.sampled_from(["model", "lora", "data", "train", "loss", "export", "extra"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.dictionaries(sections, st.dictionaries(keys, toml_scalars, max_size=4), max_size=5))
+def test_any_recipe_values_validate_or_fail_with_a_recipe_error(raw):
+    try:
+        R.validate(raw, path="fuzz.toml")
+    except RecipeError as e:
+        assert "fuzz.toml" in str(e)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_any_bytes_as_a_recipe_give_a_recipe_error(tmp_path, data):
+    p = tmp_path / "fuzz.toml"
+    p.write_bytes(data)
+    try:
+        R.load(p)
+    except RecipeError as e:
+        assert str(p) in str(e)
+
+
+def test_mangled_recipes_through_the_cli(tmp_path):
+    cases = {
+        "empty": "",
+        "syntax": "[model\nname = 'x'",
+        "binary": "\x00\xff\xfe garbage",
+        "negative lr": TINY_RECIPE.replace("learning_rate = 3e-3", "learning_rate = -1"),
+        "nan": TINY_RECIPE.replace("learning_rate = 3e-3", "learning_rate = nan"),
+        "zero steps": TINY_RECIPE.replace("max_steps = 6", "max_steps = 0"),
+        "huge int": TINY_RECIPE.replace("max_steps = 6", "max_steps = 99999999999999999999"),
+    }
+    for what, text in cases.items():
+        p = tmp_path / "bad.toml"
+        p.write_bytes(text.encode("latin-1"))
+        result = CliRunner().invoke(main, ["validate", str(p)])
+        assert result.exit_code == 2, (what, result.output)
+        assert "Traceback" not in result.output and str(p) in result.output, what
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+row_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot", 3]),
+                                   "content": st.text(max_size=10) | st.integers()}),
+            max_size=3,
+        ),  # fmt: skip
+        "text": json_values,
+        "prompt": json_values,
+        "completion": json_values,
+        "instruction": json_values,
+        "output": json_values,
+    },
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(row_like.map(json.dumps) | st.text(max_size=30), min_size=1, max_size=4))
+def test_any_data_file_loads_or_names_its_problem(tmp_path, tiny_model_dir, lines):
+    from transformers import AutoTokenizer
+
+    from fastsft import data
+
+    p = tmp_path / "fuzz.jsonl"
+    p.write_text("\n".join(line.replace("\n", " ") for line in lines) + "\n", encoding="utf-8")
+    recipe = _recipe(tmp_path, f"data.train={json.dumps(str(p))}")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    try:
+        data.prepare_data(recipe, tokenizer, log=lambda m: None)
+    except DataError as e:
+        assert "fuzz.jsonl" in str(e)
