@@ -62,8 +62,14 @@ def main():
     type=click.Path(file_okay=False),
     help="Continue the run in this directory from its newest complete checkpoint.",
 )
+@click.option(
+    "--launch",
+    "nproc",
+    type=click.IntRange(min=1),
+    help="Run as N data-parallel processes on this machine (DDP through torchrun; N GPUs, or CPU with gloo).",
+)
 @handle_errors
-def run(recipe, overrides, output_dir, overwrite, resume_dir):
+def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc):
     """Train a LoRA adapter as RECIPE says and write a run directory.
 
     \b
@@ -78,6 +84,23 @@ def run(recipe, overrides, output_dir, overwrite, resume_dir):
     from . import recipe as recipe_mod
     from . import train
 
+    if nproc and nproc > 1:
+        import subprocess
+
+        from . import dist
+
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--launch") if "--launch" in argv else None
+        if i is not None:
+            del argv[i : i + 2]
+        else:  # --launch=N
+            argv = [a for a in argv if not a.startswith("--launch=")]
+        if output_dir is None and not resume_dir:
+            # every rank must use one folder: fix its name here, not per rank
+            from .rundir import default_path
+
+            argv += ["-o", str(default_path(recipe or "recipe"))]
+        sys.exit(subprocess.call(dist.launch_command(nproc, argv)))
     if resume_dir:
         if output_dir or overwrite:
             raise click.UsageError("--resume continues the run in its own folder; drop --output-dir / --overwrite")

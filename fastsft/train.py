@@ -177,12 +177,16 @@ def make_trainer_class():
 
         def _save_checkpoint(self, model, trial):
             """Atomic checkpoints: written under checkpoints/.staging, renamed into place when whole;
-            older ones are rotated out only after that, so a resumable checkpoint always exists."""
+            older ones are rotated out only after that, so a resumable checkpoint always exists.
+            Under several ranks, rank 0 owns the folder and every rank writes its RNG state into it."""
             self.phase = "save"
+            main = self.args.should_save
             root = Path(self.args.output_dir)
             staging = root / STAGING
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
             original = self._get_output_dir
             self._get_output_dir = lambda trial=None: str(staging)
             limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate after the rename
@@ -191,19 +195,37 @@ def make_trainer_class():
             finally:
                 self._get_output_dir = original
                 self.args.save_total_limit = limit
+            self.accelerator.wait_for_everyone()
             name = f"checkpoint-{self.state.global_step}"
             best = self.state.best_model_checkpoint
             if best and best.startswith(str(staging)):
                 self.state.best_model_checkpoint = str(root / Path(best).name)
-                self.state.save_to_json(str(staging / name / "trainer_state.json"))
-            target = root / name
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
-            shutil.rmtree(staging, ignore_errors=True)
-            if self.args.should_save and limit:
-                _rotate(self, root, limit)
+                if main:
+                    self.state.save_to_json(str(staging / name / "trainer_state.json"))
+            if main:
+                target = root / name
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging / name, target)
+                shutil.rmtree(staging, ignore_errors=True)
+                if limit:
+                    _rotate(self, root, limit)
+            self.accelerator.wait_for_everyone()
             self.phase = "train"
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # transformers maps the optimizer state to `args.device` under several ranks, which on
+            # the CPU is "cpu:<rank>", a location torch.load cannot restore: load it on the CPU.
+            if self.args.world_size > 1 and self.args.device.type == "cpu":
+                import torch
+
+                original = torch.load
+                torch.load = lambda *a, **k: original(*a, **{**k, "map_location": "cpu"})
+                try:
+                    return super()._load_optimizer_and_scheduler(checkpoint)
+                finally:
+                    torch.load = original
+            return super()._load_optimizer_and_scheduler(checkpoint)
 
     return FastSFTTrainer
 
@@ -367,10 +389,13 @@ def run(
     `output_dir` from its newest complete checkpoint. Raises fastsft errors for user mistakes."""
     from rich.console import Console
 
-    from .errors import Interrupted, RunDirError
+    from . import dist
+    from .errors import FastSFTError, Interrupted, RunDirError
 
+    dist.setup()  # a no-op unless launched as several ranks (torchrun / accelerate launch)
+    main = dist.is_main()
     console = console or Console()
-    log = lambda msg: console.print(msg, highlight=False, markup=False)  # noqa: E731
+    log = (lambda msg: console.print(msg, highlight=False, markup=False)) if main else (lambda msg: None)  # noqa: E731
 
     checkpoint = None
     if resume:
@@ -382,13 +407,28 @@ def run(
                 f"its first save). Start it again: fastsft run RECIPE -o {run_dir.path} --overwrite"
             )
         step, checkpoint = found
-        shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)
-        run_dir.truncate_metrics(step)
+        if main:
+            shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)
+            run_dir.truncate_metrics(step)
+        dist.barrier()
         log(f"resuming {run_dir.path} from {checkpoint.name} (step {step})")
     else:
-        out = Path(output_dir) if output_dir else default_path(recipe.path or "recipe")
-        run_dir = RunDir.create(out, overwrite=overwrite)
-        run_dir.write_text(RECIPE, recipe.with_absolute_paths().to_toml())
+        # rank 0 creates (or refuses) the folder; every rank then uses the one it made
+        path, problem = None, None
+        if main:
+            try:
+                out = Path(output_dir) if output_dir else default_path(recipe.path or "recipe")
+                run_dir = RunDir.create(out, overwrite=overwrite)
+                run_dir.write_text(RECIPE, recipe.with_absolute_paths().to_toml())
+                path = str(run_dir.path)
+            except FastSFTError as e:
+                problem = e
+        path, message = dist.broadcast((path, str(problem) if problem else None))
+        if problem is not None:
+            raise problem
+        if message is not None:
+            raise RunDirError(message)
+        run_dir = RunDir(path)
         log(f"run directory: {run_dir.path}")
 
     loaded = backends.load_model(recipe, log=log)  # imports unsloth first when it is the backend
@@ -413,7 +453,7 @@ def run(
     log(line)
     if wont_fit:
         log(guard.warn_wont_fit(estimate, gpu_total))
-    if recipe.train.save_strategy != "no":
+    if recipe.train.save_strategy != "no" and main:
         guard.check_disk(run_dir.path, 2 * guard.checkpoint_bytes(loaded.model), "checkpointing")
 
     run_info = {
@@ -432,13 +472,16 @@ def run(
         "memory_estimate_gib": {k: round(v / 2**30, 3) for k, v in estimate.items()},
         "data": {"fingerprint": prepared.fingerprint, **prepared.stats},
     }
+    if dist.world_size() > 1:
+        run_info["world_size"] = dist.world_size()
     if resume:
         previous = run_dir.read_json(RUN_JSON)
         run_info["started"] = previous.get("started", run_info["started"])
         run_info["resumed"] = previous.get("resumed", []) + [
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": checkpoint.name}
         ]
-    run_dir.write_json(RUN_JSON, run_info)
+    if main:
+        run_dir.write_json(RUN_JSON, run_info)
 
     args = sft_config(
         recipe, run_dir.checkpoints, dtype=loaded.dtype, backend=loaded.backend, data_kwargs=prepared.sft_kwargs
@@ -458,7 +501,7 @@ def run(
     )
 
     prompts = sample_prompts(prepared.eval if prepared.eval is not None else prepared.train)
-    before = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts and not resume else []
+    before = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts and main and not resume else []
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -469,14 +512,16 @@ def run(
     except guard.NonFinite as e:
         kept = run_dir.latest_checkpoint()
         msg = f"{e} Last good checkpoint: {kept[1] if kept else 'none'}."
-        run_dir.update_json(RUN_JSON, status="stopped: non-finite", error=msg)
+        if main:
+            run_dir.update_json(RUN_JSON, status="stopped: non-finite", error=msg)
         raise guard.NonFinite(msg) from None
     except BaseException as e:
         if guard.is_oom(e):
             err = guard.explain_oom(e, trainer.phase)
-            run_dir.update_json(RUN_JSON, status="stopped: out of memory", error=str(err))
+            if main:
+                run_dir.update_json(RUN_JSON, status="stopped: out of memory", error=str(err))
             raise err from None
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, KeyboardInterrupt) and main:
             run_dir.update_json(RUN_JSON, status="killed", error="interrupted twice; no checkpoint written")
         raise
     train_seconds = time.perf_counter() - t0
@@ -484,10 +529,13 @@ def run(
     if stop.requested:
         kept = run_dir.latest_checkpoint()
         msg = guard.interrupted_message(run_dir.path, trainer.state.global_step, kept[1] if kept else None)
-        run_dir.update_json(RUN_JSON, status="interrupted", error=msg)
+        if main:
+            run_dir.update_json(RUN_JSON, status="interrupted", error=msg)
         raise Interrupted(msg)
 
-    trainer.save_model(str(run_dir.adapter))
+    trainer.save_model(str(run_dir.adapter))  # the Trainer writes on rank 0 only
+    if not main:
+        return RunResult(run_dir.path, {})
     loaded.tokenizer.save_pretrained(str(run_dir.adapter))
 
     after = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts else []

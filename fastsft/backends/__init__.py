@@ -137,6 +137,15 @@ def seed_everything(seed: int) -> None:
 
 def load_model(recipe, *, log=print) -> Loaded:
     backend, reason = choose_backend(recipe.model.backend)
+    from .. import dist
+
+    if backend == "unsloth" and dist.world_size() > 1:
+        if recipe.model.backend != "auto":
+            raise BackendError(
+                f'[model] backend = "unsloth" under {dist.world_size()} processes: Unsloth\'s backend is '
+                'single-GPU. Use backend = "transformers" (or "auto") for DDP / FSDP / DeepSpeed runs.'
+            )
+        backend, reason = "transformers", f"auto: {dist.world_size()} processes, and Unsloth's backend is single-GPU"
     log(f"backend: {backend} ({reason})")
     if backend == "unsloth":
         # Unsloth patches transformers, trl and peft when it is imported, so it must come first.
