@@ -1,0 +1,178 @@
+"""One end-to-end training row, in its own process (Unsloth patches transformers when imported, so
+rows must not share a process).
+
+    python benchmarks/_train_worker.py ROW MODEL_DIR DATA_JSONL SEQ_LEN STEPS WARMUP OUT_JSON
+
+ROW: fastsft (Unsloth backend + our loss), fastsft-transformers (transformers backend + our loss),
+transformers (stock: AutoModelForCausalLM + bitsandbytes NF4 + PEFT + SDPA + TRL SFTTrainer, no
+fastsft code), unsloth (FastLanguageModel + its own loss). Same recipe for all: 4-bit NF4 base with
+double quantisation, LoRA r=16 / alpha=16 on all linear layers, gradient checkpointing, batch 1, no
+accumulation, lr 2e-4, data of exactly SEQ_LEN tokens per row, no packing, loss on every token.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def timing_callback(warmup: int, record: dict):
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                _sync()
+                record["t0"] = time.perf_counter()
+                _reset_peak()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                record.setdefault("losses", []).append(round(float(logs["loss"]), 4))
+
+        def on_train_end(self, args, state, control, **kw):
+            _sync()
+            record["t1"] = time.perf_counter()
+            record["steps"] = state.global_step
+
+    return Timing()
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak():
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def run_fastsft(row, model_dir, data, seq_len, steps, warmup, record):
+    from fastsft import recipe as R
+    from fastsft import train
+
+    backend = "unsloth" if row == "fastsft" else "transformers"
+    text = f"""
+[model]
+name = "{model_dir}"
+backend = "{backend}"
+load_in_4bit = true
+[lora]
+r = 16
+lora_alpha = 16
+target_modules = "all-linear"
+[data]
+train = "{data}"
+format = "text"
+max_length = {seq_len}
+[train]
+max_steps = {steps}
+per_device_train_batch_size = 1
+learning_rate = 2e-4
+gradient_checkpointing = true
+logging_steps = 1
+save_strategy = "no"
+seed = 0
+"""
+    recipe = R.validate(R.parse(text), path=None)
+    original = train.make_callbacks
+    train.make_callbacks = lambda *a, **k: original(*a, **k) + [timing_callback(warmup, record)]
+    import tempfile
+
+    result = train.run(recipe, output_dir=tempfile.mkdtemp(prefix="bench-run-"))
+    record["loss_impl"] = result.summary["loss"]["implementation"]
+
+
+def run_stock(model_dir, data, seq_len, steps, warmup, record):
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(0)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=dtype,
+        attn_implementation="sdpa",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        ),
+        device_map={"": 0} if cuda else None,
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=ALL_LINEAR, task_type="CAUSAL_LM"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ds = load_dataset("json", data_files=str(data), split="train")
+    args = SFTConfig(
+        output_dir=f"/tmp/bench-stock-{time.time_ns()}", max_steps=steps, per_device_train_batch_size=1,
+        learning_rate=2e-4, gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none",
+        max_length=seq_len, bf16=cuda, use_cpu=not cuda, seed=0, data_seed=0, disable_tqdm=True,
+        dataset_text_field="text",
+    )  # fmt: skip
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                         callbacks=[timing_callback(warmup, record)])  # fmt: skip
+    trainer.train()
+    record["loss_impl"] = "TRL SFTTrainer's own loss"
+
+
+def run_unsloth(model_dir, data, seq_len, steps, warmup, record):
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel  # first, before transformers / trl / peft
+
+    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=seq_len, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=ALL_LINEAR,
+                                             use_gradient_checkpointing="unsloth", random_state=0)  # fmt: skip
+    ds = load_dataset("json", data_files=str(data), split="train")
+    args = SFTConfig(
+        output_dir=f"/tmp/bench-unsloth-{time.time_ns()}", max_steps=steps, per_device_train_batch_size=1,
+        learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", max_length=seq_len,
+        bf16=True, seed=0, data_seed=0, disable_tqdm=True, dataset_text_field="text",
+    )  # fmt: skip
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                         callbacks=[timing_callback(warmup, record)])  # fmt: skip
+    trainer.train()
+    record["loss_impl"] = "unsloth's fused loss"
+
+
+def main(argv):
+    row, model_dir, data, seq_len, steps, warmup, out = argv
+    seq_len, steps, warmup = int(seq_len), int(steps), int(warmup)
+    record = {"row": row}
+    try:
+        if row in ("fastsft", "fastsft-transformers"):
+            run_fastsft(row, model_dir, data, seq_len, steps, warmup, record)
+        elif row == "transformers":
+            run_stock(model_dir, data, seq_len, steps, warmup, record)
+        elif row == "unsloth":
+            run_unsloth(model_dir, data, seq_len, steps, warmup, record)
+        else:
+            raise SystemExit(f"unknown row {row}")
+        timed = record["steps"] - warmup
+        record["tokens_per_s"] = timed * seq_len / (record["t1"] - record["t0"]) if timed > 0 else None
+        record["peak_mem_gib"] = _peak()
+    except ImportError as e:
+        record["skipped"] = f"not installed: {e.name}"
+    with open(out, "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

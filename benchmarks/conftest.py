@@ -1,0 +1,48 @@
+"""`pytest benchmarks/`: measurements on a GPU, a smoke pass of the same code on the CPU.
+
+Each benchmark appends rows to the session's `Results`; at the end the terminal shows the tables and,
+when at least one GPU measurement was taken, `benchmarks/results/<date>-<device>/` receives
+summary.json, summary.md and the plots. CPU smoke runs write to a temporary folder (or to
+FASTSFT_BENCH_OUT) so that CI never touches the committed figures.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+# the repository root must not be importable: its kernels/ would shadow the `kernels` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from _bench import Results  # noqa: E402
+
+_RESULTS = Results()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    if "FASTSFT_CACHE" not in os.environ:
+        os.environ["FASTSFT_CACHE"] = str(tmp_path_factory.mktemp("fastsft-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def results():
+    return _RESULTS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not (_RESULTS.loss or _RESULTS.e2e or _RESULTS.notes):
+        return
+    terminalreporter.write_sep("=", "fastsft benchmarks")
+    terminalreporter.write_line(_RESULTS.markdown())
+    folder = _RESULTS.write()
+    if folder is not None:
+        terminalreporter.write_line(f"results written to {folder}")
