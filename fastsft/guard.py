@@ -11,10 +11,8 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 from .errors import FastSFTError, TrainingStopped
@@ -268,10 +266,6 @@ def interrupted_message(run_dir: Path, step: int, checkpoint: Path | None) -> st
     return f"interrupted at step {step}; kept {where}. Resume with:\n  {cmd}"
 
 
-def _is_finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 __all__ = [
     "StopOnSignal",
     "NonFiniteGuard",
@@ -282,5 +276,4 @@ __all__ = [
     "checkpoint_bytes",
     "estimate_memory",
     "describe_estimate",
-    "sys",
 ]
