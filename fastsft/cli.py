@@ -81,25 +81,40 @@ def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc):
       fastsft run recipes/tiny.toml --set train.max_steps=20 -o runs/try1
       fastsft run --resume runs/try1
     """
+    from . import dist, train
     from . import recipe as recipe_mod
-    from . import train
 
-    if nproc and nproc > 1:
+    wanted = None
+    if nproc is None and dist.world_size() == 1:
+        # [distributed] num_processes > 1 in the recipe launches the ranks, like --launch N
+        if resume_dir:
+            wanted = train.resume_recipe(resume_dir, recipe, list(overrides))
+        else:
+            wanted = recipe_mod.load(recipe, list(overrides)) if recipe else None
+        if wanted is not None and wanted.distributed.num_processes > 1:
+            nproc = wanted.distributed.num_processes
+    if nproc and nproc > 1 and dist.world_size() == 1:
         import subprocess
 
-        from . import dist
-
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--launch") if "--launch" in argv else None
-        if i is not None:
-            del argv[i : i + 2]
-        else:  # --launch=N
-            argv = [a for a in argv if not a.startswith("--launch=")]
-        if output_dir is None and not resume_dir:
-            # every rank must use one folder: fix its name here, not per rank
+        # the ranks' recipe records how many they are, so that a resume starts as many again
+        overrides = [*overrides, f"distributed.num_processes={nproc}"]
+        if resume_dir:
+            wanted = train.resume_recipe(resume_dir, recipe, overrides)
+        elif recipe:
+            wanted = recipe_mod.load(recipe, overrides)
+        if wanted is not None:
+            train.check_distributed(wanted)  # refuse here, not once per rank
+        argv = ["run"] + ([recipe] if recipe else [])
+        for item in overrides:
+            argv += ["--set", item]
+        if resume_dir:
+            argv += ["--resume", resume_dir]
+        else:
+            # every rank must use one folder: its name is fixed here, not per rank
             from .rundir import default_path
 
-            argv += ["-o", str(default_path(recipe or "recipe"))]
+            argv += ["-o", str(output_dir or default_path(recipe or "recipe"))]
+            argv += ["--overwrite"] if overwrite else []
         sys.exit(subprocess.call(dist.launch_command(nproc, argv)))
     if resume_dir:
         if output_dir or overwrite:

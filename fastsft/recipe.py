@@ -183,6 +183,27 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "label_smoothing": Key("float", 0.0, "Label smoothing epsilon.", min=0, max=1),
     },
+    "distributed": {
+        "num_processes": Key(
+            "int",
+            1,
+            "Data-parallel processes on this machine (GPUs, or CPU processes over gloo); > 1 makes "
+            "`fastsft run` launch itself through torchrun (same as --launch N).",
+            min=1,
+            max=1024,
+        ),
+        "strategy": Key(
+            "str",
+            "ddp",
+            "How several processes share the work: ddp (a full copy each), fsdp (FSDP2: parameters, "
+            "gradients and optimizer state sharded), deepspeed-zero3 (needs `pip install deepspeed`).",
+            choices=("ddp", "fsdp", "deepspeed-zero3"),
+        ),
+        "deepspeed_config": Key(
+            "str", None, "A DeepSpeed JSON config to use instead of fastsft's ZeRO-3 one (strategy = deepspeed-zero3).",
+            nullable=True,
+        ),
+    },
     "export": {
         "formats": Key("str_list", [], 'Exports written after training: any of "adapter", "merged", "gguf".'),
         "dtype": Key("str", "bf16", "dtype of merged / GGUF exports.", choices=("bf16", "fp16", "fp32")),
@@ -227,6 +248,7 @@ class Recipe:
     data: Section
     train: Section
     loss: Section
+    distributed: Section
     export: Section
     path: Path | None = None
     raw: dict = field(default_factory=dict, repr=False)  # what the user wrote, overrides applied
@@ -300,7 +322,13 @@ def _toml_value(value: Any) -> str:
 
 
 # Keys holding file paths, resolved relative to the recipe's folder.
-PATH_KEYS = (("model", "name"), ("data", "train"), ("data", "eval"), ("data", "chat_template"))
+PATH_KEYS = (
+    ("model", "name"),
+    ("data", "train"),
+    ("data", "eval"),
+    ("data", "chat_template"),
+    ("distributed", "deepspeed_config"),
+)
 
 # Keys a resumed run may change: they do not change what is trained, only how it is watched and kept.
 RESUME_SAFE_KEYS = frozenset(

@@ -114,7 +114,81 @@ def sft_config(recipe, output_dir: Path, *, dtype: str, backend: str, data_kwarg
     )
     if t.lr_scheduler_type == "cosine_with_min_lr":
         kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": 0.1}
+    kwargs.update(distributed_kwargs(recipe, dtype=dtype))
     return SFTConfig(**kwargs)
+
+
+def distributed_kwargs(recipe, *, dtype: str) -> dict:
+    """TrainingArguments for `[distributed] strategy` when this process is one of several ranks."""
+    from . import dist
+
+    if dist.world_size() <= 1:
+        return {}
+    check_distributed(recipe)
+    d, t = recipe.distributed, recipe.train
+    if d.strategy == "ddp":
+        # LoRA leaves most parameters frozen; none of the trainable ones go unused
+        return {"ddp_find_unused_parameters": False}
+    if d.strategy == "fsdp":
+        return {
+            "fsdp": True,
+            "fsdp_config": {
+                "version": 2,
+                # FSDP recomputes per wrapped layer; the Trainer's checkpointing would all-gather twice
+                "activation_checkpointing": bool(t.gradient_checkpointing),
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+            "gradient_checkpointing": False,
+        }
+    if d.deepspeed_config:
+        return {"deepspeed": str(recipe.resolve_path(d.deepspeed_config))}
+    return {"deepspeed": zero3_config(dtype)}
+
+
+def check_distributed(recipe) -> None:
+    """Refuse, before any rank starts, a strategy this machine cannot run."""
+    import torch
+
+    from .errors import RecipeError
+
+    where = str(recipe.path) if recipe.path else None
+    strategy = recipe.distributed.strategy
+    if strategy in ("fsdp", "deepspeed-zero3") and not torch.cuda.is_available():
+        raise RecipeError(
+            f'[distributed] strategy = "{strategy}" needs CUDA GPUs: accelerate shards only across GPUs, so '
+            'on the CPU it would silently run plain DDP. Use strategy = "ddp" here.',
+            path=where,
+        )
+    if strategy == "deepspeed-zero3":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise RecipeError(
+                '[distributed] strategy = "deepspeed-zero3" needs DeepSpeed: pip install deepspeed '
+                '(or use strategy = "fsdp", which needs nothing more)',
+                path=where,
+            ) from None
+
+
+def zero3_config(dtype: str) -> dict:
+    """fastsft's DeepSpeed ZeRO-3 config; "auto" values are filled in by transformers from the recipe."""
+    return {
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16"},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,6 +548,7 @@ def run(
     }
     if dist.world_size() > 1:
         run_info["world_size"] = dist.world_size()
+        run_info["distributed"] = {"strategy": recipe.distributed.strategy, "world_size": dist.world_size()}
     if resume:
         previous = run_dir.read_json(RUN_JSON)
         run_info["started"] = previous.get("started", run_info["started"])
@@ -499,6 +574,11 @@ def run(
         nonfinite_guard=nonfinite,
         callbacks=make_callbacks(run_dir, console) + [stop.callback(), nonfinite.callback()],
     )
+
+    if dist.world_size() > 1 and main:
+        # what the Trainer (accelerate) actually set up, not only what was asked
+        engines = {"fsdp": bool(trainer.is_fsdp_enabled), "deepspeed": bool(trainer.is_deepspeed_enabled)}
+        run_dir.update_json(RUN_JSON, distributed={**run_info["distributed"], **engines})
 
     prompts = sample_prompts(prepared.eval if prepared.eval is not None else prepared.train)
     before = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts and main and not resume else []

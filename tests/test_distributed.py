@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from fastsft import recipe as R
 from fastsft.rundir import RunDir
 
 from _tiny import RECIPES
@@ -70,9 +71,12 @@ def test_a_two_process_run_resumes(runs, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(ddp, copy)
     shutil.rmtree(copy / "checkpoints" / "checkpoint-6")
-    resumed = fastsft("run", "--resume", str(copy), "--launch", "2", cwd=tmp_path)
+    # no --launch: the stored recipe says the run had 2 processes, and the resume starts 2 again
+    assert R.load(copy / "recipe.toml").distributed.num_processes == 2
+    resumed = fastsft("run", "--resume", str(copy), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint-3" in resumed.stdout
+    assert json.loads((copy / "run.json").read_text())["world_size"] == 2
     one, again = losses(single), losses(copy)
     for step in one:
         assert again[step] == pytest.approx(one[step], rel=1e-4), step
@@ -88,3 +92,21 @@ def test_unsloth_backend_is_refused_under_several_processes(monkeypatch):
     recipe = R.validate({"model": {"name": "builtin:tiny-mistral", "backend": "unsloth"}, "data": {"train": "x.jsonl"}})
     with pytest.raises(BackendError, match="single-GPU"):
         backends.load_model(recipe, log=lambda m: None)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed-zero3"])
+def test_sharding_strategies_are_refused_on_the_cpu_before_any_rank_starts(tmp_path, strategy):
+    proc = fastsft("run", str(RECIPES / "tiny.toml"), "--set", f"distributed.strategy={strategy}",
+                   "--set", "distributed.num_processes=2", "-o", str(tmp_path / "run"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    assert "needs CUDA GPUs" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_shipped_zero3_config_is_the_one_fastsft_uses():
+    from fastsft.train import zero3_config
+
+    shipped = json.loads((RECIPES / "deepspeed" / "zero3_bf16.json").read_text())
+    assert shipped == zero3_config("bf16")
+    assert shipped["zero_optimization"]["stage"] == 3
