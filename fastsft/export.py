@@ -148,18 +148,14 @@ def torch_dtype(name: str):
 
 def load_base(path: str, dtype: str, *, load_in_4bit: bool = False, trust_remote_code: bool = False):
     """The base model in `dtype`, or in 4-bit NF4 (as `fastsft run` trains it) with `dtype` compute."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from .backends.transformers import nf4_config
 
     tdtype = torch_dtype(dtype)
     kwargs = dict(dtype=tdtype, trust_remote_code=trust_remote_code)
     if load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=tdtype,
-            bnb_4bit_quant_storage=tdtype,
-        )
+        kwargs["quantization_config"] = nf4_config(tdtype)
         import torch
 
         if torch.cuda.is_available():

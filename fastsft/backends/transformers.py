@@ -27,7 +27,7 @@ def lora_config(recipe):
 def load(recipe, path: str, dtype: str):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from . import load_tokenizer, torch_dtype
 
@@ -40,13 +40,7 @@ def load(recipe, path: str, dtype: str):
     attn = recipe.model.attn_implementation
     kwargs["attn_implementation"] = "sdpa" if attn == "auto" else attn
     if recipe.model.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=tdtype,
-            bnb_4bit_quant_storage=tdtype,
-        )
+        kwargs["quantization_config"] = nf4_config(tdtype)
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
@@ -79,3 +73,17 @@ def _keep_cpu_4bit_trainable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def nf4_config(compute_dtype):
+    """QLoRA's quantisation: NF4 with double quantisation, computing (and storing, which FSDP needs to
+    shard the packed weights) in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,
+    )
