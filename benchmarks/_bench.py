@@ -92,9 +92,10 @@ class Results:
 
     @property
     def measured(self) -> bool:
-        return GPU and any(r.get("ms") is not None for r in self.loss) or any(
-            r.get("tokens_per_s") is not None and r.get("measured") for r in self.e2e
-        )
+        """At least one real GPU figure was taken (only then does benchmarks/results/ receive them)."""
+        loss = any(r.get("ms") is not None for r in self.loss)
+        e2e = any(r.get("measured") and (r.get("tokens_per_s") or r.get("longest_fitting")) for r in self.e2e)
+        return GPU and (loss or e2e)
 
     def summary(self) -> dict:
         return {
@@ -108,26 +109,66 @@ class Results:
             "notes": self.notes,
         }
 
+    def merge_previous(self, path: Path) -> None:
+        """Keep the rows an earlier session of the same day and device wrote there (e.g. `-m loss`, then
+        `-m e2e`): a row measured again in this session replaces its old one."""
+        if not path.exists():
+            return
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if old.get("device") != device_name():
+            return
+
+        def merge(mine: list[dict], theirs: list[dict], key) -> list[dict]:
+            seen = {key(r) for r in mine}
+            return [r for r in theirs if key(r) not in seen] + mine
+
+        self.loss[:] = merge(self.loss, old.get("loss", []),
+                             lambda r: (r.get("impl"), r.get("vocab"), r.get("tokens"), r.get("label_smoothing")))
+        self.e2e[:] = merge(self.e2e, old.get("e2e", []),
+                            lambda r: (r.get("model"), r.get("backend"), r.get("seq_len"), r.get("longest_fitting")))
+        self.notes[:] = [n for n in old.get("notes", []) if n not in self.notes] + self.notes
+        for k, v in old.items():
+            if k not in ("device", "date", "versions", "quick", "loss", "e2e", "notes"):
+                self.extra.setdefault(k, v)
+
     def markdown(self) -> str:
-        out = [f"device: {device_name()}", ""]
+        out = [f"device: {device_name()}"]
+        if self.extra.get("copy_gbs"):
+            out.append(f"device copy bandwidth (read + write, this run): {self.extra['copy_gbs']:.0f} GB/s")
+        if self.extra.get("loss_inputs"):
+            out.append(f"loss inputs: {self.extra['loss_inputs']}")
+        out.append("")
         if self.loss:
-            out += ["| impl | input | vocab | tokens | smoothing | ms | x torch | peak GiB | x torch | achieved | parity |",
-                    "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            out += ["Loss, forward + backward (x torch: the stock loss of the same input group, this run; >1 is better "
+                    "for time, <1 for memory; parity: relative distance to the float64 loss)", "",
+                    "| impl | input | vocab | tokens | smoothing | ms | x torch | peak GiB | x torch | achieved | loss | "
+                    "parity | vs fastsft |",
+                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
             for r in self.loss:
                 out.append(
                     f"| {r['impl']} | {r['input']} | {r['vocab']} | {r['tokens']} | {r['label_smoothing']} | "
                     f"{_f(r.get('ms'))} | {_f(r.get('speedup_vs_torch'))} | {_f(r.get('peak_mem_gib'), 3)} | "
-                    f"{_f(r.get('mem_vs_torch'))} | {r.get('achieved', '')} | {r.get('parity', '')} |"
+                    f"{_f(r.get('mem_vs_torch'))} | {r.get('achieved', r.get('error', ''))} | {_f(r.get('loss'), 4)} | "
+                    f"{r.get('parity', '')} | {_e(r.get('rel_diff_vs_fastsft'))} |"
                 )
-        if self.e2e:
-            out += ["", "| model | backend | seq_len | tokens/s | x transformers | peak GiB | x transformers | first losses |",
+        runs = [r for r in self.e2e if not r.get("longest_fitting")]
+        if runs:
+            out += ["", "Training, QLoRA (x transformers: the stock row of the same model and length, this run)", "",
+                    "| model | backend | seq_len | tokens/s | x transformers | peak GiB | x transformers | first losses |",
                     "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-            for r in self.e2e:
+            for r in runs:
                 out.append(
                     f"| {r['model']} | {r['backend']} | {r['seq_len']} | {_f(r.get('tokens_per_s'), 0)} | "
                     f"{_f(r.get('speedup_vs_transformers'))} | {_f(r.get('peak_mem_gib'), 2)} | "
                     f"{_f(r.get('mem_vs_transformers'))} | {r.get('first_losses', '')} |"
                 )
+        fits = [r for r in self.e2e if r.get("longest_fitting")]
+        if fits:
+            out += ["", "| model | backend | longest sequence in 24 GiB | stopped by |", "|---|---|---|---|"]
+            out += [f"| {r['model']} | {r['backend']} | {r['seq_len']} | {r.get('stopped_by') or ''} |" for r in fits]
         if self.notes:
             out += ["", *[f"- {n}" for n in self.notes]]
         return "\n".join(out)
@@ -142,6 +183,7 @@ class Results:
         else:
             folder = Path(tempfile.mkdtemp(prefix="fastsft-bench-smoke-"))
         folder.mkdir(parents=True, exist_ok=True)
+        self.merge_previous(folder / "summary.json")
         (folder / "summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
         (folder / "summary.md").write_text(f"# fastsft benchmarks, {time.strftime('%Y-%m-%d')}\n\n{self.markdown()}\n")
         self.plot(folder)
@@ -160,22 +202,24 @@ class Results:
                 sel = sorted((r for r in rows if r["impl"] == impl and r["label_smoothing"] == 0.0
                               and r["tokens"] == max(x["tokens"] for x in rows)), key=lambda r: r["vocab"])  # fmt: skip
                 if sel:
-                    axes[0].plot([r["vocab"] for r in sel], [r["ms"] for r in sel], "o-", label=impl)
-                    axes[1].plot([r["vocab"] for r in sel], [r.get("peak_mem_gib") or 0 for r in sel], "o-", label=impl)
-            axes[0].set(xlabel="vocabulary", ylabel="fwd+bwd ms", title="loss time")
+                    style = "o-" if sel[0]["input"] == "hidden" else "s--"
+                    axes[0].plot([r["vocab"] for r in sel], [r["ms"] for r in sel], style, label=impl)
+                    axes[1].plot([r["vocab"] for r in sel], [_nan(r.get("peak_mem_gib")) for r in sel], style, label=impl)
+            n = max(x["tokens"] for x in rows)
+            axes[0].set(xlabel="vocabulary", ylabel="fwd+bwd ms", title=f"loss time, {n} tokens, no smoothing")
             axes[1].set(xlabel="vocabulary", ylabel="peak GiB above inputs", title="loss memory")
             axes[0].legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(folder / "loss.png")
             plt.close(fig)
-        rows = [r for r in self.e2e if r.get("tokens_per_s")]
+        rows = [r for r in self.e2e if r.get("tokens_per_s") and not r.get("longest_fitting")]
         if rows:
             fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
             for key in sorted({(r["model"], r["backend"]) for r in rows}):
                 sel = sorted((r for r in rows if (r["model"], r["backend"]) == key), key=lambda r: r["seq_len"])
                 axes[0].plot([r["seq_len"] for r in sel], [r["tokens_per_s"] for r in sel], "o-", label="/".join(key))
-                axes[1].plot([r["seq_len"] for r in sel], [r.get("peak_mem_gib") or 0 for r in sel], "o-", label="/".join(key))
-            axes[0].set(xlabel="sequence length", ylabel="tokens/s", title="training throughput")
+                axes[1].plot([r["seq_len"] for r in sel], [_nan(r.get("peak_mem_gib")) for r in sel], "o-", label="/".join(key))
+            axes[0].set(xlabel="sequence length", ylabel="tokens/s", title="training throughput", yscale="log")
             axes[1].set(xlabel="sequence length", ylabel="peak GiB", title="training memory")
             axes[0].legend(fontsize=7)
             fig.tight_layout()
@@ -185,3 +229,11 @@ class Results:
 
 def _f(x, digits: int = 2) -> str:
     return "" if x is None else f"{x:.{digits}f}"
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None else x
+
+
+def _e(x) -> str:
+    return "" if x is None else f"{x:.1e}"

@@ -15,28 +15,38 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
+
+# the repository root must not be importable: its kernels/ would shadow the `kernels` package
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def timing_callback(warmup: int, record: dict):
+    """Times steps warmup+1..end, counts the tokens the trainer reports, takes the peak at the end."""
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == warmup:
+            if state.global_step == warmup and "t0" not in record:
                 _sync()
                 record["t0"] = time.perf_counter()
+                record["tokens0"] = record.get("num_tokens")
                 _reset_peak()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 record.setdefault("losses", []).append(round(float(logs["loss"]), 4))
+                if "num_tokens" in logs:
+                    record["num_tokens"] = float(logs["num_tokens"])
 
         def on_train_end(self, args, state, control, **kw):
             _sync()
             record["t1"] = time.perf_counter()
             record["steps"] = state.global_step
+            record["peak_mem_gib"] = _peak()
 
     return Timing()
 
@@ -94,7 +104,11 @@ seed = 0
     import tempfile
 
     result = train.run(recipe, output_dir=tempfile.mkdtemp(prefix="bench-run-"))
-    record["loss_impl"] = result.summary["loss"]["implementation"]
+    loss = result.summary.get("loss")
+    record["loss_impl"] = loss.get("implementation") if isinstance(loss, dict) else loss
+    record["used_backend"] = result.summary.get("backend")
+    if record["used_backend"] != backend:
+        raise RuntimeError(f"asked for backend {backend!r}, fastsft used {record['used_backend']!r}")
 
 
 def run_stock(model_dir, data, seq_len, steps, warmup, record):
@@ -130,6 +144,7 @@ def run_stock(model_dir, data, seq_len, steps, warmup, record):
                          callbacks=[timing_callback(warmup, record)])  # fmt: skip
     trainer.train()
     record["loss_impl"] = "TRL SFTTrainer's own loss"
+    record["used_backend"] = "transformers"
 
 
 def run_unsloth(model_dir, data, seq_len, steps, warmup, record):
@@ -150,13 +165,33 @@ def run_unsloth(model_dir, data, seq_len, steps, warmup, record):
                          callbacks=[timing_callback(warmup, record)])  # fmt: skip
     trainer.train()
     record["loss_impl"] = "unsloth's fused loss"
+    record["used_backend"] = "unsloth"
+
+
+def _cap_memory():
+    """FASTSFT_BENCH_MEM_GIB: let this process use at most that much GPU memory (the 24 GB search)."""
+    import os
+
+    gib = os.environ.get("FASTSFT_BENCH_MEM_GIB")
+    if gib:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) * 2**30 / total), 0)
 
 
 def main(argv):
+    import importlib.util
+    import traceback
+
     row, model_dir, data, seq_len, steps, warmup, out = argv
     seq_len, steps, warmup = int(seq_len), int(steps), int(warmup)
     record = {"row": row}
+    needs = {"fastsft": "unsloth", "unsloth": "unsloth"}.get(row)
     try:
+        if needs and importlib.util.find_spec(needs) is None:
+            raise ImportError(name=needs)
+        _cap_memory()
         if row in ("fastsft", "fastsft-transformers"):
             run_fastsft(row, model_dir, data, seq_len, steps, warmup, record)
         elif row == "transformers":
@@ -166,10 +201,23 @@ def main(argv):
         else:
             raise SystemExit(f"unknown row {row}")
         timed = record["steps"] - warmup
-        record["tokens_per_s"] = timed * seq_len / (record["t1"] - record["t0"]) if timed > 0 else None
-        record["peak_mem_gib"] = _peak()
+        elapsed = record["t1"] - record["t0"]
+        tokens = None
+        if record.get("num_tokens") is not None and record.get("tokens0") is not None:
+            tokens = record["num_tokens"] - record["tokens0"]  # what the trainer counted in the timed steps
+        if tokens is None:
+            tokens = timed * seq_len
+        record["tokens_per_step"] = tokens / timed if timed > 0 else None
+        record["tokens_per_s"] = tokens / elapsed if timed > 0 and elapsed > 0 else None
     except ImportError as e:
-        record["skipped"] = f"not installed: {e.name}"
+        if row == "fastsft-transformers":  # fastsft's own path must run wherever the benchmark runs
+            raise
+        record["skipped"] = f"not installed: {e.name or e}"
+    except BaseException as e:  # noqa: BLE001 - the test decides; the record says what happened
+        traceback.print_exc()
+        text = f"{type(e).__name__}: {e}"
+        record["error"] = text.strip().splitlines()[0][:500] if text.strip() else type(e).__name__
+        record["oom"] = "out of memory" in text.lower() or type(e).__name__ == "OutOfMemoryError"
     with open(out, "w") as f:
         json.dump(record, f)
 

@@ -26,6 +26,18 @@ from _bench import Results  # noqa: E402
 _RESULTS = Results()
 
 
+def pytest_configure(config):
+    for name, doc in (
+        ("loss", "loss benchmark (benchmarks/test_loss_bench.py)"),
+        ("logits_in", "loss implementations that take the logits"),
+        ("hidden_in", "loss implementations that take the hidden states and the lm_head"),
+        ("e2e", "end-to-end QLoRA training benchmark (benchmarks/test_training_bench.py)"),
+        ("gpu", "needs a CUDA GPU (skipped without one)"),
+        ("slow", "a long benchmark, not part of the quick run"),
+    ):
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     if "FASTSFT_CACHE" not in os.environ:
