@@ -59,7 +59,22 @@ def write_report(run: RunDir, summary: dict) -> None:
         f"{_fmt(train[-1]['loss'] if train else None)} |",
     ]
     if evals:
-        lines.append(f"| first / last eval loss | {_fmt(evals[0]['eval_loss'])} / {_fmt(evals[-1]['eval_loss'])} |")
+        import math
+
+        first, last = evals[0], evals[-1]
+        ppl = lambda x: math.exp(min(x, 50.0))  # noqa: E731
+        what = "base model" if first.get("step") == 0 else f"step {first.get('step')}"
+        lines.append(
+            f"| held-out loss (perplexity) | {what} {_fmt(first['eval_loss'])} ({_fmt(ppl(first['eval_loss']), '.1f')})"
+            f" → fine-tuned {_fmt(last['eval_loss'])} ({_fmt(ppl(last['eval_loss']), '.1f')}) |"
+        )
+    comp = summary.get("compliance") or {}
+    if comp.get("n"):
+        base = "-" if comp.get("base") is None else f"{comp['base']:.0%}"
+        lines.append(
+            f"| template compliance (answers that stop on the end-of-turn token, no invented turns) | "
+            f"base model {base} → fine-tuned {comp['fine_tuned']:.0%} (of {comp['n']}) |"
+        )
     data = summary.get("data") or {}
     if data:
         lines.append(f"| data | {data.get('summary', '')} |")

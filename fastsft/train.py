@@ -93,6 +93,7 @@ def sft_config(recipe, output_dir: Path, *, dtype: str, backend: str, data_kwarg
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy=t.eval_strategy,
+        eval_on_start=t.eval_strategy != "no",  # the base model's held-out loss, for the report
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
@@ -398,9 +399,16 @@ def sample_prompts(dataset, n: int = 3) -> list[list[dict]]:
     return out
 
 
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32) -> list[str]:
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32) -> list[dict]:
+    """Greedy answers, each with whether it complies with the chat template: it stopped on the
+    end-of-turn token within the budget and wrote no role markers (no invented turns)."""
     import torch
 
+    from .chat_templates import end_of_turn_token
+    from .use import ROLE_MARKERS
+
+    eot = end_of_turn_token(tokenizer)
+    stop_ids = {i for i in (tokenizer.convert_tokens_to_ids(eot) if eot else None, tokenizer.eos_token_id) if i is not None}
     answers = []
     device = next(model.parameters()).device
     was_training = model.training
@@ -414,9 +422,13 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=sorted(stop_ids) or None,
             )
-        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        new = out[0, ids["input_ids"].shape[1] :]
+        stopped = bool(len(new)) and int(new[-1]) in stop_ids
+        raw = tokenizer.decode(new, skip_special_tokens=False)
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        answers.append({"text": text, "complies": stopped and not ROLE_MARKERS.search(raw.rsplit(eot, 1)[0] if eot else raw)})
     if was_training:
         model.train()
     return answers
@@ -619,11 +631,15 @@ def run(
     loaded.tokenizer.save_pretrained(str(run_dir.adapter))
 
     after = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts else []
-    if not before:
-        before = [""] * len(after)
     samples = [
-        {"prompt": p[-1]["content"], "before": b, "after": a} for p, b, a in zip(prompts, before, after, strict=False)
+        {"prompt": p[-1]["content"], "before": b["text"] if b else "", "after": a["text"]}
+        for p, b, a in zip(prompts, before or [None] * len(after), after, strict=True)
     ]
+    compliance = {
+        "base": sum(b["complies"] for b in before) / len(before) if before else None,
+        "fine_tuned": sum(a["complies"] for a in after) / len(after) if after else None,
+        "n": len(after),
+    }
     peak, mem_kind = peak_memory_gib()
     total_tokens = getattr(trainer, "tokens_seen", 0)
     summary = {
@@ -643,6 +659,7 @@ def run(
         "peak_mem_gib": peak,
         "mem_kind": mem_kind,
         "samples": samples,
+        "compliance": compliance,
         "data": {"summary": prepared.stats.get("summary", "")},
     }
     run_dir.update_json(RUN_JSON, status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), result=summary)

@@ -104,6 +104,14 @@ def test_report_shows_answers_before_and_after(tiny_run):
     text = (out / "report.md").read_text()
     assert "![loss curve](loss.png)" in text
     assert "| prompt | base model | fine-tuned |" in text
+    # the base model against the fine-tuned one: held-out loss (evaluated at step 0) and compliance
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert f"base model {evals[0]['eval_loss']:.4f}" in text
+    summary = json.loads((out / "run.json").read_text())["result"]["compliance"]
+    assert summary["n"] == 3 and 0 <= summary["base"] <= summary["fine_tuned"] <= 1
+    assert "template compliance" in text
 
 
 def test_auto_backend_is_transformers_without_gpu():
