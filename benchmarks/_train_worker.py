@@ -148,9 +148,19 @@ def run_stock(model_dir, data, seq_len, steps, warmup, record):
 
 
 def run_unsloth(model_dir, data, seq_len, steps, warmup, record):
+    from unsloth import FastLanguageModel  # first: Unsloth patches transformers, trl and peft on import
+
+    # isort: split
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
-    from unsloth import FastLanguageModel  # first, before transformers / trl / peft
+
+    class UnslothOwnLoss(SFTTrainer):
+        """TRL's SFTTrainer computes its loss through its own chunked lm-head (add_fused_lm_head); the
+        model called with labels runs Unsloth's forward and its fused loss instead, as Unsloth users get."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(**inputs, num_items_in_batch=num_items_in_batch)
+            return (out.loss, out) if return_outputs else out.loss
 
     model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=seq_len, load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=ALL_LINEAR,
@@ -161,10 +171,11 @@ def run_unsloth(model_dir, data, seq_len, steps, warmup, record):
         learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", max_length=seq_len,
         bf16=True, seed=0, data_seed=0, disable_tqdm=True, dataset_text_field="text",
     )  # fmt: skip
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                         callbacks=[timing_callback(warmup, record)])  # fmt: skip
+    trainer = UnslothOwnLoss(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                             callbacks=[timing_callback(warmup, record)])  # fmt: skip
+    trainer.model_accepts_loss_kwargs = True  # the model divides by num_items_in_batch itself
     trainer.train()
-    record["loss_impl"] = "unsloth's fused loss"
+    record["loss_impl"] = "unsloth's fused loss (model called with labels)"
     record["used_backend"] = "unsloth"
 
 

@@ -214,6 +214,7 @@ def _unsloth(logits, y, eps):
 
 
 def _unsloth_fused(h, w, y, eps):
+    import unsloth  # noqa: F401  (unsloth_zoo refuses to import unless unsloth was imported first)
     from unsloth_zoo.fused_losses import cross_entropy_loss as zoo
 
     params = inspect.signature(zoo.unsloth_fused_ce_loss).parameters
@@ -247,7 +248,11 @@ def _cce(h, w, y, eps):
 def _trl(h, w, y, eps):
     if eps:
         raise NotImplementedError("TRL's chunked log-prob head has no label smoothing")
+    from trl.kernels import chunked_logprob
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    if not h.is_cuda and not hasattr(chunked_logprob, "_use_triton"):
+        raise NotImplementedError("TRL < 1.16's chunked log-prob kernel is Triton-only (no CPU path)")
 
     try:
         from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
@@ -279,7 +284,7 @@ REQUIRES = {
     "liger": "liger_kernel.transformers",
     "liger-linear": "liger_kernel.transformers",
     "unsloth": "unsloth.kernels.cross_entropy_loss",
-    "unsloth-fused": "unsloth_zoo.fused_losses.cross_entropy_loss",
+    "unsloth-fused": ("unsloth", "unsloth_zoo.fused_losses.cross_entropy_loss"),  # unsloth_zoo needs unsloth first
     "cce": "cut_cross_entropy",
     "trl": "trl.kernels.chunked_logprob",
 }
@@ -287,13 +292,14 @@ REQUIRES = {
 
 def _importable(impl: str) -> str | None:
     """None when the library `impl` needs imports here, else why not (any error: Unsloth raises several)."""
-    module = REQUIRES.get(impl)
-    if module is None:
+    modules = REQUIRES.get(impl)
+    if modules is None:
         return None
-    try:
-        importlib.import_module(module)
-    except Exception as e:
-        return f"{module} cannot be imported: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    for module in (modules,) if isinstance(modules, str) else modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            return f"{module} cannot be imported: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
 
 

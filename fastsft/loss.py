@@ -133,7 +133,7 @@ class LossRoute:
         if self.kernel == "fastsft-linear" and self.model_backend == "transformers":
             out = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch)
             return out.loss, out
-        if self.kernel == "unsloth" or (self.kernel == "torch" and self.model_backend == "unsloth"):
+        if self.kernel == "unsloth":
             out = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch)
             return out.loss, out
         if self.kernel == "fastsft-linear":  # unsloth backend: hidden states out, our loss here
@@ -142,6 +142,15 @@ class LossRoute:
             lm = base_causal_lm(model)
             head = lm.lm_head
             hidden = out.logits
+            if hidden.shape[-1] != head.weight.shape[1]:
+                # some Unsloth forwards (its compiled FastModel path) ignore the variable and return logits
+                from .errors import BackendError
+
+                raise BackendError(
+                    f"Unsloth's forward for {type(lm).__name__} returned {hidden.shape[-1]} features, not the "
+                    f"hidden size {head.weight.shape[1]}: it ignores UNSLOTH_RETURN_HIDDEN_STATES. "
+                    'Use [loss] kernel = "fastsft" (logits in) for this model.'
+                )
             softcap = getattr(lm.config, "final_logit_softcapping", None)
             loss = fused_linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]),
@@ -154,8 +163,11 @@ class LossRoute:
                 softcap=softcap,
                 backend=self.kernel_backend,
             )
-            out.logits = None  # hidden states, not logits: nothing downstream may read them as such
-            return loss, out
+            # a fresh output: ModelOutput ignores `out.logits = None`, and the hidden states must never
+            # reach anything that reads them as logits (the Trainer's prediction step, metrics)
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            return loss, CausalLMOutputWithPast(loss=loss, logits=None)
         # fastsft and torch on the transformers backend, fastsft on unsloth: logits out, loss here.
         ctx = _env(UNSLOTH_RETURN_LOGITS="1") if self.model_backend == "unsloth" else contextlib.nullcontext()
         with ctx:
@@ -279,7 +291,7 @@ def resolve(recipe, model, model_backend: str, device: torch.device) -> LossRout
         )
     else:
         kernel, reason = requested, "the recipe asks for it"
-        if kernel == "fastsft-linear" and not supported and model_backend == "transformers":
+        if kernel == "fastsft-linear" and not supported:
             kernel, reason = "fastsft", f"{arch} has no linear-loss patch yet; falling back to fastsft (logits in)"
     if kernel == "unsloth" and model_backend != "unsloth":
         from .errors import RecipeError

@@ -117,3 +117,16 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, kernel):
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
     assert moved > 0
     assert losses(a.run_dir)[0] == pytest.approx(losses(b.run_dir)[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("model_backend", ["transformers", "unsloth"])
+def test_an_architecture_without_a_linear_patch_falls_back_to_logits_in(tmp_path, model_backend):
+    """On either backend: the hidden-states route would skip model-specific logit scaling (Cohere's
+    logit_scale, Granite's logits_scaling), so unknown architectures take the logits."""
+
+    class CohereForCausalLM(torch.nn.Module):
+        pass
+
+    recipe = make_recipe(tmp_path, "loss.kernel=fastsft-linear")
+    route = loss.resolve(recipe, CohereForCausalLM(), model_backend, torch.device("cpu"))
+    assert route.kernel == "fastsft" and "no linear-loss patch" in route.reason
