@@ -214,6 +214,7 @@ def make_trainer_class():
             # never divide again by the accumulation steps.
             self.model_accepts_loss_kwargs = True
             self.tokens_seen = 0
+            self._tokens_local = None
             # our progress line replaces the Trainer's raw log dicts and tqdm bars
             from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -228,10 +229,16 @@ def make_trainer_class():
             if model.training and self.nonfinite_guard is not None:
                 self.nonfinite_guard.observe_loss(loss)
             if model.training and "attention_mask" in inputs:
-                n = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
-                self.tokens_seen += int(n)
-                self._metrics["train"]["num_tokens"] = [self.tokens_seen]
+                # counted on the device; read (one sync, one all-reduce) only when a row is logged
+                n = inputs["attention_mask"].sum()
+                self._tokens_local = n if self._tokens_local is None else self._tokens_local + n
             return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if self.model.training and self._tokens_local is not None:
+                self.tokens_seen = int(self.accelerator.reduce(self._tokens_local.detach().clone(), "sum"))
+                self._metrics["train"]["num_tokens"] = [self.tokens_seen]
+            return super().log(logs, *args, **kwargs)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             # PEFT's load_adapter upcasts bf16 adapters to float32, while SFTTrainer keeps QLoRA

@@ -252,7 +252,14 @@ def check_labels(labels: torch.Tensor, n_cols: int, ignore_index: int) -> None:
     torch._assert_async(ok.all(), "fastsft cross-entropy: a label is outside [0, vocab) and not ignore_index")
 
 
-def options(label_smoothing, ignore_index, lse_square_scale, softcap) -> dict:
+def options(label_smoothing, ignore_index, lse_square_scale, softcap, reduction, num_items_in_batch) -> dict:
+    """The loss options both entry points take, checked once."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, not {reduction!r}")
+    if reduction == "none" and num_items_in_batch is not None:
+        raise ValueError(
+            "num_items_in_batch divides a summed loss; it does not combine with reduction='none'"
+        )
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], not {label_smoothing}")
     if lse_square_scale < 0:
@@ -337,13 +344,7 @@ def fused_cross_entropy(
         )
     if logits.dtype not in _DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, not {logits.dtype}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, not {reduction!r}")
-    if reduction == "none" and num_items_in_batch is not None:
-        raise ValueError(
-            "num_items_in_batch divides a summed loss; it does not combine with reduction='none'"
-        )
-    opts = options(label_smoothing, ignore_index, lse_square_scale, softcap)
+    opts = options(label_smoothing, ignore_index, lse_square_scale, softcap, reduction, num_items_in_batch)
     backend = resolve_backend(backend, logits.device)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .cross_entropy import _DTYPES, _REDUCTIONS, ce_rows, check_labels, options, resolve_backend
+from .cross_entropy import _DTYPES, ce_rows, check_labels, options, resolve_backend
 
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024  # the largest logits chunk alive at once
 
@@ -160,15 +160,9 @@ def fused_linear_cross_entropy(
         raise ValueError(f"expected bias ({weight.shape[0]},), got {tuple(bias.shape)}")
     if hidden.dtype not in _DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16 or float16, not {hidden.dtype}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, not {reduction!r}")
-    if reduction == "none" and num_items_in_batch is not None:
-        raise ValueError(
-            "num_items_in_batch divides a summed loss; it does not combine with reduction='none'"
-        )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, not {chunk_size}")
-    opts = options(label_smoothing, ignore_index, lse_square_scale, softcap)
+    opts = options(label_smoothing, ignore_index, lse_square_scale, softcap, reduction, num_items_in_batch)
     backend = resolve_backend(backend, hidden.device)
     labels = labels.to(device=hidden.device, dtype=torch.int64).contiguous()
     check_labels(labels, weight.shape[0], ignore_index)
