@@ -4,7 +4,8 @@ TRL's `assistant_only_loss`) trains the answer and the token that stops it, and 
 
 `data.chat_template = "chatml"` (or llama3, mistral, qwen2.5, gemma, or a path to a .jinja file)
 replaces the tokenizer's own template. Each template supports the roles system, user, assistant and
-tool, and `add_generation_prompt`.
+tool, and `add_generation_prompt`; all but gemma (which has no tool format) also render a row's
+`tools` and its answers' `tool_calls`.
 
 - `load_template(name_or_path, base_dir)`: the template text.
 - `has_generation_markers(template)`: whether assistant masks can come from the template itself.
@@ -21,32 +22,99 @@ from .errors import DataError
 # `bos_token` is guarded: a tokenizer without one passes None, which Jinja would print as "None".
 _BOS = "{%- if bos_token %}{{- bos_token -}}{%- endif -%}\n"
 
-CHATML = (
-    "{%- for message in messages -%}\n"
-    "{%- if message['role'] == 'assistant' -%}\n"
-    "{{- '<|im_start|>assistant\\n' -}}\n"
-    "{%- generation -%}\n"
-    "{{- message['content'] + '<|im_end|>' -}}\n"
-    "{%- endgeneration -%}\n"
-    "{{- '\\n' -}}\n"
-    "{%- else -%}\n"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\n"
-    "{%- endif -%}\n"
+# Tool calling in the Hermes format that Qwen 2.5 (and many ChatML fine-tunes) use: the function
+# definitions in the system turn inside <tools>, each call in the answer as <tool_call>{json}</tool_call>,
+# consecutive tool results in one user turn, each inside <tool_response>.
+_HERMES_TOOLS_SYSTEM = (
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}\n"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}\n"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' -}}\n"
+)
+_HERMES_CALLS = (
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}\n"
+    "{%- for call in message['tool_calls'] -%}\n"
+    "{%- if message['content'] or not loop.first -%}{{- '\\n' -}}{%- endif -%}\n"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}\\n</tool_call>' -}}\n"
     "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "{{- '<|im_start|>assistant\\n' -}}\n"
     "{%- endif -%}\n"
 )
+_HERMES_TOOL_RESULT = (
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}\n"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' -}}\n"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}\n"
+)
 
-# Llama 3 / 3.1 / 3.2 instruct. Tool results go in the `ipython` role, as Meta's template does.
+
+def _chatml(default_system: str) -> str:
+    """ChatML with Hermes tool calls; `default_system` is the system turn written when there is none."""
+    if default_system:
+        default = "{{- '<|im_start|>system\\n" + default_system + "' -}}\n"
+        no_system = "{{- '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' -}}\n"
+    else:
+        default = "{{- '<|im_start|>system\\n' -}}\n"
+        no_system = ""
+    return (
+        "{%- set has_system = messages and messages[0]['role'] == 'system' -%}\n"
+        "{%- if tools -%}\n"
+        "{%- if has_system -%}{{- '<|im_start|>system\\n' + messages[0]['content'] + '\\n\\n' -}}\n"
+        "{%- else -%}" + default + ("{{- '\\n\\n' -}}\n" if default_system else "") + "{%- endif -%}\n"
+        + _HERMES_TOOLS_SYSTEM
+        + "{%- elif not has_system -%}\n" + no_system + "{%- endif -%}\n"
+        "{%- for message in messages -%}\n"
+        "{%- if message['role'] == 'system' and loop.first and tools -%}\n"  # written with the tools above
+        "{%- elif message['role'] == 'assistant' -%}\n"
+        "{{- '<|im_start|>assistant\\n' -}}\n"
+        "{%- generation -%}\n"
+        "{{- message['content'] -}}\n"
+        + _HERMES_CALLS
+        + "{{- '<|im_end|>' -}}\n"
+        "{%- endgeneration -%}\n"
+        "{{- '\\n' -}}\n"
+        "{%- elif message['role'] == 'tool' -%}\n"
+        + _HERMES_TOOL_RESULT
+        + "{%- else -%}\n"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\n"
+        "{%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}\n"
+        "{{- '<|im_start|>assistant\\n' -}}\n"
+        "{%- endif -%}\n"
+    )
+
+
+CHATML = _chatml("")
+
+# Llama 3 / 3.1 / 3.2 instruct. Tools as Llama 3.1's template writes them by default: the definitions
+# (JSON) in the first user turn, one call per answer as {"name": ..., "parameters": {...}}, results in
+# the `ipython` role.
 LLAMA3 = (
-    _BOS + "{%- for message in messages -%}\n"
+    _BOS + "{%- set ns = namespace(tools_written=false) -%}\n"
+    "{%- for message in messages -%}\n"
     "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] -%}\n"
     "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' -}}\n"
     "{%- if message['role'] == 'assistant' -%}\n"
     "{%- generation -%}\n"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}\n"
+    "{%- if message['tool_calls'] | length > 1 -%}"
+    "{{- raise_exception('Llama 3 takes one tool call per answer; this answer has ' "
+    "+ (message['tool_calls'] | length | string)) -}}{%- endif -%}\n"
+    "{%- set call = message['tool_calls'][0]['function'] -%}\n"
+    "{{- '{\"name\": \"' + call['name'] + '\", \"parameters\": ' + (call['arguments'] | tojson) + '}<|eot_id|>' -}}\n"
+    "{%- else -%}\n"
     "{{- message['content'] | trim + '<|eot_id|>' -}}\n"
+    "{%- endif -%}\n"
     "{%- endgeneration -%}\n"
+    "{%- elif message['role'] == 'user' and tools and not ns.tools_written -%}\n"
+    "{%- set ns.tools_written = true -%}\n"
+    "{{- 'Given the following functions, please respond with a JSON for a function call with its proper "
+    "arguments that best answers the given prompt.\\n\\nRespond in the format {\"name\": function name, "
+    "\"parameters\": dictionary of argument name and its value}. Do not use variables.\\n\\n' -}}\n"
+    "{%- for tool in tools -%}{{- (tool | tojson(indent=4)) + '\\n\\n' -}}{%- endfor -%}\n"
+    "{{- message['content'] | trim + '<|eot_id|>' -}}\n"
     "{%- else -%}\n"
     "{{- message['content'] | trim + '<|eot_id|>' -}}\n"
     "{%- endif -%}\n"
@@ -58,48 +126,42 @@ LLAMA3 = (
 
 # Mistral instruct ([INST] format). The system prompt goes before the first user message, as in
 # Mistral's own templates; the answer ends with the tokenizer's eos token (</s>). The prompt already
-# ends where the answer starts, so `add_generation_prompt` adds nothing.
+# ends where the answer starts, so `add_generation_prompt` adds nothing. Tools as Mistral's v3 format
+# writes them: [AVAILABLE_TOOLS] before the last user message, calls as [TOOL_CALLS] [{...}], results
+# in [TOOL_RESULTS].
 MISTRAL = (
-    _BOS + "{%- set ns = namespace(system='') -%}\n"
+    _BOS + "{%- set ns = namespace(system='', last_user=-1) -%}\n"
+    "{%- for message in messages -%}{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}\n"
     "{%- for message in messages -%}\n"
     "{%- if message['role'] == 'system' -%}\n"
     "{%- set ns.system = message['content'] + '\\n\\n' -%}\n"
     "{%- elif message['role'] == 'user' -%}\n"
+    "{%- if tools and loop.index0 == ns.last_user -%}"
+    "{{- '[AVAILABLE_TOOLS] ' + (tools | tojson) + '[/AVAILABLE_TOOLS]' -}}{%- endif -%}\n"
     "{{- '[INST] ' + ns.system + message['content'] + ' [/INST]' -}}\n"
     "{%- set ns.system = '' -%}\n"
     "{%- elif message['role'] == 'tool' -%}\n"
     "{{- '[TOOL_RESULTS] ' + message['content'] + ' [/TOOL_RESULTS]' -}}\n"
     "{%- elif message['role'] == 'assistant' -%}\n"
     "{%- generation -%}\n"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}\n"
+    "{{- ' [TOOL_CALLS] [' -}}\n"
+    "{%- for call in message['tool_calls'] -%}\n"
+    "{{- ('' if loop.first else ', ') + '{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}' -}}\n"
+    "{%- endfor -%}\n"
+    "{{- ']' + eos_token -}}\n"
+    "{%- else -%}\n"
     "{{- ' ' + message['content'] + eos_token -}}\n"
+    "{%- endif -%}\n"
     "{%- endgeneration -%}\n"
     "{%- endif -%}\n"
     "{%- endfor -%}\n"
 )
 
-# Qwen 2.5 instruct: ChatML with Qwen's default system prompt; tool results are user turns wrapped
-# in <tool_response>, as Qwen's own template writes them.
-QWEN25 = (
-    "{%- if not messages or messages[0]['role'] != 'system' -%}\n"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' -}}\n"
-    "{%- endif -%}\n"
-    "{%- for message in messages -%}\n"
-    "{%- if message['role'] == 'assistant' -%}\n"
-    "{{- '<|im_start|>assistant\\n' -}}\n"
-    "{%- generation -%}\n"
-    "{{- message['content'] + '<|im_end|>' -}}\n"
-    "{%- endgeneration -%}\n"
-    "{{- '\\n' -}}\n"
-    "{%- elif message['role'] == 'tool' -%}\n"
-    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}\n"
-    "{%- else -%}\n"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\n"
-    "{%- endif -%}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "{{- '<|im_start|>assistant\\n' -}}\n"
-    "{%- endif -%}\n"
-)
+# Qwen 2.5 instruct: ChatML with Qwen's default system prompt, tools in the Hermes format above.
+QWEN25 = _chatml("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
 
 # Gemma (1, 2, 3 text): roles user and model; the system prompt goes before the first user message
 # and tool results are user turns, as Gemma has no roles for them.

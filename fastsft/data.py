@@ -39,12 +39,15 @@ from .chat_templates import end_of_turn_token, has_generation_markers, load_temp
 from .errors import DataError
 
 # Bump when the way data is prepared changes, so that stale caches are never reused.
-DATA_VERSION = "1"
+DATA_VERSION = "2"
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-# Also understood in sharegpt data: the TRL-style names.
-_SHAREGPT_EXTRA = {"user": "user", "assistant": "assistant", "tool": "tool"}
+# Also understood in sharegpt data: the TRL-style names, and the function-calling names of the
+# LLaMA-Factory / glaive sharegpt variant (a `function_call` turn is an assistant turn whose value is
+# the call as JSON; an `observation` is the tool's result).
+_SHAREGPT_EXTRA = {"user": "user", "assistant": "assistant", "tool": "tool", "function_call": "assistant",
+                   "observation": "tool"}  # fmt: skip
 FORMATS = ("text", "messages", "prompt_completion", "conversations", "sharegpt", "alpaca")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 MAX_SKIP_REASONS = 5
@@ -312,19 +315,92 @@ def _message_list(value: Any, field_name: str, *, sharegpt: bool) -> list[dict]:
         else:
             role, content, rkey, ckey = m.get("from"), m.get("value"), "from", "value"
             names = {**SHAREGPT_ROLES, **_SHAREGPT_EXTRA}
-            allowed = ", ".join(SHAREGPT_ROLES) + " (or user, assistant, tool)"
+            allowed = ", ".join(SHAREGPT_ROLES) + " (or user, assistant, tool, function_call, observation)"
+        where = f"`{field_name}` message {i}"
         if role is None:
-            raise _RowProblem(f"`{field_name}` message {i} has no `{rkey}`")
+            raise _RowProblem(f"{where} has no `{rkey}`")
         if not isinstance(role, str) or role not in names:
-            raise _RowProblem(f"`{field_name}` message {i}: unknown role {role!r}: roles are {allowed}")
-        if content is None:
-            raise _RowProblem(f"`{field_name}` message {i} ({role}) has no `{ckey}`")
-        if not isinstance(content, str):
-            raise _RowProblem(
-                f"`{field_name}` message {i} ({role}): `{ckey}` must be a string, got {_json_type(content)}"
-            )
-        out.append({"role": names[role], "content": content})
+            raise _RowProblem(f"{where}: unknown role {role!r}: roles are {allowed}")
+        if role == "function_call":  # sharegpt: the value is the call (or a list of calls) as JSON
+            calls = _parse_json(content, f"{where} (function_call): `{ckey}`")
+            out.append({"role": "assistant", "content": "",
+                        "tool_calls": _tool_calls(calls, f"{where} (function_call)")})  # fmt: skip
+            continue
+        calls = m.get("tool_calls")
+        if calls is not None and names[role] != "assistant":
+            raise _RowProblem(f"{where} ({role}) has `tool_calls`: only assistant messages call tools")
+        if content is None and calls is None:
+            raise _RowProblem(f"{where} ({role}) has no `{ckey}`")
+        if content is not None and not isinstance(content, str):
+            raise _RowProblem(f"{where} ({role}): `{ckey}` must be a string, got {_json_type(content)}")
+        msg = {"role": names[role], "content": content or ""}
+        if calls is not None:
+            msg["tool_calls"] = _tool_calls(calls, where)
+        for key in ("name", "tool_call_id"):  # a tool result's function name and call id, kept for the template
+            if names[role] == "tool" and isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
     return out
+
+
+def _parse_json(value: Any, what: str) -> Any:
+    """`value`, parsed when it is a JSON string (tools and tool calls often come serialised)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise _RowProblem(f"{what} is not valid JSON ({e}): {_short(value)!r}") from None
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """An assistant message's tool calls -> [{"type": "function", "function": {"name", "arguments": {...}}}].
+
+    Takes the OpenAI form ({"type": "function", "function": {...}}) or the flat one ({"name", "arguments"});
+    arguments given as a JSON string are parsed, as the chat templates that render them (Llama 3.1's,
+    Qwen 2.5's) expect an object."""
+    value = _parse_json(value, f"{where}: `tool_calls`")
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _RowProblem(f"{where}: `tool_calls` must be a non-empty list of calls, got {_json_type(value)}")
+    out = []
+    for j, call in enumerate(value, start=1):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise _RowProblem(f"{where}: tool call {j} must be an object with a function name, got {_json_type(call)}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _RowProblem(f"{where}: tool call {j} has no function `name`")
+        args = _parse_json(fn.get("arguments", fn.get("parameters", {})), f"{where}: tool call {j} ({name}) `arguments`")
+        if not isinstance(args, dict):
+            raise _RowProblem(f"{where}: tool call {j} ({name}): `arguments` must be an object, got {_json_type(args)}")
+        entry = {"type": "function", "function": {"name": name, "arguments": args}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _tools(value: Any) -> list[dict] | None:
+    """A row's `tools` column (function definitions, a list or its JSON) -> the list the chat template
+    takes, each as {"type": "function", "function": {...}}; None when absent or empty."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    value = _parse_json(value, "`tools`")
+    if not isinstance(value, list):
+        raise _RowProblem(f"`tools` must be a list of function definitions, got {_json_type(value)}")
+    out = []
+    for j, tool in enumerate(value, start=1):
+        if not isinstance(tool, dict):
+            raise _RowProblem(f"`tools` item {j} must be an object, got {_json_type(tool)}")
+        if tool.get("type", "function") != "function":
+            raise _RowProblem(f"`tools` item {j}: type {tool.get('type')!r}; only function tools can be rendered")
+        fn = tool.get("function", tool)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise _RowProblem(f"`tools` item {j} has no function `name`")
+        out.append({"type": "function", "function": fn})
+    return out or None
 
 
 def _check_answers(messages: list[dict], field_name: str) -> None:
@@ -332,8 +408,17 @@ def _check_answers(messages: list[dict], field_name: str) -> None:
     if not answers:
         raise _RowProblem(f"`{field_name}` has no assistant turn: nothing to learn from")
     for i, m in answers:
-        if not m["content"].strip():
+        if not m["content"].strip() and not m.get("tool_calls"):
             raise _RowProblem(f"`{field_name}` message {i}: empty assistant answer")
+
+
+def _tool_names(row: dict) -> list[str]:
+    """The function names a conversational row defines or calls (each must show in the rendered text)."""
+    names = [t["function"]["name"] for t in row.get("tools") or []]
+    for m in [*row.get("messages", []), *(row.get("prompt") or []), *(row.get("completion") or [])]:
+        if isinstance(m, dict):
+            names += [c["function"]["name"] for c in m.get("tool_calls") or []]
+    return names
 
 
 def _string_field(obj: dict, name: str, *, required: bool = True, nonempty: bool = True) -> str:
@@ -351,13 +436,19 @@ def _string_field(obj: dict, name: str, *, required: bool = True, nonempty: bool
 
 def normalize(obj: dict, fmt: str) -> dict:
     """One renamed row in shape `fmt` -> TRL's form. Raises _RowProblem."""
+    tools = _tools(obj.get("tools"))
     if fmt in ("messages", "conversations", "sharegpt"):
         col = "messages" if fmt == "messages" else "conversations"
         if col not in obj:
             raise _RowProblem(f"missing field `{col}`")
         messages = _message_list(obj[col], col, sharegpt=fmt == "sharegpt")
         _check_answers(messages, col)
-        return {"messages": messages}
+        return {"messages": messages, **({"tools": tools} if tools else {})}
+    if tools and not (fmt == "prompt_completion" and isinstance(_maybe_json(obj.get("prompt")), list)):
+        raise _RowProblem(
+            "`tools` is given but the row is not a conversation: tools are rendered by the chat template, "
+            "which only conversational data goes through. Drop the column or give the row as messages"
+        )
     if fmt == "alpaca":
         instruction = _string_field(obj, "instruction")
         extra = _string_field(obj, "input", required=False, nonempty=False)
@@ -383,7 +474,7 @@ def normalize(obj: dict, fmt: str) -> dict:
             p = _message_list(prompt, "prompt", sharegpt=False)
             c = _message_list(completion, "completion", sharegpt=False)
             _check_answers(c, "completion")
-            return {"prompt": p, "completion": c}
+            return {"prompt": p, "completion": c, **({"tools": tools} if tools else {})}
         if not isinstance(prompt, str):
             raise _RowProblem(f"`prompt` must be a string or a list of messages, got {_json_type(prompt)}")
         if not isinstance(completion, str):
@@ -562,20 +653,40 @@ class _Encoder:
         self.eot = eot
 
     # -- conversations
-    def _chat(self, messages: list[dict], **kw) -> dict:
+    def _chat(self, messages: list[dict], tools: list[dict] | None = None, **kw) -> dict:
+        if tools:
+            kw["tools"] = tools
         out = self.tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
         return {k: _as_list(v) for k, v in out.items() if k in ("input_ids", "assistant_masks")}
 
-    def _chat_with_assistant_mask(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+    def _chat_with_assistant_mask(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], list[int]]:
         if self.markers:
-            out = self._chat(messages, return_assistant_tokens_mask=True)
+            out = self._chat(messages, tools, return_assistant_tokens_mask=True)
             return out["input_ids"], out["assistant_masks"]
-        return self.own_assistant_mask(messages)
+        return self.own_assistant_mask(messages, tools)
 
-    def own_assistant_mask(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+    def check_tools(self, row: dict) -> None:
+        """A row with tool definitions or calls: every function name must show in the rendered text,
+        or the template dropped them (most templates without tool support ignore `tools` silently)."""
+        names = _tool_names(row)
+        if not names:
+            return
+        messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
+        text = self.tok.apply_chat_template(messages, tools=row.get("tools"), tokenize=False)
+        missing = [n for n in dict.fromkeys(names) if n not in text]
+        if missing:
+            what = "tool definitions (`tools`)" if row.get("tools") else "tool calls"
+            raise _RowProblem(
+                f"the chat template drops this row's {what}: {', '.join(map(repr, missing))} does not appear in "
+                "the rendered text, so the model would be trained without them. Use a template that renders "
+                'tools: the model\'s own, or data.chat_template = "chatml", "qwen2.5", "llama3" or "mistral"'
+            )
+
+    def own_assistant_mask(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """Assistant answers (and the end-of-turn token after each) found by rendering turn by turn."""
         tok = self.tok
-        full = tok.apply_chat_template(messages, tokenize=False)
+        kw = {"tools": tools} if tools else {}
+        full = tok.apply_chat_template(messages, tokenize=False, **kw)
         spans = []
         cursor = 0
         for i, m in enumerate(messages):
@@ -583,10 +694,11 @@ class _Encoder:
                 continue
             start = -1
             if i > 0:
-                before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+                before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **kw)
                 if full.startswith(before) and len(before) >= cursor:
                     start = len(before)
-            content = m["content"].strip()
+            # a tool call without text is found by its function's name
+            content = m["content"].strip() or next((c["function"]["name"] for c in m.get("tool_calls") or []), "")
             at = full.find(content, max(start, cursor))
             if start < 0:
                 start = at
@@ -596,7 +708,7 @@ class _Encoder:
                     "changes earlier turns as later ones are added. Use a template with {% generation %} "
                     "markers (data.chat_template = \"chatml\", ...)"
                 )
-            upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+            upto = tok.apply_chat_template(messages[: i + 1], tokenize=False, **kw)
             limit = len(upto) if full.startswith(upto) and len(upto) > start else len(full)
             end = limit
             if self.eot:
@@ -616,19 +728,21 @@ class _Encoder:
     # -- any row
     def encode(self, row: dict) -> tuple[list[int], list[int]]:
         tok = self.tok
+        tools = row.get("tools")
+        self.check_tools(row)
         if "messages" in row:
             if self.assistant_only:
-                return self._chat_with_assistant_mask(row["messages"])
-            ids = self._chat(row["messages"])["input_ids"]
+                return self._chat_with_assistant_mask(row["messages"], tools)
+            ids = self._chat(row["messages"], tools)["input_ids"]
             return ids, [1] * len(ids)
         if "prompt" in row:
             if isinstance(row["prompt"], list):
-                prompt_ids = self._chat(row["prompt"], add_generation_prompt=True)["input_ids"]
+                prompt_ids = self._chat(row["prompt"], tools, add_generation_prompt=True)["input_ids"]
                 both = row["prompt"] + row["completion"]
                 if self.assistant_only:
-                    ids, amask = self._chat_with_assistant_mask(both)
+                    ids, amask = self._chat_with_assistant_mask(both, tools)
                 else:
-                    ids = self._chat(both)["input_ids"]
+                    ids = self._chat(both, tools)["input_ids"]
                     amask = None
             else:
                 eos = tok.eos_token or ""
@@ -923,8 +1037,14 @@ def _prepare(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = T
     eot = end_of_turn_token(tokenizer) if conversational else tokenizer.eos_token
     added_pad = _setup_pad_token(tokenizer, eot, log)
 
-    own_route = conversational and aol and not markers
-    if own_route:
+    find_spans = conversational and aol and not markers
+    # Rows with tools are tokenized here too: as Arrow columns, tool-call arguments of different rows
+    # would be merged into one struct type (every row's keys in every call, null where absent).
+    tool_rows = sum(1 for e in train_ex + eval_ex if _tool_names(e.row))
+    own_route = find_spans or (conversational and tool_rows > 0)
+    if tool_rows:
+        log(f"data: {tool_rows} example(s) define or call tools; they are rendered with their tools and tokenized here")
+    if find_spans:
         try:
             tokenizer("a", return_offsets_mapping=True)
         except NotImplementedError:
@@ -1008,13 +1128,20 @@ def _prepare(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = T
         log(f"warning: {skipped} invalid row(s) skipped; first: {reasons[0]}")
 
     if own_route:
-        # The conversation (or the prompt) rides along for `train.sample_prompts`; the Trainer drops
-        # columns the model does not take, and TRL reads only input_ids and the masks.
+        # The prompt (the messages before the first answer, and the tools as JSON) rides along for
+        # `train.sample_prompts`; the Trainer drops columns the model does not take, and TRL reads only
+        # input_ids and the masks.
         def rows(exs):
             out = []
+            with_tools = any(e.row.get("tools") for e in exs)
             for e in exs:
-                keep = {"messages": e.row["messages"]} if "messages" in e.row else {"prompt": e.row["prompt"]}
-                out.append({"input_ids": e.input_ids, "assistant_masks": e.mask, **keep})
+                key = "messages" if "messages" in e.row else "prompt"
+                msgs = e.row[key]
+                first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), len(msgs))
+                prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:first]]
+                out.append({"input_ids": e.input_ids, "assistant_masks": e.mask, key: prompt})
+                if with_tools:
+                    out[-1]["tools"] = json.dumps(e.row["tools"], ensure_ascii=False) if e.row.get("tools") else ""
             return out
     else:
         def rows(exs):

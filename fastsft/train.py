@@ -7,6 +7,7 @@ ETA and memory, metrics.jsonl, the report.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -385,8 +386,9 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def sample_prompts(dataset, n: int = 3) -> list[list[dict]]:
-    """The conversation up to the first assistant turn of the first `n` conversational rows."""
+def sample_prompts(dataset, n: int = 3) -> list[dict]:
+    """The conversation up to the first assistant turn of the first `n` conversational rows, with the
+    row's tools: [{"messages": [...], "tools": [...] | None}]."""
     out = []
     if dataset is None:
         return out
@@ -399,14 +401,17 @@ def sample_prompts(dataset, n: int = 3) -> list[list[dict]]:
             if m.get("role") == "assistant":
                 break
             prompt.append({"role": m["role"], "content": m["content"]})
+        tools = row.get("tools")
+        if isinstance(tools, str):
+            tools = json.loads(tools) if tools else None
         if prompt:
-            out.append(prompt)
+            out.append({"messages": prompt, "tools": tools or None})
         if len(out) == n:
             break
     return out
 
 
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32) -> list[dict]:
+def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int = 32) -> list[dict]:
     """Greedy answers, each with whether it complies with the chat template: it stopped on the
     end-of-turn token within the budget and wrote no role markers (no invented turns)."""
     import torch
@@ -421,7 +426,8 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     was_training = model.training
     model.eval()
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(prompt["messages"], tools=prompt["tools"], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)  # fmt: skip
         ids = {k: v.to(device) for k, v in ids.items()}
         with torch.no_grad():
             out = model.generate(
@@ -639,7 +645,7 @@ def run(
 
     after = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts else []
     samples = [
-        {"prompt": p[-1]["content"], "before": b["text"] if b else "", "after": a["text"]}
+        {"prompt": p["messages"][-1]["content"], "before": b["text"] if b else "", "after": a["text"]}
         for p, b, a in zip(prompts, before or [None] * len(after), after, strict=True)
     ]
     compliance = {

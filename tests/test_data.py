@@ -310,8 +310,8 @@ def test_trl_builds_the_same_labels_as_preview(tmp_path, tiny_model_dir, tok, ca
 
 def test_end_of_turn_outside_generation_is_refused(tmp_path, tok):
     bad = C.CHATML.replace(
-        "{{- message['content'] + '<|im_end|>' -}}\n{%- endgeneration -%}\n",
-        "{{- message['content'] -}}\n{%- endgeneration -%}\n{{- '<|im_end|>' -}}\n",
+        "{{- '<|im_end|>' -}}\n{%- endgeneration -%}\n",
+        "{%- endgeneration -%}\n{{- '<|im_end|>' -}}\n",
     )
     assert bad != C.CHATML
     (tmp_path / "bad.jinja").write_text(bad, encoding="utf-8")
