@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import guard
 from .errors import ExportError
 from .rundir import ADAPTER, RECIPE, RUN_JSON
 
@@ -317,6 +318,10 @@ def export_run(
             "Pass --overwrite to replace it, or choose another --to."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt != "adapter":
+        need = export_bytes(run, dtype)
+        if need is not None:  # before loading anything: a full disk would fail at the very end
+            guard.check_disk(target.parent, need, f"the {fmt} export ({dtype})", flag="--to", error=ExportError)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     old = None
     try:
@@ -354,6 +359,22 @@ def export_run(
             shutil.rmtree(old, ignore_errors=True)
     _print(console, f"exported {fmt}: {target}", style="green")
     return target
+
+
+def export_bytes(run: RunInfo, dtype: str) -> int | None:
+    """About the size of a merged or GGUF export: the base model's parameters (counted on the meta
+    device, tied weights once) in `dtype`, plus the tokenizer; None when the config cannot be read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(run.base_path, trust_remote_code=run.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=run.trust_remote_code)
+    except Exception:  # noqa: BLE001 - the export itself will say what is wrong with the base
+        return None
+    n = sum(p.numel() for p in model.parameters())
+    return int(n * torch_dtype(dtype).itemsize * 1.02) + 64 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------

@@ -186,7 +186,8 @@ def explain_oom(exc: BaseException, phase: str) -> FastSFTError:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_disk(path: Path, needed_bytes: int, what: str) -> None:
+def check_disk(path: Path, needed_bytes: int, what: str, *, flag: str = "--output-dir", error=None) -> None:
+    """Refuse (`error`, RunDirError by default) when `path`'s file system has less than `needed_bytes` free."""
     from .errors import RunDirError
 
     probe = Path(path)
@@ -194,9 +195,9 @@ def check_disk(path: Path, needed_bytes: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
-        raise RunDirError(
+        raise (error or RunDirError)(
             f"{what} needs about {needed_bytes / GiB:.2f} GiB in {path}, but only {free / GiB:.2f} GiB is free. "
-            "Free some space or choose another --output-dir."
+            f"Free some space or choose another {flag}."
         )
 
 

@@ -211,6 +211,26 @@ def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
     assert (tmp_path / "c" / "keep.txt").read_text() == "old"
 
 
+def test_export_checks_free_space_first(runs, tmp_path, monkeypatch):
+    """A merged export that would not fit is refused before anything is loaded or written."""
+    import shutil
+    from collections import namedtuple
+
+    from fastsft import export, guard
+    from fastsft.errors import ExportError
+
+    need = export.export_bytes(export.read_run(runs["fp"]), "fp32")
+    assert export.export_bytes(export.read_run(runs["fp"]), "bf16") < need
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(guard.shutil, "disk_usage", lambda p: usage(need * 4, need * 4 - need // 2, need // 2))
+    loaded = []
+    monkeypatch.setattr(export, "merge", lambda *a, **k: loaded.append(1))
+    with pytest.raises(ExportError, match=r"the merged export \(fp32\) needs about .* GiB in .*, but only .* GiB is free\. .*another --to"):
+        export.export_run(runs["fp"], fmt="merged", to=tmp_path / "m", dtype="fp32")
+    assert not loaded and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(guard.shutil, "disk_usage", shutil.disk_usage)
+
+
 def test_bad_arguments(runs, tmp_path):
     from fastsft.errors import ExportError
     from fastsft.export import export_run
