@@ -412,6 +412,38 @@ def _check_answers(messages: list[dict], field_name: str) -> None:
             raise _RowProblem(f"`{field_name}` message {i}: empty assistant answer")
 
 
+ARROW_SOURCES = ("parquet", "disk", "hub")
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _undo_arrow_union(obj: dict) -> dict:
+    """A raw row from Parquet or `datasets`, with the nulls Arrow added to tools and tool calls removed.
+
+    Arrow stores a column of objects as one struct type, with every key any row has and null where a
+    row lacks it: one row's `{"city": "Oslo"}` comes back as `{"city": "Oslo", "zone": None}` because
+    another row's call takes a zone. Rendered, that would read `"zone": null`. The nulls inside `tools`
+    and `tool_calls` are dropped (an argument set to null on purpose goes with them; JSON files keep it).
+    """
+    out = dict(obj)
+    if isinstance(out.get("tools"), list):
+        out["tools"] = _drop_nulls(out["tools"])
+    for col in ("messages", "conversations", "prompt", "completion"):
+        msgs = out.get(col)
+        if isinstance(msgs, list):
+            out[col] = [
+                {**m, "tool_calls": _drop_nulls(m["tool_calls"])} if isinstance(m, dict) and m.get("tool_calls") else m
+                for m in msgs
+            ]
+    return out
+
+
 def _tool_names(row: dict) -> list[str]:
     """The function names a conversational row defines or calls (each must show in the rendered text)."""
     names = [t["function"]["name"] for t in row.get("tools") or []]
@@ -499,7 +531,7 @@ def _kind(row: dict) -> str:
 def _load_examples(value: str, recipe, *, key: str, fmt: str | None, log) -> tuple[list[_Example], dict, str]:
     """Read, rename, detect, validate and normalise one source. Returns (examples, skip info, format)."""
     d = recipe.data
-    raw_rows, _ = _read_source(value, recipe, key=key)
+    raw_rows, source_kind = _read_source(value, recipe, key=key)
     if not raw_rows:
         raise DataError(f"data.{key} = {value!r}: no rows")
     columns = dict(d.columns or {})
@@ -532,7 +564,10 @@ def _load_examples(value: str, recipe, *, key: str, fmt: str | None, log) -> tup
         try:
             if isinstance(obj, _RowProblem):
                 raise obj
-            row = normalize(_rename(obj, columns), fmt)
+            obj = _rename(obj, columns)
+            if source_kind in ARROW_SOURCES:
+                obj = _undo_arrow_union(obj)
+            row = normalize(obj, fmt)
             k = _kind(row)
             if kinds is None:
                 kinds = k

@@ -109,6 +109,24 @@ def test_each_row_keeps_its_own_arguments(tmp_path, tok):
     assert '{"zone": "UTC", "fmt": 24}' in rows[1]["trained_text"] and '"city": "Oslo"}' not in rows[1]["trained_text"]
 
 
+def test_parquet_rows_lose_the_nulls_arrow_adds(tmp_path, tok):
+    """In Parquet, every row's calls and tool schemas get every key any row has (null where absent);
+    those nulls must not reach the rendered text."""
+    import datasets
+
+    other = weather_row("Lima")
+    other["messages"][2]["tool_calls"][0]["function"] = {"name": "get_time", "arguments": {"zone": "UTC"}}
+    other["tools"] = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+                      "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}}}}]  # fmt: skip
+    datasets.Dataset.from_list([weather_row("Oslo"), other]).to_parquet(str(tmp_path / "train.parquet"))
+    recipe = make_recipe(tmp_path, chat_template="chatml").with_overrides(["data.train=train.parquet"])
+    rows, _ = D.preview_rows(recipe, tok, 2, log=quiet)
+    assert '{"city": "Oslo"}' in rows[0]["trained_text"]
+    assert '{"zone": "UTC"}' in rows[1]["trained_text"]
+    for row in rows:
+        assert "null" not in row["text"]
+
+
 def test_a_template_that_drops_tools_is_refused(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [weather_row()])
     with pytest.raises(DataError, match=r"train.jsonl line 1: the chat template drops this row's tool definitions"
