@@ -137,8 +137,9 @@ def register(main: click.Group) -> click.Group:
     @click.option(
         "--data",
         "data_file",
-        type=click.Path(dir_okay=False),
-        help='A .jsonl of {"messages": [...]} rows (default: the run\'s eval split).',
+        type=click.Path(),
+        help="Held-out data (default: the run's eval split). For a run: any file or shape training takes, "
+        'masked as the run trained; for a plain model: a .jsonl/.json of {"messages": [...]} rows.',
     )
     @click.option(
         "--json-out",

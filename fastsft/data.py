@@ -1189,6 +1189,24 @@ def _prepare(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = T
     return PreparedData(train_ds, eval_ds, sft_kwargs, stats, fingerprint), train_ex[:keep]
 
 
+def encode_file(recipe, tokenizer, path: str | Path, *, log=None) -> list[dict]:
+    """Every example of the data file `path`, tokenized and masked exactly as the run with `recipe`
+    trained (its template, shape detection, loss options): [{"input_ids", "mask"}], untruncated.
+    For `fastsft eval --data`: held-out loss measured on the tokens training would have trained."""
+    import copy
+
+    from .recipe import validate
+
+    raw = copy.deepcopy(recipe.raw)
+    data = raw.setdefault("data", {})
+    data["train"] = str(Path(path).expanduser().resolve())
+    data.pop("eval", None)
+    data["val_ratio"] = 0.0
+    _, examples = _prepare(validate(raw, path=recipe.path), tokenizer, log=log or (lambda m: None),
+                           keep=sys.maxsize, use_cache=False)  # fmt: skip
+    return [{"input_ids": e.input_ids, "mask": e.mask} for e in examples]
+
+
 # ----------------------------------------------------------------------------------------------
 # preview
 # ----------------------------------------------------------------------------------------------

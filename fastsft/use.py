@@ -448,7 +448,11 @@ def evaluate(
     recipe = loaded.recipe
     if recipe is None and data_file is None:
         recipe = _recipe_near(loaded.path)
-    if data_file is not None:
+    if data_file is not None and recipe is not None:  # masked as the run's training masked its data
+        from . import data as data_mod
+
+        convs, source = data_mod.encode_file(recipe, tokenizer, data_file), str(data_file)
+    elif data_file is not None:
         convs, source = _read_messages_file(Path(data_file)), str(data_file)
     elif recipe is not None:
         convs, source = eval_conversations(recipe, tokenizer, log=lambda m: console.print(m, highlight=False))

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastsft.errors import DataError
+
 from _tiny import TINY_RECIPE
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -453,13 +455,28 @@ def test_eval_run_and_data_file(runs, merged_4bit, tmp_path):
                 {"role": "assistant", "content": "A banana is yellow."},
             ]
         },
-        {"prompt": "Where is a cow found?", "completion": "You find a cow in the farm."},
+        {
+            "conversations": [
+                {"from": "human", "value": "Where is a cow found?"},
+                {"from": "gpt", "value": "You find a cow in the farm."},
+            ]
+        },
     ]
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data.write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n")
     res2 = use.evaluate(
         runs["fp"], data_file=data, n_gen=2, max_new_tokens=4, json_out=tmp_path / "e.json", console=console
     )
-    assert res2["conversations"] == 2 and (tmp_path / "e.json").exists()
+    assert res2["conversations"] == 1 and (tmp_path / "e.json").exists()
+    # any shape training takes, masked as training masked it (sharegpt here), the same loss for the same answer
+    sharegpt = tmp_path / "held_sharegpt.jsonl"
+    sharegpt.write_text(json.dumps({"conversations": [{"from": "human", "value": PROMPT},
+                                                      {"from": "gpt", "value": "A banana is yellow."}]}) + "\n")  # fmt: skip
+    res3 = use.evaluate(runs["fp"], data_file=sharegpt, n_gen=0, json_out=tmp_path / "e3.json", console=console)
+    assert res3["tokens"] == res2["tokens"] and res3["loss"] == pytest.approx(res2["loss"], rel=1e-6)
+    # a bad row is named as in training
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"held.jsonl line 2: missing field `messages`"):
+        use.evaluate(runs["fp"], data_file=data, n_gen=0, json_out=tmp_path / "e4.json", console=console)
 
 
 def test_eval_tokenized_rows_score_like_messages(runs, tmp_path, monkeypatch):
