@@ -37,3 +37,11 @@ def tiny_model_dir(_private_cache):
     from fastsft.backends import builtin
 
     return builtin.materialize("builtin:tiny-mistral")
+
+
+@pytest.fixture()
+def tok(tiny_model_dir):
+    """A fresh copy of the tiny model's tokenizer (tests change its template and tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -46,13 +46,6 @@ def make_recipe(tmp_path, data_file="train.jsonl", **data):
     return R.load(path)
 
 
-@pytest.fixture()
-def tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
 def quiet(msg):
     pass
 

@@ -5,10 +5,10 @@ refused), the calls are trained, the definitions and results are not."""
 import json
 
 import pytest
+from test_data import CHATML_NO_MARKERS, make_recipe, quiet, write_jsonl
 
 from fastsft import chat_templates as C
 from fastsft import data as D
-from fastsft import recipe as R
 from fastsft import train as T
 from fastsft.errors import DataError
 
@@ -42,33 +42,6 @@ def weather_row(city: str = "Oslo", *, args_as_string: bool = False) -> dict:
             {"role": "assistant", "content": f"It is 3 degrees with sleet in {city}."},
         ],
     }
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def make_recipe(tmp_path, **data):
-    lines = ["[model]", 'name = "builtin:tiny-mistral"', "[data]", 'train = "train.jsonl"']
-    lines += [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in data.items()]
-    path = tmp_path / "recipe.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return R.load(path)
-
-
-@pytest.fixture()
-def tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def quiet(msg):
-    pass
-
-
-CHATML_NO_MARKERS = C.CHATML.replace("{%- generation -%}\n", "").replace("{%- endgeneration -%}\n", "")
 
 
 @pytest.mark.parametrize("template", ["chatml", "qwen2.5", "llama3", "mistral", "chatml-no-markers"])
