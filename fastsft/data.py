@@ -700,14 +700,13 @@ class _Encoder:
             return out["input_ids"], out["assistant_masks"]
         return self.own_assistant_mask(messages, tools)
 
-    def check_tools(self, row: dict) -> None:
-        """A row with tool definitions or calls: every function name must show in the rendered text,
-        or the template dropped them (most templates without tool support ignore `tools` silently)."""
+    def check_tools(self, row: dict, ids: list[int]) -> None:
+        """A row with tool definitions or calls: every function name must show in the encoded text, or
+        the template dropped them (most templates without tool support ignore `tools` silently)."""
         names = _tool_names(row)
         if not names:
             return
-        messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
-        text = self.tok.apply_chat_template(messages, tools=row.get("tools"), tokenize=False)
+        text = self.tok.decode(ids)
         missing = [n for n in dict.fromkeys(names) if n not in text]
         if missing:
             what = "tool definitions (`tools`)" if row.get("tools") else "tool calls"
@@ -762,9 +761,13 @@ class _Encoder:
 
     # -- any row
     def encode(self, row: dict) -> tuple[list[int], list[int]]:
+        ids, mask = self._encode(row)
+        self.check_tools(row, ids)
+        return ids, mask
+
+    def _encode(self, row: dict) -> tuple[list[int], list[int]]:
         tok = self.tok
         tools = row.get("tools")
-        self.check_tools(row)
         if "messages" in row:
             if self.assistant_only:
                 return self._chat_with_assistant_mask(row["messages"], tools)
