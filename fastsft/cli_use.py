@@ -95,17 +95,24 @@ def register(main: click.Group) -> click.Group:
         type=click.FloatRange(min=0.0),
         help="0 = greedy; above 0 samples.",
     )
+    @click.option(
+        "--tools",
+        "tools_file",
+        type=click.Path(dir_okay=False),
+        help='A JSON file of function definitions ([{"type": "function", "function": {...}}]) to offer the model.',
+    )
     @handle_errors
-    def generate_cmd(model, prompt, max_new_tokens, temperature):
+    def generate_cmd(model, prompt, max_new_tokens, temperature, tools_file):
         """Answer one prompt with MODEL: a run directory, an adapter or a merged export.
 
         \b
         Example:
           fastsft generate runs/tiny --prompt "What colour is a banana?"
         """
-        from .use import generate
+        from .use import generate, read_tools
 
-        click.echo(generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature))
+        tools = read_tools(tools_file)
+        click.echo(generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, tools=tools))
 
     @main.command("chat")
     @click.argument("model", type=click.Path())
@@ -120,17 +127,24 @@ def register(main: click.Group) -> click.Group:
         "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy."
     )
     @click.option("--system", default=None, help="A system message to start the conversation with.")
+    @click.option(
+        "--tools",
+        "tools_file",
+        type=click.Path(dir_okay=False),
+        help='A JSON file of function definitions ([{"type": "function", "function": {...}}]) to offer the model.',
+    )
     @handle_errors
-    def chat_cmd(model, max_new_tokens, temperature, system):
+    def chat_cmd(model, max_new_tokens, temperature, system, tools_file):
         """Talk with MODEL in the terminal; the conversation is kept. /exit quits, /reset starts over.
 
         \b
         Example:
           fastsft chat runs/tiny/export-merged
         """
-        from .use import chat
+        from .use import chat, read_tools
 
-        chat(model, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
+        tools = read_tools(tools_file)
+        chat(model, max_new_tokens=max_new_tokens, temperature=temperature, system=system, tools=tools)
 
     @main.command("eval")
     @click.argument("run_or_model", type=click.Path())

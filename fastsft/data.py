@@ -403,6 +403,17 @@ def _tools(value: Any) -> list[dict] | None:
     return out or None
 
 
+def parse_tools(value: Any, where: str) -> list[dict] | None:
+    """`_tools` for callers outside a data file (`fastsft generate --tools`): a DataError naming `where`."""
+    try:
+        return _tools(value)
+    except _RowProblem as e:
+        raise DataError(
+            f'{where}: {e}. Expected a list like [{{"type": "function", "function": {{"name": ..., '
+            '"description": ..., "parameters": {...}}}]'
+        ) from None
+
+
 def _check_answers(messages: list[dict], field_name: str) -> None:
     answers = [(i, m) for i, m in enumerate(messages, start=1) if m["role"] == "assistant"]
     if not answers:

@@ -232,15 +232,17 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
-def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool):
-    """input_ids (1, T) of `messages` through the chat template (or plain text without one)."""
+def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tools: list[dict] | None = None):
+    """input_ids (1, T) of `messages` (and `tools`) through the chat template (or plain text without one)."""
     import torch
 
     if getattr(tokenizer, "chat_template", None):
         out = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, return_tensors="pt", return_dict=True
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, return_tensors="pt", return_dict=True
         )
         return out["input_ids"]
+    if tools:
+        raise ExportError("--tools needs a chat template to write the tools into, and this tokenizer has none.")
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     if add_generation_prompt:
         text += "\nassistant:"

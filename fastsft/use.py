@@ -133,9 +133,9 @@ def _as_messages(prompt) -> list[dict]:
     return list(prompt)
 
 
-def generate_ids(loaded: Loaded, messages, *, max_new_tokens: int = 128, temperature: float = 0.0):
+def generate_ids(loaded: Loaded, messages, *, max_new_tokens: int = 128, temperature: float = 0.0, tools=None):
     """(new token ids, stopped on an end-of-turn token) for the answer to `messages` (chat messages,
-    or the prompt's token ids, generation prompt included)."""
+    or the prompt's token ids, generation prompt included), with `tools` (function definitions)."""
     import torch
 
     from .export import chat_ids
@@ -143,7 +143,7 @@ def generate_ids(loaded: Loaded, messages, *, max_new_tokens: int = 128, tempera
     if messages and isinstance(messages[0], int):
         ids = torch.tensor([list(messages)])
     else:
-        ids = chat_ids(loaded.tokenizer, messages, add_generation_prompt=True)
+        ids = chat_ids(loaded.tokenizer, messages, add_generation_prompt=True, tools=tools)
     device = next(loaded.model.parameters()).device
     kwargs = dict(
         input_ids=ids.to(device),
@@ -167,15 +167,38 @@ def generate_ids(loaded: Loaded, messages, *, max_new_tokens: int = 128, tempera
     return new, stopped
 
 
-def generate(model_ref, prompt, max_new_tokens: int = 128, temperature: float = 0.0) -> str:
-    """The model's answer to `prompt` (a string, or a list of chat messages) through the chat template."""
+def read_tools(path) -> list[dict] | None:
+    """Function definitions for `--tools FILE`: a JSON list (or {"tools": [...]}), checked as a data
+    row's `tools` column is."""
+    from .data import parse_tools
+
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"--tools {path}: no such file.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"--tools {path}: not a JSON file ({e}).") from None
+    if isinstance(value, dict) and "tools" in value:
+        value = value["tools"]
+    tools = parse_tools(value, f"--tools {path}")
+    if not tools:
+        raise DataError(f"--tools {path}: the list of tools is empty.")
+    return tools
+
+
+def generate(model_ref, prompt, max_new_tokens: int = 128, temperature: float = 0.0, tools=None) -> str:
+    """The model's answer to `prompt` (a string, or a list of chat messages) through the chat template,
+    with `tools` (function definitions) when given."""
     if max_new_tokens < 1:
         raise BackendError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
     if temperature < 0:
         raise BackendError(f"--temperature must be 0 (greedy) or more, got {temperature}.")
     loaded = load_for_use(model_ref)
     new, _ = generate_ids(
-        loaded, _as_messages(prompt), max_new_tokens=max_new_tokens, temperature=temperature
+        loaded, _as_messages(prompt), max_new_tokens=max_new_tokens, temperature=temperature, tools=tools
     )
     return loaded.tokenizer.decode(new, skip_special_tokens=True).strip()
 
@@ -186,6 +209,7 @@ def chat(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     system: str | None = None,
+    tools=None,
     input=None,
     console=None,
 ) -> list[dict]:
@@ -218,7 +242,9 @@ def chat(
             console.print("[dim](conversation cleared)[/]")
             continue
         messages.append({"role": "user", "content": text})
-        new, stopped = generate_ids(loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature)
+        new, stopped = generate_ids(
+            loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature, tools=tools
+        )
         answer = loaded.tokenizer.decode(new, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": answer})
         console.print("[bold green]model>[/] " + escape(answer), highlight=False)

@@ -579,3 +579,30 @@ def test_cli_commands(cli, runs, merged_4bit, tmp_path):
     assert json.loads(out.read_text())["perplexity"] > 1
     r = runner.invoke(cli, ["generate", str(tmp_path / "nope"), "--prompt", "x"])
     assert r.exit_code == 2 and "no such folder" in r.output
+
+    # --tools: checked like a data row's tools column, then written into the prompt by the template
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"name": "get_weather", "parameters": {"type": "object"}}]))
+    bad = tmp_path / "bad_tools.json"
+    bad.write_text(json.dumps([{"description": "no name"}]))
+    r = runner.invoke(cli, ["generate", str(runs["fp"]), "--prompt", "x", "--tools", str(bad)])
+    assert r.exit_code == 2 and "bad_tools.json: `tools` item 1 has no function `name`" in r.output, r.output
+    r = runner.invoke(cli, ["generate", str(runs["fp"]), "--prompt", PROMPT, "--tools", str(tools),
+                            "--max-new-tokens", "3"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["chat", str(runs["fp"]), "--tools", str(tools), "--max-new-tokens", "3"],
+                      input="hello\n/exit\n")  # fmt: skip
+    assert r.exit_code == 0 and "model>" in r.output, r.output
+
+
+def test_generation_prompt_carries_the_tools(runs):
+    from fastsft import use
+    from fastsft.export import chat_ids
+
+    loaded = use.load_for_use(runs["fp"])
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": PROMPT}]
+    with_tools = loaded.tokenizer.decode(chat_ids(loaded.tokenizer, msgs, add_generation_prompt=True, tools=tools)[0])
+    without = loaded.tokenizer.decode(chat_ids(loaded.tokenizer, msgs, add_generation_prompt=True)[0])
+    assert "get_weather" in with_tools and "<tools>" in with_tools and "get_weather" not in without
+    assert with_tools.endswith(without[without.index(PROMPT):])  # the same conversation after the tools

@@ -17,12 +17,11 @@ import os
 import random
 import shutil
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the way a tiny model is made changes, so stale caches are never reused.
-BUILTIN_VERSION = "2"
+BUILTIN_VERSION = "3"  # 3: the chatml template renders tools
 
 # name -> (config class name, extra config kwargs). Real sizes in comments, as the real configs have them.
 TINY_CONFIGS: dict[str, tuple[str, dict]] = {
@@ -136,7 +135,9 @@ def write_demo_jsonl(path: str | Path, n: int = 400, seed: int = 0) -> None:
 
 
 def chatml_template() -> str:
-    return resources.files("fastsft").joinpath("templates/chatml.jinja").read_text(encoding="utf-8")
+    from ..chat_templates import CHATML
+
+    return CHATML
 
 
 def cache_root() -> Path:
