@@ -38,6 +38,14 @@ def _handle_errors():
         return handle_errors
 
 
+tools_option = click.option(
+    "--tools",
+    "tools_file",
+    type=click.Path(dir_okay=False),
+    help='A JSON file of function definitions ([{"type": "function", "function": {...}}]) to offer the model.',
+)
+
+
 def register(main: click.Group) -> click.Group:
     """Add `export`, `generate`, `chat` and `eval` to the Click group `main`."""
     handle_errors = _handle_errors()
@@ -95,12 +103,7 @@ def register(main: click.Group) -> click.Group:
         type=click.FloatRange(min=0.0),
         help="0 = greedy; above 0 samples.",
     )
-    @click.option(
-        "--tools",
-        "tools_file",
-        type=click.Path(dir_okay=False),
-        help='A JSON file of function definitions ([{"type": "function", "function": {...}}]) to offer the model.',
-    )
+    @tools_option
     @handle_errors
     def generate_cmd(model, prompt, max_new_tokens, temperature, tools_file):
         """Answer one prompt with MODEL: a run directory, an adapter or a merged export.
@@ -127,12 +130,7 @@ def register(main: click.Group) -> click.Group:
         "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy."
     )
     @click.option("--system", default=None, help="A system message to start the conversation with.")
-    @click.option(
-        "--tools",
-        "tools_file",
-        type=click.Path(dir_okay=False),
-        help='A JSON file of function definitions ([{"type": "function", "function": {...}}]) to offer the model.',
-    )
+    @tools_option
     @handle_errors
     def chat_cmd(model, max_new_tokens, temperature, system, tools_file):
         """Talk with MODEL in the terminal; the conversation is kept. /exit quits, /reset starts over.
