@@ -1,4 +1,4 @@
-"""The commands that use a finished run: `export`, `generate`, `chat`, `eval`.
+"""The commands that use a finished run: `export`, `generate`, `chat`, `eval`, `serve`.
 
 `register(main)` adds them to the `fastsft` Click group (cli.py calls it). Heavy imports happen inside
 the commands.
@@ -47,7 +47,7 @@ tools_option = click.option(
 
 
 def register(main: click.Group) -> click.Group:
-    """Add `export`, `generate`, `chat` and `eval` to the Click group `main`."""
+    """Add `export`, `generate`, `chat`, `eval` and `serve` to the Click group `main`."""
     handle_errors = _handle_errors()
 
     @main.command("export")
@@ -186,6 +186,53 @@ def register(main: click.Group) -> click.Group:
 
         evaluate(
             run_or_model, data_file=data_file, n_gen=n_gen, max_new_tokens=max_new_tokens, json_out=json_out
+        )
+
+    @main.command("serve")
+    @click.argument("run_or_model", type=click.Path())
+    @click.option("--host", default="127.0.0.1", show_default=True,
+                  help="Address to listen on; loopback unless you mean to share the model (then set --api-key).")
+    @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+                  help="Port (0: any free one).")
+    @click.option("--api-key", envvar="FASTSFT_API_KEY", default=None,
+                  help="Require `Authorization: Bearer KEY` on the API and the page's data "
+                  "(also read from FASTSFT_API_KEY, which keeps it out of the process list).")
+    @click.option("--model-name", default=None, help="The model id clients ask for (default: the folder's name).")
+    @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0),
+                  help="Requests that may wait while one is answered; more are answered 503 at once.")
+    @click.option("--max-tokens-limit", default=2048, show_default=True, type=click.IntRange(min=1),
+                  help="The largest max_tokens a request may ask for.")
+    @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(min=1024),
+                  help="The largest request body accepted (413 beyond).")
+    @handle_errors
+    def serve_cmd(run_or_model, host, port, api_key, model_name, max_queue, max_tokens_limit, max_body_bytes):
+        """Serve RUN_OR_MODEL over an OpenAI-compatible API, with a chat page at /.
+
+        The API is /v1/chat/completions (streaming or not), /v1/completions and /v1/models. For a run
+        directory the base model (adapter disabled) is served too, as NAME:base, and the page shows
+        the run's report and compares base and fine-tuned answers side by side. Answers are greedy
+        unless a request sets temperature. Requests are answered one at a time, in order.
+
+        \b
+        Example:
+          fastsft serve runs/tiny                  # then open http://127.0.0.1:8000/
+          fastsft serve runs/tiny/export-merged --port 8080 --api-key "$(openssl rand -hex 16)"
+        """
+        from .serve import ServeSettings, serve
+
+        if api_key is not None and not api_key.strip():
+            raise FastSFTError("--api-key is empty: give a token, or leave the option out for no key.")
+        serve(
+            run_or_model,
+            ServeSettings(
+                host=host,
+                port=port,
+                api_key=api_key,
+                model_name=model_name,
+                max_queue=max_queue,
+                max_tokens_limit=max_tokens_limit,
+                max_body_bytes=max_body_bytes,
+            ),
         )
 
     return main

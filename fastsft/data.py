@@ -414,6 +414,15 @@ def parse_tools(value: Any, where: str) -> list[dict] | None:
         ) from None
 
 
+def parse_messages(value: Any, where: str) -> list[dict]:
+    """Chat messages from outside a data file (a `fastsft serve` request), normalised as a data row's
+    are (tool calls to the template's form, arguments parsed); a DataError naming `where`."""
+    try:
+        return _message_list(value, where, sharegpt=False)
+    except _RowProblem as e:
+        raise DataError(str(e)) from None
+
+
 def _check_answers(messages: list[dict], field_name: str) -> None:
     answers = [(i, m) for i, m in enumerate(messages, start=1) if m["role"] == "assistant"]
     if not answers:

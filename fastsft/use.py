@@ -133,9 +133,26 @@ def _as_messages(prompt) -> list[dict]:
     return list(prompt)
 
 
-def generate_ids(loaded: Loaded, messages, *, max_new_tokens: int = 128, temperature: float = 0.0, tools=None):
+def generate_ids(
+    loaded: Loaded,
+    messages,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    tools=None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    streamer=None,
+    stopping_criteria=None,
+):
     """(new token ids, stopped on an end-of-turn token) for the answer to `messages` (chat messages,
-    or the prompt's token ids, generation prompt included), with `tools` (function definitions)."""
+    or the prompt's token ids, generation prompt included), with `tools` (function definitions).
+
+    Sampling (temperature > 0) keeps the `top_p` nucleus and starts from `seed` when given; `stop`
+    strings end the generation too (the text still holds them: the caller cuts it); `streamer` (a
+    transformers streamer) receives the tokens as they come; `stopping_criteria` (a list of
+    transformers StoppingCriteria) can end it early, e.g. when a client goes away."""
     import torch
 
     from .export import chat_ids
@@ -153,9 +170,19 @@ def generate_ids(loaded: Loaded, messages, *, max_new_tokens: int = 128, tempera
         pad_token_id=loaded.tokenizer.pad_token_id,
     )
     if temperature and temperature > 0:
-        kwargs.update(do_sample=True, temperature=float(temperature), top_p=1.0, top_k=0)
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=loaded.tokenizer)
+    if streamer is not None:
+        kwargs["streamer"] = streamer
+    if stopping_criteria:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
     with torch.no_grad():
         out = loaded.model.generate(**kwargs)
     new = out[0, ids.shape[1] :].tolist()
