@@ -8,3 +8,16 @@ cd "$(dirname "$0")/.."
 # TRL 1.15, the newest unsloth accepts: test_trl_versions.py runs a child `fastsft run` with it first
 # on the path (the core resolves to TRL 1.16).
 [ -d .cache/trl-1.15/trl ] || pip install -q --no-deps --target .cache/trl-1.15 trl==1.15.0
+
+# Debian's chromium and its chromedriver: test_serve.py drives the chat page of `fastsft serve` in
+# headless Chromium through Selenium (never a browser download: Selenium is pointed at these binaries).
+if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
+  if [ "$SUDO" != none ] && command -v apt-get >/dev/null; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "note: chromium and chromium-driver are not installed and this user cannot apt-get them;" \
+         "the browser test of tests/test_serve.py will be skipped" >&2
+  fi
+fi
