@@ -250,7 +250,7 @@ def parse_tool_calls(text: str, tools: list[dict]) -> list[dict] | None:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     prompt_ids: list[int]
     params: Params
@@ -274,6 +274,7 @@ class Engine:
         self.loaded = loaded
         self.max_queue = max_queue
         self.pending = 0  # admitted and not finished (the running one included); touched on the event loop
+        self.active: set[Job] = set()  # submitted jobs, cancelled all at once when the server stops
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsft-generate")
         self.has_base = hasattr(loaded.model, "disable_adapter") and loaded.kind in ("run", "adapter")
         cfg = getattr(loaded.model, "config", None)
@@ -391,7 +392,17 @@ class Engine:
         return Result(ids, ended, len(job.prompt_ids))
 
     async def run(self, job: Job) -> Result:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self._run, job)
+        self.active.add(job)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._run, job)
+        finally:
+            self.active.discard(job)
+
+    def stop(self) -> None:
+        """Cancel what runs and waits (each stops at its next token), so that the process can exit."""
+        for job in list(self.active):
+            job.cancel.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def decode(self, ids: list[int], *, special: bool = False) -> str:
         return self.loaded.tokenizer.decode(ids, skip_special_tokens=not special)
@@ -753,7 +764,7 @@ def serve(model_ref, settings: ServeSettings, *, console=None) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        app.state.engine.executor.shutdown(wait=False, cancel_futures=True)
+        app.state.engine.stop()
 
 
 __all__ = ["serve", "create_app", "ServeSettings", "APIError", "parse_tool_calls", "cut_at_stop"]

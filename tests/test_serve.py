@@ -225,6 +225,15 @@ def test_tools_reach_the_template_and_bad_tools_are_refused(client, server):
     assert (
         with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 20
     )  # the definitions are in the prompt
+    # a whole round: the call (arguments as the JSON string OpenAI clients send) and the tool's result
+    round_trip = [
+        {"role": "user", "content": "What colour is a banana?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+         "function": {"name": "get_colour", "arguments": '{"thing": "banana"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "yellow"},
+    ]  # fmt: skip
+    r = client.chat.completions.create(model=server["model"], messages=round_trip, tools=tools, max_tokens=8)
+    assert r.usage.prompt_tokens > with_tools.usage.prompt_tokens and r.choices[0].finish_reason
     with pytest.raises(openai.BadRequestError) as e:
         _ask(client, server["model"], tools=[{"type": "function", "function": {"description": "no name"}}])
     assert (
@@ -317,6 +326,26 @@ def test_concurrent_clients_are_all_answered_correctly(client, server):
     assert not errors, errors
     assert results == expected
     assert time.time() - t0 < 180
+
+
+def test_a_client_that_goes_away_frees_the_model(client, server):
+    """A stream closed after its first piece stops the generation at the next token: the next request
+    does not wait for the 1000 tokens nobody reads."""
+    import httpx
+
+    body = {"model": server["base"], "max_tokens": 1000, "stream": True,
+            "messages": [{"role": "user", "content": PROMPT}]}  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream(
+        "POST", server["url"] + "/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break
+    t = time.time()
+    r = _ask(client, server["model"], max_tokens=16)
+    assert r.choices[0].message.content and time.time() - t < 10
 
 
 def test_a_full_queue_is_answered_503_at_once_and_the_rest_still_answered(server):
