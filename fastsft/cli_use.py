@@ -216,7 +216,7 @@ def register(main: click.Group) -> click.Group:
         \b
         Example:
           fastsft serve runs/tiny                  # then open http://127.0.0.1:8000/
-          fastsft serve runs/tiny/export-merged --port 8080 --api-key "$(openssl rand -hex 16)"
+          FASTSFT_API_KEY=s3cret fastsft serve runs/tiny/export-merged --host 0.0.0.0 --port 8080
         """
         from .serve import ServeSettings, serve
 

@@ -302,14 +302,10 @@ class Engine:
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
         from .export import chat_ids
 
+        tok = self.loaded.tokenizer
         try:
-            ids = chat_ids(self.loaded.tokenizer, messages, add_generation_prompt=True, tools=tools)[
-                0
-            ].tolist()
-            if (
-                tools
-                and ids == chat_ids(self.loaded.tokenizer, messages, add_generation_prompt=True)[0].tolist()
-            ):
+            ids = chat_ids(tok, messages, add_generation_prompt=True, tools=tools)[0].tolist()
+            if tools and ids == chat_ids(tok, messages, add_generation_prompt=True)[0].tolist():
                 raise APIError(
                     400,
                     "`tools`: this model's chat template does not write tools into the prompt, so the model "
