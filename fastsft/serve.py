@@ -463,6 +463,16 @@ def create_app(loaded, settings: ServeSettings):
             )
 
     async def read_json(request: Request) -> dict:
+        # JSON only: a form or text/plain POST is what another web site can make a browser send
+        # without asking (no CORS preflight), so it is refused before anything runs.
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise APIError(
+                415,
+                f"Content-Type {media or '(none)'}: send the request as JSON with `Content-Type: "
+                "application/json` (curl: -H 'Content-Type: application/json').",
+                code="unsupported_media_type",
+            )
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
             raise APIError(
@@ -704,7 +714,21 @@ def create_app(loaded, settings: ServeSettings):
         Route("/fastsft/report", api(report)),
         Route("/fastsft/loss.png", api(loss_png)),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    middleware = []
+    if settings.host in LOOPBACK:
+        # A loopback server answers only to loopback names: a web page whose own name is made to resolve
+        # to 127.0.0.1 (DNS rebinding) is refused instead of reading the API as if it were the page.
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        middleware.append(
+            Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"])
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+    )
     app.state.engine = engine
     app.state.model_ids = [m for m in (name, base_name) if m]
     return app

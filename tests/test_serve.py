@@ -275,6 +275,21 @@ def test_errors_have_openais_shape(client, server):
     assert status == 413 and body["error"]["code"] == "request_too_large"
 
 
+def test_what_another_web_site_could_send_is_refused(server):
+    """A loopback server without a key must not be usable from other sites in the user's browser: a
+    text/plain POST (no CORS preflight) is refused, and so is a Host that is not a loopback name."""
+    body = json.dumps({"model": server["model"], "messages": [{"role": "user", "content": PROMPT}]}).encode()
+    req = urllib.request.Request(server["url"] + "/v1/chat/completions", data=body, method="POST",
+                                 headers={"Content-Type": "text/plain", "Authorization": f"Bearer {KEY}"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 415 and json.loads(e.value.read())["error"]["code"] == "unsupported_media_type"
+    req = urllib.request.Request(server["url"] + "/v1/models", headers={"Host": "attacker.example"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400
+
+
 def test_bearer_token_is_required(server):
     import openai
     from openai import OpenAI
