@@ -466,6 +466,35 @@ def test_chat_page_streams_answers_and_compares_with_the_base(server, client, tm
         driver.quit()
 
 
+def test_a_merged_export_is_served_alone(trained_run, tmp_path):
+    """A merged export has no adapter to disable: one model id, no report, the same greedy answer as
+    the run's fine-tuned model (in process, through Starlette's test client)."""
+    from starlette.testclient import TestClient
+
+    from fastsft.export import export_run
+    from fastsft.serve import ServeSettings, create_app
+    from fastsft.use import generate, load_for_use
+
+    merged = export_run(trained_run, fmt="merged", to=tmp_path / "merged", dtype="fp32")
+    app = create_app(load_for_use(merged), ServeSettings(model_name="merged"))
+    with TestClient(app, base_url="http://127.0.0.1") as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["merged"]
+        info = http.get("/fastsft/info").json()
+        assert info["base_model"] is None and info["report"] is False and info["kind"] == "model"
+        r = http.post(
+            "/v1/chat/completions",
+            json={"model": "merged", "messages": [{"role": "user", "content": PROMPT}]},
+        )
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == generate(trained_run, PROMPT)
+        r = http.post(
+            "/v1/chat/completions",
+            json={"model": "merged:base", "messages": [{"role": "user", "content": "x"}]},
+        )
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert http.get("/fastsft/report").status_code == 404
+
+
 # ----------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------
