@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
@@ -201,8 +200,10 @@ def materialize(name: str) -> Path:
     folder = cache_root() / "builtin" / f"{short}-v{BUILTIN_VERSION}"
     if (folder / "config.json").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{short}-", dir=folder.parent))
+    from ..files import make_dir, temp_dir
+
+    make_dir(folder.parent)
+    tmp = temp_dir(folder.parent, f".{short}-")
     try:
         tokenizer = _train_tokenizer()
         cls_name, extra = TINY_CONFIGS[short]

@@ -1,0 +1,237 @@
+"""Writing files safely: the one place fastsft writes run files, checkpoints' staging, exports and caches.
+
+- Atomic: a file is written under a temporary name beside its target, flushed, then renamed over it,
+  so a reader sees the old file or the new one, never half of one.
+- No symlinks: a target (or a folder on the way) that is a symbolic link is refused, so a link planted
+  in a run directory cannot redirect a write outside it.
+- The umask: files get 0666 and folders 0777 minus the process's umask, as `open` and `mkdir` would
+  (Python's `mkstemp` / `mkdtemp` make 0600 / 0700 whatever the umask says).
+- A write that fails (ENOSPC, EIO...) raises `WriteFailed`, a fastsft error that names the file and
+  the cause; the target keeps its previous content.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import FastSFTError
+
+
+class WriteFailed(FastSFTError):
+    """A file or folder could not be written (disk full, permission, a symlink in the way)."""
+
+
+def umask() -> int:
+    """The process's umask (read without changing it where the kernel tells it, else set and reset)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~umask()
+
+
+def refuse_symlink(path: str | Path, what: str = "") -> None:
+    """WriteFailed when `path` is a symbolic link (dangling or not)."""
+    p = Path(path)
+    if p.is_symlink():
+        raise WriteFailed(
+            f"{p} is a symbolic link (to {os.readlink(p)}); fastsft never writes through a link. "
+            f"Remove the link{' ' + what if what else ''} or choose another folder."
+        )
+
+
+def describe_os_error(e: OSError, path: str | Path) -> str:
+    if e.errno == errno.ENOSPC:
+        cause = "the disk is full"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        cause = "permission denied"
+    elif e.errno == errno.EDQUOT:
+        cause = "the disk quota is exceeded"
+    else:
+        cause = e.strerror or type(e).__name__
+    return f"cannot write {path}: {cause}"
+
+
+def is_write_error(e: BaseException) -> bool:
+    """An OSError, or a library's wrapping of one (safetensors' SafetensorError "IoError(Os { code: 28 ..."),
+    for a disk that is full or a quota that is exceeded."""
+    if isinstance(e, WriteFailed):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+    text = str(e)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def make_dir(path: str | Path) -> Path:
+    """mkdir -p, refusing symlinks on the way; the new folders honour the umask."""
+    p = Path(path)
+    refuse_symlink(p)
+    try:
+        p.mkdir(parents=True, exist_ok=True)  # mode 0o777, less the umask
+    except OSError as e:
+        raise WriteFailed(describe_os_error(e, p)) from None
+    return p
+
+
+def temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new folder in `parent` (like mkdtemp), named `prefix` + pid + random, with the umask's mode."""
+    parent = Path(parent)
+    refuse_symlink(parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+        os.chmod(tmp, dir_mode())
+    except OSError as e:
+        raise WriteFailed(describe_os_error(e, parent)) from None
+    return tmp
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Atomically replace `path` with `data` (never through a symlink; umask honoured)."""
+    path = Path(path)
+    refuse_symlink(path)
+    refuse_symlink(path.parent)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            _unlink_quietly(tmp)
+        raise WriteFailed(describe_os_error(e, path)) from None
+    except BaseException:
+        if tmp is not None:
+            _unlink_quietly(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line (a `\\n` is added) in one write; never through a symlink. When the write fails
+    the file is cut back to its previous length, so no torn line is left behind."""
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)  # less the umask, applied by the kernel
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_symlink(path)
+        raise WriteFailed(describe_os_error(e, path)) from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise WriteFailed(describe_os_error(e, path)) from None
+    finally:
+        os.close(fd)
+
+
+def apply_umask(folder: str | Path) -> None:
+    """Give the files and folders under `folder` (written by libraries that make them 0600, such as
+    safetensors) the umask's modes; symbolic links are left alone."""
+    fmode, dmode = file_mode(), dir_mode()
+    for root, dirs, names in os.walk(folder):
+        for n in dirs:
+            p = os.path.join(root, n)
+            if not os.path.islink(p):
+                os.chmod(p, dmode)
+        for n in names:
+            p = os.path.join(root, n)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+
+
+def remove_stale(parent: str | Path, prefix: str, *, max_age_s: float = 24 * 3600) -> list[Path]:
+    """Remove folders `prefix<pid>-*` in `parent` left by processes that no longer run (or, without a
+    readable pid, older than `max_age_s`). Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for p in entries:
+        if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+            continue
+        pid_text = p.name[len(prefix) :].split("-", 1)[0]
+        if pid_text.isdigit():
+            stale = not pid_alive(int(pid_text))
+        else:
+            try:
+                stale = now - p.stat().st_mtime > max_age_s
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+__all__ = [
+    "WriteFailed",
+    "write_bytes",
+    "write_text",
+    "append_line",
+    "make_dir",
+    "temp_dir",
+    "refuse_symlink",
+    "remove_stale",
+    "pid_alive",
+    "umask",
+    "apply_umask",
+    "is_write_error",
+]
