@@ -74,9 +74,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "Attention kernel for the transformers backend (auto = sdpa).",
             choices=("auto", "sdpa", "eager", "flash_attention_2"),
         ),
-        "trust_remote_code": Key("bool", False, "Run the model repository's own Python code. Only for repos you trust."),
+        "trust_remote_code": Key(
+            "bool",
+            False,
+            "The model needs its repository's own Python code. Granted only by --trust-remote-code on the command line.",
+        ),
         "allow_pickle": Key(
-            "bool", False, "Allow weights stored as pickle (.bin) files; by default only safetensors are read."
+            "bool",
+            False,
+            "The model's weights are pickle (.bin) files. Read only with --allow-pickle on the command line; "
+            "by default only safetensors are read.",
         ),
     },
     "lora": {
@@ -267,16 +274,14 @@ class Recipe:
         return {name: getattr(self, name).as_dict() for name in SCHEMA}
 
     def to_toml(self) -> str:
-        """The resolved recipe as TOML (every key, defaults included); unset keys are left out."""
-        out = []
-        for section, values in self.as_dict().items():
-            out.append(f"[{section}]")
-            for key, value in values.items():
-                if value is None:
-                    continue
-                out.append(f"{key} = {_toml_value(value)}")
-            out.append("")
-        return "\n".join(out)
+        """The resolved recipe as TOML (every key, defaults included); unset keys are left out. Written
+        by tomli_w, so any string (quotes, control characters, backslashes) reads back as it was."""
+        import tomli_w
+
+        doc = {
+            section: {k: v for k, v in values.items() if v is not None} for section, values in self.as_dict().items()
+        }
+        return tomli_w.dumps(doc)
 
     def with_absolute_paths(self) -> Recipe:
         """The same recipe with its relative file paths made absolute, so that a copy stored elsewhere
@@ -300,20 +305,6 @@ class Recipe:
         raw = copy.deepcopy(self.raw)
         apply_overrides(raw, overrides)
         return validate(raw, path=self.path)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,6 +369,8 @@ def parse(data: bytes | str, *, path: str | None = None) -> dict:
         return tomllib.loads(data)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"invalid TOML: {e}. Check the quoting and brackets on that line.", path=path) from None
+    except RecursionError:
+        raise RecipeError("arrays or tables nested too deeply to be a recipe.", path=path) from None
 
 
 def parse_override(item: str, *, path: str | None = None) -> tuple[str, str, Any]:
@@ -394,6 +387,8 @@ def parse_override(item: str, *, path: str | None = None) -> tuple[str, str, Any
         value = tomllib.loads(f"v = {rhs}")["v"]
     except tomllib.TOMLDecodeError:
         value = rhs
+    except RecursionError:
+        raise RecipeError(f"--set {lhs}=...: the value is nested too deeply", path=path) from None
     return section, key, value
 
 
@@ -452,6 +447,9 @@ def _check_value(section: str, key: str, spec: Key, value: Any) -> tuple[Any, st
         if not isinstance(value, str):
             return value, f"{where}: expected a string, got {_type_name(value)} (quote it: \"...\")"
     elif t == "str_list":
+        if isinstance(value, str) and "," in value:
+            items = ", ".join(f'"{v.strip()}"' for v in value.split(",") if v.strip())
+            return value, f"{where}: {value!r} is one string; for several names write an array: [{items}]"
         if isinstance(value, str):
             pass
         elif not (isinstance(value, list) and all(isinstance(v, str) for v in value)):

@@ -110,3 +110,16 @@ def test_json_schema_covers_every_key():
     for section, keys in R.SCHEMA.items():
         assert set(schema["properties"][section]["properties"]) == set(keys)
     assert schema["properties"]["train"]["properties"]["lr_scheduler_type"]["enum"][0] == "cosine"
+
+
+def test_any_string_in_a_recipe_is_written_back_as_valid_toml(tmp_path):
+    """recipe.toml is written by a TOML writer: control characters, quotes, backslashes and newlines in
+    a --set string read back unchanged."""
+    p = tmp_path / "r.toml"
+    p.write_text(TINY_RECIPE)
+    nasty = 'a\x01b"c\\d\ne\tf\x7f\u2028'
+    r = R.load(p, ["data.chat_template=" + json.dumps(nasty)])  # JSON escapes are TOML escapes
+    assert r.data.chat_template == nasty
+    again = R.validate(R.parse(r.to_toml()))
+    assert again.data.chat_template == nasty
+    assert again.as_dict() == r.as_dict()
