@@ -30,7 +30,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,15 +124,22 @@ def _read_jsonl(name: str, path: Path) -> list[tuple[str, Any]]:
                 continue
             if not line.strip():
                 continue
+            if len(raw) > MAX_ROW_BYTES:
+                rows.append((where, _RowProblem(_too_big(len(raw)))))
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 rows.append((where, _RowProblem(f"not valid JSON: {e.msg} (column {e.colno})")))
                 continue
+            except RecursionError:
+                rows.append((where, _RowProblem("nested too deeply to be a data row (JSON arrays/objects in each other)")))
+                continue
             if not isinstance(obj, dict):
                 rows.append((where, _RowProblem(f"expected a JSON object, got {_json_type(obj)}")))
                 continue
-            rows.append((where, obj))
+            problem = _not_text(obj)
+            rows.append((where, _RowProblem(problem) if problem else obj))
     return rows
 
 
@@ -144,6 +150,8 @@ def _read_json(name: str, path: Path) -> list[tuple[str, Any]]:
         raise DataError(f"{name}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{name} line {e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{name}: nested too deeply to be a data file (JSON arrays/objects in each other)") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]}
     if not isinstance(data, list):
@@ -154,8 +162,46 @@ def _read_json(name: str, path: Path) -> list[tuple[str, Any]]:
         if not isinstance(obj, dict):
             rows.append((where, _RowProblem(f"expected a JSON object, got {_json_type(obj)}")))
         else:
-            rows.append((where, obj))
+            problem = _not_text(obj)
+            rows.append((where, _RowProblem(problem) if problem else obj))
     return rows
+
+
+# One row larger than this is refused (its line named): tokenizing it would take gigabytes of memory
+# (a 50 MB row took 3.5 GB), and max_length keeps only its start anyway.
+MAX_ROW_BYTES = 8 * 2**20
+
+
+def _too_big(n: int) -> str:
+    return (
+        f"{n / 2**20:.1f} MB in one row, over the {MAX_ROW_BYTES // 2**20} MB a row may hold; training keeps only "
+        "its first data.max_length tokens anyway. Split it or shorten it"
+    )
+
+
+def _not_text(obj, depth: int = 0) -> str | None:
+    """Why `obj` (a parsed row) holds something that is not text: a lone surrogate such as "\\ud800" (a
+    half of a UTF-16 pair, which no tokenizer can encode), or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (
+                f"a lone surrogate ({obj[e.start]!r} at character {e.start + 1} of {_short(obj)!r}) is not text; "
+                "write the character itself or its full UTF-16 pair (\\ud83d\\ude00)"
+            )
+        return None
+    if isinstance(obj, dict):
+        items = list(obj.keys()) + list(obj.values())
+    elif isinstance(obj, list):
+        items = obj
+    else:
+        return None
+    for v in items:
+        problem = _not_text(v, depth + 1)
+        if problem:
+            return problem
+    return None
 
 
 def _read_parquet(name: str, path: Path) -> list[tuple[str, Any]]:
@@ -287,7 +333,7 @@ def _maybe_json(value: Any) -> Any:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
         if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
             return parsed
@@ -351,6 +397,8 @@ def _parse_json(value: Any, what: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError as e:
         raise _RowProblem(f"{what} is not valid JSON ({e}): {_short(value)!r}") from None
+    except RecursionError:
+        raise _RowProblem(f"{what} is nested too deeply") from None
 
 
 def _tool_calls(value: Any, where: str) -> list[dict]:
@@ -781,7 +829,13 @@ class _Encoder:
 
     # -- any row
     def encode(self, row: dict) -> tuple[list[int], list[int]]:
-        ids, mask = self._encode(row)
+        from jinja2 import TemplateError
+
+        try:
+            ids, mask = self._encode(row)
+        except (TemplateError, OverflowError, RecursionError, MemoryError) as e:
+            # jinja's sandbox refuses range(10**8) with an OverflowError; a template can recurse forever
+            raise _RowProblem(f"the chat template fails on this row: {type(e).__name__}: {e}") from None
         self.check_tools(row, ids)
         return ids, mask
 
@@ -864,7 +918,9 @@ def _short(text: str, n: int = 60) -> str:
 
 def _hash_source(h, value: str, recipe) -> None:
     path = recipe.resolve_path(value)
-    h.update(f"source:{value}\n".encode())
+    # a local file counts by its bytes, not by how the recipe spells its path (relative in the recipe,
+    # absolute in the run directory's copy: a resume must see the same fingerprint)
+    h.update(b"source:local\n" if path.exists() else f"source:{value}\n".encode())
     if path.is_file():
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -924,9 +980,14 @@ def _cache_load(fingerprint: str):
 
 
 def _cache_save(fingerprint: str, train, ev, stats: dict) -> None:
+    from .files import WriteFailed, make_dir, temp_dir
+
     folder = _cache_dir(fingerprint)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}-", dir=folder.parent))
+    try:
+        make_dir(folder.parent)
+        tmp = temp_dir(folder.parent, f".{fingerprint}-")
+    except WriteFailed:
+        return  # the cache is an optimisation: no space (or no permission) for it, no cache
     try:
         train.save_to_disk(str(tmp / "train"))
         if ev is not None:
@@ -936,6 +997,8 @@ def _cache_save(fingerprint: str, train, ev, stats: dict) -> None:
             tmp.replace(folder)
         except OSError:
             pass  # another process wrote it first: the same content
+    except OSError:
+        pass  # a full disk while writing the cache: the run goes on without it
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
