@@ -13,16 +13,17 @@ import sys
 
 import click
 
+from .cli_use import make_policy, policy_options
 from .errors import FastSFTError
 
 SET_HELP = "Override a recipe key, parsed as a TOML value: --set train.learning_rate=1e-4 (repeatable)."
 
 
-def _fail(message: str, code: int = 2):
+def _fail(message: str, code: int = 2, *, label: str = "error: ", style: str = "bold red"):
     from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True).print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
+    Console(stderr=True).print(Text(label, style=style) + Text(message), highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -32,9 +33,11 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FastSFTError as e:
-            _fail(str(e), e.exit_code)
+            if e.is_error:
+                _fail(str(e), e.exit_code)
+            _fail(str(e), e.exit_code, label="stopped: ", style="bold yellow")  # a stop the user asked for
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted", 130, label="stopped: ", style="bold yellow")
 
     return wrapper
 
@@ -55,7 +58,11 @@ def main():
 @click.argument("recipe", type=click.Path(dir_okay=False), required=False)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), help="Run directory (default runs/<recipe>-<time>).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty run directory.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the fastsft run in --output-dir (only a run; deleted once the new run has started).",
+)
 @click.option(
     "--resume",
     "resume_dir",
@@ -68,8 +75,14 @@ def main():
     type=click.IntRange(min=1),
     help="Run as N data-parallel processes on this machine (DDP through torchrun; N GPUs, or CPU with gloo).",
 )
+@click.option(
+    "--allow-data-change",
+    is_flag=True,
+    help="With --resume: continue although the training data changed since the run started.",
+)
+@policy_options
 @handle_errors
-def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc):
+def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc, allow_data_change, trust_remote_code, allow_pickle):
     """Train a LoRA adapter as RECIPE says and write a run directory.
 
     \b
@@ -84,6 +97,7 @@ def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc):
     from . import dist, train
     from . import recipe as recipe_mod
 
+    policy = make_policy(trust_remote_code, allow_pickle)
     wanted = None
     if nproc is None and dist.world_size() == 1:
         # [distributed] num_processes > 1 in the recipe launches the ranks, like --launch N
@@ -107,6 +121,9 @@ def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc):
         argv = ["run"] + ([recipe] if recipe else [])
         for item in overrides:
             argv += ["--set", item]
+        argv += ["--allow-data-change"] if allow_data_change else []
+        argv += ["--trust-remote-code"] if trust_remote_code else []
+        argv += ["--allow-pickle"] if allow_pickle else []
         if resume_dir:
             argv += ["--resume", resume_dir]
         else:
@@ -120,12 +137,12 @@ def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc):
         if output_dir or overwrite:
             raise click.UsageError("--resume continues the run in its own folder; drop --output-dir / --overwrite")
         r = train.resume_recipe(resume_dir, recipe, list(overrides))
-        train.run(r, output_dir=resume_dir, resume=True)
+        train.run(r, output_dir=resume_dir, resume=True, policy=policy, allow_data_change=allow_data_change)
         return
     if recipe is None:
         raise click.UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
     r = recipe_mod.load(recipe, list(overrides))
-    train.run(r, output_dir=output_dir, overwrite=overwrite)
+    train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
 
 
 @main.command()
@@ -188,8 +205,9 @@ def data():
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @click.option("-n", "n", default=3, show_default=True, help="Examples to show.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per example on stdout, nothing else.")
+@policy_options
 @handle_errors
-def preview(recipe, overrides, n, as_json):
+def preview(recipe, overrides, n, as_json, trust_remote_code, allow_pickle):
     """Render the first N training examples with the tokens that carry loss highlighted, then stats.
 
     \b
@@ -204,7 +222,7 @@ def preview(recipe, overrides, n, as_json):
     from . import recipe as recipe_mod
 
     r = recipe_mod.load(recipe, list(overrides))
-    tokenizer = backends.load_tokenizer(r)
+    tokenizer = backends.load_tokenizer(r, policy=make_policy(trust_remote_code, allow_pickle))
     data_mod.preview(r, tokenizer, n=n, as_json=as_json, console=Console(stderr=as_json))
 
 

@@ -38,6 +38,29 @@ def _handle_errors():
         return handle_errors
 
 
+def policy_options(fn):
+    """--trust-remote-code and --allow-pickle: what loading a model may do (backends.LoadPolicy), the same
+    for every command that loads one. A recipe or a received folder never grants them."""
+    fn = click.option(
+        "--allow-pickle",
+        is_flag=True,
+        help="Read pickle (.bin) weights, which can run code when loaded (default: safetensors only).",
+    )(fn)
+    fn = click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        help="Let the model's repository run its own Python code (needed when the recipe sets "
+        "[model] trust_remote_code = true). Only for code you trust.",
+    )(fn)
+    return fn
+
+
+def make_policy(trust_remote_code: bool, allow_pickle: bool):
+    from .backends import LoadPolicy
+
+    return LoadPolicy(trust_remote_code=bool(trust_remote_code), allow_pickle=bool(allow_pickle))
+
+
 tools_option = click.option(
     "--tools",
     "tools_file",
@@ -73,9 +96,10 @@ def register(main: click.Group) -> click.Group:
         show_default=True,
         help="dtype of merged and GGUF weights.",
     )
-    @click.option("--overwrite", is_flag=True, help="Replace an existing destination folder.")
+    @click.option("--overwrite", is_flag=True, help="Replace an existing export folder (never a run or other files).")
+    @policy_options
     @handle_errors
-    def export_cmd(run_dir, fmt, to, dtype, overwrite):
+    def export_cmd(run_dir, fmt, to, dtype, overwrite, trust_remote_code, allow_pickle):
         """Export the run in RUN_DIR as a merged model, an adapter or a GGUF file.
 
         A merged export is reloaded and checked against base + adapter (export.json holds the numbers);
@@ -87,7 +111,8 @@ def register(main: click.Group) -> click.Group:
         """
         from .export import export_run
 
-        path = export_run(run_dir, fmt=fmt, to=to, dtype=dtype, overwrite=overwrite)
+        policy = make_policy(trust_remote_code, allow_pickle)
+        path = export_run(run_dir, fmt=fmt, to=to, dtype=dtype, overwrite=overwrite, policy=policy)
         click.echo(str(path))
 
     @main.command("generate")
@@ -104,8 +129,9 @@ def register(main: click.Group) -> click.Group:
         help="0 = greedy; above 0 samples.",
     )
     @tools_option
+    @policy_options
     @handle_errors
-    def generate_cmd(model, prompt, max_new_tokens, temperature, tools_file):
+    def generate_cmd(model, prompt, max_new_tokens, temperature, tools_file, trust_remote_code, allow_pickle):
         """Answer one prompt with MODEL: a run directory, an adapter or a merged export.
 
         \b
@@ -115,7 +141,9 @@ def register(main: click.Group) -> click.Group:
         from .use import generate, read_tools
 
         tools = read_tools(tools_file)
-        click.echo(generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, tools=tools))
+        policy = make_policy(trust_remote_code, allow_pickle)
+        answer = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, tools=tools, policy=policy)
+        click.echo(answer)
 
     @main.command("chat")
     @click.argument("model", type=click.Path())
@@ -131,8 +159,9 @@ def register(main: click.Group) -> click.Group:
     )
     @click.option("--system", default=None, help="A system message to start the conversation with.")
     @tools_option
+    @policy_options
     @handle_errors
-    def chat_cmd(model, max_new_tokens, temperature, system, tools_file):
+    def chat_cmd(model, max_new_tokens, temperature, system, tools_file, trust_remote_code, allow_pickle):
         """Talk with MODEL in the terminal; the conversation is kept. /exit quits, /reset starts over.
 
         \b
@@ -142,7 +171,8 @@ def register(main: click.Group) -> click.Group:
         from .use import chat, read_tools
 
         tools = read_tools(tools_file)
-        chat(model, max_new_tokens=max_new_tokens, temperature=temperature, system=system, tools=tools)
+        policy = make_policy(trust_remote_code, allow_pickle)
+        chat(model, max_new_tokens=max_new_tokens, temperature=temperature, system=system, tools=tools, policy=policy)
 
     @main.command("eval")
     @click.argument("run_or_model", type=click.Path())
@@ -173,8 +203,9 @@ def register(main: click.Group) -> click.Group:
         type=click.IntRange(min=1),
         help="Budget per checked answer.",
     )
+    @policy_options
     @handle_errors
-    def eval_cmd(run_or_model, data_file, json_out, n_gen, max_new_tokens):
+    def eval_cmd(run_or_model, data_file, json_out, n_gen, max_new_tokens, trust_remote_code, allow_pickle):
         """Held-out loss, perplexity and chat-template compliance of a run or a model.
 
         \b
@@ -185,7 +216,12 @@ def register(main: click.Group) -> click.Group:
         from .use import evaluate
 
         evaluate(
-            run_or_model, data_file=data_file, n_gen=n_gen, max_new_tokens=max_new_tokens, json_out=json_out
+            run_or_model,
+            data_file=data_file,
+            n_gen=n_gen,
+            max_new_tokens=max_new_tokens,
+            json_out=json_out,
+            policy=make_policy(trust_remote_code, allow_pickle),
         )
 
     @main.command("serve")
@@ -238,4 +274,4 @@ def register(main: click.Group) -> click.Group:
     return main
 
 
-__all__ = ["register"]
+__all__ = ["register", "policy_options", "make_policy"]

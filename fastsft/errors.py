@@ -11,6 +11,7 @@ class FastSFTError(Exception):
     """Base of the errors that are the user's to fix."""
 
     exit_code = 2
+    is_error = True  # printed as "error: ..."; False for a stop the user asked for
 
 
 class RecipeError(FastSFTError):
@@ -50,9 +51,18 @@ class TrainingStopped(FastSFTError):
 
 
 class Interrupted(TrainingStopped):
-    """SIGINT / SIGTERM: a checkpoint was written and the resume command printed."""
+    """SIGINT / SIGTERM: a checkpoint was written and the resume command printed. Exits as a shell
+    reports a process ended by that signal: 130 (SIGINT), 143 (SIGTERM). A stop the user asked for,
+    not an error."""
 
     exit_code = 130
+    is_error = False
+
+    def __init__(self, message: str, *, signal_name: str = "SIGINT"):
+        import signal
+
+        super().__init__(message)
+        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
 
 
 class OutOfMemory(TrainingStopped):

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import guard
+from . import files, guard
 from .errors import ExportError
 from .rundir import ADAPTER, RECIPE, RUN_JSON
 
@@ -80,13 +80,17 @@ class RunInfo:
     base_path: str  # what from_pretrained reads for the base model
     train_dtype: str  # compute dtype of the run: bf16 | fp16 | fp32
     load_in_4bit: bool
-    trust_remote_code: bool
+    trust_remote_code: bool  # granted by the command line (backends.LoadPolicy), never by the recipe
+    allow_pickle: bool = False
 
 
-def read_run(run_dir: str | Path) -> RunInfo:
-    """The run directory's recipe, run.json and base model, or an ExportError saying what is missing."""
+def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
+    """The run directory's recipe, run.json and base model, or an ExportError saying what is missing.
+    `policy` (backends.LoadPolicy, default: neither remote code nor pickle) is what loading may do."""
     from . import recipe as recipe_mod
-    from .backends import compute_dtype, resolve_model_path
+    from .backends import LoadPolicy, compute_dtype, resolve_model_path
+
+    policy = policy or LoadPolicy()
 
     path = Path(run_dir)
     if not path.is_dir():
@@ -106,6 +110,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
         except (OSError, json.JSONDecodeError) as e:
             raise ExportError(f"{path / RUN_JSON} cannot be read: {e}") from None
     recipe = recipe_mod.load(path / RECIPE) if (path / RECIPE).exists() else None
+    if recipe is not None:
+        policy.check_recipe(recipe, where=str(path / RECIPE))
 
     recorded = run_json.get("model_path")
     base_path = None
@@ -132,7 +138,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
         base_path=str(base_path),
         train_dtype=train_dtype,
         load_in_4bit=bool(recipe.model.load_in_4bit) if recipe is not None else False,
-        trust_remote_code=bool(recipe.model.trust_remote_code) if recipe is not None else False,
+        trust_remote_code=policy.trust_remote_code,
+        allow_pickle=policy.allow_pickle,
     )
 
 
@@ -147,14 +154,20 @@ def torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_base(path: str, dtype: str, *, load_in_4bit: bool = False, trust_remote_code: bool = False):
-    """The base model in `dtype`, or in 4-bit NF4 (as `fastsft run` trains it) with `dtype` compute."""
+def load_base(
+    path: str, dtype: str, *, load_in_4bit: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False
+):
+    """The base model in `dtype`, or in 4-bit NF4 (as `fastsft run` trains it) with `dtype` compute.
+    Remote code and pickle weights only when granted (backends.LoadPolicy)."""
     from transformers import AutoModelForCausalLM
 
+    from .backends import LoadPolicy
     from .backends.transformers import nf4_config
 
+    policy = LoadPolicy(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    policy.check_weights(path, "the base model")
     tdtype = torch_dtype(dtype)
-    kwargs = dict(dtype=tdtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=tdtype, **policy.from_pretrained_kwargs())
     if load_in_4bit:
         kwargs["quantization_config"] = nf4_config(tdtype)
         import torch
@@ -169,8 +182,12 @@ def load_base(path: str, dtype: str, *, load_in_4bit: bool = False, trust_remote
     return model
 
 
-def attach_adapter(base, adapter_dir: str | Path):
+def attach_adapter(base, adapter_dir: str | Path, *, allow_pickle: bool = False):
     from peft import PeftModel
+
+    from .backends import LoadPolicy
+
+    LoadPolicy(allow_pickle=allow_pickle).check_weights(adapter_dir, "the adapter")
 
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
@@ -303,28 +320,29 @@ def export_run(
     dtype: str = "bf16",
     overwrite: bool = False,
     console=None,
+    policy=None,
 ) -> Path:
     """Export the run in `run_dir` as `fmt` (merged | adapter | gguf) into `to`
-    (default RUN_DIR/export-<fmt>) and return that folder. Raises ExportError."""
+    (default RUN_DIR/export-<fmt>) and return that folder. `policy` (backends.LoadPolicy) is what loading
+    the base model may do. Raises ExportError."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}.")
     if dtype not in DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
-    run = read_run(run_dir)
+    run = read_run(run_dir, policy=policy)
     target = Path(to) if to is not None else run.path / f"export-{fmt}"
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"{target} is a file, not a folder; nothing was changed. Choose another --to.")
-    if target.exists() and not overwrite:
-        raise ExportError(
-            f"{target} already exists; nothing was changed. "
-            "Pass --overwrite to replace it, or choose another --to."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(target, run.path, overwrite=overwrite)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--to {target}: {files.describe_os_error(e, target.parent)}") from None
+    files.remove_stale(target.parent, f".{target.name}.tmp-")  # left by killed exports
+    files.remove_stale(target.parent, f".{target.name}.old-")
     if fmt != "adapter":
         need = export_bytes(run, dtype)
         if need is not None:  # before loading anything: a full disk would fail at the very end
             guard.check_disk(target.parent, need, f"the {fmt} export ({dtype})", flag="--to", error=ExportError)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = files.temp_dir(target.parent, f".{target.name}.tmp-")
     old = None
     try:
         what = fmt if fmt == "adapter" else f"{fmt} ({dtype})"
@@ -346,14 +364,28 @@ def export_run(
             "seconds": round(time.perf_counter() - t0, 2),
             **record,
         }
-        (tmp / EXPORT_JSON).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        files.write_text(tmp / EXPORT_JSON, json.dumps(record, indent=2, default=str) + "\n")
+        files.apply_umask(tmp)
         if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{int(time.time())}"
-            os.replace(target, old)
+            old = files.temp_dir(target.parent, f".{target.name}.old-")
+            os.replace(target, old / "export")
         os.replace(tmp, target)
+    except Exception as e:  # ENOSPC, EIO... while writing: nothing is left half-written
+        if not files.is_write_error(e) or isinstance(e, ExportError):
+            if old is not None and (old / "export").exists() and not target.exists():
+                os.replace(old / "export", target)
+            raise
+        if old is not None and (old / "export").exists() and not target.exists():
+            os.replace(old / "export", target)  # put the previous export back
+        where = getattr(e, "filename", None) or tmp
+        cause = files.describe_os_error(e, where) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
+        raise ExportError(
+            f"the {fmt} export to {target} failed: {cause}; nothing was written"
+            f"{' and the previous export is kept' if target.exists() else ''}. Free some space or choose another --to."
+        ) from None
     except BaseException:
-        if old is not None and old.exists() and not target.exists():
-            os.replace(old, target)  # put the previous export back
+        if old is not None and (old / "export").exists() and not target.exists():
+            os.replace(old / "export", target)  # put the previous export back
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,6 +393,46 @@ def export_run(
             shutil.rmtree(old, ignore_errors=True)
     _print(console, f"exported {fmt}: {target}", style="green")
     return target
+
+
+def check_destination(target: Path, run_path: Path, *, overwrite: bool) -> None:
+    """Refuse a --to that would lose data: a symbolic link, a file, the run being exported or a folder
+    holding it, a folder holding any fastsft run, or (even with `overwrite`) anything but an earlier
+    export. Nothing is changed when refused."""
+    from .rundir import is_run_dir
+
+    if target.is_symlink():
+        raise ExportError(f"--to {target} is a symbolic link; fastsft never writes through a link. Choose another --to.")
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"{target} is a file, not a folder; nothing was changed. Choose another --to.")
+    t, r = target.resolve(), run_path.resolve()
+    if t == r or t in r.parents:
+        raise ExportError(
+            f"--to {target} is the run being exported{'' if t == r else ' or a folder that holds it'}; "
+            f"nothing was changed. Choose a new folder, e.g. {run_path / 'export-merged'}."
+        )
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(
+            f"{target} already exists; nothing was changed. "
+            "Pass --overwrite to replace it, or choose another --to."
+        )
+    if not (target / EXPORT_JSON).is_file() or is_run_dir(target) or _holds_a_run(target):
+        raise ExportError(
+            f"--to {target} holds files that are not a fastsft export; nothing was changed. --overwrite only "
+            "ever replaces an earlier export: choose another --to."
+        )
+
+
+def _holds_a_run(folder: Path, limit: int = 10000) -> bool:
+    """Whether a fastsft run directory lies anywhere under `folder` (looked for in at most `limit` folders)."""
+    for n, (_root, _dirs, names) in enumerate(os.walk(folder)):
+        if RUN_JSON in names and RECIPE in names:
+            return True
+        if n > limit:
+            return True  # too big to tell: refuse rather than guess
+    return False
 
 
 def export_bytes(run: RunInfo, dtype: str) -> int | None:
@@ -402,7 +474,7 @@ def merge(run: RunInfo, dtype: str):
             "bake quantisation error into the export. Point [model] name in "
             f"{run.path / RECIPE} at the 16-bit original of that model and export again."
         )
-    base = load_base(run.base_path, dtype, trust_remote_code=run.trust_remote_code)
+    base = load_base(run.base_path, dtype, trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle)
     model = attach_adapter(base, run.adapter)
     return model.merge_and_unload()
 
@@ -431,7 +503,8 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     # Parity: the reloaded folder against base + adapter, both in fp32.
     inputs = sample_inputs(tokenizer, run.run_json)
     ref_model = attach_adapter(
-        load_base(run.base_path, "fp32", trust_remote_code=run.trust_remote_code), run.adapter
+        load_base(run.base_path, "fp32", trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle),
+        run.adapter,
     )
     ref = logits_of(ref_model, inputs)
     with ref_model.disable_adapter():
@@ -472,7 +545,11 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
         try:
             trained = attach_adapter(
                 load_base(
-                    run.base_path, run.train_dtype, load_in_4bit=True, trust_remote_code=run.trust_remote_code
+                    run.base_path,
+                    run.train_dtype,
+                    load_in_4bit=True,
+                    trust_remote_code=run.trust_remote_code,
+                    allow_pickle=run.allow_pickle,
                 ),
                 run.adapter,
             )

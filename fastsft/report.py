@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from .rundir import LOSS_PNG, REPORT, RunDir
 
 
@@ -27,8 +29,10 @@ def plot_loss(run: RunDir) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run / LOSS_PNG)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    run.write_bytes(LOSS_PNG, buf.getvalue())  # atomic, never through a symlink
     return True
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backends, report
+from .files import WriteFailed, apply_umask, is_write_error, make_dir, write_text
 from .rundir import ADAPTER, METRICS, RECIPE, RUN_JSON, RunDir, default_path
 
 
@@ -216,6 +217,14 @@ def make_trainer_class():
             self.model_accepts_loss_kwargs = True
             self.tokens_seen = 0
             self._tokens_local = None
+            # Totals of the whole run, across resumes: the earlier segments' (from the checkpoint's
+            # TOTALS file) plus this one's. loss_sum is the sum of the optimizer steps' losses.
+            self.totals_before = {"loss_sum": 0.0, "tokens": 0, "train_seconds": 0.0}
+            self._loss_sum = None
+            self.segment_start = None  # time.perf_counter() when this segment's training began
+            # Held-out loss as the token-weighted mean over every scored token (not a mean of batch means)
+            self._eval_nll = None
+            self._eval_tokens = None
             # our progress line replaces the Trainer's raw log dicts and tqdm bars
             from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -229,17 +238,64 @@ def make_trainer_class():
                 loss = loss * self.accelerator.num_processes
             if model.training and self.nonfinite_guard is not None:
                 self.nonfinite_guard.observe_loss(loss)
+            if model.training:
+                import torch
+
+                d = loss.detach().float()
+                d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # a skipped step adds nothing
+                self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
             if model.training and "attention_mask" in inputs:
                 # counted on the device; read (one sync, one all-reduce) only when a row is logged
                 n = inputs["attention_mask"].sum()
                 self._tokens_local = n if self._tokens_local is None else self._tokens_local + n
+            if not model.training and "labels" in inputs:
+                from .loss import shift_left
+
+                # the route's loss is the mean over this batch's scored tokens: weight it by their count
+                n = (shift_left(inputs["labels"]) != -100).sum()
+                nll = loss.detach().float() * n
+                self._eval_nll = nll if self._eval_nll is None else self._eval_nll + nll
+                self._eval_tokens = n if self._eval_tokens is None else self._eval_tokens + n
             return (loss, outputs) if return_outputs else loss
+
+        def segment_tokens(self) -> int:
+            """Tokens trained on in this segment, over every rank (a collective: all ranks call it)."""
+            if self._tokens_local is None:
+                return 0
+            return int(self.accelerator.reduce(self._tokens_local.detach().clone(), "sum"))
+
+        def totals(self) -> dict:
+            """The whole run's totals up to now (a collective: all ranks call it)."""
+            import torch
+
+            loss = self._loss_sum if self._loss_sum is not None else torch.zeros((), device=self.args.device)
+            loss = float(self.accelerator.reduce(loss.detach().clone(), "mean"))
+            seconds = time.perf_counter() - self.segment_start if self.segment_start is not None else 0.0
+            b = self.totals_before
+            return {
+                "step": self.state.global_step,
+                "loss_sum": b["loss_sum"] + loss,
+                "tokens": b["tokens"] + self.segment_tokens(),
+                "train_seconds": b["train_seconds"] + seconds,
+            }
 
         def log(self, logs, *args, **kwargs):
             if self.model.training and self._tokens_local is not None:
-                self.tokens_seen = int(self.accelerator.reduce(self._tokens_local.detach().clone(), "sum"))
+                self.tokens_seen = self.totals_before["tokens"] + self.segment_tokens()
                 self._metrics["train"]["num_tokens"] = [self.tokens_seen]
             return super().log(logs, *args, **kwargs)
+
+        def evaluation_loop(self, *args, **kwargs):
+            self._eval_nll = self._eval_tokens = None
+            out = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            if self._eval_tokens is not None and f"{prefix}_loss" in out.metrics:
+                nll = float(self.accelerator.reduce(self._eval_nll.detach().clone(), "sum"))
+                n = int(self.accelerator.reduce(self._eval_tokens.detach().clone(), "sum"))
+                if n:
+                    out.metrics[f"{prefix}_loss"] = nll / n
+            self._eval_nll = self._eval_tokens = None
+            return out
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             # PEFT's load_adapter upcasts bf16 adapters to float32, while SFTTrainer keeps QLoRA
@@ -268,7 +324,7 @@ def make_trainer_class():
             staging = root / STAGING
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
+                make_dir(staging)
             self.accelerator.wait_for_everyone()
             original = self._get_output_dir
             self._get_output_dir = lambda trial=None: str(staging)
@@ -285,7 +341,10 @@ def make_trainer_class():
                 self.state.best_model_checkpoint = str(root / Path(best).name)
                 if main:
                     self.state.save_to_json(str(staging / name / "trainer_state.json"))
+            totals = self.totals()  # a collective: every rank
             if main:
+                write_text(staging / name / TOTALS, json.dumps(totals) + "\n")
+                apply_umask(staging / name)
                 target = root / name
                 if target.exists():
                     shutil.rmtree(target)
@@ -314,6 +373,7 @@ def make_trainer_class():
 
 
 STAGING = ".staging"
+TOTALS = "fastsft_totals.json"  # in each checkpoint: the run's totals up to it, carried across resumes
 
 
 def _rotate(trainer, root: Path, limit: int) -> None:
@@ -330,7 +390,7 @@ def _rotate(trainer, root: Path, limit: int) -> None:
     )
 
 
-def make_callbacks(run: RunDir, console, *, max_steps_hint: int | None = None):
+def make_callbacks(run: RunDir, console, *, max_steps_hint: int | None = None, tokens_before: int = 0):
     from transformers import TrainerCallback
 
     class ProgressAndMetrics(TrainerCallback):
@@ -339,7 +399,7 @@ def make_callbacks(run: RunDir, console, *, max_steps_hint: int | None = None):
         def __init__(self):
             self.t0 = None
             self.last_t = None
-            self.last_tokens = 0
+            self.last_tokens = tokens_before  # num_tokens counts the whole run, across resumes
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.perf_counter()
@@ -483,22 +543,48 @@ def run(
     overwrite: bool = False,
     console=None,
     resume: bool = False,
+    policy=None,
+    allow_data_change: bool = False,
 ) -> RunResult:
     """Train `recipe` into a new run directory, or with `resume=True` continue the run in
-    `output_dir` from its newest complete checkpoint. Raises fastsft errors for user mistakes."""
+    `output_dir` from its newest complete checkpoint. `policy` (backends.LoadPolicy) is what loading
+    the model may do. Raises fastsft errors for user mistakes.
+
+    The run directory is made (and locked) only once setup (model, data, loss) has passed; an old run
+    it replaces is moved aside and deleted once training has started."""
+    held: list[RunDir] = []
+    try:
+        return _run(recipe, output_dir=output_dir, overwrite=overwrite, console=console, resume=resume,
+                    policy=policy, allow_data_change=allow_data_change, held=held)  # fmt: skip
+    finally:
+        for r in held:
+            r.unlock()
+
+
+def _run(recipe, *, output_dir, overwrite, console, resume, policy, allow_data_change, held) -> RunResult:
     from rich.console import Console
 
     from . import dist
-    from .errors import FastSFTError, Interrupted, RunDirError
+    from .errors import FastSFTError, RunDirError
 
     dist.setup()  # a no-op unless launched as several ranks (torchrun / accelerate launch)
     main = dist.is_main()
     console = console or Console()
     log = (lambda msg: console.print(msg, highlight=False, markup=False)) if main else (lambda msg: None)  # noqa: E731
 
-    checkpoint = None
+    checkpoint, previous, totals_before = None, {}, None
     if resume:
-        run_dir = RunDir.open(output_dir)
+        run_dir = RunDir.open(output_dir, lock=main)
+        if main:
+            held.append(run_dir)
+        previous = run_dir.read_json(RUN_JSON)
+        if previous.get("status") == "finished":
+            steps = (previous.get("result") or {}).get("global_step", "?")
+            raise RunDirError(
+                f"--resume {run_dir.path}: this run finished ({steps} steps); nothing was changed. To train "
+                "further, start a new run with more steps; to use it: fastsft export / generate / eval "
+                f"{run_dir.path}"
+            )
         found = run_dir.latest_checkpoint()
         if found is None:
             raise RunDirError(
@@ -506,20 +592,17 @@ def run(
                 f"its first save). Start it again: fastsft run RECIPE -o {run_dir.path} --overwrite"
             )
         step, checkpoint = found
-        if main:
-            shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)
-            run_dir.truncate_metrics(step)
-        dist.barrier()
+        totals_before = _read_totals(checkpoint)
         log(f"resuming {run_dir.path} from {checkpoint.name} (step {step})")
     else:
-        # rank 0 creates (or refuses) the folder; every rank then uses the one it made
+        # rank 0 checks the folder now (nothing is loaded for a folder that would be refused) and
+        # makes it once setup has passed; every rank then uses the one it made
         path, problem = None, None
         if main:
             try:
                 out = Path(output_dir) if output_dir else default_path(recipe.path or "recipe")
-                run_dir = RunDir.create(out, overwrite=overwrite)
-                run_dir.write_text(RECIPE, recipe.with_absolute_paths().to_toml())
-                path = str(run_dir.path)
+                RunDir.check_target(out, overwrite=overwrite)
+                path = str(out)
             except FastSFTError as e:
                 problem = e
         path, message = dist.broadcast((path, str(problem) if problem else None))
@@ -527,10 +610,8 @@ def run(
             raise problem
         if message is not None:
             raise RunDirError(message)
-        run_dir = RunDir(path)
-        log(f"run directory: {run_dir.path}")
 
-    loaded = backends.load_model(recipe, log=log)  # imports unsloth first when it is the backend
+    loaded = backends.load_model(recipe, log=log, policy=policy)  # imports unsloth first when it is the backend
 
     import torch
 
@@ -539,6 +620,15 @@ def run(
     from . import loss as loss_mod
 
     prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=log)
+    if resume:
+        was = (previous.get("data") or {}).get("fingerprint")
+        if was and was != prepared.fingerprint and not allow_data_change:
+            raise RunDirError(
+                f"--resume {run_dir.path}: the training data changed since the run started (fingerprint "
+                f"{was} then, {prepared.fingerprint} now: the data file, tokenizer or [data] settings differ); "
+                "nothing was changed. Put the original data back, start a new run, or pass "
+                "--allow-data-change to continue on the new data."
+            )
     if prepared.stats.get("added_pad_token") and len(loaded.tokenizer) > loaded.model.get_input_embeddings().num_embeddings:
         loaded.model.resize_token_embeddings(len(loaded.tokenizer))  # the new pad row is never trained on
     device = next(loaded.model.parameters()).device
@@ -553,7 +643,49 @@ def run(
     if wont_fit:
         log(guard.warn_wont_fit(estimate, gpu_total))
     if recipe.train.save_strategy != "no" and main:
-        guard.check_disk(run_dir.path, 2 * guard.checkpoint_bytes(loaded.model), "checkpointing")
+        target = run_dir.path if resume else Path(path)
+        guard.check_disk(target, 2 * guard.checkpoint_bytes(loaded.model), "checkpointing")
+
+    # setup passed: the run directory is made (or, resuming, its later rows dropped) only now
+    if resume:
+        if main:
+            shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)
+            run_dir.truncate_metrics(step)
+    elif main:
+        run_dir = RunDir.create(path, overwrite=overwrite)
+        held.append(run_dir)
+        if run_dir.replaced is not None:
+            log(f"replacing the run in {run_dir.path} (the old one is deleted once this one has started)")
+    dist.barrier()
+    if not resume and not main:
+        run_dir = RunDir(path)
+    if not resume:
+        log(f"run directory: {run_dir.path}")
+
+    try:
+        return _train(recipe, run_dir, loaded, prepared, route, estimate, log=log, console=console, main=main,
+                      resume=resume, checkpoint=checkpoint, previous=previous, totals_before=totals_before)  # fmt: skip
+    except BaseException:
+        if main and run_dir.replaced is not None:  # failed before training started: put the old run back
+            run_dir.restore_replaced()
+        raise
+
+
+def _read_totals(checkpoint: Path) -> dict:
+    """The run's totals up to `checkpoint` (written by FastSFTTrainer._save_checkpoint)."""
+    try:
+        t = json.loads((checkpoint / TOTALS).read_text(encoding="utf-8"))
+        return {"loss_sum": float(t["loss_sum"]), "tokens": int(t["tokens"]), "train_seconds": float(t["train_seconds"])}
+    except (OSError, ValueError, KeyError, TypeError):  # a checkpoint of an older fastsft
+        return {"loss_sum": 0.0, "tokens": 0, "train_seconds": 0.0}
+
+
+def _train(recipe, run_dir, loaded, prepared, route, estimate, *, log, console, main, resume, checkpoint,
+           previous, totals_before) -> RunResult:  # fmt: skip
+    import torch
+
+    from . import dist, guard
+    from .errors import Interrupted
 
     run_info = {
         "status": "running",
@@ -575,12 +707,17 @@ def run(
         run_info["world_size"] = dist.world_size()
         run_info["distributed"] = {"strategy": recipe.distributed.strategy, "world_size": dist.world_size()}
     if resume:
-        previous = run_dir.read_json(RUN_JSON)
         run_info["started"] = previous.get("started", run_info["started"])
         run_info["resumed"] = previous.get("resumed", []) + [
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": checkpoint.name}
         ]
+        if "before" in previous:
+            run_info["before"] = previous["before"]
+        if previous.get("data", {}).get("fingerprint") != prepared.fingerprint:
+            run_info["data_changed_at"] = checkpoint.name
     if main:
+        if not resume:
+            run_dir.write_text(RECIPE, recipe.with_absolute_paths().to_toml())
         run_dir.write_json(RUN_JSON, run_info)
 
     args = sft_config(
@@ -589,6 +726,7 @@ def run(
     stop = guard.StopOnSignal(log)
     nonfinite = guard.NonFiniteGuard(recipe.train.max_nonfinite_steps, check_grads=loaded.dtype != "fp16", log=log)
     Trainer = make_trainer_class()
+    tokens_before = totals_before["tokens"] if totals_before else 0
     trainer = Trainer(
         model=loaded.model,
         args=args,
@@ -597,8 +735,10 @@ def run(
         processing_class=loaded.tokenizer,
         loss_route=route,
         nonfinite_guard=nonfinite,
-        callbacks=make_callbacks(run_dir, console) + [stop.callback(), nonfinite.callback()],
+        callbacks=make_callbacks(run_dir, console, tokens_before=tokens_before) + [stop.callback(), nonfinite.callback()],
     )
+    if totals_before:
+        trainer.totals_before = dict(totals_before)
 
     if dist.world_size() > 1 and main:
         # what the Trainer (accelerate) actually set up, not only what was asked
@@ -606,11 +746,19 @@ def run(
         run_dir.update_json(RUN_JSON, distributed={**run_info["distributed"], **engines})
 
     prompts = sample_prompts(prepared.eval if prepared.eval is not None else prepared.train)
-    before = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts and main and not resume else []
+    if resume:
+        before = [b for b in run_info.get("before", [])] if main else []
+    else:
+        before = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts and main else []
+        if main and before:
+            run_dir.update_json(RUN_JSON, before=before)  # a resume reports the base model's answers too
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    if main:
+        run_dir.drop_replaced()  # the new run starts: the run it replaces goes
+    start_step = trainer.state.global_step if not resume else int(checkpoint.name.rsplit("-", 1)[1])
+    trainer.segment_start = time.perf_counter()
     try:
         with stop:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -626,27 +774,41 @@ def run(
             if main:
                 run_dir.update_json(RUN_JSON, status="stopped: out of memory", error=str(err))
             raise err from None
+        if is_write_error(e):
+            err = _write_failed(run_dir, e, trainer.phase, main)
+            raise err from None
         if isinstance(e, KeyboardInterrupt) and main:
             run_dir.update_json(RUN_JSON, status="killed", error="interrupted twice; no checkpoint written")
         raise
-    train_seconds = time.perf_counter() - t0
 
     if stop.requested:
         kept = run_dir.latest_checkpoint()
         msg = guard.interrupted_message(run_dir.path, trainer.state.global_step, kept[1] if kept else None)
         if main:
             run_dir.update_json(RUN_JSON, status="interrupted", error=msg)
-        raise Interrupted(msg)
+        raise Interrupted(msg, signal_name=stop.requested)
 
+    steps_run = trainer.state.global_step - start_step
+    if steps_run > 0 and nonfinite.bad_steps >= steps_run:
+        msg = (
+            f"every step of the run ({steps_run}) had a NaN or infinite {nonfinite.last_bad[1] if nonfinite.last_bad else 'loss'}; "
+            f"no step was applied and nothing was learned. {guard.NONFINITE_CAUSES}."
+        )
+        if main:
+            run_dir.update_json(RUN_JSON, status="stopped: non-finite", error=msg)
+        raise guard.NonFinite(msg)
+
+    totals = trainer.totals()  # a collective: every rank
     trainer.save_model(str(run_dir.adapter))  # the Trainer writes on rank 0 only
     if not main:
         return RunResult(run_dir.path, {})
     loaded.tokenizer.save_pretrained(str(run_dir.adapter))
+    apply_umask(run_dir.adapter)
 
     after = generate_answers(loaded.model, loaded.tokenizer, prompts) if prompts else []
     samples = [
         {"prompt": p["messages"][-1]["content"], "before": b["text"] if b else "", "after": a["text"]}
-        for p, b, a in zip(prompts, before or [None] * len(after), after, strict=True)
+        for p, b, a in zip(prompts, before if len(before) == len(after) else [None] * len(after), after, strict=True)
     ]
     compliance = {
         "base": sum(b["complies"] for b in before) / len(before) if before else None,
@@ -654,7 +816,8 @@ def run(
         "n": len(after),
     }
     peak, mem_kind = peak_memory_gib()
-    total_tokens = getattr(trainer, "tokens_seen", 0)
+    global_step = trainer.state.global_step
+    train_seconds = totals["train_seconds"]  # every segment of a resumed run
     summary = {
         "name": run_dir.path.name,
         "model": recipe.model.name,
@@ -664,11 +827,12 @@ def run(
         "load_in_4bit": recipe.model.load_in_4bit,
         "loss": route.describe(),
         "device": run_info["device"],
-        "global_step": trainer.state.global_step,
+        "global_step": global_step,
         "train_seconds": train_seconds,
-        "train_loss": result.training_loss,
-        "tokens": total_tokens,
-        "tokens_per_s": total_tokens / train_seconds if train_seconds > 0 else None,
+        # the mean optimizer-step loss over the whole run (every segment of a resumed run)
+        "train_loss": totals["loss_sum"] / global_step if global_step else result.training_loss,
+        "tokens": totals["tokens"],
+        "tokens_per_s": totals["tokens"] / train_seconds if train_seconds > 0 else None,
         "peak_mem_gib": peak,
         "mem_kind": mem_kind,
         "samples": samples,
@@ -689,8 +853,34 @@ def run(
                     raise guard.explain_oom(e, f"export ({fmt}, merge)") from None
                 raise
 
-    log(f"done: {trainer.state.global_step} steps in {train_seconds:.1f} s; report: {run_dir / 'report.md'}")
+    log(f"done: {global_step} steps in {train_seconds:.1f} s; report: {run_dir / 'report.md'}")
     return RunResult(run_dir.path, summary)
+
+
+def _write_failed(run_dir: RunDir, e: BaseException, phase: str, main: bool):
+    """A write that failed during training (a full disk): the half-written checkpoint is removed, run.json
+    says so, and the message says how to go on."""
+    from .files import describe_os_error
+
+    shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)  # frees the space it took
+    if isinstance(e, WriteFailed):
+        what = str(e)
+    elif isinstance(e, OSError):
+        what = describe_os_error(e, getattr(e, "filename", None) or run_dir.path)
+    else:
+        what = f"cannot write in {run_dir.path}: {str(e).strip().splitlines()[0]}"
+    kept = run_dir.latest_checkpoint()
+    msg = (
+        f"{what} (during {phase}). The run stopped; "
+        + (f"its last complete checkpoint is {kept[1]}. Free some space, then resume: fastsft run --resume {run_dir.path}"
+           if kept else "it had no complete checkpoint yet. Free some space, then start it again with --overwrite.")
+    )  # fmt: skip
+    if main:
+        try:
+            run_dir.update_json(RUN_JSON, status="stopped: write failed", error=msg)
+        except (OSError, WriteFailed):
+            pass
+    return WriteFailed(msg)
 
 
 __all__ = ["run", "resume_recipe", "sft_config", "RunResult", "ADAPTER", "METRICS"]

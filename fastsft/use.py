@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,11 +54,17 @@ def _default_dtype() -> str:
     return compute_dtype("auto")
 
 
-def load_for_use(model_ref, *, dtype: str | None = None) -> Loaded:
-    """A run directory, adapter folder or model folder -> `Loaded` (unpacks as `model, tokenizer`)."""
+def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
+    """A run directory, adapter folder or model folder -> `Loaded` (unpacks as `model, tokenizer`).
+    `policy` (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do, whatever
+    the folder's recipe.toml says."""
     import torch
 
     from . import export
+    from .backends import LoadPolicy
+
+    policy = policy or LoadPolicy()
+    trust, pickle = policy.trust_remote_code, policy.allow_pickle
 
     if isinstance(model_ref, Loaded):
         return model_ref
@@ -80,14 +84,14 @@ def load_for_use(model_ref, *, dtype: str | None = None) -> Loaded:
         raise BackendError(f"{path} is a file; pass a run directory or a model folder.")
 
     if (path / ADAPTER / "adapter_config.json").exists():
-        run = export.read_run(path)
+        run = export.read_run(path, policy=policy)
         four_bit = run.load_in_4bit
         dt = dtype or run.train_dtype
         base = export.load_base(
-            run.base_path, dt, load_in_4bit=four_bit, trust_remote_code=run.trust_remote_code
+            run.base_path, dt, load_in_4bit=four_bit, trust_remote_code=trust, allow_pickle=pickle
         )
-        model = export.attach_adapter(base, run.adapter)
-        tok = export.load_tokenizer(run.adapter, run.base_path, trust_remote_code=run.trust_remote_code)
+        model = export.attach_adapter(base, run.adapter, allow_pickle=pickle)
+        tok = export.load_tokenizer(run.adapter, run.base_path, trust_remote_code=trust)
         loaded = Loaded(model, tok, "run", path, run_dir=path, recipe=run.recipe)
     elif (path / "adapter_config.json").exists():
         cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
@@ -96,14 +100,15 @@ def load_for_use(model_ref, *, dtype: str | None = None) -> Loaded:
             raise BackendError(
                 f"{path}/adapter_config.json does not name its base model (base_model_name_or_path)."
             )
-        base = export.load_base(base_path, dtype or _default_dtype())
-        model = export.attach_adapter(base, path)
-        tok = export.load_tokenizer(path, base_path)
+        base = export.load_base(base_path, dtype or _default_dtype(), trust_remote_code=trust, allow_pickle=pickle)
+        model = export.attach_adapter(base, path, allow_pickle=pickle)
+        tok = export.load_tokenizer(path, base_path, trust_remote_code=trust)
         loaded = Loaded(model, tok, "adapter", path)
     elif (path / "config.json").exists():
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"dtype": export.torch_dtype(dtype or _default_dtype())}
+        policy.check_weights(path)
+        kwargs = {"dtype": export.torch_dtype(dtype or _default_dtype()), **policy.from_pretrained_kwargs()}
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
         try:
@@ -111,7 +116,7 @@ def load_for_use(model_ref, *, dtype: str | None = None) -> Loaded:
         except (OSError, ValueError) as e:
             raise BackendError(f"cannot load the model in {path}: {e}") from None
         model.eval()
-        tok = export.load_tokenizer(path)
+        tok = export.load_tokenizer(path, trust_remote_code=trust)
         loaded = Loaded(model, tok, "model", path)
     else:
         raise BackendError(
@@ -128,9 +133,13 @@ def load_for_use(model_ref, *, dtype: str | None = None) -> Loaded:
 
 
 def _as_messages(prompt) -> list[dict]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return list(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    from .data import _not_text
+
+    problem = _not_text(messages)
+    if problem:
+        raise DataError(f"the prompt: {problem}.")
+    return messages
 
 
 def generate_ids(
@@ -216,14 +225,16 @@ def read_tools(path) -> list[dict] | None:
     return tools
 
 
-def generate(model_ref, prompt, max_new_tokens: int = 128, temperature: float = 0.0, tools=None) -> str:
+def generate(
+    model_ref, prompt, max_new_tokens: int = 128, temperature: float = 0.0, tools=None, *, policy=None
+) -> str:
     """The model's answer to `prompt` (a string, or a list of chat messages) through the chat template,
     with `tools` (function definitions) when given."""
     if max_new_tokens < 1:
         raise BackendError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
     if temperature < 0:
         raise BackendError(f"--temperature must be 0 (greedy) or more, got {temperature}.")
-    loaded = load_for_use(model_ref)
+    loaded = load_for_use(model_ref, policy=policy)
     new, _ = generate_ids(
         loaded, _as_messages(prompt), max_new_tokens=max_new_tokens, temperature=temperature, tools=tools
     )
@@ -239,6 +250,7 @@ def chat(
     tools=None,
     input=None,
     console=None,
+    policy=None,
 ) -> list[dict]:
     """Talk to the model: each line read is a user turn, the conversation is kept. `/exit` (or end of
     input) quits, `/reset` starts over. Returns the conversation."""
@@ -247,7 +259,7 @@ def chat(
 
     console = console or Console()
     stream = input or sys.stdin
-    loaded = load_for_use(model_ref)
+    loaded = load_for_use(model_ref, policy=policy)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     console.print(
@@ -267,6 +279,11 @@ def chat(
         if text == "/reset":
             messages = list(start)
             console.print("[dim](conversation cleared)[/]")
+            continue
+        try:
+            _as_messages(text)
+        except DataError as e:
+            console.print(f"[yellow]{escape(str(e))}[/]")
             continue
         messages.append({"role": "user", "content": text})
         new, stopped = generate_ids(
@@ -485,6 +502,7 @@ def evaluate(
     json_out=None,
     max_length: int | None = None,
     console=None,
+    policy=None,
 ) -> dict:
     """Held-out loss and perplexity (assistant tokens), and template compliance of greedy answers.
 
@@ -496,7 +514,7 @@ def evaluate(
     from rich.table import Table
 
     console = console or Console()
-    loaded = load_for_use(model_ref)
+    loaded = load_for_use(model_ref, policy=policy)
     tokenizer = loaded.tokenizer
     recipe = loaded.recipe
     if recipe is None and data_file is None:
@@ -589,18 +607,10 @@ def evaluate(
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from . import files
+
+    files.make_dir(path.parent)
+    files.write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 __all__ = ["Loaded", "load_for_use", "generate", "chat", "evaluate", "eval_conversations", "ROLE_MARKERS"]

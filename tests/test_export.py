@@ -206,11 +206,65 @@ def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
     # overwrite + failure: the previous export survives
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "keep.txt").write_text("old")
+    (tmp_path / "c" / "export.json").write_text("{}")  # an earlier export: --overwrite may replace it
     monkeypatch.setattr(export, "verify_gguf", boom)
     with pytest.raises(RuntimeError):
         export.export_run(runs["fp"], fmt="gguf", to=tmp_path / "c", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
     assert (tmp_path / "c" / "keep.txt").read_text() == "old"
+
+
+def test_export_to_never_replaces_a_run_or_other_files(runs, tmp_path):
+    """--to X --overwrite: X must not be the run, hold it, hold any run, or hold anything but an export."""
+    from fastsft.errors import ExportError
+    from fastsft.export import export_run
+
+    run = runs["fp"]
+    before = sorted(p.name for p in run.iterdir())
+    for to, match in (
+        (run, "is the run being exported"),
+        (run.parent, "a folder that holds it"),
+        (run / "adapter", "not a fastsft export"),
+    ):
+        with pytest.raises(ExportError, match=match):
+            export_run(run, fmt="adapter", to=to, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == before
+    project = tmp_path / "project"
+    (project / "runs" / "r1").mkdir(parents=True)
+    (project / "main.py").write_text("code")
+    (project / "export.json").write_text("{}")  # even one that looks like an export
+    for f in ("recipe.toml", "run.json"):
+        (project / "runs" / "r1" / f).write_text("")
+    with pytest.raises(ExportError, match="not a fastsft export"):
+        export_run(run, fmt="adapter", to=project, overwrite=True)
+    assert (project / "main.py").read_text() == "code"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ExportError, match="symbolic link"):
+        export_run(run, fmt="adapter", to=link)
+
+
+def test_stale_export_folders_are_cleaned_and_a_full_disk_is_an_error(runs, tmp_path, monkeypatch):
+    import errno
+    import subprocess
+    import sys
+
+    from fastsft import export
+    from fastsft.errors import ExportError
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    (tmp_path / f".a.tmp-{dead}-x1").mkdir()  # a killed export's leftovers
+    (tmp_path / f".a.old-{dead}-x2").mkdir()
+    out = export.export_run(runs["fp"], fmt="adapter", to=tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "model_card", full)
+    with pytest.raises(ExportError, match="the disk is full; nothing was written and the previous export is kept"):
+        export.export_run(runs["fp"], fmt="adapter", to=out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and (out / "export.json").exists()
 
 
 def test_export_checks_free_space_first(runs, tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ action, at = sys.argv[1], int(sys.argv[2])
 class SignalAtStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == at:
-            os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGINT)
+            os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}.get(action, signal.SIGINT))
 
 original = T.make_callbacks
 T.make_callbacks = lambda *a, **k: original(*a, **k) + [SignalAtStep()]
@@ -62,12 +62,17 @@ def child(tmp_path, action, at, *args):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_run(tmp_path_factory):
     """The same short run, never interrupted."""
     out = tmp_path_factory.mktemp("ref") / "run"
     result = CliRunner().invoke(main, ["run", str(RECIPES / "tiny.toml"), *SHORT, "-o", str(out)])
     assert result.exit_code == 0, result.output
-    return losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return losses(reference_run)
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
@@ -100,6 +105,28 @@ def test_ctrl_c_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, refe
     resumed = losses(out)
     for step, value in reference.items():
         assert resumed[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+
+
+def test_sigterm_exits_143_and_the_resumed_run_reports_the_whole_run(tmp_path, reference_run):
+    """SIGTERM stops like Ctrl-C but exits 143, printed as a stop, not an error. After the resume,
+    run.json's train loss, tokens and time, and the report's "before" answers, cover the whole run."""
+    out = tmp_path / "run"
+    stopped = child(tmp_path, "term", 6, "run", str(RECIPES / "tiny.toml"), *SHORT, "-o", str(out))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "stopped: interrupted at step 6" in stopped.stderr and "error:" not in stopped.stderr
+    first = json.loads((out / "checkpoints" / "checkpoint-6" / "fastsft_totals.json").read_text())
+    result = CliRunner().invoke(main, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    ref = json.loads((reference_run / "run.json").read_text())["result"]
+    got = json.loads((out / "run.json").read_text())["result"]
+    assert got["tokens"] == ref["tokens"]
+    assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
+    assert got["train_seconds"] > first["train_seconds"] > 0  # both segments counted
+    assert [s["before"] for s in got["samples"]] == [s["before"] for s in ref["samples"]]
+    assert all(s["before"] for s in got["samples"])
+    assert ref["train_loss"] == pytest.approx(
+        sum(losses(reference_run).values()) / 16, rel=1e-5
+    )  # logging_steps = 1: the mean of the logged step losses
 
 
 def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
@@ -299,3 +326,201 @@ def test_any_data_file_loads_or_names_its_problem(tmp_path, tiny_model_dir, line
         data.prepare_data(recipe, tokenizer, log=lambda m: None)
     except DataError as e:
         assert "fuzz.jsonl" in str(e)
+
+
+def _cli_refuses(args, *, expect):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, (args, result.output, result.exception)
+    assert "Traceback" not in result.output and result.exc_info[0] is SystemExit, result.output
+    assert expect in result.output, result.output
+    return result
+
+
+def test_hostile_inputs_are_clear_errors_not_tracebacks(tmp_path, tiny_model_dir):
+    """Each of these was a traceback: every one is now an error naming the place and the fix (exit 2)."""
+    nested = tmp_path / "nested.toml"
+    nested.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    _cli_refuses(["validate", str(nested)], expect="nested too deeply")
+    _cli_refuses(["validate", str(RECIPES / "tiny.toml"), "--set", "lora.target_modules=q_proj,v_proj"],
+                 expect='["q_proj", "v_proj"]')  # fmt: skip
+
+    demo = (RECIPES / "data" / "demo.jsonl").read_text()
+    rows = {
+        "deep.jsonl": '{"messages": ' + "[" * 100000 + "]" * 100000 + "}\n",
+        "surrogate.jsonl": '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "ok"}]}\n',
+        "big.jsonl": '{"text": "' + "word " * (2 * 2**20) + '"}\n',
+    }  # fmt: skip
+    expect = {"deep.jsonl": "nested too deeply", "surrogate.jsonl": "lone surrogate", "big.jsonl": "MB in one row"}
+    for name, first in rows.items():
+        p = tmp_path / name
+        p.write_text(first + demo)
+        recipe = tmp_path / f"{name}.toml"
+        recipe.write_text(TINY_RECIPE.replace(str(RECIPES / "data" / "demo.jsonl"), str(p)))
+        result = _cli_refuses(["data", "preview", str(recipe), "-n", "1"], expect=expect[name])
+        assert f"{name} line 1" in result.output
+
+    template = tmp_path / "loop.jinja"
+    template.write_text("{% for i in range(10**8) %}x{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    recipe = tmp_path / "loop.toml"
+    recipe.write_text(TINY_RECIPE.replace("[data]", f'[data]\nchat_template = "{template}"'))
+    _cli_refuses(["data", "preview", str(recipe), "-n", "1"], expect="the chat template fails")
+
+    _cli_refuses(["generate", str(tiny_model_dir), "--prompt", "bad \udcff byte"], expect="lone surrogate")
+
+
+def test_a_big_row_is_refused_before_it_is_tokenized(tmp_path, tiny_model_dir):
+    """A 50 MB row once took 3.5 GB: a row over MAX_ROW_BYTES is named, not read into the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from fastsft import data
+
+    p = tmp_path / "big.jsonl"
+    p.write_text((RECIPES / "data" / "demo.jsonl").read_text() + '{"text": "' + "a" * (data.MAX_ROW_BYTES + 1) + '"}\n')
+    recipe = _recipe(tmp_path, f"data.train={json.dumps(str(p))}")
+    with pytest.raises(DataError, match="big.jsonl line 401: .* MB in one row"):
+        data.prepare_data(recipe, AutoTokenizer.from_pretrained(tiny_model_dir), log=lambda m: None)
+
+
+TINY_SHORT = ["--set", "train.max_steps=4", "--set", "train.save_strategy=steps", "--set", "train.save_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A short finished run whose data file is a copy the tests may change."""
+    root = tmp_path_factory.mktemp("finished")
+    data_file = root / "data.jsonl"
+    data_file.write_text((RECIPES / "data" / "demo.jsonl").read_text())
+    recipe = root / "r.toml"
+    recipe.write_text(TINY_RECIPE.replace(str(RECIPES / "data" / "demo.jsonl"), str(data_file)))
+    out = root / "run"
+    result = CliRunner().invoke(main, ["run", str(recipe), *TINY_SHORT, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, recipe, data_file
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_overwrite_replaces_only_a_run_and_only_after_setup(tmp_path, finished_run):
+    out, recipe, _ = finished_run
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "main.py").write_text("print('my code')")
+    _cli_refuses(["run", str(recipe), "-o", str(project), "--overwrite"], expect="not a fastsft run")
+    assert (project / "main.py").read_text() == "print('my code')"
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    _cli_refuses(["run", str(recipe), "-o", str(link), "--overwrite"], expect="symbolic link")
+
+    # the new run fails in setup (bad data): the old run is untouched, nothing is left beside it
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    before = _snapshot(out)
+    _cli_refuses(["run", str(recipe), "--set", f"data.train={json.dumps(str(bad))}", "-o", str(out), "--overwrite"],
+                 expect="bad.jsonl")  # fmt: skip
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["data.jsonl", "r.toml", "run"])
+    # and a new folder is not made at all when setup fails
+    _cli_refuses(["run", str(recipe), "--set", f"data.train={json.dumps(str(bad))}", "-o", str(tmp_path / "new")],
+                 expect="bad.jsonl")  # fmt: skip
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_directory_in_use_is_refused(finished_run):
+    out, recipe, _ = finished_run
+    holder = RunDir.open(out, lock=True)
+    try:
+        for args in (["run", "--resume", str(out)], ["run", str(recipe), "-o", str(out), "--overwrite"]):
+            _cli_refuses(args, expect=f"in use by another fastsft process (PID {__import__('os').getpid()})")
+    finally:
+        holder.unlock()
+
+
+def test_resume_of_a_finished_run_changes_nothing(finished_run):
+    out, _, _ = finished_run
+    before = _snapshot(out)
+    _cli_refuses(["run", "--resume", str(out)], expect="this run finished (4 steps); nothing was changed")
+    assert _snapshot(out) == before
+
+
+def test_resume_after_the_data_changed_is_refused(tmp_path, finished_run):
+    import shutil
+
+    src, recipe, data_file = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    info = json.loads((out / "run.json").read_text())
+    info["status"] = "interrupted"  # as if stopped after its last checkpoint
+    (out / "run.json").write_text(json.dumps(info))
+    original = data_file.read_text()
+    try:
+        data_file.write_text(original.replace("yellow", "purple"))
+        before = _snapshot(out)
+        _cli_refuses(["run", "--resume", str(out)], expect="--allow-data-change")
+        assert _snapshot(out) == before
+        result = CliRunner().invoke(main, ["run", "--resume", str(out), "--allow-data-change"])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "run.json").read_text())["data_changed_at"] == "checkpoint-4"
+    finally:
+        data_file.write_text(original)
+
+
+def test_a_full_disk_during_training_is_an_error_and_the_run_resumes(tmp_path, monkeypatch):
+    import errno
+
+    p = tmp_path / "r.toml"
+    p.write_text(TINY_RECIPE)
+    out = tmp_path / "run"
+    original = RunDir.append_metrics
+
+    def full_at_step_3(self, row):
+        if row.get("step") == 3:
+            (self.path / "metrics.jsonl").open("a").write('{"step": 3, "lo')  # torn, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "metrics.jsonl"))
+        return original(self, row)
+
+    monkeypatch.setattr(RunDir, "append_metrics", full_at_step_3)
+    result = _cli_refuses(["run", str(p), *TINY_SHORT, "-o", str(out)], expect="the disk is full")
+    assert f"fastsft run --resume {out}" in result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "stopped: write failed"
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, ["run", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
+def test_a_run_where_every_step_is_nan_fails(tmp_path, monkeypatch):
+    from fastsft import loss as loss_mod
+
+    original = loss_mod.LossRoute.__call__
+
+    def poisoned(self, model, inputs, num_items_in_batch=None):
+        loss, out = original(self, model, inputs, num_items_in_batch)
+        return (loss * float("nan"), out) if model.training else (loss, out)
+
+    monkeypatch.setattr(loss_mod.LossRoute, "__call__", poisoned)
+    with pytest.raises(guard.NonFinite, match="every step of the run \\(3\\)"):
+        train.run(_recipe(tmp_path, "train.max_steps=3", "train.max_nonfinite_steps=100"), output_dir=tmp_path / "a")
+    info = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert info["status"] == "stopped: non-finite" and "result" not in info
+    for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl is not JSON"))
+
+
+def test_eval_loss_is_the_token_weighted_mean_everywhere(tmp_path):
+    """The same held-out loss whatever the eval batch size, and the same as `fastsft eval` gives."""
+    from fastsft import use
+
+    results = {}
+    for bs in (1, 7):
+        r = _recipe(tmp_path, "train.max_steps=2", "train.eval_strategy=steps", "train.eval_steps=2",
+                    "data.val_ratio=0.05", f"train.per_device_eval_batch_size={bs}")  # fmt: skip
+        out = train.run(r, output_dir=tmp_path / f"bs{bs}").run_dir
+        results[bs] = {row["step"]: row["eval_loss"] for row in RunDir(out).read_metrics() if "eval_loss" in row}
+    assert sorted(results[1]) == [0, 2]
+    for step in (0, 2):
+        assert results[7][step] == pytest.approx(results[1][step], rel=1e-5), step
+    evaluated = use.evaluate(tmp_path / "bs7", n_gen=0)
+    assert evaluated["loss"] == pytest.approx(results[7][2], rel=1e-4)

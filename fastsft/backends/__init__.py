@@ -20,7 +20,15 @@ from typing import Any
 from ..errors import BackendError
 from . import builtin
 
-__all__ = ["Loaded", "choose_backend", "load_model", "load_tokenizer", "resolve_model_path", "compute_dtype"]
+__all__ = [
+    "Loaded",
+    "LoadPolicy",
+    "choose_backend",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model_path",
+    "compute_dtype",
+]
 
 
 @dataclass
@@ -102,24 +110,59 @@ def resolve_model_path(recipe) -> str:
     return name  # a hub id
 
 
-def _check_weights_format(path: str, allow_pickle: bool) -> None:
-    p = Path(path)
-    if not p.is_dir() or allow_pickle:
-        return
-    if not any(p.glob("*.safetensors")) and any(p.glob("*.bin")):
-        raise BackendError(
-            f"{path} holds only pickle (.bin) weights, which can run code when loaded. Convert them to "
-            "safetensors, or set [model] allow_pickle = true if you trust the files."
-        )
+@dataclass(frozen=True)
+class LoadPolicy:
+    """What loading a model may do. Granted on the command line only (`--trust-remote-code`,
+    `--allow-pickle`), never by a recipe or a folder someone sent: a run directory's recipe.toml says
+    what its model needs, and every command that loads a model (run, generate, chat, eval, export,
+    serve) goes through this one policy.
+
+    - trust_remote_code: let transformers import and run Python code shipped with the model.
+    - allow_pickle: read pickle weights (.bin/.pt), which can run code when loaded; otherwise only
+      safetensors are read.
+    """
+
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def check_recipe(self, recipe, where: str | None = None) -> None:
+        """BackendError when the recipe's model needs a permission this policy does not grant."""
+        where = where or (str(recipe.path) if getattr(recipe, "path", None) else "the recipe")
+        if recipe.model.trust_remote_code and not self.trust_remote_code:
+            raise BackendError(
+                f"{where}: [model] trust_remote_code = true: loading {recipe.model.name!r} would run Python code "
+                "from the model's repository. Nothing was loaded. If you trust that code, pass "
+                "--trust-remote-code on the command line."
+            )
+
+    def check_weights(self, path, what: str = "the model") -> None:
+        """BackendError when folder `path` holds only pickle weights and pickle is not allowed."""
+        p = Path(path)
+        if self.allow_pickle or not p.is_dir():
+            return
+        pickles = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+                         and x.name not in ("training_args.bin",))  # fmt: skip
+        if pickles and not any(p.glob("*.safetensors")):
+            raise BackendError(
+                f"{what} in {p} has only pickle weights ({', '.join(pickles[:3])}), which can run code when "
+                "loaded; nothing was loaded. Convert them to safetensors, or pass --allow-pickle if you trust "
+                "the files."
+            )
+
+    def from_pretrained_kwargs(self) -> dict:
+        """trust_remote_code and use_safetensors for `from_pretrained`."""
+        return {"trust_remote_code": self.trust_remote_code, "use_safetensors": None if self.allow_pickle else True}
 
 
-def load_tokenizer(recipe, model_path: str | None = None):
+def load_tokenizer(recipe, model_path: str | None = None, *, policy: LoadPolicy | None = None):
     from transformers import AutoTokenizer
 
+    policy = policy or LoadPolicy()
+    policy.check_recipe(recipe)
     path = model_path or resolve_model_path(recipe)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
-    except OSError as e:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=policy.trust_remote_code)
+    except (OSError, ValueError) as e:
         raise BackendError(f"cannot load the tokenizer of {path!r}: {e}") from None
     return tok
 
@@ -135,7 +178,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model(recipe, *, log=print) -> Loaded:
+def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded:
+    policy = policy or LoadPolicy()
+    policy.check_recipe(recipe)
     backend, reason = choose_backend(recipe.model.backend)
     from .. import dist
 
@@ -155,10 +200,10 @@ def load_model(recipe, *, log=print) -> Loaded:
     else:
         from . import transformers as impl
     path = resolve_model_path(recipe)
-    _check_weights_format(path, recipe.model.allow_pickle)
-    if recipe.model.trust_remote_code:
-        log("warning: trust_remote_code = true: the model repository's own Python code will run")
+    policy.check_weights(path)
+    if policy.trust_remote_code:
+        log("warning: --trust-remote-code: the model repository's own Python code may run")
     dtype = compute_dtype(recipe.model.dtype)
     seed_everything(recipe.train.seed)  # the LoRA init is random: same seed, same run
-    model, tokenizer, info = impl.load(recipe, path, dtype)
+    model, tokenizer, info = impl.load(recipe, path, dtype, policy=policy)
     return Loaded(model, tokenizer, backend, reason, path, dtype, info)

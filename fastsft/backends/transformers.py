@@ -24,7 +24,7 @@ def lora_config(recipe):
     )
 
 
-def load(recipe, path: str, dtype: str):
+def load(recipe, path: str, dtype: str, *, policy):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -32,11 +32,7 @@ def load(recipe, path: str, dtype: str):
     from . import load_tokenizer, torch_dtype
 
     tdtype = torch_dtype(dtype)
-    kwargs = dict(
-        dtype=tdtype,
-        trust_remote_code=recipe.model.trust_remote_code,
-        use_safetensors=None if recipe.model.allow_pickle else True,
-    )
+    kwargs = dict(dtype=tdtype, **policy.from_pretrained_kwargs())
     attn = recipe.model.attn_implementation
     kwargs["attn_implementation"] = "sdpa" if attn == "auto" else attn
     if recipe.model.load_in_4bit:
@@ -47,7 +43,7 @@ def load(recipe, path: str, dtype: str):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise BackendError(f"cannot load the model {path!r}: {e}") from None
-    tokenizer = load_tokenizer(recipe, path)
+    tokenizer = load_tokenizer(recipe, path, policy=policy)
     if recipe.model.load_in_4bit:
         # Casts norms to float32 and readies the inputs for checkpointing; checkpointing itself is
         # enabled by the Trainer, so not here.

@@ -28,7 +28,7 @@ def import_unsloth_first() -> None:
         raise BackendError(f"unsloth failed to import: {e}. Use [model] backend = \"transformers\".") from None
 
 
-def load(recipe, path: str, dtype: str):
+def load(recipe, path: str, dtype: str, *, policy):
     from unsloth import FastLanguageModel
 
     from . import torch_dtype
@@ -39,7 +39,7 @@ def load(recipe, path: str, dtype: str):
             max_seq_length=recipe.data.max_length,
             dtype=torch_dtype(dtype),
             load_in_4bit=recipe.model.load_in_4bit,
-            trust_remote_code=recipe.model.trust_remote_code,
+            trust_remote_code=policy.trust_remote_code,
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise BackendError(f"unsloth cannot load {path!r}: {e}") from None
