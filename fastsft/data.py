@@ -833,7 +833,9 @@ class _Encoder:
 
         try:
             ids, mask = self._encode(row)
-        except (TemplateError, OverflowError, RecursionError, MemoryError) as e:
+        except TemplateError as e:
+            raise _RowProblem(f"the chat template fails on this row: {e}") from None
+        except (OverflowError, RecursionError, MemoryError) as e:
             # jinja's sandbox refuses range(10**8) with an OverflowError; a template can recurse forever
             raise _RowProblem(f"the chat template fails on this row: {type(e).__name__}: {e}") from None
         self.check_tools(row, ids)

@@ -578,14 +578,14 @@ def _run(recipe, *, output_dir, overwrite, console, resume, policy, allow_data_c
         if main:
             held.append(run_dir)
         previous = run_dir.read_json(RUN_JSON)
-        if previous.get("status") == "finished":
-            steps = (previous.get("result") or {}).get("global_step", "?")
+        found = run_dir.latest_checkpoint()
+        steps = (previous.get("result") or {}).get("global_step")
+        if previous.get("status") == "finished" and (found is None or steps is None or found[0] >= steps):
             raise RunDirError(
                 f"--resume {run_dir.path}: this run finished ({steps} steps); nothing was changed. To train "
                 "further, start a new run with more steps; to use it: fastsft export / generate / eval "
                 f"{run_dir.path}"
             )
-        found = run_dir.latest_checkpoint()
         if found is None:
             raise RunDirError(
                 f"--resume {run_dir.path}: no complete checkpoint to resume from (the run stopped before "

@@ -24,12 +24,14 @@ def lora_config(recipe):
     )
 
 
-def load(recipe, path: str, dtype: str, *, policy):
+def load(recipe, path: str, dtype: str, *, policy=None):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from . import load_tokenizer, torch_dtype
+    from . import LoadPolicy, load_tokenizer, torch_dtype
+
+    policy = policy or LoadPolicy()
 
     tdtype = torch_dtype(dtype)
     kwargs = dict(dtype=tdtype, **policy.from_pretrained_kwargs())

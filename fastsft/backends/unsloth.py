@@ -28,10 +28,12 @@ def import_unsloth_first() -> None:
         raise BackendError(f"unsloth failed to import: {e}. Use [model] backend = \"transformers\".") from None
 
 
-def load(recipe, path: str, dtype: str, *, policy):
+def load(recipe, path: str, dtype: str, *, policy=None):
     from unsloth import FastLanguageModel
 
-    from . import torch_dtype
+    from . import LoadPolicy, torch_dtype
+
+    policy = policy or LoadPolicy()
 
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(
