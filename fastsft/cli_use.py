@@ -240,8 +240,10 @@ def register(main: click.Group) -> click.Group:
                   help="The largest max_tokens a request may ask for.")
     @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(min=1024),
                   help="The largest request body accepted (413 beyond).")
+    @policy_options
     @handle_errors
-    def serve_cmd(run_or_model, host, port, api_key, model_name, max_queue, max_tokens_limit, max_body_bytes):
+    def serve_cmd(run_or_model, host, port, api_key, model_name, max_queue, max_tokens_limit, max_body_bytes,
+                  trust_remote_code, allow_pickle):
         """Serve RUN_OR_MODEL over an OpenAI-compatible API, with a chat page at /.
 
         The API is /v1/chat/completions (streaming or not), /v1/completions and /v1/models. For a run
@@ -269,6 +271,7 @@ def register(main: click.Group) -> click.Group:
                 max_tokens_limit=max_tokens_limit,
                 max_body_bytes=max_body_bytes,
             ),
+            policy=make_policy(trust_remote_code, allow_pickle),
         )
 
     return main

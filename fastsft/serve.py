@@ -734,8 +734,9 @@ def create_app(loaded, settings: ServeSettings):
     return app
 
 
-def serve(model_ref, settings: ServeSettings, *, console=None) -> None:
-    """Load `model_ref` (run directory, adapter or model folder) and serve it until Ctrl-C."""
+def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> None:
+    """Load `model_ref` (run directory, adapter or model folder) and serve it until Ctrl-C. `policy`
+    (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do."""
     import socket
 
     import uvicorn
@@ -758,7 +759,7 @@ def serve(model_ref, settings: ServeSettings, *, console=None) -> None:
             "(or stop what holds this one)."
         ) from None
     port = sock.getsockname()[1]
-    loaded = load_for_use(model_ref)
+    loaded = load_for_use(model_ref, policy=policy)
     app = create_app(loaded, settings)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{host}:{port}"

@@ -34,6 +34,7 @@ def test_a_received_run_cannot_turn_on_remote_code(tmp_path, tiny_model_dir):
     for args in (
         ["generate", str(run), "--prompt", "hi"],
         ["chat", str(run)],
+        ["serve", str(run), "--port", "0"],
         ["eval", str(run)],
         ["export", str(run), "--format", "adapter", "--to", str(tmp_path / "x")],
         ["run", str(run / "recipe.toml"), "-o", str(tmp_path / "new")],
