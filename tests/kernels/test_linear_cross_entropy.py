@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsft.kernels import chunk_rows, fused_linear_cross_entropy, linear_cross_entropy_reference
 
@@ -76,11 +77,36 @@ def test_softcap(device, backend, dtype):
     check(hidden, weight * 8, b, y, seed, backend, softcap=5.0, label_smoothing=0.1, chunk_size=6)
 
 
+class _Matmuls(TorchDispatchMode):
+    """Counts the matrix products that run (in place ones too), by aten op."""
+
+    OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.__name__.split(".")[0] in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("device,backend", params())
 def test_frozen_lm_head_gets_no_weight_gradient(device, backend):
-    """LoRA / QLoRA: the lm_head is frozen, so no weight gradient is computed or stored."""
+    """LoRA / QLoRA: the lm_head is frozen, so no weight gradient is computed or stored. Autograd
+    hands back None either way, so count the matrix products the kernel runs: per chunk, the logits
+    and the hidden gradient only (2), where a trainable head adds its weight gradient (3)."""
     hidden, weight, _, y, seed = make(25, 16, 211, torch.bfloat16, device, bias=False)
     check(hidden, weight, None, y, seed, backend, frozen_weight=True, chunk_size=4)
+    chunks = -(-int((y != -100).sum()) // 4)
+    for frozen, per_chunk in ((True, 2), (False, 3)):  # the trainable head shows the count sees dW
+        with _Matmuls() as count:
+            loss = fused_linear_cross_entropy(
+                hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen), y,
+                backend=backend, chunk_size=4,
+            )  # fmt: skip
+            loss.backward()
+        assert count.n == per_chunk * chunks, (frozen, count.n, chunks, seed)
 
 
 @pytest.mark.parametrize("device,backend", params())
