@@ -542,8 +542,14 @@ def test_preview_rich(tmp_path, tok):
     assert "example 1: train.jsonl line 1" in text
     assert "A lime is green." in text and "tokens / example" in text
     assert "example 2:" not in text
-    styled = console.export_html(inline_styles=True)
-    assert "font-weight: bold" in styled  # trained tokens are bold green
+    # the bold green spans of the example are exactly the trained tokens, the rest is dim
+    from rich.text import Text
+
+    shown = Text.from_ansi(console.export_text(styles=True).split("legend")[0])
+    green = [s for s in shown.spans if s.style.bold and s.style.color and s.style.color.number == 2]
+    assert "".join(shown.plain[s.start : s.end] for s in green) == TRAINED
+    dim = "".join(shown.plain[s.start : s.end] for s in shown.spans if s.style.dim)
+    assert "Colour of a lime?" in dim and "A lime" not in dim
 
 
 def test_preview_json_stdout_only(tmp_path, tok, capsys):
