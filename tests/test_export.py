@@ -416,6 +416,26 @@ def test_gguf_reads_back(runs, tmp_path, which, dtype):
     assert torch.equal(back("output_norm.weight"), merged["model.norm.weight"])
 
 
+def test_gguf_loads_in_an_independent_reader_with_the_merged_logits(runs, tmp_path):
+    """transformers' own GGUF loader (its reverse q/k permutation, its metadata reading) gives back
+    the merged model: same weights, same logits. A q/k layout that only our unpermute undoes fails."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastsft.export import export_run, logits_of, merge, read_run, rel_diff
+
+    out = export_run(runs["fp"], fmt="gguf", to=tmp_path / "g", dtype="fp32")
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=_gguf_file(out).name, dtype=torch.float32)
+    merged = merge(read_run(runs["fp"]), "fp32")
+    mine = merged.state_dict()
+    for name, w in theirs.state_dict().items():
+        if "rotary" in name:
+            continue
+        assert torch.equal(w, mine[name]), name
+    inputs = _inputs(AutoTokenizer.from_pretrained(runs["fp"] / "adapter"))
+    assert rel_diff(logits_of(theirs.eval(), inputs), logits_of(merged.eval(), inputs)) < 1e-6
+
+
 def test_gguf_unsupported_arch(runs, tmp_path, monkeypatch):
     from fastsft import export
     from fastsft.errors import ExportError
@@ -462,6 +482,50 @@ def test_generate_from_run_and_from_merged_export(runs, merged_4bit):
     assert all(isinstance(x, str) and x for x in (a, b, c))
     model, tok = use.load_for_use(merged_4bit)
     assert end_of_turn_ids(tok)[0] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_generate_and_eval_on_a_run_apply_its_adapter(runs, tmp_path):
+    """A run's answers and held-out loss are those of base + adapter (PEFT's own loading), and not the
+    base model's: a run loaded without its adapter fails here."""
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastsft import use
+    from fastsft.export import chat_ids
+
+    run, model_dir = runs["fp"], runs["model_dir"]
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    tuned = _base_and_adapter(run, model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def answer(model):
+        ids = chat_ids(tok, [{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+        with torch.no_grad():
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                 do_sample=False, eos_token_id=eot, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]  # fmt: skip
+        new = new.tolist()
+        return tok.decode(new[: new.index(eot)] if eot in new else new, skip_special_tokens=True).strip()
+
+    assert answer(tuned) != answer(base)
+    assert use.generate(run, PROMPT, max_new_tokens=8) == answer(tuned)
+
+    conv = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "A banana is yellow."}]
+    data = tmp_path / "held.jsonl"
+    data.write_text(json.dumps({"messages": conv}) + "\n")
+    enc = tok.apply_chat_template(conv, return_dict=True, return_assistant_tokens_mask=True)
+    ids = torch.tensor([enc["input_ids"]])
+    labels = torch.where(torch.tensor(enc["assistant_masks"]) == 1, ids[0], -100)
+
+    def loss(model):
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()
+        return float(torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100))
+
+    res = use.evaluate(run, data_file=data, n_gen=0, json_out=tmp_path / "e.json",
+                       console=Console(file=io.StringIO()))  # fmt: skip
+    assert res["loss"] == pytest.approx(loss(tuned), rel=1e-5)
+    assert abs(loss(tuned) - loss(base)) > 1e-2
 
 
 def test_chat_keeps_the_conversation(runs, merged_4bit):
