@@ -5,6 +5,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsft.kernels import chunk_rows, fused_linear_cross_entropy, linear_cross_entropy_reference
+from fastsft.kernels.linear_cross_entropy import (
+    DEFAULT_CHUNK_BYTES,
+    MIN_CHUNK_ROWS,
+    chunk_memory,
+    default_chunk_budget,
+)
 
 from _kernel_util import GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
 
@@ -131,7 +137,65 @@ def test_ignored_rows_get_zero_gradient_and_all_ignored_is_zero(device, backend)
 
 
 def test_chunk_size_follows_the_memory_budget():
-    rows = chunk_rows(128256, torch.bfloat16)  # Llama-3's vocabulary
-    assert rows * 128256 * 2 <= 256 * 1024 * 1024
-    assert rows >= 512
-    assert chunk_rows(13, torch.float32) >= 1
+    mib = 1024 * 1024
+    for backend in ("triton", "torch"):
+        for dtype in DTYPES:
+            for kw in ({}, {"weight_grad": True}, {"softcap": True}):
+                rows = chunk_rows(128256, dtype, 64 * mib, backend=backend, **kw)  # Llama-3's vocabulary
+                assert chunk_memory(rows, 128256, dtype, backend=backend, **kw) <= 64 * mib
+                assert chunk_memory(rows + 64, 128256, dtype, backend=backend, **kw) > 64 * mib
+    # every buffer counts: the torch twin's float32 working copy makes a bf16 row 6 bytes a logit
+    assert chunk_memory(10, 1000, torch.bfloat16, backend="torch") == 10 * 1000 * 6
+    assert chunk_memory(10, 1000, torch.bfloat16, backend="triton") == 10 * 1000 * 2
+    assert chunk_rows(13, torch.float32, 1) == 1
+    # the default budget: the size of the hidden states, within a floor of rows and a 256 MiB cap
+    budget = default_chunk_budget(16384, 4096, 128256, torch.bfloat16)
+    assert budget == 16384 * 4096 * 2 and chunk_rows(128256, torch.bfloat16, budget) >= 256
+    small = default_chunk_budget(8, 64, 1000, torch.bfloat16, backend="torch")
+    assert chunk_rows(1000, torch.bfloat16, small, backend="torch") == MIN_CHUNK_ROWS["torch"]
+    assert default_chunk_budget(10**6, 8192, 1000, torch.float32) == DEFAULT_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 2 * 1024 * 1024])
+def test_peak_memory_is_one_chunk(chunk_bytes, tmp_path):
+    """The torch twin's peak resident memory above its inputs is the hidden-state gradient plus one
+    chunk as `chunk_memory` counts it (measured in a child: no Triton interpreter, and every buffer
+    of 64 KiB or more its own mapping, so that the resident set follows the live tensors)."""
+    n, h, v = 1024, 256, 32768
+    script = f"""
+import gc, sys, torch
+from fastsft.kernels import fused_linear_cross_entropy
+from fastsft.kernels.linear_cross_entropy import chunk_memory, chunk_rows, default_chunk_budget
+def kib(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+g = torch.Generator().manual_seed(0)
+hid = torch.randn({n}, {h}, generator=g).bfloat16().requires_grad_()
+w = (torch.randn({v}, {h}, generator=g) / 16).bfloat16()
+y = torch.randint(0, {v}, ({n},), generator=g)
+y[:{n} // 4] = -100
+def run():
+    fused_linear_cross_entropy(hid, w, y, backend="torch", chunk_bytes={chunk_bytes}).backward()
+    hid.grad = None
+run(); gc.collect()
+open("/proc/self/clear_refs", "w").write("5")
+before = kib("VmRSS")
+run()
+peak = (kib("VmHWM") - before) * 1024
+budget = {chunk_bytes} or default_chunk_budget({n}, {h}, {v}, torch.bfloat16, backend="torch")
+chunk = chunk_memory(chunk_rows({v}, torch.bfloat16, budget, backend="torch"), {v}, torch.bfloat16, backend="torch")
+print(peak, chunk, hid.numel() * 2)
+"""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak, chunk, grad = map(int, out.stdout.split()[-3:])
+    if chunk_bytes:
+        assert chunk <= chunk_bytes
+    # one chunk and the gradient, give or take 1 MiB of small buffers (not 4 chunks, not the logits)
+    assert peak <= chunk + grad + 1024 * 1024, (peak, chunk, grad)
+    assert peak >= chunk + grad - 1024 * 1024, (peak, chunk, grad)
