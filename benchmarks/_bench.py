@@ -17,12 +17,46 @@ import torch
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 GPU = torch.cuda.is_available()
 QUICK = os.environ.get("FASTSFT_BENCH_QUICK") == "1"
+# FASTSFT_BENCH_CPU=full: the CPU grid whose results are committed (benchmarks/results/<date>-cpu-<model>/);
+# without it a CPU run measures one small size (CI) and writes to a temporary folder
+CPU_FULL = not GPU and os.environ.get("FASTSFT_BENCH_CPU") == "full"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """The machine the figures come from (CPU runs: model, cores, memory; GPU runs add the device)."""
+    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "platform": platform.platform()}  # fmt: skip
+    try:
+        out["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    if GPU:
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def device_name() -> str:
     if GPU:
         return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()} (smoke pass, not a measurement)"
+    return f"CPU {cpu_model()} ({os.cpu_count()} cores)"
 
 
 def versions() -> dict:
@@ -92,14 +126,16 @@ class Results:
 
     @property
     def measured(self) -> bool:
-        """At least one real GPU figure was taken (only then does benchmarks/results/ receive them)."""
+        """At least one real figure was taken on a GPU, or on the CPU with FASTSFT_BENCH_CPU=full (only then
+        does benchmarks/results/ receive them)."""
         loss = any(r.get("ms") is not None for r in self.loss)
         e2e = any(r.get("measured") and (r.get("tokens_per_s") or r.get("longest_fitting")) for r in self.e2e)
-        return GPU and (loss or e2e)
+        return (GPU or CPU_FULL) and (loss or e2e)
 
     def summary(self) -> dict:
         return {
             "device": device_name(),
+            "machine": machine(),
             "date": time.strftime("%Y-%m-%d"),
             "versions": versions(),
             "quick": QUICK,
@@ -131,7 +167,7 @@ class Results:
                             lambda r: (r.get("model"), r.get("backend"), r.get("seq_len"), r.get("longest_fitting")))
         self.notes[:] = [n for n in old.get("notes", []) if n not in self.notes] + self.notes
         for k, v in old.items():
-            if k not in ("device", "date", "versions", "quick", "loss", "e2e", "notes"):
+            if k not in ("device", "machine", "date", "versions", "quick", "loss", "e2e", "notes"):
                 self.extra.setdefault(k, v)
 
     def markdown(self) -> str:
@@ -140,17 +176,22 @@ class Results:
             out.append(f"device copy bandwidth (read + write, this run): {self.extra['copy_gbs']:.0f} GB/s")
         if self.extra.get("loss_inputs"):
             out.append(f"loss inputs: {self.extra['loss_inputs']}")
+        if self.extra.get("cpu_method"):
+            out.append(f"CPU method: {self.extra['cpu_method']}")
+        if self.extra.get("loadavg_start"):
+            out.append(f"load average (1, 5, 15 min) at the start: {self.extra['loadavg_start']}, at the end: "
+                       f"{self.extra.get('loadavg_end')} (other work shared the machine: compare ratios, not ms)")
         out.append("")
         if self.loss:
             out += ["Loss, forward + backward (x torch: the stock loss of the same input group, this run; >1 is better "
                     "for time, <1 for memory; parity: relative distance to the float64 loss)", "",
-                    "| impl | input | vocab | tokens | smoothing | ms | x torch | peak GiB | x torch | achieved | loss | "
+                    "| impl | input | vocab | tokens | smoothing | ms | x torch | peak MiB | x torch | achieved | loss | "
                     "parity | vs fastsft |",
                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
             for r in self.loss:
                 out.append(
                     f"| {r['impl']} | {r['input']} | {r['vocab']} | {r['tokens']} | {r['label_smoothing']} | "
-                    f"{_f(r.get('ms'))} | {_f(r.get('speedup_vs_torch'))} | {_f(r.get('peak_mem_gib'), 3)} | "
+                    f"{_f(r.get('ms'), 1)} | {_f(r.get('speedup_vs_torch'))} | {_mib(r.get('peak_mem_gib'))} | "
                     f"{_f(r.get('mem_vs_torch'))} | {r.get('achieved', r.get('error', ''))} | {_f(r.get('loss'), 4)} | "
                     f"{r.get('parity', '')} | {_e(r.get('rel_diff_vs_fastsft'))} |"
                 )
@@ -178,7 +219,8 @@ class Results:
         if env_out:
             folder = Path(env_out)
         elif self.measured:
-            slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+            name = device_name() if GPU else f"cpu {cpu_model()}"
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
             folder = RESULTS_ROOT / f"{time.strftime('%Y-%m-%d')}-{slug}"
         else:
             folder = Path(tempfile.mkdtemp(prefix="fastsft-bench-smoke-"))
@@ -207,7 +249,9 @@ class Results:
                     axes[1].plot([r["vocab"] for r in sel], [_nan(r.get("peak_mem_gib")) for r in sel], style, label=impl)
             n = max(x["tokens"] for x in rows)
             axes[0].set(xlabel="vocabulary", ylabel="fwd+bwd ms", title=f"loss time, {n} tokens, no smoothing")
-            axes[1].set(xlabel="vocabulary", ylabel="peak GiB above inputs", title="loss memory")
+            axes[1].set(xlabel="vocabulary", ylabel="peak GiB above inputs", title="loss memory", yscale="log")
+            axes[0].set(yscale="log")
+            fig.suptitle(device_name(), fontsize=9)
             axes[0].legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(folder / "loss.png")
@@ -229,6 +273,10 @@ class Results:
 
 def _f(x, digits: int = 2) -> str:
     return "" if x is None else f"{x:.{digits}f}"
+
+
+def _mib(gib) -> str:
+    return "" if gib is None else f"{gib * 1024:.1f}"
 
 
 def _nan(x) -> float:

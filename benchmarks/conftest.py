@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from _bench import Results  # noqa: E402
+from _bench import Results, loadavg  # noqa: E402
 
 _RESULTS = Results()
 
@@ -34,8 +34,10 @@ def pytest_configure(config):
         ("e2e", "end-to-end QLoRA training benchmark (benchmarks/test_training_bench.py)"),
         ("gpu", "needs a CUDA GPU (skipped without one)"),
         ("slow", "a long benchmark, not part of the quick run"),
+        ("cpu", "measures on the CPU (FASTSFT_BENCH_CPU=full: the committed grid)"),
     ):
         config.addinivalue_line("markers", f"{name}: {doc}")
+    _RESULTS.extra["loadavg_start"] = loadavg()  # the machine may be shared: say how busy it was
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,6 +55,7 @@ def results():
 def pytest_terminal_summary(terminalreporter):
     if not (_RESULTS.loss or _RESULTS.e2e or _RESULTS.notes):
         return
+    _RESULTS.extra["loadavg_end"] = loadavg()
     terminalreporter.write_sep("=", "fastsft benchmarks")
     terminalreporter.write_line(_RESULTS.markdown())
     folder = _RESULTS.write()

@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 # Unsloth reads its chunk budget when unsloth_zoo is imported: a fixed budget, so its peak is comparable
 os.environ.setdefault("UNSLOTH_CE_LOSS_TARGET_GB", "1")
@@ -37,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastsft.kernels import cross_entropy_reference, fused_cross_entropy, fused_linear_cross_entropy  # noqa: E402
 
-from _bench import GPU, QUICK, copy_bandwidth_gbs, peak_gib, time_ms  # noqa: E402
+from _bench import CPU_FULL, GPU, QUICK, copy_bandwidth_gbs, loadavg, peak_gib, time_ms  # noqa: E402
 
 DEV = "cuda" if GPU else "cpu"
 DTYPE = torch.bfloat16 if GPU else torch.float32
@@ -54,15 +58,16 @@ PARITY_RTOL = 2e-2  # relative distance of the loss to the float64 definition (b
 pytestmark = pytest.mark.loss
 
 
-def make_inputs(n: int, v: int, seed: int = 0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    w = torch.randn(v, H, generator=g, device=DEV) / H**0.5
-    y = torch.randint(0, v, (n,), generator=g, device=DEV)
+def make_inputs(n: int, v: int, seed: int = 0, *, h: int = H, dtype=DTYPE, device=DEV):
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(v, h, generator=g, device=device) / h**0.5
+    y = torch.randint(0, v, (n,), generator=g, device=device)
     unit = w[y] / w[y].norm(dim=1, keepdim=True)
-    margin = math.log(v) + SIGMA**2 / 2 + 2.0 * torch.randn(n, 1, generator=g, device=DEV)
-    h = SIGMA * torch.randn(n, H, generator=g, device=DEV) + margin * unit
-    y[torch.rand(n, generator=g, device=DEV) < IGNORED_SHARE] = -100
-    return h.to(DTYPE).requires_grad_(), w.to(DTYPE), y
+    margin = math.log(v) + SIGMA**2 / 2 + 2.0 * torch.randn(n, 1, generator=g, device=device)
+    hid = SIGMA * torch.randn(n, h, generator=g, device=device) + margin * unit
+    del unit
+    y[torch.rand(n, generator=g, device=device) < IGNORED_SHARE] = -100
+    return hid.to(dtype).requires_grad_(), w.to(dtype), y
 
 
 _CACHE: dict = {}
@@ -177,12 +182,12 @@ def _stock_compiled(logits, y, eps):
     return _compiled[key](logits, y, eps)
 
 
-def _torch_linear(h, w, y, eps):
+def _torch_linear(h, w, y, eps, **option_kw):
     if not hasattr(F, "linear_cross_entropy"):
         raise ImportError(name=f"torch.nn.functional.linear_cross_entropy (torch {torch.__version__})")
     if eps:
         raise NotImplementedError("its chunked path has no label smoothing (it falls back to full logits)")
-    options = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
+    options = torch.nn.LinearCrossEntropyOptions(**option_kw) if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss = F.linear_cross_entropy(h, w, y, ignore_index=-100, options=options)
@@ -190,6 +195,11 @@ def _torch_linear(h, w, y, eps):
         if "ignored" in str(wrn.message) or "fall" in str(wrn.message):
             raise NotImplementedError(f"its chunked path refused these inputs: {str(wrn.message)[:200]}")
     return loss
+
+
+def _torch_linear_compact(h, w, y, eps):
+    # the least-memory policy, and half-size chunks (what torch picks by default on CUDA)
+    return _torch_linear(h, w, y, eps, acc_policy="compact", chunking_method="aspect_ratio:2")
 
 
 def _liger(logits, y, eps):
@@ -242,7 +252,9 @@ def _cce(h, w, y, eps):
         raise NotImplementedError("Cut Cross-Entropy has no label smoothing")
     from cut_cross_entropy import linear_cross_entropy
 
-    return linear_cross_entropy(h, w, y, ignore_index=-100, reduction="mean")
+    # its Triton kernels need CUDA; on the CPU its own torch.compile implementation
+    impl = "cce" if h.is_cuda else "torch_compile"
+    return linear_cross_entropy(h, w, y, ignore_index=-100, reduction="mean", impl=impl)
 
 
 def _trl(h, w, y, eps):
@@ -274,6 +286,7 @@ IMPLS = {
     "fastsft-linear": ("hidden", _hidden_in(_fastsft_linear), True),
     "torch-stock-linear": ("hidden", _hidden_in(_stock_linear), True),
     "torch-linear": ("hidden", _hidden_in(_torch_linear), True),
+    "torch-linear-compact": ("hidden", _hidden_in(_torch_linear_compact), True),
     "liger-linear": ("hidden", _hidden_in(_liger_linear), False),
     "unsloth-fused": ("hidden", _hidden_in(_unsloth_fused), False),
     "cce": ("hidden", _hidden_in(_cce), False),
@@ -405,3 +418,140 @@ def _ratios(results):
             r["speedup_vs_torch"] = b["ms"] / r["ms"]
             if r.get("peak_mem_gib") is not None and b.get("peak_mem_gib"):
                 r["mem_vs_torch"] = r["peak_mem_gib"] / b["peak_mem_gib"]
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU measurements (no GPU here): time as ratios within one child process, memory per row in its own
+# ----------------------------------------------------------------------------------------------
+
+WORKER = Path(__file__).with_name("_loss_worker.py")
+if CPU_FULL:  # the committed CPU grid (FASTSFT_BENCH_CPU=full, ~30 min on 2 busy cores)
+    CPU_H, CPU_N, CPU_VOCABS, CPU_REPS = 1024, 2048, (32768, 128256), 3
+else:  # CI: one small size, a couple of minutes
+    CPU_H, CPU_N, CPU_VOCABS, CPU_REPS = 1024, 512, (8192,), 3
+CPU_IMPLS = ["fastsft-linear", "torch-stock-linear", "torch-linear", "torch-linear-compact", "trl", "cce",
+             "liger-linear", "fastsft", "torch"]  # fmt: skip
+CPU_ONLY_GPU = {"liger-linear": "Liger's kernels are Triton-only (on the CPU they would time the Triton interpreter)"}
+CPU_METHOD = (
+    f"bf16 inputs, H={{h}}, N={{n}} tokens ({IGNORED_SHARE:.0%} ignored), frozen lm_head; fastsft on its CPU path "
+    "(the PyTorch twin; TRITON_INTERPRET unset in the children). ms: median of {reps} forward + backward runs after "
+    "one warm-up, all rows of a size timed in one process, interleaved (A B C, B C A, ...); x torch compares "
+    "medians of that same process. peak MiB: peak resident set of one run above the resident set before it "
+    "(inputs, logits for logits-in rows), each row in its own process, after a warm-up run, with "
+    "MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers leave the resident set."
+)
+
+
+def _child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _child(args: list, out: Path, timeout: int) -> dict:
+    cmd = [sys.executable, str(WORKER), *map(str, args), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env())
+    if out.exists():
+        return json.loads(out.read_text())
+    tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
+    return {"error": f"worker exit {proc.returncode}: {tail[-400:]}"}
+
+
+def reference_losses_cpu(h, w, y, eps_list) -> dict:
+    """The float64 loss (float32-accumulated products of the bf16 inputs, softmax in float64) per smoothing."""
+    wf = w.float()
+    totals = dict.fromkeys(eps_list, 0.0)
+    keep = y != -100
+    hk, yk = h.detach()[keep], y[keep]
+    for i in range(0, hk.shape[0], 64):
+        z = (hk[i : i + 64].float() @ wf.T).double()
+        for eps in eps_list:
+            totals[eps] += float(cross_entropy_reference(z, yk[i : i + 64], label_smoothing=eps, reduction="sum"))
+        del z
+    return {eps: t / max(1, hk.shape[0]) for eps, t in totals.items()}
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("v", CPU_VOCABS, ids=[f"V{v}" for v in CPU_VOCABS])
+def test_loss_cpu(v, results, tmp_path):
+    if GPU:
+        pytest.skip("a GPU is here: test_loss measures on it")
+    n, h = CPU_N, CPU_H
+    results.extra["cpu_method"] = CPU_METHOD.format(h=h, n=n, reps=CPU_REPS)
+    impls = []
+    for impl in CPU_IMPLS:
+        why = CPU_ONLY_GPU.get(impl) or _importable(impl)
+        if why:
+            note = f"{impl}: not measured on the CPU ({why})"
+            if note not in results.notes:
+                results.notes.append(note)
+        else:
+            impls.append(impl)
+    hid, w, y = make_inputs(n, v, h=h, dtype=torch.bfloat16, device="cpu")
+    supervised = int((y != -100).sum())
+    refs = reference_losses_cpu(hid, w, y, SMOOTHING)
+    del hid, w
+    failures = []
+    for eps in SMOOTHING:
+        load0 = loadavg()
+        timed = _child(["time", n, v, h, ",".join(impls), eps, CPU_REPS], tmp_path / f"time-{v}-{eps}.json", 3000)
+        if "error" in timed and isinstance(timed["error"], str):
+            pytest.fail(f"V={v} smoothing {eps}: the timing child failed: {timed['error']}")
+        rows = []
+        for impl in impls:
+            rec = timed.get(impl, {})
+            if "skipped" in rec:
+                results.notes.append(f"{impl} V={v} N={n} smoothing {eps}: skipped ({rec['skipped']})")
+                continue
+            row = {"impl": impl, "input": IMPLS[impl][0], "vocab": v, "tokens": n, "supervised_tokens": supervised,
+                   "hidden": h, "label_smoothing": eps, "dtype": "bfloat16", "device": "cpu"}  # fmt: skip
+            if "error" in rec:
+                results.notes.append(f"{impl} V={v} N={n} smoothing {eps}: FAILED ({rec['error']})")
+                results.loss.append({**row, "error": rec["error"][:80]})
+                failures.append(f"{impl} smoothing {eps}: {rec['error']}")
+                continue
+            mem = _child(["mem", n, v, h, impl, eps], tmp_path / f"mem-{impl}-{v}-{eps}.json", 3000)
+            loss, ref = rec["loss"], refs[eps]
+            row.update(ms=rec["ms"], samples_ms=[round(x, 1) for x in rec["samples_ms"]], loss=round(loss, 5),
+                       loss_fp64=round(ref, 5), rel_err_fp64=abs(loss - ref) / abs(ref),
+                       parity=f"{abs(loss - ref) / abs(ref):.1e}", loadavg_during=[load0, loadavg()])  # fmt: skip
+            if "peak_mib" in mem:
+                row["peak_mem_gib"] = mem["peak_mib"] / 1024
+            else:
+                results.notes.append(f"{impl} V={v} N={n} smoothing {eps}: memory not measured ({mem})")
+            s = rec["ms"] / 1e3
+            if row["input"] == "hidden":
+                row["achieved_tflops"] = 4 * supervised * h * v / s / 1e12
+                row["achieved"] = f"{row['achieved_tflops'] * 1e3:.0f} GFLOP/s"
+            if not math.isfinite(loss) or row["rel_err_fp64"] > PARITY_RTOL:
+                # fastsft must match; another library's miss is reported (its row stays, marked)
+                row["parity"] += " FAIL"
+                results.notes.append(f"{impl} V={v} N={n} smoothing {eps}: loss {loss:.5f} is "
+                                     f"{row['rel_err_fp64']:.1%} from the float64 loss {ref:.5f}")  # fmt: skip
+                if impl.startswith("fastsft"):
+                    failures.append(f"{impl} smoothing {eps}: loss {loss} vs float64 {ref}")
+            rows.append(row)
+        anchor = next((r["loss"] for r in rows if r["impl"] == "fastsft-linear"), None)
+        for r in rows:
+            if anchor:
+                r["rel_diff_vs_fastsft"] = abs(r["loss"] - anchor) / abs(anchor)
+        results.loss.extend(rows)
+        _ratios(results)
+        _lead_note(results, rows, v, n, eps)
+    assert not failures, "; ".join(failures)
+
+
+def _lead_note(results, rows, v, n, eps):
+    """One line per size: fastsft-linear against the best other hidden-in row, in time and in memory."""
+    ours = next((r for r in rows if r["impl"] == "fastsft-linear" and r.get("ms")), None)
+    peers = [r for r in rows if r["input"] == "hidden" and r["impl"] != "fastsft-linear" and r.get("ms")]
+    if not ours or not peers:
+        return
+    fastest = min(peers, key=lambda r: r["ms"])
+    line = (f"V={v} N={n} smoothing {eps}: fastsft-linear takes {ours['ms'] / fastest['ms']:.2f}x the time of the "
+            f"fastest other hidden-in row ({fastest['impl']})")  # fmt: skip
+    with_mem = [r for r in peers if r.get("peak_mem_gib") is not None]
+    if ours.get("peak_mem_gib") is not None and with_mem:
+        least = min(with_mem, key=lambda r: r["peak_mem_gib"])
+        line += f" and {ours['peak_mem_gib'] / least['peak_mem_gib']:.2f}x the memory of the smallest ({least['impl']})"
+    results.notes.append(line)

@@ -26,6 +26,9 @@ over the logits with its single rounding; the budget counts both buffers.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from .cross_entropy import _DTYPES, ce_rows, check_labels, options, resolve_backend
@@ -128,6 +131,22 @@ def _ce_rows_inplace(z, y, scale, opts, scratch, compute_grad):
     return loss[:, 0]
 
 
+@contextlib.contextmanager
+def _one_thread(z):
+    """The torch twin's row pass on the CPU runs on one thread: its operations stream a chunk a few
+    times, and each parallel operation waits on every thread at its end, a scheduling round per
+    operation on a busy machine (measured: ~10 ms each at a load of 10 on 2 cores, 5-10x the work)."""
+    threads = torch.get_num_threads()
+    if z.device.type != "cpu" or threads == 1 or os.environ.get("FASTSFT_ROW_PASS_THREADS") == "all":
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need_b, compute_grad, chunk):
     """Per-row losses of the kept rows and, with `compute_grad`, the gradients (grad_h full-size, zero
     on the ignored rows). One logits buffer (and the torch twin's scratch) is reused by every chunk."""
@@ -160,7 +179,8 @@ def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need
         row_scale = scale[i : i + chunk] if scale.dim() else scale
         y_c = y[i : i + chunk]
         if backend == "torch":
-            per_row[i : i + chunk] = _ce_rows_inplace(z, y_c, row_scale, opts, scratch, compute_grad)
+            with _one_thread(z):
+                per_row[i : i + chunk] = _ce_rows_inplace(z, y_c, row_scale, opts, scratch, compute_grad)
         else:
             per_row[i : i + chunk] = ce_rows(z, y_c, z if compute_grad else None, row_scale, opts, backend)
         if not compute_grad:
