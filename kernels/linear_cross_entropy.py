@@ -35,8 +35,8 @@ from .cross_entropy import _DTYPES, ce_rows, check_labels, options, resolve_back
 
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024  # the most a chunk's buffers may hold by default
 # The fewest rows a default chunk gets: the matmuls read the whole lm_head once per chunk, which a GPU
-# amortises over a few hundred rows; a CPU computes slowly enough that a few dozen do.
-MIN_CHUNK_ROWS = {"triton": 256, "torch": 16}
+# amortises over a few hundred rows; a CPU computes slowly enough that a handful do.
+MIN_CHUNK_ROWS = {"triton": 256, "torch": 8}
 
 
 def chunk_memory(rows: int, n_cols: int, dtype: torch.dtype, *, backend: str = "triton",
@@ -281,7 +281,7 @@ def fused_linear_cross_entropy(
     shifted. Gradients flow to whichever of hidden / weight / bias require grad (none is computed for
     a frozen lm_head). The memory lever: `chunk_size` (rows of logits alive at once) or
     `chunk_bytes` (a budget every buffer of a chunk counts against, see `chunk_memory()`); by default
-    the budget is the size of `hidden` (at least 256 rows on the Triton path, 16 on the torch twin, at
+    the budget is the size of `hidden` (at least 256 rows on the Triton path, 8 on the torch twin, at
     most 256 MiB unless that floor needs more).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
