@@ -155,7 +155,9 @@ def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need
     per_row = torch.empty(n, dtype=torch.float32, device=hidden.device)
     grad_h = None
     if need_h and compute_grad:
-        grad_h = torch.empty_like(hidden) if all_kept else torch.zeros_like(hidden)
+        # in the compute dtype (out= below); backward returns it in the hidden states' dtype
+        alloc = torch.empty if all_kept else torch.zeros
+        grad_h = alloc(hidden.shape, dtype=w.dtype, device=hidden.device)
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w and compute_grad else None
     grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b and compute_grad else None
     if n == 0:
@@ -171,6 +173,7 @@ def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need
     for i in range(0, n, chunk):
         idx = keep[i : i + chunk]
         h_c = hidden[i : i + chunk] if all_kept else hidden.index_select(0, idx)
+        h_c = h_c.to(w.dtype)  # the compute dtype (autocast's under mixed precision); a chunk's copy at most
         z = buf[: h_c.shape[0]]
         if b is not None:
             torch.addmm(b, h_c, w.T, out=z)
@@ -203,9 +206,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n_rows = hidden.shape[0]
         keep = (labels != opts["ignore_index"]).nonzero().squeeze(1)  # the one host sync
+        compute = _compute_dtype(hidden)
         y = labels.index_select(0, keep)
-        w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-        b = None if bias is None else bias.to(hidden.dtype)
+        w = weight if weight.dtype == compute else weight.to(compute)
+        b = None if bias is None else bias.to(compute)
         if num_items is not None:
             denom = torch.as_tensor(num_items, device=hidden.device).to(torch.float32).clamp(min=1.0)
             scale = 1.0 / denom
@@ -220,10 +224,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             chunk = chunk_rows(w.shape[0], w.dtype, budget, **kw)
         # reduction="none" needs the per-row incoming gradient: its gradients are made in backward
         compute_grad = (need_h or need_w or need_b) and reduction != "none"
-        per_row, grad_h, grad_w, grad_b = _chunks(
-            hidden, keep, w, b, y, scale, opts, backend,
-            need_h=need_h, need_w=need_w, need_b=need_b, compute_grad=compute_grad, chunk=chunk,
-        )  # fmt: skip
+        with _no_autocast(hidden.device):  # the dtypes are chosen above; out= needs them kept
+            per_row, grad_h, grad_w, grad_b = _chunks(
+                hidden, keep, w, b, y, scale, opts, backend,
+                need_h=need_h, need_w=need_w, need_b=need_b, compute_grad=compute_grad, chunk=chunk,
+            )  # fmt: skip
         ctx.reduction, ctx.opts, ctx.backend, ctx.chunk = reduction, opts, backend, chunk
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if reduction == "none":
@@ -241,10 +246,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hidden, w, b, y, keep = ctx.saved_tensors
             need_h, need_w, need_b = ctx.needs_input_grad[:3]
             row_scale = grad_output.index_select(0, keep).to(torch.float32).contiguous()
-            _, grad_h, grad_w, grad_b = _chunks(
-                hidden, keep, w, b, y, row_scale, ctx.opts, ctx.backend,
-                need_h=need_h, need_w=need_w, need_b=need_b, compute_grad=True, chunk=ctx.chunk,
-            )  # fmt: skip
+            with _no_autocast(hidden.device):
+                _, grad_h, grad_w, grad_b = _chunks(
+                    hidden, keep, w, b, y, row_scale, ctx.opts, ctx.backend,
+                    need_h=need_h, need_w=need_w, need_b=need_b, compute_grad=True, chunk=ctx.chunk,
+                )  # fmt: skip
         else:
             grad_h, grad_w, grad_b = ctx.saved_tensors
             g = grad_output.to(torch.float32)
@@ -252,11 +258,26 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_w = grad_w.mul_(g) if grad_w is not None else None
             grad_b = grad_b.mul_(g) if grad_b is not None else None
         return (
-            grad_h,
+            None if grad_h is None else grad_h.to(h_dtype),
             None if grad_w is None else grad_w.to(w_dtype),
             None if grad_b is None else grad_b.to(b_dtype),
             None, None, None, None, None, None, None,
         )  # fmt: skip
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The matmuls' dtype: the hidden states', or under autocast (the Trainer's bf16 / fp16 mixed
+    precision) the autocast dtype, as `lm_head` itself would compute there. With QLoRA the hidden
+    states and lm_head are float32 (prepare_model_for_kbit_training) while autocast asks for 16 bits.
+    The kernel's own arithmetic stays float32 either way; the gradients return in the inputs' dtypes."""
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return hidden.dtype
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
 
 
 def fused_linear_cross_entropy(

@@ -6,8 +6,11 @@ Runs the Triton kernel (natively on CUDA, under TRITON_INTERPRET=1 on the CPU) a
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from fastsft.kernels import cross_entropy_reference, fused_cross_entropy, launch_counts
+from fastsft.kernels.cross_entropy import _tanh
 
 from _kernel_util import DEVICES, GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
 
@@ -198,3 +201,60 @@ def test_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cross_entropy, "triton_available", lambda device: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fused_cross_entropy(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="triton")
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Applies the cross-entropy kernel's own `_tanh` (the softcap's) elementwise."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, _tanh(x), mask=mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softcap_tanh_is_accurate_in_float32_near_zero_and_far_out(device):
+    """softcap * tanh(x / softcap) with a 30-softcap sees x / 30 ~ 1e-3 for ordinary logits: a tanh
+    built from exp alone loses most of its float32 digits there (1 - exp(-2|x|) cancels)."""
+    from fastsft.kernels import triton_available
+
+    if not triton_available(device):
+        pytest.skip("Triton cannot run here")
+    gen, seed = fresh_generator()
+    mag = torch.logspace(-8, 1.5, 4001, dtype=torch.float64)  # 1e-8 .. 31.6, through the 0.25 switch
+    jitter = 1 + 0.01 * torch.rand(mag.shape, generator=gen, dtype=torch.float64)
+    x64 = torch.cat([mag * jitter, -mag * jitter, torch.tensor([0.0, 0.25, -0.25, 100.0, -100.0])])
+    x = x64.float().to(device)
+    out = torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    want = torch.tanh(x.double().cpu())
+    err = ((out.double().cpu() - want).abs() / want.abs().clamp(min=1e-300)).nan_to_num(0.0)
+    ulp = 2.0**-23
+    assert float(err.max()) < 8 * ulp, (
+        f"worst relative error {float(err.max()):.3g} at x = {float(x[err.argmax()])}, seed {seed}"
+    )
+    assert float(out[x == 0].abs().max()) == 0.0
+    # the float32 twin uses torch.tanh, which is that accurate too
+    assert float(((torch.tanh(x.cpu()).double() - want).abs() / want.abs().clamp(min=1e-300)).max()) < 8 * ulp
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+def test_logits_from_an_autocast_head(device, backend, amp):
+    """The logits-in route under the Trainer's mixed precision: a float32 head under autocast gives
+    16-bit logits; the loss is float32, and the gradient reaches the float32 hidden states."""
+    gen, seed = fresh_generator()
+    hidden = torch.randn(19, 24, generator=gen).to(device).requires_grad_()
+    weight = (torch.randn(301, 24, generator=gen) / 24**0.5 * 2).to(device)
+    y = torch.randint(0, 301, (19,), generator=gen).to(device)
+    y[::4] = -100
+    with torch.autocast(device, dtype=amp):
+        logits = F.linear(hidden, weight)
+        loss = fused_cross_entropy(logits, y, backend=backend, label_smoothing=0.1, inplace_backward=True)
+    assert logits.dtype == amp and loss.dtype == torch.float32
+    loss.backward()
+    hr = hidden.detach().to(amp).double().requires_grad_()
+    ref = cross_entropy_reference(hr @ weight.to(amp).double().T, y, label_smoothing=0.1)
+    ref.backward()
+    assert rel(loss, ref) < 2e-3, seed
+    assert hidden.grad.dtype == torch.float32 and rel(hidden.grad, hr.grad) < GRAD_TOL[amp], seed

@@ -199,3 +199,64 @@ print(peak, chunk, hid.numel() * 2)
     # one chunk and the gradient, give or take 1 MiB of small buffers (not 4 chunks, not the logits)
     assert peak <= chunk + grad + 1024 * 1024, (peak, chunk, grad)
     assert peak >= chunk + grad - 1024 * 1024, (peak, chunk, grad)
+
+
+    rows = chunk_rows(128256, torch.bfloat16)  # Llama-3's vocabulary
+    assert rows * 128256 * 2 <= 256 * 1024 * 1024
+    assert rows >= 512
+    assert chunk_rows(13, torch.float32) >= 1
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-head", "trained-head"])
+def test_float32_inputs_under_autocast(device, backend, amp, reduction, frozen):
+    """The Trainer's bf16 / fp16 mixed precision runs the model under torch.autocast, while QLoRA's
+    hidden states and lm_head are float32 (prepare_model_for_kbit_training casts them). The matmuls run
+    in the autocast dtype, as the lm_head's own would; the gradients come back float32."""
+    hidden, weight, b, y, seed = make(45, 32, 503, torch.float32, device)
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+    hk = hidden.clone().requires_grad_()
+    wk = weight.clone().requires_grad_(not frozen)
+    bk = b.clone().requires_grad_()
+    with torch.autocast(device, dtype=amp):
+        loss = fused_linear_cross_entropy(hk, wk, y, bk, backend=backend, chunk_size=8, **kw)
+        stock = torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(hidden, weight, b).float(), y, **kw
+        )  # what transformers' head and loss give under the same autocast
+    # the definition, on the inputs as autocast rounds them
+    hr, wr, br = (t.to(amp).double().requires_grad_() for t in (hidden, weight, b))
+    ref = linear_cross_entropy_reference(hr, wr, y, br, **kw)
+    up = torch.rand(ref.shape, dtype=torch.float64, device=device) + 0.5
+    (loss * up.float()).sum().backward()
+    (ref * up).sum().backward()
+    assert loss.dtype == torch.float32 and hk.grad.dtype == torch.float32 and bk.grad.dtype == torch.float32
+    assert rel(loss, ref) < 2e-3, f"loss {rel(loss, ref)}, seed {seed}"
+    assert rel(loss, stock) < 2e-3, f"vs stock {rel(loss, stock)}, seed {seed}"
+    assert rel(hk.grad, hr.grad) < GRAD_TOL[amp], f"hidden grad {rel(hk.grad, hr.grad)}, seed {seed}"
+    assert rel(bk.grad, br.grad) < GRAD_TOL[amp], f"bias grad {rel(bk.grad, br.grad)}, seed {seed}"
+    if frozen:
+        assert wk.grad is None
+    else:
+        assert wk.grad.dtype == torch.float32
+        assert rel(wk.grad, wr.grad) < GRAD_TOL[amp], f"weight grad {rel(wk.grad, wr.grad)}, seed {seed}"
+
+
+@pytest.mark.parametrize("device,backend", params())
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_hidden_and_float32_head_under_autocast(device, backend, amp):
+    """Unsloth / 16-bit LoRA with a float32 lm_head (or the reverse): the autocast dtype decides, and
+    each gradient comes back in its own input's dtype."""
+    hidden, weight, _, y, seed = make(21, 16, 97, amp, device, bias=False)
+    weight = weight.float()
+    hk, wk = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast(device, dtype=amp):
+        loss = fused_linear_cross_entropy(hk, wk, y, backend=backend)
+    loss.backward()
+    hr, wr = hidden.double().requires_grad_(), weight.to(amp).double().requires_grad_()
+    ref = linear_cross_entropy_reference(hr, wr, y)
+    ref.backward()
+    assert hk.grad.dtype == amp and wk.grad.dtype == torch.float32
+    assert rel(loss, ref) < 2e-3, seed
+    assert rel(hk.grad, hr.grad) < GRAD_TOL[amp] and rel(wk.grad, wr.grad) < GRAD_TOL[amp], seed
