@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 # on the path (the core resolves to TRL 1.16).
 [ -d .cache/trl-1.15/trl ] || pip install -q --no-deps --target .cache/trl-1.15 trl==1.15.0
 
+# The `gpu` extra's Unsloth, for test_unsloth_cpu.py: its child process runs fastsft's Unsloth backend on
+# the CPU (UNSLOTH_ALLOW_CPU=1, Triton's interpreter, the shim in tests/unsloth_cpu/) with this folder and
+# TRL 1.15 first on its path. No dependencies: the core's torch, transformers, peft, bitsandbytes,
+# datasets, triton, pillow and numpy are what it imports on that path.
+[ -d .cache/unsloth/unsloth_zoo ] || pip install -q --no-deps --target .cache/unsloth unsloth==2026.10.7 unsloth_zoo==2026.10.7
+
 # Debian's chromium and its chromedriver: test_serve.py drives the chat page of `fastsft serve` in
 # headless Chromium through Selenium (never a browser download: Selenium is pointed at these binaries).
 if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then

@@ -16,6 +16,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 def import_unsloth_first() -> None:
+    if "unsloth" in sys.modules:  # imported earlier, first (it imports transformers, trl and peft itself)
+        return
     late = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
     if late:
         warnings.warn(

@@ -1,0 +1,167 @@
+"""The real Unsloth path on the CPU: fastsft's Unsloth backend and every `[loss] kernel` on tiny Llama,
+Mistral, Qwen2 and Gemma 2, with Unsloth's own Triton kernels run by Triton's interpreter.
+
+The README's test command installs the `gpu` extra's unsloth and unsloth_zoo into .cache/unsloth (no
+dependencies: the core's torch, transformers, peft and TRL 1.15 from .cache/trl-1.15 serve). One child
+process (tests/unsloth_cpu/worker.py) does every check and writes JSON; the tests below read it. The
+child runs with Unsloth's test switch UNSLOTH_ALLOW_CPU=1 and tests/unsloth_cpu/sitecustomize.py, a
+test-only shim answering torch.cuda's queries and mapping "cuda" tensors onto the CPU. 4-bit is not
+exercised this way (Unsloth turns it off without bitsandbytes' CUDA backend). On a CUDA machine
+(benchmarks/gpu_check.sh) the same child runs natively, without the shim, and adds a 4-bit base.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _tiny import REPO
+
+# benchmarks/gpu_check.sh points FASTSFT_UNSLOTH_SITE at the GPU archive's folder (unsloth and TRL 1.15)
+SITE = os.environ.get("FASTSFT_UNSLOTH_SITE")
+UNSLOTH = Path(SITE) if SITE else REPO / ".cache" / "unsloth"
+TRL_115 = Path(SITE) if SITE else REPO / ".cache" / "trl-1.15"
+SHIM = REPO / "tests" / "unsloth_cpu"
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+         "gemma2": "Gemma2ForCausalLM"}  # fmt: skip
+KERNELS = ("fastsft-linear", "fastsft", "torch", "unsloth")
+
+pytestmark = pytest.mark.skipif(
+    not (UNSLOTH / "unsloth").is_dir() or not (TRL_115 / "trl").is_dir(),
+    reason="unsloth (.cache/unsloth) or TRL 1.15 (.cache/trl-1.15) not installed: run tests/install-test-extras.sh",
+)
+
+
+GPU = torch.cuda.is_available()
+
+
+def unsloth_env(cache: str) -> dict:
+    drop = ("UNSLOTH_", "PYTHONPATH", "TRITON_INTERPRET", "FASTSFT_CUDA_SHIM")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(PYTHONPATH=os.pathsep.join(dict.fromkeys(map(str, (UNSLOTH, TRL_115)))), FASTSFT_CACHE=cache)
+    if not GPU:
+        env.update(
+            PYTHONPATH=os.pathsep.join(map(str, (SHIM, UNSLOTH, TRL_115))),
+            FASTSFT_CUDA_SHIM="1",
+            UNSLOTH_ALLOW_CPU="1",
+            TRITON_INTERPRET="1",
+            HF_DEACTIVATE_ASYNC_LOAD="1",
+        )
+    return env
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("unsloth-cpu") / "results.json"
+    cache = os.environ.get("FASTSFT_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    proc = subprocess.run(
+        [sys.executable, str(SHIM / "worker.py"), str(out)] + (["--four-bit"] if GPU else []),
+        env=unsloth_env(cache), cwd=out.parent, capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    print(f"unsloth-on-CPU worker: {data['seconds']} s")
+    return data
+
+
+def arch_results(results, arch):
+    assert arch not in results["errors"], results["errors"][arch]
+    return results["archs"][arch]
+
+
+def test_it_is_the_unsloth_the_gpu_extra_installs(results):
+    v = results["versions"]
+    assert v["unsloth"].startswith("2026.10.") and v["trl"] == "1.15.0", v
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_unsloth_backend_loads(results, arch):
+    r = arch_results(results, arch)
+    assert r["backend"] == "unsloth" and r["class"] == ARCHS[arch]
+    assert r["supervised"] > 5 and r["n_grads"] > 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_gives_the_transformers_backends_first_loss(results, arch, kernel):
+    """LoRA's B starts at 0, so the first loss of a run is the base model's on both backends."""
+    r = arch_results(results, arch)
+    assert r[f"loss/{kernel}"] == pytest.approx(r["loss/transformers"], rel=1e-5), r
+    assert r[f"loss/{kernel}"] == pytest.approx(r["loss/torch"], rel=1e-5), r
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_gives_the_same_lora_gradients(results, arch, kernel):
+    r = arch_results(results, arch)
+    assert r["grad_norm/torch"] > 0
+    assert r[f"grad_rel/{kernel}"] < 1e-5, r
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_our_kernels_really_launch_on_unsloth(results, arch):
+    """Counted by wrapping the Triton kernel in the child, not by a hook in the package."""
+    r = arch_results(results, arch)
+    assert r["launches/fastsft-linear"] >= 1 and r["launches/fastsft"] >= 1, r
+    assert r["launches/torch"] == 0 and r["launches/unsloth"] == 0, r
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_accumulated_batch_normalisation(results, arch):
+    """With num_items_in_batch (the Trainer under accumulation) the loss is the sum over it."""
+    r = arch_results(results, arch)
+    assert r["loss_sum/fastsft-linear"] == pytest.approx(r["loss/fastsft-linear"] * r["supervised"], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unsloth_gradient_checkpointing(results, arch):
+    r = arch_results(results, arch)
+    assert r["checkpointing/enabled"]
+    assert r["checkpointing/loss"] == pytest.approx(r["loss/fastsft-linear"], rel=1e-6)
+    assert r["checkpointing/grad_rel"] < 1e-5, r
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp16_through_unsloths_fused_lora_kernels(results, arch):
+    r = arch_results(results, arch)
+    assert r["fp16/dtype"] == "torch.float16" and r["fp16/fused_lora"] > 0, r
+    assert r["fp16/launches"] >= 1
+    assert r["fp16/loss"] == pytest.approx(r["loss/fastsft-linear"], rel=2e-3), r
+    assert r["fp16/grad_rel"] < 3e-2, r
+
+
+@pytest.fixture()
+def training(results):
+    assert "training" not in results["errors"], results["errors"]["training"]
+    return results["training"]
+
+
+def test_fastsft_run_trains_on_unsloth_through_our_kernel(training):
+    assert training["a/summary_backend"] == "unsloth" and training["b/summary_backend"] == "unsloth"
+    assert training["a/loss_kernel"] == "fastsft-linear" and training["a/launches"] >= 1
+
+
+def test_gradient_accumulation_is_exact_on_unsloth(training):
+    """batch 2 x 1 micro-batch and batch 1 x 2 accumulated take the same SGD step."""
+    assert training["accum/keys_equal"] and training["accum/lora_B_moved"] > 0
+    assert training["accum/lora_B_rel"] < 1e-4, training
+    assert training["accum/loss_a"] == pytest.approx(training["accum/loss_b"], rel=1e-4)
+
+
+def test_the_merged_export_of_an_unsloth_run_reproduces_its_logits(training):
+    assert training["export/shape_equal"]
+    assert training["export/logits_rel"] < 1e-4, training
+
+
+@pytest.mark.skipif(not GPU, reason="4-bit needs bitsandbytes' CUDA backend (Unsloth turns it off otherwise)")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_on_a_4bit_base(results, arch):
+    r = arch_results(results, arch)
+    for kernel in KERNELS:
+        assert r[f"4bit/loss/{kernel}"] == pytest.approx(r["4bit/loss/torch"], rel=5e-3), r
+    assert r["4bit/launches/fastsft-linear"] >= 1 and r["4bit/launches/fastsft"] >= 1, r
+    assert r["4bit/launches/torch"] == 0 and r["4bit/launches/unsloth"] == 0, r

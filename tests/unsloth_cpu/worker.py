@@ -1,0 +1,322 @@
+"""Runs fastsft's Unsloth backend on the CPU (under the shim in sitecustomize.py beside this file) and
+writes what it measured as JSON; tests/test_unsloth_cpu.py starts it once and checks the numbers.
+
+    python tests/unsloth_cpu/worker.py OUT.json [--archs llama,mistral,qwen2,gemma2] [--quick]
+
+Per architecture (tiny built-in models), on one fixed batch of the demo data:
+- the loss and LoRA gradients of every `[loss] kernel` on the Unsloth backend, the launches of
+  fastsft's Triton kernel counted by wrapping it here (not by a hook in the package);
+- the transformers backend's loss on the same batch (the first loss of any run: LoRA's B starts at 0);
+- fp16 (Unsloth's fused LoRA kernels) and Unsloth's gradient checkpointing against fp32 without.
+Once (tiny Llama), through `fastsft.train.run` with `backend = "unsloth"`: gradient accumulation
+(batch 2 x 1 step == batch 1 x 2 accumulated), and the merged export of the trained run against the
+trained Unsloth model's own logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]  # the repo's kernels/ shadows
+
+import unsloth  # noqa: E402,F401  # isort: skip  (first: it patches transformers, trl and peft)
+import torch  # noqa: E402
+
+from fastsft import backends, loss, train  # noqa: E402
+from fastsft import recipe as R  # noqa: E402
+from fastsft.kernels import cross_entropy  # noqa: E402
+
+ARCHS = ("llama", "mistral", "qwen2", "gemma2")
+# On a GPU (benchmarks/gpu_check.sh) the same checks run natively, without the shim, plus 4-bit.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNELS = ("fastsft-linear", "fastsft", "torch", "unsloth")
+DEMO = REPO / "recipes" / "data" / "demo.jsonl"
+
+RECIPE = f"""
+[model]
+name = "builtin:tiny-llama"
+backend = "unsloth"
+load_in_4bit = false
+dtype = "fp32"
+[lora]
+r = 8
+lora_alpha = 16
+[data]
+train = "{DEMO}"
+max_length = 64
+[train]
+learning_rate = 0.5
+optim = "sgd"
+lr_scheduler_type = "constant"
+warmup_ratio = 0.0
+max_grad_norm = 0
+max_steps = 1
+per_device_train_batch_size = 2
+logging_steps = 1
+save_strategy = "no"
+gradient_checkpointing = false
+seed = 0
+"""
+
+# ------------------------------------------------------------------------------------------------
+# Counting our kernel's launches from the outside
+# ------------------------------------------------------------------------------------------------
+
+LAUNCHES = {"cross_entropy": 0}
+
+
+class _Counted:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        LAUNCHES["cross_entropy"] += 1
+        return self.kernel[grid]
+
+
+cross_entropy._ce_kernel = _Counted(cross_entropy._ce_kernel)
+
+# ------------------------------------------------------------------------------------------------
+
+
+def make_recipe(tmp: Path, *overrides: str):
+    p = tmp / "recipe.toml"
+    p.write_text(RECIPE)
+    return R.load(p, list(overrides))
+
+
+def batch(tokenizer, n_rows: int = 2):
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:n_rows]]
+    enc = [
+        tokenizer.apply_chat_template(r["messages"], return_dict=True, return_assistant_tokens_mask=True)
+        for r in rows
+    ]
+    T = max(len(e["input_ids"]) for e in enc)
+    ids = torch.full((len(enc), T), tokenizer.pad_token_id)
+    mask = torch.zeros((len(enc), T), dtype=torch.long)
+    labels = torch.full((len(enc), T), -100)
+    for i, e in enumerate(enc):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(e["assistant_masks"]) == 1, ids[i, :n], -100)
+    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "labels": labels.to(DEVICE)}
+
+
+def lora_grads(model) -> dict:
+    return {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rel(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over all the tensors of two gradient dicts with the same keys."""
+    if set(a) != set(b) or not a:
+        return float("inf")
+    num = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+    den = sum(float(b[k].norm() ** 2) for k in b) ** 0.5
+    return num / den if den else num
+
+
+def step(recipe, loaded, kernel: str, data: dict, num_items=None) -> tuple[float, dict, int]:
+    """One forward + backward of `kernel` on the Unsloth backend: (loss, LoRA grads, our launches)."""
+    r = make_recipe(Path(str(recipe.path)).parent, f"loss.kernel={kernel}")
+    route = loss.resolve(r, loaded.model, loaded.backend, DEVICE)
+    assert route.kernel == kernel, (route.kernel, route.reason)
+    loaded.model.train()
+    loaded.model.zero_grad(set_to_none=True)
+    before = LAUNCHES["cross_entropy"]
+    value, _ = route(loaded.model, data, num_items)
+    value.backward()
+    return float(value), lora_grads(loaded.model), LAUNCHES["cross_entropy"] - before
+
+
+def check_arch(arch: str, tmp: Path, quick: bool, four_bit: bool) -> dict:
+    out: dict = {"arch": arch}
+    tmp.mkdir(parents=True, exist_ok=True)
+    recipe = make_recipe(tmp, f"model.name=builtin:tiny-{arch}")
+    t0 = time.perf_counter()
+    loaded = backends.load_model(recipe, log=lambda *_: None)
+    out["backend"] = loaded.backend
+    out["class"] = type(loss.base_causal_lm(loaded.model)).__name__
+    out["load_s"] = round(time.perf_counter() - t0, 1)
+    data = batch(loaded.tokenizer)
+    out["tokens"] = int(data["attention_mask"].sum())
+    out["supervised"] = int((loss.shift_left(data["labels"]) != -100).sum())
+    grads = {}
+    for kernel in KERNELS:
+        t = time.perf_counter()
+        value, g, launches = step(recipe, loaded, kernel, data)
+        grads[kernel] = g
+        out[f"loss/{kernel}"] = value
+        out[f"launches/{kernel}"] = launches
+        out[f"seconds/{kernel}"] = round(time.perf_counter() - t, 1)
+    for kernel in KERNELS:
+        out[f"grad_rel/{kernel}"] = rel(grads[kernel], grads["torch"])
+    out["grad_norm/torch"] = sum(float(v.norm() ** 2) for v in grads["torch"].values()) ** 0.5
+    out["n_grads"] = len(grads["torch"])
+    # the summed loss over num_items_in_batch, as the Trainer calls it under accumulation
+    n = out["supervised"] * 3
+    out["loss_sum/fastsft-linear"] = step(recipe, loaded, "fastsft-linear", data, torch.tensor(n))[0] * n
+    fp32 = grads["fastsft-linear"]
+    del loaded
+
+    # the transformers backend on the same batch and weights (LoRA's B is 0: the base model's loss)
+    rt = make_recipe(
+        tmp, f"model.name=builtin:tiny-{arch}", "model.backend=transformers", "loss.kernel=torch"
+    )
+    ref = backends.load_model(rt, log=lambda *_: None)
+    route = loss.resolve(rt, ref.model, ref.backend, DEVICE)
+    with torch.no_grad():
+        out["loss/transformers"] = float(route(ref.model, data)[0])
+    del ref
+
+    if not quick:
+        # Unsloth's gradient checkpointing: the same gradients as without
+        rc = make_recipe(tmp, f"model.name=builtin:tiny-{arch}", "train.gradient_checkpointing=true")
+        ck = backends.load_model(rc, log=lambda *_: None)
+        value, g, _ = step(rc, ck, "fastsft-linear", data)
+        out["checkpointing/loss"] = value
+        out["checkpointing/grad_rel"] = rel(g, fp32)
+        out["checkpointing/enabled"] = bool(
+            getattr(loss.base_causal_lm(ck.model).model, "gradient_checkpointing", False)
+        )
+        del ck
+
+        # fp16 weights: Unsloth's fused LoRA kernels (fast_lora) take the MLP and attention projections
+        rh = make_recipe(tmp, f"model.name=builtin:tiny-{arch}", "model.dtype=fp16")
+        half = backends.load_model(rh, log=lambda *_: None)
+        out["fp16/dtype"] = str(loss.base_causal_lm(half.model).lm_head.weight.dtype)
+        value, g, launches = step(rh, half, "fastsft-linear", data)
+        out["fp16/loss"] = value
+        out["fp16/launches"] = launches
+        out["fp16/grad_rel"] = rel(g, fp32)
+        out["fp16/fused_lora"] = _fused_lora_patched(half.model)
+        del half
+
+    if four_bit:  # GPU only: Unsloth turns 4-bit off without bitsandbytes' CUDA backend
+        r4 = make_recipe(
+            tmp, f"model.name=builtin:tiny-{arch}", "model.load_in_4bit=true", "model.dtype=bf16"
+        )
+        q = backends.load_model(r4, log=lambda *_: None)
+        for kernel in KERNELS:
+            value, _, launches = step(r4, q, kernel, data)
+            out[f"4bit/loss/{kernel}"] = value
+            out[f"4bit/launches/{kernel}"] = launches
+        del q
+    return out
+
+
+def _fused_lora_patched(model) -> int:
+    """How many of Unsloth's fused LoRA forwards (apply_lora_mlp / _qkv / _o) are in place."""
+    n = 0
+    for m in model.modules():
+        for attr in ("forward", "apply_qkv", "apply_o"):
+            fn = m.__dict__.get(attr) or getattr(type(m), attr, None)
+            fn = getattr(fn, "__func__", fn)
+            n += "apply_lora" in getattr(fn, "__name__", "")
+    return n
+
+
+def check_training(tmp: Path) -> dict:
+    """Through fastsft.train.run with backend = "unsloth" (tiny Llama)."""
+    out: dict = {}
+    captured = {}
+    original = train.make_callbacks
+
+    def callbacks(*a, **k):
+        from transformers import TrainerCallback
+
+        class Keep(TrainerCallback):
+            def on_train_end(self, args, state, control, model=None, **kw):
+                captured["model"] = model
+
+        return original(*a, **k) + [Keep()]
+
+    train.make_callbacks = callbacks
+    train.sample_prompts = lambda *a, **k: []  # before / after answers: Unsloth's generation is slow here
+    LAUNCHES["cross_entropy"] = 0
+    a = train.run(make_recipe(tmp, "train.per_device_train_batch_size=2"), output_dir=tmp / "a")
+    out["a/launches"] = LAUNCHES["cross_entropy"]
+    out["a/summary_backend"] = a.summary["backend"]
+    out["a/loss_kernel"] = a.summary["loss"]["kernel"]
+    model = captured.pop("model")
+    b = train.run(
+        make_recipe(tmp, "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=2"),
+        output_dir=tmp / "b",
+    )
+    out["b/summary_backend"] = b.summary["backend"]
+    from safetensors.torch import load_file
+
+    wa = load_file(str(a.run_dir / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b.run_dir / "adapter" / "adapter_model.safetensors"))
+    out["accum/keys_equal"] = set(wa) == set(wb)
+    out["accum/lora_B_moved"] = sum(int(v.abs().sum() > 0) for k, v in wa.items() if "lora_B" in k)
+    num = sum(float((wa[k].double() - wb[k].double()).norm() ** 2) for k in wa) ** 0.5
+    den = sum(float((wa[k].double()).norm() ** 2) for k in wa if "lora_B" in k) ** 0.5
+    out["accum/lora_B_rel"] = num / den if den else float("inf")
+    la = [json.loads(x) for x in (a.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (b.run_dir / "metrics.jsonl").read_text().splitlines()]
+    out["accum/loss_a"] = next(r["loss"] for r in la if "loss" in r)
+    out["accum/loss_b"] = next(r["loss"] for r in lb if "loss" in r)
+
+    # the merged export of run a against the trained Unsloth model's own logits
+    from transformers import AutoModelForCausalLM
+
+    from fastsft import export
+
+    folder = export.export_run(a.run_dir, fmt="merged", dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    data = batch(export.load_tokenizer(folder), 2)
+    merged.to(DEVICE)
+    model.eval()
+    with torch.no_grad(), loss._env(UNSLOTH_RETURN_LOGITS="1"):
+        trained = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits.double()
+        exported = merged(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits.double()
+    keep = data["attention_mask"].bool()
+    out["export/logits_rel"] = float((exported[keep] - trained[keep]).norm() / trained[keep].norm())
+    out["export/shape_equal"] = trained.shape == exported.shape
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--archs", default=",".join(ARCHS))
+    ap.add_argument("--quick", action="store_true", help="skip the fp16 and checkpointing checks")
+    ap.add_argument("--no-training", action="store_true")
+    ap.add_argument("--four-bit", action="store_true", help="also every kernel on a 4-bit base (GPU only)")
+    args = ap.parse_args()
+    import tempfile
+
+    if DEVICE.type == "cpu":
+        backends.unsloth_status = lambda: (True, "the CPU test shim stands in for a GPU")
+    tmp = Path(tempfile.mkdtemp(prefix="fastsft-unsloth-cpu-"))
+    results: dict = {
+        "versions": train.versions(),
+        "device": train.device_description(),
+        "archs": {},
+        "errors": {},
+    }
+    t0 = time.perf_counter()
+    for arch in args.archs.split(","):
+        try:
+            results["archs"][arch] = check_arch(arch, tmp / arch, args.quick, args.four_bit)
+        except Exception:
+            results["errors"][arch] = traceback.format_exc()
+        print(f"{arch}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    if not args.no_training:
+        try:
+            results["training"] = check_training(tmp / "training")
+        except Exception:
+            results["errors"]["training"] = traceback.format_exc()
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
