@@ -151,6 +151,11 @@ class LossRoute:
                     f"hidden size {head.weight.shape[1]}: it ignores UNSLOTH_RETURN_HIDDEN_STATES. "
                     'Use [loss] kernel = "fastsft" (logits in) for this model.'
                 )
+            if hidden.dtype == torch.float32 and head.weight.dtype in (torch.bfloat16, torch.float16):
+                # the Trainer's mixed precision (accelerate) upcasts a 16-bit model's outputs to float32 on
+                # the way out: back to the head's dtype (what the model's own head would compute in), or
+                # the kernel would copy the lm_head to float32 and run the largest matmul in float32
+                hidden = hidden.to(head.weight.dtype)
             softcap = getattr(lm.config, "final_logit_softcapping", None)
             loss = fused_linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]),

@@ -77,3 +77,39 @@ def test_the_fused_linear_loss_saw_the_qlora_case(bf16_runs):
     # the logits-in route gets the head's autocast logits, upcast by accelerate on the way out
     seen = bf16_runs["fastsft"][2]
     assert seen and all(s[0] == "fused_cross_entropy" for s in seen), seen
+
+
+def test_the_unsloth_linear_route_keeps_a_16bit_head_in_16_bits(monkeypatch):
+    """Under the Trainer's mixed precision accelerate upcasts a bf16 model's outputs (Unsloth's hidden
+    states, read with UNSLOTH_RETURN_HIDDEN_STATES) to float32; the loss must cast them back rather than
+    copy the lm_head to float32 and run the largest matmul there."""
+    import types
+
+    torch.manual_seed(0)
+
+    class Model(torch.nn.Module):  # what the route reads of an Unsloth causal LM
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 16, dtype=torch.bfloat16)
+            self.lm_head = torch.nn.Linear(16, 50, bias=False, dtype=torch.bfloat16)
+            self.config = types.SimpleNamespace(final_logit_softcapping=None)
+
+        def forward(self, input_ids, **kw):
+            return types.SimpleNamespace(logits=self.embed(input_ids).float())  # as accelerate returns it
+
+    seen = []
+    original = loss.fused_linear_cross_entropy
+
+    def spy(hidden, weight, *args, **kw):
+        seen.append((hidden.dtype, weight.dtype))
+        return original(hidden, weight, *args, **kw)
+
+    monkeypatch.setattr(loss, "fused_linear_cross_entropy", spy)
+    route = loss.LossRoute("fastsft-linear", "torch", "unsloth", 0.0, "LlamaForCausalLM", "test")
+    model = Model()
+    ids = torch.randint(0, 50, (2, 9))
+    got, _ = route(model, {"input_ids": ids, "labels": ids})
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    logits = model.lm_head(model.embed(ids)).float()
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
+    assert float(got) == pytest.approx(float(want), rel=1e-3)

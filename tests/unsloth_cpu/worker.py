@@ -1,13 +1,15 @@
 """Runs fastsft's Unsloth backend on the CPU (under the shim in sitecustomize.py beside this file) and
 writes what it measured as JSON; tests/test_unsloth_cpu.py starts it once and checks the numbers.
 
-    python tests/unsloth_cpu/worker.py OUT.json [--archs llama,mistral,qwen2,gemma2] [--quick]
+    python tests/unsloth_cpu/worker.py OUT.json [--archs llama,mistral,qwen2,gemma2] [--four-bit]
 
 Per architecture (tiny built-in models), on one fixed batch of the demo data:
 - the loss and LoRA gradients of every `[loss] kernel` on the Unsloth backend, the launches of
   fastsft's Triton kernel counted by wrapping it here (not by a hook in the package);
-- the transformers backend's loss on the same batch (the first loss of any run: LoRA's B starts at 0);
-- fp16 (Unsloth's fused LoRA kernels) and Unsloth's gradient checkpointing against fp32 without.
+- the batch itself, for the test to compute the transformers backend's loss on it (the first loss of
+  any run: LoRA's B starts at 0) in its own process, which Unsloth has not patched;
+- fp16 (Unsloth's fused LoRA kernels), Unsloth's gradient checkpointing, and every kernel under the
+  Trainer's bf16 autocast, against fp32 (Llama and Gemma 2; `--full`).
 Once (tiny Llama), through `fastsft.train.run` with `backend = "unsloth"`: gradient accumulation
 (batch 2 x 1 step == batch 1 x 2 accumulated), and the merged export of the trained run against the
 trained Unsloth model's own logits.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -63,6 +66,13 @@ save_strategy = "no"
 gradient_checkpointing = false
 seed = 0
 """
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Unsloth's GEGLU (Gemma's fused LoRA MLP) and softcapped loss call libdevice's tanh, which Triton's
+    # interpreter does not implement (it returns None): give them a Triton tanh (fastsft's softcap one)
+    from unsloth.kernels import cross_entropy_loss, geglu  # noqa: E402
+
+    geglu.triton_tanh = cross_entropy_loss.triton_tanh = cross_entropy._tanh
 
 # ------------------------------------------------------------------------------------------------
 # Counting our kernel's launches from the outside
@@ -165,15 +175,9 @@ def check_arch(arch: str, tmp: Path, quick: bool, four_bit: bool) -> dict:
     fp32 = grads["fastsft-linear"]
     del loaded
 
-    # the transformers backend on the same batch and weights (LoRA's B is 0: the base model's loss)
-    rt = make_recipe(
-        tmp, f"model.name=builtin:tiny-{arch}", "model.backend=transformers", "loss.kernel=torch"
-    )
-    ref = backends.load_model(rt, log=lambda *_: None)
-    route = loss.resolve(rt, ref.model, ref.backend, DEVICE)
-    with torch.no_grad():
-        out["loss/transformers"] = float(route(ref.model, data)[0])
-    del ref
+    # the batch, for the transformers backend's loss (computed by the test, in a process Unsloth never
+    # patched: Unsloth replaces the architectures' classes process-wide)
+    out["batch"] = {k: v.tolist() for k, v in data.items()}
 
     if not quick:
         # Unsloth's gradient checkpointing: the same gradients as without
@@ -197,6 +201,23 @@ def check_arch(arch: str, tmp: Path, quick: bool, four_bit: bool) -> dict:
         out["fp16/grad_rel"] = rel(g, fp32)
         out["fp16/fused_lora"] = _fused_lora_patched(half.model)
         del half
+
+    if not quick:
+        # the Trainer's bf16 mixed precision as accelerate sets it up (Accelerator.prepare_model): the
+        # forward under autocast, its outputs upcast to float32, the loss outside. (Through the Trainer
+        # itself it cannot run here: Unsloth refuses bf16 without a device, accelerate fp16 on the CPU.)
+        from accelerate.utils import convert_outputs_to_fp32
+
+        ra = make_recipe(tmp, f"model.name=builtin:tiny-{arch}")
+        amp = backends.load_model(ra, log=lambda *_: None)
+        autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+        amp.model.forward = convert_outputs_to_fp32(autocast(amp.model.forward))
+        for kernel in KERNELS:
+            value, g, launches = step(ra, amp, kernel, data)
+            out[f"bf16/loss/{kernel}"] = value
+            out[f"bf16/launches/{kernel}"] = launches
+            out[f"bf16/grad_rel/{kernel}"] = rel(g, fp32)
+        del amp
 
     if four_bit:  # GPU only: Unsloth turns 4-bit off without bitsandbytes' CUDA backend
         r4 = make_recipe(
@@ -225,6 +246,7 @@ def _fused_lora_patched(model) -> int:
 def check_training(tmp: Path) -> dict:
     """Through fastsft.train.run with backend = "unsloth" (tiny Llama)."""
     out: dict = {}
+    tmp.mkdir(parents=True, exist_ok=True)
     captured = {}
     original = train.make_callbacks
 
@@ -264,30 +286,35 @@ def check_training(tmp: Path) -> dict:
     out["accum/loss_a"] = next(r["loss"] for r in la if "loss" in r)
     out["accum/loss_b"] = next(r["loss"] for r in lb if "loss" in r)
 
-    # the merged export of run a against the trained Unsloth model's own logits
-    from transformers import AutoModelForCausalLM
-
-    from fastsft import export
-
-    folder = export.export_run(a.run_dir, fmt="merged", dtype="fp32")
-    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    data = batch(export.load_tokenizer(folder), 2)
-    merged.to(DEVICE)
+    # the trained Unsloth model's logits, for the test to compare with the merged export of run a, made
+    # and loaded in its own process (Unsloth's class patches here would run the export's checks)
+    out["run_a"] = str(a.run_dir)
+    data = batch(loaded_tokenizer(a.run_dir), 2)
     model.eval()
     with torch.no_grad(), loss._env(UNSLOTH_RETURN_LOGITS="1"):
-        trained = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits.double()
-        exported = merged(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits.double()
-    keep = data["attention_mask"].bool()
-    out["export/logits_rel"] = float((exported[keep] - trained[keep]).norm() / trained[keep].norm())
-    out["export/shape_equal"] = trained.shape == exported.shape
+        logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    out["export/batch"] = {k: v.tolist() for k, v in data.items()}
+    out["export/trained_logits"] = str(tmp / "trained_logits.pt")
+    torch.save(logits.float().cpu(), out["export/trained_logits"])
     return out
+
+
+def loaded_tokenizer(run_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run_dir / "adapter")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--archs", default=",".join(ARCHS))
-    ap.add_argument("--quick", action="store_true", help="skip the fp16 and checkpointing checks")
+    ap.add_argument(
+        "--full",
+        default="llama,gemma2",
+        help="architectures that also check fp16 and checkpointing (Mistral and "
+        "Qwen2 run Unsloth's Llama code for those)",
+    )
     ap.add_argument("--no-training", action="store_true")
     ap.add_argument("--four-bit", action="store_true", help="also every kernel on a 4-bit base (GPU only)")
     args = ap.parse_args()
@@ -295,7 +322,7 @@ def main() -> None:
 
     if DEVICE.type == "cpu":
         backends.unsloth_status = lambda: (True, "the CPU test shim stands in for a GPU")
-    tmp = Path(tempfile.mkdtemp(prefix="fastsft-unsloth-cpu-"))
+    tmp = Path(tempfile.mkdtemp(prefix="work-", dir=Path(args.out).resolve().parent))
     results: dict = {
         "versions": train.versions(),
         "device": train.device_description(),
@@ -305,7 +332,9 @@ def main() -> None:
     t0 = time.perf_counter()
     for arch in args.archs.split(","):
         try:
-            results["archs"][arch] = check_arch(arch, tmp / arch, args.quick, args.four_bit)
+            results["archs"][arch] = check_arch(
+                arch, tmp / arch, arch not in args.full.split(","), args.four_bit
+            )
         except Exception:
             results["errors"][arch] = traceback.format_exc()
         print(f"{arch}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
