@@ -166,7 +166,8 @@ def test_every_kernel_under_the_trainers_bf16_autocast(results, arch, kernel):
     """The forward under torch.autocast(bfloat16) with float32 outputs, as accelerate wraps it."""
     r = arch_results(results, arch)
     assert r[f"bf16/loss/{kernel}"] == pytest.approx(r["loss/torch"], rel=2e-2), r
-    assert r[f"bf16/loss/{kernel}"] == pytest.approx(r["bf16/loss/torch"], rel=1e-4), r
+    # the logits routes get the head's bf16 logits; fastsft-linear runs a float32 head in float32
+    assert r[f"bf16/loss/{kernel}"] == pytest.approx(r["bf16/loss/torch"], rel=2e-3), r
     assert r[f"bf16/grad_rel/{kernel}"] < 5e-2, r
     assert (r[f"bf16/launches/{kernel}"] >= 1) == kernel.startswith("fastsft"), r
 
