@@ -38,6 +38,9 @@ pytestmark = pytest.mark.skipif(
 
 
 GPU = torch.cuda.is_available()
+# float32 agreement: exact up to summation order on the CPU; on a GPU the child's cuBLAS / Triton sums
+# and the reference's may differ more (a first GPU session may tighten these with its figures)
+TOL = 1e-4 if GPU else 1e-5
 
 
 def unsloth_env(cache: str) -> dict:
@@ -107,7 +110,9 @@ def transformers_losses(results, tmp_path_factory):
         loaded = backends.load_model(recipe, log=lambda *_: None)
         route = loss.resolve(recipe, loaded.model, loaded.backend, torch.device("cpu"))
         with torch.no_grad():
-            out[arch] = float(route(loaded.model, tensors(r["batch"]))[0])
+            device = next(loaded.model.parameters()).device
+            batch = {k: v.to(device) for k, v in tensors(r["batch"]).items()}
+            out[arch] = float(route(loaded.model, batch)[0])
     return out
 
 
@@ -116,8 +121,8 @@ def transformers_losses(results, tmp_path_factory):
 def test_every_kernel_gives_the_transformers_backends_first_loss(results, transformers_losses, arch, kernel):
     """LoRA's B starts at 0, so the first loss of a run is the base model's on both backends."""
     r = arch_results(results, arch)
-    assert r[f"loss/{kernel}"] == pytest.approx(transformers_losses[arch], rel=1e-5), r
-    assert r[f"loss/{kernel}"] == pytest.approx(r["loss/torch"], rel=1e-5), r
+    assert r[f"loss/{kernel}"] == pytest.approx(transformers_losses[arch], rel=TOL), r
+    assert r[f"loss/{kernel}"] == pytest.approx(r["loss/torch"], rel=TOL), r
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -125,7 +130,7 @@ def test_every_kernel_gives_the_transformers_backends_first_loss(results, transf
 def test_every_kernel_gives_the_same_lora_gradients(results, arch, kernel):
     r = arch_results(results, arch)
     assert r["grad_norm/torch"] > 0
-    assert r[f"grad_rel/{kernel}"] < 1e-5, r
+    assert r[f"grad_rel/{kernel}"] < TOL, r
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -148,7 +153,7 @@ def test_unsloth_gradient_checkpointing(results, arch):
     r = arch_results(results, arch)
     assert r["checkpointing/enabled"]
     assert r["checkpointing/loss"] == pytest.approx(r["loss/fastsft-linear"], rel=1e-6)
-    assert r["checkpointing/grad_rel"] < 1e-5, r
+    assert r["checkpointing/grad_rel"] < TOL, r
 
 
 @pytest.mark.parametrize("arch", FULL)
@@ -206,4 +211,4 @@ def test_the_merged_export_of_an_unsloth_run_reproduces_its_logits(training, tmp
     assert exported.shape == trained.shape
     keep = data["attention_mask"].bool()
     diff = float((exported[keep] - trained[keep]).norm() / trained[keep].norm())
-    assert diff < 1e-4, diff
+    assert diff < 10 * TOL, diff  # the trained logits come from the child's device, the export's from the CPU
