@@ -54,7 +54,7 @@ class Key:
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "model": {
-        "name": Key("str", _NO_DEFAULT, "Hub id or local path of the base model, or `builtin:tiny-mistral`.", required=True),
+        "name": Key("str", _NO_DEFAULT, "Hub id or local path of the base model (a folder or a .gguf file), `package:PKG/FILE.gguf` (a GGUF an installed Python package ships), or `builtin:tiny-mistral`.", required=True),
         "backend": Key(
             "str",
             "auto",

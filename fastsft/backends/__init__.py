@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError
-from . import builtin
+from . import builtin, gguf
 
 __all__ = [
     "Loaded",
@@ -96,12 +96,15 @@ def torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def resolve_model_path(recipe) -> str:
-    """`[model] name` -> what from_pretrained should read: a built-in model's cache folder, a local
-    folder (relative to the recipe), or a hub id."""
+def resolve_model_path(recipe, *, log=print) -> str:
+    """`[model] name` -> what from_pretrained should read: a built-in model's cache folder, a GGUF
+    file's converted folder (see backends/gguf.py), a local folder (relative to the recipe), or a hub
+    id."""
     name = recipe.model.name
     if builtin.is_builtin(name):
         return str(builtin.materialize(name))
+    if gguf.is_gguf(name):
+        return str(gguf.materialize(gguf.resolve_file(name, recipe.base_dir), log=log))
     local = recipe.resolve_path(name)
     if local.exists():
         return str(local)
@@ -199,7 +202,7 @@ def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded
         impl.import_unsloth_first()
     else:
         from . import transformers as impl
-    path = resolve_model_path(recipe)
+    path = resolve_model_path(recipe, log=log)
     policy.check_weights(path)
     if policy.trust_remote_code:
         log("warning: --trust-remote-code: the model repository's own Python code may run")
