@@ -1128,12 +1128,13 @@ def _to_dataset(rows: list[dict]):
 
 def prepare_data(recipe, tokenizer, *, log=print) -> PreparedData:
     """`[data]` -> datasets and SFTConfig kwargs for TRL, stats and a fingerprint. Raises DataError."""
-    prepared, _ = _prepare(recipe, tokenizer, log=log)
+    prepared, _, _ = _prepare(recipe, tokenizer, log=log)
     return prepared
 
 
 def _prepare(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = True):
-    """prepare_data, also returning the first `keep` encoded training examples (for preview)."""
+    """prepare_data, also returning the first `keep` encoded training examples (for preview) and the
+    encoded eval examples (when `keep` or not `use_cache`: the cache holds datasets, not examples)."""
     d = recipe.data
     train_ex, train_info, fmt = _load_examples(d.train, recipe, key="train", fmt=None, log=log)
     eval_ex, eval_info = [], None
@@ -1208,7 +1209,7 @@ def _prepare(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = T
             train_ds, eval_ds, stats = cached
             log(f"data: tokenized data from the cache ({_cache_dir(fingerprint)})")
             log(f"data: {stats.get('summary', '')}")
-            return PreparedData(train_ds, eval_ds, sft_kwargs, stats, fingerprint), []
+            return PreparedData(train_ds, eval_ds, sft_kwargs, stats, fingerprint), [], []
 
     encoder = _Encoder(tokenizer, assistant_only=aol, completion_only=col, markers=markers, eot=eot)
     train_ex, trunc = _encode_all(train_ex, encoder, limit, d.on_invalid, train_info)
@@ -1274,13 +1275,22 @@ def _prepare(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = T
     if own_route and use_cache:
         _cache_save(fingerprint, train_ds, eval_ds, stats)
     log(f"data: {stats['summary']}")
-    return PreparedData(train_ds, eval_ds, sft_kwargs, stats, fingerprint), train_ex[:keep]
+    return PreparedData(train_ds, eval_ds, sft_kwargs, stats, fingerprint), train_ex[:keep], eval_ex
+
+
+def default_recipe(model: str | Path, data_file: str | Path):
+    """The recipe a model without one (a merged export, any local model) is used with: every [data]
+    default, so its data is shaped, templated and masked as `fastsft run` would train it."""
+    from .recipe import validate
+
+    return validate({"model": {"name": str(model)}, "data": {"train": str(Path(data_file).expanduser().resolve())}})
 
 
 def encode_file(recipe, tokenizer, path: str | Path, *, log=None) -> list[dict]:
     """Every example of the data file `path`, tokenized and masked exactly as the run with `recipe`
-    trained (its template, shape detection, loss options): [{"input_ids", "mask"}], untruncated.
-    For `fastsft eval --data`: held-out loss measured on the tokens training would have trained."""
+    trained (its template, shape detection, loss options; `default_recipe` for a model without a
+    recipe): [{"input_ids", "mask"}], untruncated. For `fastsft eval --data`: held-out loss measured
+    on the tokens training would have trained."""
     import copy
 
     from .recipe import validate
@@ -1290,8 +1300,15 @@ def encode_file(recipe, tokenizer, path: str | Path, *, log=None) -> list[dict]:
     data["train"] = str(Path(path).expanduser().resolve())
     data.pop("eval", None)
     data["val_ratio"] = 0.0
-    _, examples = _prepare(validate(raw, path=recipe.path), tokenizer, log=log or (lambda m: None),
-                           keep=sys.maxsize, use_cache=False)  # fmt: skip
+    _, examples, _ = _prepare(validate(raw, path=recipe.path), tokenizer, log=log or (lambda m: None),
+                              keep=sys.maxsize, use_cache=False)  # fmt: skip
+    return [{"input_ids": e.input_ids, "mask": e.mask} for e in examples]
+
+
+def encode_eval_split(recipe, tokenizer, *, log=None) -> list[dict]:
+    """The run's held-out examples ([data] eval, or the val_ratio split), tokenized and masked as
+    training masked them: [{"input_ids", "mask"}], untruncated. Empty when the recipe holds none out."""
+    _, _, examples = _prepare(recipe, tokenizer, log=log or (lambda m: None), use_cache=False)
     return [{"input_ids": e.input_ids, "mask": e.mask} for e in examples]
 
 
@@ -1315,7 +1332,7 @@ def preview_rows(recipe, tokenizer, n: int = 3, *, log=None) -> tuple[list[dict]
     """The first `n` training examples as the trainer sees them: dicts with source, text, input_ids,
     labels (-100 where no loss) and trained_text; and the stats."""
     log = log or (lambda msg: None)
-    prepared, examples = _prepare(recipe, tokenizer, log=log, keep=n, use_cache=False)
+    prepared, examples, _ = _prepare(recipe, tokenizer, log=log, keep=n, use_cache=False)
     limit = _truncation_limit(recipe)
     out = []
     for ex in examples:
@@ -1387,4 +1404,7 @@ __all__ = [
     "detect_format",
     "normalize",
     "compute_fingerprint",
+    "default_recipe",
+    "encode_file",
+    "encode_eval_split",
 ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 import sys
 from dataclasses import dataclass, field
@@ -304,177 +303,39 @@ def chat(
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_messages_file(path: Path) -> list[list[dict]]:
-    """Conversations from a .jsonl/.json file of {"messages": [...]} rows (or prompt/completion)."""
-    if not path.exists():
-        raise DataError(f"{path}: no such data file.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON: {e}") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a list of rows.")
-        numbered = list(enumerate(rows, 1))
-    else:
-        numbered = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {i}: invalid JSON: {e}") from None
-    convs = []
-    for i, row in numbered:
-        conv = _row_messages(row)
-        if conv is None:
-            raise DataError(
-                f'{path}, line {i}: expected a "messages" list of {{role, content}} '
-                "(or prompt + completion); "
-                f"got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}."
-            )
-        convs.append(conv)
-    if not convs:
-        raise DataError(f"{path}: no rows.")
-    return convs
+def eval_conversations(recipe, tokenizer, *, log=None) -> tuple[list[dict], str]:
+    """The run's held-out examples ([data] eval, or the val_ratio split with the run's seed),
+    tokenized and masked by training's own code (`fastsft.data.encode_eval_split`):
+    [{"input_ids", "mask"}], and where they came from."""
+    from . import data as data_mod
 
-
-def _row_messages(row) -> list[dict] | None:
-    if not isinstance(row, dict):
-        return None
-    for key in ("messages", "conversations"):
-        msgs = row.get(key)
-        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
-            out = []
-            for m in msgs:
-                role = m.get("role") or {"human": "user", "gpt": "assistant"}.get(
-                    m.get("from"), m.get("from")
-                )
-                content = m.get("content", m.get("value"))
-                if not isinstance(role, str) or not isinstance(content, str):
-                    return None
-                out.append({"role": role, "content": content})
-            return out
-    p, c = row.get("prompt"), row.get("completion")
-    if isinstance(p, list) and isinstance(c, list):
-        return _row_messages({"messages": p + c})
-    if isinstance(p, str) and isinstance(c, str):
-        return [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
-    return None
-
-
-def eval_conversations(recipe, tokenizer, *, log=None) -> tuple[list, str]:
-    """The run's held-out examples, re-created from its recipe, and where they came from.
-
-    Each example is a conversation (a list of messages) or, when `fastsft.data.prepare_data` gives
-    tokenized rows, a dict {"input_ids", "mask"} with the loss mask the run trained with.
-    `prepare_data` is used when it exists; otherwise the recipe's `[data] eval` file is read, or the
-    `val_ratio` share of `[data] train` is split off with the run's seed."""
-    from .errors import FastSFTError
-
-    try:
-        from . import data as data_mod
-
-        prepare = getattr(data_mod, "prepare_data", None)
-    except ImportError:
-        prepare = None
-    if prepare is not None:
-        try:
-            prepared = prepare(recipe, tokenizer, log=log or (lambda *_: None))
-            ds = getattr(prepared, "eval", None)
-            if ds is not None and len(ds):
-                cols = set(ds.column_names)
-                if {"input_ids", "assistant_masks"} <= cols:
-                    items = [
-                        {"input_ids": list(r["input_ids"]), "mask": list(r["assistant_masks"])} for r in ds
-                    ]
-                    return items, "the run's eval split (fastsft.data.prepare_data, tokenized)"
-                convs = [c for c in (_row_messages(dict(r)) for r in ds) if c]
-                if convs:
-                    return convs, "the run's eval split (fastsft.data.prepare_data)"
-        except FastSFTError:
-            raise
-        except Exception as e:  # noqa: BLE001 - fall back to reading the files ourselves
-            if log:
-                log(
-                    f"note: prepare_data could not give the eval split ({type(e).__name__}: {e}); "
-                    "reading the data directly"
-                )
     d = recipe.data
-    if d.eval:
-        path = recipe.resolve_path(d.eval)
-        return _read_messages_file(path), f"[data] eval = {path}"
-    if d.val_ratio and d.val_ratio > 0:
-        path = recipe.resolve_path(d.train)
-        convs = _read_messages_file(path)
-        idx = list(range(len(convs)))
-        random.Random(recipe.train.seed).shuffle(idx)
-        n_eval = max(1, int(round(len(convs) * d.val_ratio)))
-        return [
-            convs[i] for i in sorted(idx[:n_eval])
-        ], f"{d.val_ratio:g} of {path} (seed {recipe.train.seed})"
-    raise DataError(
-        "the run has no held-out data: its recipe sets neither [data] eval nor [data] val_ratio. "
-        "Pass a file of conversations: fastsft eval RUN --data held_out.jsonl"
+    if not d.eval and not (d.val_ratio and d.val_ratio > 0):
+        raise DataError(
+            "the run has no held-out data: its recipe sets neither [data] eval nor [data] val_ratio. "
+            "Pass a file of conversations: fastsft eval RUN --data held_out.jsonl"
+        )
+    items = data_mod.encode_eval_split(recipe, tokenizer, log=log)
+    source = f"[data] eval = {recipe.resolve_path(d.eval)}" if d.eval else (
+        f"{d.val_ratio:g} of {recipe.resolve_path(d.train)} (seed {recipe.train.seed})"
     )
+    return items, source + ", masked as training masked it"
 
 
-def _loss_tokens(tokenizer, conv, max_length: int):
-    """(input_ids (1, T), labels (1, T)) with loss on the assistant tokens only."""
+def _loss_tokens(item: dict, max_length: int):
+    """(input_ids (1, T), labels (1, T)) of an encoded example: loss where training had it."""
     import torch
 
-    from .export import chat_ids
-
-    if isinstance(conv, dict):  # tokenized by fastsft.data, with its loss mask
-        ids = torch.tensor([conv["input_ids"][:max_length]])
-        labels = ids.clone()
-        labels[torch.tensor([conv["mask"][:max_length]]) == 0] = -100
-        return ids, labels
-
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    mask = None
-    if has_template:
-        try:
-            out = tokenizer.apply_chat_template(
-                conv, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
-            )
-            ids = out["input_ids"]
-            m = out.get("assistant_masks")
-            if m is not None:
-                m = torch.as_tensor(m).reshape(ids.shape).bool()
-                if m.any():
-                    mask = m
-        except Exception:  # a template without {% generation %} markers
-            ids = None
-    if mask is None:
-        # Without generation markers: everything after the prompt of the last assistant turn.
-        ids = chat_ids(tokenizer, conv, add_generation_prompt=False)
-        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=None)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        if last is not None:
-            n_prompt = chat_ids(tokenizer, conv[:last], add_generation_prompt=True).shape[1]
-            mask[:, n_prompt:] = True
-        else:
-            mask[:] = True
-    ids, mask = ids[:, :max_length], mask[:, :max_length]
+    ids = torch.tensor([item["input_ids"][:max_length]])
     labels = ids.clone()
-    labels[~mask] = -100
+    labels[torch.tensor([item["mask"][:max_length]]) == 0] = -100
     return ids, labels
 
 
-def _prompt_of(conv):
-    """Messages (or token ids) up to the first assistant answer."""
-    if isinstance(conv, dict):
-        first = next((i for i, m in enumerate(conv["mask"]) if m), None)
-        return conv["input_ids"][:first] if first else None
-    out = []
-    for m in conv:
-        if m["role"] == "assistant":
-            return out or None
-        out.append(m)
-    return None
+def _prompt_of(item: dict):
+    """The token ids before the first trained token (the prompt, generation prompt included)."""
+    first = next((i for i, m in enumerate(item["mask"]) if m), None)
+    return item["input_ids"][:first] if first else None
 
 
 def _recipe_near(path: Path):
@@ -519,12 +380,14 @@ def evaluate(
     recipe = loaded.recipe
     if recipe is None and data_file is None:
         recipe = _recipe_near(loaded.path)
-    if data_file is not None and recipe is not None:  # masked as the run's training masked its data
+    if data_file is not None:  # masked as training masks it: the run's recipe, or every default
         from . import data as data_mod
 
-        convs, source = data_mod.encode_file(recipe, tokenizer, data_file), str(data_file)
-    elif data_file is not None:
-        convs, source = _read_messages_file(Path(data_file)), str(data_file)
+        if not Path(data_file).exists():
+            raise DataError(f"{data_file}: no such data file.")
+        shaping = recipe if recipe is not None else data_mod.default_recipe(loaded.path, data_file)
+        convs = data_mod.encode_file(shaping, tokenizer, data_file)
+        source = f"{data_file}, masked as " + ("the run's training masked it" if recipe is not None else "`fastsft run` masks it")
     elif recipe is not None:
         convs, source = eval_conversations(recipe, tokenizer, log=lambda m: console.print(m, highlight=False))
     else:
@@ -537,7 +400,7 @@ def evaluate(
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
         for conv in convs:
-            ids, labels = _loss_tokens(tokenizer, conv, max_length)
+            ids, labels = _loss_tokens(conv, max_length)
             if (labels[:, 1:] != -100).sum() == 0:
                 continue
             logits = model(input_ids=ids.to(device)).logits.float()
@@ -559,7 +422,7 @@ def evaluate(
         markers = sorted({m.group(0).strip() for m in ROLE_MARKERS.finditer(raw)})
         samples.append(
             {
-                "prompt": prompt[-1]["content"] if isinstance(prompt[-1], dict) else tokenizer.decode(prompt),
+                "prompt": tokenizer.decode(prompt),
                 "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
                 "stopped": stopped,
                 "role_markers": markers,

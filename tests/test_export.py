@@ -597,35 +597,33 @@ def test_eval_run_and_data_file(runs, merged_4bit, tmp_path):
         use.evaluate(runs["fp"], data_file=data, n_gen=0, json_out=tmp_path / "e4.json", console=console)
 
 
-def test_eval_tokenized_rows_score_like_messages(runs, tmp_path, monkeypatch):
+def test_eval_scores_the_tokens_training_trains(runs, merged_4bit, tmp_path):
+    """One masking path: `eval --data` on a run, and on a model folder without a recipe, scores exactly
+    the tokens `fastsft data preview` (training's encoder) marks as trained."""
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from fastsft import use
+    from fastsft import data, use
+    from fastsft import recipe as R
 
-    tok = AutoTokenizer.from_pretrained(runs["fp"] / "adapter")
-    convs = [
-        [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "A banana is yellow."}],
-        [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "What does a cow say?"},
-            {"role": "assistant", "content": "A cow says moo."},
-        ],
-    ]
-    items = []
-    for c in convs:
-        out = tok.apply_chat_template(c, return_dict=True, return_assistant_tokens_mask=True)
-        items.append({"input_ids": out["input_ids"], "mask": out["assistant_masks"]})
+    rows = [
+        {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "A banana is yellow."}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does a cow say?"},
+                      {"role": "assistant", "content": "A cow says moo."}, {"role": "user", "content": "And a duck?"},
+                      {"role": "assistant", "content": "A duck says quack."}]},
+    ]  # fmt: skip
+    f = tmp_path / "held.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    recipe = R.load(runs["fp"] / "recipe.toml").with_overrides([f"data.train={f}", "data.val_ratio=0.0"])
+    trained, _ = data.preview_rows(recipe, AutoTokenizer.from_pretrained(runs["fp"] / "adapter"), n=10)
+    # every answer of the two-exchange row is trained, with its end-of-turn token
+    expected = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in trained)
+    assert "A cow says moo." in trained[1]["trained_text"] and "A duck says quack." in trained[1]["trained_text"]
     console = Console(file=io.StringIO(), width=120)
-    results = []
-    for examples in (items, convs):
-        monkeypatch.setattr(use, "eval_conversations", lambda *a, _e=examples, **k: (_e, "test"))
-        results.append(
-            use.evaluate(runs["fp"], n_gen=1, max_new_tokens=3, json_out=tmp_path / "e.json", console=console)
-        )
-    assert results[0]["tokens"] == results[1]["tokens"] > 0
-    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
-    assert results[0]["samples"][0]["answer"] == results[1]["samples"][0]["answer"]
+    for ref in (runs["fp"], merged_4bit):
+        res = use.evaluate(ref, data_file=f, n_gen=1, max_new_tokens=3, json_out=tmp_path / "e.json", console=console)
+        assert res["tokens"] == expected, ref
+        assert res["samples"][0]["prompt"].rstrip().endswith("assistant")  # the generation prompt
 
 
 def test_role_markers():
