@@ -156,7 +156,8 @@ def test_merged_export_of_a_4bit_run_matches_base_plus_adapter(runs, merged_4bit
     record = json.loads((out / "export.json").read_text())
     assert record["format"] == "merged" and record["dtype"] == "bf16"
     parity = record["parity"]
-    assert 0 < parity["rel_logit_diff"] < parity["tolerance"] == 2e-2
+    assert 0 < parity["rel_logit_diff"] < parity["tolerance"] and parity["tolerance"] >= 2e-2
+    assert parity["passed"] and parity["reproduction_error"] < 0.1 and parity["top1_agreement"] > 0.9
     assert parity["adapter_effect"] > 0.2
     drift = record["drift_vs_trained"]["rel_logit_diff"]  # 4-bit base + adapter: the model as trained
     assert drift > parity["rel_logit_diff"]
@@ -185,6 +186,42 @@ def test_merged_fp32_is_exact_and_overwrite_rules(runs, tmp_path):
     assert _no_temp_left(tmp_path)
 
 
+def _merge_scaled(factor):
+    """A wrong merge: the adapter merged with its scaling multiplied by `factor`."""
+    from peft.tuners.lora import LoraLayer
+
+    from fastsft import export
+
+    def merge(run, dtype):
+        model = export.attach_adapter(export.load_base(run.base_path, "fp32"), run.adapter)
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.scaling = {k: v * factor for k, v in m.scaling.items()}
+        return model.merge_and_unload().to(export.torch_dtype(dtype))
+
+    return merge
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_parity_passes_a_correct_merge_and_fails_a_wrong_one(runs, tmp_path, monkeypatch, dtype):
+    from fastsft import export
+    from fastsft.errors import ExportError
+
+    out = export.export_run(runs["fp"], fmt="merged", to=tmp_path / "ok", dtype=dtype)
+    p = json.loads((out / "export.json").read_text())["parity"]
+    assert p["passed"] and p["reproduction_error"] < 0.1 and p["top1_agreement"] > 0.95, p
+    assert p["floor"] < p["rel_logit_diff"] < p["tolerance"] or dtype == "fp32"
+    for wrong, what in (
+        (lambda run, dt: export.load_base(run.base_path, dt), "adapter not applied"),
+        (_merge_scaled(2.0), "scaling doubled"),
+        (_merge_scaled(0.5), "scaling halved"),
+    ):
+        monkeypatch.setattr(export, "merge", wrong)
+        with pytest.raises(ExportError, match="missing or scaled wrong"):
+            export.export_run(runs["fp"], fmt="merged", to=tmp_path / "bad", dtype=dtype)
+        assert not (tmp_path / "bad").exists(), what
+
+
 def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
     from fastsft import export
     from fastsft.errors import ExportError
@@ -198,7 +235,7 @@ def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
 
-    monkeypatch.setitem(export.TOLERANCE, "bf16", 1e-9)  # a parity failure
+    monkeypatch.setattr(export, "merge", lambda run, dt: export.load_base(run.base_path, dt))  # a parity failure
     with pytest.raises(ExportError, match="tolerance"):
         export.export_run(runs["fp"], fmt="merged", to=tmp_path / "b", dtype="bf16")
     assert list(tmp_path.iterdir()) == []
