@@ -1077,15 +1077,23 @@ def _encode_all(
     return kept, {"truncated_examples": truncated, "answer_tokens_lost": lost}
 
 
-def _split(examples: list[_Example], ratio: float, seed: int) -> tuple[list[_Example], list[_Example]]:
-    n = len(examples)
+def _split(examples: list[_Example], ratio: float, seed: int) -> tuple[list[_Example], list[_Example], int]:
+    """(train, eval, duplicates): `ratio` of the distinct examples held out, one copy each; every copy
+    of a held-out example leaves training, so no eval example is a training example (copies of one
+    row would otherwise land on both sides and the eval loss would measure memorisation)."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(json.dumps(e.row, sort_keys=True, ensure_ascii=False, default=str), []).append(i)
+    n = len(groups)
     n_eval = max(1, round(n * ratio))
     if n - n_eval < 1:
-        raise DataError(f"data.val_ratio = {ratio}: {n} example(s) are too few to split off an eval set")
-    order = list(range(n))
+        raise DataError(f"data.val_ratio = {ratio}: {n} distinct example(s) are too few to split off an eval set")
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    chosen = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen]
+    held = {g[0] for g in order[:n_eval]}
+    dropped = {i for g in order[:n_eval] for i in g}
+    train = [e for i, e in enumerate(examples) if i not in dropped]
+    return train, [e for i, e in enumerate(examples) if i in held], len(examples) - n
 
 
 def _token_stats(examples: list[_Example], limit: int | None) -> dict:
@@ -1190,6 +1198,7 @@ def _prepare(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = T
         "max_length": d.max_length,
         "packing": d.packing,
         "packing_strategy": d.packing_strategy,
+        "split": "distinct",  # val_ratio holds out distinct examples (no copy left in training)
     }
     fingerprint = compute_fingerprint(recipe, tokenizer, template=template, options=options)
     sft_kwargs = {
@@ -1220,7 +1229,11 @@ def _prepare(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = T
         raise DataError(f"data.train = {d.train!r}: no usable examples")
     _check_end_of_turn(train_ex, tokenizer, eot, template)
     if not d.eval and d.val_ratio > 0:
-        train_ex, eval_ex = _split(train_ex, d.val_ratio, recipe.train.seed)
+        train_ex, eval_ex, duplicates = _split(train_ex, d.val_ratio, recipe.train.seed)
+        log(
+            f"data: held out {len(eval_ex)} distinct example(s) (val_ratio = {d.val_ratio:g}), none of them in "
+            f"training" + (f"; {duplicates} duplicate row(s) in data.train" if duplicates else "")
+        )
 
     skipped = train_info["skipped"] + (eval_info["skipped"] if eval_info else 0)
     reasons = (train_info["skip_reasons"] + (eval_info["skip_reasons"] if eval_info else []))[:MAX_SKIP_REASONS]

@@ -705,10 +705,14 @@ def model_card(run: RunInfo) -> str:
     data = rj.get("data") or {}
     cfg = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
     base = run.recipe.model.name if run.recipe is not None else run.base_path
+    made_here = base.startswith(("builtin:", "package:")) or base.lower().endswith(".gguf")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, set, tuple)):  # PEFT records full module paths for "all-linear"
+        targets = sorted({str(t).rsplit(".", 1)[-1] for t in targets})
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {base}",
+        *([] if made_here else [f"base_model: {base}"]),
         "tags: [fastsft, lora, sft]",
         "---",
         "",
@@ -716,7 +720,7 @@ def model_card(run: RunInfo) -> str:
         "",
         f"Fine-tuned with fastsft (supervised fine-tuning, LoRA r={cfg.get('r')}, "
         f"alpha={cfg.get('lora_alpha')}, "
-        f"targets {cfg.get('target_modules')}).",
+        f"targets {', '.join(targets) if isinstance(targets, list) else targets}).",
         "",
         "## Base model",
         "",
@@ -761,11 +765,21 @@ def model_card(run: RunInfo) -> str:
         "",
         "## Use",
         "",
+        *(
+            [
+                f"The base, `{base}`, is a model fastsft makes locally (a built-in tiny model, or a GGUF file "
+                f"converted to safetensors) into its cache; on the training machine that is the folder "
+                f"`{run.base_path}`, which `fastsft run` with the recipe below makes again. Load it as:",
+                "",
+            ]
+            if made_here
+            else []
+        ),
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+        f'base = AutoModelForCausalLM.from_pretrained("{run.base_path if made_here else base}")',
         'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         "```",

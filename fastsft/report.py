@@ -87,7 +87,10 @@ def write_report(run: RunDir, summary: dict) -> None:
         lines += ["![loss curve](loss.png)", ""]
     samples = summary.get("samples") or []
     if samples:
-        lines += ["## Answers before and after", "", "| prompt | base model | fine-tuned |", "|---|---|---|"]
+        lines += ["## Answers before and after", ""]
+        if summary.get("samples_source"):
+            lines += [f"Prompts: {summary['samples_source']}.", ""]
+        lines += ["| prompt | base model | fine-tuned |", "|---|---|---|"]
         for s in samples:
             cells = [s["prompt"], s["before"], s["after"]]
             cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]

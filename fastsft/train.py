@@ -836,6 +836,13 @@ def _train(recipe, run_dir, loaded, prepared, route, estimate, *, log, console, 
         "peak_mem_gib": peak,
         "mem_kind": mem_kind,
         "samples": samples,
+        "samples_source": (
+            f"held-out prompts: the first of data.eval ({recipe.data.eval})"
+            if prepared.eval is not None and recipe.data.eval
+            else "held-out prompts: the first of the val_ratio split, none of which is a training example"
+            if prepared.eval is not None
+            else "training prompts (the recipe holds no data out): these answers show memorisation"
+        ),
         "compliance": compliance,
         "data": {"summary": prepared.stats.get("summary", "")},
     }

@@ -11,6 +11,8 @@ from fastsft import data as D
 from fastsft import recipe as R
 from fastsft.errors import DataError
 
+from _tiny import RECIPES
+
 CONV = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Colour of a lime?"},
@@ -465,6 +467,20 @@ def test_val_ratio_split_is_seeded(tmp_path, tok):
     assert len(seen) == 20
     assert a.stats["eval_examples"] == 4
     assert prepare(make_recipe(tmp_path), tok).eval is None
+
+
+def test_val_ratio_holds_out_distinct_rows_and_no_copy_stays_in_training(tmp_path, tok):
+    # 10 distinct rows, each three times (the shipped demo data has 273 distinct rows in 400)
+    write_jsonl(tmp_path / "train.jsonl", [qa(i % 10) for i in range(30)])
+    p = prepare(make_recipe(tmp_path, val_ratio=0.2), tok)
+    held = [m[1]["content"] for m in p.eval["messages"]]
+    trained = [m[1]["content"] for m in p.train["messages"]]
+    assert len(held) == len(set(held)) == 2  # 20% of the 10 distinct rows, one copy each
+    assert not set(held) & set(trained) and len(trained) == 24  # every copy of a held-out row left training
+    # the demo data: no eval row copies a training row
+    demo = R.load(RECIPES / "tiny.toml")
+    d = prepare(demo, tok)
+    assert not {json.dumps(m) for m in d.eval["messages"]} & {json.dumps(m) for m in d.train["messages"]}
 
 
 def test_eval_file(tmp_path, tok):
