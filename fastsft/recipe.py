@@ -401,7 +401,43 @@ def apply_overrides(raw: dict, overrides: list[str], *, path: str | None = None)
         target[key] = value
 
 
-def _suggest(word: str, options) -> str:
+# Keys users bring from Axolotl and LLaMA-Factory configs -> (section, fastsft key).
+FOREIGN_KEYS = {
+    "base_model": ("model", "name"),
+    "model_name_or_path": ("model", "name"),
+    "load_in_4bit": ("model", "load_in_4bit"),
+    "lora_r": ("lora", "r"),
+    "lora_rank": ("lora", "r"),
+    "lora_target": ("lora", "target_modules"),
+    "lora_target_modules": ("lora", "target_modules"),
+    "lora_alpha": ("lora", "lora_alpha"),
+    "lora_dropout": ("lora", "lora_dropout"),
+    "sequence_len": ("data", "max_length"),
+    "cutoff_len": ("data", "max_length"),
+    "max_seq_length": ("data", "max_length"),
+    "sample_packing": ("data", "packing"),
+    "val_set_size": ("data", "val_ratio"),
+    "datasets": ("data", "train"),
+    "dataset": ("data", "train"),
+    "template": ("data", "chat_template"),
+    "micro_batch_size": ("train", "per_device_train_batch_size"),
+    "batch_size": ("train", "per_device_train_batch_size"),
+    "lr": ("train", "learning_rate"),
+    "learning_rate": ("train", "learning_rate"),
+    "num_epochs": ("train", "num_train_epochs"),
+    "num_train_epochs": ("train", "num_train_epochs"),
+    "gradient_accumulation_steps": ("train", "gradient_accumulation_steps"),
+    "lr_scheduler": ("train", "lr_scheduler_type"),
+    "warmup_steps": ("train", "warmup_steps"),
+    "optimizer": ("train", "optim"),
+}
+
+
+def _suggest(word: str, options, section: str | None = None) -> str:
+    if word in FOREIGN_KEYS:
+        s, k = FOREIGN_KEYS[word]
+        if s != section or k in options:
+            return f"; fastsft calls it `{k}` in [{s}]"
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
 
@@ -476,7 +512,13 @@ def validate(raw: dict, *, path: str | Path | None = None) -> Recipe:
     problems: list[str] = []
     sections: dict[str, dict[str, Any]] = {}
     for name in raw:
-        if name not in SCHEMA:
+        if name not in SCHEMA and not isinstance(raw[name], dict):  # a key outside any section
+            home = next((s for s, keys in SCHEMA.items() if name in keys), None)
+            hint = (
+                f"; it belongs in [{home}]" if home else _suggest(name, [], section="")
+            ) or " (every key belongs in a section: " + ", ".join(f"[{s}]" for s in SCHEMA) + ")"
+            problems.append(f"`{name}`: a key outside any section{hint}")
+        elif name not in SCHEMA:
             problems.append(f"[{name}]: unknown section{_suggest(name, SCHEMA)} (sections: {', '.join(SCHEMA)})")
         elif not isinstance(raw[name], dict):
             problems.append(f"`{name}` must be a section ([{name}]), not {_type_name(raw[name])}")
@@ -487,7 +529,7 @@ def validate(raw: dict, *, path: str | Path | None = None) -> Recipe:
         values: dict[str, Any] = {}
         for key in given:
             if key not in keys:
-                problems.append(f"`{key}`: unknown key in [{name}]{_suggest(key, keys)}")
+                problems.append(f"`{key}`: unknown key in [{name}]{_suggest(key, keys, section=name)}")
         for key, spec in keys.items():
             if key in given:
                 value, problem = _check_value(name, key, spec, given[key])

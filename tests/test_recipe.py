@@ -123,3 +123,23 @@ def test_any_string_in_a_recipe_is_written_back_as_valid_toml(tmp_path):
     again = R.validate(R.parse(r.to_toml()))
     assert again.data.chat_template == nasty
     assert again.as_dict() == r.as_dict()
+
+
+def test_axolotl_and_llama_factory_keys_get_the_fastsft_name():
+    raw = R.parse(
+        'lr = 1e-4\n[model]\nbase_model = "x"\n[data]\ntrain = "y"\nsequence_len = 64\n'
+        "[train]\nmicro_batch_size = 2\n[lora]\nlora_r = 4\n"
+    )
+    with pytest.raises(RecipeError) as e:
+        R.validate(raw)
+    msg = str(e.value)
+    for line in (
+        "`lr`: a key outside any section; fastsft calls it `learning_rate` in [train]",
+        "`base_model`: unknown key in [model]; fastsft calls it `name` in [model]",
+        "`sequence_len`: unknown key in [data]; fastsft calls it `max_length` in [data]",
+        "`micro_batch_size`: unknown key in [train]; fastsft calls it `per_device_train_batch_size` in [train]",
+        "`lora_r`: unknown key in [lora]; fastsft calls it `r` in [lora]",
+    ):
+        assert line in msg, msg
+    with pytest.raises(RecipeError, match=r"`max_steps`: a key outside any section; it belongs in \[train\]"):
+        R.validate(R.parse('max_steps = 3\n[model]\nname = "x"\n[data]\ntrain = "y"\n'))
