@@ -155,3 +155,15 @@ def test_doctor_reports_versions_and_backend():
     result = CliRunner().invoke(main, ["doctor"])
     assert "transformers" in result.output and "trl" in result.output
     assert 'backend = "auto" picks' in result.output
+
+
+def test_a_target_module_that_matches_nothing_is_an_error(tmp_path):
+    from fastsft import backends
+    from fastsft.errors import BackendError
+
+    from _tiny import write_recipe
+
+    text = TINY_RECIPE.replace("lora_alpha = 16", 'lora_alpha = 16\ntarget_modules = ["q_proj", "v_prj"]')
+    recipe = R.load(write_recipe(tmp_path / "r.toml", text))
+    with pytest.raises(BackendError, match=r"'v_prj' \(did you mean 'v_proj'\?\) matches no module of the model"):
+        backends.load_model(recipe, log=lambda m: None)

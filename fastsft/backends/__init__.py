@@ -182,6 +182,29 @@ def flush_denormals() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
+def check_target_modules(model, targets, *, where: str = "[lora] target_modules") -> None:
+    """Every name in a `target_modules` list must name a module of `model` (PEFT silently skips a
+    misspelt one when another matches, and trains an adapter without it)."""
+    import difflib
+
+    if isinstance(targets, str):
+        return  # "all-linear" (or a regex, which PEFT matches itself)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+    missing = [t for t in targets if t not in names and not any(n.endswith(f".{t}") or n == t for n, _ in model.named_modules())]
+    if not missing:
+        return
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")} - {"lm_head"})
+    hints = []
+    for t in missing:
+        close = difflib.get_close_matches(t, linear, n=1, cutoff=0.6)
+        hints.append(f"{t!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise BackendError(
+        f"{where}: {', '.join(hints)} match{'es' if len(missing) == 1 else ''} no module of the model, so "
+        f"{'it' if len(missing) == 1 else 'they'} would get no adapter. The model's linear layers are: "
+        f"{', '.join(linear)} (or use \"all-linear\")."
+    )
+
+
 def seed_everything(seed: int) -> None:
     import random
 

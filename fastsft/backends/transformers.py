@@ -29,7 +29,7 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from . import LoadPolicy, load_tokenizer, torch_dtype
+    from . import LoadPolicy, check_target_modules, load_tokenizer, torch_dtype
 
     policy = policy or LoadPolicy()
 
@@ -53,6 +53,7 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     model.config.use_cache = False
     if recipe.model.load_in_4bit and not torch.cuda.is_available():
         _keep_cpu_4bit_trainable(model)
+    check_target_modules(model, recipe.lora.target_modules)
     model = get_peft_model(model, lora_config(recipe))
     info = {
         "quantization": "nf4+double-quant" if recipe.model.load_in_4bit else None,

@@ -33,7 +33,7 @@ def import_unsloth_first() -> None:
 def load(recipe, path: str, dtype: str, *, policy=None):
     from unsloth import FastLanguageModel
 
-    from . import LoadPolicy, torch_dtype
+    from . import LoadPolicy, check_target_modules, torch_dtype
 
     policy = policy or LoadPolicy()
 
@@ -48,6 +48,7 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     except (OSError, ValueError, RuntimeError) as e:
         raise BackendError(f"unsloth cannot load {path!r}: {e}") from None
     lc = recipe.lora
+    check_target_modules(model, lc.target_modules)
     targets = ALL_LINEAR if lc.target_modules == "all-linear" else lc.target_modules
     model = FastLanguageModel.get_peft_model(
         model,
