@@ -1156,10 +1156,24 @@ def _prepare(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = T
             f"data.eval: {eval_ex[0].where} is {_KIND_NAMES[_kind(eval_ex[0].row)]} but the training data is "
             f"{_KIND_NAMES[kind]}"
         )
+    template = _setup_template(recipe, tokenizer)
+    if kind == "prompt_completion_text" and getattr(tokenizer, "chat_template", None):
+        # One rule for plain prompt/completion rows in every command: with a chat template they are one
+        # user -> assistant exchange, as `generate`, `chat` and `eval` prompt the model.
+        for ex in train_ex + eval_ex:
+            ex.row = {
+                **ex.row,
+                "prompt": [{"role": "user", "content": ex.row["prompt"]}],
+                "completion": [{"role": "assistant", "content": ex.row["completion"]}],
+            }
+        kind = "prompt_completion_chat"
+        log(
+            "data: plain prompt/completion rows are rendered through the chat template as one user -> assistant "
+            "exchange (as generate, chat and eval prompt the model)"
+        )
     conversational = kind in ("messages", "prompt_completion_chat")
     aol, col = _loss_options(recipe, kind)
 
-    template = _setup_template(recipe, tokenizer)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "the data is conversational but the tokenizer has no chat template: set data.chat_template to "

@@ -268,6 +268,9 @@ def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool, to
         return out["input_ids"]
     if tools:
         raise ExportError("--tools needs a chat template to write the tools into, and this tokenizer has none.")
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        # without a template, training took plain prompt/completion text: the prompt as it is
+        return torch.tensor([tokenizer(messages[0]["content"])["input_ids"]])
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     if add_generation_prompt:
         text += "\nassistant:"

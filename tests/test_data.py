@@ -150,7 +150,9 @@ def test_each_shape_is_detected_and_normalised(tmp_path, tok, shape):
     elif fmt == "prompt_completion":
         assert set(first) == {"prompt", "completion"}
         assert p.sft_kwargs["completion_only_loss"] is True
-        assert p.sft_kwargs["assistant_only_loss"] is (shape == "prompt_completion_messages")
+        # plain rows too: with a chat template they are one user -> assistant exchange
+        assert p.sft_kwargs["assistant_only_loss"] is True
+        assert isinstance(first["prompt"], list) and first["completion"][0]["role"] == "assistant"
     else:
         assert set(first) == {"text"}
         assert p.sft_kwargs["assistant_only_loss"] is False
@@ -405,7 +407,7 @@ def test_sharegpt_and_prompt_completion_problems(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": [CONV[1]], "completion": [CONV[2]]}])
     with pytest.raises(DataError, match="line 2: this row is a prompt/completion of messages but the rows before"):
         prepare(make_recipe(tmp_path), tok)
-    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "completion": "c"}])
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "p c"}])
     with pytest.raises(DataError, match="assistant_only_loss = true needs conversational data"):
         prepare(make_recipe(tmp_path, assistant_only_loss=True), tok)
 
@@ -623,4 +625,25 @@ def test_template_errors_name_the_row(tmp_path, tok):
 def test_string_prompt_that_looks_like_json_stays_a_string(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "[1, 2]", "completion": " 3"}])
     p = prepare(make_recipe(tmp_path), tok)
-    assert p.train[0] == {"prompt": "[1, 2]", "completion": " 3"}
+    assert p.train[0] == {"prompt": [{"role": "user", "content": "[1, 2]"}],
+                          "completion": [{"role": "assistant", "content": " 3"}]}  # fmt: skip
+
+
+def test_plain_prompt_completion_rows_follow_one_rule(tmp_path, tok):
+    """With a chat template, a plain prompt/completion row is trained as the user -> assistant exchange
+    that generate / chat / eval send (and preview says so); without one, as plain text, and generate
+    sends a lone prompt as plain text too."""
+    from fastsft.export import chat_ids
+
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Colour of a lime?", "completion": "Green."}])
+    said = []
+    rows, _ = D.preview_rows(make_recipe(tmp_path), tok, 1, log=said.append)
+    assert any("one user -> assistant exchange" in m for m in said)
+    prompt = chat_ids(tok, [{"role": "user", "content": "Colour of a lime?"}], add_generation_prompt=True)[0].tolist()
+    first = next(i for i, x in enumerate(rows[0]["labels"]) if x != -100)
+    assert rows[0]["input_ids"][:first] == prompt  # generate's prompt is exactly the untrained prefix
+    assert rows[0]["trained_text"] == "Green.<|im_end|>"
+    tok.chat_template = None
+    rows, _ = D.preview_rows(make_recipe(tmp_path), tok, 1)
+    prompt = chat_ids(tok, [{"role": "user", "content": "Colour of a lime?"}], add_generation_prompt=True)[0].tolist()
+    assert rows[0]["input_ids"][: len(prompt)] == prompt and rows[0]["trained_text"].startswith("Green.")
