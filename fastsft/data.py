@@ -1378,6 +1378,9 @@ def preview_rows(recipe, tokenizer, n: int = 3, *, log=None) -> tuple[list[dict]
     return out, prepared.stats
 
 
+PLAIN_MARKS = ("[[", "]]")  # around trained tokens where preview cannot colour them
+
+
 def preview(recipe, tokenizer, *, n: int = 3, as_json: bool = False, console=None) -> None:
     """Show the first `n` training examples with loss-carrying tokens in bold green, the rest dim,
     then the stats. With `as_json`, one JSON object per example on stdout and nothing else there."""
@@ -1388,9 +1391,10 @@ def preview(recipe, tokenizer, *, n: int = 3, as_json: bool = False, console=Non
     console = console or Console(stderr=as_json)
 
     def log(msg):
-        console.print(msg, highlight=False, markup=False)
+        console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
     rows, stats = preview_rows(recipe, tokenizer, n, log=log)
+    plain = console.no_color or not console.is_terminal or console.color_system is None
     if as_json:
         for r in rows:
             sys.stdout.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -1402,9 +1406,15 @@ def preview(recipe, tokenizer, *, n: int = 3, as_json: bool = False, console=Non
             text = Text()
             mask = [x != -100 for x in r["labels"]]
             for seg, trained in _segments(tokenizer, r["input_ids"], mask):
-                text.append(seg, style="bold green" if trained else "dim")
-            console.print(text)
-        console.rule("legend: [bold green]trained[/] [dim]not trained[/]")
+                if plain:  # no colours (a file, a pipe): the trained tokens between markers
+                    text.append(f"{PLAIN_MARKS[0]}{seg}{PLAIN_MARKS[1]}" if trained else seg)
+                else:
+                    text.append(seg, style="bold green" if trained else "dim")
+            console.print(text, soft_wrap=True)
+        if plain:
+            console.print(f"legend: {PLAIN_MARKS[0]}trained{PLAIN_MARKS[1]}, the rest not trained", markup=False)
+        else:
+            console.rule("legend: [bold green]trained[/] [dim]not trained[/]")
     table = Table(title="data", show_header=False)
     t = stats["tokens_per_example"]
     for key, value in (

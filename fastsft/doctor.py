@@ -70,6 +70,7 @@ def gpu_info() -> dict | None:
 def report(console=None) -> bool:
     """Print the doctor's table; True when nothing is out of bounds."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .backends import choose_backend
@@ -80,9 +81,9 @@ def report(console=None) -> bool:
     for col in ("package", "version", "tested", "status"):
         table.add_column(col)
     for r in rows:
-        status = "[green]ok[/]" if r["ok"] else f"[red]{r['note']}[/]"
+        status = "[green]ok[/]" if r["ok"] else f"[red]{escape(r['note'])}[/]"
         if r["ok"] and r["note"]:
-            status = f"[yellow]{r['note']}[/]"
+            status = f"[yellow]{escape(r['note'])}[/]"  # escaped: "pip install 'fastsft[gpu]'" is not markup
         table.add_row(r["package"], r["version"] or "-", r["tested"], status)
     console.print(table)
     gpu = gpu_info()
@@ -94,7 +95,7 @@ def report(console=None) -> bool:
     else:
         console.print("GPU: none (CUDA not available): training runs on the CPU with the transformers backend")
     backend, why = choose_backend("auto")
-    console.print(f"backend = \"auto\" picks: [bold]{backend}[/] ({why})")
+    console.print(f"backend = \"auto\" picks: [bold]{backend}[/] ({escape(why)})")
     import torch
 
     from fastsft.kernels import triton_available

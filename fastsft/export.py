@@ -71,7 +71,7 @@ def _print(console, msg: str, style: str | None = None) -> None:
         from rich.console import Console
 
         console = Console(stderr=True)
-    console.print(msg, style=style, highlight=False, markup=False)
+    console.print(msg, style=style, highlight=False, markup=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -570,7 +570,7 @@ def _run(recipe, *, output_dir, overwrite, console, resume, policy, allow_data_c
     dist.setup()  # a no-op unless launched as several ranks (torchrun / accelerate launch)
     main = dist.is_main()
     console = console or Console()
-    log = (lambda msg: console.print(msg, highlight=False, markup=False)) if main else (lambda msg: None)  # noqa: E731
+    log = (lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)) if main else (lambda msg: None)  # noqa: E731
 
     checkpoint, previous, totals_before = None, {}, None
     if resume:

@@ -1,6 +1,7 @@
 """Data loading, validation, masks, truncation, templates and preview (fastsft.data, fastsft.chat_templates)."""
 
 import csv
+import io
 import json
 
 import pytest
@@ -568,6 +569,18 @@ def test_preview_rich(tmp_path, tok):
     assert "".join(shown.plain[s.start : s.end] for s in green) == TRAINED
     dim = "".join(shown.plain[s.start : s.end] for s in shown.spans if s.style.dim)
     assert "Colour of a lime?" in dim and "A lime" not in dim
+
+
+def test_preview_to_a_file_marks_trained_tokens_in_plain_text_and_does_not_wrap(tmp_path, tok):
+    from rich.console import Console
+
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": CONV}])
+    out = io.StringIO()  # not a terminal: no colours, so plain markers
+    D.preview(make_recipe(tmp_path), tok, n=1, console=Console(file=out, width=40))
+    text = out.getvalue()
+    assert "[[A lime is green.<|im_end|>]]" in text and "[[A plum is purple.<|im_end|>]]" in text
+    assert "[[Colour of a lime?" not in text and text.count("[[") == 2 + 1  # two answers + the legend
+    assert any(len(line) > 40 for line in text.splitlines())  # a long example line is not cut at 40
 
 
 def test_preview_json_stdout_only(tmp_path, tok, capsys):
