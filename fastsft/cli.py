@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -52,6 +53,22 @@ def main():
       fastsft run recipes/tiny.toml          # a tiny offline run on the CPU, ~2 minutes
       fastsft run recipes/mistral7b_qlora.toml --set train.max_steps=100
     """
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Library chatter off unless FASTSFT_VERBOSE=1: bitsandbytes' "kernels-community" warning on every
+    CPU import, and the progress bars of transformers (loading weights) and datasets (map, save); fastsft
+    prints its own progress."""
+    import logging
+
+    if os.environ.get("FASTSFT_VERBOSE"):
+        return
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this one
+    # (environment, not imports: unsloth must be imported before transformers, see backends.load_model)
 
 
 @main.command()
