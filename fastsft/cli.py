@@ -176,8 +176,13 @@ def validate(recipe, overrides):
       fastsft validate recipes/mistral7b_qlora.toml --set train.learning_rate=1e-4
     """
     from . import recipe as recipe_mod
+    from .errors import RecipeError
+    from .preflight import problems
 
     r = recipe_mod.load(recipe, list(overrides))
+    found = problems(r)
+    if found:
+        raise RecipeError(found, path=str(recipe))
     click.echo(f"# {recipe}: valid\n")
     click.echo(r.to_toml())
 

@@ -110,6 +110,7 @@ def resolve_model_path(recipe, *, log=print) -> str:
         return str(local)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise BackendError(f"[model] name = {name!r}: no such folder ({local})")
+    _check_hub_reachable(name)
     return name  # a hub id
 
 
@@ -155,6 +156,45 @@ class LoadPolicy:
     def from_pretrained_kwargs(self) -> dict:
         """trust_remote_code and use_safetensors for `from_pretrained`."""
         return {"trust_remote_code": self.trust_remote_code, "use_safetensors": None if self.allow_pickle else True}
+
+
+def _check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """A hub id that is neither in the local cache nor reachable fails at once (from_pretrained
+    would retry for over a minute before saying so)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return  # cached: from_pretrained can work offline
+    except Exception:  # noqa: BLE001 - not a valid repo id: let from_pretrained say what is wrong
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return
+        except OSError:
+            offline = True
+    raise BackendError(
+        f"[model] name = {repo_id!r}: a hub id that is not in the local cache, and the hub cannot be reached "
+        "(offline). Download it where there is a network (huggingface-cli download " + repo_id + "), point "
+        "[model] name at a local folder or .gguf file, or use builtin:tiny-mistral."
+    )
+
+
+def _check_weights_format(path: str, allow_pickle: bool) -> None:
+    p = Path(path)
+    if not p.is_dir() or allow_pickle:
+        return
+    if not any(p.glob("*.safetensors")) and any(p.glob("*.bin")):
+        raise BackendError(
+            f"{path} holds only pickle (.bin) weights, which can run code when loaded. Convert them to "
+            "safetensors, or set [model] allow_pickle = true if you trust the files."
+        )
 
 
 def load_tokenizer(recipe, model_path: str | None = None, *, policy: LoadPolicy | None = None):
