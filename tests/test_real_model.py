@@ -113,7 +113,7 @@ def test_exports_pass_their_checks_in_every_dtype(smol_exports):
     for name in ("merged-bf16", "merged-fp32"):
         record = json.loads((smol_exports[name] / "export.json").read_text())
         p = record["parity"]
-        assert p["passed"] and p["top1_agreement"] >= 0.98 and p["kl"] < p["kl_tolerance"], (name, p)
+        assert p["passed"] and p["top1_agreement"] >= 0.98 and p["kl"] < 1e-2, (name, p)
         assert p["rel_logit_diff"] <= p["tolerance"], (name, p)
     card = (smol_exports["adapter"] / "README.md").read_text()
     assert MODEL in card  # the base to load is named the way the recipe names it
