@@ -56,6 +56,17 @@ def main():
     quiet_libraries()
 
 
+def entry() -> None:
+    """The `fastsft` console script. Commands that run a model flush denormal floats to zero on a
+    CPU-only machine (process-wide, so here and not in library code, where it would leak into the
+    caller's process)."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("run", "generate", "chat", "eval", "export", "serve"):
+        from .backends import flush_denormals
+
+        flush_denormals()
+    main()
+
+
 def quiet_libraries() -> None:
     """Library chatter off unless FASTSFT_VERBOSE=1: bitsandbytes' "kernels-community" warning on every
     CPU import, and the progress bars of transformers (loading weights) and datasets (map, save); fastsft

@@ -341,9 +341,6 @@ def export_run(
     if dtype not in DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
     run = read_run(run_dir, policy=policy)
-    from .backends import flush_denormals
-
-    flush_denormals()
     target = Path(to) if to is not None else run.path / f"export-{fmt}"
     check_destination(target, run.path, overwrite=overwrite)
     try:

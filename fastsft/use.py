@@ -67,9 +67,6 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
 
     if isinstance(model_ref, Loaded):
         return model_ref
-    from .backends import flush_denormals
-
-    flush_denormals()
     path = Path(model_ref)
     if not path.exists():
         raise BackendError(

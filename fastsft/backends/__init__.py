@@ -282,7 +282,6 @@ def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded
     if policy.trust_remote_code:
         log("warning: --trust-remote-code: the model repository's own Python code may run")
     dtype = compute_dtype(recipe.model.dtype)
-    flush_denormals()
     seed_everything(recipe.train.seed)  # the LoRA init is random: same seed, same run
     model, tokenizer, info = impl.load(recipe, path, dtype, policy=policy)
     return Loaded(model, tokenizer, backend, reason, path, dtype, info)
