@@ -759,8 +759,12 @@ def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> N
             "(or stop what holds this one)."
         ) from None
     port = sock.getsockname()[1]
-    loaded = load_for_use(model_ref, policy=policy)
-    app = create_app(loaded, settings)
+    try:
+        loaded = load_for_use(model_ref, policy=policy)
+        app = create_app(loaded, settings)
+    except BaseException:
+        sock.close()  # a model that fails to load leaves the port free
+        raise
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{host}:{port}"
     ids = ", ".join(app.state.model_ids)
