@@ -513,3 +513,23 @@ def test_serve_command_errors_are_one_paragraph(tmp_path):
         r = CliRunner().invoke(main, ["serve", str(tmp_path), "--port", str(s.getsockname()[1])])
     assert r.exit_code == 2 and "cannot listen" in r.output and "--port" in r.output
     assert "Example:" in CliRunner().invoke(main, ["serve", "--help"]).output
+
+
+def test_a_model_that_fails_to_load_leaves_the_port_free(tmp_path):
+    from fastsft.errors import FastSFTError
+    from fastsft.serve import ServeSettings, serve
+
+    def sockets():
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # the fd listdir itself held
+                pass
+        return sum(link.startswith("socket:") for link in links)
+
+    before = sockets()
+    with pytest.raises(FastSFTError) as failed:
+        serve(tmp_path / "no-such-run", ServeSettings(host="127.0.0.1", port=_free_port()))
+    assert "no such folder" in str(failed.value)
+    assert sockets() == before  # the traceback still holds serve()'s frame: only close() frees its socket
