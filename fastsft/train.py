@@ -244,9 +244,11 @@ def make_trainer_class():
                 d = loss.detach().float()
                 d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # a skipped step adds nothing
                 self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
-            if model.training and "attention_mask" in inputs:
-                # counted on the device; read (one sync, one all-reduce) only when a row is logged
-                n = inputs["attention_mask"].sum()
+            if model.training and ("attention_mask" in inputs or "input_ids" in inputs):
+                # counted on the device; read (one sync, one all-reduce) only when a row is logged.
+                # A packed (padding-free) batch has no attention mask and no padding: every id counts.
+                mask = inputs.get("attention_mask")
+                n = mask.sum() if mask is not None else inputs["input_ids"].new_tensor(inputs["input_ids"].numel())
                 self._tokens_local = n if self._tokens_local is None else self._tokens_local + n
             if not model.training and "labels" in inputs:
                 from .loss import shift_left

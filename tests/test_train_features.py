@@ -132,6 +132,9 @@ def test_packing_packs_rows_trains_only_answers_and_keeps_examples_apart(tmp_pat
     train.run(recipe, output_dir=tmp_path / "packed")
     batch = seen[0]
     ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+    # the trained-token count (tokens/s, run.json) sees the packed row's tokens, not a missing mask's 0
+    result = json.loads((tmp_path / "packed" / "run.json").read_text())["result"]
+    assert result["tokens"] >= ids.numel() and result["tokens_per_s"] > 0, result
     # several examples share one row: position ids restart at each example's first token
     starts = (pos[0] == 0).nonzero().squeeze(1).tolist()
     assert ids.shape[0] == 1 and len(starts) > 4, starts
