@@ -165,12 +165,18 @@ def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc, allow_data_
         if output_dir or overwrite:
             raise click.UsageError("--resume continues the run in its own folder; drop --output-dir / --overwrite")
         r = train.resume_recipe(resume_dir, recipe, list(overrides))
-        train.run(r, output_dir=resume_dir, resume=True, policy=policy, allow_data_change=allow_data_change)
+        try:
+            train.run(r, output_dir=resume_dir, resume=True, policy=policy, allow_data_change=allow_data_change)
+        finally:
+            dist.teardown()
         return
     if recipe is None:
         raise click.UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
     r = recipe_mod.load(recipe, list(overrides))
-    train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
+    try:
+        train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
+    finally:
+        dist.teardown()
 
 
 @main.command()
