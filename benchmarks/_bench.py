@@ -14,23 +14,15 @@ from pathlib import Path
 
 import torch
 
+from fastsft import machine as fastsft_machine
+from fastsft.machine import cpu_model
+
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 GPU = torch.cuda.is_available()
 QUICK = os.environ.get("FASTSFT_BENCH_QUICK") == "1"
 # FASTSFT_BENCH_CPU=full: the CPU grid whose results are committed (benchmarks/results/<date>-cpu-<model>/);
 # without it a CPU run measures one small size (CI) and writes to a temporary folder
 CPU_FULL = not GPU and os.environ.get("FASTSFT_BENCH_CPU") == "full"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
@@ -60,18 +52,8 @@ def device_name() -> str:
 
 
 def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for pkg in ("fastsft", "torch", "triton", "transformers", "trl", "peft", "bitsandbytes", "accelerate",
-                "unsloth", "unsloth_zoo", "liger-kernel", "cut-cross-entropy"):  # fmt: skip
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    if GPU:
-        out["cuda"] = torch.version.cuda
-    return out
+    """fastsft's version report, with the packages the benchmarks compare against."""
+    return fastsft_machine.versions(extra=("unsloth_zoo", "liger-kernel", "cut-cross-entropy"))
 
 
 def time_ms(fn, *, warmup: int = 3, reps: int = 10) -> float:

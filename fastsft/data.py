@@ -961,7 +961,7 @@ def compute_fingerprint(recipe, tokenizer, *, template: str | None, options: dic
 
 
 def _cache_dir(fingerprint: str) -> Path:
-    from .backends.builtin import cache_root
+    from .machine import cache_root
 
     return cache_root() / "data" / fingerprint
 

@@ -6,65 +6,36 @@ package is checked against the range fastsft is tested with.
 
 from __future__ import annotations
 
-from importlib import metadata
-
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-# The ranges fastsft is tested with (the core's in pyproject.toml; unsloth's own bounds for [gpu]).
-TESTED = {
-    "torch": ">=2.6",
-    "transformers": ">=5.2,<=5.17",
-    "trl": ">=1.15,<=1.16",
-    "peft": ">=0.18",
-    "bitsandbytes": ">=0.46",
-    "triton": ">=3.2",
-    "datasets": ">=3.2,<5",
-    "accelerate": ">=1.4",
-    "unsloth": ">=2026.10.7,<2026.11",
-}
-# What unsloth accepts: with unsloth installed these are hard limits.
-UNSLOTH_BOUNDS = {"transformers": "<=5.17,!=5.0.0,!=5.1.0", "trl": "<=1.15", "datasets": "<5"}
+from . import machine
+
+# What doctor checks; their ranges come from fastsft's own metadata (machine.tested_bounds).
+CHECKED = ("torch", "transformers", "trl", "peft", "bitsandbytes", "triton", "datasets", "accelerate", "unsloth")
 
 
 def check_versions() -> list[dict]:
+    """One row per CHECKED package: its version, the range fastsft is tested with, whether it is inside.
+    With unsloth installed, the `gpu` extra's ranges (what Unsloth accepts) are hard limits too."""
+    core, gpu = machine.tested_bounds()
+    tested = {**core, "unsloth": gpu.get("unsloth", "")}
+    unsloth_bounds = {pkg: spec for pkg, spec in gpu.items() if pkg in core}
+    have_unsloth = machine.version("unsloth") is not None
     rows = []
-    have_unsloth = _version("unsloth") is not None
-    for pkg, spec in TESTED.items():
-        v = _version(pkg)
-        row = {"package": pkg, "version": v, "tested": spec, "ok": True, "note": ""}
+    for pkg in CHECKED:
+        v, spec = machine.version(pkg), tested.get(pkg, "")
+        row = {"package": pkg, "version": v, "tested": spec or "-", "ok": True, "note": ""}
         if v is None:
             row["ok"] = pkg in ("unsloth", "triton")
             row["note"] = "optional: pip install 'fastsft[gpu]'" if pkg == "unsloth" else "not installed"
         else:
             if Version(v) not in SpecifierSet(spec):
                 row["ok"], row["note"] = False, f"outside the tested range {spec}"
-            if have_unsloth and pkg in UNSLOTH_BOUNDS and Version(v) not in SpecifierSet(UNSLOTH_BOUNDS[pkg]):
-                row["ok"], row["note"] = False, f"unsloth needs {pkg}{UNSLOTH_BOUNDS[pkg]}"
+            if have_unsloth and pkg in unsloth_bounds and Version(v) not in SpecifierSet(unsloth_bounds[pkg]):
+                row["ok"], row["note"] = False, f"unsloth needs {pkg}{unsloth_bounds[pkg]}"
         rows.append(row)
     return rows
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def gpu_info() -> dict | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    p = torch.cuda.get_device_properties(0)
-    return {
-        "name": p.name,
-        "memory_gib": round(p.total_memory / 2**30, 1),
-        "compute_capability": f"{p.major}.{p.minor}",
-        "bf16": torch.cuda.is_bf16_supported(),
-        "cuda": torch.version.cuda,
-    }
 
 
 def report(console=None) -> bool:
@@ -86,7 +57,7 @@ def report(console=None) -> bool:
             status = f"[yellow]{escape(r['note'])}[/]"  # escaped: "pip install 'fastsft[gpu]'" is not markup
         table.add_row(r["package"], r["version"] or "-", r["tested"], status)
     console.print(table)
-    gpu = gpu_info()
+    gpu = machine.gpu()
     if gpu:
         console.print(
             f"GPU: {gpu['name']}, {gpu['memory_gib']} GiB, compute capability {gpu['compute_capability']}, "

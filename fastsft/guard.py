@@ -170,7 +170,7 @@ def is_oom(exc: BaseException) -> bool:
 
 def explain_oom(exc: BaseException, phase: str) -> FastSFTError:
     from .errors import OutOfMemory
-    from .train import peak_memory_gib
+    from .machine import peak_memory_gib
 
     peak, kind = peak_memory_gib()
     knobs = "\n".join(f"  {i}. {k}" for i, k in enumerate(OOM_KNOBS, 1))

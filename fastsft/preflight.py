@@ -57,11 +57,12 @@ def _target_problems(recipe) -> list[str]:
     targets = recipe.lora.target_modules
     if isinstance(targets, str):
         return []
+    from . import machine
     from .backends import builtin, check_target_modules, gguf
 
     name = recipe.model.name
     if builtin.is_builtin(name):
-        folder = builtin.cache_root() / "builtin" / f"{name[len(builtin.BUILTIN_PREFIX):]}-v{builtin.BUILTIN_VERSION}"
+        folder = machine.cache_root() / "builtin" / f"{name[len(builtin.BUILTIN_PREFIX):]}-v{builtin.BUILTIN_VERSION}"
     elif gguf.is_gguf(name):
         try:
             folder = gguf._cache_folder(gguf.resolve_file(name, recipe.base_dir))

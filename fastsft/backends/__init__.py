@@ -245,17 +245,6 @@ def check_target_modules(model, targets, *, where: str = "[lora] target_modules"
     )
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded:
     policy = policy or LoadPolicy()
     policy.check_recipe(recipe)
@@ -282,6 +271,8 @@ def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded
     if policy.trust_remote_code:
         log("warning: --trust-remote-code: the model repository's own Python code may run")
     dtype = compute_dtype(recipe.model.dtype)
-    seed_everything(recipe.train.seed)  # the LoRA init is random: same seed, same run
+    from transformers import set_seed  # after unsloth's import (above), as Unsloth needs
+
+    set_seed(recipe.train.seed)  # python, numpy, torch, CUDA: the LoRA init is random; same seed, same run
     model, tokenizer, info = impl.load(recipe, path, dtype, policy=policy)
     return Loaded(model, tokenizer, backend, reason, path, dtype, info)

@@ -18,6 +18,8 @@ import random
 import shutil
 from pathlib import Path
 
+from .. import machine
+
 BUILTIN_PREFIX = "builtin:"
 # Bump when the way a tiny model is made changes, so stale caches are never reused.
 BUILTIN_VERSION = "3"  # 3: the chatml template renders tools
@@ -139,14 +141,6 @@ def chatml_template() -> str:
     return CHATML
 
 
-def cache_root() -> Path:
-    root = os.environ.get("FASTSFT_CACHE")
-    if root:
-        return Path(root).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastsft"
-
-
 def is_builtin(name: str) -> bool:
     return name.startswith(BUILTIN_PREFIX)
 
@@ -197,7 +191,7 @@ def materialize(name: str) -> Path:
         raise BackendError(
             f"unknown built-in model {name!r}; built-in models are: {', '.join(builtin_names())}"
         )
-    folder = cache_root() / "builtin" / f"{short}-v{BUILTIN_VERSION}"
+    folder = machine.cache_root() / "builtin" / f"{short}-v{BUILTIN_VERSION}"
     if (folder / "config.json").exists():
         return folder
     from ..files import make_dir, temp_dir

@@ -67,7 +67,7 @@ def resolve_file(name: str, base_dir: Path | None = None) -> Path:
 
 
 def _cache_folder(gguf_path: Path) -> Path:
-    from .builtin import cache_root
+    from ..machine import cache_root
 
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{GGUF_VERSION}".encode()).hexdigest()
