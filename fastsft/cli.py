@@ -145,7 +145,7 @@ def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc, allow_data_
         elif recipe:
             wanted = recipe_mod.load(recipe, overrides)
         if wanted is not None:
-            train.check_distributed(wanted)  # refuse here, not once per rank
+            dist.check_distributed(wanted)  # refuse here, not once per rank
         argv = ["run"] + ([recipe] if recipe else [])
         for item in overrides:
             argv += ["--set", item]

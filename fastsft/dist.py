@@ -3,7 +3,8 @@
 fastsft is built for one GPU; under a launcher the same `fastsft run` becomes one of N ranks. The
 Trainer (through accelerate) does the data sharding, the gradient all-reduce and the token count
 across ranks (`num_items_in_batch`); this module adds what a run directory needs on top: rank 0
-creates it and every rank uses the same one, only rank 0 writes files and prints.
+creates it and every rank uses the same one, only rank 0 writes files and prints; and the
+TrainingArguments of the recipe's `[distributed] strategy` (DDP, FSDP, DeepSpeed ZeRO-3).
 """
 
 from __future__ import annotations
@@ -29,19 +30,40 @@ def is_main() -> bool:
 
 
 def setup() -> None:
-    """Join the process group early (before the model loads), so ranks can agree on the run folder."""
+    """Join the process group early (before the model loads), so ranks can agree on the run folder.
+    accelerate's PartialState picks the backend (NCCL on GPUs, gloo on the CPU) from the launcher's
+    environment; the Trainer's TrainingArguments later rebuild their state on the same group."""
     if world_size() <= 1:
         return
     import torch
-    import torch.distributed as dist
+    from accelerate import PartialState
 
-    if dist.is_initialized():
-        return
+    kwargs = {}
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()))
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":  # DeepSpeed's init takes no device_id
+            kwargs["device_id"] = torch.device("cuda", local_rank())  # NCCL bound to this rank's GPU at once
     else:
-        dist.init_process_group("gloo")
+        _load_cpu_rank_locations()
+    PartialState(cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def _load_cpu_rank_locations() -> None:
+    """Let torch.load restore onto "cpu:<rank>". Under several CPU ranks accelerate's device is
+    "cpu:<rank>", and the Trainer resumes the optimizer with map_location=args.device, a location torch
+    cannot restore by itself ("don't know how to restore data location ... cpu:1"). A deserializer
+    registered through torch's public extension point maps it to the CPU; nothing else changes."""
+    import torch
+
+    global _CPU_RANKS_REGISTERED
+    if not _CPU_RANKS_REGISTERED:
+        torch.serialization.register_package(
+            30, lambda obj: None, lambda obj, location: obj if location.startswith("cpu:") else None
+        )
+        _CPU_RANKS_REGISTERED = True
+
+
+_CPU_RANKS_REGISTERED = False
 
 
 def teardown() -> None:
@@ -50,28 +72,26 @@ def teardown() -> None:
     without an active exception", seen once under CI) after its work is done."""
     if world_size() <= 1:
         return
-    import torch.distributed as dist
+    import torch
+    from accelerate import PartialState
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    PartialState(cpu=not torch.cuda.is_available()).destroy_process_group()
 
 
 def broadcast(obj):
     """`obj` from rank 0, on every rank."""
     if world_size() <= 1:
         return obj
-    import torch.distributed as dist
+    from accelerate.utils import broadcast_object_list
 
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object_list([obj], from_process=0)[0]
 
 
 def barrier() -> None:
     if world_size() > 1:
-        import torch.distributed as dist
+        from accelerate import PartialState
 
-        dist.barrier()
+        PartialState().wait_for_everyone()
 
 
 def launch_command(nproc: int, argv: list[str]) -> list[str]:
@@ -84,3 +104,79 @@ def launch_command(nproc: int, argv: list[str]) -> list[str]:
     exe = shutil.which("fastsft") or str(Path(sys.executable).with_name("fastsft"))
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "--no-python", exe, *argv]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe's [distributed] strategy as TrainingArguments
+# ----------------------------------------------------------------------------------------------
+
+
+def distributed_kwargs(recipe, *, dtype: str) -> dict:
+    """TrainingArguments for `[distributed] strategy` when this process is one of several ranks."""
+    if world_size() <= 1:
+        return {}
+    check_distributed(recipe)
+    d, t = recipe.distributed, recipe.train
+    if d.strategy == "ddp":
+        # LoRA leaves most parameters frozen; none of the trainable ones go unused
+        return {"ddp_find_unused_parameters": False}
+    if d.strategy == "fsdp":
+        return {
+            "fsdp": True,
+            "fsdp_config": {
+                "version": 2,
+                # FSDP recomputes per wrapped layer; the Trainer's checkpointing would all-gather twice
+                "activation_checkpointing": bool(t.gradient_checkpointing),
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+            "gradient_checkpointing": False,
+        }
+    if d.deepspeed_config:
+        return {"deepspeed": str(recipe.resolve_path(d.deepspeed_config))}
+    return {"deepspeed": zero3_config(dtype)}
+
+
+def check_distributed(recipe) -> None:
+    """Refuse, before any rank starts, a strategy this machine cannot run."""
+    import torch
+
+    from .errors import RecipeError
+
+    where = str(recipe.path) if recipe.path else None
+    strategy = recipe.distributed.strategy
+    if strategy in ("fsdp", "deepspeed-zero3") and not torch.cuda.is_available():
+        raise RecipeError(
+            f'[distributed] strategy = "{strategy}" needs CUDA GPUs: accelerate shards only across GPUs, so '
+            'on the CPU it would silently run plain DDP. Use strategy = "ddp" here.',
+            path=where,
+        )
+    if strategy == "deepspeed-zero3":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise RecipeError(
+                '[distributed] strategy = "deepspeed-zero3" needs DeepSpeed: pip install deepspeed '
+                '(or use strategy = "fsdp", which needs nothing more)',
+                path=where,
+            ) from None
+
+
+def zero3_config(dtype: str) -> dict:
+    """fastsft's DeepSpeed ZeRO-3 config; "auto" values are filled in by transformers from the recipe."""
+    return {
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16"},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+    }

@@ -105,7 +105,7 @@ def test_sharding_strategies_are_refused_on_the_cpu_before_any_rank_starts(tmp_p
 
 
 def test_the_shipped_zero3_config_is_the_one_fastsft_uses():
-    from fastsft.train import zero3_config
+    from fastsft.dist import zero3_config
 
     shipped = json.loads((RECIPES / "deepspeed" / "zero3_bf16.json").read_text())
     assert shipped == zero3_config("bf16")
