@@ -28,24 +28,23 @@ SHORT = [
     "--set", "train.save_total_limit=2",
 ]  # fmt: skip
 
-# Runs the real CLI in a child process that sends itself a signal at the end of a given step.
+# Runs `fastsft run` in a child process, through the CLI's error handling, with a callback that sends
+# the process a signal at the end of a given step.
 DRIVER = """
 import os, signal, sys
 from transformers import TrainerCallback
-import fastsft.train as T
+from fastsft import recipe as R
+from fastsft import train
+from fastsft.cli import handle_errors
 
-action, at = sys.argv[1], int(sys.argv[2])
+action, at, recipe, out, *overrides = sys.argv[1:]
 
 class SignalAtStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step == at:
+        if state.global_step == int(at):
             os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}.get(action, signal.SIGINT))
 
-original = T.make_callbacks
-T.make_callbacks = lambda *a, **k: original(*a, **k) + [SignalAtStep()]
-from fastsft.cli import main
-sys.argv = ["fastsft"] + sys.argv[3:]
-main()
+handle_errors(lambda: train.run(R.load(recipe, overrides), output_dir=out, callbacks=[SignalAtStep()]))()
 """
 
 
@@ -53,12 +52,15 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in RunDir(run_dir).read_metrics() if "loss" in r}
 
 
-def child(tmp_path, action, at, *args):
+def child(tmp_path, action, at, out):
+    """The tiny recipe with SHORT, run into `out` by a child that signals itself after step `at`."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
+    overrides = SHORT[1::2]  # the values of the --set pairs
     return subprocess.run(
-        [sys.executable, str(driver), action, str(at), *args], capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, str(driver), action, str(at), str(RECIPES / "tiny.toml"), str(out), *overrides],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def reference(reference_run):
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     out = tmp_path / "run"
-    killed = child(tmp_path, "kill", 10, "run", str(RECIPES / "tiny.toml"), *SHORT, "-o", str(out))
+    killed = child(tmp_path, "kill", 10, out)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert RunDir(out).latest_checkpoint()[0] == 8
     assert max(losses(out)) == 9  # killed in step 10, before its log row
@@ -94,7 +96,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
 
 def test_ctrl_c_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, reference):
     out = tmp_path / "run"
-    stopped = child(tmp_path, "int", 6, "run", str(RECIPES / "tiny.toml"), *SHORT, "-o", str(out))
+    stopped = child(tmp_path, "int", 6, out)
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     assert f"fastsft run --resume {out}" in stopped.stderr + stopped.stdout
     assert "Traceback" not in stopped.stderr
@@ -111,7 +113,7 @@ def test_sigterm_exits_143_and_the_resumed_run_reports_the_whole_run(tmp_path, r
     """SIGTERM stops like Ctrl-C but exits 143, printed as a stop, not an error. After the resume,
     run.json's train loss, tokens and time, and the report's "before" answers, cover the whole run."""
     out = tmp_path / "run"
-    stopped = child(tmp_path, "term", 6, "run", str(RECIPES / "tiny.toml"), *SHORT, "-o", str(out))
+    stopped = child(tmp_path, "term", 6, out)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "stopped: interrupted at step 6" in stopped.stderr and "error:" not in stopped.stderr
     first = json.loads((out / "checkpoints" / "checkpoint-6" / "fastsft_totals.json").read_text())
@@ -192,21 +194,22 @@ def test_nan_loss_stops_the_run_and_is_never_applied(tmp_path, monkeypatch):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_out_of_memory_is_explained_without_a_traceback(tmp_path, monkeypatch):
+def test_out_of_memory_is_explained_without_a_traceback(tmp_path, capsys):
     from transformers import TrainerCallback
 
     class Boom(TrainerCallback):
         def on_step_begin(self, *a, **k):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    original = train.make_callbacks
-    monkeypatch.setattr(train, "make_callbacks", lambda *a, **k: original(*a, **k) + [Boom()])
-    p = tmp_path / "r.toml"
-    p.write_text(TINY_RECIPE)
-    result = CliRunner().invoke(main, ["run", str(p), "-o", str(tmp_path / "run")])
-    assert result.exit_code == 3
-    assert "out of memory during train" in result.output
-    assert "per_device_train_batch_size" in result.output and "Traceback" not in result.output
+    from fastsft.cli import handle_errors
+
+    with pytest.raises(SystemExit) as e:  # through the CLI's error handling, as `fastsft run` prints it
+        handle_errors(lambda: train.run(_recipe(tmp_path), output_dir=tmp_path / "run", callbacks=[Boom()]))()
+    assert e.value.code == 3
+    output = capsys.readouterr().err
+    assert "out of memory during train" in output
+    assert "per_device_train_batch_size" in output and "Traceback" not in output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "stopped: out of memory"
 
 
 def test_disk_space_is_checked_before_checkpoints(tmp_path, monkeypatch):

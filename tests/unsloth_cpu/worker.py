@@ -31,7 +31,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]  # the r
 import unsloth  # noqa: E402,F401  # isort: skip  (first: it patches transformers, trl and peft)
 import torch  # noqa: E402
 
-from fastsft import backends, loss, train  # noqa: E402
+from fastsft import backends, loss, machine, train  # noqa: E402
 from fastsft import recipe as R  # noqa: E402
 from fastsft.kernels import cross_entropy  # noqa: E402
 
@@ -248,21 +248,15 @@ def check_training(tmp: Path) -> dict:
     out: dict = {}
     tmp.mkdir(parents=True, exist_ok=True)
     captured = {}
-    original = train.make_callbacks
+    from transformers import TrainerCallback
 
-    def callbacks(*a, **k):
-        from transformers import TrainerCallback
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            captured["model"] = model
 
-        class Keep(TrainerCallback):
-            def on_train_end(self, args, state, control, model=None, **kw):
-                captured["model"] = model
-
-        return original(*a, **k) + [Keep()]
-
-    train.make_callbacks = callbacks
     train.sample_prompts = lambda *a, **k: []  # before / after answers: Unsloth's generation is slow here
     LAUNCHES["cross_entropy"] = 0
-    a = train.run(make_recipe(tmp, "train.per_device_train_batch_size=2"), output_dir=tmp / "a")
+    a = train.run(make_recipe(tmp, "train.per_device_train_batch_size=2"), output_dir=tmp / "a", callbacks=[Keep()])
     out["a/launches"] = LAUNCHES["cross_entropy"]
     out["a/summary_backend"] = a.summary["backend"]
     out["a/loss_kernel"] = a.summary["loss"]["kernel"]
@@ -324,8 +318,8 @@ def main() -> None:
         backends.unsloth_status = lambda: (True, "the CPU test shim stands in for a GPU")
     tmp = Path(tempfile.mkdtemp(prefix="work-", dir=Path(args.out).resolve().parent))
     results: dict = {
-        "versions": train.versions(),
-        "device": train.device_description(),
+        "versions": machine.versions(),
+        "device": machine.device_description(),
         "archs": {},
         "errors": {},
     }
