@@ -9,7 +9,11 @@ tool, and `add_generation_prompt`; all but gemma (which has no tool format) also
 
 - `load_template(name_or_path, base_dir)`: the template text.
 - `has_generation_markers(template)`: whether assistant masks can come from the template itself.
-- `end_of_turn_token(tokenizer)`: the token that ends an assistant turn under the tokenizer's template.
+- `end_of_turn_token(tokenizer)`: the token that ends an assistant turn under the tokenizer's template;
+  `end_of_turn_ids(tokenizer)`: its id and eos, the ids generation stops on. The one end-of-turn
+  detector: training checks that its answers carry this token, generation stops on it.
+- `ROLE_MARKERS`: text an answer must not hold (a model writing them invents new turns).
+- `chat_ids(tokenizer, messages, ...)`: the token ids of messages through the template.
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ import re
 from pathlib import Path
 
 from .errors import DataError
+
+# Role markers that must not appear in an answer: a model that writes them is inventing new turns.
+ROLE_MARKERS = re.compile(
+    r"<\|im_start\|>|<\|im_end\|>|<\|start_header_id\|>|<\|eot_id\|>"
+    r"|<start_of_turn>|<end_of_turn>|\[INST\]|\[/INST\]"
+    r"|^\s*(user|assistant|system|human|gpt)\s*:",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 # `bos_token` is guarded: a tokenizer without one passes None, which Jinja would print as "None".
 _BOS = "{%- if bos_token %}{{- bos_token -}}{%- endif -%}\n"
@@ -272,4 +284,54 @@ def end_of_turn_token(tokenizer, chat_template: str | None = None) -> str | None
     return eos
 
 
-__all__ = ["TEMPLATES", "load_template", "has_generation_markers", "end_of_turn_token"]
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the template's end-of-turn token (`end_of_turn_token`)
+    first, then the eos token(s). Generation stops on any of them."""
+    ids: list[int] = []
+    eot = end_of_turn_token(tokenizer)
+    if eot is not None:
+        tid = tokenizer.convert_tokens_to_ids(eot)
+        if isinstance(tid, int) and tid >= 0:
+            ids.append(tid)
+    eos = tokenizer.eos_token_id
+    for tid in eos if isinstance(eos, list) else [eos]:
+        if tid is not None and int(tid) not in ids:
+            ids.append(int(tid))
+    return ids
+
+
+def role_markers(text: str) -> list[str]:
+    """The role markers in `text` (an answer, special tokens kept), sorted and without repeats."""
+    return sorted({m.group(0).strip() for m in ROLE_MARKERS.finditer(text)})
+
+
+def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tools: list[dict] | None = None):
+    """input_ids (1, T), int64: `messages` (and `tools`) through the chat template, or plain text
+    without one (a single user message as it is: training took plain prompt/completion text)."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, return_tensors="pt", return_dict=True
+        )
+        return out["input_ids"]
+    if tools:
+        raise DataError("--tools needs a chat template to write the tools into, and this tokenizer has none.")
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return torch.tensor([tokenizer(messages[0]["content"])["input_ids"]])
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    if add_generation_prompt:
+        text += "\nassistant:"
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+__all__ = [
+    "TEMPLATES",
+    "ROLE_MARKERS",
+    "load_template",
+    "has_generation_markers",
+    "end_of_turn_token",
+    "end_of_turn_ids",
+    "role_markers",
+    "chat_ids",
+]

@@ -7,40 +7,15 @@ imported before transformers, trl and peft, and `backends.load_model` sees to th
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 
 import click
 
-from .cli_use import make_policy, policy_options
-from .errors import FastSFTError
+from .cli_common import handle_errors, make_policy, policy_options
 
 SET_HELP = "Override a recipe key, parsed as a TOML value: --set train.learning_rate=1e-4 (repeatable)."
-
-
-def _fail(message: str, code: int = 2, *, label: str = "error: ", style: str = "bold red"):
-    from rich.console import Console
-    from rich.text import Text
-
-    Console(stderr=True).print(Text(label, style=style) + Text(message), highlight=False, soft_wrap=True)
-    sys.exit(code)
-
-
-def handle_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FastSFTError as e:
-            if e.is_error:
-                _fail(str(e), e.exit_code)
-            _fail(str(e), e.exit_code, label="stopped: ", style="bold yellow")  # a stop the user asked for
-        except KeyboardInterrupt:
-            _fail("interrupted", 130, label="stopped: ", style="bold yellow")
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,79 +6,22 @@ the commands.
 
 from __future__ import annotations
 
-import functools
-import sys
-
 import click
 
+from .cli_common import handle_errors, make_policy, policy_options, tools_option
 from .errors import FastSFTError
-
-
-def _handle_errors():
-    """cli.py's `handle_errors` (fastsft errors: one paragraph, no traceback, exit 2), or the same here."""
-    try:
-        from .cli import handle_errors
-
-        return handle_errors
-    except ImportError:  # pragma: no cover - cli.py not importable
-
-        def handle_errors(fn):
-            @functools.wraps(fn)
-            def wrapper(*args, **kwargs):
-                try:
-                    return fn(*args, **kwargs)
-                except FastSFTError as e:
-                    from rich.console import Console
-
-                    Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-                    sys.exit(e.exit_code)
-
-            return wrapper
-
-        return handle_errors
-
-
-def policy_options(fn):
-    """--trust-remote-code and --allow-pickle: what loading a model may do (backends.LoadPolicy), the same
-    for every command that loads one. A recipe or a received folder never grants them."""
-    fn = click.option(
-        "--allow-pickle",
-        is_flag=True,
-        help="Read pickle (.bin) weights, which can run code when loaded (default: safetensors only).",
-    )(fn)
-    fn = click.option(
-        "--trust-remote-code",
-        is_flag=True,
-        help="Let the model's repository run its own Python code (needed when the recipe sets "
-        "[model] trust_remote_code = true). Only for code you trust.",
-    )(fn)
-    return fn
-
-
-def make_policy(trust_remote_code: bool, allow_pickle: bool):
-    from .backends import LoadPolicy
-
-    return LoadPolicy(trust_remote_code=bool(trust_remote_code), allow_pickle=bool(allow_pickle))
-
-
-tools_option = click.option(
-    "--tools",
-    "tools_file",
-    type=click.Path(dir_okay=False),
-    help='A JSON file of function definitions ([{"type": "function", "function": {...}}]) to offer the model.',
-)
+from .recipe import EXPORT_FORMATS
 
 
 def register(main: click.Group) -> click.Group:
     """Add `export`, `generate`, `chat`, `eval` and `serve` to the Click group `main`."""
-    handle_errors = _handle_errors()
 
     @main.command("export")
     @click.argument("run_dir", type=click.Path(file_okay=False))
     @click.option(
         "--format",
         "fmt",
-        type=click.Choice(["merged", "adapter", "gguf"]),
+        type=click.Choice(EXPORT_FORMATS),
         required=True,
         help="merged: base + adapter as one safetensors model; adapter: the LoRA adapter with a model card; "
         "gguf: one GGUF file for llama.cpp (Llama, Mistral, Qwen2).",
@@ -277,4 +220,4 @@ def register(main: click.Group) -> click.Group:
     return main
 
 
-__all__ = ["register", "policy_options", "make_policy"]
+__all__ = ["register"]

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import files, guard
+from .chat_templates import chat_ids, end_of_turn_ids
 from .errors import ExportError
+from .recipe import EXPORT_FORMATS
 from .rundir import ADAPTER, RECIPE, RUN_JSON
 
-FORMATS = ("merged", "adapter", "gguf")
+FORMATS = EXPORT_FORMATS  # owned by the recipe schema ([export] formats); the same names here and on the CLI
 DTYPES = ("bf16", "fp16", "fp32")
 EXPORT_JSON = "export.json"
 
@@ -52,9 +54,6 @@ GGUF_ARCHS = {
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
 }
-
-# Tokens that end a turn in the common chat templates, tried when the template does not reveal its own.
-_EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
 
 _SAMPLE_PROMPTS = (
     "What colour is a banana?",
@@ -90,6 +89,28 @@ class RunInfo:
     load_in_4bit: bool
     trust_remote_code: bool  # granted by the command line (backends.LoadPolicy), never by the recipe
     allow_pickle: bool = False
+
+    @property
+    def policy(self):
+        """What loading this run's models may do (backends.LoadPolicy)."""
+        from .backends.common import LoadPolicy
+
+        return LoadPolicy(trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+
+    def tokenizer(self):
+        """The run's tokenizer: the adapter folder's (chat template and any added pad token), else the base's."""
+        from .backends.common import load_tokenizer
+
+        return load_tokenizer(self.adapter, self.base_path, policy=self.policy)
+
+    def load(self, dtype: str, *, load_in_4bit: bool = False, upcast: bool = False, tokenizer=None):
+        """Base model + the run's adapter (backends.transformers.load_trained)."""
+        from .backends.transformers import load_trained
+
+        return load_trained(
+            self.base_path, self.adapter, dtype, tokenizer=tokenizer or self.tokenizer(),
+            load_in_4bit=load_in_4bit, upcast=upcast, policy=self.policy,
+        )  # fmt: skip
 
 
 def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
@@ -152,129 +173,8 @@ def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model helpers (shared with fastsft.use)
+# The parity check's inputs and numbers
 # ----------------------------------------------------------------------------------------------
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def load_base(
-    path: str, dtype: str, *, load_in_4bit: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False
-):
-    """The base model in `dtype`, or in 4-bit NF4 (as `fastsft run` trains it) with `dtype` compute.
-    Remote code and pickle weights only when granted (backends.LoadPolicy)."""
-    from transformers import AutoModelForCausalLM
-
-    from .backends import LoadPolicy
-    from .backends.transformers import nf4_config
-
-    policy = LoadPolicy(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    policy.check_weights(path, "the base model")
-    tdtype = torch_dtype(dtype)
-    kwargs = dict(dtype=tdtype, **policy.from_pretrained_kwargs())
-    if load_in_4bit:
-        kwargs["quantization_config"] = nf4_config(tdtype)
-        import torch
-
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot load the base model {path!r}: {e}") from None
-    model.eval()
-    return model
-
-
-def attach_adapter(base, adapter_dir: str | Path, *, allow_pickle: bool = False):
-    from peft import PeftModel
-
-    from .backends import LoadPolicy
-
-    LoadPolicy(allow_pickle=allow_pickle).check_weights(adapter_dir, "the adapter")
-
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    model.eval()
-    return model
-
-
-def load_tokenizer(*folders, trust_remote_code: bool = False):
-    """The first folder's tokenizer that loads (the adapter folder carries the run's chat template)."""
-    from transformers import AutoTokenizer
-
-    last = None
-    for folder in folders:
-        if folder is None:
-            continue
-        p = Path(folder)
-        if p.is_dir() and not any(p.glob("tokenizer*")):
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            last = e
-    raise ExportError(f"cannot load a tokenizer from {', '.join(str(f) for f in folders if f)}: {last}")
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: the chat template's own end-of-turn token first, then eos.
-
-    The template is rendered with a sentinel answer and the first token after it is taken when it is a
-    special (added) token, e.g. `<|im_end|>` for ChatML or `<|eot_id|>` for Llama 3.
-    """
-    ids: list[int] = []
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    if getattr(tokenizer, "chat_template", None):
-        sentinel = "XQZSENTINELQZX"
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
-                tokenize=False,
-            )
-        except Exception:  # a template that needs other roles / arguments
-            text = None
-        if isinstance(text, str) and sentinel in text:
-            tail = text[text.index(sentinel) + len(sentinel) :]
-            tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-            if tail_ids and tail_ids[0] in special:
-                ids.append(int(tail_ids[0]))
-            else:
-                for cand in _EOT_CANDIDATES:
-                    if tail.lstrip().startswith(cand):
-                        tid = tokenizer.convert_tokens_to_ids(cand)
-                        if isinstance(tid, int) and tid >= 0:
-                            ids.append(tid)
-                        break
-    eos = tokenizer.eos_token_id
-    for tid in eos if isinstance(eos, list) else [eos]:
-        if tid is not None and tid not in ids:
-            ids.append(int(tid))
-    return ids
-
-
-def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tools: list[dict] | None = None):
-    """input_ids (1, T) of `messages` (and `tools`) through the chat template (or plain text without one)."""
-    import torch
-
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, return_tensors="pt", return_dict=True
-        )
-        return out["input_ids"]
-    if tools:
-        raise ExportError("--tools needs a chat template to write the tools into, and this tokenizer has none.")
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        # without a template, training took plain prompt/completion text: the prompt as it is
-        return torch.tensor([tokenizer(messages[0]["content"])["input_ids"]])
-    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-    if add_generation_prompt:
-        text += "\nassistant:"
-    return torch.tensor([tokenizer(text)["input_ids"]])
 
 
 def sample_inputs(tokenizer, run_json: dict | None = None, n: int = 3) -> list:
@@ -452,6 +352,8 @@ def export_bytes(run: RunInfo, dtype: str) -> int | None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .backends.common import torch_dtype
+
     try:
         config = AutoConfig.from_pretrained(run.base_path, trust_remote_code=run.trust_remote_code)
         with torch.device("meta"):
@@ -467,8 +369,9 @@ def export_bytes(run: RunInfo, dtype: str) -> int | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def merge(run: RunInfo, dtype: str):
-    """Base model in `dtype` (16-bit or fp32, never a dequantised 4-bit copy) with the adapter merged in."""
+def merge(run: RunInfo, dtype: str, *, tokenizer=None):
+    """Base model in `dtype` (16-bit or fp32, never a dequantised 4-bit copy) with the adapter merged in
+    (`tokenizer`: the run's, by default loaded here)."""
     from transformers import AutoConfig
 
     try:
@@ -485,16 +388,15 @@ def merge(run: RunInfo, dtype: str):
             "bake quantisation error into the export. Point [model] name in "
             f"{run.path / RECIPE} at the 16-bit original of that model and export again."
         )
-    base = load_base(run.base_path, dtype, trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle)
-    model = attach_adapter(base, run.adapter)
-    return model.merge_and_unload()
+    return run.load(dtype, tokenizer=tokenizer).merge_and_unload()
 
 
 def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    tokenizer = load_tokenizer(run.adapter, run.base_path, trust_remote_code=run.trust_remote_code)
+    from .backends.transformers import load_base
+
+    tokenizer = run.tokenizer()
     eot = end_of_turn_ids(tokenizer)
 
     merged = merge(run, dtype)
@@ -512,8 +414,8 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
         raise ExportError(f"the merged model was not written as safetensors in {out}")
 
     inputs = sample_inputs(tokenizer, run.run_json)
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    reloaded.eval()
+    # reloaded as any user would (AutoModelForCausalLM.from_pretrained), computing in fp32
+    reloaded = load_base(str(out), "fp32", what="the merged export")
     got = logits_of(reloaded, inputs)
     check = merge_parity(run, inputs, got, dtype)
     parity = check["rel_logit_diff"]
@@ -534,16 +436,7 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     # Drift against the model as trained (4-bit base + adapter), recorded only.
     if run.load_in_4bit:
         try:
-            trained = attach_adapter(
-                load_base(
-                    run.base_path,
-                    run.train_dtype,
-                    load_in_4bit=True,
-                    trust_remote_code=run.trust_remote_code,
-                    allow_pickle=run.allow_pickle,
-                ),
-                run.adapter,
-            )
+            trained = run.load(run.train_dtype, load_in_4bit=True, tokenizer=tokenizer)
             drift = rel_diff(got, logits_of(trained, inputs))
             del trained
             _collect()
@@ -590,9 +483,8 @@ def _agreement(got, ref, vocab: int) -> tuple[float, float]:
 def merge_parity(run: RunInfo, inputs: list, got, dtype: str) -> dict:
     """Check the merged model's logits `got` (weights rounded to `dtype`, computed in fp32) against
     base + adapter: in fp32, and against the base rounded to `dtype` the same way (see TOLERANCE)."""
-    ref_model = attach_adapter(load_base(run.base_path, "fp32", trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle),
-        run.adapter,
-    )
+    tokenizer = run.tokenizer()
+    ref_model = run.load("fp32", tokenizer=tokenizer)
     ref = logits_of(ref_model, inputs)
     with ref_model.disable_adapter():
         base_only = logits_of(ref_model, inputs)
@@ -602,10 +494,7 @@ def merge_parity(run: RunInfo, inputs: list, got, dtype: str) -> dict:
     if dtype == "fp32":
         floor, base_r, ref_r = 0.0, base_only, ref
     else:  # the same base, its weights rounded to dtype, computed in fp32 as `got` was
-        rounded = attach_adapter(
-            load_base(run.base_path, dtype, trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle).float(),
-            run.adapter,
-        )
+        rounded = run.load(dtype, upcast=True, tokenizer=tokenizer)
         ref_r = logits_of(rounded, inputs)
         with rounded.disable_adapter():
             base_r = logits_of(rounded, inputs)
@@ -643,7 +532,9 @@ def merge_parity(run: RunInfo, inputs: list, got, dtype: str) -> dict:
 def smoke_generation(
     model, tokenizer, eot: list[int], run_json: dict | None = None, *, budget: int = 64, console=None
 ) -> dict:
-    import torch
+    """A greedy answer of the exported model (fastsft.generation) to a sample prompt: it must end on the
+    end-of-turn token within `budget` tokens, else a warning (recorded, not enforced)."""
+    from .generation import answer
 
     prompt = None
     for s in ((run_json or {}).get("result") or {}).get("samples") or []:
@@ -651,23 +542,8 @@ def smoke_generation(
             prompt = s["prompt"]
             break
     prompt = prompt or _SAMPLE_PROMPTS[0]
-    ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=torch.ones_like(ids).to(device),
-            max_new_tokens=budget,
-            do_sample=False,
-            eos_token_id=eot or None,
-            pad_token_id=tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else (eot[0] if eot else None),
-        )
-    new = out[0, ids.shape[1] :].tolist()
-    stops = any(t in eot for t in new)
-    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-    if not stops:
+    got = answer(model, tokenizer, [{"role": "user", "content": prompt}], eot=eot, max_new_tokens=budget)
+    if not got.stopped:
         _print(
             console,
             f"WARNING: the exported model did not end its answer with the end-of-turn token "
@@ -675,7 +551,8 @@ def smoke_generation(
             "ramble or invent new turns: check the chat template and train longer on complete answers.",
             style="bold yellow",
         )
-    return {"prompt": prompt, "answer": answer, "new_tokens": len(new), "budget": budget, "stops": stops}
+    new_tokens = len(got.ids) + got.stopped  # the end-of-turn token counts, as generate returned it
+    return {"prompt": prompt, "answer": got.text, "new_tokens": new_tokens, "budget": budget, "stops": got.stopped}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,7 +571,9 @@ def export_adapter(run: RunInfo, out: Path, *, console=None) -> dict:
             shutil.copy2(f, out / f.name)
         copied.append(f.name)
     if not any(n.startswith("tokenizer") for n in copied):
-        tok = load_tokenizer(run.base_path, trust_remote_code=run.trust_remote_code)
+        from .backends.common import load_tokenizer
+
+        tok = load_tokenizer(run.base_path, policy=run.policy)
         tok.save_pretrained(str(out))
     if (run.path / RECIPE).exists():
         shutil.copy2(run.path / RECIPE, out / RECIPE)
@@ -890,7 +769,7 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
             "llama.cpp's convert_hf_to_gguf.py."
         )
 
-    tokenizer = load_tokenizer(run.adapter, run.base_path, trust_remote_code=run.trust_remote_code)
+    tokenizer = run.tokenizer()
     with tempfile.TemporaryDirectory(prefix="fastsft-tok-") as tokdir:
         tokenizer.save_pretrained(tokdir)
         tj_path = Path(tokdir) / "tokenizer.json"
@@ -1071,6 +950,5 @@ __all__ = [
     "merge",
     "permute_qk",
     "unpermute_qk",
-    "end_of_turn_ids",
     "verify_gguf",
 ]

@@ -6,7 +6,7 @@ Endpoints: `POST /v1/chat/completions` (server-sent events with `"stream": true`
 `GET /v1/models`, and for the page `GET /` plus `GET /fastsft/info`, `/fastsft/report`, `/fastsft/loss.png`.
 Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
-The model is loaded once by `fastsft.use.load_for_use` and answers through `fastsft.use.generate_ids`
+The model is loaded once by `fastsft.use.load_for_use` and answers through `fastsft.generation.generate_ids`
 (chat template, end-of-turn stop). For a run directory or an adapter, the base model is the same
 weights with the adapter disabled (PEFT's `disable_adapter()`), served as the model id `NAME:base`.
 
@@ -300,7 +300,7 @@ class Engine:
             self.pending -= 1
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
-        from .export import chat_ids
+        from .chat_templates import chat_ids
 
         tok = self.loaded.tokenizer
         try:
@@ -352,10 +352,10 @@ class Engine:
             )
 
     def _run(self, job: Job) -> Result:
-        """In the worker thread: one generation through fastsft.use.generate_ids."""
+        """In the worker thread: one generation through fastsft.generation.generate_ids."""
         from transformers import StoppingCriteria, TextStreamer
 
-        from .use import generate_ids
+        from .generation import generate_ids
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
@@ -375,8 +375,10 @@ class Engine:
         p = job.params
         with off:
             ids, ended = generate_ids(
-                self.loaded,
+                model,
+                self.loaded.tokenizer,
                 job.prompt_ids,
+                eot=self.loaded.eot,
                 max_new_tokens=p.max_tokens,
                 temperature=p.temperature,
                 top_p=p.top_p,

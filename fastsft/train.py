@@ -120,37 +120,15 @@ def sample_prompts(dataset, n: int = 3) -> list[dict]:
 def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int = 32) -> list[dict]:
     """Greedy answers, each with whether it complies with the chat template: it stopped on the
     end-of-turn token within the budget and wrote no role markers (no invented turns)."""
-    import torch
+    from .chat_templates import end_of_turn_ids
+    from .generation import answer
 
-    from .chat_templates import end_of_turn_token
-    from .use import ROLE_MARKERS
-
-    eot = end_of_turn_token(tokenizer)
-    stop_ids = {i for i in (tokenizer.convert_tokens_to_ids(eot) if eot else None, tokenizer.eos_token_id) if i is not None}
-    answers = []
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    eot = end_of_turn_ids(tokenizer)
+    out = []
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template(prompt["messages"], tools=prompt["tools"], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)  # fmt: skip
-        ids = {k: v.to(device) for k, v in ids.items()}
-        with torch.no_grad():
-            out = model.generate(
-                **ids,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=sorted(stop_ids) or None,
-            )
-        new = out[0, ids["input_ids"].shape[1] :]
-        stopped = bool(len(new)) and int(new[-1]) in stop_ids
-        raw = tokenizer.decode(new, skip_special_tokens=False)
-        text = tokenizer.decode(new, skip_special_tokens=True).strip()
-        answers.append({"text": text, "complies": stopped and not ROLE_MARKERS.search(raw.rsplit(eot, 1)[0] if eot else raw)})
-    if was_training:
-        model.train()
-    return answers
+        a = answer(model, tokenizer, prompt["messages"], eot=eot, max_new_tokens=max_new_tokens, tools=prompt["tools"])
+        out.append({"text": a.text, "complies": a.complies})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

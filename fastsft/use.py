@@ -6,15 +6,16 @@ A model reference is one of
 - an adapter folder (adapter_config.json): its base model (from adapter_config.json) + the adapter;
 - a merged export or any local Hugging Face model folder (config.json).
 
-Prompts go through the tokenizer's chat template; generation stops on the template's end-of-turn
-token (see `fastsft.export.end_of_turn_ids`).
+Models load through the backend's loader (`fastsft.backends.transformers.load_trained`: the base as
+trained, its embeddings grown to the run's tokenizer, the adapter attached); prompts go through the
+tokenizer's chat template and answers come from `fastsft.generation`, stopping on the template's
+end-of-turn token (`fastsft.chat_templates.end_of_turn_ids`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +24,6 @@ from .errors import BackendError, DataError
 from .rundir import ADAPTER, RECIPE
 
 EVAL_JSON = "eval.json"
-
-# Role markers that must not appear in an answer: a model that writes them is inventing new turns.
-ROLE_MARKERS = re.compile(
-    r"<\|im_start\|>|<\|im_end\|>|<\|start_header_id\|>|<\|eot_id\|>"
-    r"|<start_of_turn>|<end_of_turn>|\[INST\]|\[/INST\]"
-    r"|^\s*(user|assistant|system|human|gpt)\s*:",
-    re.IGNORECASE | re.MULTILINE,
-)
 
 
 @dataclass
@@ -53,20 +46,8 @@ def _default_dtype() -> str:
     return compute_dtype("auto")
 
 
-def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
-    """A run directory, adapter folder or model folder -> `Loaded` (unpacks as `model, tokenizer`).
-    `policy` (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do, whatever
-    the folder's recipe.toml says."""
-    import torch
-
-    from . import export
-    from .backends import LoadPolicy
-
-    policy = policy or LoadPolicy()
-    trust, pickle = policy.trust_remote_code, policy.allow_pickle
-
-    if isinstance(model_ref, Loaded):
-        return model_ref
+def _check_ref(model_ref) -> Path:
+    """The folder `model_ref` names, or a BackendError saying what to pass instead."""
     path = Path(model_ref)
     if not path.exists():
         raise BackendError(
@@ -81,42 +62,63 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
         )
     if path.is_file():
         raise BackendError(f"{path} is a file; pass a run directory or a model folder.")
+    return path
 
-    if (path / ADAPTER / "adapter_config.json").exists():
-        run = export.read_run(path, policy=policy)
-        four_bit = run.load_in_4bit
-        dt = dtype or run.train_dtype
-        base = export.load_base(
-            run.base_path, dt, load_in_4bit=four_bit, trust_remote_code=trust, allow_pickle=pickle
+
+def _load_run(path: Path, dtype: str | None, policy) -> Loaded:
+    """A run directory: the base as the run trained it (4-bit NF4 when the recipe says so) + its adapter."""
+    from .export import read_run
+
+    run = read_run(path, policy=policy)
+    tok = run.tokenizer()
+    model = run.load(dtype or run.train_dtype, load_in_4bit=run.load_in_4bit, tokenizer=tok)
+    return Loaded(model, tok, "run", path, run_dir=path, recipe=run.recipe)
+
+
+def _load_adapter(path: Path, dtype: str | None, policy) -> Loaded:
+    """An adapter folder: the base named in its adapter_config.json + the adapter."""
+    from .backends.common import load_tokenizer
+    from .backends.transformers import load_trained
+
+    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    base_path = cfg.get("base_model_name_or_path")
+    if not base_path:
+        raise BackendError(
+            f"{path}/adapter_config.json does not name its base model (base_model_name_or_path)."
         )
-        model = export.attach_adapter(base, run.adapter, allow_pickle=pickle)
-        tok = export.load_tokenizer(run.adapter, run.base_path, trust_remote_code=trust)
-        loaded = Loaded(model, tok, "run", path, run_dir=path, recipe=run.recipe)
-    elif (path / "adapter_config.json").exists():
-        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        base_path = cfg.get("base_model_name_or_path")
-        if not base_path:
-            raise BackendError(
-                f"{path}/adapter_config.json does not name its base model (base_model_name_or_path)."
-            )
-        base = export.load_base(base_path, dtype or _default_dtype(), trust_remote_code=trust, allow_pickle=pickle)
-        model = export.attach_adapter(base, path, allow_pickle=pickle)
-        tok = export.load_tokenizer(path, base_path, trust_remote_code=trust)
-        loaded = Loaded(model, tok, "adapter", path)
-    elif (path / "config.json").exists():
-        from transformers import AutoModelForCausalLM
+    tok = load_tokenizer(path, base_path, policy=policy)
+    model = load_trained(base_path, path, dtype or _default_dtype(), tokenizer=tok, policy=policy)
+    return Loaded(model, tok, "adapter", path)
 
-        policy.check_weights(path)
-        kwargs = {"dtype": export.torch_dtype(dtype or _default_dtype()), **policy.from_pretrained_kwargs()}
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError) as e:
-            raise BackendError(f"cannot load the model in {path}: {e}") from None
-        model.eval()
-        tok = export.load_tokenizer(path, trust_remote_code=trust)
-        loaded = Loaded(model, tok, "model", path)
+
+def _load_model(path: Path, dtype: str | None, policy) -> Loaded:
+    """A merged export or any local Hugging Face model folder, on the GPU when there is one."""
+    from .backends.common import load_tokenizer
+    from .backends.transformers import load_base
+
+    model = load_base(str(path), dtype or _default_dtype(), policy=policy, on_gpu=True, what="the model")
+    return Loaded(model, load_tokenizer(path, policy=policy), "model", path)
+
+
+def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
+    """A run directory, adapter folder or model folder -> `Loaded` (unpacks as `model, tokenizer`).
+    `policy` (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do, whatever
+    the folder's recipe.toml says."""
+    import torch
+
+    from .backends import LoadPolicy
+    from .chat_templates import end_of_turn_ids
+
+    if isinstance(model_ref, Loaded):
+        return model_ref
+    policy = policy or LoadPolicy()
+    path = _check_ref(model_ref)
+    if (path / ADAPTER / "adapter_config.json").exists():
+        loaded = _load_run(path, dtype, policy)
+    elif (path / "adapter_config.json").exists():
+        loaded = _load_adapter(path, dtype, policy)
+    elif (path / "config.json").exists():
+        loaded = _load_model(path, dtype, policy)
     else:
         raise BackendError(
             f"{path} is neither a run directory (no adapter/), an adapter folder (no adapter_config.json) "
@@ -125,7 +127,7 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
     quantized = getattr(getattr(loaded.model, "config", None), "quantization_config", None) is not None
     if torch.cuda.is_available() and loaded.kind != "model" and not quantized:
         loaded.model.to("cuda")
-    loaded.eot = export.end_of_turn_ids(loaded.tokenizer)
+    loaded.eot = end_of_turn_ids(loaded.tokenizer)
     if loaded.tokenizer.pad_token_id is None and loaded.eot:
         loaded.tokenizer.pad_token_id = loaded.eot[-1]
     return loaded
@@ -141,65 +143,12 @@ def _as_messages(prompt) -> list[dict]:
     return messages
 
 
-def generate_ids(
-    loaded: Loaded,
-    messages,
-    *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    tools=None,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-    streamer=None,
-    stopping_criteria=None,
-):
-    """(new token ids, stopped on an end-of-turn token) for the answer to `messages` (chat messages,
-    or the prompt's token ids, generation prompt included), with `tools` (function definitions).
+def generate_ids(loaded: Loaded, messages, **kwargs) -> tuple[list[int], bool]:
+    """`fastsft.generation.generate_ids` with the loaded model, its tokenizer and end-of-turn ids:
+    (new token ids, stopped on an end-of-turn token)."""
+    from .generation import generate_ids as generate
 
-    Sampling (temperature > 0) keeps the `top_p` nucleus and starts from `seed` when given; `stop`
-    strings end the generation too (the text still holds them: the caller cuts it); `streamer` (a
-    transformers streamer) receives the tokens as they come; `stopping_criteria` (a list of
-    transformers StoppingCriteria) can end it early, e.g. when a client goes away."""
-    import torch
-
-    from .export import chat_ids
-
-    if messages and isinstance(messages[0], int):
-        ids = torch.tensor([list(messages)])
-    else:
-        ids = chat_ids(loaded.tokenizer, messages, add_generation_prompt=True, tools=tools)
-    device = next(loaded.model.parameters()).device
-    kwargs = dict(
-        input_ids=ids.to(device),
-        attention_mask=torch.ones_like(ids).to(device),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=loaded.eot or None,
-        pad_token_id=loaded.tokenizer.pad_token_id,
-    )
-    if temperature and temperature > 0:
-        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if seed is not None:
-        torch.manual_seed(int(seed))
-    if stop:
-        kwargs.update(stop_strings=list(stop), tokenizer=loaded.tokenizer)
-    if streamer is not None:
-        kwargs["streamer"] = streamer
-    if stopping_criteria:
-        from transformers import StoppingCriteriaList
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
-    with torch.no_grad():
-        out = loaded.model.generate(**kwargs)
-    new = out[0, ids.shape[1] :].tolist()
-    stopped = False
-    for i, t in enumerate(new):
-        if t in loaded.eot:
-            new, stopped = new[:i], True
-            break
-    return new, stopped
+    return generate(loaded.model, loaded.tokenizer, messages, eot=loaded.eot, **kwargs)
 
 
 def read_tools(path) -> list[dict] | None:
@@ -354,6 +303,88 @@ def _recipe_near(path: Path):
     return None
 
 
+def _held_out(loaded: Loaded, data_file, console) -> tuple[list[dict], str, object | None]:
+    """(encoded conversations, where they came from, the recipe that shaped them) to evaluate on:
+    `data_file` masked as the run trained (or as `fastsft run` masks by default), else the run's split."""
+    recipe = loaded.recipe
+    if recipe is None and data_file is None:
+        recipe = _recipe_near(loaded.path)
+    if data_file is not None:  # masked as training masks it: the run's recipe, or every default
+        from . import data as data_mod
+
+        if not Path(data_file).exists():
+            raise DataError(f"{data_file}: no such data file.")
+        shaping = recipe if recipe is not None else data_mod.default_recipe(loaded.path, data_file)
+        convs = data_mod.encode_file(shaping, loaded.tokenizer, data_file)
+        how = "the run's training masked it" if recipe is not None else "`fastsft run` masks it"
+        return convs, f"{data_file}, masked as {how}", recipe
+    if recipe is not None:
+        convs, source = eval_conversations(
+            recipe, loaded.tokenizer, log=lambda m: console.print(m, highlight=False)
+        )
+        return convs, source, recipe
+    raise DataError(f"{loaded.path} is not a run directory, so it has no eval split: pass --data FILE.")
+
+
+def held_out_loss(model, convs: list[dict], max_length: int) -> tuple[float, int]:
+    """(mean cross-entropy over the tokens training trained, their count) of encoded conversations."""
+    import torch
+
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for conv in convs:
+            ids, labels = _loss_tokens(conv, max_length)
+            if (labels[:, 1:] != -100).sum() == 0:
+                continue
+            logits = model(input_ids=ids.to(device)).logits.float()
+            nll = torch.nn.functional.cross_entropy(
+                logits[0, :-1], labels[0, 1:].to(device), ignore_index=-100, reduction="sum"
+            )
+            total_nll += float(nll)
+            total_tokens += int((labels[0, 1:] != -100).sum())
+    return (total_nll / total_tokens if total_tokens else float("nan")), total_tokens
+
+
+def _compliance_samples(loaded: Loaded, convs: list[dict], n_gen: int, max_new_tokens: int) -> list[dict]:
+    """Greedy answers (fastsft.generation.answer) to the prompts of the first `n_gen` conversations."""
+    from .generation import answer
+
+    tokenizer = loaded.tokenizer
+    samples = []
+    prompts = [p for p in (_prompt_of(c) for c in convs) if p][: max(0, n_gen)]
+    for prompt in prompts:
+        got = answer(loaded.model, tokenizer, prompt, eot=loaded.eot, max_new_tokens=max_new_tokens)
+        samples.append(
+            {
+                "prompt": tokenizer.decode(prompt),
+                "answer": got.text,
+                "stopped": got.stopped,
+                "role_markers": got.role_markers,
+                "complies": got.complies,
+            }
+        )
+    return samples
+
+
+def _print_eval(console, result: dict) -> None:
+    from rich.table import Table
+
+    n = result["generated"]
+    table = Table(title=f"fastsft eval: {result['model']}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("held-out data", result["data"])
+    table.add_row("conversations / scored tokens", f"{result['conversations']} / {result['tokens']}")
+    table.add_row("loss (assistant tokens)", f"{result['loss']:.4f}")
+    table.add_row("perplexity", f"{result['perplexity']:.3f}")
+    if n:
+        table.add_row(f"template compliance ({n} greedy answers)", f"{result['compliance']:.0%}")
+        table.add_row("  ended with end-of-turn", f"{result['stopped_share']:.0%}")
+        table.add_row("  free of role markers", f"{result['role_marker_free_share']:.0%}")
+    console.print(table)
+
+
 def evaluate(
     model_ref,
     data_file=None,
@@ -370,74 +401,26 @@ def evaluate(
     Compliance is the share of answers to held-out prompts that end with the end-of-turn token within
     `max_new_tokens` and hold no role markers. The results are printed as a table and saved as JSON:
     `json_out`, else RUN_DIR/eval.json for a run directory."""
-    import torch
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     loaded = load_for_use(model_ref, policy=policy)
-    tokenizer = loaded.tokenizer
-    recipe = loaded.recipe
-    if recipe is None and data_file is None:
-        recipe = _recipe_near(loaded.path)
-    if data_file is not None:  # masked as training masks it: the run's recipe, or every default
-        from . import data as data_mod
-
-        if not Path(data_file).exists():
-            raise DataError(f"{data_file}: no such data file.")
-        shaping = recipe if recipe is not None else data_mod.default_recipe(loaded.path, data_file)
-        convs = data_mod.encode_file(shaping, tokenizer, data_file)
-        source = f"{data_file}, masked as " + ("the run's training masked it" if recipe is not None else "`fastsft run` masks it")
-    elif recipe is not None:
-        convs, source = eval_conversations(recipe, tokenizer, log=lambda m: console.print(m, highlight=False))
-    else:
-        raise DataError(f"{loaded.path} is not a run directory, so it has no eval split: pass --data FILE.")
+    convs, source, recipe = _held_out(loaded, data_file, console)
     if max_length is None:
         max_length = recipe.data.max_length if recipe is not None else 2048
-
-    model = loaded.model
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    with torch.no_grad():
-        for conv in convs:
-            ids, labels = _loss_tokens(conv, max_length)
-            if (labels[:, 1:] != -100).sum() == 0:
-                continue
-            logits = model(input_ids=ids.to(device)).logits.float()
-            nll = torch.nn.functional.cross_entropy(
-                logits[0, :-1], labels[0, 1:].to(device), ignore_index=-100, reduction="sum"
-            )
-            total_nll += float(nll)
-            total_tokens += int((labels[0, 1:] != -100).sum())
-    if total_tokens == 0:
+    loss, tokens = held_out_loss(loaded.model, convs, max_length)
+    if tokens == 0:
         raise DataError(f"{source}: no assistant tokens to score.")
-    loss = total_nll / total_tokens
-    ppl = math.exp(min(loss, 700.0))
-
-    samples = []
-    prompts = [p for p in (_prompt_of(c) for c in convs) if p][: max(0, n_gen)]
-    for prompt in prompts:
-        new, stopped = generate_ids(loaded, prompt, max_new_tokens=max_new_tokens)
-        raw = tokenizer.decode(new, skip_special_tokens=False)
-        markers = sorted({m.group(0).strip() for m in ROLE_MARKERS.finditer(raw)})
-        samples.append(
-            {
-                "prompt": tokenizer.decode(prompt),
-                "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
-                "stopped": stopped,
-                "role_markers": markers,
-                "complies": stopped and not markers,
-            }
-        )
+    samples = _compliance_samples(loaded, convs, n_gen, max_new_tokens)
     n = len(samples)
     result = {
         "model": str(loaded.path),
         "kind": loaded.kind,
         "data": source,
         "conversations": len(convs),
-        "tokens": total_tokens,
+        "tokens": tokens,
         "loss": loss,
-        "perplexity": ppl,
+        "perplexity": math.exp(min(loss, 700.0)),
         "generated": n,
         "max_new_tokens": max_new_tokens,
         "compliance": (sum(s["complies"] for s in samples) / n) if n else None,
@@ -445,20 +428,7 @@ def evaluate(
         "role_marker_free_share": (sum(not s["role_markers"] for s in samples) / n) if n else None,
         "samples": samples,
     }
-
-    table = Table(title=f"fastsft eval: {loaded.path}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("held-out data", source)
-    table.add_row("conversations / scored tokens", f"{len(convs)} / {total_tokens}")
-    table.add_row("loss (assistant tokens)", f"{loss:.4f}")
-    table.add_row("perplexity", f"{ppl:.3f}")
-    if n:
-        table.add_row(f"template compliance ({n} greedy answers)", f"{result['compliance']:.0%}")
-        table.add_row("  ended with end-of-turn", f"{result['stopped_share']:.0%}")
-        table.add_row("  free of role markers", f"{result['role_marker_free_share']:.0%}")
-    console.print(table)
-
+    _print_eval(console, result)
     target = (
         Path(json_out) if json_out else (loaded.run_dir / EVAL_JSON if loaded.run_dir is not None else None)
     )
@@ -476,4 +446,4 @@ def _write_json_atomic(path: Path, obj) -> None:
     files.write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-__all__ = ["Loaded", "load_for_use", "generate", "chat", "evaluate", "eval_conversations", "ROLE_MARKERS"]
+__all__ = ["Loaded", "load_for_use", "generate", "chat", "evaluate", "eval_conversations"]

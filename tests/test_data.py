@@ -646,7 +646,7 @@ def test_plain_prompt_completion_rows_follow_one_rule(tmp_path, tok):
     """With a chat template, a plain prompt/completion row is trained as the user -> assistant exchange
     that generate / chat / eval send (and preview says so); without one, as plain text, and generate
     sends a lone prompt as plain text too."""
-    from fastsft.export import chat_ids
+    from fastsft.chat_templates import chat_ids
 
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Colour of a lime?", "completion": "Green."}])
     said = []

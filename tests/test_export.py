@@ -83,7 +83,7 @@ def merged_4bit(runs):
 
 
 def _inputs(tokenizer):
-    from fastsft.export import chat_ids
+    from fastsft.chat_templates import chat_ids
 
     return [
         chat_ids(
@@ -190,14 +190,14 @@ def _merge_scaled(factor):
     """A wrong merge: the adapter merged with its scaling multiplied by `factor`."""
     from peft.tuners.lora import LoraLayer
 
-    from fastsft import export
+    from fastsft.backends import torch_dtype
 
     def merge(run, dtype):
-        model = export.attach_adapter(export.load_base(run.base_path, "fp32"), run.adapter)
+        model = run.load("fp32")
         for m in model.modules():
             if isinstance(m, LoraLayer):
                 m.scaling = {k: v * factor for k, v in m.scaling.items()}
-        return model.merge_and_unload().to(export.torch_dtype(dtype))
+        return model.merge_and_unload().to(torch_dtype(dtype))
 
     return merge
 
@@ -205,6 +205,7 @@ def _merge_scaled(factor):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_parity_passes_a_correct_merge_and_fails_a_wrong_one(runs, tmp_path, monkeypatch, dtype):
     from fastsft import export
+    from fastsft.backends.transformers import load_base
     from fastsft.errors import ExportError
 
     out = export.export_run(runs["fp"], fmt="merged", to=tmp_path / "ok", dtype=dtype)
@@ -212,7 +213,7 @@ def test_parity_passes_a_correct_merge_and_fails_a_wrong_one(runs, tmp_path, mon
     assert p["passed"] and p["reproduction_error"] < 0.1 and p["top1_agreement"] > 0.95, p
     assert p["floor"] < p["rel_logit_diff"] < p["tolerance"] or dtype == "fp32"
     for wrong, what in (
-        (lambda run, dt: export.load_base(run.base_path, dt), "adapter not applied"),
+        (lambda run, dt: load_base(run.base_path, dt), "adapter not applied"),
         (_merge_scaled(2.0), "scaling doubled"),
         (_merge_scaled(0.5), "scaling halved"),
     ):
@@ -224,6 +225,7 @@ def test_parity_passes_a_correct_merge_and_fails_a_wrong_one(runs, tmp_path, mon
 
 def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
     from fastsft import export
+    from fastsft.backends.transformers import load_base
     from fastsft.errors import ExportError
 
     def boom(*a, **k):
@@ -235,7 +237,7 @@ def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
 
-    monkeypatch.setattr(export, "merge", lambda run, dt: export.load_base(run.base_path, dt))  # a parity failure
+    monkeypatch.setattr(export, "merge", lambda run, dt: load_base(run.base_path, dt))  # a parity failure
     with pytest.raises(ExportError, match="tolerance"):
         export.export_run(runs["fp"], fmt="merged", to=tmp_path / "b", dtype="bf16")
     assert list(tmp_path.iterdir()) == []
@@ -328,7 +330,7 @@ def test_bad_arguments(runs, tmp_path):
     from fastsft.errors import ExportError
     from fastsft.export import export_run
 
-    with pytest.raises(ExportError, match="merged, adapter, gguf"):
+    with pytest.raises(ExportError, match="adapter, merged, gguf"):
         export_run(runs["fp"], fmt="onnx")
     with pytest.raises(ExportError, match="bf16, fp16, fp32"):
         export_run(runs["fp"], fmt="merged", dtype="int4")
@@ -486,7 +488,8 @@ def test_gguf_unsupported_arch(runs, tmp_path, monkeypatch):
 def test_gguf_greedy_matches_llama_cpp(runs, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from fastsft import use
-    from fastsft.export import chat_ids, export_run
+    from fastsft.chat_templates import chat_ids
+    from fastsft.export import export_run
 
     out = export_run(runs["fp"], fmt="gguf", to=tmp_path / "g", dtype="fp32")
     loaded = use.load_for_use(runs["fp"])
@@ -511,7 +514,7 @@ def test_gguf_greedy_matches_llama_cpp(runs, tmp_path):
 
 def test_generate_from_run_and_from_merged_export(runs, merged_4bit):
     from fastsft import use
-    from fastsft.export import end_of_turn_ids
+    from fastsft.chat_templates import end_of_turn_ids
 
     a = use.generate(runs["4bit"], PROMPT, max_new_tokens=6)
     b = use.generate(merged_4bit, PROMPT, max_new_tokens=6)
@@ -528,7 +531,7 @@ def test_generate_and_eval_on_a_run_apply_its_adapter(runs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastsft import use
-    from fastsft.export import chat_ids
+    from fastsft.chat_templates import chat_ids
 
     run, model_dir = runs["fp"], runs["model_dir"]
     tok = AutoTokenizer.from_pretrained(run / "adapter")
@@ -664,7 +667,7 @@ def test_eval_scores_the_tokens_training_trains(runs, merged_4bit, tmp_path):
 
 
 def test_role_markers():
-    from fastsft.use import ROLE_MARKERS
+    from fastsft.chat_templates import ROLE_MARKERS
 
     assert ROLE_MARKERS.search("fine\nuser: and then")
     assert ROLE_MARKERS.search("x <|im_start|>assistant")
@@ -750,7 +753,7 @@ def test_cli_commands(cli, runs, merged_4bit, tmp_path):
 
 def test_generation_prompt_carries_the_tools(runs):
     from fastsft import use
-    from fastsft.export import chat_ids
+    from fastsft.chat_templates import chat_ids
 
     loaded = use.load_for_use(runs["fp"])
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

@@ -265,3 +265,17 @@ def test_a_tokenizer_without_any_pad_gets_one_and_the_embeddings_grow(tmp_path, 
     # the new id lies past the base model's embeddings: only a resized matrix can look it up
     assert tok.pad_token == "<|pad|>" and tok.pad_token_id == vocab == len(tok) - 1
     assert len(losses(result.run_dir)) == 2 and all(x == x for x in losses(result.run_dir))
+
+    # every later load of the run grows the base's embeddings the same way (backends.transformers.load_trained):
+    # generate / eval / serve look the pad id up in padded input, and the merged export holds its row
+    from fastsft import use
+    from fastsft.export import export_run
+
+    loaded = use.load_for_use(result.run_dir)
+    assert loaded.model.get_input_embeddings().num_embeddings == len(tok)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=torch.tensor([[tok.pad_token_id, 5]]), attention_mask=torch.tensor([[0, 1]])).logits
+    assert logits.shape[-1] == len(tok) and torch.isfinite(logits).all()
+    merged = export_run(result.run_dir, fmt="merged", dtype="fp32")
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == len(tok)
+    assert json.loads((merged / "export.json").read_text())["parity"]["passed"]

@@ -25,27 +25,19 @@ def lora_config(recipe):
 
 
 def load(recipe, path: str, dtype: str, *, policy=None):
+    """The recipe's model from `path` with a fresh LoRA adapter, its tokenizer, and what was done."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
-    from . import LoadPolicy, check_target_modules, load_tokenizer, torch_dtype
+    from .common import check_target_modules, load_tokenizer
 
-    policy = policy or LoadPolicy()
-
-    tdtype = torch_dtype(dtype)
-    kwargs = dict(dtype=tdtype, **policy.from_pretrained_kwargs())
     attn = recipe.model.attn_implementation
-    kwargs["attn_implementation"] = "sdpa" if attn == "auto" else attn
-    if recipe.model.load_in_4bit:
-        kwargs["quantization_config"] = nf4_config(tdtype)
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise BackendError(f"cannot load the model {path!r}: {e}") from None
-    tokenizer = load_tokenizer(recipe, path, policy=policy)
+    attn = "sdpa" if attn == "auto" else attn
+    model = load_base(
+        path, dtype, load_in_4bit=recipe.model.load_in_4bit, policy=policy, attn_implementation=attn,
+        on_gpu=True, what="the model",
+    )  # fmt: skip
+    tokenizer = load_tokenizer(path, policy=policy)
     if recipe.model.load_in_4bit:
         # Casts norms to float32 and readies the inputs for checkpointing; checkpointing itself is
         # enabled by the Trainer, so not here.
@@ -57,9 +49,95 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     model = get_peft_model(model, lora_config(recipe))
     info = {
         "quantization": "nf4+double-quant" if recipe.model.load_in_4bit else None,
-        "attn_implementation": kwargs["attn_implementation"],
+        "attn_implementation": attn,
     }
     return model, tokenizer, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a model: for training (above) and for using or exporting a trained one
+# ----------------------------------------------------------------------------------------------
+
+
+def load_base(
+    path: str,
+    dtype: str,
+    *,
+    load_in_4bit: bool = False,
+    policy=None,
+    attn_implementation: str | None = None,
+    on_gpu: bool | None = None,
+    what: str = "the base model",
+):
+    """The causal LM in `path` in `dtype`, or in 4-bit NF4 (as `fastsft run` trains it) computing in
+    `dtype`, in eval mode. Remote code and pickle weights only when `policy` (common.LoadPolicy)
+    grants them. `on_gpu`: placed on the current CUDA device when there is one (default: only a 4-bit
+    model, which cannot move after loading; a 16-bit one is moved, or merged on the CPU, by the caller)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .common import LoadPolicy, torch_dtype
+
+    policy = policy or LoadPolicy()
+    policy.check_weights(path, what)
+    tdtype = torch_dtype(dtype)
+    kwargs = dict(dtype=tdtype, **policy.from_pretrained_kwargs())
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        kwargs["quantization_config"] = nf4_config(tdtype)
+    if (load_in_4bit if on_gpu is None else on_gpu) and torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise BackendError(f"cannot load {what} {path!r}: {e}") from None
+    model.eval()
+    return model
+
+
+def fit_embeddings(model, tokenizer) -> bool:
+    """Grow the model's token embeddings (and tied head) to the tokenizer's length, as training did when
+    it added a pad token (data's `<|pad|>`): the run's adapter and tokenizer hold ids the base model's
+    matrix has no row for. Returns whether it resized."""
+    if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
+        return False
+    model.resize_token_embeddings(len(tokenizer))
+    return True
+
+
+def attach_adapter(base, adapter_dir, *, policy=None):
+    """The trained LoRA adapter in `adapter_dir` on `base` (not trainable, eval mode)."""
+    from peft import PeftModel
+
+    from .common import LoadPolicy
+
+    (policy or LoadPolicy()).check_weights(adapter_dir, "the adapter")
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model
+
+
+def load_trained(
+    base_path: str,
+    adapter_dir,
+    dtype: str,
+    *,
+    tokenizer,
+    load_in_4bit: bool = False,
+    upcast: bool = False,
+    policy=None,
+):
+    """Base model + trained adapter, as the run trained it: the base in `dtype` (or 4-bit NF4), its
+    embeddings grown to `tokenizer` (the run's, which may hold a pad token training added), the adapter
+    attached. `upcast`: the base's weights rounded to `dtype`, then computed in fp32 (what a merged
+    export in `dtype` computes when reloaded in fp32). The one way fastsft loads a trained adapter
+    (generate, chat, eval, serve, export)."""
+    base = load_base(base_path, dtype, load_in_4bit=load_in_4bit, policy=policy)
+    if upcast:
+        base = base.float()
+    fit_embeddings(base, tokenizer)
+    return attach_adapter(base, adapter_dir, policy=policy)
 
 
 def _keep_cpu_4bit_trainable(model) -> None:

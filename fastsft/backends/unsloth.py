@@ -33,7 +33,7 @@ def import_unsloth_first() -> None:
 def load(recipe, path: str, dtype: str, *, policy=None):
     from unsloth import FastLanguageModel
 
-    from . import LoadPolicy, check_target_modules, torch_dtype
+    from .common import LoadPolicy, check_target_modules, torch_dtype
 
     policy = policy or LoadPolicy()
 

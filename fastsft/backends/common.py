@@ -1,0 +1,138 @@
+"""What every backend and every loader of a trained model share: the load policy, dtypes, the
+tokenizer loader and the check of `target_modules`. A leaf: it imports nothing of fastsft but errors,
+so the backends (transformers.py, unsloth.py) and the package __init__ import it, never each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BackendError
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - a broken torch install
+        return False
+
+
+def compute_dtype(requested: str) -> str:
+    """`[model] dtype` -> "bf16" | "fp16" | "fp32" for this machine."""
+    if requested != "auto":
+        if requested in ("bf16", "fp16") and not cuda_available():
+            return requested  # allowed (slow on CPU), the user asked
+        return requested
+    if not cuda_available():
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """What loading a model may do. Granted on the command line only (`--trust-remote-code`,
+    `--allow-pickle`), never by a recipe or a folder someone sent: a run directory's recipe.toml says
+    what its model needs, and every command that loads a model (run, generate, chat, eval, export,
+    serve) goes through this one policy.
+
+    - trust_remote_code: let transformers import and run Python code shipped with the model.
+    - allow_pickle: read pickle weights (.bin/.pt), which can run code when loaded; otherwise only
+      safetensors are read.
+    """
+
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def check_recipe(self, recipe, where: str | None = None) -> None:
+        """BackendError when the recipe's model needs a permission this policy does not grant."""
+        where = where or (str(recipe.path) if getattr(recipe, "path", None) else "the recipe")
+        if recipe.model.trust_remote_code and not self.trust_remote_code:
+            raise BackendError(
+                f"{where}: [model] trust_remote_code = true: loading {recipe.model.name!r} would run Python code "
+                "from the model's repository. Nothing was loaded. If you trust that code, pass "
+                "--trust-remote-code on the command line."
+            )
+
+    def check_weights(self, path, what: str = "the model") -> None:
+        """BackendError when folder `path` holds only pickle weights and pickle is not allowed."""
+        p = Path(path)
+        if self.allow_pickle or not p.is_dir():
+            return
+        pickles = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+                         and x.name not in ("training_args.bin",))  # fmt: skip
+        if pickles and not any(p.glob("*.safetensors")):
+            raise BackendError(
+                f"{what} in {p} has only pickle weights ({', '.join(pickles[:3])}), which can run code when "
+                "loaded; nothing was loaded. Convert them to safetensors, or pass --allow-pickle if you trust "
+                "the files."
+            )
+
+    def from_pretrained_kwargs(self) -> dict:
+        """trust_remote_code and use_safetensors for `from_pretrained`."""
+        return {"trust_remote_code": self.trust_remote_code, "use_safetensors": None if self.allow_pickle else True}
+
+
+def load_tokenizer(*folders, policy: LoadPolicy | None = None):
+    """The first of `folders` whose tokenizer loads (a run's adapter folder carries the chat template and
+    any token training added, so it comes before the base model's folder). None entries are skipped, and
+    so is a folder without tokenizer files while another is left to try."""
+    from transformers import AutoTokenizer
+
+    policy = policy or LoadPolicy()
+    tried = [str(f) for f in folders if f is not None]
+    last = None
+    for n, folder in enumerate(tried):
+        p = Path(folder)
+        if n < len(tried) - 1 and p.is_dir() and not any(p.glob("tokenizer*")):
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=policy.trust_remote_code)
+        except (OSError, ValueError) as e:
+            last = e
+    if len(tried) == 1:
+        raise BackendError(f"cannot load the tokenizer of {tried[0]!r}: {last}")
+    raise BackendError(f"cannot load a tokenizer from {', '.join(tried)}: {last}")
+
+
+def check_target_modules(model, targets, *, where: str = "[lora] target_modules") -> None:
+    """Every name in a `target_modules` list must name a module of `model` (PEFT silently skips a
+    misspelt one when another matches, and trains an adapter without it)."""
+    import difflib
+
+    if isinstance(targets, str):
+        return  # "all-linear" (or a regex, which PEFT matches itself)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+    missing = [t for t in targets if t not in names and not any(n.endswith(f".{t}") or n == t for n, _ in model.named_modules())]
+    if not missing:
+        return
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")} - {"lm_head"})
+    hints = []
+    for t in missing:
+        close = difflib.get_close_matches(t, linear, n=1, cutoff=0.6)
+        hints.append(f"{t!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise BackendError(
+        f"{where}: {', '.join(hints)} match{'es' if len(missing) == 1 else ''} no module of the model, so "
+        f"{'it' if len(missing) == 1 else 'they'} would get no adapter. The model's linear layers are: "
+        f"{', '.join(linear)} (or use \"all-linear\")."
+    )
+
+
+__all__ = [
+    "LoadPolicy",
+    "check_target_modules",
+    "compute_dtype",
+    "cuda_available",
+    "load_tokenizer",
+    "torch_dtype",
+]

@@ -1,0 +1,193 @@
+"""The package's import graph has no cycle: modules depend one way (cli -> recipe -> backends, data,
+loss -> train -> rundir/report; export and use read a run directory; kernels import nothing of fastsft).
+
+The graph is read from the source with `ast`, so imports inside functions count too: a cycle hidden in
+a function body still ties two modules into one. An edge `a -> b` is every `import` / `from ... import`
+in a.py that names fastsft module b (or a name defined in package b's __init__). A package's
+__init__ importing its own children is the one direction allowed; a child importing its package
+__init__ back is a cycle like any other.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Cycles other branches of issue #16 remove (edges named exactly). Empty this list once they have
+# landed: the test then fails on any edge of it that is still there, and on every other cycle.
+KNOWN_EDGES: set[tuple[str, str]] = {
+    ("fastsft.guard", "fastsft.train"),  # peak_memory_gib: moves to the environment-facts module
+}
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    return {module_name(p, root): p for p in sorted((root / "fastsft").rglob("*.py"))}
+
+
+def _resolve(current: str, is_package: bool, level: int, target: str | None) -> str:
+    """The absolute module name of a relative import `from .{level}target import ...` in `current`."""
+    if level == 0:
+        return target or ""
+    base = current.split(".") if is_package else current.split(".")[:-1]
+    base = base[: len(base) - (level - 1)] if level > 1 else base
+    return ".".join(base + ([target] if target else []))
+
+
+def import_edges(known: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the fastsft modules it imports anywhere in its source (function bodies included)."""
+    graph: dict[str, set[str]] = {name: set() for name in known}
+    for name, path in known.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            found: list[str] = []
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mod = _resolve(name, is_package, node.level, node.module)
+                # `from pkg import sub` imports module pkg.sub when there is one, else a name of pkg
+                subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in known]
+                found = subs if len(subs) == len(node.names) else [mod, *subs]
+            for target in found:
+                while target and target not in known:  # `import fastsft.x.y` -> the deepest module known
+                    target = target.rpartition(".")[0]
+                if target and target != name and target.startswith("fastsft"):
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _describe(graph: dict[str, set[str]], comp: list[str]) -> str:
+    members = set(comp)
+    edges = [f"{a} -> {b}" for a in comp for b in sorted(graph[a]) if b in members]
+    return "{" + ", ".join(comp) + "}: " + "; ".join(edges)
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_edges(modules())
+    for a, b in KNOWN_EDGES:
+        graph.get(a, set()).discard(b)
+    found = cycles(graph)
+    assert not found, "import cycles (move the shared part into a leaf module):\n" + "\n".join(
+        _describe(graph, c) for c in found
+    )
+
+
+def test_known_exceptions_are_still_needed():
+    """Each edge of KNOWN_EDGES still exists and still closes a cycle; once its owner removed it, this
+    fails until it is deleted from the list."""
+    graph = import_edges(modules())
+    stale = []
+    for a, b in sorted(KNOWN_EDGES):
+        if b not in graph.get(a, set()):
+            stale.append(f"{a} -> {b} (no longer imported)")
+        elif not any(a in c and b in c for c in cycles(graph)):
+            stale.append(f"{a} -> {b} (no longer part of a cycle)")
+    assert not stale, "remove from KNOWN_EDGES: " + ", ".join(stale)
+
+
+def test_the_checker_sees_cycles_in_function_bodies(tmp_path):
+    """A cycle made only by an import inside a function, and one through a package __init__, are found;
+    a package importing its children and a child importing a sibling's parent module are not cycles."""
+    pkg = tmp_path / "fastsft"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from . import a\n")
+    (pkg / "sub" / "__init__.py").write_text("from . import child, leaf\nLEAF = 1\n")
+    (pkg / "sub" / "child.py").write_text("def g():\n    from . import LEAF\n")
+    (pkg / "sub" / "leaf.py").write_text("import fastsft.errors\nfrom .. import c\n")
+    (pkg / "c.py").write_text("")
+    (pkg / "errors.py").write_text("")
+    graph = import_edges(modules(tmp_path))
+    assert graph["fastsft.sub.leaf"] == {"fastsft.c", "fastsft.errors"}
+    assert sorted(map(tuple, cycles(graph))) == [("fastsft.a", "fastsft.b"), ("fastsft.sub", "fastsft.sub.child")]
+
+
+# The modules everything else shares, and the only fastsft modules each may import.
+LEAVES = {
+    "fastsft.errors": set(),
+    "fastsft.files": {"fastsft.errors"},
+    "fastsft.chat_templates": {"fastsft.errors"},
+    "fastsft.backends.common": {"fastsft.errors"},
+    "fastsft.generation": {"fastsft.chat_templates"},
+    "fastsft.cli_common": {"fastsft.errors", "fastsft.backends.common"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(LEAVES))
+def test_leaf_modules_stay_leaves(module):
+    graph = import_edges(modules())
+    assert graph[module] <= LEAVES[module], f"{module} imports {sorted(graph[module] - LEAVES[module])}"
+
+
+def _calls(path: Path, attribute: str, receivers: set[str] | None = None) -> list[int]:
+    """Lines of `path` that call `X.attribute(...)` (X any name in `receivers`, or anything)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attribute:
+            recv = node.func.value
+            if receivers is None or (isinstance(recv, ast.Name) and recv.id in receivers):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_one_generator_and_one_model_loader():
+    """Generation (`model.generate`) lives in fastsft/generation.py only, and loading a causal LM or an
+    adapter (`AutoModelForCausalLM.from_pretrained`, `PeftModel.from_pretrained`) in fastsft/backends/
+    only: a second copy elsewhere would drift from the end-of-turn stop, the load policy or the
+    pad-token resize."""
+    strays = []
+    for name, path in modules().items():
+        rel = path.relative_to(ROOT)
+        if name != "fastsft.generation":
+            strays += [f"{rel}:{n}: .generate(" for n in _calls(path, "generate")]
+        if not name.startswith("fastsft.backends"):
+            loaders = {"AutoModelForCausalLM", "PeftModel"}
+            strays += [f"{rel}:{n}: from_pretrained" for n in _calls(path, "from_pretrained", loaders)]
+    assert not strays, "use fastsft.generation / fastsft.backends instead:\n" + "\n".join(strays)
