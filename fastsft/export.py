@@ -577,27 +577,35 @@ def export_adapter(run: RunInfo, out: Path, *, console=None) -> dict:
         tok.save_pretrained(str(out))
     if (run.path / RECIPE).exists():
         shutil.copy2(run.path / RECIPE, out / RECIPE)
-    (out / "README.md").write_text(model_card(run), encoding="utf-8")
+    model_card(run).save(out / "README.md")
     return {"files": sorted(p.name for p in out.iterdir())}
 
 
-def model_card(run: RunInfo) -> str:
-    rj = run.run_json
-    result = rj.get("result") or {}
-    data = rj.get("data") or {}
-    cfg = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
+_CARD_METRICS = ("global_step", "train_loss", "tokens", "train_seconds", "tokens_per_s", "peak_mem_gib", "device", "backend")
+
+
+def model_card(run: RunInfo):
+    """The adapter export's README.md: a `huggingface_hub.ModelCard` whose metadata (library, base
+    model, tags) the hub reads, and a body saying what was trained, on what, how well, and how to load
+    it. A base fastsft makes locally (built-in, GGUF) is not named as `base_model` (no hub id)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     base = run.recipe.model.name if run.recipe is not None else run.base_path
     made_here = base.startswith(("builtin:", "package:")) or base.lower().endswith(".gguf")
+    meta = ModelCardData(library_name="peft", base_model=None if made_here else base, tags=["fastsft", "lora", "sft"])
+    body = [*_card_summary(run, base), *_card_data(run), *_card_metrics(run), *_card_use(run, base, made_here)]
+    if (run.path / RECIPE).exists():
+        recipe_text = (run.path / RECIPE).read_text(encoding="utf-8").strip()
+        body += ["## Recipe", "", "```toml", recipe_text, "```", ""]
+    return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def _card_summary(run: RunInfo, base: str) -> list[str]:
+    cfg = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
     targets = cfg.get("target_modules")
     if isinstance(targets, (list, set, tuple)):  # PEFT records full module paths for "all-linear"
         targets = sorted({str(t).rsplit(".", 1)[-1] for t in targets})
-    lines = [
-        "---",
-        "library_name: peft",
-        *([] if made_here else [f"base_model: {base}"]),
-        "tags: [fastsft, lora, sft]",
-        "---",
-        "",
+    return [
         f"# LoRA adapter for {base}",
         "",
         f"Fine-tuned with fastsft (supervised fine-tuning, LoRA r={cfg.get('r')}, "
@@ -610,9 +618,13 @@ def model_card(run: RunInfo) -> str:
         f"- loaded from: `{run.base_path}`",
         f"- trained in 4-bit (QLoRA): {run.load_in_4bit}",
         "",
-        "## Data",
-        "",
     ]
+
+
+def _card_data(run: RunInfo) -> list[str]:
+    data = run.run_json.get("data") or {}
+    result = run.run_json.get("result") or {}
+    lines = ["## Data", ""]
     if run.recipe is not None:
         lines.append(f"- train: `{run.recipe.data.train}`")
         if run.recipe.data.eval:
@@ -622,41 +634,31 @@ def model_card(run: RunInfo) -> str:
     summary = data.get("summary") or (result.get("data") or {}).get("summary")
     if summary:
         lines.append(f"- {summary}")
-    lines += ["", "## Metrics", ""]
-    metrics = {
-        k: result.get(k)
-        for k in (
-            "global_step",
-            "train_loss",
-            "tokens",
-            "train_seconds",
-            "tokens_per_s",
-            "peak_mem_gib",
-            "device",
-            "backend",
-        )
-        if result.get(k) is not None
-    }
-    if metrics:
-        lines += ["| metric | value |", "|---|---|"]
-        for k, v in metrics.items():
-            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    else:
-        lines.append("No metrics recorded (run.json has no result).")
-    lines += [
-        "",
-        "## Use",
-        "",
-        *(
-            [
-                f"The base, `{base}`, is a model fastsft makes locally (a built-in tiny model, or a GGUF file "
-                f"converted to safetensors) into its cache; on the training machine that is the folder "
-                f"`{run.base_path}`, which `fastsft run` with the recipe below makes again. Load it as:",
-                "",
-            ]
-            if made_here
-            else []
-        ),
+    return [*lines, ""]
+
+
+def _card_metrics(run: RunInfo) -> list[str]:
+    result = run.run_json.get("result") or {}
+    metrics = {k: result.get(k) for k in _CARD_METRICS if result.get(k) is not None}
+    if not metrics:
+        return ["## Metrics", "", "No metrics recorded (run.json has no result).", ""]
+    lines = ["## Metrics", "", "| metric | value |", "|---|---|"]
+    for k, v in metrics.items():
+        lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return [*lines, ""]
+
+
+def _card_use(run: RunInfo, base: str, made_here: bool) -> list[str]:
+    lines = ["## Use", ""]
+    if made_here:
+        lines += [
+            f"The base, `{base}`, is a model fastsft makes locally (a built-in tiny model, or a GGUF file "
+            f"converted to safetensors) into its cache; on the training machine that is the folder "
+            f"`{run.base_path}`, which `fastsft run` with the recipe below makes again. Load it as:",
+            "",
+        ]
+    return [
+        *lines,
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -667,16 +669,6 @@ def model_card(run: RunInfo) -> str:
         "```",
         "",
     ]
-    if (run.path / RECIPE).exists():
-        lines += [
-            "## Recipe",
-            "",
-            "```toml",
-            (run.path / RECIPE).read_text(encoding="utf-8").strip(),
-            "```",
-            "",
-        ]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

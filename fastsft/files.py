@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -102,6 +103,27 @@ def temp_dir(parent: str | Path, prefix: str) -> Path:
     except OSError as e:
         raise WriteFailed(describe_os_error(e, parent)) from None
     return tmp
+
+
+@contextlib.contextmanager
+def new_dir(target: str | Path, *, complete: str | None = None):
+    """Make folder `target` all at once: the block fills the temporary folder this yields (beside
+    `target`), which is renamed to `target` when the block ends without an error and removed otherwise,
+    so a reader never sees half a folder. When another process made `target` first (holding the file
+    `complete`, when given), theirs is kept. Used for caches (built-in models, converted GGUFs)."""
+    target = Path(target)
+    make_dir(target.parent)
+    tmp = temp_dir(target.parent, f".{target.name}.tmp-")
+    try:
+        yield tmp
+        apply_umask(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            if not target.is_dir() or (complete is not None and not (target / complete).exists()):
+                raise WriteFailed(describe_os_error(e, target)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -228,6 +250,7 @@ __all__ = [
     "append_line",
     "make_dir",
     "temp_dir",
+    "new_dir",
     "refuse_symlink",
     "remove_stale",
     "pid_alive",

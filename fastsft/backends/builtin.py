@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 from .. import machine
@@ -125,9 +124,9 @@ def demo_rows(n: int = 400, seed: int = 0) -> list[dict]:
 
 
 def write_demo_jsonl(path: str | Path, n: int = 400, seed: int = 0) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in demo_rows(n, seed):
-            f.write(json.dumps(row) + "\n")
+    from ..files import write_text
+
+    write_text(path, "".join(json.dumps(row) + "\n" for row in demo_rows(n, seed)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,11 +193,9 @@ def materialize(name: str) -> Path:
     folder = machine.cache_root() / "builtin" / f"{short}-v{BUILTIN_VERSION}"
     if (folder / "config.json").exists():
         return folder
-    from ..files import make_dir, temp_dir
+    from ..files import new_dir
 
-    make_dir(folder.parent)
-    tmp = temp_dir(folder.parent, f".{short}-")
-    try:
+    with new_dir(folder, complete="config.json") as tmp:
         tokenizer = _train_tokenizer()
         cls_name, extra = TINY_CONFIGS[short]
         config_cls = getattr(transformers, cls_name)
@@ -219,12 +216,4 @@ def materialize(name: str) -> Path:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            # Another process made it first: theirs is as good as ours.
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -15,9 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import BackendError
@@ -132,11 +129,11 @@ def materialize(gguf_path: Path, *, log=print) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from ..files import new_dir
+
     log(f"model: converting {gguf_path} (dequantizing to float32, once) into {folder}")
     meta = _metadata(gguf_path)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with new_dir(folder, complete=NOTES) as tmp:
         hf_logging.disable_progress_bar()
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
@@ -177,14 +174,7 @@ def materialize(gguf_path: Path, *, log=print) -> Path:
             "eos_token": tok.eos_token,
             "pad_token": tok.pad_token,
         }
-        (tmp / NOTES).write_text(json.dumps(notes, indent=2) + "\n", encoding="utf-8")
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not notes_file.exists():  # another process made it first: theirs is as good as ours
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / NOTES).write_text(json.dumps(notes, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
     log(f"model: {summary}; tokenizer: " + ("; ".join(fixes) if fixes else "special tokens as the GGUF says"))
     return folder
 
