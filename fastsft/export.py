@@ -242,6 +242,31 @@ def export_run(
         raise ExportError(f"unknown export dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
     run = read_run(run_dir, policy=policy)
     target = Path(to) if to is not None else run.path / f"export-{fmt}"
+    _prepare_destination(run, target, fmt, dtype, overwrite=overwrite)
+    tmp = files.temp_dir(target.parent, f".{target.name}.tmp-")
+    try:
+        what = fmt if fmt == "adapter" else f"{fmt} ({dtype})"
+        _print(console, f"export {what} of {run.path} -> {target}")
+        _write_export(run, fmt, dtype, tmp, console=console)
+        _swap_in(tmp, target)
+    except Exception as e:  # ENOSPC, EIO... while writing: nothing is left half-written
+        if not files.is_write_error(e) or isinstance(e, ExportError):
+            raise
+        where = getattr(e, "filename", None) or tmp
+        cause = files.describe_os_error(e, where) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
+        raise ExportError(
+            f"the {fmt} export to {target} failed: {cause}; nothing was written"
+            f"{' and the previous export is kept' if target.exists() else ''}. Free some space or choose another --to."
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _print(console, f"exported {fmt}: {target}", style="green")
+    return target
+
+
+def _prepare_destination(run: RunInfo, target: Path, fmt: str, dtype: str, *, overwrite: bool) -> None:
+    """Refuse a destination that would lose data, make its parent, clear what killed exports left there,
+    and check the free space before anything is loaded (a full disk would fail at the very end)."""
     check_destination(target, run.path, overwrite=overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -251,59 +276,50 @@ def export_run(
     files.remove_stale(target.parent, f".{target.name}.old-")
     if fmt != "adapter":
         need = export_bytes(run, dtype)
-        if need is not None:  # before loading anything: a full disk would fail at the very end
+        if need is not None:
             guard.check_disk(target.parent, need, f"the {fmt} export ({dtype})", flag="--to", error=ExportError)
-    tmp = files.temp_dir(target.parent, f".{target.name}.tmp-")
+
+
+def _write_export(run: RunInfo, fmt: str, dtype: str, out: Path, *, console=None) -> dict:
+    """Write the export into folder `out` with its export.json (what was done, the checks' numbers)."""
+    t0 = time.perf_counter()
+    if fmt == "merged":
+        record = export_merged(run, out, dtype=dtype, console=console)
+    elif fmt == "adapter":
+        record = export_adapter(run, out, console=console)
+    else:
+        record = export_gguf(run, out, dtype=dtype, console=console)
+    record = {
+        "format": fmt,
+        "dtype": dtype if fmt != "adapter" else None,
+        "run_dir": str(run.path.resolve()),
+        "base_model": run.recipe.model.name if run.recipe is not None else run.base_path,
+        "base_path": run.base_path,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.perf_counter() - t0, 2),
+        **record,
+    }
+    files.write_text(out / EXPORT_JSON, json.dumps(record, indent=2, default=str) + "\n")
+    files.apply_umask(out)
+    return record
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename the finished folder `tmp` to `target`; an earlier export there is moved aside first and
+    put back when anything fails, deleted when all went well."""
     old = None
     try:
-        what = fmt if fmt == "adapter" else f"{fmt} ({dtype})"
-        _print(console, f"export {what} of {run.path} -> {target}")
-        t0 = time.perf_counter()
-        if fmt == "merged":
-            record = export_merged(run, tmp, dtype=dtype, console=console)
-        elif fmt == "adapter":
-            record = export_adapter(run, tmp, console=console)
-        else:
-            record = export_gguf(run, tmp, dtype=dtype, console=console)
-        record = {
-            "format": fmt,
-            "dtype": dtype if fmt != "adapter" else None,
-            "run_dir": str(run.path.resolve()),
-            "base_model": run.recipe.model.name if run.recipe is not None else run.base_path,
-            "base_path": run.base_path,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.perf_counter() - t0, 2),
-            **record,
-        }
-        files.write_text(tmp / EXPORT_JSON, json.dumps(record, indent=2, default=str) + "\n")
-        files.apply_umask(tmp)
         if target.exists():
             old = files.temp_dir(target.parent, f".{target.name}.old-")
             os.replace(target, old / "export")
         os.replace(tmp, target)
-    except Exception as e:  # ENOSPC, EIO... while writing: nothing is left half-written
-        if not files.is_write_error(e) or isinstance(e, ExportError):
-            if old is not None and (old / "export").exists() and not target.exists():
-                os.replace(old / "export", target)
-            raise
-        if old is not None and (old / "export").exists() and not target.exists():
-            os.replace(old / "export", target)  # put the previous export back
-        where = getattr(e, "filename", None) or tmp
-        cause = files.describe_os_error(e, where) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
-        raise ExportError(
-            f"the {fmt} export to {target} failed: {cause}; nothing was written"
-            f"{' and the previous export is kept' if target.exists() else ''}. Free some space or choose another --to."
-        ) from None
     except BaseException:
         if old is not None and (old / "export").exists() and not target.exists():
             os.replace(old / "export", target)  # put the previous export back
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    _print(console, f"exported {fmt}: {target}", style="green")
-    return target
 
 
 def check_destination(target: Path, run_path: Path, *, overwrite: bool) -> None:
@@ -433,34 +449,7 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
         )
     record = {"parity": check, "end_of_turn_ids": eot, "end_of_turn_tokens": tokenizer.convert_ids_to_tokens(eot)}
 
-    # Drift against the model as trained (4-bit base + adapter), recorded only.
-    if run.load_in_4bit:
-        try:
-            trained = run.load(run.train_dtype, load_in_4bit=True, tokenizer=tokenizer)
-            drift = rel_diff(got, logits_of(trained, inputs))
-            del trained
-            _collect()
-            record["drift_vs_trained"] = {
-                "reference": f"4-bit NF4 base ({run.train_dtype}) + adapter",
-                "rel_logit_diff": drift,
-            }
-            _print(
-                console,
-                f"drift: merged vs the model as trained (4-bit base + adapter): "
-                f"relative logit diff {drift:.2e}",
-            )
-        except Exception as e:  # bitsandbytes missing or unusable here: say so, do not fail the export
-            record["drift_vs_trained"] = {"error": f"{type(e).__name__}: {e}"}
-            _print(
-                console,
-                f"warning: could not measure the drift against the 4-bit model as trained: {e}",
-                style="yellow",
-            )
-    else:
-        record["drift_vs_trained"] = {
-            "reference": "the run trained on the 16-bit base",
-            "rel_logit_diff": parity,
-        }
+    record["drift_vs_trained"] = _drift_vs_trained(run, inputs, got, parity, tokenizer, console=console)
 
     # Smoke generation: a greedy answer must end on the end-of-turn token within its budget.
     record["smoke"] = smoke_generation(reloaded, tokenizer, eot, run.run_json, console=console)
@@ -468,6 +457,23 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     del reloaded
     _collect()
     return record
+
+
+def _drift_vs_trained(run: RunInfo, inputs: list, got, parity: float, tokenizer, *, console=None) -> dict:
+    """How far the merged model's logits `got` are from the model as trained (a 4-bit base + adapter);
+    recorded, never enforced. A run trained on the 16-bit base: that is the parity number itself."""
+    if not run.load_in_4bit:
+        return {"reference": "the run trained on the 16-bit base", "rel_logit_diff": parity}
+    try:
+        trained = run.load(run.train_dtype, load_in_4bit=True, tokenizer=tokenizer)
+        drift = rel_diff(got, logits_of(trained, inputs))
+        del trained
+        _collect()
+    except Exception as e:  # bitsandbytes missing or unusable here: say so, do not fail the export
+        _print(console, f"warning: could not measure the drift against the 4-bit model as trained: {e}", style="yellow")
+        return {"error": f"{type(e).__name__}: {e}"}
+    _print(console, f"drift: merged vs the model as trained (4-bit base + adapter): relative logit diff {drift:.2e}")
+    return {"reference": f"4-bit NF4 base ({run.train_dtype}) + adapter", "rel_logit_diff": drift}
 
 
 def _agreement(got, ref, vocab: int) -> tuple[float, float]:
@@ -737,9 +743,19 @@ def _rope_theta(config) -> float:
     return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
 
 
-def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
-    import gguf
-    import numpy as np
+@dataclass
+class _GGUFVocab:
+    tokenizer: object
+    tokens: list[str]
+    types: list
+    special: object  # gguf.SpecialVocab: merges, special token ids, chat template
+    pre: str  # llama.cpp's pre-tokenizer name
+    eot: list[int]
+
+
+def _gguf_arch(run: RunInfo):
+    """(config, HF architecture, llama.cpp architecture, permute q/k, rope scaling dict, its type), or
+    an ExportError for what the GGUF writer does not handle."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(run.base_path, trust_remote_code=run.trust_remote_code)
@@ -760,6 +776,12 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
             "export `merged` and convert it with "
             "llama.cpp's convert_hf_to_gguf.py."
         )
+    return config, hf_arch, arch, permute, rope, rope_type
+
+
+def _gguf_vocab(run: RunInfo, n_vocab: int, arch: str, console=None) -> _GGUFVocab:
+    """The run's tokenizer as llama.cpp's byte-level BPE ("gpt2") vocabulary, or an ExportError."""
+    import gguf
 
     tokenizer = run.tokenizer()
     with tempfile.TemporaryDirectory(prefix="fastsft-tok-") as tokdir:
@@ -779,7 +801,6 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
                 "Export `merged` and convert it with "
                 "llama.cpp's convert_hf_to_gguf.py."
             )
-        n_vocab = int(config.vocab_size)
         tokens, types = _vocab(tokenizer, n_vocab)
         if len(tokenizer) > n_vocab:
             raise ExportError(
@@ -789,39 +810,21 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     pre, pre_warning = _tokenizer_pre(tok_json, arch)
     if pre_warning:
         _print(console, f"warning: {pre_warning}", style="yellow")
-    eot = end_of_turn_ids(tokenizer)
+    return _GGUFVocab(tokenizer, tokens, types, special, pre, end_of_turn_ids(tokenizer))
 
-    qtype = {
-        "bf16": gguf.GGMLQuantizationType.BF16,
-        "fp16": gguf.GGMLQuantizationType.F16,
-        "fp32": gguf.GGMLQuantizationType.F32,
-    }[dtype]
-    ftype = {
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "fp16": gguf.LlamaFileType.MOSTLY_F16,
-        "fp32": gguf.LlamaFileType.ALL_F32,
-    }[dtype]
+
+def _gguf_header(writer, config, vocab: _GGUFVocab, *, dtype: str, rope: dict, rope_type: str) -> None:
+    """The model's hyperparameters and tokenizer as GGUF metadata."""
+    import gguf
 
     n_head = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
-    n_layer = int(config.num_hidden_layers)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
-    tmap = gguf.get_tensor_name_map(
-        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layer
-    )
-
-    name = Path(run.recipe.model.name if run.recipe is not None else run.base_path).name.replace(
-        "builtin:", ""
-    )
-    file = out / f"{name}-sft-{dtype}.gguf"
-    writer = gguf.GGUFWriter(str(file), arch)
-    writer.add_name(f"{name}-sft")
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(n_layer)
+    writer.add_block_count(int(config.num_hidden_layers))
     writer.add_feed_forward_length(int(config.intermediate_size))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
+    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or n_head))
     writer.add_rope_dimension_count(head_dim)
     if head_dim != config.hidden_size // n_head:
         writer.add_key_length(head_dim)
@@ -831,32 +834,45 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope.get("factor", 1.0)))
-    writer.add_vocab_size(n_vocab)
-    writer.add_file_type(ftype)
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(
+        {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "fp16": gguf.LlamaFileType.MOSTLY_F16, "fp32": gguf.LlamaFileType.ALL_F32}[dtype]
+    )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special.add_to_gguf(writer, quiet=True)
-    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    vocab.special.add_to_gguf(writer, quiet=True)
+    tokenizer = vocab.tokenizer
+    if vocab.special.chat_template is None and getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
-    if eot and eot[0] != tokenizer.eos_token_id:
-        writer.add_eot_token_id(eot[0])
+    if vocab.eot and vocab.eot[0] != tokenizer.eos_token_id:
+        writer.add_eot_token_id(vocab.eot[0])
 
-    merged = merge(run, dtype)
-    state = merged.state_dict()
+
+def _gguf_tensors(writer, state: dict, config, *, arch_name: str, permute: bool, dtype: str) -> tuple[dict, dict]:
+    """Add the merged model's tensors under llama.cpp's names (q/k permuted where llama.cpp expects it;
+    1-D tensors in F32). Returns ({name: shape}, {name: first values as written}) for the read-back."""
+    import gguf
+    import numpy as np
+
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "fp16": gguf.GGMLQuantizationType.F16,
+             "fp32": gguf.GGMLQuantizationType.F32}[dtype]  # fmt: skip
+    tmap = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch_name == "llama" else gguf.MODEL_ARCH.QWEN2, int(config.num_hidden_layers)
+    )
     tied = bool(getattr(config, "tie_word_embeddings", False))
     expected: dict[str, tuple[int, ...]] = {}
     samples: dict[str, np.ndarray] = {}
     for key, tensor in state.items():
-        if tied and key == "lm_head.weight":
-            continue
-        if key.endswith("rotary_emb.inv_freq"):
+        if (tied and key == "lm_head.weight") or key.endswith("rotary_emb.inv_freq"):
             continue
         gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise ExportError(f"GGUF export: no llama.cpp name for tensor {key!r} of {hf_arch}.")
+            raise ExportError(f"GGUF export: no llama.cpp name for tensor {key!r} of {config.architectures[0]}.")
         data = tensor.detach().float().cpu()
         if permute and key.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute_qk(data, n_head, n_head)
@@ -875,6 +891,27 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
         samples[gname] = gguf.quants.dequantize(
             gguf.quants.quantize(flat[:64].copy(), t_qtype), t_qtype
         ).reshape(-1)
+    return expected, samples
+
+
+def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
+    """One GGUF file (llama.cpp) of the merged model in `dtype`, written with the `gguf` package and
+    read back to check every tensor's shape and first values and the vocabulary."""
+    import gguf
+
+    config, hf_arch, arch, permute, rope, rope_type = _gguf_arch(run)
+    vocab = _gguf_vocab(run, int(config.vocab_size), arch, console=console)
+    name = Path(run.recipe.model.name if run.recipe is not None else run.base_path).name.replace(
+        "builtin:", ""
+    )
+    file = out / f"{name}-sft-{dtype}.gguf"
+    writer = gguf.GGUFWriter(str(file), arch)
+    writer.add_name(f"{name}-sft")
+    _gguf_header(writer, config, vocab, dtype=dtype, rope=rope, rope_type=rope_type)
+
+    merged = merge(run, dtype)
+    state = merged.state_dict()
+    expected, samples = _gguf_tensors(writer, state, config, arch_name=arch, permute=permute, dtype=dtype)
     del merged, state
     _collect()
     writer.write_header_to_file()
@@ -882,15 +919,15 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     writer.write_tensors_to_file()
     writer.close()
 
-    check = verify_gguf(file, expected, samples, n_tokens=len(tokens))
+    check = verify_gguf(file, expected, samples, n_tokens=len(vocab.tokens))
     _print(console, f"gguf: {file.name}: {check['tensors']} tensors, {arch}, {dtype}; read back and checked")
     return {
         "file": file.name,
         "arch": arch,
         "hf_arch": hf_arch,
-        "tokenizer_pre": pre,
+        "tokenizer_pre": vocab.pre,
         "permuted_qk": permute,
-        "end_of_turn_ids": eot,
+        "end_of_turn_ids": vocab.eot,
         "verify": check,
     }
 

@@ -29,6 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+
 from .errors import FastSFTError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -430,32 +434,69 @@ def _sse(obj) -> str:
     return "data: " + (obj if isinstance(obj, str) else json.dumps(obj)) + "\n\n"
 
 
-def create_app(loaded, settings: ServeSettings):
-    """The Starlette app serving `loaded` (a fastsft.use.Loaded)."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.routing import Route
+def _error(e: APIError):
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    engine = Engine(loaded, max_queue=settings.max_queue)
-    name = settings.model_name or loaded.path.resolve().name
-    base_name = f"{name}:base" if engine.has_base else None
-    created = int(time.time())
-    run_dir = loaded.run_dir
-    page = resources.files("fastsft").joinpath("static/chat.html").read_text(encoding="utf-8")
 
-    def error(e: APIError):
-        headers = {"Retry-After": "1"} if e.status == 503 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+def _chunk(rid, model, *, chat: bool, delta=None, text=None, finish=None) -> dict:
+    if chat:
+        choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
 
-    def check_auth(request: Request):
-        if settings.api_key is None:
+
+async def _one_chunk_stream(rid, model, text, calls, finish, result, params):
+    yield _sse(_chunk(rid, model, chat=True, delta={"role": "assistant", "content": ""}))
+    if calls:
+        delta = {"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]}
+    else:
+        delta = {"content": text}
+    yield _sse(_chunk(rid, model, chat=True, delta=delta))
+    yield _sse(_chunk(rid, model, chat=True, finish=finish))
+    if params.include_usage:
+        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": model, "choices": [], "usage": _usage(result)})  # fmt: skip
+    yield _sse("[DONE]")
+
+
+async def _http_error(request: Request, exc: HTTPException):
+    status = exc.status_code
+    message = {
+        404: f"No route {request.url.path}.",
+        405: f"{request.method} is not allowed on {request.url.path}.",
+    }
+    return _error(APIError(status, message.get(status, str(exc.detail)),
+                          code={404: "not_found", 405: "method_not_allowed"}.get(status)))  # fmt: skip
+
+
+async def _server_error(request: Request, exc: Exception):
+    return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+
+class _App:
+    """The routes of one served model: the OpenAI-compatible API, the chat page and its data."""
+
+    def __init__(self, loaded, settings: ServeSettings):
+        self.loaded = loaded
+        self.settings = settings
+        self.engine = Engine(loaded, max_queue=settings.max_queue)
+        self.name = settings.model_name or loaded.path.resolve().name
+        self.base_name = f"{self.name}:base" if self.engine.has_base else None
+        self.created = int(time.time())
+        self.run_dir = loaded.run_dir
+        self.page = resources.files("fastsft").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+    def check_auth(self, request: Request):
+        if self.settings.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), settings.api_key.encode()
+            token.strip().encode(), self.settings.api_key.encode()
         ):
             raise APIError(
                 401,
@@ -464,7 +505,7 @@ def create_app(loaded, settings: ServeSettings):
                 code="invalid_api_key",
             )
 
-    async def read_json(request: Request) -> dict:
+    async def read_json(self, request: Request) -> dict:
         # JSON only: a form or text/plain POST is what another web site can make a browser send
         # without asking (no CORS preflight), so it is refused before anything runs.
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -476,15 +517,15 @@ def create_app(loaded, settings: ServeSettings):
                 code="unsupported_media_type",
             )
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
             raise APIError(
-                413, f"The request body is over {settings.max_body_bytes} bytes.", code="request_too_large"
+                413, f"The request body is over {self.settings.max_body_bytes} bytes.", code="request_too_large"
             )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > settings.max_body_bytes:
-                raise APIError(413, f"The request body is over {settings.max_body_bytes} bytes.",
+            if size > self.settings.max_body_bytes:
+                raise APIError(413, f"The request body is over {self.settings.max_body_bytes} bytes.",
                                code="request_too_large")  # fmt: skip
             chunks.append(chunk)
         try:
@@ -495,59 +536,59 @@ def create_app(loaded, settings: ServeSettings):
             raise APIError(400, "The request body must be a JSON object.")
         return body
 
-    def pick_model(body: dict) -> bool:
+    def pick_model(self, body: dict) -> bool:
         """Whether the request asks for the base model (the adapter disabled)."""
         model = body.get("model")
-        if model == name:
+        if model == self.name:
             return False
-        if base_name and model == base_name:
+        if self.base_name and model == self.base_name:
             return True
-        known = ", ".join(f"`{m}`" for m in (name, base_name) if m)
+        known = ", ".join(f"`{m}`" for m in (self.name, self.base_name) if m)
         raise APIError(404, f"The model `{model}` does not exist here; this server has {known}.",
                        param="model", code="model_not_found")  # fmt: skip
 
-    def api(handler):
+    def api(self, handler):
         async def endpoint(request: Request):
             try:
-                check_auth(request)
+                self.check_auth(request)
                 return await handler(request)
             except APIError as e:
-                return error(e)
+                return _error(e)
 
         return endpoint
 
-    async def models(request: Request):
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "fastsft"}]
-        if base_name:
-            data.append({"id": base_name, "object": "model", "created": created, "owned_by": "fastsft"})
+    async def models(self, request: Request):
+        data = [{"id": self.name, "object": "model", "created": self.created, "owned_by": "fastsft"}]
+        if self.base_name:
+            data.append({"id": self.base_name, "object": "model", "created": self.created, "owned_by": "fastsft"})
         return JSONResponse({"object": "list", "data": data})
 
-    async def generate(request: Request, *, chat: bool):
-        body = await read_json(request)
-        base = pick_model(body)
-        params = parse_params(body, settings, chat=chat)
+    async def generate(self, request: Request, *, chat: bool):
+        body = await self.read_json(request)
+        base = self.pick_model(body)
+        params = parse_params(body, self.settings, chat=chat)
         tools = None
         if chat:
             tools = parse_tools(body)
-            prompt_ids = engine.chat_prompt(parse_messages(body), tools)
+            prompt_ids = self.engine.chat_prompt(parse_messages(body), tools)
         else:
-            prompt_ids = engine.text_prompt(body.get("prompt"))
-        engine.check_length(prompt_ids, params)
+            prompt_ids = self.engine.text_prompt(body.get("prompt"))
+        self.engine.check_length(prompt_ids, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         model = body["model"]
         if params.stream and not tools:
-            engine.check_room()  # a full queue is a 503, not an error event in a 200 stream
+            self.engine.check_room()  # a full queue is a 503, not an error event in a 200 stream
             return StreamingResponse(
-                stream(rid, model, prompt_ids, params, base, chat=chat),
+                self.stream(rid, model, prompt_ids, params, base, chat=chat),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        with engine.admit():
-            result = await engine.run(Job(prompt_ids, params, base=base))
-        text, cut = cut_at_stop(engine.decode(result.ids), params.stop)
+        with self.engine.admit():
+            result = await self.engine.run(Job(prompt_ids, params, base=base))
+        text, cut = cut_at_stop(self.engine.decode(result.ids), params.stop)
         text = text.strip() if chat else text
         finish = _finish(result, cut, params)
-        calls = parse_tool_calls(engine.decode(result.ids, special=True), tools) if tools else None
+        calls = parse_tool_calls(self.engine.decode(result.ids, special=True), tools) if tools else None
         if calls:
             finish = "tool_calls"
         if params.stream:  # with tools: the whole answer, then one chunk (a call is parsed once complete)
@@ -575,29 +616,7 @@ def create_app(loaded, settings: ServeSettings):
             }  # fmt: skip
         )
 
-    def _chunk(rid, model, *, chat: bool, delta=None, text=None, finish=None) -> dict:
-        if chat:
-            choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
-
-    async def _one_chunk_stream(rid, model, text, calls, finish, result, params):
-        yield _sse(_chunk(rid, model, chat=True, delta={"role": "assistant", "content": ""}))
-        if calls:
-            delta = {"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]}
-        else:
-            delta = {"content": text}
-        yield _sse(_chunk(rid, model, chat=True, delta=delta))
-        yield _sse(_chunk(rid, model, chat=True, finish=finish))
-        if params.include_usage:
-            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                        "model": model, "choices": [], "usage": _usage(result)})  # fmt: skip
-        yield _sse("[DONE]")
-
-    async def stream(rid, model, prompt_ids, params, base, *, chat: bool):
+    async def stream(self, rid, model, prompt_ids, params, base, *, chat: bool):
         """Server-sent events: the text as it is generated, with stop strings held back until they are
         known not to be one; the generation is cancelled when the client goes away."""
         loop = asyncio.get_running_loop()
@@ -606,7 +625,7 @@ def create_app(loaded, settings: ServeSettings):
             prompt_ids, params, base=base, on_text=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t)
         )
         try:
-            engine_cm = engine.admit()
+            engine_cm = self.engine.admit()
             engine_cm.__enter__()
         except APIError as e:  # the queue is full: one error event
             yield _sse(e.body())
@@ -615,7 +634,7 @@ def create_app(loaded, settings: ServeSettings):
         try:
             if chat:
                 yield _sse(_chunk(rid, model, chat=True, delta={"role": "assistant", "content": ""}))
-            task = asyncio.ensure_future(engine.run(job))
+            task = asyncio.ensure_future(self.engine.run(job))
             task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
             pending, sent_any, stopped_by_string = "", False, False
             while True:
@@ -656,65 +675,60 @@ def create_app(loaded, settings: ServeSettings):
             job.cancel.set()  # a client that went away frees the model at the next token
             engine_cm.__exit__(None, None, None)
 
-    async def chat_completions(request: Request):
-        return await generate(request, chat=True)
+    async def chat_completions(self, request: Request):
+        return await self.generate(request, chat=True)
 
-    async def completions(request: Request):
-        return await generate(request, chat=False)
+    async def completions(self, request: Request):
+        return await self.generate(request, chat=False)
 
-    async def info(request: Request):
-        report = run_dir is not None and (run_dir / "report.md").exists()
+    async def info(self, request: Request):
+        report = self.run_dir is not None and (self.run_dir / "report.md").exists()
         return JSONResponse(
             {
-                "model": name,
-                "base_model": base_name,
-                "kind": loaded.kind,
-                "path": str(loaded.path),
+                "model": self.name,
+                "base_model": self.base_name,
+                "kind": self.loaded.kind,
+                "path": str(self.loaded.path),
                 "report": report,
-                "loss_png": run_dir is not None and (run_dir / "loss.png").exists(),
-                "max_tokens_limit": settings.max_tokens_limit,
+                "loss_png": self.run_dir is not None and (self.run_dir / "loss.png").exists(),
+                "max_tokens_limit": self.settings.max_tokens_limit,
             }
         )
 
-    async def report(request: Request):
-        path = run_dir / "report.md" if run_dir is not None else None
+    async def report(self, request: Request):
+        path = self.run_dir / "report.md" if self.run_dir is not None else None
         if path is None or not path.exists():
-            raise APIError(404, f"{loaded.path} is not a run directory with a report.md.", code="not_found")
+            raise APIError(404, f"{self.loaded.path} is not a run directory with a report.md.", code="not_found")
         return JSONResponse({"markdown": path.read_text(encoding="utf-8")})
 
-    async def loss_png(request: Request):
-        path = run_dir / "loss.png" if run_dir is not None else None
+    async def loss_png(self, request: Request):
+        path = self.run_dir / "loss.png" if self.run_dir is not None else None
         if path is None or not path.exists():
             raise APIError(404, "no loss.png: the model is not a run directory.", code="not_found")
         return FileResponse(path, media_type="image/png")
 
-    async def index(request: Request):
-        return HTMLResponse(page)
+    async def index(self, request: Request):
+        return HTMLResponse(self.page)
 
-    async def health(request: Request):
+    async def health(self, request: Request):
         return JSONResponse({"status": "ok"})
 
-    async def http_error(request: Request, exc: HTTPException):
-        status = exc.status_code
-        message = {
-            404: f"No route {request.url.path}.",
-            405: f"{request.method} is not allowed on {request.url.path}.",
-        }
-        return error(APIError(status, message.get(status, str(exc.detail)),
-                              code={404: "not_found", 405: "method_not_allowed"}.get(status)))  # fmt: skip
 
-    async def server_error(request: Request, exc: Exception):
-        return error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+def create_app(loaded, settings: ServeSettings):
+    """The Starlette app serving `loaded` (a fastsft.use.Loaded)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
 
+    a = _App(loaded, settings)
     routes = [
-        Route("/", index),
-        Route("/health", health),
-        Route("/v1/models", api(models)),
-        Route("/v1/chat/completions", api(chat_completions), methods=["POST"]),
-        Route("/v1/completions", api(completions), methods=["POST"]),
-        Route("/fastsft/info", api(info)),
-        Route("/fastsft/report", api(report)),
-        Route("/fastsft/loss.png", api(loss_png)),
+        Route("/", a.index),
+        Route("/health", a.health),
+        Route("/v1/models", a.api(a.models)),
+        Route("/v1/chat/completions", a.api(a.chat_completions), methods=["POST"]),
+        Route("/v1/completions", a.api(a.completions), methods=["POST"]),
+        Route("/fastsft/info", a.api(a.info)),
+        Route("/fastsft/report", a.api(a.report)),
+        Route("/fastsft/loss.png", a.api(a.loss_png)),
     ]
     middleware = []
     if settings.host in LOOPBACK:
@@ -729,10 +743,10 @@ def create_app(loaded, settings: ServeSettings):
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
-    app.state.engine = engine
-    app.state.model_ids = [m for m in (name, base_name) if m]
+    app.state.engine = a.engine
+    app.state.model_ids = [m for m in (a.name, a.base_name) if m]
     return app
 
 
