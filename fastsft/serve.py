@@ -563,7 +563,7 @@ class _App:
             data.append({"id": self.base_name, "object": "model", "created": self.created, "owned_by": "fastsft"})
         return JSONResponse({"object": "list", "data": data})
 
-    async def generate(self, request: Request, *, chat: bool):
+    async def complete(self, request: Request, *, chat: bool):
         body = await self.read_json(request)
         base = self.pick_model(body)
         params = parse_params(body, self.settings, chat=chat)
@@ -676,10 +676,10 @@ class _App:
             engine_cm.__exit__(None, None, None)
 
     async def chat_completions(self, request: Request):
-        return await self.generate(request, chat=True)
+        return await self.complete(request, chat=True)
 
     async def completions(self, request: Request):
-        return await self.generate(request, chat=False)
+        return await self.complete(request, chat=False)
 
     async def info(self, request: Request):
         report = self.run_dir is not None and (self.run_dir / "report.md").exists()
