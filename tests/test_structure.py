@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Cycles other branches of issue #16 remove (edges named exactly). Empty this list once they have
-# landed: the test then fails on any edge of it that is still there, and on every other cycle.
+# Cycles that other branches of issue #16 remove, edge by edge; the test ignores exactly these. When
+# such a branch lands, test_known_exceptions_are_still_needed fails until its edge is deleted here.
 KNOWN_EDGES: set[tuple[str, str]] = {
     ("fastsft.guard", "fastsft.train"),  # peak_memory_gib: moves to the environment-facts module
 }
@@ -191,3 +191,23 @@ def test_one_generator_and_one_model_loader():
             loaders = {"AutoModelForCausalLM", "PeftModel"}
             strays += [f"{rel}:{n}: from_pretrained" for n in _calls(path, "from_pretrained", loaders)]
     assert not strays, "use fastsft.generation / fastsft.backends instead:\n" + "\n".join(strays)
+
+
+def test_kernels_import_nothing_of_fastsft():
+    """kernels/ (installed as fastsft.kernels) is pure Triton + PyTorch: no import of the rest of fastsft."""
+    folder = ROOT / "kernels"
+    if not folder.is_dir():
+        pytest.skip("no top-level kernels/ folder")
+    bad = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                depth = len(path.relative_to(folder).parts) - 1  # folders below kernels/
+                if node.level > depth + 1 or (node.module or "").startswith("fastsft"):
+                    names = [f"{'.' * node.level}{node.module or ''}"]
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.startswith(("fastsft", "."))]
+    assert not bad, "kernels/ imports fastsft:\n" + "\n".join(bad)
+
