@@ -13,7 +13,6 @@ minute and the answers visibly change. `recipes/data/demo.jsonl` is `demo_rows()
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
