@@ -36,7 +36,7 @@ def problems(recipe) -> list[str]:
         value = getattr(d, key)
         if value:
             path = recipe.resolve_path(value)
-            if data_mod._is_local(value, path) and not path.exists():
+            if data_mod.is_local(value, path) and not path.exists():
                 out.append(f"data.{key} = {value!r}: file not found: {path}")
     if d.chat_template:
         try:

@@ -135,9 +135,9 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
 
 def _as_messages(prompt) -> list[dict]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    from .data import _not_text
+    from .data import not_text
 
-    problem = _not_text(messages)
+    problem = not_text(messages)
     if problem:
         raise DataError(f"the prompt: {problem}.")
     return messages
@@ -275,10 +275,9 @@ def _loss_tokens(item: dict, max_length: int):
     """(input_ids (1, T), labels (1, T)) of an encoded example: loss where training had it."""
     import torch
 
-    ids = torch.tensor([item["input_ids"][:max_length]])
-    labels = ids.clone()
-    labels[torch.tensor([item["mask"][:max_length]]) == 0] = -100
-    return ids, labels
+    from .data import labels
+
+    return torch.tensor([item["input_ids"][:max_length]]), torch.tensor([labels(item["input_ids"], item["mask"], max_length)])
 
 
 def _prompt_of(item: dict):

@@ -143,35 +143,40 @@ def test_each_shape_is_detected_and_normalised(tmp_path, tok, shape):
     recipe = make_recipe(tmp_path)
     p = prepare(recipe, tok)
     assert p.stats["format"] == fmt
+    # every shape reaches TRL tokenized: input_ids, the loss mask, the prompt turns for the report
     first = p.train[0]
     if fmt in ("messages", "conversations", "sharegpt", "alpaca"):
-        assert set(first) == {"messages"}
-        assert first["messages"][-1]["role"] == "assistant"
-        assert p.sft_kwargs["assistant_only_loss"] is True
+        assert set(first) == {"input_ids", "assistant_masks", "messages"}
+        assert first["messages"] and all(m["role"] != "assistant" for m in first["messages"])
+        assert p.stats["assistant_only_loss"] is True
+        mask = first["assistant_masks"]
     elif fmt == "prompt_completion":
-        assert set(first) == {"prompt", "completion"}
-        assert p.sft_kwargs["completion_only_loss"] is True
         # plain rows too: with a chat template they are one user -> assistant exchange
-        assert p.sft_kwargs["assistant_only_loss"] is True
-        assert isinstance(first["prompt"], list) and first["completion"][0]["role"] == "assistant"
+        assert set(first) == {"input_ids", "completion_mask", "prompt"}
+        assert first["prompt"][-1]["role"] == "user"
+        assert p.sft_kwargs["completion_only_loss"] is True and p.stats["assistant_only_loss"] is True
+        mask = first["completion_mask"]
     else:
-        assert set(first) == {"text"}
-        assert p.sft_kwargs["assistant_only_loss"] is False
-    assert trained_texts(recipe, tok, 1) == [trained]
+        assert set(first) == {"input_ids"}  # every token trained: no mask
+        mask = [1] * len(first["input_ids"])
+    assert p.sft_kwargs["assistant_only_loss"] is False  # the masks travel with the rows
+    (shown,), _ = D.preview_rows(recipe, tok, 1)
+    assert shown["trained_text"] == trained
+    assert first["input_ids"] == shown["input_ids"] and D.labels(first["input_ids"], mask) == shown["labels"]
     # the format can also be given explicitly
     assert prepare(make_recipe(tmp_path, format=fmt), tok).stats["format"] == fmt
 
 
 def test_alpaca_user_turn_and_sharegpt_roles(tmp_path, tok):
-    write_jsonl(tmp_path / "train.jsonl", [{"instruction": "Do X.", "input": "data", "output": "Done."}])
-    p = prepare(make_recipe(tmp_path), tok)
-    assert p.train[0]["messages"] == [
+    assert D.normalize({"instruction": "Do X.", "input": "data", "output": "Done."}, "alpaca")["messages"] == [
         {"role": "user", "content": "Do X.\n\ndata"},
         {"role": "assistant", "content": "Done."},
     ]
+    row = D.normalize(SHAPES["sharegpt"][0], "sharegpt")
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
     write_jsonl(tmp_path / "train.jsonl", [SHAPES["sharegpt"][0]])
     p = prepare(make_recipe(tmp_path), tok)
-    assert [m["role"] for m in p.train[0]["messages"]] == ["system", "user", "assistant"]
+    assert [m["role"] for m in p.train[0]["messages"]] == ["system", "user"]  # the prompt turns
 
 
 def test_columns_rename(tmp_path, tok):
@@ -222,7 +227,7 @@ def test_each_file_type(tmp_path, tok, kind):
     recipe = make_recipe(tmp_path, name)
     p = prepare(recipe, tok)
     assert len(p.train) == 3
-    assert p.train[0]["messages"] == CONV
+    assert p.train[0]["messages"] == CONV[:2]  # the prompt turns
     assert trained_texts(recipe, tok, 1) == [TRAINED]
 
 
@@ -240,7 +245,7 @@ def test_csv_text_column(tmp_path, tok):
         w.writerow(["text"])
         w.writerows([["first line"], ["second, with a comma"]])
     p = prepare(make_recipe(tmp_path, "d.csv"), tok)
-    assert p.train["text"] == ["first line", "second, with a comma"]
+    assert [tok.decode(ids) for ids in p.train["input_ids"]] == ["first line<|im_end|>", "second, with a comma<|im_end|>"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,14 +481,14 @@ def test_val_ratio_holds_out_distinct_rows_and_no_copy_stays_in_training(tmp_pat
     # 10 distinct rows, each three times (the shipped demo data has 273 distinct rows in 400)
     write_jsonl(tmp_path / "train.jsonl", [qa(i % 10) for i in range(30)])
     p = prepare(make_recipe(tmp_path, val_ratio=0.2), tok)
-    held = [m[1]["content"] for m in p.eval["messages"]]
-    trained = [m[1]["content"] for m in p.train["messages"]]
+    held = [m[0]["content"] for m in p.eval["messages"]]
+    trained = [m[0]["content"] for m in p.train["messages"]]
     assert len(held) == len(set(held)) == 2  # 20% of the 10 distinct rows, one copy each
     assert not set(held) & set(trained) and len(trained) == 24  # every copy of a held-out row left training
     # the demo data: no eval row copies a training row
     demo = R.load(RECIPES / "tiny.toml")
     d = prepare(demo, tok)
-    assert not {json.dumps(m) for m in d.eval["messages"]} & {json.dumps(m) for m in d.train["messages"]}
+    assert not {tuple(ids) for ids in d.eval["input_ids"]} & {tuple(ids) for ids in d.train["input_ids"]}
 
 
 def test_eval_file(tmp_path, tok):
@@ -523,11 +528,16 @@ def test_stats_and_summary(tmp_path, tok):
 def test_fingerprint_and_cache(tmp_path, tok, monkeypatch):
     monkeypatch.setenv("FASTSFT_CACHE", str(tmp_path / "cache"))
     write_jsonl(tmp_path / "train.jsonl", [{"messages": CONV}, qa(1)])
-    base = prepare(make_recipe(tmp_path), tok).fingerprint
-    assert prepare(make_recipe(tmp_path), tok).fingerprint == base
+    logs = []
+    first = prepare(make_recipe(tmp_path), tok, log=logs.append)
+    base = first.fingerprint
+    assert (tmp_path / "cache" / "data" / base / "stats.json").exists()  # every shape is cached
+    assert not any("from the cache" in m for m in logs)
+    again = prepare(make_recipe(tmp_path), tok, log=logs.append)
+    assert again.fingerprint == base and any("from the cache" in m for m in logs)
+    assert again.train[:] == first.train[:] and again.stats == first.stats
     assert prepare(make_recipe(tmp_path, max_length=64), tok).fingerprint != base
     assert prepare(make_recipe(tmp_path, assistant_only_loss=False), tok).fingerprint != base
-    assert not (tmp_path / "cache" / "data").exists()  # TRL tokenizes: nothing cached
     (tmp_path / "plain.jinja").write_text(CHATML_NO_MARKERS, encoding="utf-8")
     logs = []
     first = prepare(make_recipe(tmp_path, chat_template="plain.jinja"), tok, log=logs.append)
@@ -637,9 +647,10 @@ def test_template_errors_name_the_row(tmp_path, tok):
 
 def test_string_prompt_that_looks_like_json_stays_a_string(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "[1, 2]", "completion": " 3"}])
+    assert D.normalize({"prompt": "[1, 2]", "completion": " 3"}, "prompt_completion") == {"prompt": "[1, 2]",
+                                                                                           "completion": " 3"}  # fmt: skip
     p = prepare(make_recipe(tmp_path), tok)
-    assert p.train[0] == {"prompt": [{"role": "user", "content": "[1, 2]"}],
-                          "completion": [{"role": "assistant", "content": " 3"}]}  # fmt: skip
+    assert p.train[0]["prompt"] == [{"role": "user", "content": "[1, 2]"}]
 
 
 def test_plain_prompt_completion_rows_follow_one_rule(tmp_path, tok):
