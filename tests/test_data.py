@@ -311,6 +311,110 @@ def test_trl_builds_the_same_labels_as_preview(tmp_path, tiny_model_dir, tok, ca
     assert row["labels"] == shown["labels"]
 
 
+TOOL_ROW = {
+    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]},
+        {"role": "tool", "content": "sleet"},
+        {"role": "assistant", "content": "Sleet in Oslo."},
+    ],
+}
+ONCE_CASES = {  # rows, [data] settings, tokenizations per row in prepare_data
+    "markers": ([{"messages": CONV}, qa(1), TOOL_ROW], {}, 1),
+    "no_markers": ([{"messages": CONV}, qa(1), TOOL_ROW], {"chat_template": "plain.jinja"}, 1),
+    "prompt_completion": ([{"prompt": CONV[:2], "completion": [CONV[2]]}, {"prompt": [CONV[3]], "completion": [CONV[4]]}],
+                          {}, 2),  # the prompt alone, then prompt + completion: where they part, the completion starts
+    "text": ([{"text": "Some text."}, {"text": "More text."}], {}, 1),
+    "packing": ([{"messages": CONV}, qa(1), qa(2)], {"packing": True, "max_length": 64}, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONCE_CASES))
+def test_rows_are_tokenized_once(tmp_path, tiny_model_dir, tok, monkeypatch, case):
+    """prepare_data tokenizes each row once and hands SFTTrainer input_ids and masks: TRL tokenizes
+    nothing (it builds labels, truncates, packs), and a second run reads the cache instead."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    rows, settings, per_row = ONCE_CASES[case]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    (tmp_path / "plain.jinja").write_text(CHATML_NO_MARKERS, encoding="utf-8")
+    monkeypatch.setenv("FASTSFT_CACHE", str(tmp_path / "cache"))
+    recipe = make_recipe(tmp_path, **settings)
+    calls, depth = [], [0]
+    cls = type(tok)
+    call, render = cls.__call__, cls.apply_chat_template
+
+    def probe(text) -> bool:  # end_of_turn_token's "Again?" turn, the fast-tokenizer check's "a"
+        return isinstance(text, str) and ("Again?" in text or text == "a")
+
+    def counted_call(self, *args, **kwargs):
+        text = args[0] if args else kwargs.get("text")
+        if not depth[0] and not probe(text):
+            calls.append(text)
+        return call(self, *args, **kwargs)
+
+    def counted_render(self, *args, **kwargs):
+        if kwargs.get("tokenize", True):  # renders and tokenizes (through __call__, not counted twice)
+            calls.append(args[0] if args else kwargs.get("conversation"))
+        depth[0] += 1
+        try:
+            return render(self, *args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(cls, "__call__", counted_call)
+    monkeypatch.setattr(cls, "apply_chat_template", counted_render)
+    p = prepare(recipe, tok)
+    assert len(calls) == per_row * len(rows), calls
+    assert "input_ids" in p.train.column_names
+    calls.clear()
+    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, **p.sft_kwargs)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=p.train, processing_class=tok)  # fmt: skip
+    assert calls == []  # TRL took the ids as they are
+    if case == "packing":  # packed rows hold every example's ids, in our order within a row
+        assert sum(len(r["input_ids"]) for r in trainer.train_dataset) == sum(len(ids) for ids in p.train["input_ids"])
+    else:
+        assert sorted(map(tuple, trainer.train_dataset["input_ids"])) == sorted(map(tuple, p.train["input_ids"]))
+    assert prepare(recipe, tok).train[:] == p.train[:] and calls == []  # the second time, from the cache
+
+
+MASK_LIMIT = 480  # cuts the tool row (503 tokens with the tiny tokenizer) after its first answer
+
+
+@pytest.mark.parametrize("template", ["chatml", "no_markers"])
+def test_training_preview_and_eval_mask_alike(tmp_path, tiny_model_dir, tok, template):
+    """One owner of masking: the labels SFTTrainer trains on (train and eval sets), the ones `fastsft data
+    preview` shows and the ones `fastsft eval` scores (the run's eval set, and `--data FILE`) are the same,
+    on a multi-turn row, a tool row and a short row."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from fastsft import use
+
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": CONV}, TOOL_ROW, qa(1)])
+    (tmp_path / "plain.jinja").write_text(CHATML_NO_MARKERS, encoding="utf-8")
+    recipe = make_recipe(tmp_path, eval="train.jsonl", max_length=MASK_LIMIT,
+                         chat_template="chatml" if template == "chatml" else "plain.jinja")  # fmt: skip
+    p = prepare(recipe, tok)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, shuffle_dataset=False,
+                     **p.sft_kwargs)  # fmt: skip
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=p.train, eval_dataset=p.eval, processing_class=tok)  # fmt: skip
+    trained = trainer.train_dataset["labels"]
+    assert trainer.eval_dataset["labels"] == trained
+    shown = [r["labels"] for r in D.preview_rows(recipe, tok, 3)[0]]
+    assert shown == trained
+    items, _ = use.eval_conversations(recipe, tok)
+    assert [use._loss_tokens(item, MASK_LIMIT)[1][0].tolist() for item in items] == trained
+    items = D.encode_file(recipe, tok, tmp_path / "train.jsonl")
+    assert [use._loss_tokens(item, MASK_LIMIT)[1][0].tolist() for item in items] == trained
+    assert any(x != -100 for x in trained[1]) and any(x == -100 for x in trained[1])  # the tool row is masked
+    assert len(trained[1]) == MASK_LIMIT  # the tool row is cut at max_length, in every path
+
+
 def test_end_of_turn_outside_generation_is_refused(tmp_path, tok):
     bad = C.CHATML.replace(
         "{{- '<|im_end|>' -}}\n{%- endgeneration -%}\n",
