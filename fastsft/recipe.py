@@ -1,12 +1,25 @@
 """The recipe: one TOML file -> a validated, typed `Recipe`.
 
-The schema lives here and only here: every key has its type, default, allowed values and one line of
-help, and the same text serves `fastsft schema`, the validator's messages and the docs. Keys take the
-names TRL / transformers / PEFT users already know.
+The schema lives here and only here: each section is a frozen dataclass (`ModelSection`, `TrainSection`,
+...) and each key is one field of it, with its type in the annotation and its help, allowed values and
+bounds in the field's metadata (TRL's `SFTConfig` documents its fields the same way). The same text
+serves `fastsft schema`, the validator's messages and the docs. Keys take the names TRL / transformers /
+PEFT users already know.
 
 Validation is strict and collects every problem before raising one `RecipeError`:
 an unknown key is named with the closest valid one, a wrong type or an out-of-range value names the
 key, the value and what is allowed.
+
+Adding a key is one field in one section class, e.g. in `TrainSection`:
+
+    early_stopping_patience: int | None = key(None, "Evaluations without improvement before the run stops.", min=1)
+
+The annotation gives the type (`str`, `int`, `float`, `bool`, `str | list[str]`, `list[str]`,
+`dict[str, str]`; `| None` lets it be unset) and `key()` the default (`REQUIRED` for none), the help and
+optionally `choices`, `min`/`max` (`min_exclusive`), `path=True` (resolved from the recipe's folder),
+`resume_safe=True` (a resumed run may change it) and, in `[train]`, `sft=True` (passed to SFTConfig under
+the same name; `sft="name"` for another) or `sft=False` (fastsft's own key, or set by hand in
+`sft_args.py`). Validation, `fastsft schema`, `--set`, `to_toml` and resume checks follow from it.
 """
 
 from __future__ import annotations
@@ -15,7 +28,9 @@ import copy
 import difflib
 import math
 import sys
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,197 +42,304 @@ else:  # pragma: no cover
 from .errors import RecipeError
 
 # ----------------------------------------------------------------------------------------------
-# The schema
+# How a key is declared
 # ----------------------------------------------------------------------------------------------
 
-_NO_DEFAULT = object()
+REQUIRED: Any = MISSING  # the default of a key the recipe must give
+
+
+def key(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    path: bool = False,
+    resume_safe: bool = False,
+    sft: bool | str | None = None,
+) -> Any:
+    """One recipe key: a dataclass field whose metadata holds its help, bounds and choices.
+
+    `choices` are the allowed values (for a `list[str]` key: of each item). `path`: a file path,
+    resolved from the recipe's folder. `resume_safe`: a resumed run may change it (it changes how the
+    run is watched and kept, not what is trained). `sft` (only in [train]): True when the key is the
+    SFTConfig/TrainingArguments argument of the same name, a string for another name, False when it is
+    not passed through 1:1.
+    """
+    metadata = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
+                "path": path, "resume_safe": resume_safe, "sft": sft}  # fmt: skip
+    if isinstance(default, (list, dict)):  # a fresh copy for each recipe
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Key:
-    """One recipe key: its type, default and bounds.
+    """What the validator, `fastsft schema` and the docs need of one key, read from its field.
 
-    `type` is one of "str", "int", "float", "bool", "str_list" (a string or a list of strings),
-    "table" (a TOML inline table of strings to strings).
+    `type` is one of "str", "int", "float", "bool", "str_list" (a string or a list of strings, kept as
+    written), "list" (a list of strings; one string is a list of one), "table" (a TOML inline table of
+    strings to strings).
     """
 
+    name: str
     type: str
-    default: Any
+    default: Any  # REQUIRED when the key has none
     help: str
     choices: tuple | None = None
     min: float | None = None
     max: float | None = None
     min_exclusive: bool = False
-    nullable: bool = False  # may be left out to mean "unset" (default None)
+    nullable: bool = False  # may be left out to mean "unset" (annotated `X | None`, default None)
     required: bool = False
+    path: bool = False
+    resume_safe: bool = False
+    sft: str | None = None  # the SFTConfig argument it maps to 1:1
+
+    @classmethod
+    def of(cls, f: Field, hint: Any) -> Key:
+        kind, nullable = _kind(hint, f.name)
+        m = f.metadata
+        if "help" not in m:
+            raise TypeError(f"recipe key {f.name!r} is not declared with key()")
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        sft = f.name if m["sft"] is True else (m["sft"] or None)
+        return cls(f.name, kind, default, m["help"], m["choices"], m["min"], m["max"], m["min_exclusive"],
+                   nullable, default is REQUIRED, m["path"], m["resume_safe"], sft)  # fmt: skip
 
 
-SCHEMA: dict[str, dict[str, Key]] = {
-    "model": {
-        "name": Key("str", _NO_DEFAULT, "Hub id or local path of the base model (a folder or a .gguf file), `package:PKG/FILE.gguf` (a GGUF an installed Python package ships), or `builtin:tiny-mistral`.", required=True),
-        "backend": Key(
-            "str",
-            "auto",
-            "unsloth (CUDA only), transformers (anywhere), or auto: unsloth when a CUDA GPU and unsloth are there.",
-            choices=("auto", "unsloth", "transformers"),
-        ),
-        "load_in_4bit": Key("bool", True, "Load the base in 4-bit NF4 with double quantisation (QLoRA)."),
-        "dtype": Key(
-            "str",
-            "auto",
-            "Compute dtype: auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.",
-            choices=("auto", "bf16", "fp16", "fp32"),
-        ),
-        "attn_implementation": Key(
-            "str",
-            "auto",
-            "Attention kernel for the transformers backend (auto = sdpa).",
-            choices=("auto", "sdpa", "eager", "flash_attention_2"),
-        ),
-        "trust_remote_code": Key(
-            "bool",
-            False,
-            "The model needs its repository's own Python code. Granted only by --trust-remote-code on the command line.",
-        ),
-        "allow_pickle": Key(
-            "bool",
-            False,
-            "The model's weights are pickle (.bin) files. Read only with --allow-pickle on the command line; "
-            "by default only safetensors are read.",
-        ),
-    },
-    "lora": {
-        "r": Key("int", 16, "LoRA rank.", min=1, max=4096),
-        "lora_alpha": Key("float", 16, "LoRA scaling numerator (scale = lora_alpha / r).", min=0, min_exclusive=True),
-        "lora_dropout": Key("float", 0.0, "Dropout on the LoRA input.", min=0, max=1),
-        "bias": Key("str", "none", "Which biases train.", choices=("none", "all", "lora_only")),
-        "target_modules": Key(
-            "str_list",
-            "all-linear",
-            'Modules that get adapters: "all-linear" or a list such as ["q_proj", "v_proj"].',
-        ),
-        "use_rslora": Key("bool", False, "Rank-stabilised LoRA scaling (lora_alpha / sqrt(r))."),
-    },
-    "data": {
-        "train": Key(
-            "str",
-            _NO_DEFAULT,
-            "Training data: .jsonl/.json/.parquet/.csv file, a save_to_disk folder, or a hub data set name. "
-            "Relative paths are resolved from the recipe's folder.",
-            required=True,
-        ),
-        "eval": Key("str", None, "Evaluation data, same kinds as `train`.", nullable=True),
-        "split": Key("str", "train", "Split to read from a hub data set or a DatasetDict folder."),
-        "subset": Key("str", None, "Configuration name of a hub data set.", nullable=True),
-        "format": Key(
-            "str",
-            "auto",
-            "Data shape; auto detects it from the columns.",
-            choices=("auto", "text", "messages", "prompt_completion", "conversations", "sharegpt", "alpaca"),
-        ),
-        "columns": Key(
-            "table",
-            {},
-            'Rename columns to the names the format expects, e.g. { messages = "dialog" }.',
-        ),
-        "chat_template": Key(
-            "str",
-            None,
-            "Override the tokenizer's chat template: chatml, llama3, mistral, qwen2.5, gemma, or a .jinja path.",
-            nullable=True,
-        ),
-        "max_length": Key("int", 1024, "Longest tokenized example; longer ones are truncated (and counted).", min=8),
-        "packing": Key("bool", False, "Pack several examples into each sequence (TRL's packing)."),
-        "packing_strategy": Key("str", "bfd", "TRL packing strategy.", choices=("bfd", "wrapped")),
-        "assistant_only_loss": Key(
-            "bool", None, "Loss only on assistant turns (default: true for conversations).", nullable=True
-        ),
-        "completion_only_loss": Key(
-            "bool", None, "Loss only on the completion (default: true for prompt/completion data).", nullable=True
-        ),
-        "val_ratio": Key("float", 0.0, "Share of `train` split off for evaluation when `eval` is not given.", min=0, max=0.5),
-        "on_invalid": Key("str", "error", "What a bad row does: stop with an error, or be skipped and counted.", choices=("error", "skip")),
-    },
-    "train": {
-        "learning_rate": Key("float", 2e-4, "Peak learning rate.", min=0, max=1, min_exclusive=True),
-        "num_train_epochs": Key("float", 1.0, "Epochs over the training data (ignored when max_steps > 0).", min=0, max=1e4, min_exclusive=True),
-        "max_steps": Key("int", -1, "Optimizer steps to run; -1 = use num_train_epochs.", min=-1, max=10**9),
-        "per_device_train_batch_size": Key("int", 2, "Sequences per forward pass.", min=1, max=65536),
-        "per_device_eval_batch_size": Key("int", None, "Eval batch size (default: the train batch size).", min=1, max=65536, nullable=True),
-        "gradient_accumulation_steps": Key("int", 1, "Forward passes per optimizer step.", min=1, max=65536),
-        "warmup_ratio": Key("float", 0.0, "Share of the steps spent warming the learning rate up.", min=0, max=1),
-        "warmup_steps": Key("int", 0, "Warm-up steps (overrides warmup_ratio when > 0).", min=0, max=10**9),
-        "lr_scheduler_type": Key(
-            "str",
-            "cosine",
-            "Learning-rate decay after warm-up.",
-            choices=("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"),
-        ),
-        "weight_decay": Key("float", 0.0, "AdamW weight decay.", min=0, max=1),
-        "max_grad_norm": Key("float", 1.0, "Gradient clipping norm (0 disables).", min=0, max=1e6),
-        "optim": Key(
-            "str",
-            "adamw_torch",
-            "Optimizer (transformers' names). adamw_8bit / paged_adamw_8bit need bitsandbytes on a GPU.",
-            choices=("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"),
-        ),
-        "gradient_checkpointing": Key("bool", True, "Recompute activations in backward: less memory, ~30% slower."),
-        "logging_steps": Key("int", 1, "Log every N optimizer steps.", min=1, max=10**9),
-        "eval_strategy": Key("str", "no", "When to evaluate.", choices=("no", "steps", "epoch")),
-        "eval_steps": Key("int", None, "Evaluate every N steps (eval_strategy = steps).", min=1, max=10**9, nullable=True),
-        "save_strategy": Key("str", "steps", "When to write checkpoints.", choices=("no", "steps", "epoch")),
-        "save_steps": Key("int", 500, "Checkpoint every N steps (save_strategy = steps).", min=1, max=10**9),
-        "save_total_limit": Key("int", 2, "Checkpoints kept (older ones are deleted).", min=1, max=10**6, nullable=True),
-        "load_best_model_at_end": Key("bool", False, "Keep the checkpoint with the best metric_for_best_model at the end."),
-        "metric_for_best_model": Key("str", "eval_loss", "Metric that picks the best checkpoint."),
-        "seed": Key("int", 42, "Seed for weights init, data order and dropout.", min=0, max=2**32 - 1),
-        "max_nonfinite_steps": Key(
-            "int",
-            0,
-            "Optimizer steps with a NaN/inf loss or gradient that are skipped (not applied) before the run "
-            "stops; 0 stops at the first.",
-            min=0,
-            max=10**6,
-        ),
-    },
-    "loss": {
-        "kernel": Key(
-            "str",
-            "auto",
-            "fastsft-linear (hidden states -> loss, never builds the logits), fastsft (logits -> our fused CE), "
-            "torch (stock), unsloth (Unsloth's own fused loss), auto = fastsft-linear where supported.",
-            choices=("auto", "fastsft-linear", "fastsft", "torch", "unsloth"),
-        ),
-        "label_smoothing": Key("float", 0.0, "Label smoothing epsilon.", min=0, max=1),
-    },
-    "distributed": {
-        "num_processes": Key(
-            "int",
-            1,
-            "Data-parallel processes on this machine (GPUs, or CPU processes over gloo); > 1 makes "
-            "`fastsft run` launch itself through torchrun (same as --launch N).",
-            min=1,
-            max=1024,
-        ),
-        "strategy": Key(
-            "str",
-            "ddp",
-            "How several processes share the work: ddp (a full copy each), fsdp (FSDP2: parameters, "
-            "gradients and optimizer state sharded), deepspeed-zero3 (needs `pip install deepspeed`).",
-            choices=("ddp", "fsdp", "deepspeed-zero3"),
-        ),
-        "deepspeed_config": Key(
-            "str", None, "A DeepSpeed JSON config to use instead of fastsft's ZeRO-3 one (strategy = deepspeed-zero3).",
-            nullable=True,
-        ),
-    },
-    "export": {
-        "formats": Key("str_list", [], 'Exports written after training: any of "adapter", "merged", "gguf".'),
-        "dtype": Key("str", "bf16", "dtype of merged / GGUF exports.", choices=("bf16", "fp16", "fp32")),
-    },
-}
+_KINDS = (  # annotation (without `| None`) -> how the validator reads the value
+    ({str}, "str"),
+    ({int}, "int"),
+    ({float}, "float"),
+    ({bool}, "bool"),
+    ({str, list[str]}, "str_list"),
+    ({list[str]}, "list"),
+    ({dict[str, str]}, "table"),
+)
+
+
+def _kind(hint: Any, name: str) -> tuple[str, bool]:
+    """(kind, nullable) of an annotation: `int | None` -> ("int", True)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = set(typing.get_args(hint)) if union else {hint}
+    nullable = type(None) in args
+    args.discard(type(None))
+    for match, kind in _KINDS:
+        if args == match:
+            return kind, nullable
+    raise TypeError(f"recipe key {name!r}: unsupported type {hint!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sections
+# ----------------------------------------------------------------------------------------------
+
+
+class Section:
+    """Base of the sections: frozen dataclasses whose fields are the section's keys
+    (`recipe.train.learning_rate`). A recipe is changed through `Recipe.with_overrides`."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection(Section):
+    """[model]: the base model and how it is loaded."""
+
+    name: str = key(REQUIRED, "Hub id or local path of the base model (a folder or a .gguf file), `package:PKG/FILE.gguf` (a GGUF an installed Python package ships), or `builtin:tiny-mistral`.", path=True)  # fmt: skip
+    backend: str = key(
+        "auto",
+        "unsloth (CUDA only), transformers (anywhere), or auto: unsloth when a CUDA GPU and unsloth are there.",
+        choices=("auto", "unsloth", "transformers"),
+    )
+    load_in_4bit: bool = key(True, "Load the base in 4-bit NF4 with double quantisation (QLoRA).")
+    dtype: str = key(
+        "auto",
+        "Compute dtype: auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    attn_implementation: str = key(
+        "auto",
+        "Attention kernel for the transformers backend (auto = sdpa).",
+        choices=("auto", "sdpa", "eager", "flash_attention_2"),
+    )
+    trust_remote_code: bool = key(
+        False,
+        "The model needs its repository's own Python code. Granted only by --trust-remote-code on the command line.",
+    )
+    allow_pickle: bool = key(
+        False,
+        "The model's weights are pickle (.bin) files. Read only with --allow-pickle on the command line; "
+        "by default only safetensors are read.",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSection(Section):
+    """[lora]: the adapter (PEFT's LoraConfig names)."""
+
+    r: int = key(16, "LoRA rank.", min=1, max=4096)
+    lora_alpha: float = key(16.0, "LoRA scaling numerator (scale = lora_alpha / r).", min=0, min_exclusive=True)
+    lora_dropout: float = key(0.0, "Dropout on the LoRA input.", min=0, max=1)
+    bias: str = key("none", "Which biases train.", choices=("none", "all", "lora_only"))
+    target_modules: str | list[str] = key(
+        "all-linear", 'Modules that get adapters: "all-linear" or a list such as ["q_proj", "v_proj"].'
+    )
+    use_rslora: bool = key(False, "Rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection(Section):
+    """[data]: where the examples come from and how they become tokens."""
+
+    train: str = key(
+        REQUIRED,
+        "Training data: .jsonl/.json/.parquet/.csv file, a save_to_disk folder, or a hub data set name. "
+        "Relative paths are resolved from the recipe's folder.",
+        path=True,
+    )
+    eval: str | None = key(None, "Evaluation data, same kinds as `train`.", path=True)
+    split: str = key("train", "Split to read from a hub data set or a DatasetDict folder.")
+    subset: str | None = key(None, "Configuration name of a hub data set.")
+    format: str = key(
+        "auto",
+        "Data shape; auto detects it from the columns.",
+        choices=("auto", "text", "messages", "prompt_completion", "conversations", "sharegpt", "alpaca"),
+    )
+    columns: dict[str, str] = key({}, 'Rename columns to the names the format expects, e.g. { messages = "dialog" }.')
+    chat_template: str | None = key(
+        None,
+        "Override the tokenizer's chat template: chatml, llama3, mistral, qwen2.5, gemma, or a .jinja path.",
+        path=True,
+    )
+    max_length: int = key(1024, "Longest tokenized example; longer ones are truncated (and counted).", min=8)
+    packing: bool = key(False, "Pack several examples into each sequence (TRL's packing).")
+    packing_strategy: str = key("bfd", "TRL packing strategy.", choices=("bfd", "wrapped"))
+    assistant_only_loss: bool | None = key(None, "Loss only on assistant turns (default: true for conversations).")
+    completion_only_loss: bool | None = key(
+        None, "Loss only on the completion (default: true for prompt/completion data)."
+    )
+    val_ratio: float = key(0.0, "Share of `train` split off for evaluation when `eval` is not given.", min=0, max=0.5)
+    on_invalid: str = key(
+        "error", "What a bad row does: stop with an error, or be skipped and counted.", choices=("error", "skip")
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSection(Section):
+    """[train]: the optimisation. `sft` marks the keys `sft_args.sft_config` passes to SFTConfig as they are."""
+
+    learning_rate: float = key(2e-4, "Peak learning rate.", min=0, max=1, min_exclusive=True, sft=True)
+    num_train_epochs: float = key(
+        1.0, "Epochs over the training data (ignored when max_steps > 0).", min=0, max=1e4, min_exclusive=True,
+        sft=True,
+    )  # fmt: skip
+    max_steps: int = key(-1, "Optimizer steps to run; -1 = use num_train_epochs.", min=-1, max=10**9, sft=True)
+    per_device_train_batch_size: int = key(2, "Sequences per forward pass.", min=1, max=65536, sft=True)
+    per_device_eval_batch_size: int | None = key(
+        None, "Eval batch size (default: the train batch size).", min=1, max=65536, resume_safe=True, sft=False
+    )
+    gradient_accumulation_steps: int = key(1, "Forward passes per optimizer step.", min=1, max=65536, sft=True)
+    warmup_ratio: float = key(0.0, "Share of the steps spent warming the learning rate up.", min=0, max=1, sft=False)
+    warmup_steps: int = key(0, "Warm-up steps (overrides warmup_ratio when > 0).", min=0, max=10**9, sft=False)
+    lr_scheduler_type: str = key(
+        "cosine",
+        "Learning-rate decay after warm-up.",
+        choices=("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"),
+        sft=True,
+    )
+    weight_decay: float = key(0.0, "AdamW weight decay.", min=0, max=1, sft=True)
+    max_grad_norm: float = key(1.0, "Gradient clipping norm (0 disables).", min=0, max=1e6, sft=True)
+    optim: str = key(
+        "adamw_torch",
+        "Optimizer (transformers' names). adamw_8bit / paged_adamw_8bit need bitsandbytes on a GPU.",
+        choices=("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"),
+        sft=True,
+    )
+    gradient_checkpointing: bool = key(
+        True, "Recompute activations in backward: less memory, ~30% slower.", sft=False
+    )
+    logging_steps: int = key(1, "Log every N optimizer steps.", min=1, max=10**9, resume_safe=True, sft=True)
+    eval_strategy: str = key("no", "When to evaluate.", choices=("no", "steps", "epoch"), sft=True)
+    eval_steps: int | None = key(
+        None, "Evaluate every N steps (eval_strategy = steps).", min=1, max=10**9, resume_safe=True, sft=True
+    )
+    save_strategy: str = key("steps", "When to write checkpoints.", choices=("no", "steps", "epoch"), sft=True)
+    save_steps: int = key(
+        500, "Checkpoint every N steps (save_strategy = steps).", min=1, max=10**9, resume_safe=True, sft=True
+    )
+    save_total_limit: int | None = key(
+        2, "Checkpoints kept (older ones are deleted).", min=1, max=10**6, resume_safe=True, sft=True
+    )
+    load_best_model_at_end: bool = key(
+        False, "Keep the checkpoint with the best metric_for_best_model at the end.", sft=True
+    )
+    metric_for_best_model: str = key("eval_loss", "Metric that picks the best checkpoint.", sft=True)
+    seed: int = key(42, "Seed for weights init, data order and dropout.", min=0, max=2**32 - 1, sft=True)
+    max_nonfinite_steps: int = key(
+        0,
+        "Optimizer steps with a NaN/inf loss or gradient that are skipped (not applied) before the run "
+        "stops; 0 stops at the first.",
+        min=0,
+        max=10**6,
+        resume_safe=True,
+        sft=False,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossSection(Section):
+    """[loss]: which cross-entropy computes the loss."""
+
+    kernel: str = key(
+        "auto",
+        "fastsft-linear (hidden states -> loss, never builds the logits), fastsft (logits -> our fused CE), "
+        "torch (stock), unsloth (Unsloth's own fused loss), auto = fastsft-linear where supported.",
+        choices=("auto", "fastsft-linear", "fastsft", "torch", "unsloth"),
+    )
+    label_smoothing: float = key(0.0, "Label smoothing epsilon.", min=0, max=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedSection(Section):
+    """[distributed]: several processes on this machine."""
+
+    num_processes: int = key(
+        1,
+        "Data-parallel processes on this machine (GPUs, or CPU processes over gloo); > 1 makes "
+        "`fastsft run` launch itself through torchrun (same as --launch N).",
+        min=1,
+        max=1024,
+    )
+    strategy: str = key(
+        "ddp",
+        "How several processes share the work: ddp (a full copy each), fsdp (FSDP2: parameters, "
+        "gradients and optimizer state sharded), deepspeed-zero3 (needs `pip install deepspeed`).",
+        choices=("ddp", "fsdp", "deepspeed-zero3"),
+    )
+    deepspeed_config: str | None = key(
+        None,
+        "A DeepSpeed JSON config to use instead of fastsft's ZeRO-3 one (strategy = deepspeed-zero3).",
+        path=True,
+    )
+
 
 EXPORT_FORMATS = ("adapter", "merged", "gguf")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportSection(Section):
+    """[export]: what is written after training."""
+
+    formats: list[str] = key(
+        [], 'Exports written after training: any of "adapter", "merged", "gguf".', choices=EXPORT_FORMATS,
+        resume_safe=True,
+    )  # fmt: skip
+    dtype: str = key("bf16", "dtype of merged / GGUF exports.", choices=("bf16", "fp16", "fp32"), resume_safe=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,38 +347,18 @@ EXPORT_FORMATS = ("adapter", "merged", "gguf")
 # ----------------------------------------------------------------------------------------------
 
 
-class Section:
-    """Attribute access to one validated section (`recipe.train.learning_rate`)."""
-
-    def __init__(self, name: str, values: dict[str, Any]):
-        object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_values", dict(values))
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self._values[key]
-        except KeyError:
-            raise AttributeError(f"[{self._name}] has no key {key!r}") from None
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        raise AttributeError("recipes are read-only; use Recipe.with_overrides")
-
-    def as_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._values)
-
-
 @dataclass(frozen=True)
 class Recipe:
     """A validated recipe. `path` is the file it came from (None for one built in code); relative
-    data paths are resolved against its folder."""
+    data paths are resolved against its folder. Its sections are the fields typed as a `Section`."""
 
-    model: Section
-    lora: Section
-    data: Section
-    train: Section
-    loss: Section
-    distributed: Section
-    export: Section
+    model: ModelSection
+    lora: LoraSection
+    data: DataSection
+    train: TrainSection
+    loss: LossSection
+    distributed: DistributedSection
+    export: ExportSection
     path: Path | None = None
     raw: dict = field(default_factory=dict, repr=False)  # what the user wrote, overrides applied
 
@@ -271,7 +373,7 @@ class Recipe:
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """Every key of every section, defaults filled in."""
-        return {name: getattr(self, name).as_dict() for name in SCHEMA}
+        return {name: getattr(self, name).as_dict() for name in SECTIONS}
 
     def to_toml(self) -> str:
         """The resolved recipe as TOML (every key, defaults included); unset keys are left out. Written
@@ -307,33 +409,32 @@ class Recipe:
         return validate(raw, path=self.path)
 
 
+def _sections() -> dict[str, type[Section]]:
+    hints = typing.get_type_hints(Recipe)
+    return {
+        f.name: hints[f.name]
+        for f in fields(Recipe)
+        if isinstance(hints[f.name], type) and issubclass(hints[f.name], Section)
+    }
+
+
+# Section name -> its dataclass, and section name -> key name -> `Key`, both read from the classes above.
+SECTIONS: dict[str, type[Section]] = _sections()
+SCHEMA: dict[str, dict[str, Key]] = {
+    name: {f.name: Key.of(f, hint) for f in fields(cls) for hint in [typing.get_type_hints(cls)[f.name]]}
+    for name, cls in SECTIONS.items()
+}
+
+# Keys holding file paths, resolved relative to the recipe's folder.
+PATH_KEYS = tuple((s, k) for s, keys in SCHEMA.items() for k, spec in keys.items() if spec.path)
+
+# Keys a resumed run may change: they do not change what is trained, only how it is watched and kept.
+RESUME_SAFE_KEYS = frozenset(f"{s}.{k}" for s, keys in SCHEMA.items() for k, spec in keys.items() if spec.resume_safe)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading and validating
 # ----------------------------------------------------------------------------------------------
-
-
-# Keys holding file paths, resolved relative to the recipe's folder.
-PATH_KEYS = (
-    ("model", "name"),
-    ("data", "train"),
-    ("data", "eval"),
-    ("data", "chat_template"),
-    ("distributed", "deepspeed_config"),
-)
-
-# Keys a resumed run may change: they do not change what is trained, only how it is watched and kept.
-RESUME_SAFE_KEYS = frozenset(
-    {
-        "train.logging_steps",
-        "train.eval_steps",
-        "train.save_steps",
-        "train.save_total_limit",
-        "train.per_device_eval_batch_size",
-        "train.max_nonfinite_steps",
-        "export.formats",
-        "export.dtype",
-    }
-)
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -455,62 +556,80 @@ def _type_name(value: Any) -> str:
         return "an array"
     if isinstance(value, dict):
         return "a table"
-    return type(value).__name__
+    return "None" if value is None else type(value).__name__
 
 
-def _check_value(section: str, key: str, spec: Key, value: Any) -> tuple[Any, str | None]:
-    """Returns (coerced value, problem or None)."""
-    where = f"[{section}] {key} = {value!r}"
-    if value is None:
-        return None, None
-    t = spec.type
-    if t == "bool":
+def _check_type(where: str, kind: str, value: Any) -> tuple[Any, str | None]:
+    """(the value as the key's type, or a problem): ints become floats for a float key, an integral float
+    an int for an int key, one string a list of one for a `list[str]` key."""
+    if kind == "bool":
         if not isinstance(value, bool):
             return value, f"{where}: expected true or false, got {_type_name(value)}"
-    elif t == "int":
+    elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-                value = int(value)
-            else:
-                return value, f"{where}: expected an integer, got {_type_name(value)}"
-    elif t == "float":
+                return int(value), None
+            return value, f"{where}: expected an integer, got {_type_name(value)}"
+    elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return value, f"{where}: expected a number, got {_type_name(value)}"
         value = float(value)
         if not math.isfinite(value):
             return value, f"{where}: must be a finite number"
-    elif t == "str":
+    elif kind == "str":
         if not isinstance(value, str):
             return value, f"{where}: expected a string, got {_type_name(value)} (quote it: \"...\")"
-    elif t == "str_list":
+    elif kind in ("str_list", "list"):
         if isinstance(value, str) and "," in value:
             items = ", ".join(f'"{v.strip()}"' for v in value.split(",") if v.strip())
             return value, f"{where}: {value!r} is one string; for several names write an array: [{items}]"
         if isinstance(value, str):
-            pass
-        elif not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return ([value] if kind == "list" else value), None
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return value, f"{where}: expected a string or an array of strings"
-    elif t == "table":
+    elif kind == "table":
         if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
             return value, f"{where}: expected a table of strings, e.g. {{ messages = \"dialog\" }}"
-    if spec.choices is not None and value not in spec.choices:
+    return value, None
+
+
+def _check_allowed(section: str, spec: Key, where: str, value: Any) -> list[str]:
+    """The key's metadata against a value of the right type: its choices, its min and max."""
+    if spec.choices is not None:
         allowed = ", ".join(str(c) for c in spec.choices)
-        hint = _suggest(value, spec.choices) if isinstance(value, str) else ""
-        return value, f"{where}: must be one of {allowed}{hint}"
+        if spec.type == "list":  # each item is one of the choices
+            return [
+                f"[{section}] {spec.name}: {item!r} is not one of {allowed}{_suggest(item, spec.choices)}"
+                for item in value
+                if item not in spec.choices
+            ]
+        if value not in spec.choices:
+            hint = _suggest(value, spec.choices) if isinstance(value, str) else ""
+            return [f"{where}: must be one of {allowed}{hint}"]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = spec.min, spec.max
         if lo is not None and (value < lo or (spec.min_exclusive and value <= lo)):
             op = ">" if spec.min_exclusive else ">="
-            return value, f"{where}: must be {op} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            return [f"{where}: must be {op} {lo}" + (f" and <= {hi}" if hi is not None else "")]
         if hi is not None and value > hi:
-            return value, f"{where}: must be <= {hi}" + (f" and >= {lo}" if lo is not None else "")
-    return value, None
+            return [f"{where}: must be <= {hi}" + (f" and >= {lo}" if lo is not None else "")]
+    return []
 
 
-def validate(raw: dict, *, path: str | Path | None = None) -> Recipe:
-    """dict (as read from TOML, overrides applied) -> `Recipe`. Collects every problem."""
-    problems: list[str] = []
-    sections: dict[str, dict[str, Any]] = {}
+def _check_value(section: str, spec: Key, value: Any) -> tuple[Any, list[str]]:
+    """(coerced value, problems) of one key's value; None (only from Python) unsets a nullable key."""
+    if value is None and spec.nullable:
+        return None, []
+    where = f"[{section}] {spec.name} = {value!r}"
+    value, problem = _check_type(where, spec.type, value)
+    if problem:
+        return value, [problem]
+    return value, _check_allowed(section, spec, where, value)
+
+
+def _top_level_problems(raw: dict) -> list[str]:
+    """Unknown sections, and keys written outside any section."""
+    problems = []
     for name in raw:
         if name not in SCHEMA and not isinstance(raw[name], dict):  # a key outside any section
             home = next((s for s, keys in SCHEMA.items() if name in keys), None)
@@ -522,68 +641,69 @@ def validate(raw: dict, *, path: str | Path | None = None) -> Recipe:
             problems.append(f"[{name}]: unknown section{_suggest(name, SCHEMA)} (sections: {', '.join(SCHEMA)})")
         elif not isinstance(raw[name], dict):
             problems.append(f"`{name}` must be a section ([{name}]), not {_type_name(raw[name])}")
-    for name, keys in SCHEMA.items():
-        given = raw.get(name, {})
-        if not isinstance(given, dict):
-            given = {}
-        values: dict[str, Any] = {}
-        for key in given:
-            if key not in keys:
-                problems.append(f"`{key}`: unknown key in [{name}]{_suggest(key, keys, section=name)}")
-        for key, spec in keys.items():
-            if key in given:
-                value, problem = _check_value(name, key, spec, given[key])
-                if problem:
-                    problems.append(problem)
-                values[key] = value
-            elif spec.required:
-                problems.append(f"[{name}] {key} is required: {spec.help}")
-                values[key] = None
-            else:
-                values[key] = copy.deepcopy(spec.default)
-        sections[name] = values
+    return problems
+
+
+def _section_values(name: str, given: Any, problems: list[str]) -> dict[str, Any]:
+    """Every key of section `name`: the given value checked, or its default. Problems are appended."""
+    keys = SCHEMA[name]
+    given = given if isinstance(given, dict) else {}
+    for k in given:
+        if k not in keys:
+            problems.append(f"`{k}`: unknown key in [{name}]{_suggest(k, keys, section=name)}")
+    values: dict[str, Any] = {}
+    for k, spec in keys.items():
+        if k in given:
+            values[k], found = _check_value(name, spec, given[k])
+            problems += found
+        elif spec.required:
+            problems.append(f"[{name}] {k} is required: {spec.help}")
+            values[k] = None
+        else:
+            values[k] = copy.deepcopy(spec.default)
+    return values
+
+
+def validate(raw: dict, *, path: str | Path | None = None) -> Recipe:
+    """dict (as read from TOML, overrides applied) -> `Recipe`. Collects every problem."""
+    problems = _top_level_problems(raw)
+    values = {name: _section_values(name, raw.get(name), problems) for name in SCHEMA}
     if not problems:
-        problems += _cross_checks(sections)
+        recipe = Recipe(
+            **{name: SECTIONS[name](**v) for name, v in values.items()},
+            path=Path(path).resolve() if path is not None else None,
+            raw=copy.deepcopy(raw),
+        )
+        problems += _cross_checks(recipe)
     if problems:
         raise RecipeError(problems, path=str(path) if path is not None else None)
-    return Recipe(
-        **{name: Section(name, values) for name, values in sections.items()},
-        path=Path(path).resolve() if path is not None else None,
-        raw=copy.deepcopy(raw),
-    )
+    return recipe
 
 
-def _cross_checks(s: dict[str, dict[str, Any]]) -> list[str]:
+def _cross_checks(r: Recipe) -> list[str]:
     """Rules that involve more than one key."""
     problems = []
-    t = s["train"]
-    if t["max_steps"] == 0:
+    t = r.train
+    if t.max_steps == 0:
         problems.append("[train] max_steps = 0 trains nothing: use a positive number, or -1 to train num_train_epochs")
-    if t["eval_strategy"] != "no" and not (s["data"]["eval"] or s["data"]["val_ratio"] > 0):
+    if t.eval_strategy != "no" and not (r.data.eval or r.data.val_ratio > 0):
         problems.append(
-            f"[train] eval_strategy = {t['eval_strategy']!r} needs evaluation data: set [data] eval or [data] val_ratio"
+            f"[train] eval_strategy = {t.eval_strategy!r} needs evaluation data: set [data] eval or [data] val_ratio"
         )
-    if t["load_best_model_at_end"]:
-        if t["eval_strategy"] == "no":
+    if t.load_best_model_at_end:
+        if t.eval_strategy == "no":
             problems.append("[train] load_best_model_at_end = true needs eval_strategy = \"steps\" or \"epoch\"")
-        elif t["save_strategy"] != t["eval_strategy"]:
+        elif t.save_strategy != t.eval_strategy:
             problems.append(
                 "[train] load_best_model_at_end = true needs save_strategy equal to eval_strategy "
-                f"(now {t['save_strategy']!r} and {t['eval_strategy']!r})"
+                f"(now {t.save_strategy!r} and {t.eval_strategy!r})"
             )
-    if t["eval_strategy"] == "steps" and t["eval_steps"] is None:
+    if t.eval_strategy == "steps" and t.eval_steps is None:
         problems.append("[train] eval_strategy = \"steps\" needs eval_steps")
-    if s["loss"]["label_smoothing"] >= 1:
-        problems.append(f"[loss] label_smoothing = {s['loss']['label_smoothing']}: must be < 1")
-    formats = s["export"]["formats"]
-    formats = [formats] if isinstance(formats, str) else formats
-    for f in formats:
-        if f not in EXPORT_FORMATS:
-            problems.append(f"[export] formats: {f!r} is not one of {', '.join(EXPORT_FORMATS)}{_suggest(f, EXPORT_FORMATS)}")
-    s["export"]["formats"] = list(formats)
-    if s["model"]["backend"] == "unsloth" and s["loss"]["kernel"] == "torch":
-        pass  # allowed: Unsloth's forward with the stock loss path is the comparison row
-    if s["loss"]["kernel"] == "unsloth" and s["model"]["backend"] == "transformers":
+    if r.loss.label_smoothing >= 1:
+        problems.append(f"[loss] label_smoothing = {r.loss.label_smoothing}: must be < 1")
+    # an unsloth model with the stock loss is allowed: it is the comparison row of the benchmarks
+    if r.loss.kernel == "unsloth" and r.model.backend == "transformers":
         problems.append('[loss] kernel = "unsloth" needs [model] backend = "unsloth" (or "auto" on a CUDA GPU)')
     return problems
 
@@ -592,31 +712,36 @@ def _cross_checks(s: dict[str, dict[str, Any]]) -> list[str]:
 # JSON Schema, for TOML editors (taplo / Even Better TOML)
 # ----------------------------------------------------------------------------------------------
 
+_JSON_TYPES = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "str_list": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    "table": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+
+
+def _key_schema(spec: Key) -> dict:
+    if spec.type == "list":  # one name or an array of names, each one of the choices
+        item = {"type": "string", **({"enum": list(spec.choices)} if spec.choices else {})}
+        out: dict[str, Any] = {"anyOf": [item, {"type": "array", "items": item}]}
+    else:
+        out = copy.deepcopy(_JSON_TYPES[spec.type])
+        if spec.choices:
+            out["enum"] = list(spec.choices)
+    out["description"] = spec.help
+    if spec.min is not None:
+        out["exclusiveMinimum" if spec.min_exclusive else "minimum"] = spec.min
+    if spec.max is not None:
+        out["maximum"] = spec.max
+    if spec.default is not REQUIRED and spec.default is not None:
+        out["default"] = spec.default
+    return out
+
 
 def json_schema() -> dict:
     """The recipe schema as JSON Schema (draft 2020-12)."""
-
-    def key_schema(spec: Key) -> dict:
-        base = {
-            "str": {"type": "string"},
-            "int": {"type": "integer"},
-            "float": {"type": "number"},
-            "bool": {"type": "boolean"},
-            "str_list": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "table": {"type": "object", "additionalProperties": {"type": "string"}},
-        }[spec.type]
-        out = dict(base)
-        out["description"] = spec.help
-        if spec.choices:
-            out["enum"] = list(spec.choices)
-        if spec.min is not None:
-            out["exclusiveMinimum" if spec.min_exclusive else "minimum"] = spec.min
-        if spec.max is not None:
-            out["maximum"] = spec.max
-        if spec.default is not _NO_DEFAULT and spec.default is not None:
-            out["default"] = spec.default
-        return out
-
     props = {}
     required_sections = []
     for name, keys in SCHEMA.items():
@@ -626,7 +751,7 @@ def json_schema() -> dict:
         props[name] = {
             "type": "object",
             "additionalProperties": False,
-            "properties": {k: key_schema(spec) for k, spec in keys.items()},
+            "properties": {k: _key_schema(spec) for k, spec in keys.items()},
             **({"required": req} if req else {}),
         }
     return {

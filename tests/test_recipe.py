@@ -1,4 +1,6 @@
 import json
+import typing
+from dataclasses import FrozenInstanceError, dataclass, fields
 
 import pytest
 
@@ -105,11 +107,106 @@ def test_resolved_recipe_round_trips(tmp_path):
 
 
 def test_json_schema_covers_every_key():
+    """Every field of every section dataclass is in `fastsft schema`, with its help, bounds and choices."""
     schema = R.json_schema()
     json.dumps(schema)
-    for section, keys in R.SCHEMA.items():
-        assert set(schema["properties"][section]["properties"]) == set(keys)
+    assert set(schema["properties"]) == {f.name for f in fields(R.Recipe) if f.name not in ("path", "raw")}
+    for section, cls in R.SECTIONS.items():
+        props = schema["properties"][section]["properties"]
+        assert list(props) == [f.name for f in fields(cls)]
+        for f in fields(cls):
+            assert props[f.name]["description"] == f.metadata["help"]
+            if f.metadata["max"] is not None:
+                assert props[f.name]["maximum"] == f.metadata["max"]
     assert schema["properties"]["train"]["properties"]["lr_scheduler_type"]["enum"][0] == "cosine"
+    assert schema["properties"]["data"]["required"] == ["train"] and schema["required"] == ["model", "data"]
+    formats = schema["properties"]["export"]["properties"]["formats"]["anyOf"]
+    assert formats[1]["items"]["enum"] == list(R.EXPORT_FORMATS)
+
+
+def _keys_with(*names):
+    return [pytest.param(s, f, id=f"{s}.{f.name}") for s, cls in R.SECTIONS.items() for f in fields(cls)
+            if any(f.metadata[n] is not None for n in names)]  # fmt: skip
+
+
+def _raw_with(section, key, value):
+    raw = {"model": {"name": "x"}, "data": {"train": "y", "val_ratio": 0.1}}  # eval data for eval_strategy
+    raw.setdefault(section, {})[key] = value
+    return raw
+
+
+@pytest.mark.parametrize("section, f", _keys_with("min", "max"))
+def test_bounds_come_from_the_field_metadata(section, f):
+    """An out-of-range value is refused with the bound its dataclass field declares."""
+    m, kind = f.metadata, R.SCHEMA[section][f.name].type
+    cast = float if kind == "float" else int
+    cases = []
+    if m["max"] is not None:
+        cases.append((cast(m["max"] + 1), f"must be <= {m['max']}"))
+    if m["min"] is not None:
+        op = ">" if m["min_exclusive"] else ">="
+        cases.append((cast(m["min"] if m["min_exclusive"] else m["min"] - 1), f"must be {op} {m['min']}"))
+    for value, bound in cases:
+        with pytest.raises(RecipeError) as e:
+            R.validate(_raw_with(section, f.name, value))
+        assert e.value.problems[0].startswith(f"[{section}] {f.name} = {value!r}: {bound}"), e.value.problems
+
+
+@pytest.mark.parametrize("section, f", _keys_with("choices"))
+def test_choices_come_from_the_field_metadata(section, f):
+    choices = f.metadata["choices"]
+    near = choices[-1][:-1] + "x"  # one letter off the last choice
+    with pytest.raises(RecipeError) as e:
+        R.validate(_raw_with(section, f.name, near))
+    allowed = ", ".join(choices)
+    wanted = (f"[{section}] {f.name}: {near!r} is not one of {allowed}" if R.SCHEMA[section][f.name].type == "list"
+              else f"[{section}] {f.name} = {near!r}: must be one of {allowed}")  # fmt: skip
+    assert e.value.problems == [f"{wanted}; did you mean `{choices[-1]}`?"]
+    R.validate(_raw_with(section, f.name, choices[-1]))  # each choice is accepted
+
+
+def test_sections_are_frozen_dataclasses_with_typed_values(tmp_path):
+    r = load_text(tmp_path, TINY_RECIPE, ["export.formats=adapter"])
+    assert isinstance(r.train, R.TrainSection) and isinstance(r.lora, R.LoraSection)
+    with pytest.raises(FrozenInstanceError):
+        r.train.learning_rate = 1.0
+    assert r.export.formats == ["adapter"]  # a list[str] key takes one name as a list of one
+    assert r.train.as_dict()["learning_rate"] == 3e-3 and r.as_dict()["lora"]["r"] == 8
+    assert r.train.per_device_eval_batch_size is None  # `int | None`: unset
+
+
+def test_a_key_is_typed_by_its_annotation():
+    @dataclass(frozen=True, kw_only=True)
+    class Demo(R.Section):
+        a: int | None = R.key(None, "an optional int", min=1)
+        b: str | list[str] = R.key("x", "names")
+        c: str = R.key(R.REQUIRED, "required", sft=True)
+
+    hints = typing.get_type_hints(Demo)
+    a, b, c = (R.Key.of(f, hints[f.name]) for f in fields(Demo))
+    assert (a.type, a.nullable, a.required, a.min, a.default) == ("int", True, False, 1, None)
+    assert (b.type, b.nullable) == ("str_list", False)
+    assert (c.type, c.required, c.sft) == ("str", True, "c")
+    with pytest.raises(TypeError, match="unsupported type"):
+        R.Key.of(fields(Demo)[0], list[int])
+
+
+def test_none_unsets_only_a_nullable_key():
+    assert R.validate(_raw_with("train", "eval_steps", None)).train.eval_steps is None
+    with pytest.raises(RecipeError, match=r"\[loss\] label_smoothing = None: expected a number, got None"):
+        R.validate(_raw_with("loss", "label_smoothing", None))
+
+
+def test_every_foreign_key_names_a_real_key():
+    for foreign, (section, key) in R.FOREIGN_KEYS.items():
+        assert key in R.SCHEMA[section], foreign
+
+
+def test_path_and_resume_safe_keys_come_from_the_metadata():
+    assert ("data", "train") in R.PATH_KEYS and ("distributed", "deepspeed_config") in R.PATH_KEYS
+    assert len(R.PATH_KEYS) == 5
+    assert "train.save_steps" in R.RESUME_SAFE_KEYS and "train.learning_rate" not in R.RESUME_SAFE_KEYS
+    assert len(R.RESUME_SAFE_KEYS) == 8
 
 
 def test_any_string_in_a_recipe_is_written_back_as_valid_toml(tmp_path):
