@@ -22,6 +22,7 @@ from . import backends, dist, guard, machine, report
 from .errors import FastSFTError, Interrupted, RunDirError
 from .files import WriteFailed, apply_umask, is_write_error
 from .rundir import ADAPTER, METRICS, RECIPE, RUN_JSON, RunDir, default_path
+from .sft_args import sft_config
 from .trainer import STAGING, checkpoint_callback, make_trainer_class, progress_callback, read_totals
 
 
@@ -29,62 +30,6 @@ from .trainer import STAGING, checkpoint_callback, make_trainer_class, progress_
 class RunResult:
     run_dir: Path
     summary: dict
-
-
-# ----------------------------------------------------------------------------------------------
-# SFTConfig from the recipe
-# ----------------------------------------------------------------------------------------------
-
-
-def sft_config(recipe, output_dir: Path, *, dtype: str, backend: str, data_kwargs: dict):
-    import torch
-    from trl import SFTConfig
-
-    t = recipe.train
-    warmup = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio  # a float < 1 is a ratio
-    kwargs = dict(
-        output_dir=str(output_dir),
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        warmup_steps=warmup,
-        lr_scheduler_type=t.lr_scheduler_type,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        # Unsloth checkpoints its own way (enabled when it loads the model).
-        gradient_checkpointing=t.gradient_checkpointing and backend == "transformers",
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy=t.eval_strategy,
-        eval_on_start=t.eval_strategy != "no",  # the base model's held-out loss, for the report
-        eval_steps=t.eval_steps,
-        save_strategy=t.save_strategy,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=t.load_best_model_at_end,
-        metric_for_best_model=t.metric_for_best_model,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=dtype == "bf16",
-        fp16=dtype == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        disable_tqdm=True,  # our progress line replaces tqdm's
-        prediction_loss_only=True,
-        loss_type="nll",
-        label_smoothing_factor=0.0,  # label smoothing happens in our loss, not in TRL's second forward
-        dataloader_num_workers=0,
-        **data_kwargs,
-    )
-    if t.lr_scheduler_type == "cosine_with_min_lr":
-        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": 0.1}
-    kwargs.update(dist.distributed_kwargs(recipe, dtype=dtype))
-    return SFTConfig(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
