@@ -105,9 +105,21 @@ class Key:
         if "help" not in m:
             raise TypeError(f"recipe key {f.name!r} is not declared with key()")
         default = f.default_factory() if f.default_factory is not MISSING else f.default
-        sft = f.name if m["sft"] is True else (m["sft"] or None)
-        return cls(f.name, kind, default, m["help"], m["choices"], m["min"], m["max"], m["min_exclusive"],
-                   nullable, default is REQUIRED, m["path"], m["resume_safe"], sft)  # fmt: skip
+        return cls(
+            name=f.name,
+            type=kind,
+            default=default,
+            help=m["help"],
+            choices=m["choices"],
+            min=m["min"],
+            max=m["max"],
+            min_exclusive=m["min_exclusive"],
+            nullable=nullable,
+            required=default is REQUIRED,
+            path=m["path"],
+            resume_safe=m["resume_safe"],
+            sft=f.name if m["sft"] is True else (m["sft"] or None),
+        )
 
 
 _KINDS = (  # annotation (without `| None`) -> how the validator reads the value
