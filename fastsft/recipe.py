@@ -68,8 +68,16 @@ def key(
     SFTConfig/TrainingArguments argument of the same name, a string for another name, False when it is
     not passed through 1:1.
     """
-    metadata = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
-                "path": path, "resume_safe": resume_safe, "sft": sft}  # fmt: skip
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "min_exclusive": min_exclusive,
+        "path": path,
+        "resume_safe": resume_safe,
+        "sft": sft,
+    }
     if isinstance(default, (list, dict)):  # a fresh copy for each recipe
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -162,7 +170,12 @@ class Section:
 class ModelSection(Section):
     """[model]: the base model and how it is loaded."""
 
-    name: str = key(REQUIRED, "Hub id or local path of the base model (a folder or a .gguf file), `package:PKG/FILE.gguf` (a GGUF an installed Python package ships), or `builtin:tiny-mistral`.", path=True)  # fmt: skip
+    name: str = key(
+        REQUIRED,
+        "Hub id or local path of the base model (a folder or a .gguf file), `package:PKG/FILE.gguf` (a GGUF "
+        "an installed Python package ships), or `builtin:tiny-mistral`.",
+        path=True,
+    )
     backend: str = key(
         "auto",
         "unsloth (CUDA only), transformers (anywhere), or auto: unsloth when a CUDA GPU and unsloth are there.",
@@ -195,7 +208,9 @@ class LoraSection(Section):
     """[lora]: the adapter (PEFT's LoraConfig names)."""
 
     r: int = key(16, "LoRA rank.", min=1, max=4096)
-    lora_alpha: float = key(16.0, "LoRA scaling numerator (scale = lora_alpha / r).", min=0, min_exclusive=True)
+    lora_alpha: float = key(
+        16.0, "LoRA scaling numerator (scale = lora_alpha / r).", min=0, min_exclusive=True
+    )
     lora_dropout: float = key(0.0, "Dropout on the LoRA input.", min=0, max=1)
     bias: str = key("none", "Which biases train.", choices=("none", "all", "lora_only"))
     target_modules: str | list[str] = key(
@@ -222,7 +237,9 @@ class DataSection(Section):
         "Data shape; auto detects it from the columns.",
         choices=("auto", "text", "messages", "prompt_completion", "conversations", "sharegpt", "alpaca"),
     )
-    columns: dict[str, str] = key({}, 'Rename columns to the names the format expects, e.g. { messages = "dialog" }.')
+    columns: dict[str, str] = key(
+        {}, 'Rename columns to the names the format expects, e.g. { messages = "dialog" }.'
+    )
     chat_template: str | None = key(
         None,
         "Override the tokenizer's chat template: chatml, llama3, mistral, qwen2.5, gemma, or a .jinja path.",
@@ -231,13 +248,19 @@ class DataSection(Section):
     max_length: int = key(1024, "Longest tokenized example; longer ones are truncated (and counted).", min=8)
     packing: bool = key(False, "Pack several examples into each sequence (TRL's packing).")
     packing_strategy: str = key("bfd", "TRL packing strategy.", choices=("bfd", "wrapped"))
-    assistant_only_loss: bool | None = key(None, "Loss only on assistant turns (default: true for conversations).")
+    assistant_only_loss: bool | None = key(
+        None, "Loss only on assistant turns (default: true for conversations)."
+    )
     completion_only_loss: bool | None = key(
         None, "Loss only on the completion (default: true for prompt/completion data)."
     )
-    val_ratio: float = key(0.0, "Share of `train` split off for evaluation when `eval` is not given.", min=0, max=0.5)
+    val_ratio: float = key(
+        0.0, "Share of `train` split off for evaluation when `eval` is not given.", min=0, max=0.5
+    )
     on_invalid: str = key(
-        "error", "What a bad row does: stop with an error, or be skipped and counted.", choices=("error", "skip")
+        "error",
+        "What a bad row does: stop with an error, or be skipped and counted.",
+        choices=("error", "skip"),
     )
 
 
@@ -247,17 +270,34 @@ class TrainSection(Section):
 
     learning_rate: float = key(2e-4, "Peak learning rate.", min=0, max=1, min_exclusive=True, sft=True)
     num_train_epochs: float = key(
-        1.0, "Epochs over the training data (ignored when max_steps > 0).", min=0, max=1e4, min_exclusive=True,
+        1.0,
+        "Epochs over the training data (ignored when max_steps > 0).",
+        min=0,
+        max=1e4,
+        min_exclusive=True,
         sft=True,
-    )  # fmt: skip
-    max_steps: int = key(-1, "Optimizer steps to run; -1 = use num_train_epochs.", min=-1, max=10**9, sft=True)
+    )
+    max_steps: int = key(
+        -1, "Optimizer steps to run; -1 = use num_train_epochs.", min=-1, max=10**9, sft=True
+    )
     per_device_train_batch_size: int = key(2, "Sequences per forward pass.", min=1, max=65536, sft=True)
     per_device_eval_batch_size: int | None = key(
-        None, "Eval batch size (default: the train batch size).", min=1, max=65536, resume_safe=True, sft=False
+        None,
+        "Eval batch size (default: the train batch size).",
+        min=1,
+        max=65536,
+        resume_safe=True,
+        sft=False,
     )
-    gradient_accumulation_steps: int = key(1, "Forward passes per optimizer step.", min=1, max=65536, sft=True)
-    warmup_ratio: float = key(0.0, "Share of the steps spent warming the learning rate up.", min=0, max=1, sft=False)
-    warmup_steps: int = key(0, "Warm-up steps (overrides warmup_ratio when > 0).", min=0, max=10**9, sft=False)
+    gradient_accumulation_steps: int = key(
+        1, "Forward passes per optimizer step.", min=1, max=65536, sft=True
+    )
+    warmup_ratio: float = key(
+        0.0, "Share of the steps spent warming the learning rate up.", min=0, max=1, sft=False
+    )
+    warmup_steps: int = key(
+        0, "Warm-up steps (overrides warmup_ratio when > 0).", min=0, max=10**9, sft=False
+    )
     lr_scheduler_type: str = key(
         "cosine",
         "Learning-rate decay after warm-up.",
@@ -280,7 +320,9 @@ class TrainSection(Section):
     eval_steps: int | None = key(
         None, "Evaluate every N steps (eval_strategy = steps).", min=1, max=10**9, resume_safe=True, sft=True
     )
-    save_strategy: str = key("steps", "When to write checkpoints.", choices=("no", "steps", "epoch"), sft=True)
+    save_strategy: str = key(
+        "steps", "When to write checkpoints.", choices=("no", "steps", "epoch"), sft=True
+    )
     save_steps: int = key(
         500, "Checkpoint every N steps (save_strategy = steps).", min=1, max=10**9, resume_safe=True, sft=True
     )
@@ -348,10 +390,14 @@ class ExportSection(Section):
     """[export]: what is written after training."""
 
     formats: list[str] = key(
-        [], 'Exports written after training: any of "adapter", "merged", "gguf".', choices=EXPORT_FORMATS,
+        [],
+        'Exports written after training: any of "adapter", "merged", "gguf".',
+        choices=EXPORT_FORMATS,
         resume_safe=True,
-    )  # fmt: skip
-    dtype: str = key("bf16", "dtype of merged / GGUF exports.", choices=("bf16", "fp16", "fp32"), resume_safe=True)
+    )
+    dtype: str = key(
+        "bf16", "dtype of merged / GGUF exports.", choices=("bf16", "fp16", "fp32"), resume_safe=True
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +439,8 @@ class Recipe:
         import tomli_w
 
         doc = {
-            section: {k: v for k, v in values.items() if v is not None} for section, values in self.as_dict().items()
+            section: {k: v for k, v in values.items() if v is not None}
+            for section, values in self.as_dict().items()
         }
         return tomli_w.dumps(doc)
 
@@ -441,7 +488,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
 PATH_KEYS = tuple((s, k) for s, keys in SCHEMA.items() for k, spec in keys.items() if spec.path)
 
 # Keys a resumed run may change: they do not change what is trained, only how it is watched and kept.
-RESUME_SAFE_KEYS = frozenset(f"{s}.{k}" for s, keys in SCHEMA.items() for k, spec in keys.items() if spec.resume_safe)
+RESUME_SAFE_KEYS = frozenset(
+    f"{s}.{k}" for s, keys in SCHEMA.items() for k, spec in keys.items() if spec.resume_safe
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,7 +530,9 @@ def parse(data: bytes | str, *, path: str | None = None) -> dict:
     try:
         return tomllib.loads(data)
     except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"invalid TOML: {e}. Check the quoting and brackets on that line.", path=path) from None
+        raise RecipeError(
+            f"invalid TOML: {e}. Check the quoting and brackets on that line.", path=path
+        ) from None
     except RecursionError:
         raise RecipeError("arrays or tables nested too deeply to be a recipe.", path=path) from None
 
@@ -490,11 +541,15 @@ def parse_override(item: str, *, path: str | None = None) -> tuple[str, str, Any
     """`section.key=value` -> (section, key, value). The value is read as a TOML value; a bare word
     that is not valid TOML (`cosine`) is taken as a string."""
     if "=" not in item:
-        raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=1e-4", path=path)
+        raise RecipeError(
+            f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=1e-4", path=path
+        )
     lhs, rhs = item.split("=", 1)
     lhs, rhs = lhs.strip(), rhs.strip()
     if lhs.count(".") != 1 or not all(lhs.split(".")):
-        raise RecipeError(f"--set {item!r}: the name must be section.key, e.g. train.learning_rate", path=path)
+        raise RecipeError(
+            f"--set {item!r}: the name must be section.key, e.g. train.learning_rate", path=path
+        )
     section, key = lhs.split(".")
     try:
         value = tomllib.loads(f"v = {rhs}")["v"]
@@ -590,7 +645,7 @@ def _check_type(where: str, kind: str, value: Any) -> tuple[Any, str | None]:
             return value, f"{where}: must be a finite number"
     elif kind == "str":
         if not isinstance(value, str):
-            return value, f"{where}: expected a string, got {_type_name(value)} (quote it: \"...\")"
+            return value, f'{where}: expected a string, got {_type_name(value)} (quote it: "...")'
     elif kind in ("str_list", "list"):
         if isinstance(value, str) and "," in value:
             items = ", ".join(f'"{v.strip()}"' for v in value.split(",") if v.strip())
@@ -601,7 +656,7 @@ def _check_type(where: str, kind: str, value: Any) -> tuple[Any, str | None]:
             return value, f"{where}: expected a string or an array of strings"
     elif kind == "table":
         if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
-            return value, f"{where}: expected a table of strings, e.g. {{ messages = \"dialog\" }}"
+            return value, f'{where}: expected a table of strings, e.g. {{ messages = "dialog" }}'
     return value, None
 
 
@@ -650,7 +705,9 @@ def _top_level_problems(raw: dict) -> list[str]:
             ) or " (every key belongs in a section: " + ", ".join(f"[{s}]" for s in SCHEMA) + ")"
             problems.append(f"`{name}`: a key outside any section{hint}")
         elif name not in SCHEMA:
-            problems.append(f"[{name}]: unknown section{_suggest(name, SCHEMA)} (sections: {', '.join(SCHEMA)})")
+            problems.append(
+                f"[{name}]: unknown section{_suggest(name, SCHEMA)} (sections: {', '.join(SCHEMA)})"
+            )
         elif not isinstance(raw[name], dict):
             problems.append(f"`{name}` must be a section ([{name}]), not {_type_name(raw[name])}")
     return problems
@@ -697,26 +754,30 @@ def _cross_checks(r: Recipe) -> list[str]:
     problems = []
     t = r.train
     if t.max_steps == 0:
-        problems.append("[train] max_steps = 0 trains nothing: use a positive number, or -1 to train num_train_epochs")
+        problems.append(
+            "[train] max_steps = 0 trains nothing: use a positive number, or -1 to train num_train_epochs"
+        )
     if t.eval_strategy != "no" and not (r.data.eval or r.data.val_ratio > 0):
         problems.append(
             f"[train] eval_strategy = {t.eval_strategy!r} needs evaluation data: set [data] eval or [data] val_ratio"
         )
     if t.load_best_model_at_end:
         if t.eval_strategy == "no":
-            problems.append("[train] load_best_model_at_end = true needs eval_strategy = \"steps\" or \"epoch\"")
+            problems.append('[train] load_best_model_at_end = true needs eval_strategy = "steps" or "epoch"')
         elif t.save_strategy != t.eval_strategy:
             problems.append(
                 "[train] load_best_model_at_end = true needs save_strategy equal to eval_strategy "
                 f"(now {t.save_strategy!r} and {t.eval_strategy!r})"
             )
     if t.eval_strategy == "steps" and t.eval_steps is None:
-        problems.append("[train] eval_strategy = \"steps\" needs eval_steps")
+        problems.append('[train] eval_strategy = "steps" needs eval_steps')
     if r.loss.label_smoothing >= 1:
         problems.append(f"[loss] label_smoothing = {r.loss.label_smoothing}: must be < 1")
     # an unsloth model with the stock loss is allowed: it is the comparison row of the benchmarks
     if r.loss.kernel == "unsloth" and r.model.backend == "transformers":
-        problems.append('[loss] kernel = "unsloth" needs [model] backend = "unsloth" (or "auto" on a CUDA GPU)')
+        problems.append(
+            '[loss] kernel = "unsloth" needs [model] backend = "unsloth" (or "auto" on a CUDA GPU)'
+        )
     return problems
 
 

@@ -42,9 +42,10 @@ def test_misspelt_key_is_named_with_a_suggestion(tmp_path):
 
 
 def test_all_problems_reported_together(tmp_path):
-    text = TINY_RECIPE.replace("learning_rate = 3e-3", "learning_rate = -1").replace(
-        "r = 8", "r = \"eight\""
-    ) + "\n[trian]\nseed = 1\n"
+    text = (
+        TINY_RECIPE.replace("learning_rate = 3e-3", "learning_rate = -1").replace("r = 8", 'r = "eight"')
+        + "\n[trian]\nseed = 1\n"
+    )
     with pytest.raises(RecipeError) as e:
         load_text(tmp_path, text)
     problems = e.value.problems
@@ -61,7 +62,15 @@ def test_choices_suggest(tmp_path):
 
 
 def test_overrides_are_toml_values_and_validated(tmp_path):
-    r = load_text(tmp_path, TINY_RECIPE, ["train.learning_rate=1e-4", "lora.target_modules=['q_proj','v_proj']", "train.lr_scheduler_type=linear"])
+    r = load_text(
+        tmp_path,
+        TINY_RECIPE,
+        [
+            "train.learning_rate=1e-4",
+            "lora.target_modules=['q_proj','v_proj']",
+            "train.lr_scheduler_type=linear",
+        ],
+    )
     assert r.train.learning_rate == 1e-4
     assert r.lora.target_modules == ["q_proj", "v_proj"]
     assert r.train.lr_scheduler_type == "linear"
@@ -125,8 +134,12 @@ def test_json_schema_covers_every_key():
 
 
 def _keys_with(*names):
-    return [pytest.param(s, f, id=f"{s}.{f.name}") for s, cls in R.SECTIONS.items() for f in fields(cls)
-            if any(f.metadata[n] is not None for n in names)]  # fmt: skip
+    return [
+        pytest.param(s, f, id=f"{s}.{f.name}")
+        for s, cls in R.SECTIONS.items()
+        for f in fields(cls)
+        if any(f.metadata[n] is not None for n in names)
+    ]
 
 
 def _raw_with(section, key, value):
@@ -159,8 +172,11 @@ def test_choices_come_from_the_field_metadata(section, f):
     with pytest.raises(RecipeError) as e:
         R.validate(_raw_with(section, f.name, near))
     allowed = ", ".join(choices)
-    wanted = (f"[{section}] {f.name}: {near!r} is not one of {allowed}" if R.SCHEMA[section][f.name].type == "list"
-              else f"[{section}] {f.name} = {near!r}: must be one of {allowed}")  # fmt: skip
+    wanted = (
+        f"[{section}] {f.name}: {near!r} is not one of {allowed}"
+        if R.SCHEMA[section][f.name].type == "list"
+        else f"[{section}] {f.name} = {near!r}: must be one of {allowed}"
+    )
     assert e.value.problems == [f"{wanted}; did you mean `{choices[-1]}`?"]
     R.validate(_raw_with(section, f.name, choices[-1]))  # each choice is accepted
 
@@ -273,7 +289,9 @@ def test_an_uncached_hub_id_fails_at_once_when_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    r = load_text(tmp_path, TINY_RECIPE.replace('name = "builtin:tiny-mistral"', 'name = "someone/not-cached-7b"'))
+    r = load_text(
+        tmp_path, TINY_RECIPE.replace('name = "builtin:tiny-mistral"', 'name = "someone/not-cached-7b"')
+    )
     t0 = time.perf_counter()
     with pytest.raises(BackendError, match="not in the local cache, and the hub cannot be reached"):
         resolve_model_path(r)

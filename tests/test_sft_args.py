@@ -32,8 +32,14 @@ NON_DEFAULT = {
 
 
 def recipe_with(train: dict, **sections) -> R.Recipe:
-    return R.validate({"model": {"name": "builtin:tiny-mistral"}, "data": {"train": "d.jsonl", "val_ratio": 0.1},
-                       "train": train, **sections})  # fmt: skip
+    return R.validate(
+        {
+            "model": {"name": "builtin:tiny-mistral"},
+            "data": {"train": "d.jsonl", "val_ratio": 0.1},
+            "train": train,
+            **sections,
+        }
+    )
 
 
 def config(recipe, tmp_path, *, dtype="fp32", backend="transformers"):
@@ -52,14 +58,18 @@ def test_mapped_train_keys_are_sft_config_arguments():
     assert "learning_rate" in mapped and len(mapped) >= 15
     assert not {k: v for k, v in mapped.items() if v not in names}, "not SFTConfig arguments"
     # only [train] passes keys through: elsewhere `sft` would be ignored
-    assert not [(s, k) for s, keys in R.SCHEMA.items() if s != "train" for k, spec in keys.items() if spec.sft]
+    assert not [
+        (s, k) for s, keys in R.SCHEMA.items() if s != "train" for k, spec in keys.items() if spec.sft
+    ]
 
 
 def test_every_mapped_train_key_reaches_sft_config(tmp_path):
     from trl import SFTConfig
 
     mapped = {k: spec for k, spec in R.SCHEMA["train"].items() if spec.sft}
-    assert set(mapped) == set(NON_DEFAULT), "a [train] key passes to SFTConfig: give it a value in NON_DEFAULT"
+    assert set(mapped) == set(NON_DEFAULT), (
+        "a [train] key passes to SFTConfig: give it a value in NON_DEFAULT"
+    )
     args = config(recipe_with(NON_DEFAULT), tmp_path)
     stock = SFTConfig(output_dir=str(tmp_path / "stock"), use_cpu=True, bf16=False)
     for key, spec in mapped.items():
@@ -74,15 +84,22 @@ def test_the_keys_set_by_hand(tmp_path):
     args = config(recipe_with(t), tmp_path)
     assert args.warmup_steps == 4  # steps win over the ratio
     assert args.per_device_eval_batch_size == 3  # falls back to the train batch size
-    assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {
+        "use_reentrant": False
+    }
     assert args.data_seed == args.seed == 42
     assert (args.bf16, args.fp16, args.use_cpu) == (False, False, True)
     # fixed by fastsft: our progress line and our loss (smoothing included) replace TRL's
     assert args.report_to == [] and args.disable_tqdm is True and args.label_smoothing_factor == 0.0
     assert args.loss_type == "nll" and args.eval_on_start is False and not args.lr_scheduler_kwargs
 
-    t = {"warmup_ratio": 0.25, "per_device_eval_batch_size": 5, "lr_scheduler_type": "cosine_with_min_lr",
-         "eval_strategy": "steps", "eval_steps": 2}  # fmt: skip
+    t = {
+        "warmup_ratio": 0.25,
+        "per_device_eval_batch_size": 5,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+    }
     args = config(recipe_with(t, loss={"label_smoothing": 0.1}), tmp_path, dtype="bf16", backend="unsloth")
     assert args.warmup_steps == 0.25  # a float < 1 is a ratio
     assert args.per_device_eval_batch_size == 5
