@@ -15,7 +15,7 @@ Adding a key is one field in one section class, e.g. in `TrainSection`:
     early_stopping_patience: int | None = key(None, "Evaluations without improvement before the run stops.", min=1)
 
 The annotation gives the type (`str`, `int`, `float`, `bool`, `str | list[str]`, `list[str]`,
-`dict[str, str]`; `| None` lets it be unset) and `key()` the default (`REQUIRED` for none), the help and
+`dict[str, str]`, `list[dict]` for `[[section.key]]` tables; `| None` lets it be unset) and `key()` the default (`REQUIRED` for none), the help and
 optionally `choices`, `min`/`max` (`min_exclusive`), `path=True` (resolved from the recipe's folder),
 `resume_safe=True` (a resumed run may change it) and, in `[train]`, `sft=True` (passed to SFTConfig under
 the same name; `sft="name"` for another) or `sft=False` (fastsft's own key, or set by hand in
@@ -89,7 +89,8 @@ class Key:
 
     `type` is one of "str", "int", "float", "bool", "str_list" (a string or a list of strings, kept as
     written), "list" (a list of strings; one string is a list of one), "table" (a TOML inline table of
-    strings to strings).
+    strings to strings), "table_list" (an array of tables, `[[section.key]]` blocks; what each table
+    holds is left to the cross-checks).
     """
 
     name: str
@@ -138,6 +139,7 @@ _KINDS = (  # annotation (without `| None`) -> how the validator reads the value
     ({str, list[str]}, "str_list"),
     ({list[str]}, "list"),
     ({dict[str, str]}, "table"),
+    ({list[dict]}, "table_list"),
 )
 
 
@@ -626,7 +628,7 @@ def _type_name(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def _check_type(where: str, kind: str, value: Any) -> tuple[Any, str | None]:
+def _check_type(where: str, kind: str, value: Any, dotted: str) -> tuple[Any, str | None]:
     """(the value as the key's type, or a problem): ints become floats for a float key, an integral float
     an int for an int key, one string a list of one for a `list[str]` key."""
     if kind == "bool":
@@ -657,6 +659,9 @@ def _check_type(where: str, kind: str, value: Any) -> tuple[Any, str | None]:
     elif kind == "table":
         if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
             return value, f'{where}: expected a table of strings, e.g. {{ messages = "dialog" }}'
+    elif kind == "table_list":
+        if not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+            return value, f"{where}: expected an array of tables, e.g. [[{dotted}]] blocks"
     return value, None
 
 
@@ -688,7 +693,7 @@ def _check_value(section: str, spec: Key, value: Any) -> tuple[Any, list[str]]:
     if value is None and spec.nullable:
         return None, []
     where = f"[{section}] {spec.name} = {value!r}"
-    value, problem = _check_type(where, spec.type, value)
+    value, problem = _check_type(where, spec.type, value, f"{section}.{spec.name}")
     if problem:
         return value, [problem]
     return value, _check_allowed(section, spec, where, value)
@@ -792,6 +797,7 @@ _JSON_TYPES = {
     "bool": {"type": "boolean"},
     "str_list": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
     "table": {"type": "object", "additionalProperties": {"type": "string"}},
+    "table_list": {"type": "array", "items": {"type": "object"}},
 }
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import typing
 from dataclasses import FrozenInstanceError, dataclass, fields
@@ -203,6 +204,12 @@ def test_a_key_is_typed_by_its_annotation():
     assert (a.type, a.nullable, a.required, a.min, a.default) == ("int", True, False, 1, None)
     assert (b.type, b.nullable) == ("str_list", False)
     assert (c.type, c.required, c.sft) == ("str", True, "c")
+    table_list = R.Key.of(fields(Demo)[0], list[dict])
+    assert table_list.type == "table_list"
+    problems = R._check_value("data", dataclasses.replace(table_list, name="sources"), [{"path": "a"}, 3])[1]
+    assert problems == [
+        "[data] sources = [{'path': 'a'}, 3]: expected an array of tables, e.g. [[data.sources]] blocks"
+    ]
     with pytest.raises(TypeError, match="unsupported type"):
         R.Key.of(fields(Demo)[0], list[int])
 
