@@ -12,14 +12,15 @@ key, the value and what is allowed.
 
 Adding a key is one field in one section class, e.g. in `TrainSection`:
 
-    early_stopping_patience: int | None = key(None, "Evaluations without improvement before the run stops.", min=1)
+    neftune_noise_alpha: float | None = key(None, "NEFTune noise on the embeddings.", min=0, sft=True)
 
-The annotation gives the type (`str`, `int`, `float`, `bool`, `str | list[str]`, `list[str]`,
-`dict[str, str]`, `list[dict]` for `[[section.key]]` tables; `| None` lets it be unset) and `key()` the default (`REQUIRED` for none), the help and
-optionally `choices`, `min`/`max` (`min_exclusive`), `path=True` (resolved from the recipe's folder),
-`resume_safe=True` (a resumed run may change it) and, in `[train]`, `sft=True` (passed to SFTConfig under
-the same name; `sft="name"` for another) or `sft=False` (fastsft's own key, or set by hand in
-`sft_args.py`). Validation, `fastsft schema`, `--set`, `to_toml` and resume checks follow from it.
+The annotation gives the type: `str`, `int`, `float`, `bool`, `str | list[str]`, `list[str]`,
+`dict[str, str]`, `list[dict]` (`[[section.key]]` tables); `| None` lets it be unset. `key()` gives the
+default (`REQUIRED` for none), the help and, optionally, `choices`, `min` / `max` (`min_exclusive`),
+`path=True` (resolved from the recipe's folder), `resume_safe=True` (a resumed run may change it) and, in
+`[train]`, `sft=True` (passed to SFTConfig under the same name; `sft="name"` for another; give it a test
+value in tests/test_sft_args.py's NON_DEFAULT) or `sft=False` (fastsft's own key, or set in `sft_args.py`). Validation, `fastsft schema`, `--set`, `to_toml`
+and the resume check follow from it. A rule between keys goes in `_cross_checks`.
 """
 
 from __future__ import annotations
