@@ -2,58 +2,76 @@
 
     loss = cross_entropy(softcap(hidden @ weight.T + bias), labels)
 
-The forward computes the gradients too, chunk by chunk of tokens:
+The forward computes the gradients too, so backward only scales them and no logit is computed twice.
+Rows whose label is ignored (the prompt) are skipped (gathered chunk by chunk): FLOPs and memory scale
+with the supervised tokens only (this costs one host sync to learn their number). Two ways through:
+
+Row chunks (the Triton path; the PyTorch twin when the lm_head or its bias trains, or with a softcap):
 
     for each chunk of supervised tokens:
         z  = h_c @ W.T (+ b)                  one (chunk x V) buffer, allocated once, the only one alive
         dz = ce_rows(z, y_c)  written over z   our fused cross-entropy kernel (or the PyTorch twin below)
         dh_c = dz @ W;  dW += dz.T @ h_c;  db += dz.sum(0)     (dW / db only when W / b need grad)
 
-so the logits are never recomputed, and backward only scales the stored gradients. What it does
-beyond the usual chunked loss:
-- rows whose label is ignored (the prompt) are skipped (gathered chunk by chunk), so FLOPs and memory
-  scale with the supervised tokens only (this costs one host sync to learn their number);
-- a frozen lm_head (LoRA / QLoRA) gets no weight gradient: a third of the FLOPs saved;
-- the chunk is sized from a memory budget that counts every buffer a chunk holds (`chunk_memory`):
-  the peak above the inputs is that budget plus the hidden-state gradient, whatever the vocabulary;
-- the uniform term of label smoothing is folded into the row pass (no extra matmul).
+Tiles with an online softmax (the PyTorch twin with a frozen lm_head, LoRA's case, on the CPU). The
+hidden-state gradient of a row is a softmax-weighted sum of lm_head rows,
 
-The PyTorch twin (`backend="torch"`, the CPU path) keeps the logits in the model's dtype, as the
-Triton path does (16-bit matmuls run ~3x faster than float32 ones on CPUs with bf16 instructions),
-does the softmax in one float32 working buffer of the chunk's size, and writes the gradient back
-over the logits with its single rounding; the budget counts both buffers.
+    dL/dh = sum_j p_j W_j - (1 - eps) W_y - eps / V sum_j W_j        p = softmax(h W^T)
+
+which accumulates over vocabulary blocks as flash attention's output does (Q = h, K = V = W): per tile
+of (rows x cols) logits, e = exp(z - m) with a running row max m, s += sum(e), acc += e @ W_b, acc and
+s rescaled when m grows; at the end dL/dh = acc / s - ... So a row's logits are never all alive at once,
+the memory is one tile whatever the vocabulary, and still only two matmuls per tile (the logits and
+their product with W), both with many rows. On a CPU each worker thread runs its own share of the rows
+with one intra-op thread: tile operations never wait on each other across cores (an OpenMP barrier
+per operation costs a whole scheduling round on a busy machine; measured 5-7x slower at a load of 10
+on 2 cores).
+
+A chunk's or tile's size comes from a memory budget that counts every buffer it holds
+(`chunk_memory`, `tile_memory`); by default the budget follows the size of the hidden states passed
+in (`default_chunk_budget`), and `loss_memory` is the whole peak above the inputs (guard.py's
+estimate uses it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .cross_entropy import _DTYPES, ce_rows, check_labels, options, resolve_backend
 
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024  # the most a chunk's buffers may hold by default
+F32 = torch.float32
 # The fewest rows a default chunk gets: the matmuls read the whole lm_head once per chunk, which a GPU
-# amortises over a few hundred rows; a CPU computes slowly enough that a handful do.
+# amortises over a few hundred rows.
 MIN_CHUNK_ROWS = {"triton": 256, "torch": 8}
+MAX_TILE_ROWS = 128  # rows of a tile: more add memory (acc) without making a CPU matmul faster
+MIN_TILE_COLS = 256
+# The online softmax rescales only when a block's max passes the running one by this much: exp(20)
+# is far inside the float32 / bfloat16 range, and skipping the rescale saves a pass over acc. float16
+# tiles must stay <= 1 (its largest number is 65504 = exp(11.1)), so they always rescale.
+RESCALE_SLACK = {torch.float16: 0.0, torch.bfloat16: 20.0, torch.float32: 20.0}
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
 
 
 def chunk_memory(rows: int, n_cols: int, dtype: torch.dtype, *, backend: str = "triton",
                  weight_grad: bool = False, softcap: bool = False) -> int:  # fmt: skip
-    """Bytes the buffers of one chunk of `rows` logits rows hold (the peak of the loss above its inputs
-    and the hidden-state gradient): the logits / gradient buffer in `dtype`; for the torch twin, its
-    float32 working copy (not needed in float32) and, with a softcap, the tanh it keeps for the
-    gradient; the float32 copy the weight gradient's matmul takes when the lm_head trains in 16 bits."""
-    per_elem = torch.finfo(dtype).bits // 8
+    """Bytes the buffers of one row chunk of `rows` logits rows hold: the logits / gradient buffer in
+    `dtype`; for the torch twin, its float32 working copy (not needed in float32) and, with a softcap,
+    the tanh it keeps for the gradient; the float32 copy the weight gradient's matmul takes when the
+    lm_head trains in 16 bits."""
+    per_elem = _size(dtype)
     if backend == "torch":
-        per_elem += (4 if dtype != torch.float32 else 0) + (4 if softcap else 0)
-    if weight_grad and dtype != torch.float32:
+        per_elem += (4 if dtype != F32 else 0) + (4 if softcap else 0)
+    if weight_grad and dtype != F32:
         per_elem += 4
     return rows * n_cols * per_elem
 
 
-def chunk_rows(n_cols: int, dtype: torch.dtype, budget: int = DEFAULT_CHUNK_BYTES, *, backend: str = "triton",
+def chunk_rows(n_cols: int, dtype: torch.dtype, budget: int, *, backend: str = "triton",
                weight_grad: bool = False, softcap: bool = False) -> int:  # fmt: skip
     """The most rows whose chunk (`chunk_memory`, every buffer counted) fits in `budget` bytes, in
     multiples of 64 (tile-friendly matmuls) when there are 64 or more; at least 1."""
@@ -67,15 +85,75 @@ def chunk_rows(n_cols: int, dtype: torch.dtype, budget: int = DEFAULT_CHUNK_BYTE
     return lo if lo < 64 else lo // 64 * 64
 
 
+def tile_memory(rows: int, cols: int, n_hidden: int, dtype: torch.dtype, *, workers: int = 1) -> int:
+    """Bytes the buffers of the online path hold, `workers` tiles of (`rows` x `cols`) logits: per
+    tile the logits in `dtype` and their float32 exponentials (one buffer in float32); per row the
+    float32 gradient accumulator, the product of a block in `dtype`, the gathered hidden row."""
+    size = _size(dtype)
+    tile = cols * (size + (4 if dtype != F32 else 0))
+    per_row = n_hidden * (4 + 2 * size)
+    return workers * rows * (tile + per_row)
+
+
+def online_workers(device: torch.device | str = "cpu") -> int:
+    """Worker threads of the online path: one per intra-op thread on the CPU, one elsewhere."""
+    return max(1, torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
+
+
+def tile_plan(n_rows: int, n_hidden: int, n_cols: int, dtype: torch.dtype, budget: int, *,
+              rows: int | None = None, workers: int = 1) -> tuple[int, int, int]:  # fmt: skip
+    """(rows, cols, workers) of the online path's tiles for `n_rows` kept rows within `budget` bytes
+    (`tile_memory`): as many rows as fit in two thirds of a worker's share (at most MAX_TILE_ROWS,
+    halving; or `rows` when given), the rest for columns (multiples of 64, at least MIN_TILE_COLS or V)."""
+    workers = max(1, min(workers, n_rows))
+    share = max(1, budget // workers)
+    per_row = tile_memory(1, 0, n_hidden, dtype)
+    col_bytes = tile_memory(1, 1, 0, dtype)
+    if rows is None:
+        rows = min(MAX_TILE_ROWS, max(1, -(-n_rows // workers)))
+        while rows > 1 and rows * per_row > share * 2 // 3:
+            rows //= 2
+    rows = max(1, min(rows, -(-n_rows // workers)))
+    cols = (share - rows * per_row) // max(1, rows * col_bytes)
+    cols = cols // 64 * 64 if cols >= 64 else cols
+    cols = min(n_cols, max(cols, MIN_TILE_COLS))
+    return rows, cols, workers
+
+
 def default_chunk_budget(n_rows: int, n_hidden: int, n_cols: int, dtype: torch.dtype, *,
-                         backend: str = "triton", **kw) -> int:  # fmt: skip
-    """The budget when the caller gives none: the size of the hidden states passed in (`n_rows` of them,
-    ignored ones included), so that the loss never holds more than its input beside that input's
-    gradient (torch's `aspect_ratio` chunking makes the same kind of choice); at least a
-    `MIN_CHUNK_ROWS[backend]`-row chunk, at most `DEFAULT_CHUNK_BYTES`."""
-    size = torch.finfo(dtype).bits // 8
-    floor = chunk_memory(MIN_CHUNK_ROWS[backend], n_cols, dtype, backend=backend, **kw)
-    return min(max(n_rows * n_hidden * size, floor), max(DEFAULT_CHUNK_BYTES, floor))
+                         backend: str = "triton", online: bool = False, **kw) -> int:  # fmt: skip
+    """The budget when the caller gives none, from the size of the hidden states passed in (`n_rows`
+    of them, ignored ones included), as torch's `aspect_ratio` chunking does: row chunks get that size
+    (the loss then holds at most its input beside that input's gradient), at least a
+    `MIN_CHUNK_ROWS[backend]`-row chunk; online tiles get half of it (they need no more to keep the
+    matmuls fast), at least a 16-row, MIN_TILE_COLS tile per worker."""
+    size = n_rows * n_hidden * _size(dtype)
+    if online:
+        floor = tile_memory(16, min(n_cols, MIN_TILE_COLS), n_hidden, dtype, workers=kw.get("workers", 1))
+        return max(size // 2, floor)
+    kw.pop("workers", None)
+    return max(size, chunk_memory(MIN_CHUNK_ROWS[backend], n_cols, dtype, backend=backend, **kw))
+
+
+def loss_memory(n_rows: int, n_hidden: int, n_cols: int, dtype: torch.dtype, *, backend: str = "triton",
+                weight_grad: bool = False, softcap: bool = False, workers: int = 1) -> int:  # fmt: skip
+    """Bytes the loss holds above its inputs at its peak with the default budget: the chunk's or the
+    tiles' buffers, the hidden-state gradient and, when the lm_head trains, its float32 gradient. This
+    is the figure guard.py's memory estimate uses."""
+    grads = n_rows * n_hidden * _size(dtype) + (n_cols * n_hidden * 4 if weight_grad else 0)
+    if _online(backend, weight_grad, False, softcap):
+        budget = default_chunk_budget(n_rows, n_hidden, n_cols, dtype, online=True, workers=workers)
+        rows, cols, w = tile_plan(n_rows, n_hidden, n_cols, dtype, budget, workers=workers)
+        return tile_memory(rows, cols, n_hidden, dtype, workers=w) + grads
+    kw = dict(backend=backend, weight_grad=weight_grad, softcap=softcap)
+    rows = min(n_rows, chunk_rows(n_cols, dtype, default_chunk_budget(n_rows, n_hidden, n_cols, dtype, **kw), **kw))
+    return chunk_memory(rows, n_cols, dtype, **kw) + grads
+
+
+def _online(backend: str, need_w: bool, need_b: bool, softcap) -> bool:
+    """The online path serves the torch twin when only the hidden states need a gradient (a trained
+    lm_head or bias needs the final softmax per logit, a softcap a per-logit factor: row chunks)."""
+    return backend == "torch" and not need_w and not need_b and not softcap
 
 
 def _ce_rows_inplace(z, y, scale, opts, scratch, compute_grad):
@@ -131,20 +209,125 @@ def _ce_rows_inplace(z, y, scale, opts, scratch, compute_grad):
     return loss[:, 0]
 
 
-@contextlib.contextmanager
-def _one_thread(z):
-    """The torch twin's row pass on the CPU runs on one thread: its operations stream a chunk a few
-    times, and each parallel operation waits on every thread at its end, a scheduling round per
-    operation on a busy machine (measured: ~10 ms each at a load of 10 on 2 cores, 5-10x the work)."""
+def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, lo, hi, rows, cols):
+    """The online path on kept rows [lo, hi): their losses into `per_row`, their hidden-state
+    gradients (times `scale`) into `grad_h` when it is given. One worker's share, its own buffers."""
+    n_hidden, n_cols, cd, dev = hidden.shape[1], w.shape[0], w.dtype, w.device
+    eps, zl = opts["label_smoothing"], opts["lse_square_scale"]
+    rows = min(rows, hi - lo)
+    zbuf = torch.empty(rows * cols, dtype=cd, device=dev)
+    ebuf = zbuf if cd == F32 else torch.empty(rows * cols, dtype=F32, device=dev)
+    acc = torch.empty((rows, n_hidden), dtype=F32, device=dev) if grad_h is not None else None
+    part = torch.empty((rows, n_hidden), dtype=cd, device=dev)  # a block's e @ W_b; the gathered W_y
+    all_kept = keep.numel() == hidden.shape[0]
+    hbuf = None if all_kept and hidden.dtype == cd else torch.empty((rows, n_hidden), dtype=cd, device=dev)
+    slack = RESCALE_SLACK[cd]
+    w_sum = w.sum(0, dtype=F32) if eps and acc is not None else None
+    for i in range(lo, hi, rows):
+        idx = keep[i : min(i + rows, hi)]
+        r = idx.numel()
+        if hbuf is None:
+            h_c = hidden[i : i + r]
+        elif hidden.dtype == cd:
+            h_c = torch.index_select(hidden, 0, idx, out=hbuf[:r])
+        else:  # float32 hidden states under 16-bit autocast
+            h_c = hbuf[:r].copy_(hidden[i : i + r] if all_kept else hidden.index_select(0, idx))
+        y_c = y[i : i + r]
+        m = None
+        s = torch.zeros(r, dtype=F32, device=dev)
+        row_sum = torch.zeros(r, dtype=F32, device=dev) if eps else None
+        a = acc[:r].zero_() if acc is not None else None
+        # 1. over vocabulary blocks: running max m, s = sum_j exp(z_j - m), acc = sum_j exp(z_j - m) W_j
+        for v0 in range(0, n_cols, cols):
+            c = min(cols, n_cols - v0)
+            w_b = w[v0 : v0 + c]
+            z = zbuf[: r * c].view(r, c)
+            if b is not None:
+                torch.addmm(b[v0 : v0 + c], h_c, w_b.T, out=z)
+            else:
+                torch.mm(h_c, w_b.T, out=z)
+            m_b = z.amax(1).float()  # exact in the logits' dtype
+            if eps:
+                row_sum += z.sum(1, dtype=F32)
+            if m is None:
+                m = m_b
+            elif bool((m_b > m + slack).any()):  # rescale only when exp(z - m) could grow too large
+                m_new = torch.maximum(m, m_b)
+                alpha = (m - m_new).exp_()
+                s.mul_(alpha)
+                if a is not None:
+                    a.mul_(alpha[:, None])
+                m = m_new
+            e = ebuf[: r * c].view(r, c)
+            torch.sub(z, m[:, None], out=e)  # in float32: a 16-bit difference would lose the small p_j
+            e.exp_()
+            s += e.sum(1)
+            if a is not None:
+                if cd == F32:
+                    a.addmm_(e, w_b)
+                else:  # a 16-bit matmul (3x faster on CPUs with bf16 instructions), float32 sum over blocks
+                    a += torch.mm(z.copy_(e), w_b, out=part[:r])
+        # 2. the loss: lse - z_y, the target logit rounded to the logits' dtype as every other one
+        log_s = s.log()
+        lse = m + log_s
+        w_y = torch.index_select(w, 0, y_c, out=part[:r])
+        z_y = torch.linalg.vecdot(h_c, w_y)
+        if b is not None:
+            z_y = z_y + b.index_select(0, y_c)
+        loss = lse - z_y.float()
+        if eps:  # (1 - eps) nll + eps mean_j(lse - z_j)
+            loss = (1 - eps) * loss + eps * (lse - row_sum / n_cols)
+        if zl:
+            loss = loss + zl * lse * lse
+        per_row[i : i + r] = loss
+        if a is None:
+            continue
+        # 3. dL/dh = (coef acc / s - (1 - eps) W_y - eps / V sum_j W_j) * scale, coef = 1 + 2 zl lse
+        sc = scale[i : i + r] if scale.dim() else scale.expand(r)
+        coef = sc / s
+        if zl:
+            coef = coef * (1 + 2 * zl * lse)
+        a.mul_(coef[:, None])
+        a.addcmul_(w_y, (-(1 - eps) * sc)[:, None])
+        if eps:
+            a.addr_(sc * (-eps / n_cols), w_sum)
+        if all_kept:
+            grad_h[i : i + r].copy_(a)
+        else:
+            grad_h.index_copy_(0, idx, part[:r].copy_(a))
+
+
+def _online_chunks(hidden, keep, w, b, y, scale, opts, *, compute_grad, plan):
+    """Per-row losses of the kept rows and, with `compute_grad`, the hidden-state gradient (full-size,
+    zero on ignored rows): `plan` = (rows, cols, workers), the kept rows split evenly between the
+    workers, each a thread with one intra-op thread of its own."""
+    rows, cols, workers = plan
+    n = keep.numel()
+    per_row = torch.empty(n, dtype=F32, device=w.device)
+    grad_h = None
+    if compute_grad:
+        alloc = torch.empty if n == hidden.shape[0] else torch.zeros
+        grad_h = alloc(hidden.shape, dtype=w.dtype, device=w.device)
+    workers = max(1, min(workers, n))
+    bounds = [n * k // workers for k in range(workers + 1)]
+    spans = [(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
+
+    def work(span):
+        with torch.no_grad():  # grad mode is per thread: the workers' ops must not record a graph
+            _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, *span, rows, cols)
+
+    if len(spans) <= 1:
+        for span in spans:
+            work(span)
+        return per_row, grad_h
     threads = torch.get_num_threads()
-    if z.device.type != "cpu" or threads == 1 or os.environ.get("FASTSFT_ROW_PASS_THREADS") == "all":
-        yield
-        return
     torch.set_num_threads(1)
     try:
-        yield
+        with ThreadPoolExecutor(len(spans)) as pool:
+            list(pool.map(work, spans))
     finally:
         torch.set_num_threads(threads)
+    return per_row, grad_h
 
 
 def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need_b, compute_grad, chunk):
@@ -182,8 +365,7 @@ def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need
         row_scale = scale[i : i + chunk] if scale.dim() else scale
         y_c = y[i : i + chunk]
         if backend == "torch":
-            with _one_thread(z):
-                per_row[i : i + chunk] = _ce_rows_inplace(z, y_c, row_scale, opts, scratch, compute_grad)
+            per_row[i : i + chunk] = _ce_rows_inplace(z, y_c, row_scale, opts, scratch, compute_grad)
         else:
             per_row[i : i + chunk] = ce_rows(z, y_c, z if compute_grad else None, row_scale, opts, backend)
         if not compute_grad:
@@ -198,6 +380,34 @@ def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need
         if need_b:
             grad_b += z.sum(0, dtype=torch.float32)
     return per_row, grad_h, grad_w, grad_b
+
+
+def _plan(hidden, w, keep, opts, backend, need_w, need_b, chunk, budget) -> tuple:
+    """("online", rows, cols, workers) or ("rows", chunk rows), from `chunk` (rows) or `budget` (bytes)
+    or, when neither is given, the default budget."""
+    n_rows, n_hidden, n_cols = hidden.shape[0], hidden.shape[1], w.shape[0]
+    if _online(backend, need_w, need_b, opts["softcap"]):
+        workers = online_workers(hidden.device)
+        if budget is None:
+            budget = default_chunk_budget(n_rows, n_hidden, n_cols, w.dtype, online=True, workers=workers)
+        return ("online", *tile_plan(max(1, keep.numel()), n_hidden, n_cols, w.dtype, budget, rows=chunk,
+                                     workers=workers))  # fmt: skip
+    if not chunk:
+        kw = dict(backend=backend, weight_grad=need_w, softcap=bool(opts["softcap"]))
+        if budget is None:
+            budget = default_chunk_budget(n_rows, n_hidden, n_cols, w.dtype, **kw)
+        chunk = chunk_rows(n_cols, w.dtype, budget, **kw)
+    return ("rows", chunk)
+
+
+def _run(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need_b, compute_grad, plan):
+    if plan[0] == "online":
+        per_row, grad_h = _online_chunks(
+            hidden, keep, w, b, y, scale, opts, compute_grad=compute_grad and need_h, plan=plan[1:]
+        )
+        return per_row, grad_h, None, None
+    return _chunks(hidden, keep, w, b, y, scale, opts, backend, need_h=need_h, need_w=need_w, need_b=need_b,
+                   compute_grad=compute_grad, chunk=plan[1])  # fmt: skip
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -217,19 +427,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             scale = torch.tensor(1.0 / max(keep.numel(), 1), dtype=torch.float32, device=hidden.device)
         else:
             scale = torch.ones((), dtype=torch.float32, device=hidden.device)
-        if not chunk:
-            kw = dict(backend=backend, weight_grad=need_w, softcap=bool(opts["softcap"]))
-            if budget is None:
-                budget = default_chunk_budget(n_rows, hidden.shape[1], w.shape[0], w.dtype, **kw)
-            chunk = chunk_rows(w.shape[0], w.dtype, budget, **kw)
+        plan = _plan(hidden, w, keep, opts, backend, need_w, need_b, chunk, budget)
         # reduction="none" needs the per-row incoming gradient: its gradients are made in backward
         compute_grad = (need_h or need_w or need_b) and reduction != "none"
         with _no_autocast(hidden.device):  # the dtypes are chosen above; out= needs them kept
-            per_row, grad_h, grad_w, grad_b = _chunks(
+            per_row, grad_h, grad_w, grad_b = _run(
                 hidden, keep, w, b, y, scale, opts, backend,
-                need_h=need_h, need_w=need_w, need_b=need_b, compute_grad=compute_grad, chunk=chunk,
+                need_h=need_h, need_w=need_w, need_b=need_b, compute_grad=compute_grad, plan=plan,
             )  # fmt: skip
-        ctx.reduction, ctx.opts, ctx.backend, ctx.chunk = reduction, opts, backend, chunk
+        ctx.reduction, ctx.opts, ctx.backend, ctx.plan = reduction, opts, backend, plan
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if reduction == "none":
             ctx.save_for_backward(hidden, w, b, y, keep)
@@ -247,9 +453,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             need_h, need_w, need_b = ctx.needs_input_grad[:3]
             row_scale = grad_output.index_select(0, keep).to(torch.float32).contiguous()
             with _no_autocast(hidden.device):
-                _, grad_h, grad_w, grad_b = _chunks(
+                _, grad_h, grad_w, grad_b = _run(
                     hidden, keep, w, b, y, row_scale, ctx.opts, ctx.backend,
-                    need_h=need_h, need_w=need_w, need_b=need_b, compute_grad=True, chunk=ctx.chunk,
+                    need_h=need_h, need_w=need_w, need_b=need_b, compute_grad=True, plan=ctx.plan,
                 )  # fmt: skip
         else:
             grad_h, grad_w, grad_b = ctx.saved_tensors
@@ -300,10 +506,10 @@ def fused_linear_cross_entropy(
 
     `hidden` (N, H), `weight` (V, H) (the lm_head), `bias` (V,) or None, `labels` (N,) already
     shifted. Gradients flow to whichever of hidden / weight / bias require grad (none is computed for
-    a frozen lm_head). The memory lever: `chunk_size` (rows of logits alive at once) or
-    `chunk_bytes` (a budget every buffer of a chunk counts against, see `chunk_memory()`); by default
-    the budget is the size of `hidden` (at least 256 rows on the Triton path, 8 on the torch twin, at
-    most 256 MiB unless that floor needs more).
+    a frozen lm_head). The memory lever: `chunk_size` (rows of logits alive at once: a chunk's, or an
+    online tile's) or `chunk_bytes` (a budget every buffer counts against, see `chunk_memory()` and
+    `tile_memory()`); by default `default_chunk_budget()`: the size of `hidden` for row chunks (at
+    least 256 rows on the Triton path, 8 on the torch twin), half of it for the online tiles.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -330,4 +536,12 @@ def fused_linear_cross_entropy(
     )
 
 
-__all__ = ["fused_linear_cross_entropy", "chunk_rows", "chunk_memory", "default_chunk_budget"]
+__all__ = [
+    "fused_linear_cross_entropy",
+    "chunk_rows",
+    "chunk_memory",
+    "tile_memory",
+    "tile_plan",
+    "default_chunk_budget",
+    "loss_memory",
+]

@@ -6,10 +6,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsft.kernels import chunk_rows, fused_linear_cross_entropy, linear_cross_entropy_reference
 from fastsft.kernels.linear_cross_entropy import (
-    DEFAULT_CHUNK_BYTES,
     MIN_CHUNK_ROWS,
+    MIN_TILE_COLS,
     chunk_memory,
     default_chunk_budget,
+    loss_memory,
+    tile_memory,
+    tile_plan,
 )
 
 from _kernel_util import GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
@@ -30,15 +33,15 @@ def make(n, h, v, dtype, device, *, bias=True, ignored=0.3):
     return hidden, weight, b, y.to(device), seed
 
 
-def check(hidden, weight, bias, y, seed, backend, *, frozen_weight=False, **kw):
+def check(hidden, weight, bias, y, seed, backend, *, frozen_weight=False, frozen_bias=False, **kw):
     hk = hidden.clone().requires_grad_()
     wk = weight.clone().requires_grad_(not frozen_weight)
-    bk = bias.clone().requires_grad_() if bias is not None else None
+    bk = bias.clone().requires_grad_(not frozen_bias) if bias is not None else None
     loss = fused_linear_cross_entropy(hk, wk, y, bk, backend=backend, **kw)
     hr = hidden.double().requires_grad_()
     wr = weight.double().requires_grad_(not frozen_weight)
     br = bias.double().requires_grad_() if bias is not None else None
-    ref_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    ref_kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "chunk_bytes")}
     ref = linear_cross_entropy_reference(hr, wr, y, br, **ref_kw)
     up = torch.rand(ref.shape, dtype=torch.float64, device=hidden.device) + 0.5
     (loss * up.float()).sum().backward()
@@ -55,7 +58,7 @@ def check(hidden, weight, bias, y, seed, backend, *, frozen_weight=False, **kw):
     else:
         assert wk.grad.dtype == weight.dtype
         assert rel(wk.grad, wr.grad) < tol, f"weight grad {rel(wk.grad, wr.grad)}, seed {seed}"
-    if bias is not None:
+    if bias is not None and not frozen_bias:
         assert rel(bk.grad, br.grad) < tol, f"bias grad {rel(bk.grad, br.grad)}, seed {seed}"
     return loss, hk
 
@@ -63,17 +66,55 @@ def check(hidden, weight, bias, y, seed, backend, *, frozen_weight=False, **kw):
 @pytest.mark.parametrize("device,backend", params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_matches_reference(device, backend, dtype, bias):
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-head", "trained-head"])
+def test_matches_reference(device, backend, dtype, bias, frozen):
+    """On the torch twin a frozen head takes the online tiles (here 8-row tiles of 256 + 247 columns,
+    split between the worker threads), a trained one the row chunks."""
     hidden, weight, b, y, seed = make(45, 32, 503, dtype, device, bias=bias)
-    check(hidden, weight, b, y, seed, backend, label_smoothing=0.1, chunk_size=8)  # 8 does not divide 45
+    if frozen and b is not None:
+        b.requires_grad_(False)
+    check(hidden, weight, b, y, seed, backend, label_smoothing=0.1, chunk_size=8,  # 8 does not divide 45
+          frozen_weight=frozen, frozen_bias=frozen)  # fmt: skip
 
 
 @pytest.mark.parametrize("device,backend", params())
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_reductions_and_chunking(device, backend, reduction):
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-head", "trained-head"])
+def test_reductions_and_chunking(device, backend, reduction, frozen):
     hidden, weight, b, y, seed = make(31, 16, 97, torch.float32, device)
     for chunk in (1, 7, 31, None):
-        check(hidden, weight, b, y, seed, backend, reduction=reduction, chunk_size=chunk)
+        check(hidden, weight, b, y, seed, backend, reduction=reduction, chunk_size=chunk, frozen_weight=frozen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_online_tiles_odd_sizes_smoothing_and_zloss(dtype, workers, monkeypatch):
+    """The online path (torch twin, frozen head) over many vocabulary blocks of odd sizes (a 1000-word
+    vocabulary in 256-column blocks: 4 blocks, the last of 232), one worker or two, with smoothing,
+    z-loss and a frozen bias."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: workers)
+    hidden, weight, b, y, seed = make(37, 24, 1000, dtype, "cpu")
+    budget = tile_memory(5, MIN_TILE_COLS, 24, dtype, workers=workers)
+    assert tile_plan(int((y != -100).sum()), 24, 1000, dtype, budget, workers=workers)[1] == MIN_TILE_COLS
+    for kw in ({"label_smoothing": 0.1}, {"lse_square_scale": 1e-3}, {"reduction": "none"}):
+        check(hidden, weight, b, y, seed, "torch", frozen_weight=True, frozen_bias=True, chunk_bytes=budget, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_online_tiles_rescale_when_a_later_block_holds_the_max(dtype):
+    """Logits up to 120 whose largest sits in the last vocabulary block: the running max grows by 100,
+    more than the rescale slack, so the earlier blocks' sums must be rescaled (without it exp(z - m)
+    overflows in every dtype)."""
+    gen, seed = torch.Generator().manual_seed(0), 0
+    n, h, v = 16, 8, 600
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * 0.1
+    weight[-50:] = hidden[:1].repeat(50, 1) / hidden[0].norm() ** 2 * 120  # row 0: logits of 120 at the end
+    weight[:50] = hidden[:1].repeat(50, 1) / hidden[0].norm() ** 2 * 20  # and of 20 in the first block
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[0] = 10  # the target in the first block, the max in the last
+    budget = tile_memory(4, MIN_TILE_COLS, h, dtype)
+    check(hidden.to(dtype), weight.to(dtype), None, y, seed, "torch", frozen_weight=True, chunk_bytes=budget)
 
 
 @pytest.mark.parametrize("device,backend", params())
@@ -98,10 +139,12 @@ class _Matmuls(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("device,backend", params())
-def test_frozen_lm_head_gets_no_weight_gradient(device, backend):
+def test_frozen_lm_head_gets_no_weight_gradient(device, backend, monkeypatch):
     """LoRA / QLoRA: the lm_head is frozen, so no weight gradient is computed or stored. Autograd
-    hands back None either way, so count the matrix products the kernel runs: per chunk, the logits
-    and the hidden gradient only (2), where a trainable head adds its weight gradient (3)."""
+    hands back None either way, so count the matrix products the kernel runs: per chunk (or online
+    tile: 211 columns are one block), the logits and the hidden gradient only (2), where a trainable
+    head adds its weight gradient (3). One worker: a dispatch mode sees its own thread only."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     hidden, weight, _, y, seed = make(25, 16, 211, torch.bfloat16, device, bias=False)
     check(hidden, weight, None, y, seed, backend, frozen_weight=True, chunk_size=4)
     chunks = -(-int((y != -100).sum()) // 4)
@@ -148,24 +191,54 @@ def test_chunk_size_follows_the_memory_budget():
     assert chunk_memory(10, 1000, torch.bfloat16, backend="torch") == 10 * 1000 * 6
     assert chunk_memory(10, 1000, torch.bfloat16, backend="triton") == 10 * 1000 * 2
     assert chunk_rows(13, torch.float32, 1) == 1
-    # the default budget: the size of the hidden states, within a floor of rows and a 256 MiB cap
+    # the default budget of row chunks: the size of the hidden states (no fixed cap), at least a floor of rows
     budget = default_chunk_budget(16384, 4096, 128256, torch.bfloat16)
     assert budget == 16384 * 4096 * 2 and chunk_rows(128256, torch.bfloat16, budget) >= 256
+    assert default_chunk_budget(65536, 8192, 1000, torch.float32) == 65536 * 8192 * 4
     small = default_chunk_budget(8, 64, 1000, torch.bfloat16, backend="torch")
     assert chunk_rows(1000, torch.bfloat16, small, backend="torch") == MIN_CHUNK_ROWS["torch"]
-    assert default_chunk_budget(10**6, 8192, 1000, torch.float32) == DEFAULT_CHUNK_BYTES
+    assert default_chunk_budget(8, 64, 1000, torch.bfloat16) == chunk_memory(256, 1000, torch.bfloat16)
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 2 * 1024 * 1024])
-def test_peak_memory_is_one_chunk(chunk_bytes, tmp_path):
-    """The torch twin's peak resident memory above its inputs is the hidden-state gradient plus one
-    chunk as `chunk_memory` counts it (measured in a child: no Triton interpreter, and every buffer
-    of 64 KiB or more its own mapping, so that the resident set follows the live tensors)."""
+def test_online_tiles_follow_the_memory_budget():
+    """Online tiles: every worker's tile within its share of the budget, rows before columns, and the
+    default budget half the hidden states' size (torch's compact chunking picks the same)."""
+    mib = 1024 * 1024
+    for dtype in DTYPES:
+        for budget, workers in ((mib, 1), (mib, 2), (8 * mib, 2), (64 * mib, 4)):
+            rows, cols, w = tile_plan(3000, 1024, 128256, dtype, budget, workers=workers)
+            assert w == workers and tile_memory(rows, cols, 1024, dtype, workers=w) <= budget
+            assert cols % 64 == 0 and cols >= MIN_TILE_COLS and rows >= 8
+            assert tile_memory(rows, cols + 64, 1024, dtype, workers=w) > budget  # the columns fill it
+    assert tile_memory(10, 100, 64, torch.bfloat16) == 10 * (100 * 6 + 64 * 8)
+    assert tile_memory(10, 100, 64, torch.float32, workers=2) == 2 * 10 * (100 * 4 + 64 * 12)
+    assert tile_plan(3000, 1024, 128256, torch.bfloat16, 64 * mib, rows=7)[0] == 7
+    assert tile_plan(5, 1024, 500, torch.bfloat16, 64 * mib, workers=8)[:3] == (1, 500, 5)
+    assert default_chunk_budget(1024, 1024, 32768, torch.bfloat16, online=True, workers=2) == 1024 * 1024
+    # the estimate guard.py takes: the tiles and the hidden-state gradient (+ a trained head's float32 one)
+    frozen = loss_memory(1024, 1024, 32768, torch.bfloat16, backend="torch", workers=2)
+    assert 2 * mib < frozen <= 3 * mib
+    trained = loss_memory(1024, 1024, 32768, torch.bfloat16, backend="torch", weight_grad=True)
+    assert trained >= 32768 * 1024 * 4 + 2 * mib
+    gpu = loss_memory(16384, 4096, 128256, torch.bfloat16)
+    size = 16384 * 4096 * 2  # a chunk about the size of the hidden states, and their gradient
+    assert 1.9 * size <= gpu <= 2 * size
+
+
+@pytest.mark.parametrize("path", ["online", "online-2MiB", "rows-softcap"])
+def test_peak_memory_is_one_chunk(path, tmp_path):
+    """The torch twin's peak resident memory above its inputs is the hidden-state gradient plus its
+    tiles (online, frozen head) or one chunk (row chunks, here for a softcap) as `tile_memory` /
+    `chunk_memory` count them, measured in a child: no Triton interpreter, and every buffer of 64 KiB
+    or more its own mapping, so that the resident set follows the live tensors."""
     n, h, v = 1024, 256, 32768
+    chunk_bytes = 2 * 1024 * 1024 if path == "online-2MiB" else None
+    softcap = 30.0 if path == "rows-softcap" else None
     script = f"""
 import gc, sys, torch
 from fastsft.kernels import fused_linear_cross_entropy
-from fastsft.kernels.linear_cross_entropy import chunk_memory, chunk_rows, default_chunk_budget
+from fastsft.kernels.linear_cross_entropy import (chunk_memory, chunk_rows, default_chunk_budget, online_workers,
+    tile_memory, tile_plan)
 def kib(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 g = torch.Generator().manual_seed(0)
@@ -174,16 +247,23 @@ w = (torch.randn({v}, {h}, generator=g) / 16).bfloat16()
 y = torch.randint(0, {v}, ({n},), generator=g)
 y[:{n} // 4] = -100
 def run():
-    fused_linear_cross_entropy(hid, w, y, backend="torch", chunk_bytes={chunk_bytes}).backward()
+    fused_linear_cross_entropy(hid, w, y, backend="torch", chunk_bytes={chunk_bytes}, softcap={softcap}).backward()
     hid.grad = None
 run(); gc.collect()
 open("/proc/self/clear_refs", "w").write("5")
 before = kib("VmRSS")
 run()
 peak = (kib("VmHWM") - before) * 1024
-budget = {chunk_bytes} or default_chunk_budget({n}, {h}, {v}, torch.bfloat16, backend="torch")
-chunk = chunk_memory(chunk_rows({v}, torch.bfloat16, budget, backend="torch"), {v}, torch.bfloat16, backend="torch")
-print(peak, chunk, hid.numel() * 2)
+bf = torch.bfloat16
+if {softcap} is None:
+    workers = online_workers()
+    budget = {chunk_bytes} or default_chunk_budget({n}, {h}, {v}, bf, online=True, workers=workers)
+    chunk = tile_memory(*tile_plan({n} - {n} // 4, {h}, {v}, bf, budget, workers=workers)[:2], {h}, bf, workers=workers)
+else:
+    kw = dict(backend="torch", softcap=True)
+    budget = default_chunk_budget({n}, {h}, {v}, bf, **kw)
+    chunk = chunk_memory(chunk_rows({v}, bf, budget, **kw), {v}, bf, **kw)
+print(peak, chunk, budget, hid.numel() * 2)
 """
     import os
     import subprocess
@@ -193,18 +273,11 @@ print(peak, chunk, hid.numel() * 2)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    peak, chunk, grad = map(int, out.stdout.split()[-3:])
-    if chunk_bytes:
-        assert chunk <= chunk_bytes
+    peak, chunk, budget, grad = map(int, out.stdout.split()[-4:])
+    assert chunk <= budget
     # one chunk and the gradient, give or take 1 MiB of small buffers (not 4 chunks, not the logits)
     assert peak <= chunk + grad + 1024 * 1024, (peak, chunk, grad)
     assert peak >= chunk + grad - 1024 * 1024, (peak, chunk, grad)
-
-
-    rows = chunk_rows(128256, torch.bfloat16)  # Llama-3's vocabulary
-    assert rows * 128256 * 2 <= 256 * 1024 * 1024
-    assert rows >= 512
-    assert chunk_rows(13, torch.float32) >= 1
 
 
 @pytest.mark.parametrize("device,backend", params())
