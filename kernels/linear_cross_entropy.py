@@ -88,10 +88,12 @@ def chunk_rows(n_cols: int, dtype: torch.dtype, budget: int, *, backend: str = "
 def tile_memory(rows: int, cols: int, n_hidden: int, dtype: torch.dtype, *, workers: int = 1) -> int:
     """Bytes the buffers of the online path hold, `workers` tiles of (`rows` x `cols`) logits: per
     tile the logits in `dtype` and their float32 exponentials (one buffer in float32); per row the
-    float32 gradient accumulator, the product of a block in `dtype`, the gathered hidden row."""
+    float32 gradient accumulator, the gathered hidden row and, unless it fits in the float32 tile
+    (16-bit logits, cols >= H / 2), the product of a block in `dtype`."""
     size = _size(dtype)
     tile = cols * (size + (4 if dtype != F32 else 0))
-    per_row = n_hidden * (4 + 2 * size)
+    shared = dtype != F32 and cols * 4 >= n_hidden * size
+    per_row = n_hidden * (4 + size + (0 if shared else size))
     return workers * rows * (tile + per_row)
 
 
@@ -107,14 +109,16 @@ def tile_plan(n_rows: int, n_hidden: int, n_cols: int, dtype: torch.dtype, budge
     halving; or `rows` when given), the rest for columns (multiples of 64, at least MIN_TILE_COLS or V)."""
     workers = max(1, min(workers, n_rows))
     share = max(1, budget // workers)
-    per_row = tile_memory(1, 0, n_hidden, dtype)
     col_bytes = tile_memory(1, 1, 0, dtype)
+    wide = tile_memory(1, n_hidden, n_hidden, dtype) - n_hidden * col_bytes  # per row, block product shared
     if rows is None:
         rows = min(MAX_TILE_ROWS, max(1, -(-n_rows // workers)))
-        while rows > 1 and rows * per_row > share * 2 // 3:
+        while rows > 1 and rows * wide > share * 2 // 3:
             rows //= 2
     rows = max(1, min(rows, -(-n_rows // workers)))
-    cols = (share - rows * per_row) // max(1, rows * col_bytes)
+    cols = (share - rows * wide) // max(1, rows * col_bytes)
+    if tile_memory(rows, cols, n_hidden, dtype) > share:  # too narrow to share: the product's own buffer
+        cols = (share - rows * tile_memory(1, 0, n_hidden, dtype)) // max(1, rows * col_bytes)
     cols = cols // 64 * 64 if cols >= 64 else cols
     cols = min(n_cols, max(cols, MIN_TILE_COLS))
     return rows, cols, workers
@@ -218,7 +222,12 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, lo, hi, ro
     zbuf = torch.empty(rows * cols, dtype=cd, device=dev)
     ebuf = zbuf if cd == F32 else torch.empty(rows * cols, dtype=F32, device=dev)
     acc = torch.empty((rows, n_hidden), dtype=F32, device=dev) if grad_h is not None else None
-    part = torch.empty((rows, n_hidden), dtype=cd, device=dev)  # a block's e @ W_b; the gathered W_y
+    # a block's e @ W_b and the gathered W_y, in `dtype`: in the float32 tile once e is copied out of
+    # it, when that is large enough (cols >= H / 2), else a buffer of its own
+    if cd != F32 and rows * cols * 4 >= rows * n_hidden * _size(cd):
+        part = ebuf.view(cd)[: rows * n_hidden].view(rows, n_hidden)
+    else:
+        part = torch.empty((rows, n_hidden), dtype=cd, device=dev)
     all_kept = keep.numel() == hidden.shape[0]
     hbuf = None if all_kept and hidden.dtype == cd else torch.empty((rows, n_hidden), dtype=cd, device=dev)
     slack = RESCALE_SLACK[cd]

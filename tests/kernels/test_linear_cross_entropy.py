@@ -210,7 +210,8 @@ def test_online_tiles_follow_the_memory_budget():
             assert w == workers and tile_memory(rows, cols, 1024, dtype, workers=w) <= budget
             assert cols % 64 == 0 and cols >= MIN_TILE_COLS and rows >= 8
             assert tile_memory(rows, cols + 64, 1024, dtype, workers=w) > budget  # the columns fill it
-    assert tile_memory(10, 100, 64, torch.bfloat16) == 10 * (100 * 6 + 64 * 8)
+    assert tile_memory(10, 100, 64, torch.bfloat16) == 10 * (100 * 6 + 64 * 6)  # e @ W_b in the f32 tile
+    assert tile_memory(10, 100, 256, torch.bfloat16) == 10 * (100 * 6 + 256 * 8)  # too narrow for it
     assert tile_memory(10, 100, 64, torch.float32, workers=2) == 2 * 10 * (100 * 4 + 64 * 12)
     assert tile_plan(3000, 1024, 128256, torch.bfloat16, 64 * mib, rows=7)[0] == 7
     assert tile_plan(5, 1024, 500, torch.bfloat16, 64 * mib, workers=8)[:3] == (1, 500, 5)
