@@ -231,9 +231,14 @@ def estimate_memory(model, recipe, loss_kernel: str) -> dict:
     else:
         activations = layers * per_layer
     if loss_kernel == "fastsft-linear":
-        from fastsft.kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES
+        import torch
 
-        loss = min(DEFAULT_CHUNK_BYTES, tokens * vocab * act_bytes) + tokens * hidden * 4
+        from fastsft.kernels.linear_cross_entropy import loss_memory
+
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_trains = bool(getattr(getattr(head, "weight", None), "requires_grad", False))
+        # the kernel's own count: its chunk (from the default budget) and the gradients it holds
+        loss = loss_memory(tokens, hidden, vocab, torch.bfloat16, weight_grad=head_trains)
     elif loss_kernel == "fastsft":
         loss = tokens * vocab * act_bytes  # the logits, the gradient written over them
     else:
