@@ -23,10 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-# the repository root must not be importable: its kernels/ would shadow the `kernels` package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE.parent]
-sys.path.insert(0, str(_HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _status_kib(key: str) -> int:

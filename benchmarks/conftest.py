@@ -7,14 +7,8 @@ FASTSFT_BENCH_OUT) so that CI never touches the committed figures.
 """
 
 import os
-import sys
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-# the repository root must not be importable: its kernels/ would shadow the `kernels` package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

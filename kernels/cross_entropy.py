@@ -12,20 +12,12 @@ the speed reference. Both share `ce_rows`, which `linear_cross_entropy` calls pe
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
 from ._triton import interpreting, tl, triton, triton_available
 
-launch_counts: Counter = Counter()
-
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def reset_launch_counts() -> None:
-    launch_counts.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +167,6 @@ def _ce_rows_triton(logits, labels, grad, scale, opts) -> torch.Tensor:
         BLOCK=block,
         num_warps=warps,
     )
-    launch_counts["cross_entropy"] += 1
     return loss
 
 
@@ -360,4 +351,4 @@ def fused_cross_entropy(
     return _FusedCrossEntropy.apply(logits, labels, scale, opts, reduction, backend, inplace_backward)
 
 
-__all__ = ["fused_cross_entropy", "launch_counts", "reset_launch_counts", "ce_rows", "resolve_backend"]
+__all__ = ["fused_cross_entropy", "ce_rows", "resolve_backend"]

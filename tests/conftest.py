@@ -5,23 +5,13 @@ kernels run (slowly, exactly) on the CPU; on a GPU machine the same tests run na
 """
 
 import os
-import sys
-from pathlib import Path
 
-# The repository root must not be on sys.path (`python -m pytest` puts the current directory there):
-# its `kernels/` folder (installed as `fastsft.kernels`) would shadow the `kernels` package that
-# transformers and bitsandbytes probe for.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-if getattr(sys.modules.get("kernels"), "__file__", "") and str(_ROOT) in sys.modules["kernels"].__file__:
-    del sys.modules["kernels"]
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from fastsft import backends, loss, train
 from fastsft import recipe as R
-from fastsft.kernels import launch_counts, reset_launch_counts
 
+from _launches import launch_counts, reset_launch_counts
 from _tiny import TINY_RECIPE
 
 

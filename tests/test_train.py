@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from fastsft import recipe as R
 from fastsft.cli import main
-from fastsft.kernels import launch_counts, reset_launch_counts
 
+from _launches import launch_counts, reset_launch_counts
 from _tiny import RECIPES, TINY_RECIPE
 
 

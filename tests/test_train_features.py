@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from fastsft import backends, loss, train
 from fastsft import recipe as R
-from fastsft.kernels import launch_counts, reset_launch_counts
 
+from _launches import launch_counts, reset_launch_counts
 from _tiny import DEMO, TINY_RECIPE
 
 pytestmark = pytest.mark.filterwarnings("ignore")
