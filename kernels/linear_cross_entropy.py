@@ -242,12 +242,16 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, lo, hi, ro
         else:  # float32 hidden states under 16-bit autocast
             h_c = hbuf[:r].copy_(hidden[i : i + r] if all_kept else hidden.index_select(0, idx))
         y_c = y[i : i + r]
-        m = None
-        s = torch.zeros(r, dtype=F32, device=dev)
-        row_sum = torch.zeros(r, dtype=F32, device=dev) if eps else None
         a = acc[:r].zero_() if acc is not None else None
-        # 1. over vocabulary blocks: running max m, s = sum_j exp(z_j - m), acc = sum_j exp(z_j - m) W_j
-        for v0 in range(0, n_cols, cols):
+        # 1. over vocabulary blocks: running max m, s = sum_j exp(z_j - m), acc = sum_j exp(z_j - m) W_j.
+        # Few operations per tile (each one is a Python call and a GIL hand-over between the workers): the
+        # block sums go to rows of one buffer, summed once at the end.
+        n_blocks = -(-n_cols // cols)
+        sums = torch.empty((n_blocks, r), dtype=F32, device=dev)
+        row_sums = torch.empty((n_blocks, r), dtype=F32, device=dev) if eps else None
+        m_b = torch.empty(r, dtype=cd, device=dev)
+        m = m_cap = None
+        for k, v0 in enumerate(range(0, n_cols, cols)):
             c = min(cols, n_cols - v0)
             w_b = w[v0 : v0 + c]
             z = zbuf[: r * c].view(r, c)
@@ -255,27 +259,30 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, lo, hi, ro
                 torch.addmm(b[v0 : v0 + c], h_c, w_b.T, out=z)
             else:
                 torch.mm(h_c, w_b.T, out=z)
-            m_b = z.amax(1).float()  # exact in the logits' dtype
+            torch.amax(z, 1, out=m_b)  # exact in the logits' dtype
             if eps:
-                row_sum += z.sum(1, dtype=F32)
+                torch.sum(z, 1, dtype=F32, out=row_sums[k])
             if m is None:
-                m = m_b
-            elif bool((m_b > m + slack).any()):  # rescale only when exp(z - m) could grow too large
-                m_new = torch.maximum(m, m_b)
+                m = m_b.to(F32, copy=True)  # (m_b is refilled by the next block)
+                m_cap = m + slack
+            elif bool((m_b > m_cap).any()):  # rescale only when exp(z - m) could grow too large
+                m_new = torch.maximum(m, m_b.float())
                 alpha = (m - m_new).exp_()
-                s.mul_(alpha)
+                sums[:k].mul_(alpha)
                 if a is not None:
                     a.mul_(alpha[:, None])
-                m = m_new
+                m, m_cap = m_new, m_new + slack
             e = ebuf[: r * c].view(r, c)
             torch.sub(z, m[:, None], out=e)  # in float32: a 16-bit difference would lose the small p_j
             e.exp_()
-            s += e.sum(1)
+            torch.sum(e, 1, out=sums[k])
             if a is not None:
                 if cd == F32:
                     a.addmm_(e, w_b)
                 else:  # a 16-bit matmul (3x faster on CPUs with bf16 instructions), float32 sum over blocks
                     a += torch.mm(z.copy_(e), w_b, out=part[:r])
+        s = sums.sum(0)
+        row_sum = row_sums.sum(0) if eps else None
         # 2. the loss: lse - z_y, the target logit rounded to the logits' dtype as every other one
         log_s = s.log()
         lse = m + log_s
