@@ -179,8 +179,11 @@ class Results:
                 )
         runs = [r for r in self.e2e if not r.get("longest_fitting")]
         if runs:
-            out += ["", "Training, QLoRA (x transformers: the stock row of the same model and length, this run)", "",
-                    "| model | backend | seq_len | tokens/s | x transformers | peak GiB | x transformers | first losses |",
+            kinds = sorted({r.get("base", "NF4 (QLoRA)") for r in runs})
+            peak = "peak GiB" if GPU else "peak RSS GiB"
+            out += ["", f"Training, base {' / '.join(kinds)} (x transformers: the stock row of the same model and length, "
+                    "this run, each row in its own process)", "",
+                    f"| model | backend | seq_len | tokens/s | x transformers | {peak} | x transformers | first losses |",
                     "|---|---|---|---|---|---|---|---|"]  # fmt: skip
             for r in runs:
                 out.append(

@@ -8,18 +8,17 @@ transformers (stock: AutoModelForCausalLM + bitsandbytes NF4 + PEFT + SDPA + TRL
 fastsft code), unsloth (FastLanguageModel + its own loss). Same recipe for all: 4-bit NF4 base with
 double quantisation, LoRA r=16 / alpha=16 on all linear layers, gradient checkpointing, batch 1, no
 accumulation, lr 2e-4, data of exactly SEQ_LEN tokens per row, no packing, loss on every token.
+With FASTSFT_BENCH_LORA16=1 (the CPU row) the base is bf16 (16-bit LoRA, bf16 mixed precision)
+instead of NF4, for fastsft and the plain TRL script alike, and the record holds the peak resident
+set of the process (VmHWM) where there is no GPU.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from pathlib import Path
-
-# the repository root must not be importable: its kernels/ would shadow the `kernels` package
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,6 +46,7 @@ def timing_callback(warmup: int, record: dict):
             record["t1"] = time.perf_counter()
             record["steps"] = state.global_step
             record["peak_mem_gib"] = _peak()
+            record["peak_rss_gib"] = _peak_rss()
 
     return Timing()
 
@@ -71,16 +71,30 @@ def _peak():
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def _peak_rss():
+    """GiB: the process's peak resident set (model, data, training), from /proc (None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        return None
+
+
+LORA16 = os.environ.get("FASTSFT_BENCH_LORA16") == "1"
+
+
 def run_fastsft(row, model_dir, data, seq_len, steps, warmup, record):
     from fastsft import recipe as R
     from fastsft import train
 
     backend = "unsloth" if row == "fastsft" else "transformers"
+    quant, dtype = ("false", 'dtype = "bf16"') if LORA16 else ("true", "")
     text = f"""
 [model]
 name = "{model_dir}"
 backend = "{backend}"
-load_in_4bit = true
+load_in_4bit = {quant}
+{dtype}
 [lora]
 r = 16
 lora_alpha = 16
@@ -118,24 +132,26 @@ def run_stock(model_dir, data, seq_len, steps, warmup, record):
 
     set_seed(0)
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if cuda or LORA16 else torch.float32
+    quant = None
+    if not LORA16:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=dtype,
-        attn_implementation="sdpa",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        ),
+        model_dir, dtype=dtype, attn_implementation="sdpa", quantization_config=quant,
         device_map={"": 0} if cuda else None,
-    )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    )  # fmt: skip
+    if LORA16:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    else:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=ALL_LINEAR, task_type="CAUSAL_LM"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ds = load_dataset("json", data_files=str(data), split="train")
     args = SFTConfig(
         output_dir=f"/tmp/bench-stock-{time.time_ns()}", max_steps=steps, per_device_train_batch_size=1,
         learning_rate=2e-4, gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none",
-        max_length=seq_len, bf16=cuda, use_cpu=not cuda, seed=0, data_seed=0, disable_tqdm=True,
+        max_length=seq_len, bf16=cuda or LORA16, use_cpu=not cuda, seed=0, data_seed=0, disable_tqdm=True,
         dataset_text_field="text",
     )  # fmt: skip
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
