@@ -134,6 +134,8 @@ def run_row(row: str, folder: Path, data: Path, seq_len: int, steps: int, warmup
     log = tmp / f"{row}-{seq_len}.log"
     env = {**os.environ, "FASTSFT_BENCH_LORA16": "1" if CPU_FULL else "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "UNSLOTH_DISABLE_STATISTICS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    if CPU_FULL:  # a CPU user's run: fastsft's PyTorch path, not the Triton interpreter the smoke tests use
+        env.pop("TRITON_INTERPRET", None)
     if mem_gib:
         env["FASTSFT_BENCH_MEM_GIB"] = str(mem_gib)
     cmd = [sys.executable, str(WORKER), row, str(folder), str(data), str(seq_len), str(steps), str(warmup), str(out)]
