@@ -213,7 +213,7 @@ def _ce_rows_inplace(z, y, scale, opts, scratch, compute_grad):
     return loss[:, 0]
 
 
-def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, lo, hi, rows, cols):
+def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, w_sum, lo, hi, rows, cols):
     """The online path on kept rows [lo, hi): their losses into `per_row`, their hidden-state
     gradients (times `scale`) into `grad_h` when it is given. One worker's share, its own buffers."""
     n_hidden, n_cols, cd, dev = hidden.shape[1], w.shape[0], w.dtype, w.device
@@ -231,7 +231,6 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, lo, hi, ro
     all_kept = keep.numel() == hidden.shape[0]
     hbuf = None if all_kept and hidden.dtype == cd else torch.empty((rows, n_hidden), dtype=cd, device=dev)
     slack = RESCALE_SLACK[cd]
-    w_sum = w.sum(0, dtype=F32) if eps and acc is not None else None
     for i in range(lo, hi, rows):
         idx = keep[i : min(i + rows, hi)]
         r = idx.numel()
@@ -328,9 +327,15 @@ def _online_chunks(hidden, keep, w, b, y, scale, opts, *, compute_grad, plan):
     bounds = [n * k // workers for k in range(workers + 1)]
     spans = [(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
 
+    w_sum = None  # sum_j W_j for the smoothing term, once, in blocks (a whole-W float32 sum copies W)
+    if grad_h is not None and opts["label_smoothing"] and n:
+        w_sum = torch.zeros(w.shape[1], dtype=F32, device=w.device)
+        for v0 in range(0, w.shape[0], 256):
+            w_sum += w[v0 : v0 + 256].sum(0, dtype=F32)
+
     def work(span):
         with torch.no_grad():  # grad mode is per thread: the workers' ops must not record a graph
-            _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, *span, rows, cols)
+            _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, w_sum, *span, rows, cols)
 
     if len(spans) <= 1:
         for span in spans:
