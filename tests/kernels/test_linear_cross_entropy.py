@@ -226,7 +226,7 @@ def test_online_tiles_follow_the_memory_budget():
     assert 1.9 * size <= gpu <= 2 * size
 
 
-@pytest.mark.parametrize("path", ["online", "online-2MiB", "rows-softcap"])
+@pytest.mark.parametrize("path", ["online", "online-2MiB", "online-smoothing", "rows-softcap"])
 def test_peak_memory_is_one_chunk(path, tmp_path):
     """The torch twin's peak resident memory above its inputs is the hidden-state gradient plus its
     tiles (online, frozen head) or one chunk (row chunks, here for a softcap) as `tile_memory` /
@@ -235,6 +235,7 @@ def test_peak_memory_is_one_chunk(path, tmp_path):
     n, h, v = 1024, 256, 32768
     chunk_bytes = 2 * 1024 * 1024 if path == "online-2MiB" else None
     softcap = 30.0 if path == "rows-softcap" else None
+    eps = 0.1 if path == "online-smoothing" else 0.0  # its sum_j W_j must not copy W to float32
     script = f"""
 import gc, sys, torch
 from fastsft.kernels import fused_linear_cross_entropy
@@ -248,7 +249,8 @@ w = (torch.randn({v}, {h}, generator=g) / 16).bfloat16()
 y = torch.randint(0, {v}, ({n},), generator=g)
 y[:{n} // 4] = -100
 def run():
-    fused_linear_cross_entropy(hid, w, y, backend="torch", chunk_bytes={chunk_bytes}, softcap={softcap}).backward()
+    fused_linear_cross_entropy(hid, w, y, backend="torch", chunk_bytes={chunk_bytes}, softcap={softcap},
+                               label_smoothing={eps}).backward()
     hid.grad = None
 run(); gc.collect()
 open("/proc/self/clear_refs", "w").write("5")
