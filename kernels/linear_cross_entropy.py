@@ -247,7 +247,6 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, w_sum, lo,
         # block sums go to rows of one buffer, summed once at the end.
         n_blocks = -(-n_cols // cols)
         sums = torch.empty((n_blocks, r), dtype=F32, device=dev)
-        row_sums = torch.empty((n_blocks, r), dtype=F32, device=dev) if eps else None
         m_b = torch.empty(r, dtype=cd, device=dev)
         m = m_cap = None
         for k, v0 in enumerate(range(0, n_cols, cols)):
@@ -259,8 +258,6 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, w_sum, lo,
             else:
                 torch.mm(h_c, w_b.T, out=z)
             torch.amax(z, 1, out=m_b)  # exact in the logits' dtype
-            if eps:
-                torch.sum(z, 1, dtype=F32, out=row_sums[k])
             if m is None:
                 m = m_b.to(F32, copy=True)  # (m_b is refilled by the next block)
                 m_cap = m + slack
@@ -281,7 +278,9 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, w_sum, lo,
                 else:  # a 16-bit matmul (3x faster on CPUs with bf16 instructions), float32 sum over blocks
                     a += torch.mm(z.copy_(e), w_b, out=part[:r])
         s = sums.sum(0)
-        row_sum = row_sums.sum(0) if eps else None
+        # sum_j z_j = h . sum_j W_j (+ sum_j b_j): one product per chunk (a per-tile 16-bit row sum in float32
+        # is the slowest operation torch has here, ~30 ms a tile)
+        row_sum = torch.mv(h_c.float(), w_sum) + (b.sum(dtype=F32) if b is not None else 0.0) if eps else None
         # 2. the loss: lse - z_y, the target logit rounded to the logits' dtype as every other one
         log_s = s.log()
         lse = m + log_s
@@ -327,11 +326,14 @@ def _online_chunks(hidden, keep, w, b, y, scale, opts, *, compute_grad, plan):
     bounds = [n * k // workers for k in range(workers + 1)]
     spans = [(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
 
-    w_sum = None  # sum_j W_j for the smoothing term, once, in blocks (a whole-W float32 sum copies W)
-    if grad_h is not None and opts["label_smoothing"] and n:
-        w_sum = torch.zeros(w.shape[1], dtype=F32, device=w.device)
+    w_sum = None  # sum_j W_j for the smoothing term (gradient and row sums), once, as matrix-vector
+    if opts["label_smoothing"] and n:  # products of 256-row float32 blocks: a whole-W float32 sum copies
+        w_sum = torch.zeros(w.shape[1], dtype=F32, device=w.device)  # W, and torch's CPU column sums
+        blk = torch.empty((min(256, w.shape[0]), w.shape[1]), dtype=F32, device=w.device)  # are ~100x slower
+        ones = torch.ones(blk.shape[0], dtype=F32, device=w.device)
         for v0 in range(0, w.shape[0], 256):
-            w_sum += w[v0 : v0 + 256].sum(0, dtype=F32)
+            c = min(256, w.shape[0] - v0)
+            w_sum += torch.mv(blk[:c].copy_(w[v0 : v0 + c]).T, ones[:c])
 
     def work(span):
         with torch.no_grad():  # grad mode is per thread: the workers' ops must not record a graph
