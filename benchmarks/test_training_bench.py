@@ -58,7 +58,9 @@ if GPU:
 elif CPU_FULL:
     # the CPU row: Qwen2.5-0.5B's real shape (24 layers, vocab 151936), 16-bit LoRA, 512 tokens; fastsft against a
     # plain TRL SFTTrainer script, 3 steps each (the first is warm-up), each in its own process
-    PLAN = [("qwen2.5-0.5b", 512)]
+    # FASTSFT_BENCH_CPU_LAYERS=N keeps only the first N of its 24 layers (a busy machine; the table says so)
+    _layers = os.environ.get("FASTSFT_BENCH_CPU_LAYERS")
+    PLAN = [(f"qwen2.5-0.5b-{_layers}l" if _layers else "qwen2.5-0.5b", 512)]
     STEPS, WARMUP = 3, 1
     ROWS = ["fastsft-transformers", "transformers"]
 else:
@@ -88,9 +90,12 @@ def model_dir(name: str) -> Path:
 
     tiny = builtin.materialize("builtin:tiny-mistral")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny)
-    if name not in MODELS:
+    base, _, layers = name.rpartition("-") if name.endswith("l") and name[:-1].rpartition("-")[2].isdigit() else (name, "", "")
+    if base not in MODELS:
         raise KeyError(f"unknown benchmark model {name!r}; known: {', '.join(MODELS)}")
-    cls_name, kwargs = MODELS[name]
+    cls_name, kwargs = MODELS[base]
+    if layers:  # fewer layers, every other size real
+        kwargs = {**kwargs, "num_hidden_layers": int(layers[:-1])}
     assert len(tokenizer) <= kwargs["vocab_size"]
     config = getattr(transformers, cls_name)(
         **kwargs, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
