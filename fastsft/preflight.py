@@ -32,12 +32,19 @@ def problems(recipe) -> list[str]:
         local = recipe.resolve_path(m.name)
         if not local.exists() and (m.name.startswith((".", "/", "~")) or m.name.count("/") > 1):
             out.append(f"[model] name = {m.name!r}: no such folder ({local})")
-    for key in ("train", "eval"):
+    for key in ("train", "eval", "retain"):
         value = getattr(d, key)
         if value:
             path = recipe.resolve_path(value)
             if data_mod.is_local(value, path) and not path.exists():
                 out.append(f"data.{key} = {value!r}: file not found: {path}")
+    for i, source in enumerate(d.sources or [], start=1):
+        path = recipe.resolve_path(source["path"])
+        if data_mod._is_local(source["path"], path) and not path.exists():
+            out.append(f"[[data.sources]] #{i} path = {source['path']!r}: file not found: {path}")
+    from . import trackers
+
+    out += trackers.missing(recipe)
     if d.chat_template:
         try:
             load_template(d.chat_template, recipe.base_dir)

@@ -226,10 +226,28 @@ class LoraSection(Section):
 class DataSection(Section):
     """[data]: where the examples come from and how they become tokens."""
 
-    train: str = key(
-        REQUIRED,
+    train: str | None = key(
+        None,
         "Training data: .jsonl/.json/.parquet/.csv file, a save_to_disk folder, or a hub data set name. "
-        "Relative paths are resolved from the recipe's folder.",
+        "Relative paths are resolved from the recipe's folder. Required unless [[data.sources]] mixes several.",
+        path=True,
+    )
+    sources: list[dict] = key(
+        [],
+        "Several training data sets mixed by ratio, instead of `train`: [[data.sources]] tables with `path`, "
+        "optional `format` / `columns`, and `weight` (relative) or `share` (a fraction of the mix). Mixing "
+        "~20% general chat data into a narrow task is the usual cure for forgetting.",
+    )
+    stopping_strategy: str = key(
+        "first_exhausted",
+        "Size of a [[data.sources]] mix (datasets' names): first_exhausted = as large as the shares allow "
+        "without repeating a row; all_exhausted = every row at least once, smaller shares repeated.",
+        choices=("first_exhausted", "all_exhausted"),
+    )
+    retain: str | None = key(
+        None,
+        "General data scored (held-out loss) before and after training: forgetting as a number in run.json "
+        "and the report. Same kinds as `train`; never trained on.",
         path=True,
     )
     eval: str | None = key(None, "Evaluation data, same kinds as `train`.", path=True)
@@ -346,6 +364,24 @@ class TrainSection(Section):
         resume_safe=True,
         sft=False,
     )
+    early_stopping_patience: int | None = key(
+        None,
+        "Stop when the eval metric (metric_for_best_model) has not improved for this many evaluations "
+        "(transformers' EarlyStoppingCallback; needs load_best_model_at_end = true).",
+        min=1,
+        max=10**6,
+        sft=False,
+    )
+    early_stopping_threshold: float = key(
+        0.0, "How much the eval metric must improve to count as an improvement (early stopping).", min=0, sft=False
+    )
+    report_to: str | list[str] = key(
+        "none",
+        'Experiment trackers: "none", or any of "tensorboard" (event files in the run directory\'s '
+        'tensorboard/, offline), "wandb", "mlflow", "trackio" (each configured by its own environment).',
+        resume_safe=True,
+        sft=False,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -458,6 +494,10 @@ class Recipe:
             p = self.resolve_path(value)
             if not Path(value).expanduser().is_absolute() and p.exists():
                 raw[section][key] = str(p.resolve())
+        for source in raw.get("data", {}).get("sources") or []:
+            value = source.get("path") if isinstance(source, dict) else None
+            if isinstance(value, str) and not Path(value).expanduser().is_absolute() and self.resolve_path(value).exists():
+                source["path"] = str(self.resolve_path(value).resolve())
         return validate(raw, path=self.path)
 
     def differences(self, other: Recipe) -> list[str]:
@@ -743,6 +783,12 @@ def validate(raw: dict, *, path: str | Path | None = None) -> Recipe:
     """dict (as read from TOML, overrides applied) -> `Recipe`. Collects every problem."""
     problems = _top_level_problems(raw)
     values = {name: _section_values(name, raw.get(name), problems) for name in SCHEMA}
+    data = values["data"]
+    if not data.get("train") and not data.get("sources"):
+        problems.append(
+            f"[data] train is required: {SCHEMA['data']['train'].help.split(' Required')[0]} "
+            "(or mix several with [[data.sources]] tables)"
+        )
     if not problems:
         recipe = Recipe(
             **{name: SECTIONS[name](**v) for name, v in values.items()},
@@ -777,6 +823,11 @@ def _cross_checks(r: Recipe) -> list[str]:
             )
     if t.eval_strategy == "steps" and t.eval_steps is None:
         problems.append('[train] eval_strategy = "steps" needs eval_steps')
+    from . import health, mixing, trackers
+
+    problems += mixing.check_sources(r.data.as_dict(), SCHEMA["data"]["format"].choices)
+    problems += health.check_early_stopping(r.train.as_dict(), r.data.as_dict())
+    problems += trackers.check_names(r.train.as_dict())
     if r.loss.label_smoothing >= 1:
         problems.append(f"[loss] label_smoothing = {r.loss.label_smoothing}: must be < 1")
     # an unsloth model with the stock loss is allowed: it is the comparison row of the benchmarks

@@ -79,12 +79,33 @@ def write_report(run: RunDir, summary: dict) -> None:
             f"| template compliance (answers that stop on the end-of-turn token, no invented turns) | "
             f"base model {base} → fine-tuned {comp['fine_tuned']:.0%} (of {comp['n']}) |"
         )
+    retain = summary.get("retain")
+    if retain:
+        delta = retain.get("delta")
+        verdict = "" if delta is None else (" (forgetting)" if delta > 0 else " (no forgetting)")
+        lines.append(
+            f"| retain loss ([data] retain, {retain.get('tokens')} tokens) | before {_fmt(retain.get('before'))} → "
+            f"after {_fmt(retain.get('after'))}, Δ {_fmt(delta, '+.4f')}{verdict} |"
+        )
+    early = summary.get("early_stopping")
+    if early:
+        what = f"stopped at step {summary.get('global_step')} of {early.get('max_steps')}" if early.get("stopped_early") else "did not trigger"
+        lines.append(f"| early stopping (patience {early.get('patience')}) | {what}; best {_fmt(early.get('best_metric'))} |")
     data = summary.get("data") or {}
     if data:
         lines.append(f"| data | {data.get('summary', '')} |")
     lines.append("")
     if has_plot:
         lines += ["![loss curve](loss.png)", ""]
+    if "health" in summary:
+        lines += ["## Training health", ""]
+        findings = summary.get("health") or []
+        if not findings:
+            lines += ["No overfitting, memorisation, flat loss, spikes, non-finite values or falling template "
+                      "compliance found in the metrics.", ""]  # fmt: skip
+        for f in findings:
+            lines += [f"- **{f['title']}** (step {f['step']}): {f['seen']}. *Fix:* {f['advice']}."]
+        lines.append("")
     samples = summary.get("samples") or []
     if samples:
         lines += ["## Answers before and after", ""]

@@ -41,7 +41,8 @@ def sft_config(recipe, output_dir: Path, *, dtype: str, backend: str, data_kwarg
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        report_to="none",  # trackers are added as callbacks (fastsft.trackers), TensorBoard into the run dir
+        run_name=Path(output_dir).parent.parent.name,  # the run directory's name, for W&B / MLflow / trackio
         disable_tqdm=True,  # our progress line replaces tqdm's
         prediction_loss_only=True,
         loss_type="nll",

@@ -175,6 +175,7 @@ class Run:
         self._write_run_info()
         self.trainer = self._make_trainer()
         self.prompts, self.before = self._answers_before()
+        self.retain_before = self._retain_before()
 
     def _open_resumed(self) -> Path:
         """The run to resume, locked, and the checkpoint to continue from; a finished run is refused."""
@@ -227,6 +228,17 @@ class Run:
         from . import loss as loss_mod
 
         self.prepared = prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=self.log)
+        self.retain_items = None
+        if recipe.data.retain:
+            from . import retain
+
+            self.retain_items = retain.encode(recipe, loaded.tokenizer, log=self.log)
+        from . import trackers
+
+        if trackers.missing(recipe):  # refused before the run directory is made
+            from .errors import RecipeError
+
+            raise RecipeError(trackers.missing(recipe), path=str(recipe.path) if recipe.path else None)
         was = (self.previous.get("data") or {}).get("fingerprint")
         if self.resume and was and was != prepared.fingerprint and not self.allow_data_change:
             raise RunDirError(
@@ -306,6 +318,8 @@ class Run:
             ]
             if "before" in previous:
                 info["before"] = previous["before"]
+            if "retain_before" in previous:
+                info["retain_before"] = previous["retain_before"]
             if previous.get("data", {}).get("fingerprint") != prepared.fingerprint:
                 info["data_changed_at"] = self.checkpoint.name
         self.run_info = info
@@ -325,9 +339,16 @@ class Run:
         self.nonfinite = guard.NonFiniteGuard(recipe.train.max_nonfinite_steps, check_grads=loaded.dtype != "fp16",
                                               log=self.log)  # fmt: skip
         tokens_before = self.totals_before["tokens"] if self.totals_before else 0
+        from . import health, trackers
+
         # the caller's callbacks run before the guards, so a stop they cause (a signal) counts in that step
         callbacks = [progress_callback(run_dir, self.console, tokens_before=tokens_before), *self.callbacks,
-                     self.stop.callback(), self.nonfinite.callback()]  # fmt: skip
+                     self.stop.callback(), self.nonfinite.callback(), health.callback(self.log)]  # fmt: skip
+        if self.main:
+            callbacks += trackers.callbacks(recipe, run_dir)
+        early = health.early_stopping_callback(recipe)
+        if early is not None:
+            callbacks.append(early)
         trainer = make_trainer_class()(
             model=loaded.model,
             args=args,
@@ -357,6 +378,30 @@ class Run:
         if self.main and before:
             self.run_dir.update_json(RUN_JSON, before=before)  # a resume reports the base model's answers too
         return prompts, before
+
+    def _retain_before(self) -> dict | None:
+        """The retain set's loss under the base model (a resume keeps the first segment's)."""
+        if self.retain_items is not None and dist.world_size() > 1 and self.recipe.distributed.strategy != "ddp":
+            self.log(f"retain: not scored under {self.recipe.distributed.strategy} (sharded weights); score it "
+                     f"after the run with fastsft eval RUN --data {self.recipe.data.retain}")  # fmt: skip
+            self.retain_items = None
+        if self.retain_items is None or not self.main or self.resume:
+            return self.run_info.get("retain_before")
+        before = self._score_retain()
+        self.run_dir.update_json(RUN_JSON, retain_before=before)
+        self.run_dir.append_metrics({"step": 0, "retain_loss": before["loss"]})
+        self.log(f"retain loss before training: {_fmt_loss(before['loss'])} ({before['tokens']} tokens)")
+        return before
+
+    def _score_retain(self) -> dict:
+        from . import retain
+
+        t, tokenizer = self.recipe.train, self.loaded.tokenizer
+        return retain.score(
+            self.loaded.model, self.route, self.retain_items, max_length=self.recipe.data.max_length,
+            batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
     # train
@@ -490,7 +535,32 @@ class Run:
             "mem_kind": mem_kind,
             **samples,
             "data": {"summary": prepared.stats.get("summary", "")},
+            **self._watch(samples["compliance"]),
         }
+
+    def _watch(self, compliance: dict) -> dict:
+        """The retain loss after training (against before), the health findings over the whole metrics
+        history, and whether early stopping ended the run."""
+        from . import health, retain
+
+        out: dict = {}
+        state = self.trainer.state
+        if self.retain_items is not None:
+            after = self._score_retain()
+            self.run_dir.append_metrics({"step": state.global_step, "retain_loss": after["loss"]})
+            out["retain"] = r = retain.summary(self.retain_before, after)
+            delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
+            self.log(f"retain loss: {_fmt_loss(r['before'])} before -> {_fmt_loss(r['after'])} after training ({delta})")
+        out["health"] = [f.as_dict() for f in health.diagnose(self.run_dir.read_metrics(), compliance=compliance)]
+        if self.recipe.train.early_stopping_patience is not None:
+            out["early_stopping"] = {
+                "patience": self.recipe.train.early_stopping_patience,
+                "stopped_early": state.global_step < state.max_steps,
+                "max_steps": state.max_steps,
+                "best_checkpoint": state.best_model_checkpoint,
+                "best_metric": state.best_metric,
+            }
+        return out
 
     def _samples(self) -> dict:
         """The answers before and after training to the same prompts, and how many follow the template."""
@@ -540,6 +610,10 @@ class Run:
     def unlock(self) -> None:
         for r in self.held:
             r.unlock()
+
+
+def _fmt_loss(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 __all__ = ["run", "Run", "resume_recipe", "sft_config", "RunResult", "ADAPTER", "METRICS"]

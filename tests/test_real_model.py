@@ -171,3 +171,34 @@ def test_generate_and_eval_give_one_set_of_numbers(smol_run, smol_exports, tmp_p
     res_d = use.evaluate(smol_exports["merged-fp32"], data_file=f, n_gen=0, json_out=tmp_path / "d.json",
                          console=_console())  # fmt: skip
     assert res_d["tokens"] == expected
+
+
+def test_mix_retain_health_and_tensorboard_on_the_real_model(tmp_path):
+    """recipes/smollm2_135m_mix.toml, shortened: the 80/20 mix is what trains, the retain loss is scored
+    before and after and moves, the health check and early stopping report, and TensorBoard's event
+    files hold the logged losses."""
+    from fastsft.cli import main
+    from fastsft.trackers import read_tensorboard
+
+    out = tmp_path / "mix"
+    overrides = ["train.max_steps=4", "train.per_device_train_batch_size=4", "train.logging_steps=1",
+                 "train.eval_steps=4", "train.save_steps=4", "data.val_ratio=0.01", "data.max_length=64", "train.report_to=tensorboard"]  # fmt: skip
+    args = ["run", str(RECIPES / "smollm2_135m_mix.toml"), "-o", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    used = {m["path"].rsplit("/", 1)[-1]: m["used"] for m in info["data"]["mix"]}
+    assert used == {"demo.jsonl": 400, "general.jsonl": 100}  # all_exhausted: every task row, general repeated to 20%
+    retain = info["result"]["retain"]
+    assert retain["before"] is not None and retain["after"] is not None and retain["after"] != retain["before"]
+    assert retain["examples"] == 12 and "retain loss" in result.output
+    assert isinstance(info["result"]["health"], list) and info["result"]["early_stopping"]["patience"] == 2
+    report = (out / "report.md").read_text()
+    assert "## Training health" in report and "| retain loss" in report
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    board = read_tensorboard(out / "tensorboard")["train/loss"]
+    assert [s for s, _ in board] == [s for s, _ in logged] == [1, 2, 3, 4]
+    assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)

@@ -22,7 +22,9 @@ def test_every_shipped_recipe_validates(path):
     r = R.load(path)
     assert r.model.name
     # data paths resolve from the recipe's folder, and the shipped data is there
-    assert r.resolve_path(r.data.train).exists()
+    paths = [r.data.train] if r.data.train else [s["path"] for s in r.data.sources]
+    paths += [r.data.retain] if r.data.retain else []
+    assert paths and all(r.resolve_path(p).exists() for p in paths)
 
 
 def test_defaults_and_types(tmp_path):

@@ -42,7 +42,11 @@ def compute_fingerprint(recipe, tokenizer, *, template: str | None, options: dic
     template setting and every option that changes the prepared data."""
     d = recipe.data
     h = hashlib.sha256(f"fastsft-data-v{DATA_VERSION}\n".encode())
-    _hash_source(h, d.train, recipe)
+    if d.train:
+        _hash_source(h, d.train, recipe)
+    for source in d.sources or []:  # by bytes, like `train`; and how each is read and weighed
+        _hash_source(h, source["path"], recipe)
+        h.update(json.dumps({k: v for k, v in sorted(source.items()) if k != "path"}, default=str).encode())
     if d.eval:
         _hash_source(h, d.eval, recipe)
     vocab = sorted(tokenizer.get_vocab().items())
@@ -53,7 +57,7 @@ def compute_fingerprint(recipe, tokenizer, *, template: str | None, options: dic
         "chat_template": getattr(tokenizer, "chat_template", None),
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
         "template": template,
-        "data": {k: v for k, v in sorted(d.as_dict().items()) if k not in ("train", "eval")},
+        "data": {k: v for k, v in sorted(d.as_dict().items()) if k not in ("train", "eval", "sources", "retain")},
         "seed": recipe.train.seed,
         **options,
     }

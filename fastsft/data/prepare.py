@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import mixing
 from ..chat_templates import end_of_turn_token, has_generation_markers
 from ..errors import DataError
 from . import cache
@@ -83,13 +84,17 @@ def _loss_options(recipe, kind: str) -> tuple[bool, bool]:
     return bool(aol), bool(col)
 
 
-def _load(recipe, log) -> tuple[list[Example], list[Example], dict, dict | None, str]:
-    """(train examples, eval examples, train skip info, eval skip info, format)."""
+def _load(recipe, log, origin: dict[int, int]) -> tuple[list[Example], list[Example], dict, dict | None, str]:
+    """(train examples, eval examples, train skip info, eval skip info, format). With [[data.sources]],
+    `origin` is filled with id(example) -> the index of its source."""
     d = recipe.data
-    train_ex, train_info, fmt = load_examples(d.train, recipe, key="train", fmt=None)
+    if d.sources:
+        train_ex, train_info, fmt = _load_sources(recipe, origin)
+    else:
+        train_ex, train_info, fmt = load_examples(d.train, recipe, key="train", fmt=None)
     eval_ex, eval_info = [], None
     if d.eval:
-        eval_ex, eval_info, _ = load_examples(d.eval, recipe, key="eval", fmt=fmt)
+        eval_ex, eval_info, _ = load_examples(d.eval, recipe, key="eval", fmt=None if d.sources else fmt)
         if d.val_ratio > 0:
             log("data: data.eval is given, so val_ratio is not used")
         if kind(eval_ex[0].row) != kind(train_ex[0].row):
@@ -98,6 +103,81 @@ def _load(recipe, log) -> tuple[list[Example], list[Example], dict, dict | None,
                 f"{KIND_NAMES[kind(train_ex[0].row)]}"
             )
     return train_ex, eval_ex, train_info, eval_info, fmt
+
+
+def _without_evaluation(raw: dict) -> None:
+    """A recipe copy that only shapes one data file has no held-out data: drop what needs it, so that
+    validating the copy does not refuse the evaluation settings of the run it came from."""
+    t = raw.setdefault("train", {})
+    t["eval_strategy"] = "no"
+    t["load_best_model_at_end"] = False
+    t.pop("early_stopping_patience", None)
+
+
+def _source_recipe(recipe, source: mixing.Source):
+    """The recipe with this [[data.sources]] entry as `data.train` (its own format and columns): each
+    source goes through the pipeline as if it were the only one."""
+    from ..recipe import validate
+
+    raw = copy.deepcopy(recipe.raw)
+    d = raw.setdefault("data", {})
+    for k in ("sources", "eval", "retain"):
+        d.pop(k, None)
+    d["train"], d["val_ratio"] = source.path, 0.0
+    if source.format is not None:
+        d["format"] = source.format
+    if source.columns is not None:
+        d["columns"] = dict(source.columns)
+    _without_evaluation(raw)
+    return validate(raw, path=recipe.path)
+
+
+def _load_sources(recipe, origin: dict[int, int]) -> tuple[list[Example], dict, str]:
+    """Every [[data.sources]] entry through `load_examples` with its own format and columns: (the examples
+    of all sources, their skip info merged, the format(s)); `origin` gets id(example) -> source index."""
+    sources = mixing.resolve(recipe.data)
+    examples: list[Example] = []
+    info = {"name": "[[data.sources]]", "rows": 0, "skipped": 0, "skip_reasons": []}
+    formats: list[str] = []
+    first_kind = None
+    for i, source in enumerate(sources):
+        exs, one, fmt = load_examples(source.path, _source_recipe(recipe, source), key=f"sources #{i + 1} path", fmt=None)
+        k = kind(exs[0].row) if exs else None
+        if first_kind is not None and k is not None and k != first_kind:
+            raise DataError(
+                f"[[data.sources]] #{i + 1} ({source.path}) is {KIND_NAMES[k]} but #1 ({sources[0].path}) is "
+                f"{KIND_NAMES[first_kind]}: the sources of one mix must become the same kind of example "
+                "(conversations mix with conversations, whatever their file format); convert one, or set its `format`"
+            )
+        first_kind = first_kind or k
+        for e in exs:
+            origin[id(e)] = i
+        examples += exs
+        info["rows"] += one["rows"]
+        info["skipped"] += one["skipped"]
+        info["skip_reasons"] = (info["skip_reasons"] + one["skip_reasons"])[:MAX_SKIP_REASONS]
+        if fmt not in formats:
+            formats.append(fmt)
+    return examples, info, "+".join(formats)
+
+
+def _mix(recipe, examples: list[Example], origin: dict[int, int], log) -> tuple[list[Example], list[dict]]:
+    """The encoded examples of every source -> the training mix (each source's share held exactly)."""
+    sources = mixing.resolve(recipe.data)
+    by_source: list[list[Example]] = [[] for _ in sources]
+    for e in examples:
+        by_source[origin[id(e)]].append(e)
+    for s, exs in zip(sources, by_source, strict=True):
+        if not exs:
+            raise DataError(f"[[data.sources]] path = {s.path!r}: no usable examples")
+    want = mixing.counts([len(x) for x in by_source], [s.fraction for s in sources], recipe.data.stopping_strategy)
+    mixed = mixing.draw(by_source, want, recipe.train.seed)
+    rows = [
+        {"path": s.path, "share": round(s.fraction, 6), "available": len(exs), "used": n}
+        for s, exs, n in zip(sources, by_source, want, strict=True)
+    ]
+    log(f"data: mixed {len(mixed)} examples ({recipe.data.stopping_strategy}): {mixing.describe(rows)}")
+    return mixed, rows
 
 
 def _as_exchanges(examples: list[Example], log) -> None:
@@ -255,6 +335,13 @@ def _stats(recipe, tokenizer, plan: _Plan, train_ex, eval_ex, trunc: dict, infos
     return stats
 
 
+def _with_mix(stats: dict, mix: list[dict] | None) -> dict:
+    if mix:
+        stats["mix"] = mix
+        stats["summary"] += f"; mix: {mixing.describe(mix)}"
+    return stats
+
+
 def _report(stats: dict, log) -> None:
     """The warnings and the one-line summary, the same whether the data was tokenized now or cached."""
     if stats["truncated_examples"]:
@@ -305,7 +392,8 @@ def prepare_examples(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: 
     """prepare_data, also returning the first `keep` encoded training examples (for preview) and the
     encoded eval examples (when `keep` or not `use_cache`: the cache holds datasets, not examples)."""
     d = recipe.data
-    train_ex, eval_ex, train_info, eval_info, fmt = _load(recipe, log)
+    origin: dict[int, int] = {}  # id(example) -> its [[data.sources]] entry
+    train_ex, eval_ex, train_info, eval_info, fmt = _load(recipe, log, origin)
     plan = _plan(recipe, tokenizer, fmt, train_ex + eval_ex, log)
     fingerprint = _fingerprint(recipe, tokenizer, plan)
     sft_kwargs = _sft_kwargs(recipe, plan)
@@ -326,6 +414,9 @@ def prepare_examples(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: 
     if not train_ex:
         raise DataError(f"data.train = {d.train!r}: no usable examples")
     check_end_of_turn(train_ex, tokenizer, plan.eot, plan.template)
+    mix = None
+    if d.sources:
+        train_ex, mix = _mix(recipe, train_ex, origin, log)
     if not d.eval and d.val_ratio > 0:
         train_ex, eval_ex, duplicates = _split(train_ex, d.val_ratio, recipe.train.seed)
         log(
@@ -333,7 +424,7 @@ def prepare_examples(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: 
             f"training" + (f"; {duplicates} duplicate row(s) in data.train" if duplicates else "")
         )
     infos = [train_info] + ([eval_info] if eval_info else [])
-    stats = _stats(recipe, tokenizer, plan, train_ex, eval_ex, trunc, infos)
+    stats = _with_mix(_stats(recipe, tokenizer, plan, train_ex, eval_ex, trunc, infos), mix)
     _report(stats, log)
     train_ds = _to_dataset(train_ex, plan.mask_column)
     eval_ds = _to_dataset(eval_ex, plan.mask_column) if eval_ex else None
@@ -360,8 +451,10 @@ def encode_file(recipe, tokenizer, path: str | Path, *, log=None) -> list[dict]:
     raw = copy.deepcopy(recipe.raw)
     data = raw.setdefault("data", {})
     data["train"] = str(Path(path).expanduser().resolve())
-    data.pop("eval", None)
+    for k in ("eval", "sources", "retain"):
+        data.pop(k, None)
     data["val_ratio"] = 0.0
+    _without_evaluation(raw)
     _, examples, _ = prepare_examples(validate(raw, path=recipe.path), tokenizer, log=log or (lambda m: None),
                               keep=sys.maxsize, use_cache=False)  # fmt: skip
     return [{"input_ids": e.input_ids, "mask": e.mask} for e in examples]
