@@ -885,6 +885,9 @@ def json_schema() -> dict:
             "properties": {k: _key_schema(spec) for k, spec in keys.items()},
             **({"required": req} if req else {}),
         }
+    # [data] needs one of `train` or [[data.sources]] (checked in `validate`)
+    props["data"]["anyOf"] = [{"required": ["train"]}, {"required": ["sources"]}]
+    required_sections.insert(list(SCHEMA).index("data"), "data")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "fastsft recipe",
