@@ -20,6 +20,10 @@ Seams, per backend:
   `fastsft-linear`, or `UNSLOTH_RETURN_LOGITS=1` for `fastsft`, and compute the loss here; Unsloth's
   other speed-ups (its attention, RoPE, MLP kernels, checkpointing) stay.
 
+Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) with `output_router_logits` keep their
+router's load-balancing loss: `router_aux_loss_coef * aux_loss` is added to our loss exactly as the
+model's own forward adds it to the stock one (`with_router_aux`), on every route.
+
 Normalisation: the loss is summed over the supervised tokens and divided once by
 `num_items_in_batch` (the supervised tokens of the whole accumulated batch, counted by the Trainer
 after the causal shift), so the loss of an accumulated batch equals that of the same tokens in one
@@ -48,6 +52,7 @@ class ArchSpec:
     backbone: str = "model"  # attribute holding the decoder that returns last_hidden_state
     head: str = "lm_head"
     softcap_attr: str | None = None  # config attribute of a final-logit softcap (Gemma 2/3)
+    router_aux: bool = False  # a mixture of experts whose router adds a load-balancing loss
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -57,7 +62,27 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen3ForCausalLM": ArchSpec(),
     "Gemma2ForCausalLM": ArchSpec(softcap_attr="final_logit_softcapping"),
     "Gemma3ForCausalLM": ArchSpec(softcap_attr="final_logit_softcapping"),
+    "MixtralForCausalLM": ArchSpec(router_aux=True),
+    "Qwen2MoeForCausalLM": ArchSpec(router_aux=True),
+    "Qwen3MoeForCausalLM": ArchSpec(router_aux=True),
 }
+
+
+def with_router_aux(lm, loss: torch.Tensor, aux_loss) -> torch.Tensor:
+    """`loss + router_aux_loss_coef * aux_loss`, as a mixture-of-experts `*ForCausalLM.forward` adds it
+    when it computes the loss itself; `loss` unchanged for a model without a router loss (aux_loss None)."""
+    if aux_loss is None:
+        return loss
+    return loss + lm.router_aux_loss_coef * aux_loss.to(loss.device)
+
+
+def router_aux_loss(lm, router_logits, attention_mask):
+    """The load-balancing loss of a mixture-of-experts model from its routers' logits, by the model's own
+    `load_balancing_loss_func` (each MoE modeling module defines one with the same signature)."""
+    import sys
+
+    func = sys.modules[type(lm).__module__].load_balancing_loss_func
+    return func(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
 
 
 def base_causal_lm(model):
@@ -193,7 +218,7 @@ class LossRoute:
             )
         else:
             loss = stock_loss(flat_logits, flat_labels, self.label_smoothing, num_items_in_batch)
-        return loss, out
+        return with_router_aux(base_causal_lm(model), loss, getattr(out, "aux_loss", None)), out
 
 
 def stock_loss(logits, labels, label_smoothing: float, num_items_in_batch=None) -> torch.Tensor:
@@ -235,6 +260,7 @@ def _linear_loss_forward(
     logits_to_keep=0,
     num_items_in_batch=None,
     shift_labels=None,
+    output_router_logits=None,
     **kwargs,
 ):
     """`*ForCausalLM.forward` with the loss from hidden states: no full logits in training.
@@ -254,6 +280,10 @@ def _linear_loss_forward(
         )
     route: LossRoute = self._fastsft_route
     spec: ArchSpec = self._fastsft_spec
+    if spec.router_aux:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        kwargs["output_router_logits"] = output_router_logits
     outputs = getattr(self, spec.backbone)(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -279,6 +309,12 @@ def _linear_loss_forward(
         softcap=softcap,
         backend=route.kernel_backend,
     )
+    if spec.router_aux and output_router_logits:
+        aux = router_aux_loss(self, outputs.router_logits, attention_mask)
+        from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+        return MoeCausalLMOutputWithPast(loss=with_router_aux(self, loss, aux), aux_loss=aux, logits=None,
+                                         past_key_values=outputs.past_key_values)  # fmt: skip
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
 
 
