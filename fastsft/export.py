@@ -30,7 +30,7 @@ from . import files, guard
 from .chat_templates import chat_ids, end_of_turn_ids
 from .errors import ExportError
 from .recipe import EXPORT_FORMATS
-from .rundir import ADAPTER, RECIPE, RUN_JSON
+from .rundir import ADAPTER, MODEL, RECIPE, RUN_JSON
 
 FORMATS = EXPORT_FORMATS  # owned by the recipe schema ([export] formats); the same names here and on the CLI
 DTYPES = ("bf16", "fp16", "fp32")
@@ -89,6 +89,9 @@ class RunInfo:
     load_in_4bit: bool
     trust_remote_code: bool  # granted by the command line (backends.LoadPolicy), never by the recipe
     allow_pickle: bool = False
+    # a full fine-tune ([train] method = "full"): no adapter; `adapter` and `base_path` are both RUN/model,
+    # the trained model itself, which merged / gguf export as they are
+    full: bool = False
 
     @property
     def policy(self):
@@ -104,8 +107,12 @@ class RunInfo:
         return load_tokenizer(self.adapter, self.base_path, policy=self.policy)
 
     def load(self, dtype: str, *, load_in_4bit: bool = False, upcast: bool = False, tokenizer=None):
-        """Base model + the run's adapter (backends.transformers.load_trained)."""
-        from .backends.transformers import load_trained
+        """Base model + the run's adapter (backends.transformers.load_trained); a full fine-tune's model."""
+        from .backends.transformers import load_base, load_trained
+
+        if self.full:
+            model = load_base(self.base_path, dtype, policy=self.policy, what="the fine-tuned model")
+            return model.float() if upcast else model
 
         return load_trained(
             self.base_path, self.adapter, dtype, tokenizer=tokenizer or self.tokenizer(),
@@ -127,6 +134,8 @@ def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
             f"{path}: no such run directory. Pass the folder `fastsft run` wrote (runs/<name>)."
         )
     adapter = path / ADAPTER
+    if not (adapter / "adapter_config.json").exists() and (path / MODEL / "config.json").exists():
+        return _read_full_run(path, policy)
     if not (adapter / "adapter_config.json").exists():
         raise ExportError(
             f"{path} has no trained adapter ({adapter}/adapter_config.json is missing). "
@@ -170,6 +179,25 @@ def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
         trust_remote_code=policy.trust_remote_code,
         allow_pickle=policy.allow_pickle,
     )
+
+
+def _read_full_run(path: Path, policy) -> RunInfo:
+    """A full fine-tune's run directory: its model/ folder is the trained model."""
+    from . import recipe as recipe_mod
+
+    run_json = {}
+    if (path / RUN_JSON).exists():
+        try:
+            run_json = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ExportError(f"{path / RUN_JSON} cannot be read: {e}") from None
+    recipe = recipe_mod.load(path / RECIPE) if (path / RECIPE).exists() else None
+    if recipe is not None:
+        policy.check_recipe(recipe, where=str(path / RECIPE))
+    model = path / MODEL
+    return RunInfo(path=path, adapter=model, recipe=recipe, run_json=run_json, base_path=str(model),
+                   train_dtype=run_json.get("dtype") or "fp32", load_in_4bit=False,
+                   trust_remote_code=policy.trust_remote_code, allow_pickle=policy.allow_pickle, full=True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +432,8 @@ def merge(run: RunInfo, dtype: str, *, tokenizer=None):
             "bake quantisation error into the export. Point [model] name in "
             f"{run.path / RECIPE} at the 16-bit original of that model and export again."
         )
-    return run.load(dtype, tokenizer=tokenizer).merge_and_unload()
+    model = run.load(dtype, tokenizer=tokenizer)
+    return model if run.full else model.merge_and_unload()  # a full fine-tune: nothing to merge
 
 
 def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
@@ -437,7 +466,7 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     parity = check["rel_logit_diff"]
     _print(
         console,
-        f"parity: merged ({dtype}, reloaded) vs base + adapter (fp32): relative logit diff {parity:.2e} "
+        f"parity: merged ({dtype}, reloaded) vs {check['reference']}: relative logit diff {parity:.2e} "
         f"(tolerance {check['tolerance']:.1e}: the base alone in {dtype} moves them {check['floor']:.1e}); "
         f"top-1 agreement {check['top1_agreement']:.1%}, KL {check['kl']:.1e}; adapter effect reproduced to "
         + (f"{check['reproduction_error']:.1e}" if check["reproduction_error"] is not None else "(below the floor, not checked)"),
@@ -489,6 +518,8 @@ def _agreement(got, ref, vocab: int) -> tuple[float, float]:
 def merge_parity(run: RunInfo, inputs: list, got, dtype: str) -> dict:
     """Check the merged model's logits `got` (weights rounded to `dtype`, computed in fp32) against
     base + adapter: in fp32, and against the base rounded to `dtype` the same way (see TOLERANCE)."""
+    if run.full:
+        return _full_parity(run, inputs, got, dtype)
     tokenizer = run.tokenizer()
     ref_model = run.load("fp32", tokenizer=tokenizer)
     ref = logits_of(ref_model, inputs)
@@ -535,6 +566,41 @@ def merge_parity(run: RunInfo, inputs: list, got, dtype: str) -> dict:
     }
 
 
+def _full_parity(run: RunInfo, inputs: list, got, dtype: str) -> dict:
+    """A full fine-tune's export is its trained model rounded to `dtype`: the reloaded export must give
+    exactly the logits of that model rounded so (a missing or stale weight shows), and stay within the
+    rounding tolerance of the model in fp32."""
+    ref_model = run.load("fp32")
+    ref = logits_of(ref_model, inputs)
+    vocab = ref_model.get_output_embeddings().weight.shape[0]
+    del ref_model
+    rounded = ref if dtype == "fp32" else logits_of(run.load(dtype, upcast=True), inputs)
+    _collect()
+    floor = rel_diff(rounded, ref)
+    parity, exact = rel_diff(got, ref), rel_diff(got, rounded)
+    tol = max(TOLERANCE[dtype], FLOOR_FACTOR * floor)
+    top1, kl = _agreement(got, ref, vocab)
+    why = []
+    if not math.isfinite(parity) or parity > tol:
+        why.append(f"relative logit difference {parity:.3e} is above the {dtype} tolerance {tol:.1e}")
+    if not exact <= 1e-6:
+        why.append(f"it differs from the trained model rounded to {dtype} by {exact:.1e}")
+    return {
+        "reference": "the fully fine-tuned model (fp32)",
+        "rel_logit_diff": parity,
+        "floor": floor,
+        "tolerance": tol,
+        "adapter_effect": None,
+        "reproduction_error": None,
+        "rounded_diff": exact,
+        "top1_agreement": top1,
+        "kl": kl,
+        "inputs": len(inputs),
+        "passed": not why,
+        "why": "; ".join(why),
+    }
+
+
 def smoke_generation(
     model, tokenizer, eot: list[int], run_json: dict | None = None, *, budget: int = 64, console=None
 ) -> dict:
@@ -567,6 +633,11 @@ def smoke_generation(
 
 
 def export_adapter(run: RunInfo, out: Path, *, console=None) -> dict:
+    if run.full:
+        raise ExportError(
+            f"{run.path} is a full fine-tune ([train] method = \"full\"): it has no adapter, its model/ is the "
+            "whole trained model. Export --format merged (or gguf) instead."
+        )
     copied = []
     for f in sorted(run.adapter.iterdir()):
         if f.name in _ADAPTER_SKIP or f.name.startswith("."):

@@ -184,7 +184,16 @@ class ModelSection(Section):
         "unsloth (CUDA only), transformers (anywhere), or auto: unsloth when a CUDA GPU and unsloth are there.",
         choices=("auto", "unsloth", "transformers"),
     )
-    load_in_4bit: bool = key(True, "Load the base in 4-bit NF4 with double quantisation (QLoRA).")
+    load_in_4bit: bool = key(
+        True,
+        "Load the base in 4-bit NF4 with double quantisation (QLoRA). Default true for LoRA; false when "
+        '[train] method = "full" (4-bit weights cannot be trained) or load_in_8bit = true.',
+    )
+    load_in_8bit: bool = key(
+        False,
+        "Load the base in 8-bit (bitsandbytes LLM.int8) for LoRA: about twice the memory of 4-bit, closer to "
+        '16-bit quality. Exclusive with load_in_4bit; not with [train] method = "full".',
+    )
     dtype: str = key(
         "auto",
         "Compute dtype: auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.",
@@ -220,6 +229,16 @@ class LoraSection(Section):
         "all-linear", 'Modules that get adapters: "all-linear" or a list such as ["q_proj", "v_proj"].'
     )
     use_rslora: bool = key(False, "Rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
+    use_dora: bool = key(
+        False, "DoRA: weight-decomposed LoRA (a trained magnitude vector per adapted layer); slower than LoRA."
+    )
+    modules_to_save: str | list[str] | None = key(
+        None,
+        'Modules trained whole (beside the adapter) and saved with it, e.g. ["embed_tokens", "lm_head"] to '
+        "teach new tokens. Unset: none trained; when the data adds a pad token the resized embeddings and "
+        "lm_head are still saved with the adapter (the pad row is never trained), and loading it back "
+        "resizes the base to the tokenizer.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,6 +308,16 @@ class DataSection(Section):
 class TrainSection(Section):
     """[train]: the optimisation. `sft` marks the keys `sft_args.sft_config` passes to SFTConfig as they are."""
 
+    method: str = key(
+        "lora",
+        "lora: train the [lora] adapter on a frozen base (the run writes adapter/); full: train every "
+        "weight of the model (no adapter; the run writes model/, a complete model plain transformers "
+        "loads; needs 16/32-bit weights, so load_in_4bit / load_in_8bit = false, and a lower learning "
+        "rate, ~1e-5 to 2e-5).",
+        choices=("lora", "full"),
+        sft=False,
+    )
+
     learning_rate: float = key(2e-4, "Peak learning rate.", min=0, max=1, min_exclusive=True, sft=True)
     num_train_epochs: float = key(
         1.0,
@@ -329,7 +358,9 @@ class TrainSection(Section):
     max_grad_norm: float = key(1.0, "Gradient clipping norm (0 disables).", min=0, max=1e6, sft=True)
     optim: str = key(
         "adamw_torch",
-        "Optimizer (transformers' names). adamw_8bit / paged_adamw_8bit need bitsandbytes on a GPU.",
+        "Optimizer (transformers' names). adamw_8bit / paged_adamw_8bit: bitsandbytes' 8-bit AdamW "
+        "(moments in 8 bits: 2 bytes per weight instead of 8, what makes full fine-tuning fit); runs on "
+        "CUDA and, more slowly, on the CPU.",
         choices=("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"),
         sft=True,
     )
@@ -641,6 +672,12 @@ FOREIGN_KEYS = {
     "lr_scheduler": ("train", "lr_scheduler_type"),
     "warmup_steps": ("train", "warmup_steps"),
     "optimizer": ("train", "optim"),
+    "finetuning_type": ("train", "method"),
+    "adapter": ("train", "method"),
+    "load_in_8bit": ("model", "load_in_8bit"),
+    "lora_modules_to_save": ("lora", "modules_to_save"),
+    "additional_target": ("lora", "modules_to_save"),
+    "peft_use_dora": ("lora", "use_dora"),
 }
 
 
@@ -789,6 +826,10 @@ def validate(raw: dict, *, path: str | Path | None = None) -> Recipe:
             f"[data] train is required: {SCHEMA['data']['train'].help.split(' Required')[0]} "
             "(or mix several with [[data.sources]] tables)"
         )
+    if not problems and "load_in_4bit" not in (raw.get("model") or {}):
+        # the 4-bit default gives way to a full fine-tune (4-bit weights cannot train) and to 8-bit loading
+        if values["train"]["method"] == "full" or values["model"]["load_in_8bit"]:
+            values["model"]["load_in_4bit"] = False
     if not problems:
         recipe = Recipe(
             **{name: SECTIONS[name](**v) for name, v in values.items()},
@@ -823,6 +864,25 @@ def _cross_checks(r: Recipe) -> list[str]:
             )
     if t.eval_strategy == "steps" and t.eval_steps is None:
         problems.append('[train] eval_strategy = "steps" needs eval_steps')
+    m = r.model
+    if m.load_in_4bit and m.load_in_8bit:
+        problems.append(
+            "[model] load_in_4bit and load_in_8bit are both true: a base is loaded one way. Set one of them to false."
+        )
+    if t.method == "full":
+        for name in ("load_in_4bit", "load_in_8bit"):
+            if getattr(m, name):
+                problems.append(
+                    f'[model] {name} = true with [train] method = "full": quantised weights cannot be trained, '
+                    f"only an adapter on them. Set [model] {name} = false (the model trains in [model] dtype; "
+                    'an 8-bit optimizer, optim = "adamw_8bit", saves most of the memory), or use method = "lora".'
+                )
+        if r.lora.use_dora:
+            problems.append('[lora] use_dora = true with [train] method = "full": DoRA is an adapter; '
+                            'use method = "lora" for DoRA, or drop use_dora')  # fmt: skip
+        if r.lora.modules_to_save:
+            problems.append('[lora] modules_to_save with [train] method = "full": every module trains and is saved '
+                            "already; drop modules_to_save")  # fmt: skip
     from . import health, mixing, trackers
 
     problems += mixing.check_sources(r.data.as_dict(), SCHEMA["data"]["format"].choices)

@@ -6,6 +6,7 @@
       metrics.jsonl     one JSON object per logged step
       checkpoints/      the Trainer's checkpoint-N folders
       adapter/          the PEFT adapter + tokenizer (with its chat template)
+      model/            instead of adapter/ for [train] method = "full": the whole model + tokenizer
       report.md         the summary, with loss.png (the loss curve)
 
 The folder is made only once the run's setup (recipe, model, data) has passed, and locked (fcntl,
@@ -32,6 +33,7 @@ RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+MODEL = "model"  # a full fine-tune's trained model (no adapter)
 REPORT = "report.md"
 LOSS_PNG = "loss.png"
 LOCK = ".lock"
@@ -224,6 +226,14 @@ class RunDir:
     def adapter(self) -> Path:
         return self.path / ADAPTER
 
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL
+
+    def weights_dir(self, method: str) -> Path:
+        """Where the trained weights go: adapter/ for LoRA, model/ for a full fine-tune."""
+        return self.model if method == "full" else self.adapter
+
     # writing: atomic, never through a symlink, umask honoured (fastsft.files)
     def write_text(self, name: str, text: str) -> Path:
         return files.write_text(self.path / name, text)
@@ -297,7 +307,7 @@ def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
     if (path / RECIPE).is_file() and (path / RUN_JSON).is_file():
         return True
-    known = {RECIPE, RUN_JSON, METRICS, CHECKPOINTS, ADAPTER, REPORT, LOSS_PNG, LOCK}
+    known = {RECIPE, RUN_JSON, METRICS, CHECKPOINTS, ADAPTER, MODEL, REPORT, LOSS_PNG, LOCK}
     names = {p.name for p in path.iterdir()} if path.is_dir() else set()
     return RECIPE in names and all(n in known or n.startswith(".") for n in names)
 
@@ -305,7 +315,7 @@ def is_run_dir(path: str | Path) -> bool:
 def _is_leftover(path: Path) -> bool:
     """A run that stopped before its first step: no checkpoint, no adapter, no logged train step."""
     run = RunDir(path)
-    if run.complete_checkpoints() or (path / ADAPTER).exists():
+    if run.complete_checkpoints() or (path / ADAPTER).exists() or (path / MODEL).exists():
         return False
     try:
         return not any("loss" in r for r in run.read_metrics())

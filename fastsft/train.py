@@ -497,11 +497,12 @@ class Run:
         """The adapter and tokenizer, the answers after, run.json's result, the report, the exports."""
         run_dir, trainer, tokenizer = self.run_dir, self.trainer, self.loaded.tokenizer
         totals = trainer.totals()  # a collective: every rank
-        trainer.save_model(str(run_dir.adapter))  # the Trainer writes on rank 0 only
+        weights = run_dir.weights_dir(self.recipe.train.method)  # adapter/, or model/ for a full fine-tune
+        trainer.save_model(str(weights))  # the Trainer writes on rank 0 only
         if not self.main:
             return RunResult(run_dir.path, {})
-        tokenizer.save_pretrained(str(run_dir.adapter))
-        apply_umask(run_dir.adapter)
+        tokenizer.save_pretrained(str(weights))
+        apply_umask(weights)
         summary = self._summary(result, totals)
         run_dir.update_json(RUN_JSON, status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), result=summary)
         report.write_report(run_dir, summary)
@@ -523,6 +524,8 @@ class Run:
             "backend_reason": loaded.reason,
             "dtype": loaded.dtype,
             "load_in_4bit": recipe.model.load_in_4bit,
+            "method": recipe.train.method,
+            "trainable_parameters": loaded.info.get("trainable_parameters"),
             "loss": self.route.describe(),
             "device": self.run_info["device"],
             "global_step": global_step,

@@ -2,7 +2,7 @@
 
 A model reference is one of
 - a run directory (RUN_DIR/adapter + recipe.toml): the base model loaded as it was trained (4-bit NF4
-  when the recipe says so) with the adapter attached;
+  when the recipe says so) with the adapter attached; or, for a full fine-tune, its RUN_DIR/model;
 - an adapter folder (adapter_config.json): its base model (from adapter_config.json) + the adapter;
 - a merged export or any local Hugging Face model folder (config.json).
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BackendError, DataError
-from .rundir import ADAPTER, RECIPE
+from .rundir import ADAPTER, MODEL, RECIPE
 
 EVAL_JSON = "eval.json"
 
@@ -113,15 +113,15 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
         return model_ref
     policy = policy or LoadPolicy()
     path = _check_ref(model_ref)
-    if (path / ADAPTER / "adapter_config.json").exists():
-        loaded = _load_run(path, dtype, policy)
+    if (path / ADAPTER / "adapter_config.json").exists() or (path / MODEL / "config.json").exists():
+        loaded = _load_run(path, dtype, policy)  # a LoRA run, or a full fine-tune's (model/, no adapter)
     elif (path / "adapter_config.json").exists():
         loaded = _load_adapter(path, dtype, policy)
     elif (path / "config.json").exists():
         loaded = _load_model(path, dtype, policy)
     else:
         raise BackendError(
-            f"{path} is neither a run directory (no adapter/), an adapter folder (no adapter_config.json) "
+            f"{path} is neither a run directory (no adapter/ or model/), an adapter folder (no adapter_config.json) "
             "nor a model folder (no config.json)."
         )
     quantized = getattr(getattr(loaded.model, "config", None), "quantization_config", None) is not None

@@ -168,4 +168,9 @@ def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded
 
     set_seed(recipe.train.seed)  # python, numpy, torch, CUDA: the LoRA init is random; same seed, same run
     model, tokenizer, info = impl.load(recipe, path, dtype, policy=policy)
+    info["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["parameters"] = sum(p.numel() for p in model.parameters())
+    if recipe.train.method == "full":
+        log(f"full fine-tuning: all {info['trainable_parameters']:,} weights train")
     return Loaded(model, tokenizer, backend, reason, path, dtype, info)
+

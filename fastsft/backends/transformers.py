@@ -1,4 +1,5 @@
-"""The stock backend: `AutoModelForCausalLM` (+ bitsandbytes NF4 when 4-bit) + PEFT LoRA.
+"""The stock backend: `AutoModelForCausalLM` (+ bitsandbytes NF4 / int8) + PEFT LoRA or DoRA, or every
+weight trainable (`[train] method = "full"`: no PEFT at all, the model itself trains).
 
 Runs anywhere (bitsandbytes quantises on the CPU too) and is the baseline the benchmarks compare
 against. Gradient checkpointing is switched on by the Trainer from `SFTConfig`.
@@ -20,8 +21,18 @@ def lora_config(recipe):
         bias=lc.bias,
         target_modules=lc.target_modules,
         use_rslora=lc.use_rslora,
+        use_dora=lc.use_dora,
+        modules_to_save=modules_to_save(recipe),
         task_type="CAUSAL_LM",
     )
+
+
+def modules_to_save(recipe) -> list[str] | None:
+    """`[lora] modules_to_save` as a list (None when unset or empty)."""
+    names = recipe.lora.modules_to_save
+    if isinstance(names, str):
+        names = [names]
+    return list(names or []) or None
 
 
 def load(recipe, path: str, dtype: str, *, policy=None):
@@ -34,23 +45,28 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     attn = recipe.model.attn_implementation
     attn = "sdpa" if attn == "auto" else attn
     model = load_base(
-        path, dtype, load_in_4bit=recipe.model.load_in_4bit, policy=policy, attn_implementation=attn,
-        on_gpu=True, what="the model",
+        path, dtype, load_in_4bit=recipe.model.load_in_4bit, load_in_8bit=recipe.model.load_in_8bit,
+        policy=policy, attn_implementation=attn, on_gpu=True, what="the model",
     )  # fmt: skip
     tokenizer = load_tokenizer(path, policy=policy)
-    if recipe.model.load_in_4bit:
+    if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
         # Casts norms to float32 and readies the inputs for checkpointing; checkpointing itself is
         # enabled by the Trainer, so not here.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
     if recipe.model.load_in_4bit and not torch.cuda.is_available():
         _keep_cpu_4bit_trainable(model)
-    check_target_modules(model, recipe.lora.target_modules)
-    model = get_peft_model(model, lora_config(recipe))
     info = {
-        "quantization": "nf4+double-quant" if recipe.model.load_in_4bit else None,
+        "quantization": "nf4+double-quant" if recipe.model.load_in_4bit else "int8" if recipe.model.load_in_8bit else None,
         "attn_implementation": attn,
     }
+    if recipe.train.method == "full":
+        # Every weight trains (the recipe refuses a quantised base here); the Trainer's gradient
+        # checkpointing needs nothing more, since the embeddings' output requires grad already.
+        model.requires_grad_(True)
+        return model, tokenizer, info
+    check_target_modules(model, recipe.lora.target_modules)
+    model = get_peft_model(model, lora_config(recipe))
     return model, tokenizer, info
 
 
@@ -64,6 +80,7 @@ def load_base(
     dtype: str,
     *,
     load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
     policy=None,
     attn_implementation: str | None = None,
     on_gpu: bool | None = None,
@@ -86,7 +103,11 @@ def load_base(
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
         kwargs["quantization_config"] = nf4_config(tdtype)
-    if (load_in_4bit if on_gpu is None else on_gpu) and torch.cuda.is_available():
+    elif load_in_8bit:  # bitsandbytes' LLM.int8 (LoRA on an 8-bit base)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if ((load_in_4bit or load_in_8bit) if on_gpu is None else on_gpu) and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

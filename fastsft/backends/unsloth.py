@@ -37,16 +37,28 @@ def load(recipe, path: str, dtype: str, *, policy=None):
 
     policy = policy or LoadPolicy()
 
+    full = recipe.train.method == "full"
+    extra = {}
+    if full:
+        # Unsloth's full fine-tuning (its FastModel path): every weight trainable, its own checkpointing
+        extra = {"full_finetuning": True, "use_gradient_checkpointing": "unsloth" if recipe.train.gradient_checkpointing else False}
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=path,
             max_seq_length=recipe.data.max_length,
             dtype=torch_dtype(dtype),
             load_in_4bit=recipe.model.load_in_4bit,
+            load_in_8bit=recipe.model.load_in_8bit,
             trust_remote_code=policy.trust_remote_code,
+            **extra,
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise BackendError(f"unsloth cannot load {path!r}: {e}") from None
+    quantization = "unsloth 4-bit" if recipe.model.load_in_4bit else "unsloth 8-bit" if recipe.model.load_in_8bit else None
+    if full:
+        return model, tokenizer, {"quantization": None}
+    from .transformers import modules_to_save
+
     lc = recipe.lora
     check_target_modules(model, lc.target_modules)
     targets = ALL_LINEAR if lc.target_modules == "all-linear" else lc.target_modules
@@ -58,9 +70,10 @@ def load(recipe, path: str, dtype: str, *, policy=None):
         bias=lc.bias,
         target_modules=targets,
         use_rslora=lc.use_rslora,
+        use_dora=lc.use_dora,
+        modules_to_save=modules_to_save(recipe),
         use_gradient_checkpointing="unsloth" if recipe.train.gradient_checkpointing else False,
         random_state=recipe.train.seed,
         max_seq_length=recipe.data.max_length,
     )
-    info = {"quantization": "unsloth 4-bit" if recipe.model.load_in_4bit else None}
-    return model, tokenizer, info
+    return model, tokenizer, {"quantization": quantization}
