@@ -109,6 +109,9 @@ class LossRoute:
     label_smoothing: float
     arch: str
     reason: str
+    # fastsft-linear by replacing the causal LM's forward on the Unsloth backend too: its full fine-tuning
+    # (FastModel) forward ignores UNSLOTH_RETURN_HIDDEN_STATES, and there is no PEFT wrapper in the way
+    patch_forward: bool = False
 
     @property
     def implementation(self) -> str:
@@ -130,13 +133,17 @@ class LossRoute:
             "reason": self.reason,
         }
 
+    @property
+    def patches_forward(self) -> bool:
+        return self.model_backend == "transformers" or self.patch_forward
+
     # ------------------------------------------------------------------------------------------
     # Installing the route on a model
     # ------------------------------------------------------------------------------------------
 
     def install(self, model) -> None:
         """Patch the model where the route needs it (transformers backend, fastsft-linear only)."""
-        if self.kernel != "fastsft-linear" or self.model_backend != "transformers":
+        if self.kernel != "fastsft-linear" or not self.patches_forward:
             return
         lm = base_causal_lm(model)
         spec = ARCHITECTURES[type(lm).__name__]
@@ -155,7 +162,7 @@ class LossRoute:
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         inputs["use_cache"] = False
-        if self.kernel == "fastsft-linear" and self.model_backend == "transformers":
+        if self.kernel == "fastsft-linear" and self.patches_forward:
             out = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch)
             return out.loss, out
         if self.kernel == "unsloth":
@@ -344,4 +351,7 @@ def resolve(recipe, model, model_backend: str, device: torch.device) -> LossRout
             reason += "; Triton cannot run here (no CUDA, TRITON_INTERPRET unset), so its chunked PyTorch twin"
     else:
         kb = "-"
-    return LossRoute(kernel, kb, model_backend, recipe.loss.label_smoothing, arch, reason)
+    patch = kernel == "fastsft-linear" and model_backend == "unsloth" and not hasattr(model, "peft_config")
+    if patch:
+        reason += "; Unsloth full fine-tuning: the linear loss replaces the causal LM's forward, as on transformers"
+    return LossRoute(kernel, kb, model_backend, recipe.loss.label_smoothing, arch, reason, patch_forward=patch)

@@ -212,3 +212,39 @@ def test_the_merged_export_of_an_unsloth_run_reproduces_its_logits(training, tmp
     keep = data["attention_mask"].bool()
     diff = float((exported[keep] - trained[keep]).norm() / trained[keep].norm())
     assert diff < 10 * TOL, diff  # the trained logits come from the child's device, the export's from the CPU
+
+
+@pytest.fixture()
+def full_run(results):
+    assert "full" not in results["errors"], results["errors"]["full"]
+    return results["full"]
+
+
+def test_unsloth_full_finetuning_trains_every_weight_through_our_kernel(full_run):
+    """`[train] method = "full"` on the Unsloth backend (its full_finetuning=True): the whole model
+    trains, through fastsft's linear kernel (patched onto the forward: Unsloth's full-fine-tuning forward
+    ignores UNSLOTH_RETURN_HIDDEN_STATES), and every weight moves."""
+    from safetensors.torch import load_file
+
+    r = full_run
+    assert r["summary_backend"] == "unsloth" and r["loss_kernel"] == "fastsft-linear"
+    assert r["launches"] >= 3 and r["trainable_parameters"] == r["n_params"]
+    assert r["losses"][-1] < 0.8 * r["losses"][0], r["losses"]
+    base = load_file(str(sorted(Path(r["base"]).glob("*.safetensors"))[0]))
+    trained = load_file(str(Path(r["run"]) / "model" / "model.safetensors"))
+    assert set(base) == set(trained)
+    assert not [k for k in base if torch.equal(base[k], trained[k])]
+
+
+def test_unsloth_full_run_loads_with_plain_transformers(full_run):
+    """RUN_DIR/model, loaded here (a process Unsloth never patched) by plain transformers, gives the
+    trained Unsloth model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(Path(full_run["run"]) / "model", dtype=torch.float32)
+    data = tensors(full_run["batch"])
+    with torch.no_grad():
+        got = merged(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    trained = torch.load(full_run["trained_logits"])
+    keep = data["attention_mask"].bool()
+    assert float((got[keep] - trained[keep]).norm() / trained[keep].norm()) < 10 * TOL

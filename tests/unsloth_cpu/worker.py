@@ -12,7 +12,8 @@ Per architecture (tiny built-in models), on one fixed batch of the demo data:
   Trainer's bf16 autocast, against fp32 (Llama and Gemma 2; `--full`).
 Once (tiny Llama), through `fastsft.train.run` with `backend = "unsloth"`: gradient accumulation
 (batch 2 x 1 step == batch 1 x 2 accumulated), and the merged export of the trained run against the
-trained Unsloth model's own logits.
+trained Unsloth model's own logits; and a full fine-tune (`[train] method = "full"`: Unsloth's
+`full_finetuning=True`), whose RUN_DIR/model the test loads with plain transformers.
 """
 
 from __future__ import annotations
@@ -293,10 +294,57 @@ def check_training(tmp: Path) -> dict:
     return out
 
 
-def loaded_tokenizer(run_dir: Path):
+def check_full_finetuning(tmp: Path) -> dict:
+    """`[train] method = "full"` through `fastsft.train.run` with backend = "unsloth" (tiny Llama): every
+    weight trains through Unsloth's full_finetuning path and our kernel; the trained model's logits are
+    kept for the test to compare with RUN_DIR/model loaded by plain transformers in its own process."""
+    out: dict = {}
+    tmp.mkdir(parents=True, exist_ok=True)
+    captured = {}
+    original = train.make_callbacks
+
+    def callbacks(*a, **k):
+        from transformers import TrainerCallback
+
+        class Keep(TrainerCallback):
+            def on_train_end(self, args, state, control, model=None, **kw):
+                captured["model"] = model
+
+        return original(*a, **k) + [Keep()]
+
+    train.make_callbacks = callbacks
+    train.sample_prompts = lambda *a, **k: []
+    LAUNCHES["cross_entropy"] = 0
+    try:
+        r = train.run(make_recipe(tmp, "train.method=full", "train.learning_rate=1e-3", "train.optim=adamw_torch", "train.max_steps=3",
+                                  "train.per_device_train_batch_size=2"), output_dir=tmp / "full")  # fmt: skip
+    finally:
+        train.make_callbacks = original
+    info = json.loads((r.run_dir / "run.json").read_text())
+    out["run"] = str(r.run_dir)
+    out["base"] = info["model_path"]
+    out["summary_backend"] = r.summary["backend"]
+    out["loss_kernel"] = r.summary["loss"]["kernel"]
+    out["trainable_parameters"] = r.summary["trainable_parameters"]
+    out["launches"] = LAUNCHES["cross_entropy"]
+    out["losses"] = [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()
+                     if "loss" in json.loads(x)]  # fmt: skip
+    model = captured.pop("model")
+    out["n_params"] = sum(p.numel() for p in model.parameters())
+    data = batch(loaded_tokenizer(r.run_dir, "model"), 2)
+    model.eval()
+    with torch.no_grad(), loss._env(UNSLOTH_RETURN_LOGITS="1"):
+        logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    out["batch"] = {k: v.tolist() for k, v in data.items()}
+    out["trained_logits"] = str(tmp / "full_logits.pt")
+    torch.save(logits.float().cpu(), out["trained_logits"])
+    return out
+
+
+def loaded_tokenizer(run_dir: Path, folder: str = "adapter"):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(run_dir / "adapter")
+    return AutoTokenizer.from_pretrained(run_dir / folder)
 
 
 def main() -> None:
@@ -310,6 +358,7 @@ def main() -> None:
         "Qwen2 run Unsloth's Llama code for those)",
     )
     ap.add_argument("--no-training", action="store_true")
+    ap.add_argument("--no-full", action="store_true", help="skip the full fine-tune")
     ap.add_argument("--four-bit", action="store_true", help="also every kernel on a 4-bit base (GPU only)")
     args = ap.parse_args()
     import tempfile
@@ -324,7 +373,7 @@ def main() -> None:
         "errors": {},
     }
     t0 = time.perf_counter()
-    for arch in args.archs.split(","):
+    for arch in [a for a in args.archs.split(",") if a]:
         try:
             results["archs"][arch] = check_arch(
                 arch, tmp / arch, arch not in args.full.split(","), args.four_bit
@@ -337,6 +386,11 @@ def main() -> None:
             results["training"] = check_training(tmp / "training")
         except Exception:
             results["errors"]["training"] = traceback.format_exc()
+    if not args.no_full:
+        try:
+            results["full"] = check_full_finetuning(tmp / "full")
+        except Exception:
+            results["errors"]["full"] = traceback.format_exc()
     results["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))
 
