@@ -202,3 +202,49 @@ def test_mix_retain_health_and_tensorboard_on_the_real_model(tmp_path):
     board = read_tensorboard(out / "tensorboard")["train/loss"]
     assert [s for s, _ in board] == [s for s, _ in logged] == [1, 2, 3, 4]
     assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
+
+
+@pytest.fixture(scope="session")
+def smol_full_run(tmp_path_factory):
+    """`fastsft run recipes/smollm2_135m_full.toml` (every weight trains, 8-bit AdamW, gradient
+    checkpointing), 3 short steps."""
+    from fastsft.cli import main
+
+    out = tmp_path_factory.mktemp("real-full") / "smol-full"
+    args = ["run", str(RECIPES / "smollm2_135m_full.toml"), "-o", str(out)]
+    for o in ["train.max_steps=3", "train.per_device_train_batch_size=2", "train.learning_rate=1e-4",
+              "train.logging_steps=1", "train.eval_strategy=no", "train.save_strategy=no", "data.max_length=64"]:  # fmt: skip
+        args += ["--set", o]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_full_finetune_moves_every_weight_and_loads_in_plain_transformers(smol_full_run):
+    """Every tensor of SmolLM2 differs from the base after training, the loss falls, and RUN_DIR/model is
+    a model plain transformers loads (with its tokenizer) that fastsft's own loading agrees with."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastsft import use
+
+    run = smol_full_run
+    info = json.loads((run / "run.json").read_text())
+    assert info["result"]["method"] == "full" and not (run / "adapter").exists()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    base = load_file(str(sorted(Path(info["model_path"]).glob("*.safetensors"))[0]))
+    trained = load_file(str(run / "model" / "model.safetensors"))
+    assert set(base) == set(trained) and len(base) > 250  # 30 layers x 9 tensors + embeddings + norm
+    assert not [k for k in base if torch.equal(base[k], trained[k])]
+    model = AutoModelForCausalLM.from_pretrained(str(run / "model"), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(run / "model"))
+    assert tok.eos_token == "<|im_end|>"
+    ids = tok.apply_chat_template([{"role": "user", "content": "What colour is a lemon?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    ours = use.load_for_use(run, dtype="fp32")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ours.model(ids).logits)
