@@ -301,25 +301,17 @@ def check_full_finetuning(tmp: Path) -> dict:
     out: dict = {}
     tmp.mkdir(parents=True, exist_ok=True)
     captured = {}
-    original = train.make_callbacks
+    from transformers import TrainerCallback
 
-    def callbacks(*a, **k):
-        from transformers import TrainerCallback
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            captured["model"] = model
 
-        class Keep(TrainerCallback):
-            def on_train_end(self, args, state, control, model=None, **kw):
-                captured["model"] = model
-
-        return original(*a, **k) + [Keep()]
-
-    train.make_callbacks = callbacks
     train.sample_prompts = lambda *a, **k: []
     LAUNCHES["cross_entropy"] = 0
-    try:
-        r = train.run(make_recipe(tmp, "train.method=full", "train.learning_rate=1e-3", "train.optim=adamw_torch", "train.max_steps=3",
-                                  "train.per_device_train_batch_size=2"), output_dir=tmp / "full")  # fmt: skip
-    finally:
-        train.make_callbacks = original
+    r = train.run(make_recipe(tmp, "train.method=full", "train.learning_rate=1e-3", "train.optim=adamw_torch",
+                              "train.max_steps=3", "train.per_device_train_batch_size=2"),
+                  output_dir=tmp / "full", callbacks=[Keep()])  # fmt: skip
     info = json.loads((r.run_dir / "run.json").read_text())
     out["run"] = str(r.run_dir)
     out["base"] = info["model_path"]
