@@ -60,7 +60,12 @@ def quiet_libraries() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False), required=False)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
-@click.option("--output-dir", "-o", type=click.Path(file_okay=False), help="Run directory (default runs/<recipe>-<time>).")
+@click.option(
+    "--output-dir",
+    "-o",
+    type=click.Path(file_okay=False),
+    help="Run directory (default runs/<recipe>-<time>).",
+)
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -85,7 +90,17 @@ def quiet_libraries() -> None:
 )
 @policy_options
 @handle_errors
-def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc, allow_data_change, trust_remote_code, allow_pickle):
+def run(
+    recipe,
+    overrides,
+    output_dir,
+    overwrite,
+    resume_dir,
+    nproc,
+    allow_data_change,
+    trust_remote_code,
+    allow_pickle,
+):
     """Train a LoRA adapter as RECIPE says and write a run directory.
 
     \b
@@ -111,37 +126,22 @@ def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc, allow_data_
         if wanted is not None and wanted.distributed.num_processes > 1:
             nproc = wanted.distributed.num_processes
     if nproc and nproc > 1 and dist.world_size() == 1:
-        import subprocess
-
-        # the ranks' recipe records how many they are, so that a resume starts as many again
-        overrides = [*overrides, f"distributed.num_processes={nproc}"]
-        if resume_dir:
-            wanted = train.resume_recipe(resume_dir, recipe, overrides)
-        elif recipe:
-            wanted = recipe_mod.load(recipe, overrides)
-        if wanted is not None:
-            dist.check_distributed(wanted)  # refuse here, not once per rank
-        argv = ["run"] + ([recipe] if recipe else [])
-        for item in overrides:
-            argv += ["--set", item]
-        argv += ["--allow-data-change"] if allow_data_change else []
-        argv += ["--trust-remote-code"] if trust_remote_code else []
-        argv += ["--allow-pickle"] if allow_pickle else []
-        if resume_dir:
-            argv += ["--resume", resume_dir]
-        else:
-            # every rank must use one folder: its name is fixed here, not per rank
-            from .rundir import default_path
-
-            argv += ["-o", str(output_dir or default_path(recipe or "recipe"))]
-            argv += ["--overwrite"] if overwrite else []
-        sys.exit(subprocess.call(dist.launch_command(nproc, argv)))
+        sys.exit(
+            _launch_ranks(
+                nproc, recipe, overrides, output_dir, overwrite, resume_dir,
+                allow_data_change, trust_remote_code, allow_pickle,
+            )
+        )  # fmt: skip
     if resume_dir:
         if output_dir or overwrite:
-            raise click.UsageError("--resume continues the run in its own folder; drop --output-dir / --overwrite")
+            raise click.UsageError(
+                "--resume continues the run in its own folder; drop --output-dir / --overwrite"
+            )
         r = train.resume_recipe(resume_dir, recipe, list(overrides))
         try:
-            train.run(r, output_dir=resume_dir, resume=True, policy=policy, allow_data_change=allow_data_change)
+            train.run(
+                r, output_dir=resume_dir, resume=True, policy=policy, allow_data_change=allow_data_change
+            )
         finally:
             dist.teardown()
         return
@@ -152,6 +152,49 @@ def run(recipe, overrides, output_dir, overwrite, resume_dir, nproc, allow_data_
         train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
     finally:
         dist.teardown()
+
+
+def _launch_ranks(
+    nproc,
+    recipe,
+    overrides,
+    output_dir,
+    overwrite,
+    resume_dir,
+    allow_data_change,
+    trust_remote_code,
+    allow_pickle,
+) -> int:
+    """Start `nproc` ranks of this command (torchrun) and return their exit status."""
+    import subprocess
+
+    from . import dist, train
+    from . import recipe as recipe_mod
+
+    # the ranks' recipe records how many they are, so that a resume starts as many again
+    overrides = [*overrides, f"distributed.num_processes={nproc}"]
+    wanted = None
+    if resume_dir:
+        wanted = train.resume_recipe(resume_dir, recipe, overrides)
+    elif recipe:
+        wanted = recipe_mod.load(recipe, overrides)
+    if wanted is not None:
+        dist.check_distributed(wanted)  # refuse here, not once per rank
+    argv = ["run"] + ([recipe] if recipe else [])
+    for item in overrides:
+        argv += ["--set", item]
+    argv += ["--allow-data-change"] if allow_data_change else []
+    argv += ["--trust-remote-code"] if trust_remote_code else []
+    argv += ["--allow-pickle"] if allow_pickle else []
+    if resume_dir:
+        argv += ["--resume", resume_dir]
+    else:
+        # every rank must use one folder: its name is fixed here, not per rank
+        from .rundir import default_path
+
+        argv += ["-o", str(output_dir or default_path(recipe or "recipe"))]
+        argv += ["--overwrite"] if overwrite else []
+    return subprocess.call(dist.launch_command(nproc, argv))
 
 
 @main.command()

@@ -47,19 +47,19 @@ ADVICE = {
     ),
     "no_learning": (
         "raise [train] learning_rate (LoRA typically 1e-4 to 2e-4, x10 for tiny models), shorten warmup_ratio / "
-        "warmup_steps, use [lora] target_modules = \"all-linear\" and a larger r, and check with `fastsft data "
+        'warmup_steps, use [lora] target_modules = "all-linear" and a larger r, and check with `fastsft data '
         "preview` that the answers carry loss"
     ),
     "spike": (
         "lower [train] learning_rate, lengthen warmup_ratio / warmup_steps, keep max_grad_norm = 1.0, raise "
-        "gradient_accumulation_steps for larger batches, and prefer [model] dtype = \"bf16\" to fp16"
+        'gradient_accumulation_steps for larger batches, and prefer [model] dtype = "bf16" to fp16'
     ),
     "grad_spike": (
         "lower [train] learning_rate or max_grad_norm (clipping), lengthen the warm-up, and look for unusual "
         "rows (very long examples: [data] max_length)"
     ),
     "nonfinite": (
-        "lower [train] learning_rate, use [model] dtype = \"bf16\" (fp16 overflows), keep max_grad_norm = 1.0; "
+        'lower [train] learning_rate, use [model] dtype = "bf16" (fp16 overflows), keep max_grad_norm = 1.0; '
         "[train] max_nonfinite_steps lets a run skip a few bad steps"
     ),
     "compliance": (
@@ -113,59 +113,88 @@ def diagnose(rows: list[dict], *, compliance: dict | None = None) -> list[Findin
     `eval_loss`; a non-finite value is None (null). compliance: {"base", "fine_tuned", "n"} shares."""
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r and _finite(r["eval_loss"])]
-    found: list[Finding] = []
-
-    bad = [r for r in train if not _finite(r.get("loss")) or ("grad_norm" in r and not _finite(r["grad_norm"]))]
-    if bad:
-        found.append(_finding("nonfinite", bad[-1]["step"], f"{len(bad)} logged step(s) with a NaN/inf loss or gradient norm"))
     losses = [(r["step"], r["loss"]) for r in train if _finite(r.get("loss"))]
+    found = [
+        _nonfinite(train),
+        _overfitting(evals, losses),
+        _memorisation(evals, losses),
+        _no_learning(losses),
+        *_spikes(train),
+        _compliance_fell(compliance or {}, train),
+    ]
+    return [f for f in found if f is not None]
 
-    def train_near(step: int, k: int = 5) -> float | None:
-        """Mean of the last k train losses logged at or before `step`."""
-        xs = [v for s, v in losses if s <= step][-k:]
-        return sum(xs) / len(xs) if xs else None
 
-    # overfitting: OVERFIT_EVALS held-out losses in a row rise while the train loss over them falls; the
-    # first such window is where it began (a later dip of the held-out loss does not undo it)
+def _train_near(losses: list[tuple[int, float]], step: int, k: int = 5) -> float | None:
+    """Mean of the last k train losses logged at or before `step`."""
+    xs = [v for s, v in losses if s <= step][-k:]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _nonfinite(train: list[dict]) -> Finding | None:
+    bad = [
+        r for r in train if not _finite(r.get("loss")) or ("grad_norm" in r and not _finite(r["grad_norm"]))
+    ]
+    if not bad:
+        return None
+    return _finding(
+        "nonfinite", bad[-1]["step"], f"{len(bad)} logged step(s) with a NaN/inf loss or gradient norm"
+    )
+
+
+def _overfitting(evals: list[dict], losses: list[tuple[int, float]]) -> Finding | None:
+    """OVERFIT_EVALS held-out losses in a row rise while the train loss over them falls; the first such
+    window is where it began (a later dip of the held-out loss does not undo it)."""
     for i in range(len(evals) - OVERFIT_EVALS + 1):
         window = evals[i : i + OVERFIT_EVALS]
         e = [r["eval_loss"] for r in window]
         best = min(r["eval_loss"] for r in evals[: i + OVERFIT_EVALS])
-        t0, t1 = train_near(window[0]["step"]), train_near(window[-1]["step"])
+        t0, t1 = _train_near(losses, window[0]["step"]), _train_near(losses, window[-1]["step"])
         rising = all(b > a for a, b in zip(e, e[1:], strict=False)) and e[-1] > best * (1 + OVERFIT_RISE)
         if rising and t0 is not None and t1 is not None and t1 < t0:
             end = evals[-1]
-            found.append(_finding(
+            return _finding(
                 "overfitting", window[-1]["step"],
                 f"held-out loss rose {e[0]:.4f} -> {e[-1]:.4f} over {OVERFIT_EVALS} evaluations (steps "
                 f"{window[0]['step']}-{window[-1]['step']}; best {best:.4f}) while the train loss fell {t0:.4f} -> "
                 f"{t1:.4f}; at the end (step {end['step']}) held-out {end['eval_loss']:.4f}",
-            ))  # fmt: skip
-            break
+            )  # fmt: skip
+    return None
 
-    # memorisation: train loss near zero, held-out loss far above
-    if evals and losses:
-        last_eval = evals[-1]
-        t = train_near(last_eval["step"])
-        if t is not None and t < MEMORISED_TRAIN and last_eval["eval_loss"] - t > MEMORISED_GAP:
-            found.append(_finding(
-                "memorisation", last_eval["step"],
-                f"train loss {t:.4f} (near zero) but held-out loss {last_eval['eval_loss']:.4f}",
-            ))  # fmt: skip
 
-    # no learning: flat train loss
-    if len(losses) >= FLAT_MIN_LOGS:
-        q = max(2, len(losses) // 4)
-        first = sum(v for _, v in losses[:q]) / q
-        last = sum(v for _, v in losses[-q:]) / q
-        if first > MEMORISED_TRAIN and last > first * (1 - FLAT_DROP):
-            found.append(_finding(
-                "no_learning", losses[-1][0],
-                f"train loss {first:.4f} over the first {q} logs and {last:.4f} over the last {q}: "
-                f"it fell less than {FLAT_DROP:.0%}",
-            ))  # fmt: skip
+def _memorisation(evals: list[dict], losses: list[tuple[int, float]]) -> Finding | None:
+    """Train loss near zero, held-out loss far above."""
+    if not (evals and losses):
+        return None
+    last_eval = evals[-1]
+    t = _train_near(losses, last_eval["step"])
+    if t is not None and t < MEMORISED_TRAIN and last_eval["eval_loss"] - t > MEMORISED_GAP:
+        return _finding(
+            "memorisation", last_eval["step"],
+            f"train loss {t:.4f} (near zero) but held-out loss {last_eval['eval_loss']:.4f}",
+        )  # fmt: skip
+    return None
 
-    # spikes: a value far above the running median of the ones before it
+
+def _no_learning(losses: list[tuple[int, float]]) -> Finding | None:
+    """A flat train loss."""
+    if len(losses) < FLAT_MIN_LOGS:
+        return None
+    q = max(2, len(losses) // 4)
+    first = sum(v for _, v in losses[:q]) / q
+    last = sum(v for _, v in losses[-q:]) / q
+    if first > MEMORISED_TRAIN and last > first * (1 - FLAT_DROP):
+        return _finding(
+            "no_learning", losses[-1][0],
+            f"train loss {first:.4f} over the first {q} logs and {last:.4f} over the last {q}: "
+            f"it fell less than {FLAT_DROP:.0%}",
+        )  # fmt: skip
+    return None
+
+
+def _spikes(train: list[dict]) -> list[Finding]:
+    """A value far above the running median of the ones before it (train loss, gradient norm)."""
+    found = []
     for kind, key, ratio in (("spike", "loss", SPIKE_RATIO), ("grad_spike", "grad_norm", GRAD_SPIKE_RATIO)):
         series = [(r["step"], r[key]) for r in train if _finite(r.get(key))]
         worst = None
@@ -177,17 +206,18 @@ def diagnose(rows: list[dict], *, compliance: dict | None = None) -> list[Findin
             step, v, med = worst
             what = "train loss" if key == "loss" else "gradient norm"
             found.append(_finding(kind, step, f"{what} {v:.4g}, {v / med:.1f}x the running median {med:.4g}"))
-
-    # template compliance falling
-    c = compliance or {}
-    if c.get("n") and c.get("base") is not None and c.get("fine_tuned") is not None and c["fine_tuned"] < c["base"]:
-        last_step = train[-1]["step"] if train else 0
-        found.append(_finding(
-            "compliance", last_step,
-            f"answers that stop on the end-of-turn token fell from {c['base']:.0%} (base model) to "
-            f"{c['fine_tuned']:.0%} (fine-tuned), of {c['n']} prompts",
-        ))  # fmt: skip
     return found
+
+
+def _compliance_fell(c: dict, train: list[dict]) -> Finding | None:
+    """Template compliance lower after training than before."""
+    if not c.get("n") or c.get("base") is None or c.get("fine_tuned") is None or c["fine_tuned"] >= c["base"]:
+        return None
+    return _finding(
+        "compliance", train[-1]["step"] if train else 0,
+        f"answers that stop on the end-of-turn token fell from {c['base']:.0%} (base model) to "
+        f"{c['fine_tuned']:.0%} (fine-tuned), of {c['n']} prompts",
+    )  # fmt: skip
 
 
 def check_early_stopping(train: dict, data: dict) -> list[str]:
@@ -201,7 +231,9 @@ def check_early_stopping(train: dict, data: dict) -> list[str]:
     )
     problems = []
     if train["eval_strategy"] == "no":
-        problems.append(f'[train] early_stopping_patience: {why} eval_strategy = "steps" (with eval_steps) or "epoch"')
+        problems.append(
+            f'[train] early_stopping_patience: {why} eval_strategy = "steps" (with eval_steps) or "epoch"'
+        )
     if not train["load_best_model_at_end"]:
         problems.append(
             f"[train] early_stopping_patience: {why} load_best_model_at_end = true (with save_strategy equal to "

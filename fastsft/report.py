@@ -44,10 +44,19 @@ def write_report(run: RunDir, summary: dict) -> None:
     """summary: the dict `train.run` builds (recipe name, backend, loss route, metrics, samples)."""
     has_plot = plot_loss(run)
     rows = run.read_metrics()
+    lines = [f"# fastsft run: {summary.get('name', run.path.name)}", ""]
+    lines += _summary_table(summary, rows)
+    lines.append("")
+    if has_plot:
+        lines += ["![loss curve](loss.png)", ""]
+    lines += _health_section(summary) + _samples_section(summary) + _files_section(summary)
+    run.write_text(REPORT, "\n".join(lines))
+
+
+def _summary_table(summary: dict, rows: list[dict]) -> list[str]:
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
-    lines = [f"# fastsft run: {summary.get('name', run.path.name)}", ""]
-    lines += [
+    lines = [
         "| | |",
         "|---|---|",
         f"| model | `{summary['model']}` |",
@@ -89,14 +98,22 @@ def write_report(run: RunDir, summary: dict) -> None:
         )
     early = summary.get("early_stopping")
     if early:
-        what = f"stopped at step {summary.get('global_step')} of {early.get('max_steps')}" if early.get("stopped_early") else "did not trigger"
-        lines.append(f"| early stopping (patience {early.get('patience')}) | {what}; best {_fmt(early.get('best_metric'))} |")
+        what = (
+            f"stopped at step {summary.get('global_step')} of {early.get('max_steps')}"
+            if early.get("stopped_early")
+            else "did not trigger"
+        )
+        lines.append(
+            f"| early stopping (patience {early.get('patience')}) | {what}; best {_fmt(early.get('best_metric'))} |"
+        )
     data = summary.get("data") or {}
     if data:
         lines.append(f"| data | {data.get('summary', '')} |")
-    lines.append("")
-    if has_plot:
-        lines += ["![loss curve](loss.png)", ""]
+    return lines
+
+
+def _health_section(summary: dict) -> list[str]:
+    lines: list[str] = []
     if "health" in summary:
         lines += ["## Training health", ""]
         findings = summary.get("health") or []
@@ -106,6 +123,11 @@ def write_report(run: RunDir, summary: dict) -> None:
         for f in findings:
             lines += [f"- **{f['title']}** (step {f['step']}): {f['seen']}. *Fix:* {f['advice']}."]
         lines.append("")
+    return lines
+
+
+def _samples_section(summary: dict) -> list[str]:
+    lines: list[str] = []
     samples = summary.get("samples") or []
     if samples:
         lines += ["## Answers before and after", ""]
@@ -117,11 +139,19 @@ def write_report(run: RunDir, summary: dict) -> None:
             cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [
+    return lines
+
+
+def _files_section(summary: dict) -> list[str]:
+    weights = (
+        "`model/`: the whole fine-tuned model and tokenizer."
+        if summary.get("method") == "full"
+        else "`adapter/`: the LoRA adapter and tokenizer."
+    )
+    return [
         "## Files",
         "",
         "- `recipe.toml`: the resolved recipe; `run.json`: versions, device, data fingerprint;",
-        "- `metrics.jsonl`: one line per logged step; `adapter/`: the LoRA adapter and tokenizer.",
+        f"- `metrics.jsonl`: one line per logged step; {weights}",
         "",
     ]
-    run.write_text(REPORT, "\n".join(lines))
