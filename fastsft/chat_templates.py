@@ -42,7 +42,7 @@ _HERMES_TOOLS_SYSTEM = (
     "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}\n"
     "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}\n"
     "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": '
     "<args-json-object>}\\n</tool_call><|im_end|>\\n' -}}\n"
 )
 _HERMES_CALLS = (
@@ -73,22 +73,23 @@ def _chatml(default_system: str) -> str:
         "{%- set has_system = messages and messages[0]['role'] == 'system' -%}\n"
         "{%- if tools -%}\n"
         "{%- if has_system -%}{{- '<|im_start|>system\\n' + messages[0]['content'] + '\\n\\n' -}}\n"
-        "{%- else -%}" + default + ("{{- '\\n\\n' -}}\n" if default_system else "") + "{%- endif -%}\n"
+        "{%- else -%}"
+        + default
+        + ("{{- '\\n\\n' -}}\n" if default_system else "")
+        + "{%- endif -%}\n"
         + _HERMES_TOOLS_SYSTEM
-        + "{%- elif not has_system -%}\n" + no_system + "{%- endif -%}\n"
+        + "{%- elif not has_system -%}\n"
+        + no_system
+        + "{%- endif -%}\n"
         "{%- for message in messages -%}\n"
         "{%- if message['role'] == 'system' and loop.first and tools -%}\n"  # written with the tools above
         "{%- elif message['role'] == 'assistant' -%}\n"
         "{{- '<|im_start|>assistant\\n' -}}\n"
         "{%- generation -%}\n"
-        "{{- message['content'] -}}\n"
-        + _HERMES_CALLS
-        + "{{- '<|im_end|>' -}}\n"
+        "{{- message['content'] -}}\n" + _HERMES_CALLS + "{{- '<|im_end|>' -}}\n"
         "{%- endgeneration -%}\n"
         "{{- '\\n' -}}\n"
-        "{%- elif message['role'] == 'tool' -%}\n"
-        + _HERMES_TOOL_RESULT
-        + "{%- else -%}\n"
+        "{%- elif message['role'] == 'tool' -%}\n" + _HERMES_TOOL_RESULT + "{%- else -%}\n"
         "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\n"
         "{%- endif -%}\n"
         "{%- endfor -%}\n"
@@ -123,8 +124,8 @@ LLAMA3 = (
     "{%- elif message['role'] == 'user' and tools and not ns.tools_written -%}\n"
     "{%- set ns.tools_written = true -%}\n"
     "{{- 'Given the following functions, please respond with a JSON for a function call with its proper "
-    "arguments that best answers the given prompt.\\n\\nRespond in the format {\"name\": function name, "
-    "\"parameters\": dictionary of argument name and its value}. Do not use variables.\\n\\n' -}}\n"
+    'arguments that best answers the given prompt.\\n\\nRespond in the format {"name": function name, '
+    '"parameters": dictionary of argument name and its value}. Do not use variables.\\n\\n\' -}}\n'
     "{%- for tool in tools -%}{{- (tool | tojson(indent=4)) + '\\n\\n' -}}{%- endfor -%}\n"
     "{{- message['content'] | trim + '<|eot_id|>' -}}\n"
     "{%- else -%}\n"
@@ -213,7 +214,9 @@ def load_template(name_or_path: str, base_dir: str | Path | None = None) -> str:
     """A built-in template by name, or the text of a .jinja file (relative paths from `base_dir`)."""
     if name_or_path in TEMPLATES:
         return TEMPLATES[name_or_path]
-    looks_like_path = name_or_path.endswith((".jinja", ".j2", ".jinja2")) or "/" in name_or_path or "\\" in name_or_path
+    looks_like_path = (
+        name_or_path.endswith((".jinja", ".j2", ".jinja2")) or "/" in name_or_path or "\\" in name_or_path
+    )
     if looks_like_path:
         p = Path(name_or_path).expanduser()
         if not p.is_absolute() and base_dir is not None:
@@ -305,14 +308,20 @@ def role_markers(text: str) -> list[str]:
     return sorted({m.group(0).strip() for m in ROLE_MARKERS.finditer(text)})
 
 
-def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tools: list[dict] | None = None):
+def chat_ids(
+    tokenizer, messages: list[dict], *, add_generation_prompt: bool, tools: list[dict] | None = None
+):
     """input_ids (1, T), int64: `messages` (and `tools`) through the chat template, or plain text
     without one (a single user message as it is: training took plain prompt/completion text)."""
     import torch
 
     if getattr(tokenizer, "chat_template", None):
         out = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, return_tensors="pt", return_dict=True
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            return_tensors="pt",
+            return_dict=True,
         )
         return out["input_ids"]
     if tools:

@@ -36,7 +36,9 @@ from .recipe import EXPORT_FORMATS
     show_default=True,
     help="dtype of merged and GGUF weights.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing export folder (never a run or other files).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing export folder (never a run or other files)."
+)
 @policy_options
 @handle_errors
 def export_cmd(run_dir, fmt, to, dtype, overwrite, trust_remote_code, allow_pickle):
@@ -54,6 +56,7 @@ def export_cmd(run_dir, fmt, to, dtype, overwrite, trust_remote_code, allow_pick
     policy = make_policy(trust_remote_code, allow_pickle)
     path = export_run(run_dir, fmt=fmt, to=to, dtype=dtype, overwrite=overwrite, policy=policy)
     click.echo(str(path))
+
 
 @click.command("generate")
 @click.argument("model", type=click.Path())
@@ -82,8 +85,11 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, tools_file, trust_r
 
     tools = read_tools(tools_file)
     policy = make_policy(trust_remote_code, allow_pickle)
-    answer = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, tools=tools, policy=policy)
+    answer = generate(
+        model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, tools=tools, policy=policy
+    )
     click.echo(answer)
+
 
 @click.command("chat")
 @click.argument("model", type=click.Path())
@@ -112,7 +118,15 @@ def chat_cmd(model, max_new_tokens, temperature, system, tools_file, trust_remot
 
     tools = read_tools(tools_file)
     policy = make_policy(trust_remote_code, allow_pickle)
-    chat(model, max_new_tokens=max_new_tokens, temperature=temperature, system=system, tools=tools, policy=policy)
+    chat(
+        model,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        system=system,
+        tools=tools,
+        policy=policy,
+    )
+
 
 @click.command("eval")
 @click.argument("run_or_model", type=click.Path())
@@ -164,26 +178,61 @@ def eval_cmd(run_or_model, data_file, json_out, n_gen, max_new_tokens, trust_rem
         policy=make_policy(trust_remote_code, allow_pickle),
     )
 
+
 @click.command("serve")
 @click.argument("run_or_model", type=click.Path())
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; loopback unless you mean to share the model (then set --api-key).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
-              help="Port (0: any free one).")
-@click.option("--api-key", envvar="FASTSFT_API_KEY", default=None,
-              help="Require `Authorization: Bearer KEY` on the API and the page's data "
-              "(also read from FASTSFT_API_KEY, which keeps it out of the process list).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; loopback unless you mean to share the model (then set --api-key).",
+)
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one)."
+)
+@click.option(
+    "--api-key",
+    envvar="FASTSFT_API_KEY",
+    default=None,
+    help="Require `Authorization: Bearer KEY` on the API and the page's data "
+    "(also read from FASTSFT_API_KEY, which keeps it out of the process list).",
+)
 @click.option("--model-name", default=None, help="The model id clients ask for (default: the folder's name).")
-@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0),
-              help="Requests that may wait while one is answered; more are answered 503 at once.")
-@click.option("--max-tokens-limit", default=2048, show_default=True, type=click.IntRange(min=1),
-              help="The largest max_tokens a request may ask for.")
-@click.option("--max-body-bytes", default=1_000_000, show_default=True, type=click.IntRange(min=1024),
-              help="The largest request body accepted (413 beyond).")
+@click.option(
+    "--max-queue",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Requests that may wait while one is answered; more are answered 503 at once.",
+)
+@click.option(
+    "--max-tokens-limit",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="The largest max_tokens a request may ask for.",
+)
+@click.option(
+    "--max-body-bytes",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(min=1024),
+    help="The largest request body accepted (413 beyond).",
+)
 @policy_options
 @handle_errors
-def serve_cmd(run_or_model, host, port, api_key, model_name, max_queue, max_tokens_limit, max_body_bytes,
-              trust_remote_code, allow_pickle):
+def serve_cmd(
+    run_or_model,
+    host,
+    port,
+    api_key,
+    model_name,
+    max_queue,
+    max_tokens_limit,
+    max_body_bytes,
+    trust_remote_code,
+    allow_pickle,
+):
     """Serve RUN_OR_MODEL over an OpenAI-compatible API, with a chat page at /.
 
     The API is /v1/chat/completions (streaming or not), /v1/completions and /v1/models. For a run

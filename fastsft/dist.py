@@ -41,7 +41,9 @@ def setup() -> None:
     kwargs = {}
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":  # DeepSpeed's init takes no device_id
+        if (
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
+        ):  # DeepSpeed's init takes no device_id
             kwargs["device_id"] = torch.device("cuda", local_rank())  # NCCL bound to this rank's GPU at once
     else:
         _load_cpu_rank_locations()

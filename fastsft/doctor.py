@@ -12,7 +12,17 @@ from packaging.version import Version
 from . import machine
 
 # What doctor checks; their ranges come from fastsft's own metadata (machine.tested_bounds).
-CHECKED = ("torch", "transformers", "trl", "peft", "bitsandbytes", "triton", "datasets", "accelerate", "unsloth")
+CHECKED = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "bitsandbytes",
+    "triton",
+    "datasets",
+    "accelerate",
+    "unsloth",
+)
 
 
 def check_versions() -> list[dict]:
@@ -64,9 +74,11 @@ def report(console=None) -> bool:
             f"bf16 {'yes' if gpu['bf16'] else 'no'}, CUDA {gpu['cuda']}"
         )
     else:
-        console.print("GPU: none (CUDA not available): training runs on the CPU with the transformers backend")
+        console.print(
+            "GPU: none (CUDA not available): training runs on the CPU with the transformers backend"
+        )
     backend, why = choose_backend("auto")
-    console.print(f"backend = \"auto\" picks: [bold]{backend}[/] ({escape(why)})")
+    console.print(f'backend = "auto" picks: [bold]{backend}[/] ({escape(why)})')
     import torch
 
     from fastsft.kernels import triton_available
@@ -74,6 +86,10 @@ def report(console=None) -> bool:
     dev = torch.device("cuda" if gpu else "cpu")
     console.print(
         "fastsft kernels: "
-        + ("Triton" if triton_available(dev) else "PyTorch fallback (Triton needs CUDA, or TRITON_INTERPRET=1)")
+        + (
+            "Triton"
+            if triton_available(dev)
+            else "PyTorch fallback (Triton needs CUDA, or TRITON_INTERPRET=1)"
+        )
     )
     return all(r["ok"] for r in rows)

@@ -281,7 +281,9 @@ def export_run(
         if not files.is_write_error(e) or isinstance(e, ExportError):
             raise
         where = getattr(e, "filename", None) or tmp
-        cause = files.describe_os_error(e, where) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
+        cause = (
+            files.describe_os_error(e, where) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
+        )
         raise ExportError(
             f"the {fmt} export to {target} failed: {cause}; nothing was written"
             f"{' and the previous export is kept' if target.exists() else ''}. Free some space or choose another --to."
@@ -305,7 +307,9 @@ def _prepare_destination(run: RunInfo, target: Path, fmt: str, dtype: str, *, ov
     if fmt != "adapter":
         need = export_bytes(run, dtype)
         if need is not None:
-            guard.check_disk(target.parent, need, f"the {fmt} export ({dtype})", flag="--to", error=ExportError)
+            guard.check_disk(
+                target.parent, need, f"the {fmt} export ({dtype})", flag="--to", error=ExportError
+            )
 
 
 def _write_export(run: RunInfo, fmt: str, dtype: str, out: Path, *, console=None) -> dict:
@@ -357,7 +361,9 @@ def check_destination(target: Path, run_path: Path, *, overwrite: bool) -> None:
     from .rundir import is_run_dir
 
     if target.is_symlink():
-        raise ExportError(f"--to {target} is a symbolic link; fastsft never writes through a link. Choose another --to.")
+        raise ExportError(
+            f"--to {target} is a symbolic link; fastsft never writes through a link. Choose another --to."
+        )
     if target.exists() and not target.is_dir():
         raise ExportError(f"{target} is a file, not a folder; nothing was changed. Choose another --to.")
     t, r = target.resolve(), run_path.resolve()
@@ -469,14 +475,22 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
         f"parity: merged ({dtype}, reloaded) vs {check['reference']}: relative logit diff {parity:.2e} "
         f"(tolerance {check['tolerance']:.1e}: the base alone in {dtype} moves them {check['floor']:.1e}); "
         f"top-1 agreement {check['top1_agreement']:.1%}, KL {check['kl']:.1e}; adapter effect reproduced to "
-        + (f"{check['reproduction_error']:.1e}" if check["reproduction_error"] is not None else "(below the floor, not checked)"),
+        + (
+            f"{check['reproduction_error']:.1e}"
+            if check["reproduction_error"] is not None
+            else "(below the floor, not checked)"
+        ),
     )
     if not check["passed"]:
         raise ExportError(
             f"the merged model does not reproduce base + adapter ({check['why']}); nothing was written. "
             f"Try --dtype fp32, and check that the adapter in {run.adapter} was trained on {run.base_path}."
         )
-    record = {"parity": check, "end_of_turn_ids": eot, "end_of_turn_tokens": tokenizer.convert_ids_to_tokens(eot)}
+    record = {
+        "parity": check,
+        "end_of_turn_ids": eot,
+        "end_of_turn_tokens": tokenizer.convert_ids_to_tokens(eot),
+    }
 
     record["drift_vs_trained"] = _drift_vs_trained(run, inputs, got, parity, tokenizer, console=console)
 
@@ -499,9 +513,16 @@ def _drift_vs_trained(run: RunInfo, inputs: list, got, parity: float, tokenizer,
         del trained
         _collect()
     except Exception as e:  # bitsandbytes missing or unusable here: say so, do not fail the export
-        _print(console, f"warning: could not measure the drift against the 4-bit model as trained: {e}", style="yellow")
+        _print(
+            console,
+            f"warning: could not measure the drift against the 4-bit model as trained: {e}",
+            style="yellow",
+        )
         return {"error": f"{type(e).__name__}: {e}"}
-    _print(console, f"drift: merged vs the model as trained (4-bit base + adapter): relative logit diff {drift:.2e}")
+    _print(
+        console,
+        f"drift: merged vs the model as trained (4-bit base + adapter): relative logit diff {drift:.2e}",
+    )
     return {"reference": f"4-bit NF4 base ({run.train_dtype}) + adapter", "rel_logit_diff": drift}
 
 
@@ -511,7 +532,9 @@ def _agreement(got, ref, vocab: int) -> tuple[float, float]:
 
     g, r = got.reshape(-1, vocab), ref.reshape(-1, vocab)
     top1 = (g.argmax(-1) == r.argmax(-1)).float().mean().item()
-    kl = torch.nn.functional.kl_div(g.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="batchmean")
+    kl = torch.nn.functional.kl_div(
+        g.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
     return top1, max(0.0, kl.item())
 
 
@@ -624,7 +647,13 @@ def smoke_generation(
             style="bold yellow",
         )
     new_tokens = len(got.ids) + got.stopped  # the end-of-turn token counts, as generate returned it
-    return {"prompt": prompt, "answer": got.text, "new_tokens": new_tokens, "budget": budget, "stops": got.stopped}
+    return {
+        "prompt": prompt,
+        "answer": got.text,
+        "new_tokens": new_tokens,
+        "budget": budget,
+        "stops": got.stopped,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,7 +664,7 @@ def smoke_generation(
 def export_adapter(run: RunInfo, out: Path, *, console=None) -> dict:
     if run.full:
         raise ExportError(
-            f"{run.path} is a full fine-tune ([train] method = \"full\"): it has no adapter, its model/ is the "
+            f'{run.path} is a full fine-tune ([train] method = "full"): it has no adapter, its model/ is the '
             "whole trained model. Export --format merged (or gguf) instead."
         )
     copied = []
@@ -658,7 +687,16 @@ def export_adapter(run: RunInfo, out: Path, *, console=None) -> dict:
     return {"files": sorted(p.name for p in out.iterdir())}
 
 
-_CARD_METRICS = ("global_step", "train_loss", "tokens", "train_seconds", "tokens_per_s", "peak_mem_gib", "device", "backend")
+_CARD_METRICS = (
+    "global_step",
+    "train_loss",
+    "tokens",
+    "train_seconds",
+    "tokens_per_s",
+    "peak_mem_gib",
+    "device",
+    "backend",
+)
 
 
 def model_card(run: RunInfo):
@@ -669,8 +707,15 @@ def model_card(run: RunInfo):
 
     base = run.recipe.model.name if run.recipe is not None else run.base_path
     made_here = base.startswith(("builtin:", "package:")) or base.lower().endswith(".gguf")
-    meta = ModelCardData(library_name="peft", base_model=None if made_here else base, tags=["fastsft", "lora", "sft"])
-    body = [*_card_summary(run, base), *_card_data(run), *_card_metrics(run), *_card_use(run, base, made_here)]
+    meta = ModelCardData(
+        library_name="peft", base_model=None if made_here else base, tags=["fastsft", "lora", "sft"]
+    )
+    body = [
+        *_card_summary(run, base),
+        *_card_data(run),
+        *_card_metrics(run),
+        *_card_use(run, base, made_here),
+    ]
     if (run.path / RECIPE).exists():
         recipe_text = (run.path / RECIPE).read_text(encoding="utf-8").strip()
         body += ["## Recipe", "", "```toml", recipe_text, "```", ""]
@@ -907,7 +952,11 @@ def _gguf_header(writer, config, vocab: _GGUFVocab, *, dtype: str, rope: dict, r
         writer.add_rope_scaling_factor(float(rope.get("factor", 1.0)))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(
-        {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "fp16": gguf.LlamaFileType.MOSTLY_F16, "fp32": gguf.LlamaFileType.ALL_F32}[dtype]
+        {
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "fp16": gguf.LlamaFileType.MOSTLY_F16,
+            "fp32": gguf.LlamaFileType.ALL_F32,
+        }[dtype]
     )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
@@ -922,7 +971,9 @@ def _gguf_header(writer, config, vocab: _GGUFVocab, *, dtype: str, rope: dict, r
         writer.add_eot_token_id(vocab.eot[0])
 
 
-def _gguf_tensors(writer, state: dict, config, *, arch_name: str, permute: bool, dtype: str) -> tuple[dict, dict]:
+def _gguf_tensors(
+    writer, state: dict, config, *, arch_name: str, permute: bool, dtype: str
+) -> tuple[dict, dict]:
     """Add the merged model's tensors under llama.cpp's names (q/k permuted where llama.cpp expects it;
     1-D tensors in F32). Returns ({name: shape}, {name: first values as written}) for the read-back."""
     import gguf
@@ -933,7 +984,8 @@ def _gguf_tensors(writer, state: dict, config, *, arch_name: str, permute: bool,
     qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "fp16": gguf.GGMLQuantizationType.F16,
              "fp32": gguf.GGMLQuantizationType.F32}[dtype]  # fmt: skip
     tmap = gguf.get_tensor_name_map(
-        gguf.MODEL_ARCH.LLAMA if arch_name == "llama" else gguf.MODEL_ARCH.QWEN2, int(config.num_hidden_layers)
+        gguf.MODEL_ARCH.LLAMA if arch_name == "llama" else gguf.MODEL_ARCH.QWEN2,
+        int(config.num_hidden_layers),
     )
     tied = bool(getattr(config, "tie_word_embeddings", False))
     expected: dict[str, tuple[int, ...]] = {}
@@ -943,7 +995,9 @@ def _gguf_tensors(writer, state: dict, config, *, arch_name: str, permute: bool,
             continue
         gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise ExportError(f"GGUF export: no llama.cpp name for tensor {key!r} of {config.architectures[0]}.")
+            raise ExportError(
+                f"GGUF export: no llama.cpp name for tensor {key!r} of {config.architectures[0]}."
+            )
         data = tensor.detach().float().cpu()
         if permute and key.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute_qk(data, n_head, n_head)

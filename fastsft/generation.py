@@ -98,7 +98,9 @@ def generate_ids(
     return new, False
 
 
-def answer(model, tokenizer, prompt, *, eot: list[int] | None = None, max_new_tokens: int = 64, tools=None) -> Answer:
+def answer(
+    model, tokenizer, prompt, *, eot: list[int] | None = None, max_new_tokens: int = 64, tools=None
+) -> Answer:
     """The greedy answer to `prompt` (chat messages or prompt token ids), decoded, with its compliance."""
     new, stopped = generate_ids(model, tokenizer, prompt, eot=eot, max_new_tokens=max_new_tokens, tools=tools)
     raw = tokenizer.decode(new, skip_special_tokens=False)

@@ -41,7 +41,9 @@ class StopOnSignal:
             self.log(f"\n{name} again: stopping now, without a checkpoint")
             raise KeyboardInterrupt
         self.requested = name
-        self.log(f"\n{name}: finishing this step, then writing a checkpoint (press Ctrl-C again to quit at once)")
+        self.log(
+            f"\n{name}: finishing this step, then writing a checkpoint (press Ctrl-C again to quit at once)"
+        )
 
     def __enter__(self):
         import threading
@@ -81,7 +83,7 @@ class NonFinite(TrainingStopped):
 
 NONFINITE_CAUSES = (
     "the usual causes: a learning rate too high for this model (try 10x lower, or more warm-up), "
-    "fp16 overflow (use bf16 where the GPU has it: model.dtype = \"bf16\"), or a bad data row "
+    'fp16 overflow (use bf16 where the GPU has it: model.dtype = "bf16"), or a bad data row '
     "(fastsft data preview shows what the trainer sees)"
 )
 
@@ -144,7 +146,9 @@ class NonFiniteGuard:
                 f"({self.bad_steps} non-finite step(s), train.max_nonfinite_steps = {self.max_bad_steps}). "
                 f"The step was not applied; {NONFINITE_CAUSES}."
             )
-        self.log(f"warning: step {step}: non-finite {what}; step skipped ({self.bad_steps}/{self.max_bad_steps})")
+        self.log(
+            f"warning: step {step}: non-finite {what}; step skipped ({self.bad_steps}/{self.max_bad_steps})"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

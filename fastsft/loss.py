@@ -340,7 +340,10 @@ def resolve(recipe, model, model_backend: str, device: torch.device) -> LossRout
     else:
         kernel, reason = requested, "the recipe asks for it"
         if kernel == "fastsft-linear" and not supported:
-            kernel, reason = "fastsft", f"{arch} has no linear-loss patch yet; falling back to fastsft (logits in)"
+            kernel, reason = (
+                "fastsft",
+                f"{arch} has no linear-loss patch yet; falling back to fastsft (logits in)",
+            )
     if kernel == "unsloth" and model_backend != "unsloth":
         from .errors import RecipeError
 
@@ -348,10 +351,16 @@ def resolve(recipe, model, model_backend: str, device: torch.device) -> LossRout
     if kernel in ("fastsft", "fastsft-linear"):
         kb = "triton" if triton_available(device) else "torch"
         if kb == "torch":
-            reason += "; Triton cannot run here (no CUDA, TRITON_INTERPRET unset), so its chunked PyTorch twin"
+            reason += (
+                "; Triton cannot run here (no CUDA, TRITON_INTERPRET unset), so its chunked PyTorch twin"
+            )
     else:
         kb = "-"
     patch = kernel == "fastsft-linear" and model_backend == "unsloth" and not hasattr(model, "peft_config")
     if patch:
-        reason += "; Unsloth full fine-tuning: the linear loss replaces the causal LM's forward, as on transformers"
-    return LossRoute(kernel, kb, model_backend, recipe.loss.label_smoothing, arch, reason, patch_forward=patch)
+        reason += (
+            "; Unsloth full fine-tuning: the linear loss replaces the causal LM's forward, as on transformers"
+        )
+    return LossRoute(
+        kernel, kb, model_backend, recipe.loss.label_smoothing, arch, reason, patch_forward=patch
+    )

@@ -65,12 +65,16 @@ def check_sources(data: dict, formats: tuple) -> list[str]:
                 problems.append(f"{where}: unknown key `{key}`{hint}")
         path = src.get("path")
         if not isinstance(path, str) or not path:
-            problems.append(f'{where}: `path` is required (a data file, folder or hub name), e.g. path = "data/general.jsonl"')
+            problems.append(
+                f'{where}: `path` is required (a data file, folder or hub name), e.g. path = "data/general.jsonl"'
+            )
         fmt = src.get("format")
         if fmt is not None and fmt not in formats:
             problems.append(f"{where}: format = {fmt!r} must be one of {', '.join(formats)}")
         cols = src.get("columns")
-        if cols is not None and not (isinstance(cols, dict) and all(isinstance(v, str) for v in cols.values())):
+        if cols is not None and not (
+            isinstance(cols, dict) and all(isinstance(v, str) for v in cols.values())
+        ):
             problems.append(f'{where}: columns must be a table of strings, e.g. {{ messages = "dialog" }}')
         if "weight" in src and "share" in src:
             problems.append(f"{where}: give `weight` or `share`, not both")
@@ -78,7 +82,12 @@ def check_sources(data: dict, formats: tuple) -> list[str]:
             if key not in src:
                 continue
             v = src[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= hi:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or not 0 < v <= hi
+            ):
                 rng = "> 0" if hi == math.inf else "> 0 and <= 1"
                 problems.append(f"{where}: {key} = {v!r} must be a number {rng}")
             elif key == "share":
@@ -92,7 +101,9 @@ def check_sources(data: dict, formats: tuple) -> list[str]:
             "to 1 (or leave `share` off one source: it takes the rest)"
         )
     elif not all_shared and not problems and shares >= 1 - 1e-9:
-        problems.append("[[data.sources]]: the shares add up to 1, leaving nothing for the sources without a share")
+        problems.append(
+            "[[data.sources]]: the shares add up to 1, leaving nothing for the sources without a share"
+        )
     return problems
 
 
@@ -147,5 +158,6 @@ def describe(rows: list[dict]) -> str:
     """'task.jsonl 80% (800 of 1000 rows), general.jsonl 20% (200 of 5000)'."""
     total = sum(r["used"] for r in rows) or 1
     return ", ".join(
-        f"{r['path'].rsplit('/', 1)[-1]} {r['used'] / total:.0%} ({r['used']} of {r['available']} rows)" for r in rows
+        f"{r['path'].rsplit('/', 1)[-1]} {r['used'] / total:.0%} ({r['used']} of {r['available']} rows)"
+        for r in rows
     )

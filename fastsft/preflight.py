@@ -54,7 +54,7 @@ def problems(recipe) -> list[str]:
         out.append('[loss] kernel = "unsloth": unsloth is not installed (pip install \'fastsft[gpu]\' on a CUDA '
                    'machine); use kernel = "auto"')  # fmt: skip
     if m.backend == "unsloth" and importlib.util.find_spec("unsloth") is None:
-        out.append("[model] backend = \"unsloth\": unsloth is not installed; use backend = \"auto\"")
+        out.append('[model] backend = "unsloth": unsloth is not installed; use backend = "auto"')
     out += _target_problems(recipe)
     return out
 
@@ -69,7 +69,11 @@ def _target_problems(recipe) -> list[str]:
 
     name = recipe.model.name
     if builtin.is_builtin(name):
-        folder = machine.cache_root() / "builtin" / f"{name[len(builtin.BUILTIN_PREFIX):]}-v{builtin.BUILTIN_VERSION}"
+        folder = (
+            machine.cache_root()
+            / "builtin"
+            / f"{name[len(builtin.BUILTIN_PREFIX) :]}-v{builtin.BUILTIN_VERSION}"
+        )
     elif gguf.is_gguf(name):
         try:
             folder = gguf._cache_folder(gguf.resolve_file(name, recipe.base_dir))

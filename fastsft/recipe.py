@@ -230,7 +230,8 @@ class LoraSection(Section):
     )
     use_rslora: bool = key(False, "Rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
     use_dora: bool = key(
-        False, "DoRA: weight-decomposed LoRA (a trained magnitude vector per adapted layer); slower than LoRA."
+        False,
+        "DoRA: weight-decomposed LoRA (a trained magnitude vector per adapted layer); slower than LoRA.",
     )
     modules_to_save: str | list[str] | None = key(
         None,
@@ -404,7 +405,10 @@ class TrainSection(Section):
         sft=False,
     )
     early_stopping_threshold: float = key(
-        0.0, "How much the eval metric must improve to count as an improvement (early stopping).", min=0, sft=False
+        0.0,
+        "How much the eval metric must improve to count as an improvement (early stopping).",
+        min=0,
+        sft=False,
     )
     report_to: str | list[str] = key(
         "none",
@@ -527,7 +531,11 @@ class Recipe:
                 raw[section][key] = str(p.resolve())
         for source in raw.get("data", {}).get("sources") or []:
             value = source.get("path") if isinstance(source, dict) else None
-            if isinstance(value, str) and not Path(value).expanduser().is_absolute() and self.resolve_path(value).exists():
+            if (
+                isinstance(value, str)
+                and not Path(value).expanduser().is_absolute()
+                and self.resolve_path(value).exists()
+            ):
                 source["path"] = str(self.resolve_path(value).resolve())
         return validate(raw, path=self.path)
 

@@ -42,7 +42,10 @@ def score(model, route, items: list[dict], *, max_length: int, batch_size: int, 
     try:
         with torch.no_grad():
             for i in range(0, len(items), batch_size):
-                batch = [(it["input_ids"][:max_length], it["mask"][:max_length]) for it in items[i : i + batch_size]]
+                batch = [
+                    (it["input_ids"][:max_length], it["mask"][:max_length])
+                    for it in items[i : i + batch_size]
+                ]
                 T = max(len(ids) for ids, _ in batch)
                 ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
                 attn = torch.zeros((len(batch), T), dtype=torch.long)
@@ -54,7 +57,11 @@ def score(model, route, items: list[dict], *, max_length: int, batch_size: int, 
                 n = int((shift_left(labels) != -100).sum())
                 if n == 0:
                     continue
-                inputs = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
+                inputs = {
+                    "input_ids": ids.to(device),
+                    "attention_mask": attn.to(device),
+                    "labels": labels.to(device),
+                }
                 loss, _ = route(model, inputs, None)
                 nll += float(loss.detach().float()) * n
                 tokens += n

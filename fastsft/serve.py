@@ -519,7 +519,9 @@ class _App:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
             raise APIError(
-                413, f"The request body is over {self.settings.max_body_bytes} bytes.", code="request_too_large"
+                413,
+                f"The request body is over {self.settings.max_body_bytes} bytes.",
+                code="request_too_large",
             )
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -560,7 +562,9 @@ class _App:
     async def models(self, request: Request):
         data = [{"id": self.name, "object": "model", "created": self.created, "owned_by": "fastsft"}]
         if self.base_name:
-            data.append({"id": self.base_name, "object": "model", "created": self.created, "owned_by": "fastsft"})
+            data.append(
+                {"id": self.base_name, "object": "model", "created": self.created, "owned_by": "fastsft"}
+            )
         return JSONResponse({"object": "list", "data": data})
 
     async def complete(self, request: Request, *, chat: bool):
@@ -698,7 +702,9 @@ class _App:
     async def report(self, request: Request):
         path = self.run_dir / "report.md" if self.run_dir is not None else None
         if path is None or not path.exists():
-            raise APIError(404, f"{self.loaded.path} is not a run directory with a report.md.", code="not_found")
+            raise APIError(
+                404, f"{self.loaded.path} is not a run directory with a report.md.", code="not_found"
+            )
         return JSONResponse({"markdown": path.read_text(encoding="utf-8")})
 
     async def loss_png(self, request: Request):

@@ -51,7 +51,9 @@ def missing(recipe) -> list[str]:
     for n in names(recipe.train.report_to):
         module, install = TRACKERS[n]
         if importlib.util.find_spec(module) is None:
-            out.append(f'[train] report_to = "{n}": {module} is not installed: {install} (or remove it from report_to)')
+            out.append(
+                f'[train] report_to = "{n}": {module} is not installed: {install} (or remove it from report_to)'
+            )
     return out
 
 
@@ -68,7 +70,9 @@ def callbacks(recipe, run_dir) -> list:
     for n in names(recipe.train.report_to):
         cb = INTEGRATION_TO_CALLBACK[n]()
         if n == "tensorboard":
-            cb.logging_dir = str(run_dir.path / TENSORBOARD_DIR)  # read at train begin, else TENSORBOARD_LOGGING_DIR
+            cb.logging_dir = str(
+                run_dir.path / TENSORBOARD_DIR
+            )  # read at train begin, else TENSORBOARD_LOGGING_DIR
         out.append(cb)
     return out
 

@@ -71,7 +71,14 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int 
     eot = end_of_turn_ids(tokenizer)
     out = []
     for prompt in prompts:
-        a = answer(model, tokenizer, prompt["messages"], eot=eot, max_new_tokens=max_new_tokens, tools=prompt["tools"])
+        a = answer(
+            model,
+            tokenizer,
+            prompt["messages"],
+            eot=eot,
+            max_new_tokens=max_new_tokens,
+            tools=prompt["tools"],
+        )
         out.append({"text": a.text, "complies": a.complies})
     return out
 
@@ -248,7 +255,10 @@ class Run:
                 "--allow-data-change to continue on the new data."
             )
         model = loaded.model
-        if prepared.stats.get("added_pad_token") and len(loaded.tokenizer) > model.get_input_embeddings().num_embeddings:
+        if (
+            prepared.stats.get("added_pad_token")
+            and len(loaded.tokenizer) > model.get_input_embeddings().num_embeddings
+        ):
             model.resize_token_embeddings(len(loaded.tokenizer))  # the new pad row is never trained on
         self.route = loss_mod.resolve(recipe, model, loaded.backend, next(model.parameters()).device)
         self.route.install(model)
@@ -278,7 +288,9 @@ class Run:
             self.run_dir = RunDir.create(target, overwrite=self.overwrite)
             self.held.append(self.run_dir)
             if self.run_dir.replaced is not None:
-                self.log(f"replacing the run in {self.run_dir.path} (the old one is deleted once this one has started)")
+                self.log(
+                    f"replacing the run in {self.run_dir.path} (the old one is deleted once this one has started)"
+                )
         dist.barrier()
         if not self.resume:
             if not self.main:
@@ -374,14 +386,22 @@ class Run:
         prompts = sample_prompts(prepared.eval if prepared.eval is not None else prepared.train)
         if self.resume:
             return prompts, list(self.run_info.get("before", [])) if self.main else []
-        before = generate_answers(self.loaded.model, self.loaded.tokenizer, prompts) if prompts and self.main else []
+        before = (
+            generate_answers(self.loaded.model, self.loaded.tokenizer, prompts)
+            if prompts and self.main
+            else []
+        )
         if self.main and before:
             self.run_dir.update_json(RUN_JSON, before=before)  # a resume reports the base model's answers too
         return prompts, before
 
     def _retain_before(self) -> dict | None:
         """The retain set's loss under the base model (a resume keeps the first segment's)."""
-        if self.retain_items is not None and dist.world_size() > 1 and self.recipe.distributed.strategy != "ddp":
+        if (
+            self.retain_items is not None
+            and dist.world_size() > 1
+            and self.recipe.distributed.strategy != "ddp"
+        ):
             self.log(f"retain: not scored under {self.recipe.distributed.strategy} (sharded weights); score it "
                      f"after the run with fastsft eval RUN --data {self.recipe.data.retain}")  # fmt: skip
             self.retain_items = None
@@ -421,7 +441,9 @@ class Run:
         trainer.segment_start = time.perf_counter()
         try:
             with self.stop:
-                result = trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
+                result = trainer.train(
+                    resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None
+                )
         except BaseException as e:
             err = self._explain_stop(e)
             if err is None:
@@ -429,7 +451,9 @@ class Run:
             raise err from None
         if self.stop.requested:
             kept = self.run_dir.latest_checkpoint()
-            msg = guard.interrupted_message(self.run_dir.path, trainer.state.global_step, kept[1] if kept else None)
+            msg = guard.interrupted_message(
+                self.run_dir.path, trainer.state.global_step, kept[1] if kept else None
+            )
             self._record_stop("interrupted", msg)
             raise Interrupted(msg, signal_name=self.stop.requested)
         steps_run = trainer.state.global_step - start_step
@@ -504,10 +528,14 @@ class Run:
         tokenizer.save_pretrained(str(weights))
         apply_umask(weights)
         summary = self._summary(result, totals)
-        run_dir.update_json(RUN_JSON, status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), result=summary)
+        run_dir.update_json(
+            RUN_JSON, status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), result=summary
+        )
         report.write_report(run_dir, summary)
         self._export()
-        self.log(f"done: {summary['global_step']} steps in {summary['train_seconds']:.1f} s; report: {run_dir / 'report.md'}")
+        self.log(
+            f"done: {summary['global_step']} steps in {summary['train_seconds']:.1f} s; report: {run_dir / 'report.md'}"
+        )
         return RunResult(run_dir.path, summary)
 
     def _summary(self, result, totals: dict) -> dict:
@@ -553,8 +581,12 @@ class Run:
             self.run_dir.append_metrics({"step": state.global_step, "retain_loss": after["loss"]})
             out["retain"] = r = retain.summary(self.retain_before, after)
             delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
-            self.log(f"retain loss: {_fmt_loss(r['before'])} before -> {_fmt_loss(r['after'])} after training ({delta})")
-        out["health"] = [f.as_dict() for f in health.diagnose(self.run_dir.read_metrics(), compliance=compliance)]
+            self.log(
+                f"retain loss: {_fmt_loss(r['before'])} before -> {_fmt_loss(r['after'])} after training ({delta})"
+            )
+        out["health"] = [
+            f.as_dict() for f in health.diagnose(self.run_dir.read_metrics(), compliance=compliance)
+        ]
         if self.recipe.train.early_stopping_patience is not None:
             out["early_stopping"] = {
                 "patience": self.recipe.train.early_stopping_patience,
@@ -595,7 +627,9 @@ class Run:
 
         for fmt in self.recipe.export.formats:
             try:
-                export_mod.export_run(self.run_dir.path, fmt=fmt, dtype=self.recipe.export.dtype, console=self.console)
+                export_mod.export_run(
+                    self.run_dir.path, fmt=fmt, dtype=self.recipe.export.dtype, console=self.console
+                )
             except BaseException as e:
                 if guard.is_oom(e):
                     raise guard.explain_oom(e, f"export ({fmt}, merge)") from None

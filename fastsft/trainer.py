@@ -76,7 +76,11 @@ class FastSFTTrainerMixin:
             # counted on the device; read (one sync, one all-reduce) only when a row is logged.
             # A packed (padding-free) batch has no attention mask and no padding: every id counts.
             mask = inputs.get("attention_mask")
-            n = mask.sum() if mask is not None else inputs["input_ids"].new_tensor(inputs["input_ids"].numel())
+            n = (
+                mask.sum()
+                if mask is not None
+                else inputs["input_ids"].new_tensor(inputs["input_ids"].numel())
+            )
             self._tokens_local = n if self._tokens_local is None else self._tokens_local + n
         if not model.training and "labels" in inputs:
             from .loss import shift_left
@@ -164,7 +168,11 @@ def read_totals(checkpoint: Path) -> dict:
     """The run's totals up to `checkpoint` (written by AtomicCheckpoints.on_save)."""
     try:
         t = json.loads((checkpoint / TOTALS).read_text(encoding="utf-8"))
-        return {"loss_sum": float(t["loss_sum"]), "tokens": int(t["tokens"]), "train_seconds": float(t["train_seconds"])}
+        return {
+            "loss_sum": float(t["loss_sum"]),
+            "tokens": int(t["tokens"]),
+            "train_seconds": float(t["train_seconds"]),
+        }
     except (OSError, ValueError, KeyError, TypeError):  # a checkpoint of an older fastsft
         return {"loss_sum": 0.0, "tokens": 0, "train_seconds": 0.0}
 
@@ -266,7 +274,9 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
                     highlight=False,
                 )
             elif "eval_loss" in logs:
-                console.print(f"eval  step {state.global_step:>5}  eval_loss {logs['eval_loss']:.4f}", highlight=False)
+                console.print(
+                    f"eval  step {state.global_step:>5}  eval_loss {logs['eval_loss']:.4f}", highlight=False
+                )
             run.append_metrics(row)
 
     return ProgressAndMetrics()

@@ -265,8 +265,10 @@ def eval_conversations(recipe, tokenizer, *, log=None) -> tuple[list[dict], str]
             "Pass a file of conversations: fastsft eval RUN --data held_out.jsonl"
         )
     items = data_mod.encode_eval_split(recipe, tokenizer, log=log)
-    source = f"[data] eval = {recipe.resolve_path(d.eval)}" if d.eval else (
-        f"{d.val_ratio:g} of {recipe.resolve_path(d.train)} (seed {recipe.train.seed})"
+    source = (
+        f"[data] eval = {recipe.resolve_path(d.eval)}"
+        if d.eval
+        else (f"{d.val_ratio:g} of {recipe.resolve_path(d.train)} (seed {recipe.train.seed})")
     )
     return items, source + ", masked as training masked it"
 
@@ -277,7 +279,9 @@ def _loss_tokens(item: dict, max_length: int):
 
     from .data import labels
 
-    return torch.tensor([item["input_ids"][:max_length]]), torch.tensor([labels(item["input_ids"], item["mask"], max_length)])
+    return torch.tensor([item["input_ids"][:max_length]]), torch.tensor(
+        [labels(item["input_ids"], item["mask"], max_length)]
+    )
 
 
 def _prompt_of(item: dict):

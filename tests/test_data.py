@@ -26,11 +26,18 @@ CHATML_NO_MARKERS = C.CHATML.replace("{%- generation -%}\n", "").replace("{%- en
 
 
 def qa(i: int) -> dict:
-    return {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"Question {i}?"},
+            {"role": "assistant", "content": f"Answer {i}."},
+        ]
+    }
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -78,7 +85,9 @@ def test_builtin_templates_mark_answers_and_end_of_turn(tok, name):
     eot = {"chatml": "<|im_end|>", "qwen2.5": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
     end = eot.get(name, tok.eos_token)  # mistral ends the answer with the tokenizer's eos
     assert trained.replace(" A plum", "A plum").lstrip() == f"A lime is green.{end}A plum is purple.{end}"
-    prompt = tok.apply_chat_template(CONV[:2], tokenize=False, add_generation_prompt=True, chat_template=template)
+    prompt = tok.apply_chat_template(
+        CONV[:2], tokenize=False, add_generation_prompt=True, chat_template=template
+    )
     full = tok.apply_chat_template(CONV[:3], tokenize=False, chat_template=template)
     assert full.startswith(prompt)  # prefix-preserving
     with_tool = CONV[:3] + [{"role": "tool", "content": "42"}, CONV[3], CONV[4]]
@@ -126,7 +135,11 @@ SHAPES = {
         "alpaca",
         "Green.<|im_end|>",
     ),
-    "prompt_completion": ({"prompt": "Q: lime?\nA:", "completion": " green"}, "prompt_completion", " green<|im_end|>"),
+    "prompt_completion": (
+        {"prompt": "Q: lime?\nA:", "completion": " green"},
+        "prompt_completion",
+        " green<|im_end|>",
+    ),
     "prompt_completion_messages": (
         {"prompt": CONV[:2], "completion": [CONV[2]]},
         "prompt_completion",
@@ -168,7 +181,9 @@ def test_each_shape_is_detected_and_normalised(tmp_path, tok, shape):
 
 
 def test_alpaca_user_turn_and_sharegpt_roles(tmp_path, tok):
-    assert D.normalize({"instruction": "Do X.", "input": "data", "output": "Done."}, "alpaca")["messages"] == [
+    assert D.normalize({"instruction": "Do X.", "input": "data", "output": "Done."}, "alpaca")[
+        "messages"
+    ] == [
         {"role": "user", "content": "Do X.\n\ndata"},
         {"role": "assistant", "content": "Done."},
     ]
@@ -245,7 +260,10 @@ def test_csv_text_column(tmp_path, tok):
         w.writerow(["text"])
         w.writerows([["first line"], ["second, with a comma"]])
     p = prepare(make_recipe(tmp_path, "d.csv"), tok)
-    assert [tok.decode(ids) for ids in p.train["input_ids"]] == ["first line<|im_end|>", "second, with a comma<|im_end|>"]
+    assert [tok.decode(ids) for ids in p.train["input_ids"]] == [
+        "first line<|im_end|>",
+        "second, with a comma<|im_end|>",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,9 +299,9 @@ def test_template_without_markers_still_masks_assistant_turns(tmp_path, tok):
     assert [r["labels"] for r in rows] == [r["labels"] for r in with_markers]
     assert rows[0]["trained_text"] == TRAINED
     assert p.train[0]["input_ids"] == rows[0]["input_ids"]
-    assert [i if m else -100 for i, m in zip(p.train[0]["input_ids"], p.train[0]["assistant_masks"], strict=True)] == (
-        rows[0]["labels"]
-    )
+    assert [
+        i if m else -100 for i, m in zip(p.train[0]["input_ids"], p.train[0]["assistant_masks"], strict=True)
+    ] == (rows[0]["labels"])
 
 
 @pytest.mark.parametrize("case", ["markers", "no_markers", "prompt_completion", "text"])
@@ -315,7 +333,11 @@ TOOL_ROW = {
     "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
     "messages": [
         {"role": "user", "content": "Weather in Oslo?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}],
+        },
         {"role": "tool", "content": "sleet"},
         {"role": "assistant", "content": "Sleet in Oslo."},
     ],
@@ -323,8 +345,11 @@ TOOL_ROW = {
 ONCE_CASES = {  # rows, [data] settings, tokenizations per row in prepare_data
     "markers": ([{"messages": CONV}, qa(1), TOOL_ROW], {}, 1),
     "no_markers": ([{"messages": CONV}, qa(1), TOOL_ROW], {"chat_template": "plain.jinja"}, 1),
-    "prompt_completion": ([{"prompt": CONV[:2], "completion": [CONV[2]]}, {"prompt": [CONV[3]], "completion": [CONV[4]]}],
-                          {}, 2),  # the prompt alone, then prompt + completion: where they part, the completion starts
+    "prompt_completion": (
+        [{"prompt": CONV[:2], "completion": [CONV[2]]}, {"prompt": [CONV[3]], "completion": [CONV[4]]}],
+        {},
+        2,
+    ),  # the prompt alone, then prompt + completion: where they part, the completion starts
     "text": ([{"text": "Some text."}, {"text": "More text."}], {}, 1),
     "packing": ([{"messages": CONV}, qa(1), qa(2)], {"packing": True, "max_length": 64}, 1),
 }
@@ -375,9 +400,13 @@ def test_rows_are_tokenized_once(tmp_path, tiny_model_dir, tok, monkeypatch, cas
                          train_dataset=p.train, processing_class=tok)  # fmt: skip
     assert calls == []  # TRL took the ids as they are
     if case == "packing":  # packed rows hold every example's ids, in our order within a row
-        assert sum(len(r["input_ids"]) for r in trainer.train_dataset) == sum(len(ids) for ids in p.train["input_ids"])
+        assert sum(len(r["input_ids"]) for r in trainer.train_dataset) == sum(
+            len(ids) for ids in p.train["input_ids"]
+        )
     else:
-        assert sorted(map(tuple, trainer.train_dataset["input_ids"])) == sorted(map(tuple, p.train["input_ids"]))
+        assert sorted(map(tuple, trainer.train_dataset["input_ids"])) == sorted(
+            map(tuple, p.train["input_ids"])
+        )
     assert prepare(recipe, tok).train[:] == p.train[:] and calls == []  # the second time, from the cache
 
 
@@ -423,7 +452,9 @@ def test_end_of_turn_outside_generation_is_refused(tmp_path, tok):
     assert bad != C.CHATML
     (tmp_path / "bad.jinja").write_text(bad, encoding="utf-8")
     write_jsonl(tmp_path / "train.jsonl", [{"messages": CONV}])
-    with pytest.raises(DataError, match=r"train.jsonl line 1: the end-of-turn token '<\|im_end\|>'.*never learn to stop"):
+    with pytest.raises(
+        DataError, match=r"train.jsonl line 1: the end-of-turn token '<\|im_end\|>'.*never learn to stop"
+    ):
         prepare(make_recipe(tmp_path, chat_template="bad.jinja"), tok)
     # training on everything trains the end-of-turn token too
     p = prepare(make_recipe(tmp_path, chat_template="bad.jinja", assistant_only_loss=False), tok)
@@ -478,7 +509,10 @@ BAD_ROWS = {
         "line 4: `messages` message 2: unknown role 'assistnt': roles are system, user, assistant, tool",
     ),
     "missing": ({"mesages": []}, "line 4: missing field `messages`"),
-    "no_assistant": ({"messages": [{"role": "user", "content": "q"}]}, "line 4: `messages` has no assistant turn"),
+    "no_assistant": (
+        {"messages": [{"role": "user", "content": "q"}]},
+        "line 4: `messages` has no assistant turn",
+    ),
     "empty_answer": (
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
         "line 4: `messages` message 2: empty assistant answer",
@@ -508,14 +542,26 @@ def test_bad_rows_are_named_by_line(tmp_path, tok, case):
 
 
 def test_sharegpt_and_prompt_completion_problems(tmp_path, tok):
-    write_jsonl(tmp_path / "train.jsonl", [{"conversations": [{"from": "humn", "value": "q"}, {"from": "gpt", "value": "a"}]}])
-    with pytest.raises(DataError, match="line 1: `conversations` message 1: unknown role 'humn': roles are human, gpt"):
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"conversations": [{"from": "humn", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+    )
+    with pytest.raises(
+        DataError, match="line 1: `conversations` message 1: unknown role 'humn': roles are human, gpt"
+    ):
         prepare(make_recipe(tmp_path, format="sharegpt"), tok)
-    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}])
+    write_jsonl(
+        tmp_path / "train.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}]
+    )
     with pytest.raises(DataError, match="line 2: `completion` is empty"):
         prepare(make_recipe(tmp_path), tok)
-    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": [CONV[1]], "completion": [CONV[2]]}])
-    with pytest.raises(DataError, match="line 2: this row is a prompt/completion of messages but the rows before"):
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"prompt": "p", "completion": "c"}, {"prompt": [CONV[1]], "completion": [CONV[2]]}],
+    )
+    with pytest.raises(
+        DataError, match="line 2: this row is a prompt/completion of messages but the rows before"
+    ):
         prepare(make_recipe(tmp_path), tok)
     write_jsonl(tmp_path / "train.jsonl", [{"text": "p c"}])
     with pytest.raises(DataError, match="assistant_only_loss = true needs conversational data"):
@@ -543,7 +589,9 @@ def test_skip_counts_and_more_than_half_is_an_error(tmp_path, tok):
 
 def test_truncation_is_counted_and_warned(tmp_path, tok):
     long_answer = " ".join(["A banana is yellow."] * 10)
-    long = {"messages": [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": long_answer}]}
+    long = {
+        "messages": [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": long_answer}]
+    }
     write_jsonl(tmp_path / "train.jsonl", [qa(1), long, qa(3)])
     logs = []
     recipe = make_recipe(tmp_path, max_length=40)
@@ -560,9 +608,13 @@ def test_truncation_is_counted_and_warned(tmp_path, tok):
 
 
 def test_no_trained_token_after_truncation_is_named(tmp_path, tok):
-    long_q = {"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "Yes."}]}
+    long_q = {
+        "messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "Yes."}]
+    }
     write_jsonl(tmp_path / "train.jsonl", [qa(1), qa(2), long_q, qa(4)])
-    with pytest.raises(DataError, match=r"train.jsonl line 3: no token carries loss after truncation to max_length = 32"):
+    with pytest.raises(
+        DataError, match=r"train.jsonl line 3: no token carries loss after truncation to max_length = 32"
+    ):
         prepare(make_recipe(tmp_path, max_length=32), tok)
     p = prepare(make_recipe(tmp_path, max_length=32, on_invalid="skip"), tok)
     assert p.stats["skipped"] == 1 and len(p.train) == 3
@@ -651,7 +703,10 @@ def test_fingerprint_and_cache(tmp_path, tok, monkeypatch):
     assert again.fingerprint == first.fingerprint and again.train[:] == first.train[:]
     assert again.stats == first.stats
     # a changed template (same file name) never reuses the stale cache
-    (tmp_path / "plain.jinja").write_text(CHATML_NO_MARKERS.replace("<|im_start|>' + message['role']", "<|im_start|>' + message['role'] + ':'"), encoding="utf-8")
+    (tmp_path / "plain.jinja").write_text(
+        CHATML_NO_MARKERS.replace("<|im_start|>' + message['role']", "<|im_start|>' + message['role'] + ':'"),
+        encoding="utf-8",
+    )
     changed = prepare(make_recipe(tmp_path, chat_template="plain.jinja"), tok)
     assert changed.fingerprint != first.fingerprint
     assert changed.train[0]["input_ids"] != first.train[0]["input_ids"]
@@ -742,7 +797,10 @@ def test_hub_name_needs_network(tmp_path, tok, monkeypatch):
 
 
 def test_template_errors_name_the_row(tmp_path, tok):
-    strict = "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('no system prompts') }}{% endif -%}" + C.CHATML
+    strict = (
+        "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('no system prompts') }}{% endif -%}"
+        + C.CHATML
+    )
     (tmp_path / "strict.jinja").write_text(strict, encoding="utf-8")
     write_jsonl(tmp_path / "train.jsonl", [qa(1), {"messages": CONV}, qa(3)])
     with pytest.raises(DataError, match="line 2: the chat template fails on this row: no system prompts"):
@@ -767,11 +825,15 @@ def test_plain_prompt_completion_rows_follow_one_rule(tmp_path, tok):
     said = []
     rows, _ = D.preview_rows(make_recipe(tmp_path), tok, 1, log=said.append)
     assert any("one user -> assistant exchange" in m for m in said)
-    prompt = chat_ids(tok, [{"role": "user", "content": "Colour of a lime?"}], add_generation_prompt=True)[0].tolist()
+    prompt = chat_ids(tok, [{"role": "user", "content": "Colour of a lime?"}], add_generation_prompt=True)[
+        0
+    ].tolist()
     first = next(i for i, x in enumerate(rows[0]["labels"]) if x != -100)
     assert rows[0]["input_ids"][:first] == prompt  # generate's prompt is exactly the untrained prefix
     assert rows[0]["trained_text"] == "Green.<|im_end|>"
     tok.chat_template = None
     rows, _ = D.preview_rows(make_recipe(tmp_path), tok, 1)
-    prompt = chat_ids(tok, [{"role": "user", "content": "Colour of a lime?"}], add_generation_prompt=True)[0].tolist()
+    prompt = chat_ids(tok, [{"role": "user", "content": "Colour of a lime?"}], add_generation_prompt=True)[
+        0
+    ].tolist()
     assert rows[0]["input_ids"][: len(prompt)] == prompt and rows[0]["trained_text"].startswith("Green.")

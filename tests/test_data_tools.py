@@ -34,8 +34,13 @@ def weather_row(city: str = "Oslo", *, args_as_string: bool = False) -> dict:
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
-                    {"type": "function", "function": {"name": "get_weather",
-                                                      "arguments": json.dumps(args) if args_as_string else args}}
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "get_weather",
+                            "arguments": json.dumps(args) if args_as_string else args,
+                        },
+                    }
                 ],
             },  # fmt: skip
             {"role": "tool", "name": "get_weather", "content": '{"celsius": 3, "sky": "sleet"}'},
@@ -75,11 +80,17 @@ def test_each_row_keeps_its_own_arguments(tmp_path, tok):
     """Rows whose calls take different arguments stay apart (as Arrow columns they would be merged
     into one struct type, every key in every call)."""
     other = weather_row("Oslo")
-    other["messages"][2]["tool_calls"][0]["function"] = {"name": "get_time", "arguments": {"zone": "UTC", "fmt": 24}}
+    other["messages"][2]["tool_calls"][0]["function"] = {
+        "name": "get_time",
+        "arguments": {"zone": "UTC", "fmt": 24},
+    }
     write_jsonl(tmp_path / "train.jsonl", [weather_row("Oslo"), other])
     rows, _ = D.preview_rows(make_recipe(tmp_path, chat_template="chatml"), tok, 2, log=quiet)
     assert '{"city": "Oslo"}' in rows[0]["trained_text"] and '"zone"' not in rows[0]["text"]
-    assert '{"zone": "UTC", "fmt": 24}' in rows[1]["trained_text"] and '"city": "Oslo"}' not in rows[1]["trained_text"]
+    assert (
+        '{"zone": "UTC", "fmt": 24}' in rows[1]["trained_text"]
+        and '"city": "Oslo"}' not in rows[1]["trained_text"]
+    )
 
 
 def test_parquet_rows_lose_the_nulls_arrow_adds(tmp_path, tok):
@@ -117,7 +128,9 @@ def test_llama3_takes_one_call_per_answer(tmp_path, tok):
     row["messages"][2]["tool_calls"].append({"name": "get_time", "arguments": {}})
     write_jsonl(tmp_path / "train.jsonl", [row])
     tok.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
-    with pytest.raises(DataError, match=r"line 1: the chat template fails on this row: Llama 3 takes one tool call"):
+    with pytest.raises(
+        DataError, match=r"line 1: the chat template fails on this row: Llama 3 takes one tool call"
+    ):
         D.prepare_data(make_recipe(tmp_path, chat_template="llama3"), tok, log=quiet)
     # chatml writes both calls
     rows, _ = D.preview_rows(make_recipe(tmp_path, chat_template="chatml"), tok, 1, log=quiet)
@@ -162,7 +175,10 @@ def test_sharegpt_function_call_and_observation(tmp_path, tok):
         "conversations": [
             {"from": "system", "value": "Be brief."},
             {"from": "human", "value": "Weather in Oslo?"},
-            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+            {
+                "from": "function_call",
+                "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}}),
+            },
             {"from": "observation", "value": '{"celsius": 3, "sky": "sleet"}'},
             {"from": "gpt", "value": "It is 3 degrees with sleet in Oslo."},
         ],
@@ -188,7 +204,9 @@ def test_trl_renders_a_tool_row_as_fastsft_does(tmp_path, tiny_model_dir, tok):
     row["tools"] = json.dumps([WEATHER, {"type": "function", "function": CLOCK}])  # as fastsft normalises it
     row["messages"][2]["content"] = ""
     tok.chat_template = C.CHATML
-    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, assistant_only_loss=True)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, assistant_only_loss=True
+    )
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
                          train_dataset=datasets.Dataset.from_list([row]), processing_class=tok)  # fmt: skip
     theirs = trainer.train_dataset[0]

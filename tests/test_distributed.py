@@ -61,7 +61,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
 def test_one_run_directory_and_one_set_of_files(runs):
     _, ddp, proc = runs
     assert [p.name for p in ddp.parent.iterdir()] == ["run"]
-    assert sorted(p.name for p in (ddp / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in (ddp / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
     assert (ddp / "adapter" / "adapter_model.safetensors").exists() and (ddp / "report.md").exists()
     assert proc.stdout.count("run directory:") == 1  # only rank 0 prints
 
@@ -89,7 +92,9 @@ def test_unsloth_backend_is_refused_under_several_processes(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(backends, "choose_backend", lambda requested: ("unsloth", "the recipe asks for it"))
-    recipe = R.validate({"model": {"name": "builtin:tiny-mistral", "backend": "unsloth"}, "data": {"train": "x.jsonl"}})
+    recipe = R.validate(
+        {"model": {"name": "builtin:tiny-mistral", "backend": "unsloth"}, "data": {"train": "x.jsonl"}}
+    )
     with pytest.raises(BackendError, match="single-GPU"):
         backends.load_model(recipe, log=lambda m: None)
 

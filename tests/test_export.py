@@ -291,7 +291,11 @@ def test_stale_export_folders_are_cleaned_and_a_full_disk_is_an_error(runs, tmp_
     from fastsft import export
     from fastsft.errors import ExportError
 
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    dead = int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        ).stdout
+    )
     (tmp_path / f".a.tmp-{dead}-x1").mkdir()  # a killed export's leftovers
     (tmp_path / f".a.old-{dead}-x2").mkdir()
     out = export.export_run(runs["fp"], fmt="adapter", to=tmp_path / "a")
@@ -301,7 +305,9 @@ def test_stale_export_folders_are_cleaned_and_a_full_disk_is_an_error(runs, tmp_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export, "model_card", full)
-    with pytest.raises(ExportError, match="the disk is full; nothing was written and the previous export is kept"):
+    with pytest.raises(
+        ExportError, match="the disk is full; nothing was written and the previous export is kept"
+    ):
         export.export_run(runs["fp"], fmt="adapter", to=out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and (out / "export.json").exists()
 
@@ -317,10 +323,15 @@ def test_export_checks_free_space_first(runs, tmp_path, monkeypatch):
     need = export.export_bytes(export.read_run(runs["fp"]), "fp32")
     assert export.export_bytes(export.read_run(runs["fp"]), "bf16") < need
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(guard.shutil, "disk_usage", lambda p: usage(need * 4, need * 4 - need // 2, need // 2))
+    monkeypatch.setattr(
+        guard.shutil, "disk_usage", lambda p: usage(need * 4, need * 4 - need // 2, need // 2)
+    )
     loaded = []
     monkeypatch.setattr(export, "merge", lambda *a, **k: loaded.append(1))
-    with pytest.raises(ExportError, match=r"the merged export \(fp32\) needs about .* GiB in .*, but only .* GiB is free\. .*another --to"):
+    with pytest.raises(
+        ExportError,
+        match=r"the merged export \(fp32\) needs about .* GiB in .*, but only .* GiB is free\. .*another --to",
+    ):
         export.export_run(runs["fp"], fmt="merged", to=tmp_path / "m", dtype="fp32")
     assert not loaded and list(tmp_path.iterdir()) == []
     monkeypatch.setattr(guard.shutil, "disk_usage", shutil.disk_usage)
@@ -464,7 +475,9 @@ def test_gguf_loads_in_an_independent_reader_with_the_merged_logits(runs, tmp_pa
     from fastsft.export import export_run, logits_of, merge, read_run, rel_diff
 
     out = export_run(runs["fp"], fmt="gguf", to=tmp_path / "g", dtype="fp32")
-    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=_gguf_file(out).name, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(out), gguf_file=_gguf_file(out).name, dtype=torch.float32
+    )
     merged = merge(read_run(runs["fp"]), "fp32")
     mine = merged.state_dict()
     for name, w in theirs.state_dict().items():
@@ -629,7 +642,9 @@ def test_eval_run_and_data_file(runs, merged_4bit, tmp_path):
     sharegpt = tmp_path / "held_sharegpt.jsonl"
     sharegpt.write_text(json.dumps({"conversations": [{"from": "human", "value": PROMPT},
                                                       {"from": "gpt", "value": "A banana is yellow."}]}) + "\n")  # fmt: skip
-    res3 = use.evaluate(runs["fp"], data_file=sharegpt, n_gen=0, json_out=tmp_path / "e3.json", console=console)
+    res3 = use.evaluate(
+        runs["fp"], data_file=sharegpt, n_gen=0, json_out=tmp_path / "e3.json", console=console
+    )
     assert res3["tokens"] == res2["tokens"] and res3["loss"] == pytest.approx(res2["loss"], rel=1e-6)
     # a bad row is named as in training
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -658,10 +673,14 @@ def test_eval_scores_the_tokens_training_trains(runs, merged_4bit, tmp_path):
     trained, _ = data.preview_rows(recipe, AutoTokenizer.from_pretrained(runs["fp"] / "adapter"), n=10)
     # every answer of the two-exchange row is trained, with its end-of-turn token
     expected = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in trained)
-    assert "A cow says moo." in trained[1]["trained_text"] and "A duck says quack." in trained[1]["trained_text"]
+    assert (
+        "A cow says moo." in trained[1]["trained_text"] and "A duck says quack." in trained[1]["trained_text"]
+    )
     console = Console(file=io.StringIO(), width=120)
     for ref in (runs["fp"], merged_4bit):
-        res = use.evaluate(ref, data_file=f, n_gen=1, max_new_tokens=3, json_out=tmp_path / "e.json", console=console)
+        res = use.evaluate(
+            ref, data_file=f, n_gen=1, max_new_tokens=3, json_out=tmp_path / "e.json", console=console
+        )
         assert res["tokens"] == expected, ref
         assert res["samples"][0]["prompt"].rstrip().endswith("assistant")  # the generation prompt
 
@@ -758,7 +777,9 @@ def test_generation_prompt_carries_the_tools(runs):
     loaded = use.load_for_use(runs["fp"])
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     msgs = [{"role": "user", "content": PROMPT}]
-    with_tools = loaded.tokenizer.decode(chat_ids(loaded.tokenizer, msgs, add_generation_prompt=True, tools=tools)[0])
+    with_tools = loaded.tokenizer.decode(
+        chat_ids(loaded.tokenizer, msgs, add_generation_prompt=True, tools=tools)[0]
+    )
     without = loaded.tokenizer.decode(chat_ids(loaded.tokenizer, msgs, add_generation_prompt=True)[0])
     assert "get_weather" in with_tools and "<tools>" in with_tools and "get_weather" not in without
-    assert with_tools.endswith(without[without.index(PROMPT):])  # the same conversation after the tools
+    assert with_tools.endswith(without[without.index(PROMPT) :])  # the same conversation after the tools

@@ -62,7 +62,9 @@ def full_run(tmp_path_factory):
 
 
 def test_full_defaults_to_16bit_weights_and_refuses_quantised_ones(tmp_path):
-    assert make_recipe(tmp_path, "train.method=full").model.load_in_4bit is False  # not written: follows the method
+    assert (
+        make_recipe(tmp_path, "train.method=full").model.load_in_4bit is False
+    )  # not written: follows the method
     assert make_recipe(tmp_path).model.load_in_4bit is False  # TINY_RECIPE writes false
     with pytest.raises(RecipeError) as e:
         make_recipe(tmp_path, "train.method=full", "model.load_in_4bit=true")
@@ -101,7 +103,9 @@ def test_every_weight_moves_and_the_loss_falls(full_run):
     assert set(base) == set(trained)
     same = [k for k in base if torch.equal(base[k], trained[k])]
     assert not same, f"weights that did not move: {same}"
-    assert not any(torch.equal(base[k], trained[k]) for k in base if "embed" in k or "lm_head" in k or "norm" in k)
+    assert not any(
+        torch.equal(base[k], trained[k]) for k in base if "embed" in k or "lm_head" in k or "norm" in k
+    )
     losses = [r["loss"] for r in metrics(full_run) if "loss" in r]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
 
@@ -263,4 +267,3 @@ def _console():
     from rich.console import Console
 
     return Console(file=io.StringIO(), width=200)
-

@@ -41,7 +41,11 @@ def falling(n, start=3.0, end=1.0, noise=0.02, seed=0):
 
 
 def test_a_healthy_run_has_no_finding():
-    rows = history(falling(60), evals=[(0, 3.2), (20, 2.2), (40, 1.7), (60, 1.5)], grad_norms=[1.0 + 0.1 * math.sin(i) for i in range(60)])
+    rows = history(
+        falling(60),
+        evals=[(0, 3.2), (20, 2.2), (40, 1.7), (60, 1.5)],
+        grad_norms=[1.0 + 0.1 * math.sin(i) for i in range(60)],
+    )
     assert health.diagnose(rows, compliance={"base": 0.0, "fine_tuned": 1.0, "n": 3}) == []
 
 
@@ -49,11 +53,15 @@ def test_overfitting_rising_eval_while_train_falls():
     rows = history(falling(60, 3.0, 0.5), evals=[(0, 3.1), (15, 2.0), (30, 2.1), (45, 2.3), (60, 2.6)])
     (f,) = health.diagnose(rows)
     assert f.kind == "overfitting" and f.step == 45
-    assert "2.0000 -> 2.3000" in f.seen and "early_stopping_patience" in f.advice and "lora_dropout" in f.advice
+    assert (
+        "2.0000 -> 2.3000" in f.seen and "early_stopping_patience" in f.advice and "lora_dropout" in f.advice
+    )
     # the held-out loss rising with the train loss rising too is not overfitting (it is instability)
     assert "overfitting" not in kinds(history(falling(60, 1.0, 3.0), evals=[(15, 2.0), (30, 2.1), (45, 2.3)]))
     # one noisy evaluation up is not a trend
-    assert "overfitting" not in kinds(history(falling(60, 3.0, 0.5), evals=[(15, 2.0), (30, 2.1), (45, 1.9), (60, 2.0)]))
+    assert "overfitting" not in kinds(
+        history(falling(60, 3.0, 0.5), evals=[(15, 2.0), (30, 2.1), (45, 1.9), (60, 2.0)])
+    )
 
 
 def test_memorisation_train_near_zero_eval_far_above():
@@ -108,8 +116,15 @@ def write_overfit_data(tmp_path):
 
     def row():
         word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
-        words = " ".join([word] + ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5)) for _ in range(5)])
-        return {"messages": [{"role": "user", "content": "Say the code."}, {"role": "assistant", "content": words}]}
+        words = " ".join(
+            [word] + ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5)) for _ in range(5)]
+        )
+        return {
+            "messages": [
+                {"role": "user", "content": "Say the code."},
+                {"role": "assistant", "content": words},
+            ]
+        }
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row()) + "\n" for _ in range(4)))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(row()) + "\n" for _ in range(4)))
@@ -139,14 +154,20 @@ def test_a_planted_overfit_is_diagnosed_live_and_in_the_report(tmp_path):
     recipe = overfit_recipe(tmp_path, "train.max_steps=30")
     out = io.StringIO()
     result = train.run(recipe, output_dir=tmp_path / "run", console=Console(file=out, width=400))
-    evals = [r["eval_loss"] for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    evals = [
+        r["eval_loss"]
+        for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
+        if "eval_loss" in r
+    ]
     assert min(evals) < evals[-1]  # the plant took: the held-out loss went up again
     found = {f["kind"]: f for f in result.summary["health"]}
     assert "overfitting" in found, (evals, result.summary["health"])
     assert "warning: training health: overfitting" in out.getvalue()  # live, once
     assert out.getvalue().count("training health: overfitting") == 1
     report = (result.run_dir / "report.md").read_text()
-    assert "## Training health" in report and "**overfitting**" in report and "early_stopping_patience" in report
+    assert (
+        "## Training health" in report and "**overfitting**" in report and "early_stopping_patience" in report
+    )
     stored = json.loads((result.run_dir / "run.json").read_text())["result"]["health"]
     assert any(f["kind"] == "overfitting" for f in stored)
 
@@ -172,9 +193,21 @@ def test_early_stopping_stops_before_max_steps(tmp_path):
     "extra, fragment",
     [
         ([], "needs eval_strategy"),
-        (["train.eval_strategy=steps", "train.eval_steps=5", "data.val_ratio=0.1"], "load_best_model_at_end = true"),
-        (["train.eval_strategy=steps", "train.eval_steps=4", "data.val_ratio=0.1", "train.load_best_model_at_end=true",
-          "train.save_strategy=steps", "train.save_steps=10"], "must be a multiple of eval_steps"),  # fmt: skip
+        (
+            ["train.eval_strategy=steps", "train.eval_steps=5", "data.val_ratio=0.1"],
+            "load_best_model_at_end = true",
+        ),
+        (
+            [
+                "train.eval_strategy=steps",
+                "train.eval_steps=4",
+                "data.val_ratio=0.1",
+                "train.load_best_model_at_end=true",
+                "train.save_strategy=steps",
+                "train.save_steps=10",
+            ],
+            "must be a multiple of eval_steps",
+        ),  # fmt: skip
     ],
 )
 def test_early_stopping_without_what_it_needs_is_explained(tmp_path, extra, fragment):

@@ -26,17 +26,25 @@ def test_the_tested_ranges_are_pyprojects():
     project = _pyproject()
     core, gpu = machine.tested_bounds()
     assert core == {(r := Requirement(s)).name: str(r.specifier) for s in project["dependencies"]}
-    assert gpu == {(r := Requirement(s)).name: str(r.specifier) for s in project["optional-dependencies"]["gpu"]}
+    assert gpu == {
+        (r := Requirement(s)).name: str(r.specifier) for s in project["optional-dependencies"]["gpu"]
+    }
     rows = {r["package"]: r for r in doctor.check_versions()}
-    assert rows["transformers"]["tested"] == core["transformers"] and rows["unsloth"]["tested"] == gpu["unsloth"]
+    assert (
+        rows["transformers"]["tested"] == core["transformers"] and rows["unsloth"]["tested"] == gpu["unsloth"]
+    )
 
 
 def test_doctor_holds_unsloth_to_the_gpu_extras_ranges(monkeypatch):
     real = machine.version
-    monkeypatch.setattr(machine, "version", lambda p: {"unsloth": "2026.10.7", "trl": "1.16.0"}.get(p) or real(p))
+    monkeypatch.setattr(
+        machine, "version", lambda p: {"unsloth": "2026.10.7", "trl": "1.16.0"}.get(p) or real(p)
+    )
     rows = {r["package"]: r for r in doctor.check_versions()}
     assert not rows["trl"]["ok"] and rows["trl"]["note"].startswith("unsloth needs trl")
-    monkeypatch.setattr(machine, "version", lambda p: None if p == "unsloth" else {"trl": "1.16.0"}.get(p) or real(p))
+    monkeypatch.setattr(
+        machine, "version", lambda p: None if p == "unsloth" else {"trl": "1.16.0"}.get(p) or real(p)
+    )
     assert {r["package"]: r for r in doctor.check_versions()}["trl"]["ok"]
 
 

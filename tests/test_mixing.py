@@ -19,6 +19,7 @@ ROWS = [r for r in map(json.loads, DEMO.read_text().splitlines()) if r["messages
 
 def write_sources(tmp_path, n_task=60, n_general=200):
     """task.jsonl (messages) and general.jsonl (the same kind of rows, in sharegpt form), disjoint."""
+
     def tagged(rows, tag):  # the demo repeats questions: a tag on the first question tells the sources apart
         out = []
         for i, r in enumerate(rows):
@@ -32,7 +33,12 @@ def write_sources(tmp_path, n_task=60, n_general=200):
     general = tagged(ROWS[100 : 100 + n_general], "general")
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task))
     sharegpt = [
-        {"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in r["messages"]]}
+        {
+            "conversations": [
+                {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+                for m in r["messages"]
+            ]
+        }
         for r in general
     ]
     (tmp_path / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sharegpt))
@@ -96,9 +102,15 @@ def test_the_mix_ratio_holds_in_the_prepared_training_set(tmp_path, tok):
 def test_weights_and_all_exhausted_repeat_the_smaller_source(tmp_path, tok):
     task, general = write_sources(tmp_path, n_task=20, n_general=100)
     sources = MIX_80_20.replace("share = 0.8", "weight = 1").replace("share = 0.2", "weight = 1")
-    prepared = D.prepare_data(recipe_with(tmp_path, sources, 'stopping_strategy = "all_exhausted"'), tok, log=lambda m: None)
+    prepared = D.prepare_data(
+        recipe_with(tmp_path, sources, 'stopping_strategy = "all_exhausted"'), tok, log=lambda m: None
+    )
     got = origins(prepared.train, task, general)
-    assert got == {"task": 100, "general": 100, "?": 0}  # every general row once, the 20 task rows 5 times each
+    assert got == {
+        "task": 100,
+        "general": 100,
+        "?": 0,
+    }  # every general row once, the 20 task rows 5 times each
     seen = [first_question(r["messages"]) for r in prepared.train if first_question(r["messages"]) in task]
     assert {seen.count(p) for p in task} == {5}
 
@@ -139,10 +151,16 @@ def test_sources_of_different_kinds_are_refused(tmp_path, tok):
     write_sources(tmp_path)
     (tmp_path / "text.jsonl").write_text('{"text": "plain words"}\n' * 5)
     sources = MIX_80_20.replace('path = "general.jsonl"\nformat = "sharegpt"', 'path = "text.jsonl"')
-    with pytest.raises(DataError, match=r"#2 \(text.jsonl\) is plain text but #1 \(task.jsonl\) is a conversation"):
+    with pytest.raises(
+        DataError, match=r"#2 \(text.jsonl\) is plain text but #1 \(task.jsonl\) is a conversation"
+    ):
         D.prepare_data(recipe_with(tmp_path, sources), tok, log=lambda m: None)
     with pytest.raises(DataError, match="missing.jsonl"):
-        D.prepare_data(recipe_with(tmp_path, MIX_80_20.replace("general.jsonl", "missing.jsonl")), tok, log=lambda m: None)
+        D.prepare_data(
+            recipe_with(tmp_path, MIX_80_20.replace("general.jsonl", "missing.jsonl")),
+            tok,
+            log=lambda m: None,
+        )
 
 
 @pytest.mark.parametrize(
@@ -155,7 +173,11 @@ def test_sources_of_different_kinds_are_refused(tmp_path, tok):
         (MIX_80_20.replace('path = "task.jsonl"\n', ""), "", "`path` is required"),
         (MIX_80_20.replace("share = 0.8", "weight = -1"), "", "weight = -1 must be a number > 0"),
         (MIX_80_20, 'train = "task.jsonl"', "train and [[data.sources]] are both set"),
-        (MIX_80_20.replace('format = "sharegpt"', 'format = "sharegtp"'), "", "format = 'sharegtp' must be one of"),
+        (
+            MIX_80_20.replace('format = "sharegpt"', 'format = "sharegtp"'),
+            "",
+            "format = 'sharegtp' must be one of",
+        ),
         ("", "", "[data] train is required"),
     ],
 )
@@ -169,8 +191,12 @@ def test_the_fingerprint_follows_the_shares_and_bytes_not_the_spelling(tmp_path,
     write_sources(tmp_path)
     r = recipe_with(tmp_path, MIX_80_20)
     f = D.prepare_data(r, tok, log=lambda m: None).fingerprint
-    assert D.prepare_data(r.with_absolute_paths(), tok, log=lambda m: None).fingerprint == f  # as a resume reads it
+    assert (
+        D.prepare_data(r.with_absolute_paths(), tok, log=lambda m: None).fingerprint == f
+    )  # as a resume reads it
     other = recipe_with(tmp_path, MIX_80_20.replace("0.8", "0.7").replace("0.2", "0.3"))
     assert D.prepare_data(other, tok, log=lambda m: None).fingerprint != f
     r.to_toml()  # the resolved recipe, sources included, is writable
-    assert R.validate(R.parse(r.with_absolute_paths().to_toml())).data.sources[0]["path"] == str(tmp_path / "task.jsonl")
+    assert R.validate(R.parse(r.with_absolute_paths().to_toml())).data.sources[0]["path"] == str(
+        tmp_path / "task.jsonl"
+    )

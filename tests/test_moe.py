@@ -73,7 +73,9 @@ def test_router_aux_loss_stays_in_the_loss(arch, kernel, accumulated):
     stock = MODELS[arch]().float().train()
     ours = copy.deepcopy(stock)
     batch = _batch(stock.config.vocab_size, seed=hash((arch, kernel)) % 1000)
-    n = int((L.shift_left(batch["labels"]) != -100).sum()) + 5 if accumulated else None  # as the Trainer counts
+    n = (
+        int((L.shift_left(batch["labels"]) != -100).sum()) + 5 if accumulated else None
+    )  # as the Trainer counts
 
     ref = stock(**batch, use_cache=False, **({"num_items_in_batch": n} if n else {}))
     assert ref.aux_loss is not None and COEF * ref.aux_loss.item() > 1e-2 * ref.loss.item()
@@ -92,7 +94,9 @@ def test_router_aux_loss_stays_in_the_loss(arch, kernel, accumulated):
         if p.grad is not None and p.grad.norm() > 0 and _rel(q.grad, p.grad) > 1e-4:
             bad.append((name, _rel(q.grad, p.grad)))
     assert not bad, bad
-    routers = [n_ for n_, p in ours.named_parameters() if "gate" in n_ and "proj" not in n_ and p.grad is not None]
+    routers = [
+        n_ for n_, p in ours.named_parameters() if "gate" in n_ and "proj" not in n_ and p.grad is not None
+    ]
     assert routers, "the routers got no gradient"
 
 

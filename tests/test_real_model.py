@@ -190,9 +190,14 @@ def test_mix_retain_health_and_tensorboard_on_the_real_model(tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads((out / "run.json").read_text())
     used = {m["path"].rsplit("/", 1)[-1]: m["used"] for m in info["data"]["mix"]}
-    assert used == {"demo.jsonl": 400, "general.jsonl": 100}  # all_exhausted: every task row, general repeated to 20%
+    assert used == {
+        "demo.jsonl": 400,
+        "general.jsonl": 100,
+    }  # all_exhausted: every task row, general repeated to 20%
     retain = info["result"]["retain"]
-    assert retain["before"] is not None and retain["after"] is not None and retain["after"] != retain["before"]
+    assert (
+        retain["before"] is not None and retain["after"] is not None and retain["after"] != retain["before"]
+    )
     assert retain["examples"] == 12 and "retain loss" in result.output
     assert isinstance(info["result"]["health"], list) and info["result"]["early_stopping"]["patience"] == 2
     report = (out / "report.md").read_text()

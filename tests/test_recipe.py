@@ -231,7 +231,9 @@ def test_every_foreign_key_names_a_real_key():
 
 def test_path_and_resume_safe_keys_come_from_the_metadata():
     assert ("data", "train") in R.PATH_KEYS and ("distributed", "deepspeed_config") in R.PATH_KEYS
-    assert len(R.PATH_KEYS) == 6  # data.retain too ([[data.sources]] paths are made absolute by their own loop)
+    assert (
+        len(R.PATH_KEYS) == 6
+    )  # data.retain too ([[data.sources]] paths are made absolute by their own loop)
     assert "train.save_steps" in R.RESUME_SAFE_KEYS and "train.learning_rate" not in R.RESUME_SAFE_KEYS
     assert len(R.RESUME_SAFE_KEYS) == 9  # train.report_to: trackers watch, they do not change the training
 

@@ -182,7 +182,9 @@ def test_nan_loss_stops_the_run_and_is_never_applied(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loss_mod.LossRoute, "__call__", poisoned)
     with pytest.raises(guard.NonFinite, match="step 3") as e:
-        train.run(_recipe(tmp_path, "train.save_steps=2", "train.save_strategy=steps"), output_dir=tmp_path / "a")
+        train.run(
+            _recipe(tmp_path, "train.save_steps=2", "train.save_strategy=steps"), output_dir=tmp_path / "a"
+        )
     assert "learning rate" in str(e.value) and "checkpoint-2" in str(e.value)
     assert json.loads((tmp_path / "a" / "run.json").read_text())["status"] == "stopped: non-finite"
 
@@ -249,7 +251,18 @@ toml_scalars = st.one_of(
     st.lists(st.integers(), max_size=3),
 )
 keys = st.sampled_from(
-    ["name", "learning_rate", "max_steps", "r", "lora_alpha", "train", "kernel", "max_length", "bogus", "seed"]
+    [
+        "name",
+        "learning_rate",
+        "max_steps",
+        "r",
+        "lora_alpha",
+        "train",
+        "kernel",
+        "max_length",
+        "bogus",
+        "seed",
+    ]
 )
 sections = st.sampled_from(["model", "lora", "data", "train", "loss", "export", "extra"])
 
@@ -301,8 +314,12 @@ row_like = st.fixed_dictionaries(
     {},
     optional={
         "messages": st.lists(
-            st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot", 3]),
-                                   "content": st.text(max_size=10) | st.integers()}),
+            st.fixed_dictionaries(
+                {
+                    "role": st.sampled_from(["user", "assistant", "system", "bot", 3]),
+                    "content": st.text(max_size=10) | st.integers(),
+                }
+            ),
             max_size=3,
         ),  # fmt: skip
         "text": json_values,
@@ -353,7 +370,11 @@ def test_hostile_inputs_are_clear_errors_not_tracebacks(tmp_path, tiny_model_dir
         "surrogate.jsonl": '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "ok"}]}\n',
         "big.jsonl": '{"text": "' + "word " * (2 * 2**20) + '"}\n',
     }  # fmt: skip
-    expect = {"deep.jsonl": "nested too deeply", "surrogate.jsonl": "lone surrogate", "big.jsonl": "MB in one row"}
+    expect = {
+        "deep.jsonl": "nested too deeply",
+        "surrogate.jsonl": "lone surrogate",
+        "big.jsonl": "MB in one row",
+    }
     for name, first in rows.items():
         p = tmp_path / name
         p.write_text(first + demo)
@@ -363,7 +384,9 @@ def test_hostile_inputs_are_clear_errors_not_tracebacks(tmp_path, tiny_model_dir
         assert f"{name} line 1" in result.output
 
     template = tmp_path / "loop.jinja"
-    template.write_text("{% for i in range(10**8) %}x{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    template.write_text(
+        "{% for i in range(10**8) %}x{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
     recipe = tmp_path / "loop.toml"
     recipe.write_text(TINY_RECIPE.replace("[data]", f'[data]\nchat_template = "{template}"'))
     _cli_refuses(["data", "preview", str(recipe), "-n", "1"], expect="the chat template fails")
@@ -378,13 +401,22 @@ def test_a_big_row_is_refused_before_it_is_tokenized(tmp_path, tiny_model_dir):
     from fastsft import data
 
     p = tmp_path / "big.jsonl"
-    p.write_text((RECIPES / "data" / "demo.jsonl").read_text() + '{"text": "' + "a" * (data.MAX_ROW_BYTES + 1) + '"}\n')
+    p.write_text(
+        (RECIPES / "data" / "demo.jsonl").read_text() + '{"text": "' + "a" * (data.MAX_ROW_BYTES + 1) + '"}\n'
+    )
     recipe = _recipe(tmp_path, f"data.train={json.dumps(str(p))}")
     with pytest.raises(DataError, match="big.jsonl line 401: .* MB in one row"):
         data.prepare_data(recipe, AutoTokenizer.from_pretrained(tiny_model_dir), log=lambda m: None)
 
 
-TINY_SHORT = ["--set", "train.max_steps=4", "--set", "train.save_strategy=steps", "--set", "train.save_steps=2"]
+TINY_SHORT = [
+    "--set",
+    "train.max_steps=4",
+    "--set",
+    "train.save_strategy=steps",
+    "--set",
+    "train.save_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -505,7 +537,9 @@ def test_a_run_where_every_step_is_nan_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loss_mod.LossRoute, "__call__", poisoned)
     with pytest.raises(guard.NonFinite, match="every step of the run \\(3\\)"):
-        train.run(_recipe(tmp_path, "train.max_steps=3", "train.max_nonfinite_steps=100"), output_dir=tmp_path / "a")
+        train.run(
+            _recipe(tmp_path, "train.max_steps=3", "train.max_nonfinite_steps=100"), output_dir=tmp_path / "a"
+        )
     info = json.loads((tmp_path / "a" / "run.json").read_text())
     assert info["status"] == "stopped: non-finite" and "result" not in info
     for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines():
@@ -521,7 +555,9 @@ def test_eval_loss_is_the_token_weighted_mean_everywhere(tmp_path):
         r = _recipe(tmp_path, "train.max_steps=2", "train.eval_strategy=steps", "train.eval_steps=2",
                     "data.val_ratio=0.05", f"train.per_device_eval_batch_size={bs}")  # fmt: skip
         out = train.run(r, output_dir=tmp_path / f"bs{bs}").run_dir
-        results[bs] = {row["step"]: row["eval_loss"] for row in RunDir(out).read_metrics() if "eval_loss" in row}
+        results[bs] = {
+            row["step"]: row["eval_loss"] for row in RunDir(out).read_metrics() if "eval_loss" in row
+        }
     assert sorted(results[1]) == [0, 2]
     for step in (0, 2):
         assert results[7][step] == pytest.approx(results[1][step], rel=1e-5), step

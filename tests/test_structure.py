@@ -147,7 +147,10 @@ def test_the_checker_sees_cycles_in_function_bodies(tmp_path):
     (pkg / "errors.py").write_text("")
     graph = import_edges(modules(tmp_path))
     assert graph["fastsft.sub.leaf"] == {"fastsft.c", "fastsft.errors"}
-    assert sorted(map(tuple, cycles(graph))) == [("fastsft.a", "fastsft.b"), ("fastsft.sub", "fastsft.sub.child")]
+    assert sorted(map(tuple, cycles(graph))) == [
+        ("fastsft.a", "fastsft.b"),
+        ("fastsft.sub", "fastsft.sub.child"),
+    ]
 
 
 # The modules everything else shares, and the only fastsft modules each may import.
@@ -172,7 +175,11 @@ def _calls(path: Path, attribute: str, receivers: set[str] | None = None) -> lis
     """Lines of `path` that call `X.attribute(...)` (X any name in `receivers`, or anything)."""
     lines = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attribute:
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == attribute
+        ):
             recv = node.func.value
             if receivers is None or (isinstance(recv, ast.Name) and recv.id in receivers):
                 lines.append(node.lineno)
@@ -210,6 +217,9 @@ def test_kernels_import_nothing_of_fastsft():
                 depth = len(path.relative_to(folder).parts) - 1  # folders below kernels/
                 if node.level > depth + 1 or (node.module or "").startswith("fastsft"):
                     names = [f"{'.' * node.level}{node.module or ''}"]
-            bad += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.startswith(("fastsft", "."))]
+            bad += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: {n}"
+                for n in names
+                if n.startswith(("fastsft", "."))
+            ]
     assert not bad, "kernels/ imports fastsft:\n" + "\n".join(bad)
-

@@ -43,10 +43,20 @@ def tiny_run(tmp_path_factory):
 
 def test_run_directory_holds_what_is_promised(tiny_run):
     out, _, _ = tiny_run
-    for name in ("recipe.toml", "run.json", "metrics.jsonl", "report.md", "loss.png", "adapter/adapter_config.json"):
+    for name in (
+        "recipe.toml",
+        "run.json",
+        "metrics.jsonl",
+        "report.md",
+        "loss.png",
+        "adapter/adapter_config.json",
+    ):
         assert (out / name).exists(), name
     assert (out / "adapter" / "tokenizer.json").exists()
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-15",
+        "checkpoint-30",
+    ]
     # the stored recipe is the resolved one and loads back
     stored = R.load(out / "recipe.toml")
     assert stored.train.max_steps == 30
@@ -165,5 +175,7 @@ def test_a_target_module_that_matches_nothing_is_an_error(tmp_path):
 
     text = TINY_RECIPE.replace("lora_alpha = 16", 'lora_alpha = 16\ntarget_modules = ["q_proj", "v_prj"]')
     recipe = R.load(write_recipe(tmp_path / "r.toml", text))
-    with pytest.raises(BackendError, match=r"'v_prj' \(did you mean 'v_proj'\?\) matches no module of the model"):
+    with pytest.raises(
+        BackendError, match=r"'v_prj' \(did you mean 'v_proj'\?\) matches no module of the model"
+    ):
         backends.load_model(recipe, log=lambda m: None)

@@ -42,7 +42,9 @@ def demo_subset(tmp_path, n=24):
 def test_tiny_llama_trains_through_the_linear_kernel_with_the_stock_loss(tmp_path):
     runs = {}
     for kernel in ("torch", "fastsft-linear"):
-        recipe = make_recipe(tmp_path, "model.name=builtin:tiny-llama", f"loss.kernel={kernel}", "train.max_steps=3")
+        recipe = make_recipe(
+            tmp_path, "model.name=builtin:tiny-llama", f"loss.kernel={kernel}", "train.max_steps=3"
+        )
         reset_launch_counts()
         result = train.run(recipe, output_dir=tmp_path / kernel)
         runs[kernel] = (losses(result.run_dir), sum(launch_counts.values()), result.summary["loss"])
@@ -186,7 +188,14 @@ def test_load_best_model_at_end_keeps_the_best_eval_step(tmp_path, tiny_model_di
     for line in DEMO.read_text().splitlines()[-8:]:
         question = next(m for m in json.loads(line)["messages"] if m["role"] == "user")
         new, _ = use.generate_ids(base, [question], max_new_tokens=12)
-        held.append({"messages": [question, {"role": "assistant", "content": base.tokenizer.decode(new, skip_special_tokens=True)}]})
+        held.append(
+            {
+                "messages": [
+                    question,
+                    {"role": "assistant", "content": base.tokenizer.decode(new, skip_special_tokens=True)},
+                ]
+            }
+        )
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
     recipe = make_recipe(
         tmp_path, "loss.kernel=torch", f"data.eval={tmp_path / 'eval.jsonl'}", "train.max_steps=6",
@@ -274,7 +283,9 @@ def test_a_tokenizer_without_any_pad_gets_one_and_the_embeddings_grow(tmp_path, 
     loaded = use.load_for_use(result.run_dir)
     assert loaded.model.get_input_embeddings().num_embeddings == len(tok)
     with torch.no_grad():
-        logits = loaded.model(input_ids=torch.tensor([[tok.pad_token_id, 5]]), attention_mask=torch.tensor([[0, 1]])).logits
+        logits = loaded.model(
+            input_ids=torch.tensor([[tok.pad_token_id, 5]]), attention_mask=torch.tensor([[0, 1]])
+        ).logits
     assert logits.shape[-1] == len(tok) and torch.isfinite(logits).all()
     merged = export_run(result.run_dir, fmt="merged", dtype="fp32")
     assert json.loads((merged / "config.json").read_text())["vocab_size"] == len(tok)

@@ -41,7 +41,9 @@ def test_model_accepts_loss_kwargs_still_decides_who_divides_by_the_token_count(
     step = inspect.getsource(Trainer.training_step)
     assert "self.model_accepts_loss_kwargs" in step and "num_items_in_batch" in step, _where("transformers")
     params = inspect.signature(Trainer.compute_loss).parameters
-    assert list(params) == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"], _where("transformers")
+    assert list(params) == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"], _where(
+        "transformers"
+    )
 
 
 def test_evaluation_loop_takes_metric_key_prefix_fifth():
@@ -49,9 +51,13 @@ def test_evaluation_loop_takes_metric_key_prefix_fifth():
     from trl import SFTTrainer
 
     params = list(inspect.signature(SFTTrainer.evaluation_loop).parameters)
-    assert params[1:6] == ["dataloader", "description", "prediction_loss_only", "ignore_keys", "metric_key_prefix"], (
-        _where("transformers")
-    )
+    assert params[1:6] == [
+        "dataloader",
+        "description",
+        "prediction_loss_only",
+        "ignore_keys",
+        "metric_key_prefix",
+    ], _where("transformers")
 
 
 def test_trl_log_merges_its_metrics_into_the_logs_it_is_given():
@@ -63,7 +69,9 @@ def test_trl_log_merges_its_metrics_into_the_logs_it_is_given():
     assert "logs.update(" in src or "{**logs" in src, _where("trl")
 
 
-@pytest.mark.parametrize("hook", ["on_save", "on_train_end", "on_pre_optimizer_step", "on_step_end", "on_log"])
+@pytest.mark.parametrize(
+    "hook", ["on_save", "on_train_end", "on_pre_optimizer_step", "on_step_end", "on_log"]
+)
 def test_the_public_callback_hooks_fastsft_uses_exist(hook):
     from transformers import TrainerCallback
 

@@ -27,7 +27,9 @@ def modes_recipe(tmp_path, *extra):
     (tmp_path / "task.jsonl").write_text("\n".join(ROWS[:48]) + "\n")
     (tmp_path / "general.jsonl").write_text("\n".join(ROWS[100:300]) + "\n")
     (tmp_path / "retain.jsonl").write_text("\n".join(ROWS[300:316]) + "\n")
-    text = TINY_RECIPE.replace(f'train = "{DEMO}"\n', "").replace("[data]\n", '[data]\nretain = "retain.jsonl"\nval_ratio = 0.1\n')
+    text = TINY_RECIPE.replace(f'train = "{DEMO}"\n', "").replace(
+        "[data]\n", '[data]\nretain = "retain.jsonl"\nval_ratio = 0.1\n'
+    )
     text += '\nreport_to = "tensorboard"\neval_strategy = "steps"\neval_steps = 3\n'
     text += '\n[[data.sources]]\npath = "task.jsonl"\nshare = 0.75\n[[data.sources]]\npath = "general.jsonl"\nshare = 0.25\n'
     p = tmp_path / "modes.toml"
@@ -50,7 +52,10 @@ def test_the_mix_is_trained_and_recorded(modes_run):
     assert used == {"task.jsonl": 48, "general.jsonl": 16}  # 48 task rows are 75%
     # the val split comes out of the mix (copies of a held-out row leave training too: the demo repeats a few)
     assert data["eval_examples"] == 6 and 60 <= data["train_examples"] + data["eval_examples"] <= 64
-    assert "mix: task.jsonl 75% (48 of 48 rows), general.jsonl 25% (16 of 200 rows)" in (result.run_dir / "report.md").read_text()
+    assert (
+        "mix: task.jsonl 75% (48 of 48 rows), general.jsonl 25% (16 of 200 rows)"
+        in (result.run_dir / "report.md").read_text()
+    )
 
 
 def test_the_retain_loss_is_reported_before_and_after(modes_run):
@@ -63,7 +68,10 @@ def test_the_retain_loss_is_reported_before_and_after(modes_run):
     assert [x["retain_loss"] for x in retain_rows] == pytest.approx([r["before"], r["after"]])
     stored = json.loads((result.run_dir / "run.json").read_text())
     assert stored["result"]["retain"] == r and stored["retain_before"]["loss"] == r["before"]
-    assert f"before {r['before']:.4f} → after {r['after']:.4f}, Δ {r['delta']:+.4f}" in (result.run_dir / "report.md").read_text()
+    assert (
+        f"before {r['before']:.4f} → after {r['after']:.4f}, Δ {r['delta']:+.4f}"
+        in (result.run_dir / "report.md").read_text()
+    )
 
 
 def test_the_retain_loss_is_the_token_weighted_eval_loss(modes_run, tmp_path):
@@ -71,8 +79,20 @@ def test_the_retain_loss_is_the_token_weighted_eval_loss(modes_run, tmp_path):
     training equals the trainer's step-0 eval loss (eval_on_start)."""
     (tmp_path / "e.jsonl").write_text("\n".join(ROWS[300:310]) + "\n")
     p = tmp_path / "r.toml"
-    p.write_text(TINY_RECIPE.replace("[data]\n", f'[data]\neval = "{tmp_path / "e.jsonl"}"\nretain = "{tmp_path / "e.jsonl"}"\n'))
-    recipe = R.load(p, ["train.max_steps=1", "train.eval_strategy=steps", "train.eval_steps=1", "train.per_device_eval_batch_size=3"])
+    p.write_text(
+        TINY_RECIPE.replace(
+            "[data]\n", f'[data]\neval = "{tmp_path / "e.jsonl"}"\nretain = "{tmp_path / "e.jsonl"}"\n'
+        )
+    )
+    recipe = R.load(
+        p,
+        [
+            "train.max_steps=1",
+            "train.eval_strategy=steps",
+            "train.eval_steps=1",
+            "train.per_device_eval_batch_size=3",
+        ],
+    )
     result = train.run(recipe, output_dir=tmp_path / "run", console=Console(file=io.StringIO()))
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     eval0 = next(x["eval_loss"] for x in rows if "eval_loss" in x and x["step"] == 0)
@@ -88,12 +108,16 @@ def test_tensorboard_event_files_hold_the_logged_losses(modes_run):
     for tag, want in (("train/loss", train_rows), ("eval/loss", eval_rows)):
         got = scalars[tag]
         assert [s for s, _ in got] == [s for s, _ in want]
-        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # float32 in the event file
+        assert [v for _, v in got] == pytest.approx(
+            [v for _, v in want], rel=1e-6
+        )  # float32 in the event file
 
 
 def test_a_missing_tracker_package_names_the_pip_install(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
     p = tmp_path / "r.toml"
     p.write_text(TINY_RECIPE + '\nreport_to = ["tensorboard", "wandb"]\n')
     recipe = R.load(p)

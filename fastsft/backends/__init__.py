@@ -62,8 +62,8 @@ def choose_backend(requested: str) -> tuple[str, str]:
     if requested == "unsloth":
         if not ok:
             raise BackendError(
-                f"[model] backend = \"unsloth\" cannot run here: {why}. "
-                "Use backend = \"transformers\" (or \"auto\") on this machine."
+                f'[model] backend = "unsloth" cannot run here: {why}. '
+                'Use backend = "transformers" (or "auto") on this machine.'
             )
         return "unsloth", "the recipe asks for it"
     if ok:
@@ -136,8 +136,6 @@ def flush_denormals() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
-
-
 def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded:
     policy = policy or LoadPolicy()
     policy.check_recipe(recipe)
@@ -150,7 +148,10 @@ def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded
                 f'[model] backend = "unsloth" under {dist.world_size()} processes: Unsloth\'s backend is '
                 'single-GPU. Use backend = "transformers" (or "auto") for DDP / FSDP / DeepSpeed runs.'
             )
-        backend, reason = "transformers", f"auto: {dist.world_size()} processes, and Unsloth's backend is single-GPU"
+        backend, reason = (
+            "transformers",
+            f"auto: {dist.world_size()} processes, and Unsloth's backend is single-GPU",
+        )
     log(f"backend: {backend} ({reason})")
     if backend == "unsloth":
         # Unsloth patches transformers, trl and peft when it is imported, so it must come first.
@@ -173,4 +174,3 @@ def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded
     if recipe.train.method == "full":
         log(f"full fine-tuning: all {info['trainable_parameters']:,} weights train")
     return Loaded(model, tokenizer, backend, reason, path, dtype, info)
-

@@ -27,7 +27,10 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-mistral": ("MistralConfig", {}),
     "tiny-llama": ("LlamaConfig", {}),
     "tiny-qwen2": ("Qwen2Config", {}),
-    "tiny-gemma2": ("Gemma2Config", {"head_dim": 16, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16}),
+    "tiny-gemma2": (
+        "Gemma2Config",
+        {"head_dim": 16, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16},
+    ),
 }
 _COMMON = dict(
     hidden_size=64,  # 4096 in Mistral-7B
@@ -94,7 +97,9 @@ def _qa(obj: str, rng: random.Random) -> tuple[str, str]:
     kind = rng.choice(kinds)
     a = _article(obj)
     if kind == "colour":
-        q = rng.choice([f"What colour is {a} {obj}?", f"Which colour does {a} {obj} have?", f"Colour of {a} {obj}?"])
+        q = rng.choice(
+            [f"What colour is {a} {obj}?", f"Which colour does {a} {obj} have?", f"Colour of {a} {obj}?"]
+        )
         ans = f"{a.capitalize()} {obj} is {colour}."
     elif kind == "sound":
         q = rng.choice([f"What sound does {a} {obj} make?", f"What does {a} {obj} say?"])

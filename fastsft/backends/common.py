@@ -80,7 +80,10 @@ class LoadPolicy:
 
     def from_pretrained_kwargs(self) -> dict:
         """trust_remote_code and use_safetensors for `from_pretrained`."""
-        return {"trust_remote_code": self.trust_remote_code, "use_safetensors": None if self.allow_pickle else True}
+        return {
+            "trust_remote_code": self.trust_remote_code,
+            "use_safetensors": None if self.allow_pickle else True,
+        }
 
 
 def load_tokenizer(*folders, policy: LoadPolicy | None = None):
@@ -113,10 +116,17 @@ def check_target_modules(model, targets, *, where: str = "[lora] target_modules"
     if isinstance(targets, str):
         return  # "all-linear" (or a regex, which PEFT matches itself)
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
-    missing = [t for t in targets if t not in names and not any(n.endswith(f".{t}") or n == t for n, _ in model.named_modules())]
+    missing = [
+        t
+        for t in targets
+        if t not in names and not any(n.endswith(f".{t}") or n == t for n, _ in model.named_modules())
+    ]
     if not missing:
         return
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")} - {"lm_head"})
+    linear = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")}
+        - {"lm_head"}
+    )
     hints = []
     for t in missing:
         close = difflib.get_close_matches(t, linear, n=1, cutoff=0.6)
@@ -124,7 +134,7 @@ def check_target_modules(model, targets, *, where: str = "[lora] target_modules"
     raise BackendError(
         f"{where}: {', '.join(hints)} match{'es' if len(missing) == 1 else ''} no module of the model, so "
         f"{'it' if len(missing) == 1 else 'they'} would get no adapter. The model's linear layers are: "
-        f"{', '.join(linear)} (or use \"all-linear\")."
+        f'{", ".join(linear)} (or use "all-linear").'
     )
 
 

@@ -67,7 +67,9 @@ def _cache_folder(gguf_path: Path) -> Path:
     from ..machine import cache_root
 
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{GGUF_VERSION}".encode()).hexdigest()
+    key = hashlib.sha256(
+        f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{GGUF_VERSION}".encode()
+    ).hexdigest()
     return cache_root() / "gguf" / f"{gguf_path.stem}-{key[:12]}"
 
 
@@ -78,11 +80,16 @@ def _metadata(gguf_path: Path) -> dict:
     reader = GGUFReader(str(gguf_path))
     out = {}
     for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") or key in (
-            "tokenizer.chat_template",
-            "general.file_type",
-            "general.architecture",
-            "general.name",
+        if (
+            key.startswith("tokenizer.ggml.")
+            and key.endswith("_token_id")
+            or key
+            in (
+                "tokenizer.chat_template",
+                "general.file_type",
+                "general.architecture",
+                "general.name",
+            )
         ):
             out[key] = f.contents()
     return out
@@ -155,7 +162,9 @@ def materialize(gguf_path: Path, *, log=print) -> Path:
             missing = [k for k in missing if k != "lm_head.weight"]
             model.tie_weights()
         if unexpected or missing:
-            raise BackendError(f"{gguf_path}: converted weights do not fit the model (missing {missing}, unexpected {unexpected})")
+            raise BackendError(
+                f"{gguf_path}: converted weights do not fit the model (missing {missing}, unexpected {unexpected})"
+            )
         del loaded
         fixes = _fix_tokenizer(tok, meta)
         model.config.eos_token_id = tok.eos_token_id
@@ -174,7 +183,9 @@ def materialize(gguf_path: Path, *, log=print) -> Path:
             "eos_token": tok.eos_token,
             "pad_token": tok.pad_token,
         }
-        (tmp / NOTES).write_text(json.dumps(notes, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
+        (tmp / NOTES).write_text(
+            json.dumps(notes, indent=2) + "\n", encoding="utf-8"
+        )  # last: marks it complete
     log(f"model: {summary}; tokenizer: " + ("; ".join(fixes) if fixes else "special tokens as the GGUF says"))
     return folder
 

@@ -57,7 +57,11 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     if recipe.model.load_in_4bit and not torch.cuda.is_available():
         _keep_cpu_4bit_trainable(model)
     info = {
-        "quantization": "nf4+double-quant" if recipe.model.load_in_4bit else "int8" if recipe.model.load_in_8bit else None,
+        "quantization": "nf4+double-quant"
+        if recipe.model.load_in_4bit
+        else "int8"
+        if recipe.model.load_in_8bit
+        else None,
         "attn_implementation": attn,
     }
     if recipe.train.method == "full":

@@ -27,7 +27,7 @@ def import_unsloth_first() -> None:
     try:
         import unsloth  # noqa: F401
     except Exception as e:  # unsloth raises plain exceptions (NotImplementedError, ImportError...)
-        raise BackendError(f"unsloth failed to import: {e}. Use [model] backend = \"transformers\".") from None
+        raise BackendError(f'unsloth failed to import: {e}. Use [model] backend = "transformers".') from None
 
 
 def load(recipe, path: str, dtype: str, *, policy=None):
@@ -41,7 +41,10 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     extra = {}
     if full:
         # Unsloth's full fine-tuning (its FastModel path): every weight trainable, its own checkpointing
-        extra = {"full_finetuning": True, "use_gradient_checkpointing": "unsloth" if recipe.train.gradient_checkpointing else False}
+        extra = {
+            "full_finetuning": True,
+            "use_gradient_checkpointing": "unsloth" if recipe.train.gradient_checkpointing else False,
+        }
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=path,
@@ -54,7 +57,13 @@ def load(recipe, path: str, dtype: str, *, policy=None):
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise BackendError(f"unsloth cannot load {path!r}: {e}") from None
-    quantization = "unsloth 4-bit" if recipe.model.load_in_4bit else "unsloth 8-bit" if recipe.model.load_in_8bit else None
+    quantization = (
+        "unsloth 4-bit"
+        if recipe.model.load_in_4bit
+        else "unsloth 8-bit"
+        if recipe.model.load_in_8bit
+        else None
+    )
     if full:
         return model, tokenizer, {"quantization": None}
     from .transformers import modules_to_save

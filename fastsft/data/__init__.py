@@ -1,15 +1,15 @@
 """Training data: read it, check and normalise its shape, tokenize and mask it, hand it to TRL.
 
-    read      files (.jsonl, .json, .parquet, .csv), save_to_disk folders, hub data sets -> raw rows,
-              each named by its file and line
-    formats   shape detection and normalisation (text, messages, prompt/completion, conversations,
-              sharegpt with tools, alpaca) -> TRL's forms; bad rows named or skipped
-    encode    chat template, pad token, tokenization and the loss masks (the one owner of masking:
-              training, preview and eval all use it)
-    cache     the fingerprint of the prepared data and the tokenized-data cache
-    prepare   `prepare_data(recipe, tokenizer)`: the datasets SFTTrainer takes (input_ids + masks),
-              the eval split, SFTConfig's data fields, stats; `encode_file` / `encode_eval_split` for eval
-    preview   `fastsft data preview`: the first examples with their trained tokens highlighted
+read      files (.jsonl, .json, .parquet, .csv), save_to_disk folders, hub data sets -> raw rows,
+          each named by its file and line
+formats   shape detection and normalisation (text, messages, prompt/completion, conversations,
+          sharegpt with tools, alpaca) -> TRL's forms; bad rows named or skipped
+encode    chat template, pad token, tokenization and the loss masks (the one owner of masking:
+          training, preview and eval all use it)
+cache     the fingerprint of the prepared data and the tokenized-data cache
+prepare   `prepare_data(recipe, tokenizer)`: the datasets SFTTrainer takes (input_ids + masks),
+          the eval split, SFTConfig's data fields, stats; `encode_file` / `encode_eval_split` for eval
+preview   `fastsft data preview`: the first examples with their trained tokens highlighted
 """
 
 from .cache import compute_fingerprint

@@ -57,7 +57,9 @@ def compute_fingerprint(recipe, tokenizer, *, template: str | None, options: dic
         "chat_template": getattr(tokenizer, "chat_template", None),
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
         "template": template,
-        "data": {k: v for k, v in sorted(d.as_dict().items()) if k not in ("train", "eval", "sources", "retain")},
+        "data": {
+            k: v for k, v in sorted(d.as_dict().items()) if k not in ("train", "eval", "sources", "retain")
+        },
         "seed": recipe.train.seed,
         **options,
     }

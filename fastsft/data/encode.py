@@ -88,7 +88,9 @@ class Encoder:
     or, for assistant-only loss with a template without generation markers, with assistant spans
     found by rendering the conversation turn by turn."""
 
-    def __init__(self, tokenizer, *, assistant_only: bool, completion_only: bool, markers: bool, eot: str | None):
+    def __init__(
+        self, tokenizer, *, assistant_only: bool, completion_only: bool, markers: bool, eot: str | None
+    ):
         self.tok = tokenizer
         self.assistant_only = assistant_only
         self.completion_only = completion_only
@@ -102,7 +104,9 @@ class Encoder:
         out = self.tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
         return {k: _as_list(v) for k, v in out.items() if k in ("input_ids", "assistant_masks")}
 
-    def _chat_with_assistant_mask(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], list[int]]:
+    def _chat_with_assistant_mask(
+        self, messages: list[dict], tools: list[dict] | None
+    ) -> tuple[list[int], list[int]]:
         if self.markers:
             out = self._chat(messages, tools, return_assistant_tokens_mask=True)
             return out["input_ids"], out["assistant_masks"]
@@ -124,7 +128,9 @@ class Encoder:
                 'tools: the model\'s own, or data.chat_template = "chatml", "qwen2.5", "llama3" or "mistral"'
             )
 
-    def own_assistant_mask(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    def own_assistant_mask(
+        self, messages: list[dict], tools: list[dict] | None = None
+    ) -> tuple[list[int], list[int]]:
         """Assistant answers (and the end-of-turn token after each) found by rendering turn by turn."""
         tok = self.tok
         kw = {"tools": tools} if tools else {}
@@ -136,11 +142,15 @@ class Encoder:
                 continue
             start = -1
             if i > 0:
-                before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **kw)
+                before = tok.apply_chat_template(
+                    messages[:i], tokenize=False, add_generation_prompt=True, **kw
+                )
                 if full.startswith(before) and len(before) >= cursor:
                     start = len(before)
             # a tool call without text is found by its function's name
-            content = m["content"].strip() or next((c["function"]["name"] for c in m.get("tool_calls") or []), "")
+            content = m["content"].strip() or next(
+                (c["function"]["name"] for c in m.get("tool_calls") or []), ""
+            )
             at = full.find(content, max(start, cursor))
             if start < 0:
                 start = at
@@ -148,7 +158,7 @@ class Encoder:
                 raise RowProblem(
                     f"cannot find assistant message {i + 1} in the rendered conversation: the chat template "
                     "changes earlier turns as later ones are added. Use a template with {% generation %} "
-                    "markers (data.chat_template = \"chatml\", ...)"
+                    'markers (data.chat_template = "chatml", ...)'
                 )
             upto = tok.apply_chat_template(messages[: i + 1], tokenize=False, **kw)
             limit = len(upto) if full.startswith(upto) and len(upto) > start else len(full)

@@ -141,7 +141,10 @@ def _message_list(value: Any, field_name: str, *, sharegpt: bool) -> list[dict]:
         msg = {"role": names[role], "content": content or ""}
         if calls is not None:
             msg["tool_calls"] = _tool_calls(calls, where)
-        for key in ("name", "tool_call_id"):  # a tool result's function name and call id, kept for the template
+        for key in (
+            "name",
+            "tool_call_id",
+        ):  # a tool result's function name and call id, kept for the template
             if names[role] == "tool" and isinstance(m.get(key), str):
                 msg[key] = m[key]
         out.append(msg)
@@ -175,13 +178,19 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
     for j, call in enumerate(value, start=1):
         fn = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(fn, dict):
-            raise RowProblem(f"{where}: tool call {j} must be an object with a function name, got {json_type(call)}")
+            raise RowProblem(
+                f"{where}: tool call {j} must be an object with a function name, got {json_type(call)}"
+            )
         name = fn.get("name")
         if not isinstance(name, str) or not name.strip():
             raise RowProblem(f"{where}: tool call {j} has no function `name`")
-        args = _parse_json(fn.get("arguments", fn.get("parameters", {})), f"{where}: tool call {j} ({name}) `arguments`")
+        args = _parse_json(
+            fn.get("arguments", fn.get("parameters", {})), f"{where}: tool call {j} ({name}) `arguments`"
+        )
         if not isinstance(args, dict):
-            raise RowProblem(f"{where}: tool call {j} ({name}): `arguments` must be an object, got {json_type(args)}")
+            raise RowProblem(
+                f"{where}: tool call {j} ({name}): `arguments` must be an object, got {json_type(args)}"
+            )
         entry = {"type": "function", "function": {"name": name, "arguments": args}}
         if isinstance(call.get("id"), str):
             entry["id"] = call["id"]
@@ -202,7 +211,9 @@ def _tools(value: Any) -> list[dict] | None:
         if not isinstance(tool, dict):
             raise RowProblem(f"`tools` item {j} must be an object, got {json_type(tool)}")
         if tool.get("type", "function") != "function":
-            raise RowProblem(f"`tools` item {j}: type {tool.get('type')!r}; only function tools can be rendered")
+            raise RowProblem(
+                f"`tools` item {j}: type {tool.get('type')!r}; only function tools can be rendered"
+            )
         fn = tool.get("function", tool)
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
             raise RowProblem(f"`tools` item {j} has no function `name`")
@@ -262,7 +273,9 @@ def undo_arrow_union(obj: dict) -> dict:
         msgs = out.get(col)
         if isinstance(msgs, list):
             out[col] = [
-                {**m, "tool_calls": _drop_nulls(m["tool_calls"])} if isinstance(m, dict) and m.get("tool_calls") else m
+                {**m, "tool_calls": _drop_nulls(m["tool_calls"])}
+                if isinstance(m, dict) and m.get("tool_calls")
+                else m
                 for m in msgs
             ]
     return out
@@ -334,7 +347,9 @@ def normalize(obj: dict, fmt: str) -> dict:
         if not isinstance(prompt, str):
             raise RowProblem(f"`prompt` must be a string or a list of messages, got {json_type(prompt)}")
         if not isinstance(completion, str):
-            raise RowProblem(f"`completion` must be a string or a list of messages, got {json_type(completion)}")
+            raise RowProblem(
+                f"`completion` must be a string or a list of messages, got {json_type(completion)}"
+            )
         if not completion.strip():
             raise RowProblem("`completion` is empty")
         return {"prompt": prompt, "completion": completion}
@@ -375,7 +390,9 @@ def load_examples(value: str, recipe, *, key: str, fmt: str | None) -> tuple[lis
             row = normalize(obj, fmt)
             kinds = kinds or kind(row)
             if kind(row) != kinds:
-                raise RowProblem(f"this row is {KIND_NAMES[kind(row)]} but the rows before it are {KIND_NAMES[kinds]}")
+                raise RowProblem(
+                    f"this row is {KIND_NAMES[kind(row)]} but the rows before it are {KIND_NAMES[kinds]}"
+                )
         except RowProblem as e:
             message = f"{where}: {e}"
             if d.on_invalid == "error":
@@ -383,7 +400,12 @@ def load_examples(value: str, recipe, *, key: str, fmt: str | None) -> tuple[lis
             problems.append(message)
             continue
         examples.append(Example(where, row))
-    info = {"name": value, "rows": len(raw_rows), "skipped": len(problems), "skip_reasons": problems[:MAX_SKIP_REASONS]}
+    info = {
+        "name": value,
+        "rows": len(raw_rows),
+        "skipped": len(problems),
+        "skip_reasons": problems[:MAX_SKIP_REASONS],
+    }
     check_skips(value, info)
     return examples, info, fmt
 
@@ -393,7 +415,10 @@ def _first_readable(value: str, raw_rows: list, columns: dict[str, str]) -> dict
     first = next((r for _, r in raw_rows if isinstance(r, dict)), None)
     if first is None:  # not one row could be read: its problem says more than "no columns"
         where, problem = raw_rows[0]
-        raise DataError(f"{where}: {problem}" + (f" (and every other row of {value} is unreadable too)" if len(raw_rows) > 1 else ""))
+        raise DataError(
+            f"{where}: {problem}"
+            + (f" (and every other row of {value} is unreadable too)" if len(raw_rows) > 1 else "")
+        )
     missing = [f"{t} = {s!r}" for t, s in columns.items() if s not in first and t not in first]
     if missing:
         raise DataError(

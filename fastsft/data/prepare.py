@@ -141,7 +141,9 @@ def _load_sources(recipe, origin: dict[int, int]) -> tuple[list[Example], dict, 
     formats: list[str] = []
     first_kind = None
     for i, source in enumerate(sources):
-        exs, one, fmt = load_examples(source.path, _source_recipe(recipe, source), key=f"sources #{i + 1} path", fmt=None)
+        exs, one, fmt = load_examples(
+            source.path, _source_recipe(recipe, source), key=f"sources #{i + 1} path", fmt=None
+        )
         k = kind(exs[0].row) if exs else None
         if first_kind is not None and k is not None and k != first_kind:
             raise DataError(
@@ -170,7 +172,9 @@ def _mix(recipe, examples: list[Example], origin: dict[int, int], log) -> tuple[
     for s, exs in zip(sources, by_source, strict=True):
         if not exs:
             raise DataError(f"[[data.sources]] path = {s.path!r}: no usable examples")
-    want = mixing.counts([len(x) for x in by_source], [s.fraction for s in sources], recipe.data.stopping_strategy)
+    want = mixing.counts(
+        [len(x) for x in by_source], [s.fraction for s in sources], recipe.data.stopping_strategy
+    )
     mixed = mixing.draw(by_source, want, recipe.train.seed)
     rows = [
         {"path": s.path, "share": round(s.fraction, 6), "available": len(exs), "used": n}
@@ -273,7 +277,9 @@ def _split(examples: list[Example], ratio: float, seed: int) -> tuple[list[Examp
     n = len(order)
     n_eval = max(1, round(n * ratio))
     if n - n_eval < 1:
-        raise DataError(f"data.val_ratio = {ratio}: {n} distinct example(s) are too few to split off an eval set")
+        raise DataError(
+            f"data.val_ratio = {ratio}: {n} distinct example(s) are too few to split off an eval set"
+        )
     distinct = datasets.Dataset.from_dict({"group": list(range(n))})
     picked = distinct.train_test_split(test_size=n_eval, seed=seed)["test"]["group"]
     held = {order[g][0] for g in picked}
@@ -438,7 +444,9 @@ def default_recipe(model: str | Path, data_file: str | Path):
     default, so its data is shaped, templated and masked as `fastsft run` would train it."""
     from ..recipe import validate
 
-    return validate({"model": {"name": str(model)}, "data": {"train": str(Path(data_file).expanduser().resolve())}})
+    return validate(
+        {"model": {"name": str(model)}, "data": {"train": str(Path(data_file).expanduser().resolve())}}
+    )
 
 
 def encode_file(recipe, tokenizer, path: str | Path, *, log=None) -> list[dict]:

@@ -101,7 +101,10 @@ def _stats_table(stats: dict):
         ("examples", f"{stats['train_examples']} train, {stats['eval_examples']} eval"),
         ("tokens / example", f"{t['min']} min, {t['median']:g} median, {t['max']} max"),
         ("tokens trained", f"{stats['trained_share']:.1%}"),
-        ("truncated", f"{stats['truncated_examples']} examples, {stats['answer_tokens_lost']} answer tokens lost"),
+        (
+            "truncated",
+            f"{stats['truncated_examples']} examples, {stats['answer_tokens_lost']} answer tokens lost",
+        ),
         ("skipped", str(stats["skipped"])),
         ("end-of-turn token", str(stats["end_of_turn_token"])),
         ("assistant-only loss", str(stats["assistant_only_loss"])),

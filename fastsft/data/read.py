@@ -99,7 +99,12 @@ def _read_jsonl(name: str, path: Path) -> list[Row]:
                 rows.append((where, RowProblem(f"not valid JSON: {e.msg} (column {e.colno})")))
                 continue
             except RecursionError:
-                rows.append((where, RowProblem("nested too deeply to be a data row (JSON arrays/objects in each other)")))
+                rows.append(
+                    (
+                        where,
+                        RowProblem("nested too deeply to be a data row (JSON arrays/objects in each other)"),
+                    )
+                )
                 continue
             rows.append(_checked(where, obj))
     return rows
@@ -113,11 +118,15 @@ def _read_json(name: str, path: Path) -> list[Row]:
     except json.JSONDecodeError as e:
         raise DataError(f"{name} line {e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:
-        raise DataError(f"{name}: nested too deeply to be a data file (JSON arrays/objects in each other)") from None
+        raise DataError(
+            f"{name}: nested too deeply to be a data file (JSON arrays/objects in each other)"
+        ) from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]}
     if not isinstance(data, list):
-        raise DataError(f"{name}: expected a JSON list of objects, got {json_type(data)} (for one object a line, use .jsonl)")
+        raise DataError(
+            f"{name}: expected a JSON list of objects, got {json_type(data)} (for one object a line, use .jsonl)"
+        )
     return [_checked(f"{name} row {i}", obj) for i, obj in enumerate(data, start=1)]
 
 

@@ -257,7 +257,9 @@ def check_training(tmp: Path) -> dict:
 
     train.sample_prompts = lambda *a, **k: []  # before / after answers: Unsloth's generation is slow here
     LAUNCHES["cross_entropy"] = 0
-    a = train.run(make_recipe(tmp, "train.per_device_train_batch_size=2"), output_dir=tmp / "a", callbacks=[Keep()])
+    a = train.run(
+        make_recipe(tmp, "train.per_device_train_batch_size=2"), output_dir=tmp / "a", callbacks=[Keep()]
+    )
     out["a/launches"] = LAUNCHES["cross_entropy"]
     out["a/summary_backend"] = a.summary["backend"]
     out["a/loss_kernel"] = a.summary["loss"]["kernel"]
