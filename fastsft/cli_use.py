@@ -10,7 +10,7 @@ import click
 
 from .cli_common import handle_errors, make_policy, policy_options, tools_option
 from .errors import FastSFTError
-from .recipe import EXPORT_FORMATS
+from .recipe import EXPORT_DTYPES, EXPORT_FORMATS
 
 
 @click.command("export")
@@ -31,7 +31,7 @@ from .recipe import EXPORT_FORMATS
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["bf16", "fp16", "fp32"]),
+    type=click.Choice(EXPORT_DTYPES),
     default="bf16",
     show_default=True,
     help="dtype of merged and GGUF weights.",

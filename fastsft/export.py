@@ -29,11 +29,11 @@ from pathlib import Path
 from . import files, guard
 from .chat_templates import chat_ids, end_of_turn_ids
 from .errors import ExportError
-from .recipe import EXPORT_FORMATS
+from .recipe import EXPORT_DTYPES, EXPORT_FORMATS
 from .rundir import ADAPTER, MODEL, RECIPE, RUN_JSON
 
 FORMATS = EXPORT_FORMATS  # owned by the recipe schema ([export] formats); the same names here and on the CLI
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = EXPORT_DTYPES
 EXPORT_JSON = "export.json"
 
 # The merged export's parity check compares like with like. Rounding the weights to bf16 / fp16 moves

@@ -457,6 +457,7 @@ class DistributedSection(Section):
 
 
 EXPORT_FORMATS = ("adapter", "merged", "gguf")
+EXPORT_DTYPES = ("bf16", "fp16", "fp32")  # of merged and GGUF exports; export.py and the CLI use these
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -469,9 +470,7 @@ class ExportSection(Section):
         choices=EXPORT_FORMATS,
         resume_safe=True,
     )
-    dtype: str = key(
-        "bf16", "dtype of merged / GGUF exports.", choices=("bf16", "fp16", "fp32"), resume_safe=True
-    )
+    dtype: str = key("bf16", "dtype of merged / GGUF exports.", choices=EXPORT_DTYPES, resume_safe=True)
 
 
 # ----------------------------------------------------------------------------------------------
