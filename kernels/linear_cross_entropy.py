@@ -332,28 +332,28 @@ def _online_chunks(hidden, keep, w, b, y, scale, opts, *, compute_grad, plan):
     bounds = [n * k // workers for k in range(workers + 1)]
     spans = [(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
 
-    w_sum = None  # sum_j W_j for the smoothing term (gradient and row sums), once, as matrix-vector
-    if opts["label_smoothing"] and n:  # products of 256-row float32 blocks: a whole-W float32 sum copies
-        w_sum = torch.zeros(w.shape[1], dtype=F32, device=w.device)  # W, and torch's CPU column sums
-        blk = torch.empty((min(256, w.shape[0]), w.shape[1]), dtype=F32, device=w.device)  # are ~100x slower
-        ones = torch.ones(blk.shape[0], dtype=F32, device=w.device)
-        for v0 in range(0, w.shape[0], 256):
-            c = min(256, w.shape[0] - v0)
-            w_sum += torch.mv(blk[:c].copy_(w[v0 : v0 + c]).T, ones[:c])
-
     def work(span):
         with torch.no_grad():  # grad mode is per thread: the workers' ops must not record a graph
             _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, w_sum, *span, rows, cols)
 
-    if len(spans) <= 1:
-        for span in spans:
-            work(span)
-        return per_row, grad_h
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(len(spans)) as pool:
-            list(pool.map(work, spans))
+    torch.set_num_threads(1)  # the workers' setting, and w_sum's: its 2 V / 256 small operations took
+    try:  # 1.5 s with 2 intra-op threads on a busy 2-core machine (V = 32768, H = 1024), 22 ms with one
+        w_sum = None  # sum_j W_j for the smoothing term (gradient and row sums), once, as matrix-vector
+        if opts["label_smoothing"] and n:  # products of 256-row float32 blocks: a whole-W float32 sum copies
+            w_sum = torch.zeros(w.shape[1], dtype=F32, device=w.device)  # W, and torch's CPU column sums
+            blk = torch.empty((min(256, w.shape[0]), w.shape[1]), dtype=F32, device=w.device)  # are ~100x slower
+            ones = torch.ones(blk.shape[0], dtype=F32, device=w.device)
+            for v0 in range(0, w.shape[0], 256):
+                c = min(256, w.shape[0] - v0)
+                w_sum += torch.mv(blk[:c].copy_(w[v0 : v0 + c]).T, ones[:c])
+        if len(spans) <= 1:
+            torch.set_num_threads(threads)  # one worker: the span's matmuls take every thread
+            for span in spans:
+                work(span)
+        else:
+            with ThreadPoolExecutor(len(spans)) as pool:
+                list(pool.map(work, spans))
     finally:
         torch.set_num_threads(threads)
     return per_row, grad_h
