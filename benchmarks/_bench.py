@@ -143,10 +143,16 @@ class Results:
             seen = {key(r) for r in mine}
             return [r for r in theirs if key(r) not in seen] + mine
 
-        self.loss[:] = merge(self.loss, old.get("loss", []),
-                             lambda r: (r.get("impl"), r.get("vocab"), r.get("tokens"), r.get("label_smoothing")))
-        self.e2e[:] = merge(self.e2e, old.get("e2e", []),
-                            lambda r: (r.get("model"), r.get("backend"), r.get("seq_len"), r.get("longest_fitting")))
+        self.loss[:] = merge(
+            self.loss,
+            old.get("loss", []),
+            lambda r: (r.get("impl"), r.get("vocab"), r.get("tokens"), r.get("label_smoothing")),
+        )
+        self.e2e[:] = merge(
+            self.e2e,
+            old.get("e2e", []),
+            lambda r: (r.get("model"), r.get("backend"), r.get("seq_len"), r.get("longest_fitting")),
+        )
         self.notes[:] = [n for n in old.get("notes", []) if n not in self.notes] + self.notes
         for k, v in old.items():
             if k not in ("device", "machine", "date", "versions", "quick", "loss", "e2e", "notes"):
@@ -161,8 +167,10 @@ class Results:
         if self.extra.get("cpu_method"):
             out.append(f"CPU method: {self.extra['cpu_method']}")
         if self.extra.get("loadavg_start"):
-            out.append(f"load average (1, 5, 15 min) at the start: {self.extra['loadavg_start']}, at the end: "
-                       f"{self.extra.get('loadavg_end')} (other work shared the machine: compare ratios, not ms)")
+            out.append(
+                f"load average (1, 5, 15 min) at the start: {self.extra['loadavg_start']}, at the end: "
+                f"{self.extra.get('loadavg_end')} (other work shared the machine: compare ratios, not ms)"
+            )
         out.append("")
         if self.loss:
             out += ["Loss, forward + backward (x torch: the stock loss of the same input group, this run; >1 is better "
@@ -194,7 +202,10 @@ class Results:
         fits = [r for r in self.e2e if r.get("longest_fitting")]
         if fits:
             out += ["", "| model | backend | longest sequence in 24 GiB | stopped by |", "|---|---|---|---|"]
-            out += [f"| {r['model']} | {r['backend']} | {r['seq_len']} | {r.get('stopped_by') or ''} |" for r in fits]
+            out += [
+                f"| {r['model']} | {r['backend']} | {r['seq_len']} | {r.get('stopped_by') or ''} |"
+                for r in fits
+            ]
         if self.notes:
             out += ["", *[f"- {n}" for n in self.notes]]
         return "\n".join(out)
@@ -212,7 +223,9 @@ class Results:
         folder.mkdir(parents=True, exist_ok=True)
         self.merge_previous(folder / "summary.json")
         (folder / "summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
-        (folder / "summary.md").write_text(f"# fastsft benchmarks, {time.strftime('%Y-%m-%d')}\n\n{self.markdown()}\n")
+        (folder / "summary.md").write_text(
+            f"# fastsft benchmarks, {time.strftime('%Y-%m-%d')}\n\n{self.markdown()}\n"
+        )
         self.plot(folder)
         return folder
 
@@ -231,10 +244,19 @@ class Results:
                 if sel:
                     style = "o-" if sel[0]["input"] == "hidden" else "s--"
                     axes[0].plot([r["vocab"] for r in sel], [r["ms"] for r in sel], style, label=impl)
-                    axes[1].plot([r["vocab"] for r in sel], [_nan(r.get("peak_mem_gib")) for r in sel], style, label=impl)
+                    axes[1].plot(
+                        [r["vocab"] for r in sel],
+                        [_nan(r.get("peak_mem_gib")) for r in sel],
+                        style,
+                        label=impl,
+                    )
             n = max(x["tokens"] for x in rows)
-            axes[0].set(xlabel="vocabulary", ylabel="fwd+bwd ms", title=f"loss time, {n} tokens, no smoothing")
-            axes[1].set(xlabel="vocabulary", ylabel="peak GiB above inputs", title="loss memory", yscale="log")
+            axes[0].set(
+                xlabel="vocabulary", ylabel="fwd+bwd ms", title=f"loss time, {n} tokens, no smoothing"
+            )
+            axes[1].set(
+                xlabel="vocabulary", ylabel="peak GiB above inputs", title="loss memory", yscale="log"
+            )
             axes[0].set(yscale="log")
             fig.suptitle(device_name(), fontsize=9)
             axes[0].legend(fontsize=7)
@@ -245,10 +267,21 @@ class Results:
         if rows:
             fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
             for key in sorted({(r["model"], r["backend"]) for r in rows}):
-                sel = sorted((r for r in rows if (r["model"], r["backend"]) == key), key=lambda r: r["seq_len"])
-                axes[0].plot([r["seq_len"] for r in sel], [r["tokens_per_s"] for r in sel], "o-", label="/".join(key))
-                axes[1].plot([r["seq_len"] for r in sel], [_nan(r.get("peak_mem_gib")) for r in sel], "o-", label="/".join(key))
-            axes[0].set(xlabel="sequence length", ylabel="tokens/s", title="training throughput", yscale="log")
+                sel = sorted(
+                    (r for r in rows if (r["model"], r["backend"]) == key), key=lambda r: r["seq_len"]
+                )
+                axes[0].plot(
+                    [r["seq_len"] for r in sel], [r["tokens_per_s"] for r in sel], "o-", label="/".join(key)
+                )
+                axes[1].plot(
+                    [r["seq_len"] for r in sel],
+                    [_nan(r.get("peak_mem_gib")) for r in sel],
+                    "o-",
+                    label="/".join(key),
+                )
+            axes[0].set(
+                xlabel="sequence length", ylabel="tokens/s", title="training throughput", yscale="log"
+            )
             axes[1].set(xlabel="sequence length", ylabel="peak GiB", title="training memory")
             axes[0].legend(fontsize=7)
             fig.tight_layout()

@@ -115,7 +115,9 @@ seed = 0
     recipe = R.validate(R.parse(text), path=None)
     import tempfile
 
-    result = train.run(recipe, output_dir=tempfile.mkdtemp(prefix="bench-run-"), callbacks=[timing_callback(warmup, record)])
+    result = train.run(
+        recipe, output_dir=tempfile.mkdtemp(prefix="bench-run-"), callbacks=[timing_callback(warmup, record)]
+    )
     loss = result.summary.get("loss")
     record["loss_impl"] = loss.get("implementation") if isinstance(loss, dict) else loss
     record["used_backend"] = result.summary.get("backend")
@@ -145,7 +147,9 @@ def run_stock(model_dir, data, seq_len, steps, warmup, record):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     else:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=ALL_LINEAR, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ds = load_dataset("json", data_files=str(data), split="train")
     args = SFTConfig(

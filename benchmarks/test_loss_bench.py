@@ -49,7 +49,11 @@ H = 4096 if GPU else 32
 SIGMA = 2.0  # std of the non-target logits
 IGNORED_SHARE = 0.25
 if GPU:
-    SIZES = [(16384, 128256)] if QUICK else [(n, v) for v in (32768, 128256, 151936, 262144) for n in (4096, 16384)]
+    SIZES = (
+        [(16384, 128256)]
+        if QUICK
+        else [(n, v) for v in (32768, 128256, 151936, 262144) for n in (4096, 16384)]
+    )
 else:
     SIZES = [(64, 509)]
 SMOOTHING = [0.0, 0.1]
@@ -192,7 +196,11 @@ def _torch_linear(h, w, y, eps, **option_kw):
         raise ImportError(name=f"torch.nn.functional.linear_cross_entropy (torch {torch.__version__})")
     if eps:
         raise NotImplementedError("its chunked path has no label smoothing (it falls back to full logits)")
-    options = torch.nn.LinearCrossEntropyOptions(**option_kw) if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
+    options = (
+        torch.nn.LinearCrossEntropyOptions(**option_kw)
+        if hasattr(torch.nn, "LinearCrossEntropyOptions")
+        else None
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss = F.linear_cross_entropy(h, w, y, ignore_index=-100, options=options)
@@ -303,7 +311,10 @@ REQUIRES = {
     "liger": "liger_kernel.transformers",
     "liger-linear": "liger_kernel.transformers",
     "unsloth": "unsloth.kernels.cross_entropy_loss",
-    "unsloth-fused": ("unsloth", "unsloth_zoo.fused_losses.cross_entropy_loss"),  # unsloth_zoo needs unsloth first
+    "unsloth-fused": (
+        "unsloth",
+        "unsloth_zoo.fused_losses.cross_entropy_loss",
+    ),  # unsloth_zoo needs unsloth first
     "cce": "cut_cross_entropy",
     "trl": "trl.kernels.chunked_logprob",
 }
@@ -318,7 +329,9 @@ def _importable(impl: str) -> str | None:
         try:
             importlib.import_module(module)
         except Exception as e:
-            return f"{module} cannot be imported: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return (
+                f"{module} cannot be imported: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
     return None
 
 
@@ -438,7 +451,9 @@ else:  # CI: one small size, a few minutes
     CPU_H, CPU_SIZES, CPU_REPS = 1024, ((512, 8192),), 3
 CPU_IMPLS = ["fastsft-linear", "fastsft-linear-8mib", "torch-stock-linear", "torch-linear", "torch-linear-compact", "trl", "cce",
              "liger-linear", "fastsft", "torch"]  # fmt: skip
-CPU_ONLY_GPU = {"liger-linear": "Liger's kernels are Triton-only (on the CPU they would time the Triton interpreter)"}
+CPU_ONLY_GPU = {
+    "liger-linear": "Liger's kernels are Triton-only (on the CPU they would time the Triton interpreter)"
+}
 CPU_METHOD = (
     f"bf16 inputs, H={{h}}, N={{n}} tokens ({IGNORED_SHARE:.0%} ignored), frozen lm_head; fastsft on its CPU path "
     "(the PyTorch twin; TRITON_INTERPRET unset in the children). ms: median of {reps} forward + backward runs after "
@@ -473,7 +488,9 @@ def reference_losses_cpu(h, w, y, eps_list) -> dict:
     for i in range(0, hk.shape[0], 64):
         z = (hk[i : i + 64].float() @ wf.T).double()
         for eps in eps_list:
-            totals[eps] += float(cross_entropy_reference(z, yk[i : i + 64], label_smoothing=eps, reduction="sum"))
+            totals[eps] += float(
+                cross_entropy_reference(z, yk[i : i + 64], label_smoothing=eps, reduction="sum")
+            )
         del z
     return {eps: t / max(1, hk.shape[0]) for eps, t in totals.items()}
 
@@ -484,7 +501,9 @@ def test_loss_cpu(n, v, results, tmp_path):
     if GPU:
         pytest.skip("a GPU is here: test_loss measures on it")
     h = CPU_H
-    results.extra["cpu_method"] = CPU_METHOD.format(h=h, n=" and ".join(str(s[0]) for s in CPU_SIZES), reps=CPU_REPS)
+    results.extra["cpu_method"] = CPU_METHOD.format(
+        h=h, n=" and ".join(str(s[0]) for s in CPU_SIZES), reps=CPU_REPS
+    )
     impls = []
     for impl in CPU_IMPLS:
         why = CPU_ONLY_GPU.get(impl) or _importable(impl)
@@ -501,7 +520,9 @@ def test_loss_cpu(n, v, results, tmp_path):
     failures = []
     for eps in SMOOTHING:
         load0 = loadavg()
-        timed = _child(["time", n, v, h, ",".join(impls), eps, CPU_REPS], tmp_path / f"time-{v}-{eps}.json", 3000)
+        timed = _child(
+            ["time", n, v, h, ",".join(impls), eps, CPU_REPS], tmp_path / f"time-{v}-{eps}.json", 3000
+        )
         if "error" in timed and isinstance(timed["error"], str):
             pytest.fail(f"V={v} smoothing {eps}: the timing child failed: {timed['error']}")
         rows = []
@@ -552,7 +573,9 @@ def _lead_note(results, rows, v, n, eps):
     """One line per size: fastsft-linear against every other hidden-in row (fastsft's own variants
     aside), in time and in memory: which peers it leads or ties, and any that beat it, by how much."""
     ours = next((r for r in rows if r["impl"] == "fastsft-linear" and r.get("ms")), None)
-    peers = [r for r in rows if r["input"] == "hidden" and not r["impl"].startswith("fastsft") and r.get("ms")]
+    peers = [
+        r for r in rows if r["input"] == "hidden" and not r["impl"].startswith("fastsft") and r.get("ms")
+    ]
     if not ours or not peers:
         return
     ahead_t = [r["impl"] for r in peers if r["ms"] < ours["ms"]]

@@ -28,7 +28,9 @@ import pytest
 
 from _bench import CPU_FULL, GPU, QUICK
 
-pytest.importorskip("fastsft.data", reason="fastsft.data (the data pipeline the fastsft rows train through) is missing")
+pytest.importorskip(
+    "fastsft.data", reason="fastsft.data (the data pipeline the fastsft rows train through) is missing"
+)
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 
@@ -90,7 +92,11 @@ def model_dir(name: str) -> Path:
 
     tiny = builtin.materialize("builtin:tiny-mistral")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny)
-    base, _, layers = name.rpartition("-") if name.endswith("l") and name[:-1].rpartition("-")[2].isdigit() else (name, "", "")
+    base, _, layers = (
+        name.rpartition("-")
+        if name.endswith("l") and name[:-1].rpartition("-")[2].isdigit()
+        else (name, "", "")
+    )
     if base not in MODELS:
         raise KeyError(f"unknown benchmark model {name!r}; known: {', '.join(MODELS)}")
     cls_name, kwargs = MODELS[base]
@@ -143,7 +149,17 @@ def run_row(row: str, folder: Path, data: Path, seq_len: int, steps: int, warmup
         env.pop("TRITON_INTERPRET", None)
     if mem_gib:
         env["FASTSFT_BENCH_MEM_GIB"] = str(mem_gib)
-    cmd = [sys.executable, str(WORKER), row, str(folder), str(data), str(seq_len), str(steps), str(warmup), str(out)]
+    cmd = [
+        sys.executable,
+        str(WORKER),
+        row,
+        str(folder),
+        str(data),
+        str(seq_len),
+        str(steps),
+        str(warmup),
+        str(out),
+    ]
     try:
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env)
@@ -187,9 +203,14 @@ def test_training(model, seq_len, results, tmp_path):
         if MEASURED and base and rec.get("tokens_per_s") and base.get("tokens_per_s"):
             entry["speedup_vs_transformers"] = rec["tokens_per_s"] / base["tokens_per_s"]
             if entry["peak_mem_gib"] and (base.get("peak_mem_gib") if GPU else base.get("peak_rss_gib")):
-                entry["mem_vs_transformers"] = entry["peak_mem_gib"] / (base["peak_mem_gib"] if GPU else base["peak_rss_gib"])
+                entry["mem_vs_transformers"] = entry["peak_mem_gib"] / (
+                    base["peak_mem_gib"] if GPU else base["peak_rss_gib"]
+                )
         results.e2e.append(entry)
-    print(f"{model} {seq_len}: first losses " + ", ".join(f"{r} {rec.get('losses', [])[:3]}" for r, rec in rows.items()))
+    print(
+        f"{model} {seq_len}: first losses "
+        + ", ".join(f"{r} {rec.get('losses', [])[:3]}" for r, rec in rows.items())
+    )
     # every row trained on exactly seq_len tokens per step
     for r, rec in rows.items():
         if rec.get("tokens_per_step") is not None and abs(rec["tokens_per_step"] - seq_len) > 1:

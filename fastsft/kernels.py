@@ -22,7 +22,9 @@ installed beside this file as `fastsft/kernels/` (a wheel: pyproject.toml maps t
 from pathlib import Path as _Path
 
 _HERE = _Path(__file__).resolve().parent
-__path__ = [str(p) for p in (_HERE / "kernels", _HERE.parent / "kernels") if (p / "cross_entropy.py").is_file()][:1]
+__path__ = [
+    str(p) for p in (_HERE / "kernels", _HERE.parent / "kernels") if (p / "cross_entropy.py").is_file()
+][:1]
 
 # absolute imports: this module's own package is `fastsft` (relative ones would look there)
 from fastsft.kernels._triton import interpreting, triton_available  # noqa: E402

@@ -81,7 +81,10 @@ def chunk_rows(n_cols: int, dtype: torch.dtype, budget: int, *, backend: str = "
     lo, hi = 1, max(1, budget // max(1, n_cols))  # one byte per element is a bound no dtype passes
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if chunk_memory(mid, n_cols, dtype, backend=backend, weight_grad=weight_grad, softcap=softcap) <= budget:
+        if (
+            chunk_memory(mid, n_cols, dtype, backend=backend, weight_grad=weight_grad, softcap=softcap)
+            <= budget
+        ):
             lo = mid
         else:
             hi = mid - 1
@@ -156,7 +159,9 @@ def loss_memory(n_rows: int, n_hidden: int, n_cols: int, dtype: torch.dtype, *, 
         rows, cols, w = tile_plan(n_rows, n_hidden, n_cols, dtype, budget, workers=workers)
         return tile_memory(rows, cols, n_hidden, dtype, workers=w) + grads
     kw = dict(backend=backend, weight_grad=weight_grad, softcap=softcap)
-    rows = min(n_rows, chunk_rows(n_cols, dtype, default_chunk_budget(n_rows, n_hidden, n_cols, dtype, **kw), **kw))
+    rows = min(
+        n_rows, chunk_rows(n_cols, dtype, default_chunk_budget(n_rows, n_hidden, n_cols, dtype, **kw), **kw)
+    )
     return chunk_memory(rows, n_cols, dtype, **kw) + grads
 
 
@@ -342,7 +347,9 @@ def _online_chunks(hidden, keep, w, b, y, scale, opts, *, compute_grad, plan):
         w_sum = None  # sum_j W_j for the smoothing term (gradient and row sums), once, as matrix-vector
         if opts["label_smoothing"] and n:  # products of 256-row float32 blocks: a whole-W float32 sum copies
             w_sum = torch.zeros(w.shape[1], dtype=F32, device=w.device)  # W, and torch's CPU column sums
-            blk = torch.empty((min(256, w.shape[0]), w.shape[1]), dtype=F32, device=w.device)  # are ~100x slower
+            blk = torch.empty(
+                (min(256, w.shape[0]), w.shape[1]), dtype=F32, device=w.device
+            )  # are ~100x slower
             ones = torch.ones(blk.shape[0], dtype=F32, device=w.device)
             for v0 in range(0, w.shape[0], 256):
                 c = min(256, w.shape[0] - v0)
@@ -371,7 +378,9 @@ def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need
         alloc = torch.empty if all_kept else torch.zeros
         grad_h = alloc(hidden.shape, dtype=w.dtype, device=hidden.device)
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w and compute_grad else None
-    grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b and compute_grad else None
+    grad_b = (
+        torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b and compute_grad else None
+    )
     if n == 0:
         return per_row, grad_h, grad_w, grad_b
     rows = min(chunk, n)

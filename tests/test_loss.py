@@ -82,7 +82,9 @@ def test_label_smoothing_changes_the_loss_as_the_formula_says(tmp_path, kernel):
     route.install(loaded.model)
     batch = _batch(loaded.tokenizer, recipe)
     with torch.no_grad():
-        logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        logits = loaded.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.double()
         got, _ = route(loaded.model, batch)
     target = loss.shift_left(batch["labels"]).reshape(-1)
     logp = logits.reshape(-1, logits.shape[-1]).log_softmax(-1)
@@ -102,12 +104,27 @@ def test_label_smoothing_changes_the_loss_as_the_formula_says(tmp_path, kernel):
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, kernel):
     """Batch 4 x accumulation 1 and batch 1 x accumulation 4 take the same optimizer step: the loss
     is normalised over the supervised tokens of the whole accumulated batch (num_items_in_batch)."""
-    common = [f"loss.kernel={kernel}", "train.max_steps=1", "train.optim=sgd", "train.learning_rate=0.5",
-              "train.warmup_ratio=0.0", "train.lr_scheduler_type=constant", "train.max_grad_norm=0"]
-    a = train.run(make_recipe(tmp_path, *common, "train.per_device_train_batch_size=4",
-                              "train.gradient_accumulation_steps=1"), output_dir=tmp_path / "a")
-    b = train.run(make_recipe(tmp_path, *common, "train.per_device_train_batch_size=1",
-                              "train.gradient_accumulation_steps=4"), output_dir=tmp_path / "b")
+    common = [
+        f"loss.kernel={kernel}",
+        "train.max_steps=1",
+        "train.optim=sgd",
+        "train.learning_rate=0.5",
+        "train.warmup_ratio=0.0",
+        "train.lr_scheduler_type=constant",
+        "train.max_grad_norm=0",
+    ]
+    a = train.run(
+        make_recipe(
+            tmp_path, *common, "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1"
+        ),
+        output_dir=tmp_path / "a",
+    )
+    b = train.run(
+        make_recipe(
+            tmp_path, *common, "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=4"
+        ),
+        output_dir=tmp_path / "b",
+    )
     wa = load_file(str(a.run_dir / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(b.run_dir / "adapter" / "adapter_model.safetensors"))
     moved = 0

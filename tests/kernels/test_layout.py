@@ -33,7 +33,9 @@ def test_the_repository_root_on_sys_path_does_not_shadow_kernels():
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     if got["kernels_file"] is not None:  # a regular package or module named kernels
@@ -62,9 +64,13 @@ def test_a_built_wheel_installs_the_folder_as_fastsft_kernels(tmp_path):
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert inst.returncode == 0, inst.stderr[-2000:]
-    probe = "import fastsft.kernels as k; print(k.__path__[0]); print(k.fused_cross_entropy.__code__.co_filename)"
+    probe = (
+        "import fastsft.kernels as k; print(k.__path__[0]); print(k.fused_cross_entropy.__code__.co_filename)"
+    )
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(site)}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     path, code = out.stdout.split()[-2:]
     assert Path(path) == site / "fastsft" / "kernels" and Path(code).parent == site / "fastsft" / "kernels"

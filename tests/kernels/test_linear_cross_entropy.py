@@ -84,7 +84,9 @@ def test_matches_reference(device, backend, dtype, bias, frozen):
 def test_reductions_and_chunking(device, backend, reduction, frozen):
     hidden, weight, b, y, seed = make(31, 16, 97, torch.float32, device)
     for chunk in (1, 7, 31, None):
-        check(hidden, weight, b, y, seed, backend, reduction=reduction, chunk_size=chunk, frozen_weight=frozen)
+        check(
+            hidden, weight, b, y, seed, backend, reduction=reduction, chunk_size=chunk, frozen_weight=frozen
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -98,7 +100,18 @@ def test_online_tiles_odd_sizes_smoothing_and_zloss(dtype, workers, monkeypatch)
     budget = tile_memory(5, MIN_TILE_COLS, 24, dtype, workers=workers)
     assert tile_plan(int((y != -100).sum()), 24, 1000, dtype, budget, workers=workers)[1] == MIN_TILE_COLS
     for kw in ({"label_smoothing": 0.1}, {"lse_square_scale": 1e-3}, {"reduction": "none"}):
-        check(hidden, weight, b, y, seed, "torch", frozen_weight=True, frozen_bias=True, chunk_bytes=budget, **kw)
+        check(
+            hidden,
+            weight,
+            b,
+            y,
+            seed,
+            "torch",
+            frozen_weight=True,
+            frozen_bias=True,
+            chunk_bytes=budget,
+            **kw,
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
