@@ -241,7 +241,6 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, w_sum, lo,
         part = torch.empty((rows, n_hidden), dtype=cd, device=dev)
     all_kept = keep.numel() == hidden.shape[0]
     hbuf = None if all_kept and hidden.dtype == cd else torch.empty((rows, n_hidden), dtype=cd, device=dev)
-    slack = RESCALE_SLACK[cd]
     for i in range(lo, hi, rows):
         idx = keep[i : min(i + rows, hi)]
         r = idx.numel()
@@ -253,42 +252,7 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, w_sum, lo,
             h_c = hbuf[:r].copy_(hidden[i : i + r] if all_kept else hidden.index_select(0, idx))
         y_c = y[i : i + r]
         a = acc[:r].zero_() if acc is not None else None
-        # 1. over vocabulary blocks: running max m, s = sum_j exp(z_j - m), acc = sum_j exp(z_j - m) W_j.
-        # Few operations per tile (each one is a Python call and a GIL hand-over between the workers): the
-        # block sums go to rows of one buffer, summed once at the end.
-        n_blocks = -(-n_cols // cols)
-        sums = torch.empty((n_blocks, r), dtype=F32, device=dev)
-        m_b = torch.empty(r, dtype=cd, device=dev)
-        m = m_cap = None
-        for k, v0 in enumerate(range(0, n_cols, cols)):
-            c = min(cols, n_cols - v0)
-            w_b = w[v0 : v0 + c]
-            z = zbuf[: r * c].view(r, c)
-            if b is not None:
-                torch.addmm(b[v0 : v0 + c], h_c, w_b.T, out=z)
-            else:
-                torch.mm(h_c, w_b.T, out=z)
-            torch.amax(z, 1, out=m_b)  # exact in the logits' dtype
-            if m is None:
-                m = m_b.to(F32, copy=True)  # (m_b is refilled by the next block)
-                m_cap = m + slack
-            elif bool((m_b > m_cap).any()):  # rescale only when exp(z - m) could grow too large
-                m_new = torch.maximum(m, m_b.float())
-                alpha = (m - m_new).exp_()
-                sums[:k].mul_(alpha)
-                if a is not None:
-                    a.mul_(alpha[:, None])
-                m, m_cap = m_new, m_new + slack
-            e = ebuf[: r * c].view(r, c)
-            torch.sub(z, m[:, None], out=e)  # in float32: a 16-bit difference would lose the small p_j
-            e.exp_()
-            torch.sum(e, 1, out=sums[k])
-            if a is not None:
-                if cd == F32:
-                    a.addmm_(e, w_b)
-                else:  # a 16-bit matmul (3x faster on CPUs with bf16 instructions), float32 sum over blocks
-                    a += torch.mm(z.copy_(e), w_b, out=part[:r])
-        s = sums.sum(0)
+        m, s = _scan_blocks(h_c, w, b, cols, zbuf, ebuf, part, a)
         # sum_j z_j = h . sum_j W_j (+ sum_j b_j): one product per chunk (a per-tile 16-bit row sum in float32
         # is the slowest operation torch has here, ~30 ms a tile)
         row_sum = torch.mv(h_c.float(), w_sum) + (b.sum(dtype=F32) if b is not None else 0.0) if eps else None
@@ -320,6 +284,49 @@ def _online_span(hidden, keep, w, b, y, scale, opts, per_row, grad_h, w_sum, lo,
             grad_h[i : i + r].copy_(a)
         else:
             grad_h.index_copy_(0, idx, part[:r].copy_(a))
+
+
+def _scan_blocks(h_c, w, b, cols, zbuf, ebuf, part, a):
+    """Step 1 of a tile: over the vocabulary blocks, the running max `m` and `s` = sum_j exp(z_j - m)
+    (float32), and `a` += sum_j exp(z_j - m) W_j when `a` is given. Returns (m, s)."""
+    r, n_cols, cd, dev = h_c.shape[0], w.shape[0], w.dtype, w.device
+    slack = RESCALE_SLACK[cd]
+    # 1. over vocabulary blocks: running max m, s = sum_j exp(z_j - m), acc = sum_j exp(z_j - m) W_j.
+    # Few operations per tile (each one is a Python call and a GIL hand-over between the workers): the
+    # block sums go to rows of one buffer, summed once at the end.
+    n_blocks = -(-n_cols // cols)
+    sums = torch.empty((n_blocks, r), dtype=F32, device=dev)
+    m_b = torch.empty(r, dtype=cd, device=dev)
+    m = m_cap = None
+    for k, v0 in enumerate(range(0, n_cols, cols)):
+        c = min(cols, n_cols - v0)
+        w_b = w[v0 : v0 + c]
+        z = zbuf[: r * c].view(r, c)
+        if b is not None:
+            torch.addmm(b[v0 : v0 + c], h_c, w_b.T, out=z)
+        else:
+            torch.mm(h_c, w_b.T, out=z)
+        torch.amax(z, 1, out=m_b)  # exact in the logits' dtype
+        if m is None:
+            m = m_b.to(F32, copy=True)  # (m_b is refilled by the next block)
+            m_cap = m + slack
+        elif bool((m_b > m_cap).any()):  # rescale only when exp(z - m) could grow too large
+            m_new = torch.maximum(m, m_b.float())
+            alpha = (m - m_new).exp_()
+            sums[:k].mul_(alpha)
+            if a is not None:
+                a.mul_(alpha[:, None])
+            m, m_cap = m_new, m_new + slack
+        e = ebuf[: r * c].view(r, c)
+        torch.sub(z, m[:, None], out=e)  # in float32: a 16-bit difference would lose the small p_j
+        e.exp_()
+        torch.sum(e, 1, out=sums[k])
+        if a is not None:
+            if cd == F32:
+                a.addmm_(e, w_b)
+            else:  # a 16-bit matmul (3x faster on CPUs with bf16 instructions), float32 sum over blocks
+                a += torch.mm(z.copy_(e), w_b, out=part[:r])
+    return m, sums.sum(0)
 
 
 def _online_chunks(hidden, keep, w, b, y, scale, opts, *, compute_grad, plan):
