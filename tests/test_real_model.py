@@ -253,3 +253,37 @@ def test_full_finetune_moves_every_weight_and_loads_in_plain_transformers(smol_f
     ours = use.load_for_use(run, dtype="fp32")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ours.model(ids).logits)
+
+
+def test_dora_trains_its_magnitudes_on_the_real_model(tmp_path):
+    """`[lora] use_dora = true` on SmolLM2: every adapted projection saves a DoRA magnitude vector, and
+    training moves it away from its start (the row norms of the base weight), while the loss falls."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from fastsft.cli import main
+
+    out = tmp_path / "dora"
+    args = ["run", str(RECIPES / "smollm2_135m.toml"), "-o", str(out)]
+    for o in ["lora.use_dora=true", "train.max_steps=3", "train.per_device_train_batch_size=2",
+              "train.learning_rate=2e-3", "train.logging_steps=1", "train.eval_strategy=no",
+              "train.save_strategy=no", "data.max_length=64"]:  # fmt: skip
+        args += ["--set", o]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    mags = {k: v for k, v in adapter.items() if "lora_magnitude_vector" in k}
+    lora_a = [k for k in adapter if "lora_A" in k]
+    assert len(mags) == len(lora_a) == 30 * 4, (len(mags), len(lora_a))  # 30 layers x q, k, v, o
+    base = {}
+    for f in sorted(Path(info["model_path"]).glob("*.safetensors")):
+        base.update(load_file(str(f)))
+    (key,) = [k for k in mags if ".layers.0.self_attn.q_proj." in k]
+    start = base["model.layers.0.self_attn.q_proj.weight"].float().norm(dim=1)
+    assert mags[key].shape == start.shape
+    assert not torch.allclose(mags[key].float(), start, rtol=0, atol=1e-6), "DoRA magnitudes did not train"
