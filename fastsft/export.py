@@ -123,7 +123,6 @@ class RunInfo:
 def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
     """The run directory's recipe, run.json and base model, or an ExportError saying what is missing.
     `policy` (backends.LoadPolicy, default: neither remote code nor pickle) is what loading may do."""
-    from . import recipe as recipe_mod
     from .backends import LoadPolicy, compute_dtype, resolve_model_path
 
     policy = policy or LoadPolicy()
@@ -141,15 +140,7 @@ def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
             f"{path} has no trained adapter ({adapter}/adapter_config.json is missing). "
             "Export a run that finished: `fastsft run` writes the adapter at the end of training."
         )
-    run_json = {}
-    if (path / RUN_JSON).exists():
-        try:
-            run_json = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ExportError(f"{path / RUN_JSON} cannot be read: {e}") from None
-    recipe = recipe_mod.load(path / RECIPE) if (path / RECIPE).exists() else None
-    if recipe is not None:
-        policy.check_recipe(recipe, where=str(path / RECIPE))
+    run_json, recipe = _run_json_and_recipe(path, policy)
 
     recorded = run_json.get("model_path")
     base_path = None
@@ -181,8 +172,9 @@ def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
     )
 
 
-def _read_full_run(path: Path, policy) -> RunInfo:
-    """A full fine-tune's run directory: its model/ folder is the trained model."""
+def _run_json_and_recipe(path: Path, policy) -> tuple[dict, object]:
+    """A run directory's run.json ({} when absent) and recipe (None when absent), the recipe checked
+    against what `policy` allows."""
     from . import recipe as recipe_mod
 
     run_json = {}
@@ -194,6 +186,12 @@ def _read_full_run(path: Path, policy) -> RunInfo:
     recipe = recipe_mod.load(path / RECIPE) if (path / RECIPE).exists() else None
     if recipe is not None:
         policy.check_recipe(recipe, where=str(path / RECIPE))
+    return run_json, recipe
+
+
+def _read_full_run(path: Path, policy) -> RunInfo:
+    """A full fine-tune's run directory: its model/ folder is the trained model."""
+    run_json, recipe = _run_json_and_recipe(path, policy)
     model = path / MODEL
     return RunInfo(path=path, adapter=model, recipe=recipe, run_json=run_json, base_path=str(model),
                    train_dtype=run_json.get("dtype") or "fp32", load_in_4bit=False,
