@@ -163,9 +163,10 @@ def _fastsft_linear(h, w, y, eps):
     return fused_linear_cross_entropy(h, w, y, label_smoothing=eps)
 
 
-def _fastsft_linear_8mib(h, w, y, eps):
-    # the memory lever turned up: 8 MiB of tiles (the default budget is half the hidden states' size)
-    return fused_linear_cross_entropy(h, w, y, label_smoothing=eps, chunk_bytes=8 * 2**20)
+def _fastsft_linear_1mib(h, w, y, eps):
+    # the memory lever turned down: 1 MiB of tiles (the default: half the hidden states' size, at least
+    # one fast 192 x 1024 tile, 1.75 MiB at H = 1024 in bf16)
+    return fused_linear_cross_entropy(h, w, y, label_smoothing=eps, chunk_bytes=2**20)
 
 
 def _stock(logits, y, eps):
@@ -297,7 +298,7 @@ IMPLS = {
     "liger": ("logits", _logits_in(_liger), False),
     "unsloth": ("logits", _logits_in(_unsloth), False),
     "fastsft-linear": ("hidden", _hidden_in(_fastsft_linear), True),
-    "fastsft-linear-8mib": ("hidden", _hidden_in(_fastsft_linear_8mib), False),
+    "fastsft-linear-1mib": ("hidden", _hidden_in(_fastsft_linear_1mib), False),
     "torch-stock-linear": ("hidden", _hidden_in(_stock_linear), True),
     "torch-linear": ("hidden", _hidden_in(_torch_linear), True),
     "torch-linear-compact": ("hidden", _hidden_in(_torch_linear_compact), True),
@@ -449,7 +450,7 @@ if CPU_FULL:  # the committed CPU grid (FASTSFT_BENCH_CPU=full): (tokens, vocabu
     CPU_H, CPU_SIZES, CPU_REPS = 1024, ((1024, 32768), (512, 128256)), 3
 else:  # CI: one small size, a few minutes
     CPU_H, CPU_SIZES, CPU_REPS = 1024, ((512, 8192),), 3
-CPU_IMPLS = ["fastsft-linear", "fastsft-linear-8mib", "torch-stock-linear", "torch-linear", "torch-linear-compact", "trl", "cce",
+CPU_IMPLS = ["fastsft-linear", "fastsft-linear-1mib", "torch-stock-linear", "torch-linear", "torch-linear-compact", "trl", "cce",
              "liger-linear", "fastsft", "torch"]  # fmt: skip
 CPU_ONLY_GPU = {
     "liger-linear": "Liger's kernels are Triton-only (on the CPU they would time the Triton interpreter)"
@@ -460,19 +461,23 @@ CPU_METHOD = (
     "one warm-up, all rows of a size timed in one process, interleaved (A B C, B C A, ...); x torch compares "
     "medians of that same process. peak MiB: peak resident set of one run above the resident set before it "
     "(inputs, logits for logits-in rows), each row in its own process, after a warm-up run, with "
-    "MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers leave the resident set."
+    "MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers leave the resident set (only there: timed under it, "
+    "every buffer of 64 KiB or more is a fresh mapping, page-faulted in on each use, which adds ~200 us to "
+    "each oneDNN matmul's packing buffer and so penalises a loss by its number of matmul calls)."
 )
 
 
-def _child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+def _child_env(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MALLOC_MMAP_THRESHOLD_")}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if mode == "mem":  # the resident set follows the live tensors (not for timing: see CPU_METHOD)
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     return env
 
 
 def _child(args: list, out: Path, timeout: int) -> dict:
     cmd = [sys.executable, str(WORKER), *map(str, args), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(args[0]))
     if out.exists():
         return json.loads(out.read_text())
     tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])

@@ -6,9 +6,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsft.kernels import chunk_rows, fused_linear_cross_entropy, linear_cross_entropy_reference
 from fastsft.kernels.linear_cross_entropy import (
+    FAST_TILE_COLS,
+    MAX_TILE_ROWS,
     MIN_CHUNK_ROWS,
     MIN_TILE_COLS,
-    MIN_TILE_ROWS,
+    TEMP_ELEMENTS,
     chunk_memory,
     default_chunk_budget,
     loss_memory,
@@ -69,8 +71,8 @@ def check(hidden, weight, bias, y, seed, backend, *, frozen_weight=False, frozen
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen-head", "trained-head"])
 def test_matches_reference(device, backend, dtype, bias, frozen):
-    """On the torch twin a frozen head takes the online tiles (here 8-row tiles of 256 + 247 columns,
-    split between the worker threads), a trained one the row chunks."""
+    """On the torch twin a frozen head takes the online tiles (here 8-row tiles of 256 + 247 columns),
+    a trained one the row chunks."""
     hidden, weight, b, y, seed = make(45, 32, 503, dtype, device, bias=bias)
     if frozen and b is not None:
         b.requires_grad_(False)
@@ -90,15 +92,15 @@ def test_reductions_and_chunking(device, backend, reduction, frozen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("workers", [1, 2])
-def test_online_tiles_odd_sizes_smoothing_and_zloss(dtype, workers, monkeypatch):
+@pytest.mark.parametrize("ignored", [0.0, 0.3], ids=["all-kept", "ignored"])
+def test_online_tiles_odd_sizes_smoothing_and_zloss(dtype, ignored):
     """The online path (torch twin, frozen head) over many vocabulary blocks of odd sizes (a 1000-word
-    vocabulary in 256-column blocks: 4 blocks, the last of 232), one worker or two, with smoothing,
+    vocabulary in 256-column blocks: 4 blocks, the last of 232) and 5-row tiles (the last one short),
+    every row kept or some ignored (the gathered rows stashed in the gradient's), with smoothing,
     z-loss and a frozen bias."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: workers)
-    hidden, weight, b, y, seed = make(37, 24, 1000, dtype, "cpu")
-    budget = tile_memory(5, MIN_TILE_COLS, 24, dtype, workers=workers)
-    assert tile_plan(int((y != -100).sum()), 24, 1000, dtype, budget, workers=workers)[1] == MIN_TILE_COLS
+    hidden, weight, b, y, seed = make(37, 24, 1000, dtype, "cpu", ignored=ignored)
+    budget = tile_memory(5, MIN_TILE_COLS, 24, dtype)
+    assert tile_plan(int((y != -100).sum()), 24, 1000, dtype, budget, rows=5) == (5, MIN_TILE_COLS)
     for kw in ({"label_smoothing": 0.1}, {"lse_square_scale": 1e-3}, {"reduction": "none"}):
         check(
             hidden,
@@ -116,9 +118,10 @@ def test_online_tiles_odd_sizes_smoothing_and_zloss(dtype, workers, monkeypatch)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_online_tiles_rescale_when_a_later_block_holds_the_max(dtype):
-    """Logits up to 120 whose largest sits in the last vocabulary block: the running max grows by 100,
-    more than the rescale slack, so the earlier blocks' sums must be rescaled (without it exp(z - m)
-    overflows in every dtype)."""
+    """Logits up to 120 whose largest sits in the last vocabulary block, 110 nats above the target's:
+    exp(z - z_y) overflows every dtype, so the row is redone with a running max that grows by 100,
+    more than the rescale slack, so the earlier blocks' sums must be rescaled (float16 takes the
+    running max from the start)."""
     gen, seed = torch.Generator().manual_seed(0), 0
     n, h, v = 16, 8, 600
     hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
@@ -157,8 +160,7 @@ def test_frozen_lm_head_gets_no_weight_gradient(device, backend, monkeypatch):
     """LoRA / QLoRA: the lm_head is frozen, so no weight gradient is computed or stored. Autograd
     hands back None either way, so count the matrix products the kernel runs: per chunk (or online
     tile: 211 columns are one block), the logits and the hidden gradient only (2), where a trainable
-    head adds its weight gradient (3). One worker: a dispatch mode sees its own thread only."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    head adds its weight gradient (3)."""
     hidden, weight, _, y, seed = make(25, 16, 211, torch.bfloat16, device, bias=False)
     check(hidden, weight, None, y, seed, backend, frozen_weight=True, chunk_size=4)
     chunks = -(-int((y != -100).sum()) // 4)
@@ -215,32 +217,37 @@ def test_chunk_size_follows_the_memory_budget():
 
 
 def test_online_tiles_follow_the_memory_budget():
-    """Online tiles: every worker's tile within its share of the budget, rows before columns, and the
-    default budget half the hidden states' size (torch's compact chunking picks the same)."""
+    """Online tiles: within the budget, rows before columns, and the default budget half the hidden
+    states' size (torch's compact chunking picks the same) or one fast tile, whichever is more."""
     mib = 1024 * 1024
     for dtype in DTYPES:
-        for budget, workers in ((mib, 1), (mib, 2), (8 * mib, 2), (64 * mib, 4)):
-            rows, cols, w = tile_plan(3000, 1024, 128256, dtype, budget, workers=workers)
-            assert w == workers and tile_memory(rows, cols, 1024, dtype, workers=w) <= budget
-            assert cols % 64 == 0 and cols >= MIN_TILE_COLS and rows >= 8
-            assert tile_memory(rows, cols + 64, 1024, dtype, workers=w) > budget  # the columns fill it
-    assert tile_memory(10, 100, 64, torch.bfloat16) == 10 * (100 * 6 + 64 * 6)  # e @ W_b in the f32 tile
-    assert tile_memory(10, 100, 256, torch.bfloat16) == 10 * (100 * 6 + 256 * 8)  # too narrow for it
-    assert tile_memory(10, 100, 64, torch.float32, workers=2) == 2 * 10 * (100 * 4 + 64 * 12)
+        for budget in (mib, 2 * mib, 8 * mib, 64 * mib):
+            rows, cols = tile_plan(3000, 1024, 128256, dtype, budget)
+            assert tile_memory(rows, cols, 1024, dtype) <= budget
+            assert (cols % 64 == 0 or cols == 128256) and cols >= MIN_TILE_COLS and rows >= 8
+            assert cols == 128256 or tile_memory(rows, cols + 64, 1024, dtype) > budget  # the columns fill it
+            assert rows == MAX_TILE_ROWS or tile_memory(rows * 2, MIN_TILE_COLS, 1024, dtype) > budget
+    # bf16: the tile, a float32 accumulator and a bf16 H slice (<= cols wide) a row, a float32 row group
+    assert tile_memory(10, 100, 64, torch.bfloat16) == 10 * (100 * 2 + 64 * 4 + 64 * 2) + 4 * 10 * 100
+    assert tile_memory(10, 100, 256, torch.bfloat16) == 10 * (100 * 2 + 256 * 4 + 100 * 2) + 4 * 10 * 256
+    big = tile_memory(200, 4096, 1024, torch.bfloat16)
+    assert big == 200 * (4096 * 2 + 1024 * 6) + 4 * max(TEMP_ELEMENTS, 4096)  # the row group's cap
+    assert tile_memory(10, 100, 64, torch.float32) == 10 * (100 * 4 + 64 * 8)  # no row group
+    assert tile_memory(10, 100, 64, torch.float16) == 10 * (100 * 6 + 64 * 6) + 4 * 10 * 100  # + its f32 e
     assert tile_plan(3000, 1024, 128256, torch.bfloat16, 64 * mib, rows=7)[0] == 7
-    assert tile_plan(5, 1024, 500, torch.bfloat16, 64 * mib, workers=8)[:3] == (1, 500, 5)
-    assert default_chunk_budget(4096, 1024, 32768, torch.bfloat16, online=True, workers=2) == 4 * mib
-    # a small input still gets MIN_TILE_ROWS-row tiles (fewer reread W for a handful of rows: 1.7x slower at
-    # 16 rows), within the budget that floor sets
+    assert tile_plan(5, 1024, 500, torch.bfloat16, 64 * mib) == (5, 500)
+    assert default_chunk_budget(16384, 1024, 32768, torch.bfloat16, online=True) == 16 * mib  # half the size
+    # small inputs still get a fast tile (MAX_TILE_ROWS x FAST_TILE_COLS: the matmuls need a few hundred
+    # rows to run near the CPU's peak), or all their rows and columns when they have fewer
     for n, h, v in ((512, 1024, 128256), (1024, 1024, 32768), (1024, 256, 32768), (64, 24, 1000)):
-        floor = default_chunk_budget(n, h, v, torch.bfloat16, online=True, workers=2)
-        rows, cols, w = tile_plan(n * 3 // 4, h, v, torch.bfloat16, floor, workers=2)
-        assert rows == min(MIN_TILE_ROWS, -(-n * 3 // 8)) and cols >= min(v, MIN_TILE_COLS), (n, h, v, rows)
-        assert tile_memory(rows, cols, h, torch.bfloat16, workers=w) <= floor
+        floor = default_chunk_budget(n, h, v, torch.bfloat16, online=True)
+        rows, cols = tile_plan(n * 3 // 4, h, v, torch.bfloat16, floor)
+        assert rows == min(MAX_TILE_ROWS, n * 3 // 4), (n, h, v, rows)
+        assert cols >= min(v, FAST_TILE_COLS) - 64, (n, h, v, cols)
+        assert tile_memory(rows, cols, h, torch.bfloat16) <= floor
     # the estimate guard.py takes: the tiles and the hidden-state gradient (+ a trained head's float32 one)
-    frozen = loss_memory(1024, 1024, 32768, torch.bfloat16, backend="torch", workers=2)
-    assert 2 * mib < frozen <= 2 * mib + default_chunk_budget(1024, 1024, 32768, torch.bfloat16, online=True,
-                                                              workers=2)  # fmt: skip
+    frozen = loss_memory(1024, 1024, 32768, torch.bfloat16, backend="torch")
+    assert 2 * mib < frozen <= 2 * mib + default_chunk_budget(1024, 1024, 32768, torch.bfloat16, online=True)
     trained = loss_memory(1024, 1024, 32768, torch.bfloat16, backend="torch", weight_grad=True)
     assert trained >= 32768 * 1024 * 4 + 2 * mib
     gpu = loss_memory(16384, 4096, 128256, torch.bfloat16)
@@ -261,7 +268,7 @@ def test_peak_memory_is_one_chunk(path, tmp_path):
     script = f"""
 import gc, sys, torch
 from fastsft.kernels import fused_linear_cross_entropy
-from fastsft.kernels.linear_cross_entropy import (chunk_memory, chunk_rows, default_chunk_budget, online_workers,
+from fastsft.kernels.linear_cross_entropy import (chunk_memory, chunk_rows, default_chunk_budget,
     tile_memory, tile_plan)
 def kib(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
@@ -281,9 +288,8 @@ run()
 peak = (kib("VmHWM") - before) * 1024
 bf = torch.bfloat16
 if {softcap} is None:
-    workers = online_workers()
-    budget = {chunk_bytes} or default_chunk_budget({n}, {h}, {v}, bf, online=True, workers=workers)
-    chunk = tile_memory(*tile_plan({n} - {n} // 4, {h}, {v}, bf, budget, workers=workers)[:2], {h}, bf, workers=workers)
+    budget = {chunk_bytes} or default_chunk_budget({n}, {h}, {v}, bf, online=True)
+    chunk = tile_memory(*tile_plan({n} - {n} // 4, {h}, {v}, bf, budget), {h}, bf)
 else:
     kw = dict(backend="torch", softcap=True)
     budget = default_chunk_budget({n}, {h}, {v}, bf, **kw)
