@@ -237,12 +237,15 @@ def estimate_memory(model, recipe, loss_kernel: str) -> dict:
     if loss_kernel == "fastsft-linear":
         import torch
 
+        from fastsft.kernels.cross_entropy import resolve_backend
         from fastsft.kernels.linear_cross_entropy import loss_memory
 
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         head_trains = bool(getattr(getattr(head, "weight", None), "requires_grad", False))
-        # the kernel's own count: its chunk (from the default budget) and the gradients it holds
-        loss = loss_memory(tokens, hidden, vocab, torch.bfloat16, weight_grad=head_trains)
+        # the kernel's own count: its chunk or tiles (from the default budget, on the path the model's
+        # device takes: Triton on a GPU, the PyTorch twin elsewhere) and the gradients it holds
+        backend = resolve_backend("auto", next(model.parameters()).device)
+        loss = loss_memory(tokens, hidden, vocab, torch.bfloat16, backend=backend, weight_grad=head_trains)
     elif loss_kernel == "fastsft":
         loss = tokens * vocab * act_bytes  # the logits, the gradient written over them
     else:

@@ -234,6 +234,14 @@ def test_memory_estimate_orders_the_losses_and_flags_a_recipe_that_cannot_fit(tm
     recipe = _recipe(tmp_path, "train.per_device_train_batch_size=8", "data.max_length=4096")
     parts = {k: guard.estimate_memory(model, recipe, k) for k in ("torch", "fastsft", "fastsft-linear")}
     assert parts["fastsft-linear"]["loss"] < parts["fastsft"]["loss"] < parts["torch"]["loss"]
+    # the kernel's own figure on the path this device takes: with LoRA's frozen head, not a GPU here,
+    # the PyTorch twin's tiles, not Triton's row chunks
+    from fastsft.kernels.linear_cross_entropy import loss_memory
+
+    model.get_output_embeddings().weight.requires_grad_(False)
+    frozen = guard.estimate_memory(model, recipe, "fastsft-linear")["loss"]
+    tiles = loss_memory(8 * 4096, 4096, 32768, torch.bfloat16, backend="torch")
+    assert frozen == tiles < loss_memory(8 * 4096, 4096, 32768, torch.bfloat16)
     assert 13 * 2**30 < parts["torch"]["weights"] < 14 * 2**30  # 7.24B bf16 parameters
     line, wont_fit = guard.describe_estimate(parts["torch"], 24 * 2**30)
     assert wont_fit and "the GPU has 24.0 GiB" in line
