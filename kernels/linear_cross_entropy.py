@@ -52,7 +52,6 @@ MIN_CHUNK_ROWS = {"triton": 256, "torch": 8}
 # alone are ~520 ms at 192 rows). More rows add memory (the float32 accumulator, 4 H bytes a row).
 MAX_TILE_ROWS = 192
 FAST_TILE_COLS = 1024
-MIN_TILE_ROWS = 64  # the fewest rows a default tile gets (fewer reread W once per handful of rows)
 MIN_TILE_COLS = 256
 # Elements of a float32 temporary: a float32 sum of 16-bit logits, or a 16-bit product added to the float32
 # accumulator, copies its 16-bit operand to float32 first, so those run in row groups of this many elements.
