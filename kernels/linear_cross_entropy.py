@@ -288,9 +288,12 @@ class _TileBuffers:
     `part`, the product of a block with the lm_head in the compute dtype, one H slice of at most
     `cols` columns at a time (so it never outgrows the tile)."""
 
-    def __init__(self, rows, cols, n_hidden, cd, dev, *, grad):
+    def __init__(self, rows, cols, n_hidden, cd, dev, *, grad, running_max=None):
+        if running_max is None:
+            running_max = cd == torch.float16
         self.z = torch.empty(rows * cols, dtype=cd, device=dev)
-        self.e = torch.empty(rows * cols, dtype=F32, device=dev) if cd == torch.float16 else None
+        # the running-max scan's float32 exponentials (a float32 tile holds its own)
+        self.e = torch.empty(rows * cols, dtype=F32, device=dev) if running_max and cd != F32 else None
         self.acc = torch.empty((rows, n_hidden), dtype=F32, device=dev) if grad else None
         self.width = min(n_hidden, cols)
         self.part = torch.empty(rows * self.width, dtype=cd, device=dev)
@@ -345,12 +348,11 @@ def _tile_hidden(hidden, idx, i, r, all_kept, cd, hbuf, grad_h):
         if hidden.dtype == cd:
             return hidden[i : i + r], None
         return hbuf[:r].copy_(hidden[i : i + r]), None
-    out, stash = hbuf, None
     if grad_h is not None:
         start = int(idx[0])
         out = stash = grad_h[start : start + r]
     else:
-        out = hbuf[:r]
+        out, stash = hbuf[:r], None
     if hidden.dtype == cd:
         return torch.index_select(hidden, 0, idx, out=out), stash
     for g0 in range(0, r, 32):  # float32 hidden states under 16-bit autocast: 32 rows' float32 copy at a time
@@ -404,9 +406,9 @@ def _rescan_overflow(h_c, w, b, cols, m, s, a):
         return
     rows = bad.nonzero().squeeze(1)
     h_b = h_c.index_select(0, rows)
-    bufs = _TileBuffers(rows.numel(), cols, h_c.shape[1], w.dtype, w.device, grad=a is not None)
-    if bufs.e is None and w.dtype != F32:
-        bufs.e = torch.empty(bufs.z.numel(), dtype=F32, device=w.device)
+    bufs = _TileBuffers(
+        rows.numel(), cols, h_c.shape[1], w.dtype, w.device, grad=a is not None, running_max=True
+    )
     a_b = bufs.acc.zero_() if a is not None else None
     m_b, s_b = _scan_blocks(h_b, w, b, cols, bufs, a_b)
     m.index_copy_(0, rows, m_b)
