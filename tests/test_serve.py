@@ -271,7 +271,16 @@ def test_errors_have_openais_shape(client, server):
     assert e.value.body["code"] == "context_length_exceeded"
     status, body = _post(server["url"] + "/v1/chat/completions", None, data=b"{not json")
     assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
-    status, body = _post(server["url"] + "/v1/chat/completions", None, data=b"x" * 1_100_000)
+
+
+def test_an_oversized_body_gets_its_413_not_a_broken_pipe(server):
+    """urllib writes the whole body before it reads: had the server answered and closed after the
+    headers, the client would see a reset (a broken pipe) once the socket buffers fill, not the 413.
+    6 MB is past those buffers on loopback; it is sent with a Content-Length and chunked."""
+    url = server["url"] + "/v1/chat/completions"
+    status, body = _post(url, None, data=b"x" * 6_000_000)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = _post(url, None, data=iter([b"x" * 1_000_000] * 6))  # no length: chunked
     assert status == 413 and body["error"]["code"] == "request_too_large"
 
 
