@@ -520,15 +520,23 @@ class _App:
                 "application/json` (curl: -H 'Content-Type: application/json').",
                 code="unsupported_media_type",
             )
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-            raise await self.too_large(request, int(declared))
+        # An oversized body is read to its end and dropped before the 413, as nginx's lingering close
+        # does: answering and closing while the client still sends makes its kernel see a reset, and a
+        # client that writes the whole body before it reads (urllib, requests) then gets a broken pipe
+        # instead of the 413. A body past DRAIN_LIMIT_FACTOR times the limit is cut off at once.
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        declared = int(declared) if declared.isdigit() else 0
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.settings.max_body_bytes:
-                raise await self.too_large(request, None)
-            chunks.append(chunk)
+        if declared <= DRAIN_LIMIT_FACTOR * limit:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > DRAIN_LIMIT_FACTOR * limit:
+                    break
+                if size <= limit:
+                    chunks.append(chunk)
+        if max(size, declared) > limit:
+            raise APIError(413, f"The request body is over {limit} bytes.", code="request_too_large")
         try:
             body = json.loads(b"".join(chunks) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -536,23 +544,6 @@ class _App:
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object.")
         return body
-
-    async def too_large(self, request: Request, declared: int | None) -> APIError:
-        """The 413 for an oversized body, after reading the rest of it (up to a bound) unkept.
-
-        A server that answers and closes while the client is still sending makes the client's
-        kernel see a reset: a client that writes the whole body before it reads (urllib, requests)
-        then gets a broken pipe instead of the 413. Reading the rest first, as nginx's lingering
-        close does, lets every client see the answer; a body past the bound is cut off at once.
-        """
-        if declared is None or declared <= DRAIN_LIMIT_FACTOR * self.settings.max_body_bytes:
-            drained = 0
-            async for chunk in request.stream():
-                drained += len(chunk)
-                if drained > DRAIN_LIMIT_FACTOR * self.settings.max_body_bytes:
-                    break
-        return APIError(413, f"The request body is over {self.settings.max_body_bytes} bytes.",
-                        code="request_too_large")  # fmt: skip
 
     def pick_model(self, body: dict) -> bool:
         """Whether the request asks for the base model (the adapter disabled)."""
