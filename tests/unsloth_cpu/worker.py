@@ -248,22 +248,16 @@ def check_training(tmp: Path) -> dict:
     """Through fastsft.train.run with backend = "unsloth" (tiny Llama)."""
     out: dict = {}
     tmp.mkdir(parents=True, exist_ok=True)
-    captured = {}
-    from transformers import TrainerCallback
-
-    class Keep(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kw):
-            captured["model"] = model
-
+    keep = model_keeper()
     train.sample_prompts = lambda *a, **k: []  # before / after answers: Unsloth's generation is slow here
     LAUNCHES["cross_entropy"] = 0
     a = train.run(
-        make_recipe(tmp, "train.per_device_train_batch_size=2"), output_dir=tmp / "a", callbacks=[Keep()]
+        make_recipe(tmp, "train.per_device_train_batch_size=2"), output_dir=tmp / "a", callbacks=[keep]
     )
     out["a/launches"] = LAUNCHES["cross_entropy"]
     out["a/summary_backend"] = a.summary["backend"]
     out["a/loss_kernel"] = a.summary["loss"]["kernel"]
-    model = captured.pop("model")
+    model = keep.model
     b = train.run(
         make_recipe(tmp, "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=2"),
         output_dir=tmp / "b",
@@ -286,13 +280,8 @@ def check_training(tmp: Path) -> dict:
     # the trained Unsloth model's logits, for the test to compare with the merged export of run a, made
     # and loaded in its own process (Unsloth's class patches here would run the export's checks)
     out["run_a"] = str(a.run_dir)
-    data = batch(loaded_tokenizer(a.run_dir), 2)
-    model.eval()
-    with torch.no_grad(), loss._env(UNSLOTH_RETURN_LOGITS="1"):
-        logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
-    out["export/batch"] = {k: v.tolist() for k, v in data.items()}
     out["export/trained_logits"] = str(tmp / "trained_logits.pt")
-    torch.save(logits.float().cpu(), out["export/trained_logits"])
+    out["export/batch"] = save_logits(model, loaded_tokenizer(a.run_dir), out["export/trained_logits"])
     return out
 
 
@@ -302,18 +291,12 @@ def check_full_finetuning(tmp: Path) -> dict:
     kept for the test to compare with RUN_DIR/model loaded by plain transformers in its own process."""
     out: dict = {}
     tmp.mkdir(parents=True, exist_ok=True)
-    captured = {}
-    from transformers import TrainerCallback
-
-    class Keep(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kw):
-            captured["model"] = model
-
+    keep = model_keeper()
     train.sample_prompts = lambda *a, **k: []
     LAUNCHES["cross_entropy"] = 0
     r = train.run(make_recipe(tmp, "train.method=full", "train.learning_rate=1e-3", "train.optim=adamw_torch",
                               "train.max_steps=3", "train.per_device_train_batch_size=2"),
-                  output_dir=tmp / "full", callbacks=[Keep()])  # fmt: skip
+                  output_dir=tmp / "full", callbacks=[keep])  # fmt: skip
     info = json.loads((r.run_dir / "run.json").read_text())
     out["run"] = str(r.run_dir)
     out["base"] = info["model_path"]
@@ -323,16 +306,34 @@ def check_full_finetuning(tmp: Path) -> dict:
     out["launches"] = LAUNCHES["cross_entropy"]
     out["losses"] = [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()
                      if "loss" in json.loads(x)]  # fmt: skip
-    model = captured.pop("model")
+    model = keep.model
     out["n_params"] = sum(p.numel() for p in model.parameters())
-    data = batch(loaded_tokenizer(r.run_dir, "model"), 2)
+    out["trained_logits"] = str(tmp / "full_logits.pt")
+    out["batch"] = save_logits(model, loaded_tokenizer(r.run_dir, "model"), out["trained_logits"])
+    return out
+
+
+def model_keeper():
+    """A callback that keeps the trained model (as `.model`): train.run returns the run, not the model."""
+    from transformers import TrainerCallback  # after Unsloth's import, as everywhere here
+
+    class Keep(TrainerCallback):
+        model = None
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            self.model = model
+
+    return Keep()
+
+
+def save_logits(model, tokenizer, path: str) -> dict:
+    """Saves the model's logits (Unsloth asked to return them) on a 2-row batch; returns the batch."""
+    data = batch(tokenizer, 2)
     model.eval()
     with torch.no_grad(), loss._env(UNSLOTH_RETURN_LOGITS="1"):
         logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
-    out["batch"] = {k: v.tolist() for k, v in data.items()}
-    out["trained_logits"] = str(tmp / "full_logits.pt")
-    torch.save(logits.float().cpu(), out["trained_logits"])
-    return out
+    torch.save(logits.float().cpu(), path)
+    return {k: v.tolist() for k, v in data.items()}
 
 
 def loaded_tokenizer(run_dir: Path, folder: str = "adapter"):
