@@ -40,7 +40,7 @@ def problems(recipe) -> list[str]:
                 out.append(f"data.{key} = {value!r}: file not found: {path}")
     for i, source in enumerate(d.sources or [], start=1):
         path = recipe.resolve_path(source["path"])
-        if data_mod._is_local(source["path"], path) and not path.exists():
+        if data_mod.is_local(source["path"], path) and not path.exists():
             out.append(f"[[data.sources]] #{i} path = {source['path']!r}: file not found: {path}")
     from . import trackers
 
