@@ -22,14 +22,18 @@ CHECKED = (
     "datasets",
     "accelerate",
     "unsloth",
+    "unsloth_zoo",
+    "xformers",
 )
+OPTIONAL = ("triton", "unsloth", "unsloth_zoo", "xformers")  # a missing one is not a fault
 
 
 def check_versions() -> list[dict]:
-    """One row per CHECKED package: its version, the range fastsft is tested with, whether it is inside.
-    With unsloth installed, the `gpu` extra's ranges (what Unsloth accepts) are hard limits too."""
+    """One row per CHECKED package: its version, the range fastsft is tested with, whether it is inside,
+    and where it is not, the pip command that puts it back. With unsloth installed, the `gpu` extra's
+    ranges (what Unsloth accepts, torch<2.15 for unsloth 2026.10 included) are hard limits too."""
     core, gpu = machine.tested_bounds()
-    tested = {**core, "unsloth": gpu.get("unsloth", "")}
+    tested = {**core, **{pkg: spec for pkg, spec in gpu.items() if pkg not in core}}
     unsloth_bounds = {pkg: spec for pkg, spec in gpu.items() if pkg in core}
     have_unsloth = machine.version("unsloth") is not None
     rows = []
@@ -37,13 +41,16 @@ def check_versions() -> list[dict]:
         v, spec = machine.version(pkg), tested.get(pkg, "")
         row = {"package": pkg, "version": v, "tested": spec or "-", "ok": True, "note": ""}
         if v is None:
-            row["ok"] = pkg in ("unsloth", "triton")
-            row["note"] = "optional: pip install 'fastsft[gpu]'" if pkg == "unsloth" else "not installed"
+            row["ok"] = pkg in OPTIONAL
+            row["note"] = "optional: pip install 'fastsft[gpu]'" if pkg in OPTIONAL[1:] else "not installed"
         else:
             if Version(v) not in SpecifierSet(spec):
                 row["ok"], row["note"] = False, f"outside the tested range {spec}"
             if have_unsloth and pkg in unsloth_bounds and Version(v) not in SpecifierSet(unsloth_bounds[pkg]):
                 row["ok"], row["note"] = False, f"unsloth needs {pkg}{unsloth_bounds[pkg]}"
+            if not row["ok"]:  # the fix asks for both ranges at once, so it cannot trade one for the other
+                both = SpecifierSet(spec) & SpecifierSet(unsloth_bounds.get(pkg, "") if have_unsloth else "")
+                row["note"] += f": pip install '{pkg}{both}'"
         rows.append(row)
     return rows
 

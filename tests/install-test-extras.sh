@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The build backend itself, for test_install.py's `pip wheel --no-build-isolation` (a fresh venv of
+# Python 3.11 holds setuptools 65, older than pyproject.toml's build-system requirement).
+python -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+  || pip install -q 'setuptools>=77'
+
 # TRL 1.15, the newest unsloth accepts: test_trl_versions.py runs a child `fastsft run` with it first
 # on the path (the core resolves to TRL 1.16).
 [ -d .cache/trl-1.15/trl ] || pip install -q --no-deps --target .cache/trl-1.15 trl==1.15.0

@@ -39,6 +39,21 @@ def torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def float32_trainable(model, dtype: str):
+    """Under fp16 the trainable weights are float32, computing in fp16 under the Trainer's autocast, as
+    the Trainer expects: its GradScaler refuses fp16 gradients ("Attempting to unscale FP16 gradients"),
+    and an fp16 weight cannot take an Adam step smaller than its precision. That is every weight in full
+    fine-tuning and PEFT's `modules_to_save` copies (PEFT keeps them in the base's fp16; LoRA's own
+    matrices it already makes float32). bf16 and fp32 need no scaler: the weights are left as they are."""
+    import torch
+
+    if dtype == "fp16":
+        for p in model.parameters():
+            if p.requires_grad and p.dtype == torch.float16:
+                p.data = p.data.float()  # the same Parameter: tied weights stay tied
+    return model
+
+
 @dataclass(frozen=True)
 class LoadPolicy:
     """What loading a model may do. Granted on the command line only (`--trust-remote-code`,

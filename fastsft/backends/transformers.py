@@ -40,7 +40,7 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from .common import check_target_modules, load_tokenizer
+    from .common import check_target_modules, float32_trainable, load_tokenizer
 
     attn = recipe.model.attn_implementation
     attn = "sdpa" if attn == "auto" else attn
@@ -68,10 +68,10 @@ def load(recipe, path: str, dtype: str, *, policy=None):
         # Every weight trains (the recipe refuses a quantised base here); the Trainer's gradient
         # checkpointing needs nothing more, since the embeddings' output requires grad already.
         model.requires_grad_(True)
-        return model, tokenizer, info
+        return float32_trainable(model, dtype), tokenizer, info
     check_target_modules(model, recipe.lora.target_modules)
     model = get_peft_model(model, lora_config(recipe))
-    return model, tokenizer, info
+    return float32_trainable(model, dtype), tokenizer, info
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def import_unsloth_first() -> None:
 def load(recipe, path: str, dtype: str, *, policy=None):
     from unsloth import FastLanguageModel
 
-    from .common import LoadPolicy, check_target_modules, torch_dtype
+    from .common import LoadPolicy, check_target_modules, float32_trainable, torch_dtype
 
     policy = policy or LoadPolicy()
 
@@ -64,8 +64,8 @@ def load(recipe, path: str, dtype: str, *, policy=None):
         if recipe.model.load_in_8bit
         else None
     )
-    if full:
-        return model, tokenizer, {"quantization": None}
+    if full:  # (`modules_to_save` under fp16 Unsloth's get_peft_model makes float32 itself)
+        return float32_trainable(model, dtype), tokenizer, {"quantization": None}
     from .transformers import modules_to_save
 
     lc = recipe.lora
