@@ -126,4 +126,7 @@ else
     FASTSFT_BENCH_SEQ=2048 FASTSFT_BENCH_ROWS=fastsft,unsloth,transformers -- \
     benchmarks/test_training_bench.py -m "e2e and not slow"
 fi
-[ "$DRY" = 1 ] || echo "gpu_check.sh $PLAN: done in $((SECONDS - T0)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
+if [ "$DRY" = 0 ]; then
+  cat "$OUT/summary.md" # the tables, last: the device tool's reply carries the end of the output
+  echo "gpu_check.sh $PLAN: done in $((SECONDS - T0)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
+fi
