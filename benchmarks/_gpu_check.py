@@ -95,7 +95,7 @@ def markdown(summary: dict) -> str:
 
 
 PACKAGES = ("torch", "triton", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets",
-            "unsloth", "unsloth_zoo", "liger-kernel", "cut-cross-entropy", "tomli-w", "fastsft")  # fmt: skip
+            "unsloth", "unsloth_zoo", "liger-kernel", "cut-cross-entropy", "tomli-w", "setuptools", "fastsft")  # fmt: skip
 
 
 def probe(work: Path, stand_in: bool) -> int:

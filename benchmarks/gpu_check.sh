@@ -95,9 +95,10 @@ if [ "$DRY" = 0 ]; then
   cp benchmarks/_gpu_report.py "$WORK/plugin/"
   echo "gpu_check.sh $PLAN: $(date -u +%FT%TZ), budget $BUDGET s, OUT=$OUT, stand-in=$STANDIN" | tee -a "$LOG"
 fi
-# _gpu_report.py (the per-test report plugin) from a folder of its own: benchmarks/ on the path would
-# put its conftest and helpers beside the tests'
-export PYTHONPATH=$SITE:$WORK/plugin${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The checkout after the archive: fastsft imports from it even if the editable install failed (an image
+# setuptools older than pyproject's build requirement, say). _gpu_report.py (the per-test report plugin)
+# from a folder of its own: benchmarks/ on the path would put its conftest and helpers beside the tests'
+export PYTHONPATH=$SITE:$PWD:$WORK/plugin${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 BENCH=(FASTSFT_BENCH_QUICK=1 "FASTSFT_BENCH_CACHE=$WORK/models")
 
 if [ "$STANDIN" = 1 ]; then
