@@ -46,6 +46,13 @@ def results():
     return _RESULTS
 
 
+def pytest_runtest_logfinish(nodeid, location):
+    """With FASTSFT_BENCH_OUT (benchmarks/gpu_check.sh), the figures so far are written after every test:
+    a run stopped by its timeout (SIGTERM skips the terminal summary) keeps what it measured."""
+    if os.environ.get("FASTSFT_BENCH_OUT") and (_RESULTS.loss or _RESULTS.e2e or _RESULTS.notes):
+        _RESULTS.write()
+
+
 def pytest_terminal_summary(terminalreporter):
     if not (_RESULTS.loss or _RESULTS.e2e or _RESULTS.notes):
         return

@@ -42,6 +42,12 @@ MODELS = {
     "mistral-7b": ("MistralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, rope_theta=1e6,
                    rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=32768)),
+    # 1.24B parameters: built and saved in seconds on a GPU (the quick e2e row of benchmarks/gpu_check.sh)
+    "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                     rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072,
+                     rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=8192))),
     "llama-3-8b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5,
                    rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=8192)),

@@ -131,11 +131,20 @@ if triton is not None:
                     tl.store(g_row + cols, zero.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
-def _block_and_warps(n_cols: int) -> tuple[int, int]:
+# Rows whose length or strides are not multiples of 16 elements (V = 32001: a vocabulary after an added
+# pad token; 50257: GPT-2's) cannot be proven 16-byte aligned, so every element is loaded on its own,
+# each with its own 64-bit address. At 8192 x 16 warps that spilled on sm_90a with Triton 3.6 (ptxas
+# 12.8: 8-12 B) and took 87 registers on sm_120a; at 1024 x 4 warps every option set compiles for
+# sm_80 to sm_120a with 0 spills, Triton 3.6 and 3.9 (benchmarks/results/2026-12-06-aot/). Only the
+# block the online log-sum-exp steps by changes (float32 rounding), not what is computed.
+UNALIGNED_MAX_BLOCK = 1024
+
+
+def _block_and_warps(n_cols: int, aligned: bool = True) -> tuple[int, int]:
     block = triton.next_power_of_2(n_cols)
     if interpreting():
         return min(block, 1 << 16), 1  # numpy runs each block at once: large blocks, few iterations
-    block = min(block, 8192)
+    block = min(block, 8192 if aligned else UNALIGNED_MAX_BLOCK)
     return block, (4 if block <= 2048 else 8 if block <= 4096 else 16)
 
 
@@ -144,8 +153,9 @@ def _ce_rows_triton(logits, labels, grad, scale, opts) -> torch.Tensor:
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return loss
-    block, warps = _block_and_warps(n_cols)
     compute_grad = grad is not None
+    strides = (n_cols, logits.stride(0)) + ((grad.stride(0),) if compute_grad else ())
+    block, warps = _block_and_warps(n_cols, aligned=all(s % 16 == 0 for s in strides))
     _ce_kernel[(n_rows,)](
         logits,
         logits.stride(0),

@@ -20,6 +20,10 @@ python -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.'
 # datasets, triton, pillow and numpy are what it imports on that path.
 [ -d .cache/unsloth/unsloth_zoo ] || pip install -q --no-deps --target .cache/unsloth unsloth==2026.10.7 unsloth_zoo==2026.10.7
 
+# Triton 3.6, the GPU image's, for tests/kernels/test_aot.py: it compiles every kernel launch for five GPU
+# architectures with this triton too (its ptxas 12.8 spilled where the venv's newer one did not).
+[ -d .cache/triton-3.6/triton ] || pip install -q --no-deps --target .cache/triton-3.6 'triton==3.6.*'
+
 # Debian's chromium and its chromedriver: test_serve.py drives the chat page of `fastsft serve` in
 # headless Chromium through Selenium (never a browser download: Selenium is pointed at these binaries).
 if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then

@@ -259,3 +259,20 @@ def test_logits_from_an_autocast_head(device, backend, amp):
     ref.backward()
     assert rel(loss, ref) < 2e-3, seed
     assert hidden.grad.dtype == torch.float32 and rel(hidden.grad, hr.grad) < GRAD_TOL[amp], seed
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_gpu_block_for_an_odd_vocabulary_matches_reference(monkeypatch, dtype):
+    """A row of V = 32001 (not a multiple of 16, so not provably aligned) takes the GPU's smaller block
+    (UNALIGNED_MAX_BLOCK, chosen so that it compiles without spills: test_aot.py); the interpreter runs
+    that very block here, with every option, against float64."""
+    from fastsft.kernels import cross_entropy as ce
+
+    if not ce.triton_available("cpu"):
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    monkeypatch.setattr(ce, "interpreting", lambda: False)  # the block a GPU launch would get
+    assert ce._block_and_warps(32001, aligned=False)[0] == ce.UNALIGNED_MAX_BLOCK < 32001
+    assert ce._block_and_warps(32000, aligned=True)[0] == 8192
+    x, y, seed = make(3, 32001, dtype, "cpu")
+    y[0] = 32000  # the last column, in the last (partial) block
+    check(x, y, seed, "triton", label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0)
