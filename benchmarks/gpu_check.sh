@@ -53,7 +53,7 @@ for step in "${steps[@]}"; do
       run setup env PYTHONPATH="$SITE" python3 -m pip install -q --no-deps --no-build-isolation -e .
       run setup env PYTHONPATH="$SITE" python3 -c "import torch, triton, unsloth, fastsft.kernels; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0), 'triton', triton.__version__, 'unsloth', unsloth.__version__)"
       run tests env PYTHONPATH="$SITE" FASTSFT_UNSLOTH_SITE="$SITE" timeout "$LIMIT" \
-        python3 -m pytest -q -rs -p no:cacheprovider tests/kernels tests/test_loss.py tests/test_mixed_precision.py tests/test_unsloth_cpu.py
+        python3 -m pytest -q -rs -p no:cacheprovider tests/kernels tests/run/test_loss.py tests/run/test_mixed_precision.py tests/backends/test_unsloth_cpu.py
       ;;
     loss)
       run loss env PYTHONPATH="$SITE" FASTSFT_BENCH_QUICK=1 timeout "$LIMIT" \

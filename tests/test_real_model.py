@@ -41,7 +41,7 @@ OVERRIDES = [
 @pytest.fixture(scope="session")
 def smol_run(tmp_path_factory):
     """One real `fastsft run recipes/smollm2_135m.toml`, shortened (GGUF conversion included)."""
-    from fastsft.cli import main
+    from fastsft.cli.main import main
 
     out = tmp_path_factory.mktemp("real") / "smol"
     args = ["run", str(RECIPES / "smollm2_135m.toml"), "-o", str(out)]
@@ -177,8 +177,8 @@ def test_mix_retain_health_and_tensorboard_on_the_real_model(tmp_path):
     """recipes/smollm2_135m_mix.toml, shortened: the 80/20 mix is what trains, the retain loss is scored
     before and after and moves, the health check and early stopping report, and TensorBoard's event
     files hold the logged losses."""
-    from fastsft.cli import main
-    from fastsft.trackers import read_tensorboard
+    from fastsft.cli.main import main
+    from fastsft.run.trackers import read_tensorboard
 
     out = tmp_path / "mix"
     overrides = ["train.max_steps=4", "train.per_device_train_batch_size=4", "train.logging_steps=1",
@@ -213,7 +213,7 @@ def test_mix_retain_health_and_tensorboard_on_the_real_model(tmp_path):
 def smol_full_run(tmp_path_factory):
     """`fastsft run recipes/smollm2_135m_full.toml` (every weight trains, 8-bit AdamW, gradient
     checkpointing), 3 short steps."""
-    from fastsft.cli import main
+    from fastsft.cli.main import main
 
     out = tmp_path_factory.mktemp("real-full") / "smol-full"
     args = ["run", str(RECIPES / "smollm2_135m_full.toml"), "-o", str(out)]
@@ -262,7 +262,7 @@ def test_dora_trains_its_magnitudes_on_the_real_model(tmp_path):
 
     from safetensors.torch import load_file
 
-    from fastsft.cli import main
+    from fastsft.cli.main import main
 
     out = tmp_path / "dora"
     args = ["run", str(RECIPES / "smollm2_135m.toml"), "-o", str(out)]

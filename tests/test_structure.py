@@ -158,10 +158,10 @@ LEAVES = {
     "fastsft.errors": set(),
     "fastsft.machine": set(),
     "fastsft.files": {"fastsft.errors"},
-    "fastsft.chat_templates": {"fastsft.errors"},
+    "fastsft.chat.templates": {"fastsft.errors"},
     "fastsft.backends.common": {"fastsft.errors"},
-    "fastsft.generation": {"fastsft.chat_templates"},
-    "fastsft.cli_common": {"fastsft.errors", "fastsft.backends.common"},
+    "fastsft.chat.generation": {"fastsft.chat.templates"},
+    "fastsft.cli.common": {"fastsft.errors", "fastsft.backends.common"},
 }
 
 
@@ -187,19 +187,19 @@ def _calls(path: Path, attribute: str, receivers: set[str] | None = None) -> lis
 
 
 def test_one_generator_and_one_model_loader():
-    """Generation (`model.generate`) lives in fastsft/generation.py only, and loading a causal LM or an
+    """Generation (`model.generate`) lives in fastsft/chat/generation.py only, and loading a causal LM or an
     adapter (`AutoModelForCausalLM.from_pretrained`, `PeftModel.from_pretrained`) in fastsft/backends/
     only: a second copy elsewhere would drift from the end-of-turn stop, the load policy or the
     pad-token resize."""
     strays = []
     for name, path in modules().items():
         rel = path.relative_to(ROOT)
-        if name != "fastsft.generation":
+        if name != "fastsft.chat.generation":
             strays += [f"{rel}:{n}: .generate(" for n in _calls(path, "generate")]
         if not name.startswith("fastsft.backends"):
             loaders = {"AutoModelForCausalLM", "PeftModel"}
             strays += [f"{rel}:{n}: from_pretrained" for n in _calls(path, "from_pretrained", loaders)]
-    assert not strays, "use fastsft.generation / fastsft.backends instead:\n" + "\n".join(strays)
+    assert not strays, "use fastsft.chat.generation / fastsft.backends instead:\n" + "\n".join(strays)
 
 
 def test_kernels_import_nothing_of_fastsft():

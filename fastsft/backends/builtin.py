@@ -139,7 +139,7 @@ def write_demo_jsonl(path: str | Path, n: int = 400, seed: int = 0) -> None:
 
 
 def chatml_template() -> str:
-    from ..chat_templates import CHATML
+    from ..chat.templates import CHATML
 
     return CHATML
 

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import mixing
-from ..chat_templates import end_of_turn_token, has_generation_markers
+from ..chat.templates import end_of_turn_token, has_generation_markers
 from ..errors import DataError
-from . import cache
+from . import cache, mixing
 from .encode import Encoder, check_end_of_turn, encode_all, setup_pad_token, setup_template, truncation_limit
 from .formats import KIND_NAMES, MAX_SKIP_REASONS, Example, kind, load_examples, tool_names
 
