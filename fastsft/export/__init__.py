@@ -1,23 +1,16 @@
 """Exports of a finished run: `export_run(RUN_DIR, fmt=...)` -> adapter, merged or GGUF.
 
-transaction  reading the run, the export transaction (temporary folder, swap in, export.json), the
-             merged export with its parity check, the adapter with its model card, the GGUF writer
+transaction  `export_run`: the destination's checks, the temporary folder swapped in at the end,
+             export.json
+read         `read_run(RUN_DIR) -> RunInfo`: the run an export reads
+merged       base + adapter merged in 16-bit, reloaded and checked against base + adapter (parity)
+adapter      the PEFT adapter, the tokenizer and a model card
+gguf         one GGUF file for llama.cpp, read back and checked
 """
 
-from .transaction import (
-    DTYPES,
-    EXPORT_JSON,
-    FORMATS,
-    RunInfo,
-    check_destination,
-    export_bytes,
-    export_run,
-    logits_of,
-    merge,
-    read_run,
-    rel_diff,
-    unpermute_qk,
-)
+from .merged import logits_of, merge, rel_diff
+from .read import RunInfo, read_run
+from .transaction import DTYPES, EXPORT_JSON, FORMATS, check_destination, export_bytes, export_run
 
 __all__ = [
     "DTYPES",
@@ -31,5 +24,4 @@ __all__ = [
     "merge",
     "read_run",
     "rel_diff",
-    "unpermute_qk",
 ]

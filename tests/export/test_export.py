@@ -204,9 +204,10 @@ def _merge_scaled(factor):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_parity_passes_a_correct_merge_and_fails_a_wrong_one(runs, tmp_path, monkeypatch, dtype):
+    from fastsft import export
     from fastsft.backends.transformers import load_base
     from fastsft.errors import ExportError
-    from fastsft.export import transaction as export
+    from fastsft.export import merged
 
     out = export.export_run(runs["fp"], fmt="merged", to=tmp_path / "ok", dtype=dtype)
     p = json.loads((out / "export.json").read_text())["parity"]
@@ -217,27 +218,28 @@ def test_parity_passes_a_correct_merge_and_fails_a_wrong_one(runs, tmp_path, mon
         (_merge_scaled(2.0), "scaling doubled"),
         (_merge_scaled(0.5), "scaling halved"),
     ):
-        monkeypatch.setattr(export, "merge", wrong)
+        monkeypatch.setattr(merged, "merge", wrong)
         with pytest.raises(ExportError, match="missing or scaled wrong"):
             export.export_run(runs["fp"], fmt="merged", to=tmp_path / "bad", dtype=dtype)
         assert not (tmp_path / "bad").exists(), what
 
 
 def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
+    from fastsft import export
     from fastsft.backends.transformers import load_base
     from fastsft.errors import ExportError
-    from fastsft.export import transaction as export
+    from fastsft.export import gguf, merged
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "smoke_generation", boom)
+    monkeypatch.setattr(merged, "smoke_generation", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_run(runs["fp"], fmt="merged", to=tmp_path / "a", dtype="bf16")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
 
-    monkeypatch.setattr(export, "merge", lambda run, dt: load_base(run.base_path, dt))  # a parity failure
+    monkeypatch.setattr(merged, "merge", lambda run, dt: load_base(run.base_path, dt))  # a parity failure
     with pytest.raises(ExportError, match="tolerance"):
         export.export_run(runs["fp"], fmt="merged", to=tmp_path / "b", dtype="bf16")
     assert list(tmp_path.iterdir()) == []
@@ -246,7 +248,7 @@ def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "keep.txt").write_text("old")
     (tmp_path / "c" / "export.json").write_text("{}")  # an earlier export: --overwrite may replace it
-    monkeypatch.setattr(export, "verify_gguf", boom)
+    monkeypatch.setattr(gguf, "verify_gguf", boom)
     with pytest.raises(RuntimeError):
         export.export_run(runs["fp"], fmt="gguf", to=tmp_path / "c", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
@@ -288,8 +290,9 @@ def test_stale_export_folders_are_cleaned_and_a_full_disk_is_an_error(runs, tmp_
     import subprocess
     import sys
 
+    from fastsft import export
     from fastsft.errors import ExportError
-    from fastsft.export import transaction as export
+    from fastsft.export import adapter
 
     dead = int(
         subprocess.run(
@@ -304,7 +307,7 @@ def test_stale_export_folders_are_cleaned_and_a_full_disk_is_an_error(runs, tmp_
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export, "model_card", full)
+    monkeypatch.setattr(adapter, "model_card", full)
     with pytest.raises(
         ExportError, match="the disk is full; nothing was written and the previous export is kept"
     ):
@@ -317,8 +320,9 @@ def test_export_checks_free_space_first(runs, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
+    from fastsft import export
     from fastsft.errors import ExportError
-    from fastsft.export import transaction as export
+    from fastsft.export import merged
     from fastsft.run import guard
 
     need = export.export_bytes(export.read_run(runs["fp"]), "fp32")
@@ -328,7 +332,7 @@ def test_export_checks_free_space_first(runs, tmp_path, monkeypatch):
         guard.shutil, "disk_usage", lambda p: usage(need * 4, need * 4 - need // 2, need // 2)
     )
     loaded = []
-    monkeypatch.setattr(export, "merge", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(merged, "merge", lambda *a, **k: loaded.append(1))
     with pytest.raises(
         ExportError,
         match=r"the merged export \(fp32\) needs about .* GiB in .*, but only .* GiB is free\. .*another --to",
@@ -380,6 +384,14 @@ def test_adapter_export_has_card_and_loads(runs, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
+def unpermute_qk(w, n_head: int, n_head_kv: int | None = None):
+    """The inverse of fastsft.export.gguf.permute_qk (llama.cpp's q/k order back to Hugging Face's)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
 def _gguf_file(out: Path) -> Path:
     files = list(out.glob("*.gguf"))
     assert len(files) == 1
@@ -396,7 +408,7 @@ def test_gguf_reads_back(runs, tmp_path, which, dtype):
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
-    from fastsft.export import export_run, merge, read_run, unpermute_qk
+    from fastsft.export import export_run, merge, read_run
 
     run = runs[which]
     out = export_run(run, fmt="gguf", to=tmp_path / "g", dtype=dtype)
@@ -490,10 +502,11 @@ def test_gguf_loads_in_an_independent_reader_with_the_merged_logits(runs, tmp_pa
 
 
 def test_gguf_unsupported_arch(runs, tmp_path, monkeypatch):
+    from fastsft import export
     from fastsft.errors import ExportError
-    from fastsft.export import transaction as export
+    from fastsft.export import gguf
 
-    monkeypatch.setattr(export, "GGUF_ARCHS", {"LlamaForCausalLM": ("llama", True)})
+    monkeypatch.setattr(gguf, "GGUF_ARCHS", {"LlamaForCausalLM": ("llama", True)})
     with pytest.raises(ExportError, match="LlamaForCausalLM.*MistralForCausalLM"):
         export.export_run(runs["fp"], fmt="gguf", to=tmp_path / "g")
     assert list(tmp_path.iterdir()) == []

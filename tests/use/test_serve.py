@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fastsft.use.serve import cut_at_stop, parse_tool_calls
+from fastsft.chat.tools import parse_tool_calls
+from fastsft.use.serve import cut_at_stop
 
 from _tiny import TINY_RECIPE
 

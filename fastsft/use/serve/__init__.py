@@ -1,23 +1,13 @@
 """`fastsft serve`: an OpenAI-compatible HTTP server (chat completions, completions, models) and a
 chat page, on a model loaded once.
 
-app     the protocol (request parsing, stops, tool calls), the engine (one generation at a time,
-        streaming) and the Starlette app
-static/ the chat page
+protocol  settings, OpenAI-shaped errors, request bodies read into checked parameters, stop strings
+engine    one worker thread answering requests in order, streamed or whole
+app       the Starlette app (routes, streaming, the API key, the page) and `serve`
+static/   the chat page
 """
 
-from .app import (
-    ServeSettings,
-    create_app,
-    cut_at_stop,
-    parse_tool_calls,
-    serve,
-)
+from .app import create_app, serve
+from .protocol import ServeSettings, cut_at_stop
 
-__all__ = [
-    "ServeSettings",
-    "create_app",
-    "cut_at_stop",
-    "parse_tool_calls",
-    "serve",
-]
+__all__ = ["ServeSettings", "create_app", "cut_at_stop", "serve"]
