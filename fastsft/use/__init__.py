@@ -1,21 +1,14 @@
-"""Using a trained model: load a run or model folder, generate, chat, evaluate, serve.
+"""Using a trained model: a run directory, an adapter or a model folder.
 
-load    `load_for_use(model_ref)`: the reader of a run directory, an adapter or a model folder;
-        `generate`, `chat` and `evaluate` on what it loaded
-serve/  `fastsft serve`: an OpenAI-compatible HTTP server and a chat page
+load        `load_for_use(model_ref) -> Loaded`: the model as trained, its tokenizer, its end-of-turn ids
+answer      `generate` (one prompt) and `chat` (a conversation in the terminal)
+evaluation  `evaluate`: held-out loss and end-of-turn compliance, written to eval.json
+serve/      `fastsft serve`: an OpenAI-compatible server and a chat page
 """
 
-from .load import (
-    EVAL_JSON,
-    Loaded,
-    chat,
-    eval_conversations,
-    evaluate,
-    generate,
-    generate_ids,
-    load_for_use,
-    read_tools,
-)
+from .answer import chat, generate, generate_ids, read_tools
+from .evaluation import EVAL_JSON, eval_conversations, evaluate
+from .load import Loaded, load_for_use
 
 __all__ = [
     "EVAL_JSON",

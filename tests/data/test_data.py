@@ -421,7 +421,7 @@ def test_training_preview_and_eval_mask_alike(tmp_path, tiny_model_dir, tok, tem
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from fastsft.use import load as use
+    from fastsft.use import evaluation as use
 
     write_jsonl(tmp_path / "train.jsonl", [{"messages": CONV}, TOOL_ROW, qa(1)])
     (tmp_path / "plain.jinja").write_text(CHATML_NO_MARKERS, encoding="utf-8")
