@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import click
 
 from fastsft.cli.common import handle_errors, make_policy, policy_options
+from fastsft.rundir import default_path
 
 SET_HELP = "Override a recipe key, parsed as a TOML value: --set train.learning_rate=1e-4 (repeatable)."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The command group, keeping the arguments it was invoked with (`ctx.meta["argv"]`): `run --launch N`
+    starts its ranks with the same command line, less `--launch`."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = list(args)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["argv"] = argv
+        return ctx
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastsft")
 def main():
     """fastsft: fine-tune a language model on one GPU from a TOML recipe.
@@ -116,87 +129,51 @@ def run(
     from fastsft import recipe as recipe_mod
     from fastsft.run import train
 
-    policy = make_policy(trust_remote_code, allow_pickle)
-    wanted = None
-    if nproc is None and dist.world_size() == 1:
-        # [distributed] num_processes > 1 in the recipe launches the ranks, like --launch N
-        if resume_dir:
-            wanted = train.resume_recipe(resume_dir, recipe, list(overrides))
-        else:
-            wanted = recipe_mod.load(recipe, list(overrides)) if recipe else None
-        if wanted is not None and wanted.distributed.num_processes > 1:
-            nproc = wanted.distributed.num_processes
-    if nproc and nproc > 1 and dist.world_size() == 1:
-        sys.exit(
-            _launch_ranks(
-                nproc, recipe, overrides, output_dir, overwrite, resume_dir,
-                allow_data_change, trust_remote_code, allow_pickle,
-            )
-        )  # fmt: skip
+    if resume_dir and (output_dir or overwrite):
+        raise click.UsageError(
+            "--resume continues the run in its own folder; drop --output-dir / --overwrite"
+        )
+    if not resume_dir and recipe is None:
+        raise click.UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
+    # the recipe is read once, here, and handed down
     if resume_dir:
-        if output_dir or overwrite:
-            raise click.UsageError(
-                "--resume continues the run in its own folder; drop --output-dir / --overwrite"
-            )
         r = train.resume_recipe(resume_dir, recipe, list(overrides))
-        try:
+    else:
+        r = recipe_mod.load(recipe, list(overrides))
+    if nproc is None and dist.world_size() == 1 and r.distributed.num_processes > 1:
+        nproc = r.distributed.num_processes  # like --launch N
+    if nproc and nproc > 1 and dist.world_size() == 1:
+        dist.check_distributed(r)  # refuse here, not once per rank
+        argv = rank_argv(click.get_current_context().meta["argv"], nproc, r, output_dir, resume_dir)
+        sys.exit(subprocess.call(dist.launch_command(nproc, argv)))
+    policy = make_policy(trust_remote_code, allow_pickle)
+    try:
+        if resume_dir:
             train.run(
                 r, output_dir=resume_dir, resume=True, policy=policy, allow_data_change=allow_data_change
             )
-        finally:
-            dist.teardown()
-        return
-    if recipe is None:
-        raise click.UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
-    r = recipe_mod.load(recipe, list(overrides))
-    try:
-        train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
+        else:
+            train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
     finally:
         dist.teardown()
 
 
-def _launch_ranks(
-    nproc,
-    recipe,
-    overrides,
-    output_dir,
-    overwrite,
-    resume_dir,
-    allow_data_change,
-    trust_remote_code,
-    allow_pickle,
-) -> int:
-    """Start `nproc` ranks of this command (torchrun) and return their exit status."""
-    import subprocess
-
-    from fastsft import dist
-    from fastsft import recipe as recipe_mod
-    from fastsft.run import train
-
-    # the ranks' recipe records how many they are, so that a resume starts as many again
-    overrides = [*overrides, f"distributed.num_processes={nproc}"]
-    wanted = None
-    if resume_dir:
-        wanted = train.resume_recipe(resume_dir, recipe, overrides)
-    elif recipe:
-        wanted = recipe_mod.load(recipe, overrides)
-    if wanted is not None:
-        dist.check_distributed(wanted)  # refuse here, not once per rank
-    argv = ["run"] + ([recipe] if recipe else [])
-    for item in overrides:
-        argv += ["--set", item]
-    argv += ["--allow-data-change"] if allow_data_change else []
-    argv += ["--trust-remote-code"] if trust_remote_code else []
-    argv += ["--allow-pickle"] if allow_pickle else []
-    if resume_dir:
-        argv += ["--resume", resume_dir]
-    else:
-        # every rank must use one folder: its name is fixed here, not per rank
-        from fastsft.rundir import default_path
-
-        argv += ["-o", str(output_dir or default_path(recipe or "recipe"))]
-        argv += ["--overwrite"] if overwrite else []
-    return subprocess.call(dist.launch_command(nproc, argv))
+def rank_argv(argv: list[str], nproc: int, recipe, output_dir, resume_dir) -> list[str]:
+    """The command line of each of `nproc` ranks: this one without `--launch`, the rank count recorded in
+    the recipe (a resume starts as many again), and, for a new run, one run directory named here for
+    every rank."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--launch":
+            skip = True
+        elif not arg.startswith("--launch="):
+            out.append(arg)
+    out += ["--set", f"distributed.num_processes={nproc}"]
+    if not resume_dir and not output_dir:
+        out += ["-o", str(default_path(recipe.path or "recipe"))]
+    return out
 
 
 @main.command()

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastsft import backends, dist, machine
-from fastsft.errors import FastSFTError, Interrupted, RunDirError
+from fastsft.errors import FastSFTError, Interrupted, RecipeError, RunDirError
 from fastsft.files import WriteFailed, apply_umask, is_write_error
-from fastsft.run import guard, report
+from fastsft.run import guard, preflight, report
 from fastsft.run.sft_args import sft_config
 from fastsft.run.trainer import (
     STAGING,
@@ -100,7 +100,6 @@ def resume_recipe(run_dir: str | Path, recipe_path: str | Path | None, overrides
     not change what is trained. A given RECIPE (or an override) that changes the training is refused
     with the differing keys named."""
     from fastsft import recipe as recipe_mod
-    from fastsft.errors import RecipeError
 
     run = RunDir.open(run_dir)
     stored = recipe_mod.load(run / RECIPE)
@@ -179,10 +178,12 @@ class Run:
     # ------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Everything before the first step: the run directory's checks, model, data, loss, the memory
-        and disk checks, then (only now) the run directory, run.json, the trainer, the answers before."""
+        """Everything before the first step: the run directory's checks, validate's preflight, model, data,
+        loss, the memory and disk checks, then (only now) the run directory, run.json, the trainer, the
+        answers before."""
         dist.setup()  # a no-op unless launched as several ranks (torchrun / accelerate launch)
         target = self._open_resumed() if self.resume else self._check_target()
+        self._preflight()
         self._load()
         self._check_memory_and_disk(target)
         self._make_run_dir(target)
@@ -233,6 +234,13 @@ class Run:
             raise RunDirError(message)
         return Path(path)
 
+    def _preflight(self) -> None:
+        """What `fastsft validate` checks beyond the schema (files, names, installed packages, target
+        modules), refused before the model loads."""
+        found = preflight.problems(self.recipe)
+        if found:
+            raise RecipeError(found, path=str(self.recipe.path) if self.recipe.path else None)
+
     def _load(self) -> None:
         """Model and tokenizer (the backend's), the data (refused on a resume when it changed), the loss."""
         recipe = self.recipe
@@ -247,12 +255,6 @@ class Run:
             from fastsft.run import retain
 
             self.retain_items = retain.encode(recipe, loaded.tokenizer, log=self.log)
-        from fastsft.run import trackers
-
-        if trackers.missing(recipe):  # refused before the run directory is made
-            from fastsft.errors import RecipeError
-
-            raise RecipeError(trackers.missing(recipe), path=str(recipe.path) if recipe.path else None)
         was = (self.previous.get("data") or {}).get("fingerprint")
         if self.resume and was and was != prepared.fingerprint and not self.allow_data_change:
             raise RunDirError(

@@ -22,6 +22,30 @@ SHORT = [
 ]  # fmt: skip
 
 
+def test_ranks_get_this_command_line_less_launch():
+    """The ranks run the command as given, less `--launch N` / `--launch=N`, plus the rank count (for
+    the recipe they record) and, for a new run without -o, the one run directory named by the launcher."""
+    from fastsft.cli.main import rank_argv
+
+    r = R.load(RECIPES / "tiny.toml")
+    argv = ["run", "r.toml", "--launch", "2", "--set", "train.max_steps=6", "--launch=2", "--allow-pickle"]
+    given = [
+        "run",
+        "r.toml",
+        "--set",
+        "train.max_steps=6",
+        "--allow-pickle",
+        "--set",
+        "distributed.num_processes=2",
+    ]
+    new = rank_argv(argv, 2, r, None, None)
+    assert new[:-2] == given and new[-2] == "-o" and new[-1].startswith("runs/tiny-")
+    assert rank_argv([*argv, "-o", "out"], 2, r, "out", None) == [*given[:5], "-o", "out", *given[5:]]
+    assert rank_argv(["run", "--resume", "d", "--launch", "3"], 3, r, None, "d") == [
+        "run", "--resume", "d", "--set", "distributed.num_processes=3"
+    ]  # fmt: skip
+
+
 def fastsft(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "fastsft.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600

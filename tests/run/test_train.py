@@ -179,3 +179,25 @@ def test_a_target_module_that_matches_nothing_is_an_error(tmp_path):
         BackendError, match=r"'v_prj' \(did you mean 'v_proj'\?\) matches no module of the model"
     ):
         backends.load_model(recipe, log=lambda m: None)
+
+
+def test_run_refuses_what_validate_refuses_before_the_model_loads(tmp_path, monkeypatch):
+    """`fastsft run` calls validate's preflight before the model loads: a missing data file is refused
+    with validate's message, no model is loaded and no run directory is made."""
+    import io
+
+    from rich.console import Console
+
+    from fastsft import backends
+    from fastsft.errors import RecipeError
+    from fastsft.run import train
+
+    from _tiny import DEMO, write_recipe
+
+    loads = []
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: loads.append(1))
+    text = TINY_RECIPE.replace(f'train = "{DEMO}"', 'train = "missing.jsonl"')
+    recipe = R.load(write_recipe(tmp_path / "r.toml", text))
+    with pytest.raises(RecipeError, match="data.train = 'missing.jsonl': file not found"):
+        train.run(recipe, output_dir=tmp_path / "run", console=Console(file=io.StringIO()))
+    assert not loads and not (tmp_path / "run").exists()
