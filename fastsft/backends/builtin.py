@@ -12,7 +12,6 @@ minute and the answers visibly change. `recipes/data/demo.jsonl` is `demo_rows()
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -125,17 +124,6 @@ def demo_rows(n: int = 400, seed: int = 0) -> list[dict]:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         rows.append({"messages": messages})
     return rows
-
-
-def write_demo_jsonl(path: str | Path, n: int = 400, seed: int = 0) -> None:
-    from ..files import write_text
-
-    write_text(path, "".join(json.dumps(row) + "\n" for row in demo_rows(n, seed)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Materialising a tiny model
-# ----------------------------------------------------------------------------------------------
 
 
 def chatml_template() -> str:

@@ -86,7 +86,7 @@ class LoadPolicy:
         }
 
 
-def load_tokenizer(*folders, policy: LoadPolicy | None = None):
+def tokenizer_from(*folders, policy: LoadPolicy | None = None):
     """The first of `folders` whose tokenizer loads (a run's adapter folder carries the chat template and
     any token training added, so it comes before the base model's folder). None entries are skipped, and
     so is a folder without tokenizer files while another is left to try."""
@@ -143,6 +143,6 @@ __all__ = [
     "check_target_modules",
     "compute_dtype",
     "cuda_available",
-    "load_tokenizer",
+    "tokenizer_from",
     "torch_dtype",
 ]

@@ -38,7 +38,7 @@ def main():
 
     \b
     Example:
-      fastsft run recipes/tiny.toml          # a tiny offline run on the CPU, ~2 minutes
+      fastsft run recipes/tiny.toml          # a tiny offline run on the CPU
       fastsft run recipes/mistral7b_qlora.toml --set train.max_steps=100
     """
     quiet_libraries()
@@ -114,7 +114,7 @@ def run(
     trust_remote_code,
     allow_pickle,
 ):
-    """Train a LoRA adapter as RECIPE says and write a run directory.
+    """Fine-tune the model as RECIPE says (a LoRA adapter, or every weight) and write a run directory.
 
     \b
     The run directory holds recipe.toml (resolved), run.json, metrics.jsonl,

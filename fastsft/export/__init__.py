@@ -10,12 +10,10 @@ gguf         one GGUF file for llama.cpp, read back and checked
 
 from .merged import logits_of, merge, rel_diff
 from .read import RunInfo, read_run
-from .transaction import DTYPES, EXPORT_JSON, FORMATS, check_destination, export_bytes, export_run
+from .transaction import EXPORT_JSON, check_destination, export_bytes, export_run
 
 __all__ = [
-    "DTYPES",
     "EXPORT_JSON",
-    "FORMATS",
     "RunInfo",
     "check_destination",
     "export_bytes",

@@ -30,9 +30,9 @@ def export_adapter(run: RunInfo, out: Path, *, console=None) -> dict:
             shutil.copy2(f, out / f.name)
         copied.append(f.name)
     if not any(n.startswith("tokenizer") for n in copied):
-        from fastsft.backends.common import load_tokenizer
+        from fastsft.backends.common import tokenizer_from
 
-        tok = load_tokenizer(run.base_path, policy=run.policy)
+        tok = tokenizer_from(run.base_path, policy=run.policy)
         tok.save_pretrained(str(out))
     if (run.path / RECIPE).exists():
         shutil.copy2(run.path / RECIPE, out / RECIPE)

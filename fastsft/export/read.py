@@ -44,9 +44,9 @@ class RunInfo:
 
     def tokenizer(self):
         """The run's tokenizer: the adapter folder's (chat template and any added pad token), else the base's."""
-        from fastsft.backends.common import load_tokenizer
+        from fastsft.backends.common import tokenizer_from
 
-        return load_tokenizer(self.adapter, self.base_path, policy=self.policy)
+        return tokenizer_from(self.adapter, self.base_path, policy=self.policy)
 
     def load(self, dtype: str, *, load_in_4bit: bool = False, upcast: bool = False, tokenizer=None):
         """Base model + the run's adapter (backends.transformers.load_trained); a full fine-tune's model."""

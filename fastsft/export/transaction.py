@@ -25,12 +25,6 @@ from fastsft.recipe import EXPORT_DTYPES, EXPORT_FORMATS
 from fastsft.run import guard
 from fastsft.rundir import RECIPE, RUN_JSON
 
-FORMATS = EXPORT_FORMATS  # owned by the recipe schema ([export] formats); the same names here and on the CLI
-
-
-DTYPES = EXPORT_DTYPES
-
-
 EXPORT_JSON = "export.json"
 
 
@@ -47,10 +41,10 @@ def export_run(
     """Export the run in `run_dir` as `fmt` (merged | adapter | gguf) into `to`
     (default RUN_DIR/export-<fmt>) and return that folder. `policy` (backends.LoadPolicy) is what loading
     the base model may do. Raises ExportError."""
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}.")
-    if dtype not in DTYPES:
-        raise ExportError(f"unknown export dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}.")
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"unknown export dtype {dtype!r}; choose one of: {', '.join(EXPORT_DTYPES)}.")
     run = read_run(run_dir, policy=policy)
     target = Path(to) if to is not None else run.path / f"export-{fmt}"
     _prepare_destination(run, target, fmt, dtype, overwrite=overwrite)

@@ -33,7 +33,7 @@ def score(model, route, items: list[dict], *, max_length: int, batch_size: int, 
     weighted by that count."""
     import torch
 
-    from fastsft.run.loss import shift_left
+    from fastsft.run.loss import IGNORE_INDEX, shift_left
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -49,12 +49,12 @@ def score(model, route, items: list[dict], *, max_length: int, batch_size: int, 
                 T = max(len(ids) for ids, _ in batch)
                 ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
                 attn = torch.zeros((len(batch), T), dtype=torch.long)
-                labels = torch.full((len(batch), T), -100, dtype=torch.long)
+                labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
                 for r, (x, m) in enumerate(batch):
                     ids[r, : len(x)] = torch.tensor(x)
                     attn[r, : len(x)] = 1
-                    labels[r, : len(x)] = torch.where(torch.tensor(m) == 1, torch.tensor(x), -100)
-                n = int((shift_left(labels) != -100).sum())
+                    labels[r, : len(x)] = torch.where(torch.tensor(m) == 1, torch.tensor(x), IGNORE_INDEX)
+                n = int((shift_left(labels) != IGNORE_INDEX).sum())
                 if n == 0:
                     continue
                 inputs = {

@@ -8,7 +8,6 @@ from the model's dtype, the settings fastsft fixes, and the distributed strategy
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 from fastsft import dist
@@ -60,11 +59,4 @@ def sft_config(recipe, output_dir: Path, *, dtype: str, backend: str, data_kwarg
     return SFTConfig(**kwargs)
 
 
-def sft_field_names() -> set[str]:
-    """Every argument SFTConfig takes (TrainingArguments' included)."""
-    from trl import SFTConfig
-
-    return {f.name for f in fields(SFTConfig) if f.init}
-
-
-__all__ = ["sft_config", "passed_through", "sft_field_names"]
+__all__ = ["sft_config", "passed_through"]

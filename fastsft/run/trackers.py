@@ -75,12 +75,3 @@ def callbacks(recipe, run_dir) -> list:
             )  # read at train begin, else TENSORBOARD_LOGGING_DIR
         out.append(cb)
     return out
-
-
-def read_tensorboard(folder) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under `folder`: {tag: [(step, value)]} (for tests and reports)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

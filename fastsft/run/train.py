@@ -30,7 +30,7 @@ from fastsft.run.trainer import (
     progress_callback,
     read_totals,
 )
-from fastsft.rundir import ADAPTER, METRICS, RECIPE, RUN_JSON, RunDir, default_path
+from fastsft.rundir import RECIPE, RUN_JSON, RunDir, default_path
 
 
 @dataclass
@@ -662,4 +662,4 @@ def _fmt_loss(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-__all__ = ["run", "Run", "resume_recipe", "sft_config", "RunResult", "ADAPTER", "METRICS"]
+__all__ = ["run", "Run", "resume_recipe", "RunResult"]

@@ -83,10 +83,10 @@ class FastSFTTrainerMixin:
             )
             self._tokens_local = n if self._tokens_local is None else self._tokens_local + n
         if not model.training and "labels" in inputs:
-            from fastsft.run.loss import shift_left
+            from fastsft.run.loss import IGNORE_INDEX, shift_left
 
             # the route's loss is the mean over this batch's scored tokens: weight it by their count
-            n = (shift_left(inputs["labels"]) != -100).sum()
+            n = (shift_left(inputs["labels"]) != IGNORE_INDEX).sum()
             nll = loss.detach().float() * n
             self._eval_nll = nll if self._eval_nll is None else self._eval_nll + nll
             self._eval_tokens = n if self._eval_tokens is None else self._eval_tokens + n

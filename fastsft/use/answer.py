@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fastsft.errors import BackendError, DataError
-from fastsft.use.load import Loaded, load_for_use
+from fastsft.use.load import LoadedForUse, load_for_use
 
 
 def _as_messages(prompt) -> list[dict]:
@@ -23,7 +23,7 @@ def _as_messages(prompt) -> list[dict]:
     return messages
 
 
-def generate_ids(loaded: Loaded, messages, **kwargs) -> tuple[list[int], bool]:
+def generate_for(loaded: LoadedForUse, messages, **kwargs) -> tuple[list[int], bool]:
     """`fastsft.chat.generation.generate_ids` with the loaded model, its tokenizer and end-of-turn ids:
     (new token ids, stopped on an end-of-turn token)."""
     from fastsft.chat.generation import generate_ids as generate
@@ -63,7 +63,7 @@ def generate(
     if temperature < 0:
         raise BackendError(f"--temperature must be 0 (greedy) or more, got {temperature}.")
     loaded = load_for_use(model_ref, policy=policy)
-    new, _ = generate_ids(
+    new, _ = generate_for(
         loaded, _as_messages(prompt), max_new_tokens=max_new_tokens, temperature=temperature, tools=tools
     )
     return loaded.tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -114,7 +114,7 @@ def chat(
             console.print(f"[yellow]{escape(str(e))}[/]")
             continue
         messages.append({"role": "user", "content": text})
-        new, stopped = generate_ids(
+        new, stopped = generate_for(
             loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature, tools=tools
         )
         answer = loaded.tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -8,9 +8,10 @@ import json
 import math
 from pathlib import Path
 
+from fastsft.data import IGNORE_INDEX
 from fastsft.errors import DataError
 from fastsft.rundir import RECIPE
-from fastsft.use.load import Loaded, load_for_use
+from fastsft.use.load import LoadedForUse, load_for_use
 
 EVAL_JSON = "eval.json"
 
@@ -69,7 +70,7 @@ def _recipe_near(path: Path):
     return None
 
 
-def _held_out(loaded: Loaded, data_file, console) -> tuple[list[dict], str, object | None]:
+def _held_out(loaded: LoadedForUse, data_file, console) -> tuple[list[dict], str, object | None]:
     """(encoded conversations, where they came from, the recipe that shaped them) to evaluate on:
     `data_file` masked as the run trained (or as `fastsft run` masks by default), else the run's split."""
     recipe = loaded.recipe
@@ -101,18 +102,20 @@ def held_out_loss(model, convs: list[dict], max_length: int) -> tuple[float, int
     with torch.no_grad():
         for conv in convs:
             ids, labels = _loss_tokens(conv, max_length)
-            if (labels[:, 1:] != -100).sum() == 0:
+            if (labels[:, 1:] != IGNORE_INDEX).sum() == 0:
                 continue
             logits = model(input_ids=ids.to(device)).logits.float()
             nll = torch.nn.functional.cross_entropy(
-                logits[0, :-1], labels[0, 1:].to(device), ignore_index=-100, reduction="sum"
+                logits[0, :-1], labels[0, 1:].to(device), ignore_index=IGNORE_INDEX, reduction="sum"
             )
             total_nll += float(nll)
-            total_tokens += int((labels[0, 1:] != -100).sum())
+            total_tokens += int((labels[0, 1:] != IGNORE_INDEX).sum())
     return (total_nll / total_tokens if total_tokens else float("nan")), total_tokens
 
 
-def _compliance_samples(loaded: Loaded, convs: list[dict], n_gen: int, max_new_tokens: int) -> list[dict]:
+def _compliance_samples(
+    loaded: LoadedForUse, convs: list[dict], n_gen: int, max_new_tokens: int
+) -> list[dict]:
     """Greedy answers (fastsft.chat.generation.answer) to the prompts of the first `n_gen` conversations."""
     from fastsft.chat.generation import answer
 

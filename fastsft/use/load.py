@@ -1,4 +1,4 @@
-"""Loading a trained model to use it: `load_for_use(model_ref) -> Loaded`, for `generate`, `chat`,
+"""Loading a trained model to use it: `load_for_use(model_ref) -> LoadedForUse`, for `generate`, `chat`,
 `evaluate` and `serve`.
 
 A model reference is one of
@@ -24,7 +24,7 @@ from fastsft.rundir import ADAPTER, MODEL
 
 
 @dataclass
-class Loaded:
+class LoadedForUse:
     model: object
     tokenizer: object
     kind: str  # "run" | "adapter" | "model"
@@ -62,19 +62,19 @@ def _check_ref(model_ref) -> Path:
     return path
 
 
-def _load_run(path: Path, dtype: str | None, policy) -> Loaded:
+def _load_run(path: Path, dtype: str | None, policy) -> LoadedForUse:
     """A run directory: the base as the run trained it (4-bit NF4 when the recipe says so) + its adapter."""
     from fastsft.export import read_run
 
     run = read_run(path, policy=policy)
     tok = run.tokenizer()
     model = run.load(dtype or run.train_dtype, load_in_4bit=run.load_in_4bit, tokenizer=tok)
-    return Loaded(model, tok, "run", path, run_dir=path, recipe=run.recipe)
+    return LoadedForUse(model, tok, "run", path, run_dir=path, recipe=run.recipe)
 
 
-def _load_adapter(path: Path, dtype: str | None, policy) -> Loaded:
+def _load_adapter(path: Path, dtype: str | None, policy) -> LoadedForUse:
     """An adapter folder: the base named in its adapter_config.json + the adapter."""
-    from fastsft.backends.common import load_tokenizer
+    from fastsft.backends.common import tokenizer_from
     from fastsft.backends.transformers import load_trained
 
     cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
@@ -83,22 +83,22 @@ def _load_adapter(path: Path, dtype: str | None, policy) -> Loaded:
         raise BackendError(
             f"{path}/adapter_config.json does not name its base model (base_model_name_or_path)."
         )
-    tok = load_tokenizer(path, base_path, policy=policy)
+    tok = tokenizer_from(path, base_path, policy=policy)
     model = load_trained(base_path, path, dtype or _default_dtype(), tokenizer=tok, policy=policy)
-    return Loaded(model, tok, "adapter", path)
+    return LoadedForUse(model, tok, "adapter", path)
 
 
-def _load_model(path: Path, dtype: str | None, policy) -> Loaded:
+def _load_model(path: Path, dtype: str | None, policy) -> LoadedForUse:
     """A merged export or any local Hugging Face model folder, on the GPU when there is one."""
-    from fastsft.backends.common import load_tokenizer
+    from fastsft.backends.common import tokenizer_from
     from fastsft.backends.transformers import load_base
 
     model = load_base(str(path), dtype or _default_dtype(), policy=policy, on_gpu=True, what="the model")
-    return Loaded(model, load_tokenizer(path, policy=policy), "model", path)
+    return LoadedForUse(model, tokenizer_from(path, policy=policy), "model", path)
 
 
-def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
-    """A run directory, adapter folder or model folder -> `Loaded` (unpacks as `model, tokenizer`).
+def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> LoadedForUse:
+    """A run directory, adapter folder or model folder -> `LoadedForUse` (unpacks as `model, tokenizer`).
     `policy` (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do, whatever
     the folder's recipe.toml says."""
     import torch
@@ -106,7 +106,7 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> Loaded:
     from fastsft.backends import LoadPolicy
     from fastsft.chat.templates import end_of_turn_ids
 
-    if isinstance(model_ref, Loaded):
+    if isinstance(model_ref, LoadedForUse):
         return model_ref
     policy = policy or LoadPolicy()
     path = _check_ref(model_ref)

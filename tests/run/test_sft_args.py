@@ -5,7 +5,7 @@ from dataclasses import fields
 import pytest
 
 from fastsft import recipe as R
-from fastsft.run.sft_args import passed_through, sft_config, sft_field_names
+from fastsft.run.sft_args import passed_through, sft_config
 
 # A value for each [train] key marked `sft`, unlike both the recipe's default and SFTConfig's own default,
 # so that the value found in the SFTConfig can only have come from the recipe.
@@ -29,6 +29,13 @@ NON_DEFAULT = {
     "metric_for_best_model": "eval_mean_token_accuracy",
     "seed": 7,
 }
+
+
+def sft_field_names() -> set[str]:
+    """Every argument SFTConfig takes (TrainingArguments' included)."""
+    from trl import SFTConfig
+
+    return {f.name for f in fields(SFTConfig) if f.init}
 
 
 def recipe_with(train: dict, **sections) -> R.Recipe:

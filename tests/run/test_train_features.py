@@ -188,7 +188,7 @@ def test_load_best_model_at_end_keeps_the_best_eval_step(tmp_path, tiny_model_di
     held = []
     for line in DEMO.read_text().splitlines()[-8:]:
         question = next(m for m in json.loads(line)["messages"] if m["role"] == "user")
-        new, _ = use.generate_ids(base, [question], max_new_tokens=12)
+        new, _ = use.generate_for(base, [question], max_new_tokens=12)
         held.append(
             {
                 "messages": [

@@ -14,9 +14,9 @@ from rich.console import Console
 
 from fastsft import recipe as R
 from fastsft.errors import RecipeError
-from fastsft.run import trackers, train
+from fastsft.run import train
 
-from _tiny import DEMO, TINY_RECIPE
+from _tiny import DEMO, TINY_RECIPE, read_tensorboard
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -101,7 +101,7 @@ def test_the_retain_loss_is_the_token_weighted_eval_loss(modes_run, tmp_path):
 
 def test_tensorboard_event_files_hold_the_logged_losses(modes_run):
     result, rows = modes_run
-    scalars = trackers.read_tensorboard(result.run_dir / "tensorboard")
+    scalars = read_tensorboard(result.run_dir / "tensorboard")
     train_rows = [(x["step"], x["loss"]) for x in rows if "loss" in x]
     eval_rows = [(x["step"], x["eval_loss"]) for x in rows if "eval_loss" in x]
     assert len(train_rows) == 6 and len(eval_rows) == 3  # steps 0, 3, 6

@@ -360,7 +360,7 @@ class _App:
 
 
 def create_app(loaded, settings: ServeSettings):
-    """The Starlette app serving `loaded` (a fastsft.use.Loaded)."""
+    """The Starlette app serving `loaded` (a fastsft.use.LoadedForUse)."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
