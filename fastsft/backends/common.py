@@ -69,8 +69,11 @@ class LoadPolicy:
         p = Path(path)
         if self.allow_pickle or not p.is_dir():
             return
-        pickles = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-                         and x.name not in ("training_args.bin",))  # fmt: skip
+        pickles = sorted(
+            x.name
+            for x in p.iterdir()
+            if x.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt") and x.name not in ("training_args.bin",)
+        )
         if pickles and not any(p.glob("*.safetensors")):
             raise BackendError(
                 f"{what} in {p} has only pickle weights ({', '.join(pickles[:3])}), which can run code when "

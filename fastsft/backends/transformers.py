@@ -45,9 +45,15 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     attn = recipe.model.attn_implementation
     attn = "sdpa" if attn == "auto" else attn
     model = load_base(
-        path, dtype, load_in_4bit=recipe.model.load_in_4bit, load_in_8bit=recipe.model.load_in_8bit,
-        policy=policy, attn_implementation=attn, on_gpu=True, what="the model",
-    )  # fmt: skip
+        path,
+        dtype,
+        load_in_4bit=recipe.model.load_in_4bit,
+        load_in_8bit=recipe.model.load_in_8bit,
+        policy=policy,
+        attn_implementation=attn,
+        on_gpu=True,
+        what="the model",
+    )
     tokenizer = tokenizer_from(path, policy=policy)
     if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
         # Casts norms to float32 and readies the inputs for checkpointing; checkpointing itself is

@@ -57,9 +57,14 @@ class RunInfo:
             return model.float() if upcast else model
 
         return load_trained(
-            self.base_path, self.adapter, dtype, tokenizer=tokenizer or self.tokenizer(),
-            load_in_4bit=load_in_4bit, upcast=upcast, policy=self.policy,
-        )  # fmt: skip
+            self.base_path,
+            self.adapter,
+            dtype,
+            tokenizer=tokenizer or self.tokenizer(),
+            load_in_4bit=load_in_4bit,
+            upcast=upcast,
+            policy=self.policy,
+        )
 
 
 def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
@@ -135,9 +140,18 @@ def _read_full_run(path: Path, policy) -> RunInfo:
     """A full fine-tune's run directory: its model/ folder is the trained model."""
     run_json, recipe = _run_json_and_recipe(path, policy)
     model = path / MODEL
-    return RunInfo(path=path, adapter=model, recipe=recipe, run_json=run_json, base_path=str(model),
-                   train_dtype=run_json.get("dtype") or "fp32", load_in_4bit=False,
-                   trust_remote_code=policy.trust_remote_code, allow_pickle=policy.allow_pickle, full=True)  # fmt: skip
+    return RunInfo(
+        path=path,
+        adapter=model,
+        recipe=recipe,
+        run_json=run_json,
+        base_path=str(model),
+        train_dtype=run_json.get("dtype") or "fp32",
+        load_in_4bit=False,
+        trust_remote_code=policy.trust_remote_code,
+        allow_pickle=policy.allow_pickle,
+        full=True,
+    )
 
 
 def _collect() -> None:

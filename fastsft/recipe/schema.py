@@ -985,11 +985,15 @@ def _cross_checks(r: Recipe) -> list[str]:
                     'an 8-bit optimizer, optim = "adamw_8bit", saves most of the memory), or use method = "lora".'
                 )
         if r.lora.use_dora:
-            problems.append('[lora] use_dora = true with [train] method = "full": DoRA is an adapter; '
-                            'use method = "lora" for DoRA, or drop use_dora')  # fmt: skip
+            problems.append(
+                '[lora] use_dora = true with [train] method = "full": DoRA is an adapter; '
+                'use method = "lora" for DoRA, or drop use_dora'
+            )
         if r.lora.modules_to_save:
-            problems.append('[lora] modules_to_save with [train] method = "full": every module trains and is saved '
-                            "already; drop modules_to_save")  # fmt: skip
+            problems.append(
+                '[lora] modules_to_save with [train] method = "full": every module trains and is saved '
+                "already; drop modules_to_save"
+            )
     from fastsft.run import trackers
 
     problems += check_sources(r.data.as_dict(), SCHEMA["data"]["format"].choices)

@@ -154,11 +154,12 @@ def _overfitting(evals: list[dict], losses: list[tuple[int, float]]) -> Finding 
         if rising and t0 is not None and t1 is not None and t1 < t0:
             end = evals[-1]
             return _finding(
-                "overfitting", window[-1]["step"],
+                "overfitting",
+                window[-1]["step"],
                 f"held-out loss rose {e[0]:.4f} -> {e[-1]:.4f} over {OVERFIT_EVALS} evaluations (steps "
                 f"{window[0]['step']}-{window[-1]['step']}; best {best:.4f}) while the train loss fell {t0:.4f} -> "
                 f"{t1:.4f}; at the end (step {end['step']}) held-out {end['eval_loss']:.4f}",
-            )  # fmt: skip
+            )
     return None
 
 
@@ -170,9 +171,10 @@ def _memorisation(evals: list[dict], losses: list[tuple[int, float]]) -> Finding
     t = _train_near(losses, last_eval["step"])
     if t is not None and t < MEMORISED_TRAIN and last_eval["eval_loss"] - t > MEMORISED_GAP:
         return _finding(
-            "memorisation", last_eval["step"],
+            "memorisation",
+            last_eval["step"],
             f"train loss {t:.4f} (near zero) but held-out loss {last_eval['eval_loss']:.4f}",
-        )  # fmt: skip
+        )
     return None
 
 
@@ -185,10 +187,11 @@ def _no_learning(losses: list[tuple[int, float]]) -> Finding | None:
     last = sum(v for _, v in losses[-q:]) / q
     if first > MEMORISED_TRAIN and last > first * (1 - FLAT_DROP):
         return _finding(
-            "no_learning", losses[-1][0],
+            "no_learning",
+            losses[-1][0],
             f"train loss {first:.4f} over the first {q} logs and {last:.4f} over the last {q}: "
             f"it fell less than {FLAT_DROP:.0%}",
-        )  # fmt: skip
+        )
     return None
 
 
@@ -214,10 +217,11 @@ def _compliance_fell(c: dict, train: list[dict]) -> Finding | None:
     if not c.get("n") or c.get("base") is None or c.get("fine_tuned") is None or c["fine_tuned"] >= c["base"]:
         return None
     return _finding(
-        "compliance", train[-1]["step"] if train else 0,
+        "compliance",
+        train[-1]["step"] if train else 0,
         f"answers that stop on the end-of-turn token fell from {c['base']:.0%} (base model) to "
         f"{c['fine_tuned']:.0%} (fine-tuned), of {c['n']} prompts",
-    )  # fmt: skip
+    )
 
 
 def early_stopping_callback(recipe):

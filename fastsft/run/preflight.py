@@ -21,8 +21,10 @@ def problems(recipe) -> list[str]:
     if builtin.is_builtin(m.name):
         short = m.name[len(builtin.BUILTIN_PREFIX) :]
         if short not in builtin.TINY_CONFIGS:
-            out.append(f"[model] name = {m.name!r}: unknown built-in model; built-in models are: "
-                       f"{', '.join(builtin.builtin_names())}")  # fmt: skip
+            out.append(
+                f"[model] name = {m.name!r}: unknown built-in model; built-in models are: "
+                f"{', '.join(builtin.builtin_names())}"
+            )
     elif gguf.is_gguf(m.name):
         try:
             gguf.resolve_file(m.name, recipe.base_dir)
@@ -51,8 +53,10 @@ def problems(recipe) -> list[str]:
         except FastSFTError as e:
             out.append(str(e))
     if recipe.loss.kernel == "unsloth" and importlib.util.find_spec("unsloth") is None:
-        out.append('[loss] kernel = "unsloth": unsloth is not installed (pip install \'fastsft[gpu]\' on a CUDA '
-                   'machine); use kernel = "auto"')  # fmt: skip
+        out.append(
+            "[loss] kernel = \"unsloth\": unsloth is not installed (pip install 'fastsft[gpu]' on a CUDA "
+            'machine); use kernel = "auto"'
+        )
     if m.backend == "unsloth" and importlib.util.find_spec("unsloth") is None:
         out.append('[model] backend = "unsloth": unsloth is not installed; use backend = "auto"')
     out += _target_problems(recipe)

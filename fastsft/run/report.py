@@ -118,8 +118,11 @@ def _health_section(summary: dict) -> list[str]:
         lines += ["## Training health", ""]
         findings = summary.get("health") or []
         if not findings:
-            lines += ["No overfitting, memorisation, flat loss, spikes, non-finite values or falling template "
-                      "compliance found in the metrics.", ""]  # fmt: skip
+            lines += [
+                "No overfitting, memorisation, flat loss, spikes, non-finite values or falling template "
+                "compliance found in the metrics.",
+                "",
+            ]
         for f in findings:
             lines += [f"- **{f['title']}** (step {f['step']}): {f['seen']}. *Fix:* {f['advice']}."]
         lines.append("")

@@ -137,8 +137,16 @@ def run(
 
     The run directory is made (and locked) only once setup (model, data, loss) has passed; an old run
     it replaces is moved aside and deleted once training has started."""
-    session = Run(recipe, output_dir=output_dir, overwrite=overwrite, console=console, resume=resume,
-                  policy=policy, allow_data_change=allow_data_change, callbacks=callbacks)  # fmt: skip
+    session = Run(
+        recipe,
+        output_dir=output_dir,
+        overwrite=overwrite,
+        console=console,
+        resume=resume,
+        policy=policy,
+        allow_data_change=allow_data_change,
+        callbacks=callbacks,
+    )
     try:
         session.setup()
         return session.finish(session.train())
@@ -155,8 +163,18 @@ class Run:
     Under several ranks (torchrun) every rank runs each step; rank 0 (`main`) owns the run directory
     and is the only one that writes or prints."""
 
-    def __init__(self, recipe, *, output_dir=None, overwrite=False, console=None, resume=False, policy=None,
-                 allow_data_change=False, callbacks: Sequence = ()):  # fmt: skip
+    def __init__(
+        self,
+        recipe,
+        *,
+        output_dir=None,
+        overwrite=False,
+        console=None,
+        resume=False,
+        policy=None,
+        allow_data_change=False,
+        callbacks: Sequence = (),
+    ):
         from rich.console import Console
 
         self.recipe, self.output_dir, self.overwrite, self.resume = recipe, output_dir, overwrite, resume
@@ -354,17 +372,28 @@ class Run:
         checkpoints) and the caller's."""
         recipe, loaded, prepared, run_dir = self.recipe, self.loaded, self.prepared, self.run_dir
         # the Trainer writes each checkpoint into checkpoints/.staging; the checkpoint callback moves it
-        args = sft_config(recipe, run_dir.checkpoints / STAGING, dtype=loaded.dtype, backend=loaded.backend,
-                          data_kwargs=prepared.sft_kwargs)  # fmt: skip
+        args = sft_config(
+            recipe,
+            run_dir.checkpoints / STAGING,
+            dtype=loaded.dtype,
+            backend=loaded.backend,
+            data_kwargs=prepared.sft_kwargs,
+        )
         self.stop = guard.StopOnSignal(self.log)
-        self.nonfinite = guard.NonFiniteGuard(recipe.train.max_nonfinite_steps, check_grads=loaded.dtype != "fp16",
-                                              log=self.log)  # fmt: skip
+        self.nonfinite = guard.NonFiniteGuard(
+            recipe.train.max_nonfinite_steps, check_grads=loaded.dtype != "fp16", log=self.log
+        )
         tokens_before = self.totals_before["tokens"] if self.totals_before else 0
         from fastsft.run import health, trackers
 
         # the caller's callbacks run before the guards, so a stop they cause (a signal) counts in that step
-        callbacks = [progress_callback(run_dir, self.console, tokens_before=tokens_before), *self.callbacks,
-                     self.stop.callback(), self.nonfinite.callback(), health.callback(self.log)]  # fmt: skip
+        callbacks = [
+            progress_callback(run_dir, self.console, tokens_before=tokens_before),
+            *self.callbacks,
+            self.stop.callback(),
+            self.nonfinite.callback(),
+            health.callback(self.log),
+        ]
         if self.main:
             callbacks += trackers.callbacks(recipe, run_dir)
         early = health.early_stopping_callback(recipe)
@@ -411,8 +440,10 @@ class Run:
             and dist.world_size() > 1
             and self.recipe.distributed.strategy != "ddp"
         ):
-            self.log(f"retain: not scored under {self.recipe.distributed.strategy} (sharded weights); score it "
-                     f"after the run with fastsft eval RUN --data {self.recipe.data.retain}")  # fmt: skip
+            self.log(
+                f"retain: not scored under {self.recipe.distributed.strategy} (sharded weights); score it "
+                f"after the run with fastsft eval RUN --data {self.recipe.data.retain}"
+            )
             self.retain_items = None
         if self.retain_items is None or not self.main or self.resume:
             return self.run_info.get("retain_before")
@@ -427,10 +458,13 @@ class Run:
 
         t, tokenizer = self.recipe.train, self.loaded.tokenizer
         return retain.score(
-            self.loaded.model, self.route, self.retain_items, max_length=self.recipe.data.max_length,
+            self.loaded.model,
+            self.route,
+            self.retain_items,
+            max_length=self.recipe.data.max_length,
             batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        )  # fmt: skip
+        )
 
     # ------------------------------------------------------------------------------------------
     # train
@@ -511,11 +545,11 @@ class Run:
         else:
             what = f"cannot write in {run_dir.path}: {str(e).strip().splitlines()[0]}"
         kept = run_dir.latest_checkpoint()
-        msg = (
-            f"{what} (during {self.trainer.phase}). The run stopped; "
-            + (f"its last complete checkpoint is {kept[1]}. Free some space, then resume: fastsft run --resume {run_dir.path}"
-               if kept else "it had no complete checkpoint yet. Free some space, then start it again with --overwrite.")
-        )  # fmt: skip
+        msg = f"{what} (during {self.trainer.phase}). The run stopped; " + (
+            f"its last complete checkpoint is {kept[1]}. Free some space, then resume: fastsft run --resume {run_dir.path}"
+            if kept
+            else "it had no complete checkpoint yet. Free some space, then start it again with --overwrite."
+        )
         try:
             self._record_stop("stopped: write failed", msg)
         except (OSError, WriteFailed):

@@ -101,8 +101,11 @@ class Engine:
             if any(t < 0 or t >= vocab for t in prompt):
                 raise APIError(400, f"`prompt`: token ids must be in [0, {vocab}).", param="prompt")
             return list(prompt)
-        raise APIError(400, "`prompt` must be a non-empty string (or one string in a list, or token ids).",
-                       param="prompt")  # fmt: skip
+        raise APIError(
+            400,
+            "`prompt` must be a non-empty string (or one string in a list, or token ids).",
+            param="prompt",
+        )
 
     def check_length(self, prompt_ids: list[int], params: Params) -> None:
         if self.context and len(prompt_ids) + params.max_tokens > self.context:

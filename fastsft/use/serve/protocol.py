@@ -110,8 +110,11 @@ def _text_of(content, where: str) -> str:
                 parts.append(part["text"])
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise APIError(400, f"{where}: content part of type {kind!r}: this model reads text only.",
-                               param="messages")  # fmt: skip
+                raise APIError(
+                    400,
+                    f"{where}: content part of type {kind!r}: this model reads text only.",
+                    param="messages",
+                )
         return "".join(parts)
     raise APIError(400, f"{where}: `content` must be a string or a list of text parts.", param="messages")
 
