@@ -85,7 +85,7 @@ LORA16 = os.environ.get("FASTSFT_BENCH_LORA16") == "1"
 
 def run_fastsft(row, model_dir, data, seq_len, steps, warmup, record):
     from fastsft import recipe as R
-    from fastsft import train
+    from fastsft.run import train
 
     backend = "unsloth" if row == "fastsft" else "transformers"
     quant, dtype = ("false", 'dtype = "bf16"') if LORA16 else ("true", "")

@@ -118,9 +118,9 @@ if [ "$PLAN" = quick ]; then
   gpu_part e2e 140 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/e2e" FASTSFT_BENCH_MODELS=llama-3.2-1b \
     FASTSFT_BENCH_SEQ=2048 FASTSFT_BENCH_ROWS=fastsft-transformers,transformers -- \
     benchmarks/test_training_bench.py -m "e2e and not slow"
-  gpu_part unsloth 100 "FASTSFT_UNSLOTH_SITE=$SITE" -- tests/test_unsloth_cpu.py
+  gpu_part unsloth 100 "FASTSFT_UNSLOTH_SITE=$SITE" -- tests/backends/test_unsloth_cpu.py
 else
-  gpu_part tests 100 -- tests/test_loss.py tests/test_mixed_precision.py
+  gpu_part tests 100 -- tests/run/test_loss.py tests/run/test_mixed_precision.py
   gpu_part loss 120 "FASTSFT_BENCH_OUT=$WORK/loss" -- benchmarks/test_loss_bench.py -m loss \
     -k "N16384 and not V128256 and (fastsft or torch-V or torch-stock-linear or torch-linear-V or liger or cce)"
   gpu_part e2e 200 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/e2e" FASTSFT_BENCH_MODELS=llama-3.2-1b \

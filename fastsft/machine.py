@@ -15,8 +15,18 @@ from pathlib import Path
 
 # What a version report lists (run.json, the unsloth CPU check); `fastsft doctor` checks these against
 # `tested_bounds()`.
-PACKAGES = ("fastsft", "torch", "transformers", "trl", "peft", "bitsandbytes", "triton", "datasets",
-            "accelerate", "unsloth")  # fmt: skip
+PACKAGES = (
+    "fastsft",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "bitsandbytes",
+    "triton",
+    "datasets",
+    "accelerate",
+    "unsloth",
+)
 
 
 def version(package: str) -> str | None:

@@ -12,6 +12,15 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
+def read_tensorboard(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files under `folder`: {tag: [(step, value)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 TINY_RECIPE = f"""
 [model]
 name = "builtin:tiny-mistral"

@@ -15,7 +15,7 @@ python -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.'
 [ -d .cache/trl-1.15/trl ] || pip install -q --no-deps --target .cache/trl-1.15 trl==1.15.0
 
 # The `gpu` extra's Unsloth, for test_unsloth_cpu.py: its child process runs fastsft's Unsloth backend on
-# the CPU (UNSLOTH_ALLOW_CPU=1, Triton's interpreter, the shim in tests/unsloth_cpu/) with this folder and
+# the CPU (UNSLOTH_ALLOW_CPU=1, Triton's interpreter, the shim in tests/backends/unsloth_cpu/) with this folder and
 # TRL 1.15 first on its path. No dependencies: the core's torch, transformers, peft, bitsandbytes,
 # datasets, triton, pillow and numpy are what it imports on that path.
 [ -d .cache/unsloth/unsloth_zoo ] || pip install -q --no-deps --target .cache/unsloth unsloth==2026.10.7 unsloth_zoo==2026.10.7
@@ -33,7 +33,7 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
   else
     echo "note: chromium and chromium-driver are not installed and this user cannot apt-get them;" \
-         "the browser test of tests/test_serve.py will be skipped" >&2
+         "the browser test of tests/use/test_serve.py will be skipped" >&2
   fi
 fi
 

@@ -18,7 +18,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from fastsft import doctor, machine
+from fastsft import machine
+from fastsft.cli import doctor
 
 from _tiny import REPO
 

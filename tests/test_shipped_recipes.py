@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from fastsft.cli import main
+from fastsft.cli.main import main
 
 from _tiny import RECIPES
 

@@ -17,10 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Cycles that other branches of issue #16 remove, edge by edge; the test ignores exactly these. When
-# such a branch lands, test_known_exceptions_are_still_needed fails until its edge is deleted here.
-KNOWN_EDGES: set[tuple[str, str]] = set()
-
 
 def module_name(path: Path, root: Path = ROOT) -> str:
     rel = path.relative_to(root).with_suffix("")
@@ -111,25 +107,10 @@ def _describe(graph: dict[str, set[str]], comp: list[str]) -> str:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_edges(modules())
-    for a, b in KNOWN_EDGES:
-        graph.get(a, set()).discard(b)
     found = cycles(graph)
     assert not found, "import cycles (move the shared part into a leaf module):\n" + "\n".join(
         _describe(graph, c) for c in found
     )
-
-
-def test_known_exceptions_are_still_needed():
-    """Each edge of KNOWN_EDGES still exists and still closes a cycle; once its owner removed it, this
-    fails until it is deleted from the list."""
-    graph = import_edges(modules())
-    stale = []
-    for a, b in sorted(KNOWN_EDGES):
-        if b not in graph.get(a, set()):
-            stale.append(f"{a} -> {b} (no longer imported)")
-        elif not any(a in c and b in c for c in cycles(graph)):
-            stale.append(f"{a} -> {b} (no longer part of a cycle)")
-    assert not stale, "remove from KNOWN_EDGES: " + ", ".join(stale)
 
 
 def test_the_checker_sees_cycles_in_function_bodies(tmp_path):
@@ -158,10 +139,10 @@ LEAVES = {
     "fastsft.errors": set(),
     "fastsft.machine": set(),
     "fastsft.files": {"fastsft.errors"},
-    "fastsft.chat_templates": {"fastsft.errors"},
+    "fastsft.chat.templates": {"fastsft.errors"},
     "fastsft.backends.common": {"fastsft.errors"},
-    "fastsft.generation": {"fastsft.chat_templates"},
-    "fastsft.cli_common": {"fastsft.errors", "fastsft.backends.common"},
+    "fastsft.chat.generation": {"fastsft.chat.templates"},
+    "fastsft.cli.common": {"fastsft.errors", "fastsft.backends.common"},
 }
 
 
@@ -187,19 +168,19 @@ def _calls(path: Path, attribute: str, receivers: set[str] | None = None) -> lis
 
 
 def test_one_generator_and_one_model_loader():
-    """Generation (`model.generate`) lives in fastsft/generation.py only, and loading a causal LM or an
+    """Generation (`model.generate`) lives in fastsft/chat/generation.py only, and loading a causal LM or an
     adapter (`AutoModelForCausalLM.from_pretrained`, `PeftModel.from_pretrained`) in fastsft/backends/
     only: a second copy elsewhere would drift from the end-of-turn stop, the load policy or the
     pad-token resize."""
     strays = []
     for name, path in modules().items():
         rel = path.relative_to(ROOT)
-        if name != "fastsft.generation":
+        if name != "fastsft.chat.generation":
             strays += [f"{rel}:{n}: .generate(" for n in _calls(path, "generate")]
         if not name.startswith("fastsft.backends"):
             loaders = {"AutoModelForCausalLM", "PeftModel"}
             strays += [f"{rel}:{n}: from_pretrained" for n in _calls(path, "from_pretrained", loaders)]
-    assert not strays, "use fastsft.generation / fastsft.backends instead:\n" + "\n".join(strays)
+    assert not strays, "use fastsft.chat.generation / fastsft.backends instead:\n" + "\n".join(strays)
 
 
 def test_kernels_import_nothing_of_fastsft():

@@ -5,7 +5,7 @@
 - `auto`: unsloth when a CUDA GPU is there and unsloth imports, else transformers, with one line
   saying which and why.
 
-Nothing after this module asks which backend made the model, except `fastsft.loss`, which routes
+Nothing after this module asks which backend made the model, except `fastsft.run.loss`, which routes
 each backend's loss.
 """
 
@@ -121,7 +121,7 @@ def load_tokenizer(recipe, model_path: str | None = None, *, policy: LoadPolicy 
     """The tokenizer of the recipe's model (`model_path` when already resolved)."""
     policy = policy or LoadPolicy()
     policy.check_recipe(recipe)
-    return common.load_tokenizer(model_path or resolve_model_path(recipe), policy=policy)
+    return common.tokenizer_from(model_path or resolve_model_path(recipe), policy=policy)
 
 
 def flush_denormals() -> bool:

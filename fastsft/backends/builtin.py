@@ -12,7 +12,6 @@ minute and the answers visibly change. `recipes/data/demo.jsonl` is `demo_rows()
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -127,19 +126,8 @@ def demo_rows(n: int = 400, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_demo_jsonl(path: str | Path, n: int = 400, seed: int = 0) -> None:
-    from ..files import write_text
-
-    write_text(path, "".join(json.dumps(row) + "\n" for row in demo_rows(n, seed)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Materialising a tiny model
-# ----------------------------------------------------------------------------------------------
-
-
 def chatml_template() -> str:
-    from ..chat_templates import CHATML
+    from ..chat.templates import CHATML
 
     return CHATML
 

@@ -84,8 +84,11 @@ class LoadPolicy:
         p = Path(path)
         if self.allow_pickle or not p.is_dir():
             return
-        pickles = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-                         and x.name not in ("training_args.bin",))  # fmt: skip
+        pickles = sorted(
+            x.name
+            for x in p.iterdir()
+            if x.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt") and x.name not in ("training_args.bin",)
+        )
         if pickles and not any(p.glob("*.safetensors")):
             raise BackendError(
                 f"{what} in {p} has only pickle weights ({', '.join(pickles[:3])}), which can run code when "
@@ -101,7 +104,7 @@ class LoadPolicy:
         }
 
 
-def load_tokenizer(*folders, policy: LoadPolicy | None = None):
+def tokenizer_from(*folders, policy: LoadPolicy | None = None):
     """The first of `folders` whose tokenizer loads (a run's adapter folder carries the chat template and
     any token training added, so it comes before the base model's folder). None entries are skipped, and
     so is a folder without tokenizer files while another is left to try."""
@@ -158,6 +161,6 @@ __all__ = [
     "check_target_modules",
     "compute_dtype",
     "cuda_available",
-    "load_tokenizer",
+    "tokenizer_from",
     "torch_dtype",
 ]

@@ -188,14 +188,3 @@ def materialize(gguf_path: Path, *, log=print) -> Path:
         )  # last: marks it complete
     log(f"model: {summary}; tokenizer: " + ("; ".join(fixes) if fixes else "special tokens as the GGUF says"))
     return folder
-
-
-def gguf_source(model_dir: str | Path) -> dict | None:
-    """The conversion notes of a folder made by `materialize` (None for any other folder)."""
-    f = Path(model_dir) / NOTES
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -40,15 +40,21 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from .common import check_target_modules, float32_trainable, load_tokenizer
+    from .common import check_target_modules, float32_trainable, tokenizer_from
 
     attn = recipe.model.attn_implementation
     attn = "sdpa" if attn == "auto" else attn
     model = load_base(
-        path, dtype, load_in_4bit=recipe.model.load_in_4bit, load_in_8bit=recipe.model.load_in_8bit,
-        policy=policy, attn_implementation=attn, on_gpu=True, what="the model",
-    )  # fmt: skip
-    tokenizer = load_tokenizer(path, policy=policy)
+        path,
+        dtype,
+        load_in_4bit=recipe.model.load_in_4bit,
+        load_in_8bit=recipe.model.load_in_8bit,
+        policy=policy,
+        attn_implementation=attn,
+        on_gpu=True,
+        what="the model",
+    )
+    tokenizer = tokenizer_from(path, policy=policy)
     if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
         # Casts norms to float32 and readies the inputs for checkpointing; checkpointing itself is
         # enabled by the Trainer, so not here.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..chat_templates import load_template
+from ..chat.templates import load_template
 from ..errors import DataError
 from .formats import MAX_SKIP_REASONS, Example, check_skips, skip_hint, tool_names
 from .read import RowProblem, short

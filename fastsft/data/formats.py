@@ -25,8 +25,13 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 # Also understood in sharegpt data: the TRL-style names, and the function-calling names of the
 # LLaMA-Factory / glaive sharegpt variant (a `function_call` turn is an assistant turn whose value is
 # the call as JSON; an `observation` is the tool's result).
-_SHAREGPT_EXTRA = {"user": "user", "assistant": "assistant", "tool": "tool", "function_call": "assistant",
-                   "observation": "tool"}  # fmt: skip
+_SHAREGPT_EXTRA = {
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function_call": "assistant",
+    "observation": "tool",
+}
 FORMATS = ("text", "messages", "prompt_completion", "conversations", "sharegpt", "alpaca")
 MAX_SKIP_REASONS = 5
 
@@ -128,8 +133,13 @@ def _message_list(value: Any, field_name: str, *, sharegpt: bool) -> list[dict]:
             raise RowProblem(f"{where}: unknown role {role!r}: roles are {allowed}")
         if role == "function_call":  # sharegpt: the value is the call (or a list of calls) as JSON
             calls = _parse_json(content, f"{where} (function_call): `{ckey}`")
-            out.append({"role": "assistant", "content": "",
-                        "tool_calls": _tool_calls(calls, f"{where} (function_call)")})  # fmt: skip
+            out.append(
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": _tool_calls(calls, f"{where} (function_call)"),
+                }
+            )
             continue
         calls = m.get("tool_calls")
         if calls is not None and names[role] != "assistant":

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import mixing
-from ..chat_templates import end_of_turn_token, has_generation_markers
+from ..chat.templates import end_of_turn_token, has_generation_markers
 from ..errors import DataError
-from . import cache
+from . import cache, mixing
 from .encode import Encoder, check_end_of_turn, encode_all, setup_pad_token, setup_template, truncation_limit
 from .formats import KIND_NAMES, MAX_SKIP_REASONS, Example, kind, load_examples, tool_names
 
@@ -227,8 +226,10 @@ def _plan(recipe, tokenizer, fmt: str, examples: list[Example], log) -> _Plan:
                 "assistant-only loss with a chat template without {% generation %} markers needs a fast "
                 "tokenizer (for character offsets); set data.chat_template to a built-in template instead"
             ) from None
-        log("data: the chat template has no {% generation %} markers; assistant turns are found by rendering "
-            "the conversation turn by turn")  # fmt: skip
+        log(
+            "data: the chat template has no {% generation %} markers; assistant turns are found by rendering "
+            "the conversation turn by turn"
+        )
     return _Plan(fmt, k, template, aol, col, bool(markers), eot, added_pad, truncation_limit(recipe))
 
 
@@ -411,8 +412,13 @@ def prepare_examples(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: 
             _report(stats, log)
             return PreparedData(train_ds, eval_ds, sft_kwargs, stats, fingerprint), [], []
 
-    encoder = Encoder(tokenizer, assistant_only=plan.assistant_only, completion_only=plan.completion_only,
-                      markers=plan.markers, eot=plan.eot)  # fmt: skip
+    encoder = Encoder(
+        tokenizer,
+        assistant_only=plan.assistant_only,
+        completion_only=plan.completion_only,
+        markers=plan.markers,
+        eot=plan.eot,
+    )
     train_ex, trunc = encode_all(train_ex, encoder, plan.limit, d.on_invalid, train_info)
     if eval_ex:
         eval_ex, etrunc = encode_all(eval_ex, encoder, plan.limit, d.on_invalid, eval_info)
@@ -463,8 +469,13 @@ def encode_file(recipe, tokenizer, path: str | Path, *, log=None) -> list[dict]:
         data.pop(k, None)
     data["val_ratio"] = 0.0
     _without_evaluation(raw)
-    _, examples, _ = prepare_examples(validate(raw, path=recipe.path), tokenizer, log=log or (lambda m: None),
-                              keep=sys.maxsize, use_cache=False)  # fmt: skip
+    _, examples, _ = prepare_examples(
+        validate(raw, path=recipe.path),
+        tokenizer,
+        log=log or (lambda m: None),
+        keep=sys.maxsize,
+        use_cache=False,
+    )
     return [{"input_ids": e.input_ids, "mask": e.mask} for e in examples]
 
 

@@ -1,0 +1,102 @@
+"""`fastsft doctor`: what is installed, whether it sits in the bounds we test, the GPU, the backend.
+
+Version clashes between unsloth, trl and transformers are the breakage users report most, so each
+package is checked against the range fastsft is tested with.
+"""
+
+from __future__ import annotations
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from fastsft import machine
+
+# What doctor checks; their ranges come from fastsft's own metadata (machine.tested_bounds).
+CHECKED = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "bitsandbytes",
+    "triton",
+    "datasets",
+    "accelerate",
+    "unsloth",
+    "unsloth_zoo",
+    "xformers",
+)
+OPTIONAL = ("triton", "unsloth", "unsloth_zoo", "xformers")  # a missing one is not a fault
+
+
+def check_versions() -> list[dict]:
+    """One row per CHECKED package: its version, the range fastsft is tested with, whether it is inside,
+    and where it is not, the pip command that puts it back. With unsloth installed, the `gpu` extra's
+    ranges (what Unsloth accepts, torch<2.15 for unsloth 2026.10 included) are hard limits too."""
+    core, gpu = machine.tested_bounds()
+    tested = {**core, **{pkg: spec for pkg, spec in gpu.items() if pkg not in core}}
+    unsloth_bounds = {pkg: spec for pkg, spec in gpu.items() if pkg in core}
+    have_unsloth = machine.version("unsloth") is not None
+    rows = []
+    for pkg in CHECKED:
+        v, spec = machine.version(pkg), tested.get(pkg, "")
+        row = {"package": pkg, "version": v, "tested": spec or "-", "ok": True, "note": ""}
+        if v is None:
+            row["ok"] = pkg in OPTIONAL
+            row["note"] = "optional: pip install 'fastsft[gpu]'" if pkg in OPTIONAL[1:] else "not installed"
+        else:
+            if Version(v) not in SpecifierSet(spec):
+                row["ok"], row["note"] = False, f"outside the tested range {spec}"
+            if have_unsloth and pkg in unsloth_bounds and Version(v) not in SpecifierSet(unsloth_bounds[pkg]):
+                row["ok"], row["note"] = False, f"unsloth needs {pkg}{unsloth_bounds[pkg]}"
+            if not row["ok"]:  # the fix asks for both ranges at once, so it cannot trade one for the other
+                both = SpecifierSet(spec) & SpecifierSet(unsloth_bounds.get(pkg, "") if have_unsloth else "")
+                row["note"] += f": pip install '{pkg}{both}'"
+        rows.append(row)
+    return rows
+
+
+def report(console=None) -> bool:
+    """Print the doctor's table; True when nothing is out of bounds."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from fastsft.backends import choose_backend
+
+    console = console or Console()
+    rows = check_versions()
+    table = Table(title="fastsft doctor: packages")
+    for col in ("package", "version", "tested", "status"):
+        table.add_column(col)
+    for r in rows:
+        status = "[green]ok[/]" if r["ok"] else f"[red]{escape(r['note'])}[/]"
+        if r["ok"] and r["note"]:
+            status = f"[yellow]{escape(r['note'])}[/]"  # escaped: "pip install 'fastsft[gpu]'" is not markup
+        table.add_row(r["package"], r["version"] or "-", r["tested"], status)
+    console.print(table)
+    gpu = machine.gpu()
+    if gpu:
+        console.print(
+            f"GPU: {gpu['name']}, {gpu['memory_gib']} GiB, compute capability {gpu['compute_capability']}, "
+            f"bf16 {'yes' if gpu['bf16'] else 'no'}, CUDA {gpu['cuda']}"
+        )
+    else:
+        console.print(
+            "GPU: none (CUDA not available): training runs on the CPU with the transformers backend"
+        )
+    backend, why = choose_backend("auto")
+    console.print(f'backend = "auto" picks: [bold]{backend}[/] ({escape(why)})')
+    import torch
+
+    from fastsft.kernels import triton_available
+
+    dev = torch.device("cuda" if gpu else "cpu")
+    console.print(
+        "fastsft kernels: "
+        + (
+            "Triton"
+            if triton_available(dev)
+            else "PyTorch fallback (Triton needs CUDA, or TRITON_INTERPRET=1)"
+        )
+    )
+    return all(r["ok"] for r in rows)

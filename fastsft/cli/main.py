@@ -1,0 +1,267 @@
+"""The `fastsft` command line. Parses arguments, calls the modules in order, prints fastsft errors
+once, as a paragraph, and exits 2 (a traceback is kept for our own bugs only).
+
+Heavy imports (torch, transformers, trl, unsloth) happen inside the commands: unsloth must be
+imported before transformers, trl and peft, and `backends.load_model` sees to that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import click
+
+from fastsft.cli.common import handle_errors, make_policy, policy_options
+from fastsft.rundir import default_path
+
+SET_HELP = "Override a recipe key, parsed as a TOML value: --set train.learning_rate=1e-4 (repeatable)."
+
+
+class _Group(click.Group):
+    """The command group, keeping the arguments it was invoked with (`ctx.meta["argv"]`): `run --launch N`
+    starts its ranks with the same command line, less `--launch`."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = list(args)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["argv"] = argv
+        return ctx
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastsft")
+def main():
+    """fastsft: fine-tune a language model on one GPU from a TOML recipe.
+
+    \b
+    Example:
+      fastsft run recipes/tiny.toml          # a tiny offline run on the CPU
+      fastsft run recipes/mistral7b_qlora.toml --set train.max_steps=100
+    """
+    quiet_libraries()
+
+
+def entry() -> None:
+    """The `fastsft` console script. Commands that run a model flush denormal floats to zero on a
+    CPU-only machine (process-wide, so here and not in library code, where it would leak into the
+    caller's process)."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("run", "generate", "chat", "eval", "export", "serve"):
+        from fastsft.backends import flush_denormals
+
+        flush_denormals()
+    main()
+
+
+def quiet_libraries() -> None:
+    """Library chatter off unless FASTSFT_VERBOSE=1: bitsandbytes' "kernels-community" warning on every
+    CPU import, and the progress bars of transformers (loading weights) and datasets (map, save); fastsft
+    prints its own progress."""
+    import logging
+
+    if os.environ.get("FASTSFT_VERBOSE"):
+        return
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this one
+    # (environment, not imports: unsloth must be imported before transformers, see backends.load_model)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False), required=False)
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@click.option(
+    "--output-dir",
+    "-o",
+    type=click.Path(file_okay=False),
+    help="Run directory (default runs/<recipe>-<time>).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the fastsft run in --output-dir (only a run; deleted once the new run has started).",
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory from its newest complete checkpoint.",
+)
+@click.option(
+    "--launch",
+    "nproc",
+    type=click.IntRange(min=1),
+    help="Run as N data-parallel processes on this machine (DDP through torchrun; N GPUs, or CPU with gloo).",
+)
+@click.option(
+    "--allow-data-change",
+    is_flag=True,
+    help="With --resume: continue although the training data changed since the run started.",
+)
+@policy_options
+@handle_errors
+def run(
+    recipe,
+    overrides,
+    output_dir,
+    overwrite,
+    resume_dir,
+    nproc,
+    allow_data_change,
+    trust_remote_code,
+    allow_pickle,
+):
+    """Fine-tune the model as RECIPE says (a LoRA adapter, or every weight) and write a run directory.
+
+    \b
+    The run directory holds recipe.toml (resolved), run.json, metrics.jsonl,
+    checkpoints/, adapter/, report.md and loss.png. Ctrl-C writes a checkpoint
+    and prints the command that resumes the run.
+    \b
+    Example:
+      fastsft run recipes/tiny.toml --set train.max_steps=20 -o runs/try1
+      fastsft run --resume runs/try1
+    """
+    from fastsft import dist
+    from fastsft import recipe as recipe_mod
+    from fastsft.run import train
+
+    if resume_dir and (output_dir or overwrite):
+        raise click.UsageError(
+            "--resume continues the run in its own folder; drop --output-dir / --overwrite"
+        )
+    if not resume_dir and recipe is None:
+        raise click.UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
+    # the recipe is read once, here, and handed down
+    if resume_dir:
+        r = train.resume_recipe(resume_dir, recipe, list(overrides))
+    else:
+        r = recipe_mod.load(recipe, list(overrides))
+    if nproc is None and dist.world_size() == 1 and r.distributed.num_processes > 1:
+        nproc = r.distributed.num_processes  # like --launch N
+    if nproc and nproc > 1 and dist.world_size() == 1:
+        dist.check_distributed(r)  # refuse here, not once per rank
+        argv = rank_argv(click.get_current_context().meta["argv"], nproc, r, output_dir, resume_dir)
+        sys.exit(subprocess.call(dist.launch_command(nproc, argv)))
+    policy = make_policy(trust_remote_code, allow_pickle)
+    try:
+        if resume_dir:
+            train.run(
+                r, output_dir=resume_dir, resume=True, policy=policy, allow_data_change=allow_data_change
+            )
+        else:
+            train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
+    finally:
+        dist.teardown()
+
+
+def rank_argv(argv: list[str], nproc: int, recipe, output_dir, resume_dir) -> list[str]:
+    """The command line of each of `nproc` ranks: this one without `--launch`, the rank count recorded in
+    the recipe (a resume starts as many again), and, for a new run, one run directory named here for
+    every rank."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--launch":
+            skip = True
+        elif not arg.startswith("--launch="):
+            out.append(arg)
+    out += ["--set", f"distributed.num_processes={nproc}"]
+    if not resume_dir and not output_dir:
+        out += ["-o", str(default_path(recipe.path or "recipe"))]
+    return out
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@handle_errors
+def validate(recipe, overrides):
+    """Check RECIPE and print it resolved (defaults filled in, overrides applied).
+
+    Exits 0 when valid; otherwise lists every problem at once and exits 2.
+
+    \b
+    Example:
+      fastsft validate recipes/mistral7b_qlora.toml --set train.learning_rate=1e-4
+    """
+    from fastsft import recipe as recipe_mod
+    from fastsft.errors import RecipeError
+    from fastsft.run.preflight import problems
+
+    r = recipe_mod.load(recipe, list(overrides))
+    found = problems(r)
+    if found:
+        raise RecipeError(found, path=str(recipe))
+    click.echo(f"# {recipe}: valid\n")
+    click.echo(r.to_toml())
+
+
+@main.command()
+@handle_errors
+def schema():
+    """Print the recipe schema as JSON Schema, for TOML editors.
+
+    \b
+    Example (taplo / Even Better TOML):
+      fastsft schema > fastsft-recipe.schema.json
+      # then, first line of a recipe:  #:schema ./fastsft-recipe.schema.json
+    """
+    from fastsft import recipe as recipe_mod
+
+    click.echo(json.dumps(recipe_mod.json_schema(), indent=2))
+
+
+@main.command()
+@handle_errors
+def doctor():
+    """Versions, their tested bounds, the GPU, and which backend `auto` would pick.
+
+    \b
+    Example:
+      fastsft doctor
+    """
+    from fastsft.cli import doctor as doctor_mod
+
+    ok = doctor_mod.report()
+    sys.exit(0 if ok else 1)
+
+
+@main.group()
+def data():
+    """Look at the training data as the trainer will see it."""
+
+
+@data.command("preview")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@click.option("-n", "n", default=3, show_default=True, help="Examples to show.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per example on stdout, nothing else.")
+@policy_options
+@handle_errors
+def preview(recipe, overrides, n, as_json, trust_remote_code, allow_pickle):
+    """Render the first N training examples with the tokens that carry loss highlighted, then stats.
+
+    \b
+    Example:
+      fastsft data preview recipes/tiny.toml -n 2
+      fastsft data preview recipes/tiny.toml --json | jq .trained_text
+    """
+    from rich.console import Console
+
+    from fastsft import backends
+    from fastsft import data as data_mod
+    from fastsft import recipe as recipe_mod
+
+    r = recipe_mod.load(recipe, list(overrides))
+    tokenizer = backends.load_tokenizer(r, policy=make_policy(trust_remote_code, allow_pickle))
+    data_mod.preview(r, tokenizer, n=n, as_json=as_json, console=Console(stderr=as_json))
+
+
+from fastsft.cli.use import register as _register_use  # noqa: E402  (export, generate, chat, eval)
+
+_register_use(main)

@@ -1,0 +1,307 @@
+"""The GGUF export: one F16 / BF16 / F32 file for llama.cpp, for Llama, Mistral and Qwen2 models with a
+byte-level BPE tokenizer, written with the `gguf` package from the merged weights and read back to check it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastsft.chat.templates import end_of_turn_ids
+from fastsft.errors import ExportError
+from fastsft.export.merged import merge
+from fastsft.export.read import RunInfo, _collect, _print
+
+# HF architecture -> (llama.cpp architecture, whether q/k weights are permuted as convert_hf_to_gguf does)
+GGUF_ARCHS = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+}
+
+
+def permute_qk(w, n_head: int, n_head_kv: int | None = None):
+    """llama.cpp's q/k permutation (convert_hf_to_gguf.LlamaModel.permute): HF's rotate-half layout ->
+    GGML's interleaved rotary pairs. Works on torch tensors and numpy arrays (weights and biases)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+_LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+
+
+def _tokenizer_pre(tok_json: dict, arch: str) -> tuple[str, str | None]:
+    """llama.cpp's pre-tokenizer name for this tokenizer, and a warning when it is a guess."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    if arch == "qwen2":
+        return "qwen2", None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2", None
+    if pre.get("type") == "Sequence":
+        for p in pre.get("pretokenizers", []):
+            regex = (p.get("pattern") or {}).get("Regex", "")
+            if p.get("type") == "Split" and regex.startswith(_LLAMA3_REGEX_START):
+                return "llama-bpe", None
+    return "default", "unrecognised pre-tokenizer: llama.cpp will split text with its default regex"
+
+
+def _vocab(tokenizer, n_vocab: int):
+    """(tokens, types) as convert_hf_to_gguf's BPE vocab: ids without a token become [PAD<id>] (unused)."""
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+
+
+@dataclass
+class _GGUFVocab:
+    tokenizer: object
+    tokens: list[str]
+    types: list
+    special: object  # gguf.SpecialVocab: merges, special token ids, chat template
+    pre: str  # llama.cpp's pre-tokenizer name
+    eot: list[int]
+
+
+def _gguf_arch(run: RunInfo):
+    """(config, HF architecture, llama.cpp architecture, permute q/k, rope scaling dict, its type), or
+    an ExportError for what the GGUF writer does not handle."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(run.base_path, trust_remote_code=run.trust_remote_code)
+    hf_arch = (getattr(config, "architectures", None) or ["?"])[0]
+    if hf_arch not in GGUF_ARCHS:
+        raise ExportError(
+            f"GGUF export supports {', '.join(GGUF_ARCHS)}; {run.base_path} is {hf_arch}. Export `merged` "
+            "instead and convert it with llama.cpp's convert_hf_to_gguf.py."
+        )
+    arch, permute = GGUF_ARCHS[hf_arch]
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = (
+        (rope.get("rope_type") or rope.get("type") or "default") if isinstance(rope, dict) else "default"
+    )
+    if rope_type not in ("default", "linear"):
+        raise ExportError(
+            f"GGUF export does not handle rope scaling {rope_type!r} yet; "
+            "export `merged` and convert it with "
+            "llama.cpp's convert_hf_to_gguf.py."
+        )
+    return config, hf_arch, arch, permute, rope, rope_type
+
+
+def _gguf_vocab(run: RunInfo, n_vocab: int, arch: str, console=None) -> _GGUFVocab:
+    """The run's tokenizer as llama.cpp's byte-level BPE ("gpt2") vocabulary, or an ExportError."""
+    import gguf
+
+    tokenizer = run.tokenizer()
+    with tempfile.TemporaryDirectory(prefix="fastsft-tok-") as tokdir:
+        tokenizer.save_pretrained(tokdir)
+        tj_path = Path(tokdir) / "tokenizer.json"
+        tok_json = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.exists() else {}
+        model_type = (tok_json.get("model") or {}).get("type")
+        byte_level = (
+            "ByteLevel" in json.dumps(tok_json.get("pre_tokenizer"))
+            or (tok_json.get("decoder") or {}).get("type") == "ByteLevel"
+        )
+        if model_type != "BPE" or not byte_level:
+            raise ExportError(
+                'GGUF export writes byte-level BPE ("gpt2") tokenizers; '
+                f"this one is {model_type or 'not a tokenizer.json'}"
+                f"{'' if byte_level else ' without byte-level pre-tokenisation'}. "
+                "Export `merged` and convert it with "
+                "llama.cpp's convert_hf_to_gguf.py."
+            )
+        tokens, types = _vocab(tokenizer, n_vocab)
+        if len(tokenizer) > n_vocab:
+            raise ExportError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings."
+            )
+        special = gguf.SpecialVocab(tokdir, load_merges=True, n_vocab=n_vocab)
+    pre, pre_warning = _tokenizer_pre(tok_json, arch)
+    if pre_warning:
+        _print(console, f"warning: {pre_warning}", style="yellow")
+    return _GGUFVocab(tokenizer, tokens, types, special, pre, end_of_turn_ids(tokenizer))
+
+
+def _gguf_header(writer, config, vocab: _GGUFVocab, *, dtype: str, rope: dict, rope_type: str) -> None:
+    """The model's hyperparameters and tokenizer as GGUF metadata."""
+    import gguf
+
+    n_head = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or n_head))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_freq_base(_rope_theta(config))
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope.get("factor", 1.0)))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(
+        {
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "fp16": gguf.LlamaFileType.MOSTLY_F16,
+            "fp32": gguf.LlamaFileType.ALL_F32,
+        }[dtype]
+    )
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    vocab.special.add_to_gguf(writer, quiet=True)
+    tokenizer = vocab.tokenizer
+    if vocab.special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    if vocab.eot and vocab.eot[0] != tokenizer.eos_token_id:
+        writer.add_eot_token_id(vocab.eot[0])
+
+
+def _gguf_tensors(
+    writer, state: dict, config, *, arch_name: str, permute: bool, dtype: str
+) -> tuple[dict, dict]:
+    """Add the merged model's tensors under llama.cpp's names (q/k permuted where llama.cpp expects it;
+    1-D tensors in F32). Returns ({name: shape}, {name: first values as written}) for the read-back."""
+    import gguf
+    import numpy as np
+
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "fp16": gguf.GGMLQuantizationType.F16,
+             "fp32": gguf.GGMLQuantizationType.F32}[dtype]  # fmt: skip
+    tmap = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch_name == "llama" else gguf.MODEL_ARCH.QWEN2,
+        int(config.num_hidden_layers),
+    )
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    expected: dict[str, tuple[int, ...]] = {}
+    samples: dict[str, np.ndarray] = {}
+    for key, tensor in state.items():
+        if (tied and key == "lm_head.weight") or key.endswith("rotary_emb.inv_freq"):
+            continue
+        gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ExportError(
+                f"GGUF export: no llama.cpp name for tensor {key!r} of {config.architectures[0]}."
+            )
+        data = tensor.detach().float().cpu()
+        if permute and key.endswith(("q_proj.weight", "q_proj.bias")):
+            data = permute_qk(data, n_head, n_head)
+        elif permute and key.endswith(("k_proj.weight", "k_proj.bias")):
+            data = permute_qk(data, n_head, n_kv)
+        arr = data.numpy()
+        # 1-D tensors (norms, biases) stay F32, as llama.cpp's converter keeps them.
+        t_qtype = gguf.GGMLQuantizationType.F32 if arr.ndim == 1 else qtype
+        q = gguf.quants.quantize(arr, t_qtype)
+        if t_qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(gname, q)
+        else:
+            writer.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=t_qtype)
+        expected[gname] = tuple(arr.shape)
+        flat = arr.reshape(-1)
+        samples[gname] = gguf.quants.dequantize(
+            gguf.quants.quantize(flat[:64].copy(), t_qtype), t_qtype
+        ).reshape(-1)
+    return expected, samples
+
+
+def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
+    """One GGUF file (llama.cpp) of the merged model in `dtype`, written with the `gguf` package and
+    read back to check every tensor's shape and first values and the vocabulary."""
+    import gguf
+
+    config, hf_arch, arch, permute, rope, rope_type = _gguf_arch(run)
+    vocab = _gguf_vocab(run, int(config.vocab_size), arch, console=console)
+    name = Path(run.recipe.model.name if run.recipe is not None else run.base_path).name.replace(
+        "builtin:", ""
+    )
+    file = out / f"{name}-sft-{dtype}.gguf"
+    writer = gguf.GGUFWriter(str(file), arch)
+    writer.add_name(f"{name}-sft")
+    _gguf_header(writer, config, vocab, dtype=dtype, rope=rope, rope_type=rope_type)
+
+    merged = merge(run, dtype)
+    state = merged.state_dict()
+    expected, samples = _gguf_tensors(writer, state, config, arch_name=arch, permute=permute, dtype=dtype)
+    del merged, state
+    _collect()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    check = verify_gguf(file, expected, samples, n_tokens=len(vocab.tokens))
+    _print(console, f"gguf: {file.name}: {check['tensors']} tensors, {arch}, {dtype}; read back and checked")
+    return {
+        "file": file.name,
+        "arch": arch,
+        "hf_arch": hf_arch,
+        "tokenizer_pre": vocab.pre,
+        "permuted_qk": permute,
+        "end_of_turn_ids": vocab.eot,
+        "verify": check,
+    }
+
+
+def verify_gguf(file: Path, expected: dict, samples: dict, *, n_tokens: int) -> dict:
+    """Read the file back: every tensor present with its shape, sample values equal, vocab complete."""
+    import gguf
+    import numpy as np
+
+    try:
+        reader = gguf.GGUFReader(str(file))
+    except Exception as e:
+        raise ExportError(f"the GGUF file {file.name} cannot be read back: {e}") from None
+    got = {t.name: t for t in reader.tensors}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ExportError(f"GGUF read-back: missing tensors {missing}, unexpected {extra}")
+    worst = 0.0
+    for name, shape in expected.items():
+        t = got[name]
+        shape_back = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGML lists dimensions fastest first
+        if shape_back != shape:
+            raise ExportError(f"GGUF read-back: {name} has shape {shape_back}, expected {shape}")
+        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)[: len(samples[name])]
+        diff = float(np.max(np.abs(values - samples[name]))) if len(values) else 0.0
+        worst = max(worst, diff)
+        if diff != 0.0:
+            raise ExportError(
+                f"GGUF read-back: values of {name} differ from what was written (max {diff:.3e})"
+            )
+    field = reader.get_field("tokenizer.ggml.tokens")
+    n_back = len(field.data) if field is not None else 0
+    if n_back != n_tokens:
+        raise ExportError(f"GGUF read-back: {n_back} tokens, expected {n_tokens}")
+    return {"tensors": len(expected), "tokens": n_back, "max_abs_diff": worst}

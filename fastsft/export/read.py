@@ -1,0 +1,160 @@
+"""The finished run an export reads: `read_run(RUN_DIR) -> RunInfo` (the adapter or full model, its
+base, recipe and run.json), and the console and memory helpers every export step shares.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastsft.errors import ExportError
+from fastsft.rundir import ADAPTER, MODEL, RECIPE, RUN_JSON
+
+
+def _print(console, msg: str, style: str | None = None) -> None:
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    console.print(msg, style=style, highlight=False, markup=False, soft_wrap=True)
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    adapter: Path
+    recipe: object | None  # fastsft.recipe.Recipe
+    run_json: dict
+    base_path: str  # what from_pretrained reads for the base model
+    train_dtype: str  # compute dtype of the run: bf16 | fp16 | fp32
+    load_in_4bit: bool
+    trust_remote_code: bool  # granted by the command line (backends.LoadPolicy), never by the recipe
+    allow_pickle: bool = False
+    # a full fine-tune ([train] method = "full"): no adapter; `adapter` and `base_path` are both RUN/model,
+    # the trained model itself, which merged / gguf export as they are
+    full: bool = False
+
+    @property
+    def policy(self):
+        """What loading this run's models may do (backends.LoadPolicy)."""
+        from fastsft.backends.common import LoadPolicy
+
+        return LoadPolicy(trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+
+    def tokenizer(self):
+        """The run's tokenizer: the adapter folder's (chat template and any added pad token), else the base's."""
+        from fastsft.backends.common import tokenizer_from
+
+        return tokenizer_from(self.adapter, self.base_path, policy=self.policy)
+
+    def load(self, dtype: str, *, load_in_4bit: bool = False, upcast: bool = False, tokenizer=None):
+        """Base model + the run's adapter (backends.transformers.load_trained); a full fine-tune's model."""
+        from fastsft.backends.transformers import load_base, load_trained
+
+        if self.full:
+            model = load_base(self.base_path, dtype, policy=self.policy, what="the fine-tuned model")
+            return model.float() if upcast else model
+
+        return load_trained(
+            self.base_path,
+            self.adapter,
+            dtype,
+            tokenizer=tokenizer or self.tokenizer(),
+            load_in_4bit=load_in_4bit,
+            upcast=upcast,
+            policy=self.policy,
+        )
+
+
+def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
+    """The run directory's recipe, run.json and base model, or an ExportError saying what is missing.
+    `policy` (backends.LoadPolicy, default: neither remote code nor pickle) is what loading may do."""
+    from fastsft.backends import LoadPolicy, compute_dtype, resolve_model_path
+
+    policy = policy or LoadPolicy()
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ExportError(
+            f"{path}: no such run directory. Pass the folder `fastsft run` wrote (runs/<name>)."
+        )
+    adapter = path / ADAPTER
+    if not (adapter / "adapter_config.json").exists() and (path / MODEL / "config.json").exists():
+        return _read_full_run(path, policy)
+    if not (adapter / "adapter_config.json").exists():
+        raise ExportError(
+            f"{path} has no trained adapter ({adapter}/adapter_config.json is missing). "
+            "Export a run that finished: `fastsft run` writes the adapter at the end of training."
+        )
+    run_json, recipe = _run_json_and_recipe(path, policy)
+
+    recorded = run_json.get("model_path")
+    base_path = None
+    if recorded and Path(recorded).exists():
+        base_path = recorded  # the folder the run trained on
+    elif recipe is not None:
+        base_path = resolve_model_path(recipe)  # a builtin model is re-made if its cache was cleared
+    elif recorded:
+        base_path = recorded  # a hub id
+    else:
+        cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        base_path = cfg.get("base_model_name_or_path")
+    if not base_path:
+        raise ExportError(f"{path}: cannot tell the base model (no recipe.toml, no model_path in run.json).")
+
+    train_dtype = run_json.get("dtype") or (
+        compute_dtype(recipe.model.dtype) if recipe is not None else "fp32"
+    )
+    return RunInfo(
+        path=path,
+        adapter=adapter,
+        recipe=recipe,
+        run_json=run_json,
+        base_path=str(base_path),
+        train_dtype=train_dtype,
+        load_in_4bit=bool(recipe.model.load_in_4bit) if recipe is not None else False,
+        trust_remote_code=policy.trust_remote_code,
+        allow_pickle=policy.allow_pickle,
+    )
+
+
+def _run_json_and_recipe(path: Path, policy) -> tuple[dict, object]:
+    """A run directory's run.json ({} when absent) and recipe (None when absent), the recipe checked
+    against what `policy` allows."""
+    from fastsft import recipe as recipe_mod
+
+    run_json = {}
+    if (path / RUN_JSON).exists():
+        try:
+            run_json = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ExportError(f"{path / RUN_JSON} cannot be read: {e}") from None
+    recipe = recipe_mod.load(path / RECIPE) if (path / RECIPE).exists() else None
+    if recipe is not None:
+        policy.check_recipe(recipe, where=str(path / RECIPE))
+    return run_json, recipe
+
+
+def _read_full_run(path: Path, policy) -> RunInfo:
+    """A full fine-tune's run directory: its model/ folder is the trained model."""
+    run_json, recipe = _run_json_and_recipe(path, policy)
+    model = path / MODEL
+    return RunInfo(
+        path=path,
+        adapter=model,
+        recipe=recipe,
+        run_json=run_json,
+        base_path=str(model),
+        train_dtype=run_json.get("dtype") or "fp32",
+        load_in_4bit=False,
+        trust_remote_code=policy.trust_remote_code,
+        allow_pickle=policy.allow_pickle,
+        full=True,
+    )
+
+
+def _collect() -> None:
+    import gc
+
+    gc.collect()

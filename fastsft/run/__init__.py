@@ -1,0 +1,14 @@
+"""Training a run: the conductor and what it calls, in the order a run goes.
+
+preflight  checks before anything heavy loads (disk, trackers, the data's files)
+train      the conductor: recipe -> backend -> data -> trainer -> run directory; resume; the answers
+           before and after
+sft_args   the recipe's [train] as TRL's SFTConfig
+trainer    the SFTTrainer subclass (the loss route, evaluation, the run directory's writes)
+loss       the loss routes (fused linear cross-entropy, the Triton CE, the PyTorch fallback)
+guard      memory and disk guards: the out-of-memory advice, the free-space checks
+health     the numbers watched while training (loss spikes, NaN, gradient norm) and the stop reason
+retain     held-out loss on a retained set (how much the run forgot)
+trackers   TensorBoard / W&B / MLflow reporting
+report     the end-of-run summary
+"""

@@ -1,0 +1,292 @@
+"""What keeps a long run safe: signals, non-finite steps, out-of-memory, disk space, the memory estimate.
+
+- `StopOnSignal`: the first SIGINT/SIGTERM finishes the current optimizer step, writes a checkpoint
+  and stops; a second one exits at once.
+- `NonFiniteGuard`: a NaN/inf loss or gradient norm is never applied to the weights; after
+  `train.max_nonfinite_steps` such steps the run stops and says why.
+- `explain_oom`: CUDA out-of-memory turned into the knobs worth turning, in order.
+- `estimate_memory`: the peak GPU memory a recipe will need, printed before training.
+- `check_disk`: free space before checkpoints and exports.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+from fastsft.errors import FastSFTError, TrainingStopped
+
+GiB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals
+# ----------------------------------------------------------------------------------------------
+
+
+class StopOnSignal:
+    """Context manager: installs SIGINT/SIGTERM handlers; `requested` is set by the first signal."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log=print):
+        self.log = log
+        self.requested: str | None = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested:
+            self.log(f"\n{name} again: stopping now, without a checkpoint")
+            raise KeyboardInterrupt
+        self.requested = name
+        self.log(
+            f"\n{name}: finishing this step, then writing a checkpoint (press Ctrl-C again to quit at once)"
+        )
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        return False
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class _StopOnSignal(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if guard.requested:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return _StopOnSignal()
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite loss or gradient
+# ----------------------------------------------------------------------------------------------
+
+
+class NonFinite(TrainingStopped):
+    pass
+
+
+NONFINITE_CAUSES = (
+    "the usual causes: a learning rate too high for this model (try 10x lower, or more warm-up), "
+    'fp16 overflow (use bf16 where the GPU has it: model.dtype = "bf16"), or a bad data row '
+    "(fastsft data preview shows what the trainer sees)"
+)
+
+
+class NonFiniteGuard:
+    """Tracks non-finite losses on the device (no sync per micro-batch) and checks them, with the
+    gradient norm, once per optimizer step. A bad step's gradients are dropped before the optimizer
+    runs, so the weights never see a NaN."""
+
+    def __init__(self, max_bad_steps: int, *, check_grads: bool = True, log=print):
+        self.max_bad_steps = max_bad_steps
+        self.check_grads = check_grads  # off under fp16, whose scaler skips inf steps itself
+        self.log = log
+        self.bad_steps = 0
+        self._flag = None
+        self.last_bad = None
+
+    def observe_loss(self, loss) -> None:
+        import torch
+
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._flag = bad if self._flag is None else (self._flag | bad)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class _NonFiniteGuard(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+                guard.check(state.global_step + 1, model, optimizer)
+
+        return _NonFiniteGuard()
+
+    def check(self, step: int, model, optimizer) -> None:
+        import torch
+
+        what = None
+        if self._flag is not None and bool(self._flag):
+            what = "loss"
+        elif self.check_grads and model is not None:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+                    what = "gradient"
+        self._flag = None
+        if what is None:
+            return
+        self.bad_steps += 1
+        self.last_bad = (step, what)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
+        if model is not None:
+            for p in model.parameters():
+                p.grad = None
+        if self.bad_steps > self.max_bad_steps:
+            raise NonFinite(
+                f"step {step}: the {what} is NaN or infinite "
+                f"({self.bad_steps} non-finite step(s), train.max_nonfinite_steps = {self.max_bad_steps}). "
+                f"The step was not applied; {NONFINITE_CAUSES}."
+            )
+        self.log(
+            f"warning: step {step}: non-finite {what}; step skipped ({self.bad_steps}/{self.max_bad_steps})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Out of memory
+# ----------------------------------------------------------------------------------------------
+
+OOM_KNOBS = (
+    "train.per_device_train_batch_size (halve it and double gradient_accumulation_steps: same batch)",
+    "data.max_length (shorter sequences; see `fastsft data preview` for the lengths)",
+    "train.gradient_checkpointing = true",
+    'loss.kernel = "fastsft-linear" (no full logits)',
+    "data.packing = true (no padding waste)",
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def explain_oom(exc: BaseException, phase: str) -> FastSFTError:
+    from fastsft.errors import OutOfMemory
+    from fastsft.machine import peak_memory_gib
+
+    peak, kind = peak_memory_gib()
+    knobs = "\n".join(f"  {i}. {k}" for i, k in enumerate(OOM_KNOBS, 1))
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OutOfMemory(
+        f"out of memory during {phase} (peak {peak:.2f} GiB, {kind}): {first}\n"
+        f"Lower the memory with these recipe keys, in the order worth trying:\n{knobs}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk space
+# ----------------------------------------------------------------------------------------------
+
+
+def check_disk(path: Path, needed_bytes: int, what: str, *, flag: str = "--output-dir", error=None) -> None:
+    """Refuse (`error`, RunDirError by default) when `path`'s file system has less than `needed_bytes` free."""
+    from fastsft.errors import RunDirError
+
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise (error or RunDirError)(
+            f"{what} needs about {needed_bytes / GiB:.2f} GiB in {path}, but only {free / GiB:.2f} GiB is free. "
+            f"Free some space or choose another {flag}."
+        )
+
+
+def checkpoint_bytes(model) -> int:
+    """One checkpoint: the trainable weights, their gradients' optimizer state (AdamW: 2 x fp32)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return int(n * (4 + 8) * 1.1) + 16 * 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory estimate
+# ----------------------------------------------------------------------------------------------
+
+
+def estimate_memory(model, recipe, loss_kernel: str) -> dict:
+    """Bytes per part of the peak GPU memory of a training step (an estimate, about +-20%)."""
+    cfg = getattr(model, "config", None)
+    text_cfg = getattr(cfg, "text_config", None) or cfg
+    hidden = int(getattr(text_cfg, "hidden_size", 0) or 0)
+    layers = int(getattr(text_cfg, "num_hidden_layers", 0) or 0)
+    vocab = int(getattr(text_cfg, "vocab_size", 0) or 0)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = trainable * (4 + 4 + 8)  # fp32 weight, gradient, AdamW's two moments
+    t, d = recipe.train, recipe.data
+    tokens = t.per_device_train_batch_size * d.max_length
+    act_bytes = 2  # bf16 / fp16 activations
+    per_layer = tokens * hidden * 34 * act_bytes  # Korthikanti et al., without the attention matrix (SDPA)
+    if t.gradient_checkpointing:
+        activations = layers * tokens * hidden * act_bytes + per_layer
+    else:
+        activations = layers * per_layer
+    if loss_kernel == "fastsft-linear":
+        import torch
+
+        from fastsft.kernels.cross_entropy import resolve_backend
+        from fastsft.kernels.linear_cross_entropy import loss_memory
+
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_trains = bool(getattr(getattr(head, "weight", None), "requires_grad", False))
+        # the kernel's own count: its chunk or tiles (from the default budget, on the path the model's
+        # device takes: Triton on a GPU, the PyTorch twin elsewhere) and the gradients it holds
+        backend = resolve_backend("auto", next(model.parameters()).device)
+        loss = loss_memory(tokens, hidden, vocab, torch.bfloat16, backend=backend, weight_grad=head_trains)
+    elif loss_kernel == "fastsft":
+        loss = tokens * vocab * act_bytes  # the logits, the gradient written over them
+    else:
+        loss = tokens * vocab * (act_bytes + 4 + 4)  # logits, float32 upcast, float32 gradient
+    parts = {"weights": weights, "lora_and_optimizer": lora, "activations": activations, "loss": loss}
+    parts["total"] = int(sum(parts.values()) * 1.1 + 0.5 * GiB)  # allocator slack, CUDA context
+    return parts
+
+
+def describe_estimate(parts: dict, device_total: int | None) -> tuple[str, bool]:
+    """(one line, whether it clearly will not fit)."""
+    fmt = ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f}" for k, v in parts.items() if k != "total")
+    line = f"memory estimate: {parts['total'] / GiB:.2f} GiB ({fmt} GiB)"
+    if device_total:
+        line += f"; the GPU has {device_total / GiB:.1f} GiB"
+        return line, parts["total"] > device_total
+    return line + " (for a GPU; this run is on the CPU)", False
+
+
+def warn_wont_fit(parts: dict, device_total: int) -> str:
+    knobs = "; ".join(OOM_KNOBS)
+    return (
+        f"warning: this recipe needs about {parts['total'] / GiB:.1f} GiB and the GPU has "
+        f"{device_total / GiB:.1f} GiB; it will likely run out of memory. Knobs, in order: {knobs}"
+    )
+
+
+def interrupted_message(run_dir: Path, step: int, checkpoint: Path | None) -> str:
+    where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (stopped before the first)"
+    cmd = f"fastsft run --resume {run_dir}"
+    return f"interrupted at step {step}; kept {where}. Resume with:\n  {cmd}"
+
+
+__all__ = [
+    "StopOnSignal",
+    "NonFiniteGuard",
+    "NonFinite",
+    "explain_oom",
+    "is_oom",
+    "check_disk",
+    "checkpoint_bytes",
+    "estimate_memory",
+    "describe_estimate",
+]

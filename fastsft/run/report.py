@@ -1,0 +1,160 @@
+"""report.md and loss.png at the end of a run."""
+
+from __future__ import annotations
+
+import io
+
+from fastsft.rundir import LOSS_PNG, REPORT, RunDir
+
+
+def plot_loss(run: RunDir) -> bool:
+    """Writes loss.png (train loss, and eval loss when there is one). False when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = run.read_metrics()
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=False), label="train loss", color="#1f77b4")
+    if evals:
+        ax.plot(*zip(*evals, strict=False), "o-", label="eval loss", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean CE per supervised token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    run.write_bytes(LOSS_PNG, buf.getvalue())  # atomic, never through a symlink
+    return True
+
+
+def _fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def write_report(run: RunDir, summary: dict) -> None:
+    """summary: the dict `train.run` builds (recipe name, backend, loss route, metrics, samples)."""
+    has_plot = plot_loss(run)
+    rows = run.read_metrics()
+    lines = [f"# fastsft run: {summary.get('name', run.path.name)}", ""]
+    lines += _summary_table(summary, rows)
+    lines.append("")
+    if has_plot:
+        lines += ["![loss curve](loss.png)", ""]
+    lines += _health_section(summary) + _samples_section(summary) + _files_section(summary)
+    run.write_text(REPORT, "\n".join(lines))
+
+
+def _summary_table(summary: dict, rows: list[dict]) -> list[str]:
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    lines = [
+        "| | |",
+        "|---|---|",
+        f"| model | `{summary['model']}` |",
+        f"| backend | {summary['backend']} ({summary['backend_reason']}) |",
+        f"| precision | {summary['dtype']}{', 4-bit NF4 base' if summary.get('load_in_4bit') else ''} |",
+        f"| loss | {summary['loss']['implementation']} |",
+        f"| device | {summary['device']} |",
+        f"| steps | {summary.get('global_step', '-')} |",
+        f"| train time | {_fmt(summary.get('train_seconds'), '.1f')} s |",
+        f"| tokens/s | {_fmt(summary.get('tokens_per_s'), '.0f')} |",
+        f"| peak memory | {_fmt(summary.get('peak_mem_gib'), '.2f')} GiB ({summary.get('mem_kind', '')}) |",
+        f"| first / last train loss | {_fmt(train[0]['loss'] if train else None)} / "
+        f"{_fmt(train[-1]['loss'] if train else None)} |",
+    ]
+    if evals:
+        import math
+
+        first, last = evals[0], evals[-1]
+        ppl = lambda x: math.exp(min(x, 50.0))  # noqa: E731
+        what = "base model" if first.get("step") == 0 else f"step {first.get('step')}"
+        lines.append(
+            f"| held-out loss (perplexity) | {what} {_fmt(first['eval_loss'])} ({_fmt(ppl(first['eval_loss']), '.1f')})"
+            f" → fine-tuned {_fmt(last['eval_loss'])} ({_fmt(ppl(last['eval_loss']), '.1f')}) |"
+        )
+    comp = summary.get("compliance") or {}
+    if comp.get("n"):
+        base = "-" if comp.get("base") is None else f"{comp['base']:.0%}"
+        lines.append(
+            f"| template compliance (answers that stop on the end-of-turn token, no invented turns) | "
+            f"base model {base} → fine-tuned {comp['fine_tuned']:.0%} (of {comp['n']}) |"
+        )
+    retain = summary.get("retain")
+    if retain:
+        delta = retain.get("delta")
+        verdict = "" if delta is None else (" (forgetting)" if delta > 0 else " (no forgetting)")
+        lines.append(
+            f"| retain loss ([data] retain, {retain.get('tokens')} tokens) | before {_fmt(retain.get('before'))} → "
+            f"after {_fmt(retain.get('after'))}, Δ {_fmt(delta, '+.4f')}{verdict} |"
+        )
+    early = summary.get("early_stopping")
+    if early:
+        what = (
+            f"stopped at step {summary.get('global_step')} of {early.get('max_steps')}"
+            if early.get("stopped_early")
+            else "did not trigger"
+        )
+        lines.append(
+            f"| early stopping (patience {early.get('patience')}) | {what}; best {_fmt(early.get('best_metric'))} |"
+        )
+    data = summary.get("data") or {}
+    if data:
+        lines.append(f"| data | {data.get('summary', '')} |")
+    return lines
+
+
+def _health_section(summary: dict) -> list[str]:
+    lines: list[str] = []
+    if "health" in summary:
+        lines += ["## Training health", ""]
+        findings = summary.get("health") or []
+        if not findings:
+            lines += [
+                "No overfitting, memorisation, flat loss, spikes, non-finite values or falling template "
+                "compliance found in the metrics.",
+                "",
+            ]
+        for f in findings:
+            lines += [f"- **{f['title']}** (step {f['step']}): {f['seen']}. *Fix:* {f['advice']}."]
+        lines.append("")
+    return lines
+
+
+def _samples_section(summary: dict) -> list[str]:
+    lines: list[str] = []
+    samples = summary.get("samples") or []
+    if samples:
+        lines += ["## Answers before and after", ""]
+        if summary.get("samples_source"):
+            lines += [f"Prompts: {summary['samples_source']}.", ""]
+        lines += ["| prompt | base model | fine-tuned |", "|---|---|---|"]
+        for s in samples:
+            cells = [s["prompt"], s["before"], s["after"]]
+            cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _files_section(summary: dict) -> list[str]:
+    weights = (
+        "`model/`: the whole fine-tuned model and tokenizer."
+        if summary.get("method") == "full"
+        else "`adapter/`: the LoRA adapter and tokenizer."
+    )
+    return [
+        "## Files",
+        "",
+        "- `recipe.toml`: the resolved recipe; `run.json`: versions, device, data fingerprint;",
+        f"- `metrics.jsonl`: one line per logged step; {weights}",
+        "",
+    ]

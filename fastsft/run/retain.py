@@ -1,0 +1,84 @@
+"""Forgetting as a number: `[data] retain`.
+
+The retain set is general data the fine-tune should not make worse (chat, instructions, the domain's
+neighbours). It is tokenized and masked exactly as training masks its data (`data.encode_file`: the
+run's template, shape detection and loss options), and scored before training and after: the held-out
+loss, token-weighted (the summed NLL over every scored token divided by their count, like the eval
+loss), through the run's own loss route. run.json's `result.retain`, metrics.jsonl (`retain_loss`
+rows at the first and last step) and the report show before -> after and the change; a rise is
+forgetting.
+"""
+
+from __future__ import annotations
+
+
+def encode(recipe, tokenizer, *, log) -> list[dict]:
+    """The retain examples: [{"input_ids", "mask"}] (untruncated), masked as training masks."""
+    from fastsft import data as data_mod
+    from fastsft.errors import DataError
+
+    path = recipe.resolve_path(recipe.data.retain)
+    if not path.exists():
+        raise DataError(f"data.retain = {recipe.data.retain!r}: file not found: {path}")
+    items = data_mod.encode_file(recipe, tokenizer, path)
+    log(f"retain: {len(items)} example(s) from {path}, scored before and after training")
+    return items
+
+
+def score(model, route, items: list[dict], *, max_length: int, batch_size: int, pad_id: int) -> dict:
+    """{"loss", "tokens", "examples"}: the token-weighted mean loss of `items` under `model` through `route`
+    (the same loss as training and the eval loss), in eval mode, without gradients.
+
+    Each batch's route loss is the mean over its scored tokens (labels shifted by one), so it is
+    weighted by that count."""
+    import torch
+
+    from fastsft.run.loss import IGNORE_INDEX, shift_left
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(items), batch_size):
+                batch = [
+                    (it["input_ids"][:max_length], it["mask"][:max_length])
+                    for it in items[i : i + batch_size]
+                ]
+                T = max(len(ids) for ids, _ in batch)
+                ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+                attn = torch.zeros((len(batch), T), dtype=torch.long)
+                labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+                for r, (x, m) in enumerate(batch):
+                    ids[r, : len(x)] = torch.tensor(x)
+                    attn[r, : len(x)] = 1
+                    labels[r, : len(x)] = torch.where(torch.tensor(m) == 1, torch.tensor(x), IGNORE_INDEX)
+                n = int((shift_left(labels) != IGNORE_INDEX).sum())
+                if n == 0:
+                    continue
+                inputs = {
+                    "input_ids": ids.to(device),
+                    "attention_mask": attn.to(device),
+                    "labels": labels.to(device),
+                }
+                loss, _ = route(model, inputs, None)
+                nll += float(loss.detach().float()) * n
+                tokens += n
+    finally:
+        if was_training:
+            model.train()
+    return {"loss": nll / tokens if tokens else None, "tokens": tokens, "examples": len(items)}
+
+
+def summary(before: dict | None, after: dict) -> dict:
+    """run.json's `retain`: before, after, delta (after - before; > 0 is forgetting)."""
+    b = before.get("loss") if before else None
+    a = after.get("loss")
+    return {
+        "before": b,
+        "after": a,
+        "delta": (a - b) if a is not None and b is not None else None,
+        "tokens": after.get("tokens"),
+        "examples": after.get("examples"),
+    }

@@ -1,0 +1,290 @@
+"""The trainer: TRL's SFTTrainer with the loss routed through fastsft, and the callbacks a run adds.
+
+- `FastSFTTrainer.compute_loss`: one forward through the loss route serves the loss and the metrics;
+  it counts the tokens trained on, the run's loss sum and the held-out loss as a token-weighted mean.
+- `checkpoint_callback`: atomic checkpoints. The Trainer writes each one into `args.output_dir`,
+  which is `checkpoints/.staging`; `on_save` renames it into `checkpoints/` with the run's totals,
+  then rotates older ones out, so a resumable checkpoint always exists.
+- `progress_callback`: the progress line (step, loss, tokens/s, ETA, memory) and metrics.jsonl.
+
+Trainer internals still relied on, each pinned by tests/run/test_trainer.py for the tested versions:
+`_load_from_checkpoint` (dtypes after a resume), `model_accepts_loss_kwargs` (who divides by the
+token count), `evaluation_loop`'s positional `metric_key_prefix`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+from fastsft.files import apply_umask, write_text
+from fastsft.machine import peak_memory_gib
+from fastsft.rundir import RunDir
+
+STAGING = ".staging"  # under checkpoints/: the Trainer's output_dir, where a checkpoint is written
+TOTALS = "fastsft_totals.json"  # in each checkpoint: the run's totals up to it, carried across resumes
+
+
+class FastSFTTrainerMixin:
+    """fastsft's part of FastSFTTrainer (`make_trainer_class` puts it over TRL's SFTTrainer).
+
+    One forward serves loss and metrics: `compute_loss` is replaced, so TRL's fused lm-head
+    (TRL 1.15's has no CPU path) and its second no-grad forward for metrics never run."""
+
+    def __init__(self, *args, loss_route, nonfinite_guard=None, **kwargs):
+        self.loss_route = loss_route
+        self.nonfinite_guard = nonfinite_guard
+        self.phase = "train"  # named in an out-of-memory message
+        super().__init__(*args, **kwargs)
+        # Our loss divides by num_items_in_batch itself; make the Trainer always count it and
+        # never divide again by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self.tokens_seen = 0
+        self._tokens_local = None
+        # Totals of the whole run, across resumes: the earlier segments' (from the checkpoint's
+        # TOTALS file) plus this one's. loss_sum is the sum of the optimizer steps' losses.
+        self.totals_before = {"loss_sum": 0.0, "tokens": 0, "train_seconds": 0.0}
+        self._loss_sum = None
+        self.segment_start = None  # time.perf_counter() when this segment's training began
+        # Held-out loss as the token-weighted mean over every scored token (not a mean of batch means)
+        self._eval_nll = None
+        self._eval_tokens = None
+        # our progress line replaces the Trainer's raw log dicts and tqdm bars
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = self.loss_route(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens and DDP averages gradients.
+            loss = loss * self.accelerator.num_processes
+        if model.training and self.nonfinite_guard is not None:
+            self.nonfinite_guard.observe_loss(loss)
+        if model.training:
+            import torch
+
+            d = loss.detach().float()
+            d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # a skipped step adds nothing
+            self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
+        if model.training and ("attention_mask" in inputs or "input_ids" in inputs):
+            # counted on the device; read (one sync, one all-reduce) only when a row is logged.
+            # A packed (padding-free) batch has no attention mask and no padding: every id counts.
+            mask = inputs.get("attention_mask")
+            n = (
+                mask.sum()
+                if mask is not None
+                else inputs["input_ids"].new_tensor(inputs["input_ids"].numel())
+            )
+            self._tokens_local = n if self._tokens_local is None else self._tokens_local + n
+        if not model.training and "labels" in inputs:
+            from fastsft.run.loss import IGNORE_INDEX, shift_left
+
+            # the route's loss is the mean over this batch's scored tokens: weight it by their count
+            n = (shift_left(inputs["labels"]) != IGNORE_INDEX).sum()
+            nll = loss.detach().float() * n
+            self._eval_nll = nll if self._eval_nll is None else self._eval_nll + nll
+            self._eval_tokens = n if self._eval_tokens is None else self._eval_tokens + n
+        return (loss, outputs) if return_outputs else loss
+
+    def segment_tokens(self) -> int:
+        """Tokens trained on in this segment, over every rank (a collective: all ranks call it)."""
+        if self._tokens_local is None:
+            return 0
+        return int(self.accelerator.reduce(self._tokens_local.detach().clone(), "sum"))
+
+    def totals(self) -> dict:
+        """The whole run's totals up to now (a collective: all ranks call it)."""
+        import torch
+
+        loss = self._loss_sum if self._loss_sum is not None else torch.zeros((), device=self.args.device)
+        loss = float(self.accelerator.reduce(loss.detach().clone(), "mean"))
+        seconds = time.perf_counter() - self.segment_start if self.segment_start is not None else 0.0
+        b = self.totals_before
+        return {
+            "step": self.state.global_step,
+            "loss_sum": b["loss_sum"] + loss,
+            "tokens": b["tokens"] + self.segment_tokens(),
+            "train_seconds": b["train_seconds"] + seconds,
+        }
+
+    def log(self, logs, *args, **kwargs):
+        if self.model.training and self._tokens_local is not None:
+            # the whole run's count (TRL's own num_tokens is counted in the compute_loss we replace)
+            self.tokens_seen = self.totals_before["tokens"] + self.segment_tokens()
+            logs["num_tokens"] = self.tokens_seen
+        return super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_nll = self._eval_tokens = None
+        out = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self._eval_tokens is not None and f"{prefix}_loss" in out.metrics:
+            nll = float(self.accelerator.reduce(self._eval_nll.detach().clone(), "sum"))
+            n = int(self.accelerator.reduce(self._eval_tokens.detach().clone(), "sum"))
+            if n:
+                out.metrics[f"{prefix}_loss"] = nll / n
+        self._eval_nll = self._eval_tokens = None
+        return out
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # A private Trainer method (no public hook runs between the adapter load and the optimizer's
+        # creation); tests/run/test_trainer.py pins its signature for the tested transformers range.
+        # PEFT's load_adapter upcasts bf16 adapters to float32, while SFTTrainer keeps QLoRA
+        # adapters in bf16: put back the dtypes the run trained with, or a resumed run diverges.
+        target = model if model is not None else self.model
+        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for n, p in target.named_parameters():
+            if n in dtypes and p.dtype != dtypes[n]:
+                p.data = p.data.to(dtypes[n])
+
+    def evaluate(self, *args, **kwargs):
+        self.phase = "eval"
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.phase = "train"
+
+    def save_model(self, *args, **kwargs):
+        self.phase = "save"  # the checkpoint callback's on_save (or the end of the run) sets it back
+        return super().save_model(*args, **kwargs)
+
+
+def make_trainer_class():
+    """FastSFTTrainer: the mixin over TRL's SFTTrainer (imported here, lazily: trl must come after
+    unsloth, which `backends.load_model` imports first)."""
+    from trl import SFTTrainer
+
+    return type("FastSFTTrainer", (FastSFTTrainerMixin, SFTTrainer), {})
+
+
+def read_totals(checkpoint: Path) -> dict:
+    """The run's totals up to `checkpoint` (written by AtomicCheckpoints.on_save)."""
+    try:
+        t = json.loads((checkpoint / TOTALS).read_text(encoding="utf-8"))
+        return {
+            "loss_sum": float(t["loss_sum"]),
+            "tokens": int(t["tokens"]),
+            "train_seconds": float(t["train_seconds"]),
+        }
+    except (OSError, ValueError, KeyError, TypeError):  # a checkpoint of an older fastsft
+        return {"loss_sum": 0.0, "tokens": 0, "train_seconds": 0.0}
+
+
+def checkpoint_callback(trainer, root: Path):
+    """Atomic checkpoints (see the module docstring). `trainer` is the FastSFTTrainer whose totals go
+    into each checkpoint; `root` is checkpoints/, the parent of the Trainer's `args.output_dir`."""
+    from transformers import TrainerCallback
+
+    class AtomicCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            # every rank: the Trainer has written its part (rank 0 the weights, each rank its RNG state)
+            staging, name = Path(args.output_dir), f"checkpoint-{state.global_step}"
+            trainer.accelerator.wait_for_everyone()
+            best = state.best_model_checkpoint
+            moved_best = bool(best) and Path(best).parent == staging
+            if moved_best:
+                state.best_model_checkpoint = str(root / Path(best).name)
+            totals = trainer.totals()  # a collective: every rank
+            if args.should_save:
+                if moved_best:
+                    state.save_to_json(str(staging / name / "trainer_state.json"))
+                write_text(staging / name / TOTALS, json.dumps(totals) + "\n")
+                apply_umask(staging / name)
+                target = root / name
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging / name, target)
+                shutil.rmtree(staging, ignore_errors=True)  # and what else the Trainer wrote there
+                if args.save_total_limit:
+                    _rotate(trainer, root, args.save_total_limit)
+            trainer.accelerator.wait_for_everyone()
+            trainer.phase = "train"
+
+        def on_train_end(self, args, state, control, **kw):
+            if not args.should_save:
+                return
+            # The Trainer deletes every checkpoint but the best at the end when save_total_limit == 1,
+            # looking in its output_dir (the staging folder): do it where the checkpoints are.
+            best = state.best_model_checkpoint
+            if args.save_total_limit == 1 and best and Path(best).is_dir():
+                for d in root.glob("checkpoint-*"):
+                    if d.is_dir() and not os.path.samefile(d, best):
+                        shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(args.output_dir, ignore_errors=True)  # made by the Trainer when it started
+
+    return AtomicCheckpoints()
+
+
+def _rotate(trainer, root: Path, limit: int) -> None:
+    try:
+        from transformers.trainer_utils import rotate_checkpoints
+    except ImportError:  # older transformers: the Trainer's own method
+        trainer._rotate_checkpoints(use_mtime=True, output_dir=str(root))
+        return
+    rotate_checkpoints(
+        output_dir=str(root),
+        save_total_limit=limit,
+        best_model_checkpoint=trainer.state.best_model_checkpoint,
+        use_mtime=True,
+    )
+
+
+def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
+    """The progress line and metrics.jsonl rows, as a TrainerCallback."""
+    from transformers import TrainerCallback
+
+    class ProgressAndMetrics(TrainerCallback):
+        """Progress line (step, loss, tokens/s, ETA, memory) and metrics.jsonl, on the main process."""
+
+        def __init__(self):
+            self.t0 = None
+            self.last_t = None
+            self.last_tokens = tokens_before  # num_tokens counts the whole run, across resumes
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = self.last_t = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.perf_counter()
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            if "loss" in logs:
+                tokens = int(logs.get("num_tokens", 0))
+                dt = max(now - self.last_t, 1e-9)
+                row["tokens_per_s"] = (tokens - self.last_tokens) / dt if tokens else None
+                self.last_t, self.last_tokens = now, tokens
+                mem, _ = peak_memory_gib()
+                row["peak_mem_gib"] = round(mem, 3)
+                row["elapsed_s"] = round(now - self.t0, 2)
+                done, total = state.global_step, state.max_steps
+                eta = (now - self.t0) / done * (total - done) if done else float("nan")
+                tps = row["tokens_per_s"]
+                console.print(
+                    f"step {done:>5}/{total}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+                    f"{'-' if tps is None else f'{tps:,.0f}'} tok/s  ETA {_duration(eta)}  mem {mem:.2f} GiB",
+                    highlight=False,
+                )
+            elif "eval_loss" in logs:
+                console.print(
+                    f"eval  step {state.global_step:>5}  eval_loss {logs['eval_loss']:.4f}", highlight=False
+                )
+            run.append_metrics(row)
+
+    return ProgressAndMetrics()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"

@@ -1,0 +1,173 @@
+"""The engine of `fastsft serve`: one worker thread answers the requests in arrival order (a bounded
+queue; 503 beyond it), each a generation through fastsft.chat.generation, streamed or whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from fastsft.errors import FastSFTError
+from fastsft.use.serve.protocol import APIError, Params
+
+
+@dataclass(eq=False)
+class Job:
+    prompt_ids: list[int]
+    params: Params
+    base: bool = False  # the adapter disabled
+    on_text: object = None  # called from the worker thread with each piece of text (streaming)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Result:
+    ids: list[int]
+    ended_turn: bool  # stopped on the end-of-turn token
+    prompt_tokens: int
+
+
+class Engine:
+    """The loaded model behind a one-thread executor: generation is serialized, and at most `max_queue`
+    requests wait behind the one running (`admit` raises a 503 APIError beyond that)."""
+
+    def __init__(self, loaded, *, max_queue: int):
+        self.loaded = loaded
+        self.max_queue = max_queue
+        self.pending = 0  # admitted and not finished (the running one included); touched on the event loop
+        self.active: set[Job] = set()  # submitted jobs, cancelled all at once when the server stops
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsft-generate")
+        self.has_base = hasattr(loaded.model, "disable_adapter") and loaded.kind in ("run", "adapter")
+        cfg = getattr(loaded.model, "config", None)
+        self.context = getattr(cfg, "max_position_embeddings", None)
+
+    def check_room(self):
+        if self.pending > self.max_queue:
+            raise APIError(
+                503,
+                f"The server is busy: {self.pending} requests are being answered or waiting (the queue "
+                f"holds {self.max_queue}). Retry shortly.",
+                type="server_error",
+                code="server_overloaded",
+            )
+
+    @contextlib.contextmanager
+    def admit(self):
+        self.check_room()
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        from fastsft.chat.templates import chat_ids
+
+        tok = self.loaded.tokenizer
+        try:
+            ids = chat_ids(tok, messages, add_generation_prompt=True, tools=tools)[0].tolist()
+            if tools and ids == chat_ids(tok, messages, add_generation_prompt=True)[0].tolist():
+                raise APIError(
+                    400,
+                    "`tools`: this model's chat template does not write tools into the prompt, so the model "
+                    "would never see them. Serve a model whose template renders tools (chatml, qwen2.5, "
+                    "llama3, mistral), or leave out `tools`.",
+                    param="tools",
+                )
+        except FastSFTError as e:
+            raise APIError(400, str(e), param="tools" if tools else "messages") from None
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the template raised (raise_exception) on these messages
+            raise APIError(
+                400, f"the chat template cannot render these messages: {e}", param="messages"
+            ) from None
+        return ids
+
+    def text_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str) and prompt:
+            return list(self.loaded.tokenizer(prompt)["input_ids"])
+        if (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            vocab = len(self.loaded.tokenizer)
+            if any(t < 0 or t >= vocab for t in prompt):
+                raise APIError(400, f"`prompt`: token ids must be in [0, {vocab}).", param="prompt")
+            return list(prompt)
+        raise APIError(
+            400,
+            "`prompt` must be a non-empty string (or one string in a list, or token ids).",
+            param="prompt",
+        )
+
+    def check_length(self, prompt_ids: list[int], params: Params) -> None:
+        if self.context and len(prompt_ids) + params.max_tokens > self.context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context} tokens. However, you requested "
+                f"{len(prompt_ids) + params.max_tokens} tokens ({len(prompt_ids)} in the messages, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+
+    def _run(self, job: Job) -> Result:
+        """In the worker thread: one generation through fastsft.chat.generation.generate_ids."""
+        from transformers import StoppingCriteria, TextStreamer
+
+        from fastsft.chat.generation import generate_ids
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return job.cancel.is_set()
+
+        streamer = None
+        if job.on_text is not None:
+
+            class _Streamer(TextStreamer):
+                def on_finalized_text(self, text: str, stream_end: bool = False):
+                    if text:
+                        job.on_text(text)
+
+            streamer = _Streamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        model = self.loaded.model
+        off = model.disable_adapter() if job.base else contextlib.nullcontext()
+        p = job.params
+        with off:
+            ids, ended = generate_ids(
+                model,
+                self.loaded.tokenizer,
+                job.prompt_ids,
+                eot=self.loaded.eot,
+                max_new_tokens=p.max_tokens,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                seed=p.seed,
+                stop=p.stop or None,
+                streamer=streamer,
+                stopping_criteria=[_Cancelled()],
+            )
+        return Result(ids, ended, len(job.prompt_ids))
+
+    async def run(self, job: Job) -> Result:
+        self.active.add(job)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._run, job)
+        finally:
+            self.active.discard(job)
+
+    def stop(self) -> None:
+        """Cancel what runs and waits (each stops at its next token), so that the process can exit."""
+        for job in list(self.active):
+            job.cancel.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def decode(self, ids: list[int], *, special: bool = False) -> str:
+        return self.loaded.tokenizer.decode(ids, skip_special_tokens=not special)

@@ -1,0 +1,141 @@
+"""`fastsft run --launch 2`: two CPU processes (DDP over gloo) train like one process with the same
+global batch, into one run directory, and resume like a single-process run."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fastsft import recipe as R
+from fastsft.rundir import RunDir
+
+from _tiny import RECIPES
+
+SHORT = [
+    "--set", "train.max_steps=6",
+    "--set", "train.logging_steps=1",
+    "--set", "train.eval_strategy=no",
+    "--set", "train.save_steps=3",
+    "--set", "train.save_total_limit=3",
+]  # fmt: skip
+
+
+def test_ranks_get_this_command_line_less_launch():
+    """The ranks run the command as given, less `--launch N` / `--launch=N`, plus the rank count (for
+    the recipe they record) and, for a new run without -o, the one run directory named by the launcher."""
+    from fastsft.cli.main import rank_argv
+
+    r = R.load(RECIPES / "tiny.toml")
+    argv = ["run", "r.toml", "--launch", "2", "--set", "train.max_steps=6", "--launch=2", "--allow-pickle"]
+    given = [
+        "run",
+        "r.toml",
+        "--set",
+        "train.max_steps=6",
+        "--allow-pickle",
+        "--set",
+        "distributed.num_processes=2",
+    ]
+    new = rank_argv(argv, 2, r, None, None)
+    assert new[:-2] == given and new[-2] == "-o" and new[-1].startswith("runs/tiny-")
+    assert rank_argv([*argv, "-o", "out"], 2, r, "out", None) == [*given[:5], "-o", "out", *given[5:]]
+    assert rank_argv(["run", "--resume", "d", "--launch", "3"], 3, r, None, "d") == [
+        "run", "--resume", "d", "--set", "distributed.num_processes=3"
+    ]  # fmt: skip
+
+
+def fastsft(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "fastsft.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def losses(run_dir):
+    rows = RunDir(run_dir).read_metrics()
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice: more than one rank wrote"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    single = fastsft("run", str(RECIPES / "tiny.toml"), *SHORT, "--set", "train.per_device_train_batch_size=8",
+                     "-o", str(tmp / "single"), cwd=tmp)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_root = tmp / "ddp"
+    ddp_root.mkdir()
+    ddp = fastsft("run", str(RECIPES / "tiny.toml"), *SHORT, "--set", "train.per_device_train_batch_size=4",
+                  "--launch", "2", "-o", str(ddp_root / "run"), cwd=tmp)  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return tmp / "single", ddp_root / "run", ddp
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(runs):
+    single, ddp, _ = runs
+    one, two = losses(single), losses(ddp)
+    assert sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
+
+
+def test_one_run_directory_and_one_set_of_files(runs):
+    _, ddp, proc = runs
+    assert [p.name for p in ddp.parent.iterdir()] == ["run"]
+    assert sorted(p.name for p in (ddp / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
+    assert (ddp / "adapter" / "adapter_model.safetensors").exists() and (ddp / "report.md").exists()
+    assert proc.stdout.count("run directory:") == 1  # only rank 0 prints
+
+
+def test_a_two_process_run_resumes(runs, tmp_path):
+    single, ddp, _ = runs
+    copy = tmp_path / "run"
+    shutil.copytree(ddp, copy)
+    shutil.rmtree(copy / "checkpoints" / "checkpoint-6")
+    # no --launch: the stored recipe says the run had 2 processes, and the resume starts 2 again
+    assert R.load(copy / "recipe.toml").distributed.num_processes == 2
+    resumed = fastsft("run", "--resume", str(copy), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-3" in resumed.stdout
+    assert json.loads((copy / "run.json").read_text())["world_size"] == 2
+    one, again = losses(single), losses(copy)
+    for step in one:
+        assert again[step] == pytest.approx(one[step], rel=1e-4), step
+
+
+def test_unsloth_backend_is_refused_under_several_processes(monkeypatch):
+    from fastsft import backends
+    from fastsft import recipe as R
+    from fastsft.errors import BackendError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(backends, "choose_backend", lambda requested: ("unsloth", "the recipe asks for it"))
+    recipe = R.validate(
+        {"model": {"name": "builtin:tiny-mistral", "backend": "unsloth"}, "data": {"train": "x.jsonl"}}
+    )
+    with pytest.raises(BackendError, match="single-GPU"):
+        backends.load_model(recipe, log=lambda m: None)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed-zero3"])
+def test_sharding_strategies_are_refused_on_the_cpu_before_any_rank_starts(tmp_path, strategy):
+    proc = fastsft("run", str(RECIPES / "tiny.toml"), "--set", f"distributed.strategy={strategy}",
+                   "--set", "distributed.num_processes=2", "-o", str(tmp_path / "run"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    assert "needs CUDA GPUs" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_shipped_zero3_config_is_the_one_fastsft_uses():
+    from fastsft.dist import zero3_config
+
+    shipped = json.loads((RECIPES / "deepspeed" / "zero3_bf16.json").read_text())
+    assert shipped == zero3_config("bf16")
+    assert shipped["zero_optimization"]["stage"] == 3
