@@ -197,6 +197,27 @@ def test_half_sent_headers_cannot_fill_the_connection_limit(live):
     _good_client(live)
 
 
+def test_a_body_that_never_arrives_is_a_408(live):
+    """A whole header, then 10 of the 100 body bytes it announces: a 408 after the body timeout (3 s
+    here), and the connection closed; another client is answered meanwhile."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.bind((ATTACKER, 0))
+        s.connect((live["host"], live["port"]))
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{live['port']}\r\nContent-Type: "
+                  "application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ".encode())  # fmt: skip
+        t = time.time()
+        _good_client(live)
+        reply = b""
+        while chunk := s.recv(4096):  # to the server's close (the socket's 10 s timeout bounds it)
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply[:300]
+        assert time.time() - t < 3.0 + 3, time.time() - t
+    finally:
+        s.close()
+
+
 def test_an_abandoned_non_streaming_request_stops_generating(live):
     """A client asks for 800 tokens (~15-40 s here) and leaves after a second: the generation is
     cancelled, so the next client is answered at once instead of after it."""
