@@ -234,10 +234,10 @@ def test_an_abandoned_non_streaming_request_stops_generating(live):
     assert live["app"].state.engine.pending == 0
 
 
-def test_a_loopback_server_answers_only_to_loopback_names_with_its_port(loaded):
-    """Bound to 127.0.0.2 (any of 127.0.0.0/8 is loopback): `Host: evil.example` (DNS rebinding) and a
-    loopback name with another port are refused, loopback names with the port answered; the startup
-    warning is for non-loopback binds only."""
+def test_a_loopback_server_answers_only_to_loopback_names(loaded):
+    """Bound to 127.0.0.2 (any of 127.0.0.0/8 is loopback): `Host: evil.example` (DNS rebinding) is
+    refused, every loopback name answered (with any port: an ssh tunnel's is not the server's); the
+    startup warning is for non-loopback binds only."""
     from fastsft.use.serve import ServeSettings
     from fastsft.use.serve.app import exposure_warning
 
@@ -255,10 +255,11 @@ def test_a_loopback_server_answers_only_to_loopback_names_with_its_port(loaded):
                 conn.close()
 
         for host in (f"127.0.0.2:{port}", f"127.0.0.1:{port}", f"127.9.8.7:{port}", f"localhost:{port}",
-                     f"[::1]:{port}", f"LOCALHOST:{port}"):  # fmt: skip
+                     f"[::1]:{port}", f"LOCALHOST:{port}", "localhost:9000", "127.0.0.2"):  # fmt: skip
             assert status(host) == 200, host
-        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.2:{port + 1}", "127.0.0.2", f"[::2]:{port}",
-                     f"10.0.0.1:{port}", f"127.0.0.2.evil.example:{port}", "", f"::1:{port}"):  # fmt: skip
+        for host in (f"evil.example:{port}", "evil.example", f"[::2]:{port}", f"10.0.0.1:{port}",
+                     f"127.0.0.2.evil.example:{port}", "", f"::1:{port}", "127.0.0.2:80x", "[::1]x",
+                     "localhost:99999"):  # fmt: skip
             assert status(host) == 400, host
     for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
         assert exposure_warning(ServeSettings(host=host)) is None, host

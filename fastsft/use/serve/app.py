@@ -19,7 +19,7 @@ limited in size; the server binds to loopback unless told otherwise; an API key 
 HTTP limits, so that one client cannot keep the others out: a connection has `header_timeout` seconds
 to send a whole request header (uvicorn itself waits forever for one) and `body_timeout` for its body;
 one remote address holds at most `client_connections` connections (the next ones are answered 503 and
-closed), half of the server's bound; a loopback server answers only to loopback Host names with its port.
+closed), half of the server's bound; a loopback server answers only to loopback Host names.
 """
 
 from __future__ import annotations
@@ -132,14 +132,17 @@ class _HeldStream(StreamingResponse):
 
 
 class _LoopbackHost:
-    """ASGI middleware of a loopback server: a request whose Host header is not a loopback name with
-    the server's port is refused (400), so that a web page whose own name is made to resolve to
-    127.0.0.1 (DNS rebinding) cannot read the API as if it were the page."""
+    """ASGI middleware of a loopback server: a request whose Host header is not a loopback name (any of
+    127.0.0.0/8, localhost, [::1]) with an optional numeric port is refused (400), so that a web page
+    whose own name is made to resolve to 127.0.0.1 (DNS rebinding) cannot read the API as if it were the
+    page. Any port: `ssh -L 9000:127.0.0.1:8000` makes the browser send `Host: localhost:9000`, and a
+    loopback name can only come from a page on this machine, which could reach the port anyway."""
 
-    def __init__(self, app, port: int):
-        self.app, self.port = app, port
+    def __init__(self, app):
+        self.app = app
 
-    def allowed(self, host: str) -> bool:
+    @staticmethod
+    def allowed(host: str) -> bool:
         if host.startswith("["):  # [::1]:8000
             name, _, rest = host[1:].partition("]")
             if rest and not rest.startswith(":"):
@@ -147,20 +150,16 @@ class _LoopbackHost:
             port = rest[1:]
         else:
             name, _, port = host.partition(":")
-            if ":" in port:  # an IPv6 address without brackets
-                return False
-        if not is_loopback(name):
+        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             return False
-        if not self.port:  # bound to port 0 and not told which: any port
-            return True
-        return port == str(self.port) if port else self.port == 80
+        return is_loopback(name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket"):
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if not self.allowed(host):
                 response = _error(APIError(400, f"Invalid host header {host!r}: this server answers to "
-                                           f"127.0.0.1:{self.port}, localhost:{self.port} or [::1]:{self.port}.",
+                                           "loopback names only (127.0.0.1, localhost, [::1]).",
                                            code="invalid_host"))  # fmt: skip
                 await response(scope, receive, send)
                 return
@@ -448,7 +447,7 @@ def create_app(loaded, settings: ServeSettings):
     if is_loopback(settings.host):
         from starlette.middleware import Middleware
 
-        middleware.append(Middleware(_LoopbackHost, port=settings.port))
+        middleware.append(Middleware(_LoopbackHost))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -463,7 +462,6 @@ def create_app(loaded, settings: ServeSettings):
 def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> None:
     """Load `model_ref` (run directory, adapter or model folder) and serve it until Ctrl-C. `policy`
     (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do."""
-    import dataclasses
     import socket
 
     from rich.console import Console
@@ -485,7 +483,6 @@ def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> N
             "(or stop what holds this one)."
         ) from None
     port = sock.getsockname()[1]
-    settings = dataclasses.replace(settings, port=port)  # the Host check needs the port really bound
     try:
         loaded = load_for_use(model_ref, policy=policy)
         app = create_app(loaded, settings)
