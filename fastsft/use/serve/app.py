@@ -11,14 +11,21 @@ The model is loaded once by `fastsft.use.load_for_use` and answers through `fast
 weights with the adapter disabled (PEFT's `disable_adapter()`), served as the model id `NAME:base`.
 
 Generation is serialized: one worker thread runs the requests in arrival order, at most `max_queue`
-wait behind the one running, and a request beyond that is answered 503 at once. Request bodies are
+wait behind the one running, and a request beyond that is answered 503 at once (a stream too, before
+it starts). A client that goes away cancels its generation, streamed or not. Request bodies are
 limited in size; the server binds to loopback unless told otherwise; an API key makes every route but
 `/` and `/health` ask for `Authorization: Bearer KEY`.
+
+HTTP limits, so that one client cannot keep the others out: a connection has `header_timeout` seconds
+to send a whole request header (uvicorn itself waits forever for one) and `body_timeout` for its body;
+one remote address holds at most `client_connections` connections (the next ones are answered 503 and
+closed), half of the server's bound; a loopback server answers only to loopback Host names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import secrets
 import time
@@ -37,12 +44,25 @@ from fastsft.use.serve.protocol import (
     ServeSettings,
     _held_back,
     cut_at_stop,
+    parse_json,
     parse_messages,
     parse_params,
     parse_tools,
 )
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 with or without brackets) is this machine only:
+    localhost, 127.0.0.0/8 or ::1."""
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # An oversized body up to this many times the limit is read to its end (and dropped) before the 413.
@@ -95,6 +115,55 @@ async def _one_chunk_stream(rid, model, text, calls, finish, result, params):
         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                     "model": model, "choices": [], "usage": _usage(result)})  # fmt: skip
     yield _sse("[DONE]")
+
+
+class _HeldStream(StreamingResponse):
+    """A streamed response that holds a place in the engine's queue until it has been sent (or failed)."""
+
+    def __init__(self, content, *, release, **kw):
+        super().__init__(content, **kw)
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+class _LoopbackHost:
+    """ASGI middleware of a loopback server: a request whose Host header is not a loopback name (any of
+    127.0.0.0/8, localhost, [::1]) with an optional numeric port is refused (400), so that a web page
+    whose own name is made to resolve to 127.0.0.1 (DNS rebinding) cannot read the API as if it were the
+    page. Any port: `ssh -L 9000:127.0.0.1:8000` makes the browser send `Host: localhost:9000`, and a
+    loopback name can only come from a page on this machine, which could reach the port anyway."""
+
+    def __init__(self, app):
+        self.app = app
+
+    @staticmethod
+    def allowed(host: str) -> bool:
+        if host.startswith("["):  # [::1]:8000
+            name, _, rest = host[1:].partition("]")
+            if rest and not rest.startswith(":"):
+                return False
+            port = rest[1:]
+        else:
+            name, _, port = host.partition(":")
+        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            return False
+        return is_loopback(name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if not self.allowed(host):
+                response = _error(APIError(400, f"Invalid host header {host!r}: this server answers to "
+                                           "loopback names only (127.0.0.1, localhost, [::1]).",
+                                           code="invalid_host"))  # fmt: skip
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: HTTPException):
@@ -161,21 +230,20 @@ class _App:
         declared = int(declared) if declared.isdigit() else 0
         chunks, size = [], 0
         if declared <= DRAIN_LIMIT_FACTOR * limit:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > DRAIN_LIMIT_FACTOR * limit:
-                    break
-                if size <= limit:
-                    chunks.append(chunk)
+            try:
+                async with asyncio.timeout(self.settings.body_timeout):  # a body sent byte by byte
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > DRAIN_LIMIT_FACTOR * limit:
+                            break
+                        if size <= limit:
+                            chunks.append(chunk)
+            except TimeoutError:
+                raise APIError(408, f"The request body did not arrive within {self.settings.body_timeout:g} s.",
+                               code="request_timeout") from None  # fmt: skip
         if max(size, declared) > limit:
             raise APIError(413, f"The request body is over {limit} bytes.", code="request_too_large")
-        try:
-            body = json.loads(b"".join(chunks) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"The request body is not valid JSON: {e}.") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.")
-        return body
+        return parse_json(b"".join(chunks))
 
     def pick_model(self, body: dict) -> bool:
         """Whether the request asks for the base model (the adapter disabled)."""
@@ -220,14 +288,22 @@ class _App:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         model = body["model"]
         if params.stream and not tools:
-            self.engine.check_room()  # a full queue is a 503, not an error event in a 200 stream
-            return StreamingResponse(
+            # The place in the queue is taken now: a full queue is a 503, not an error event in a 200
+            # stream; it is given back when the response ends, whether or not the stream ever started.
+            release = self.engine.reserve()
+            return _HeldStream(
                 self.stream(rid, model, prompt_ids, params, base, chat=chat),
+                release=release,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
+
+        async def gone():  # the body is read: the next message is the disconnect (or the response's end)
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
         with self.engine.admit():
-            result = await self.engine.run(Job(prompt_ids, params, base=base))
+            result = await self.engine.run(Job(prompt_ids, params, base=base), abandoned=gone)
         text, cut = cut_at_stop(self.engine.decode(result.ids), params.stop)
         text = text.strip() if chat else text
         finish = _finish(result, cut, params)
@@ -267,13 +343,6 @@ class _App:
         job = Job(
             prompt_ids, params, base=base, on_text=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t)
         )
-        try:
-            engine_cm = self.engine.admit()
-            engine_cm.__enter__()
-        except APIError as e:  # the queue is full: one error event
-            yield _sse(e.body())
-            yield _sse("[DONE]")
-            return
         try:
             if chat:
                 yield _sse(_chunk(rid, model, chat=True, delta={"role": "assistant", "content": ""}))
@@ -316,7 +385,6 @@ class _App:
             raise
         finally:
             job.cancel.set()  # a client that went away frees the model at the next token
-            engine_cm.__exit__(None, None, None)
 
     async def chat_completions(self, request: Request):
         return await self.complete(request, chat=True)
@@ -376,21 +444,17 @@ def create_app(loaded, settings: ServeSettings):
         Route("/fastsft/loss.png", a.api(a.loss_png)),
     ]
     middleware = []
-    if settings.host in LOOPBACK:
-        # A loopback server answers only to loopback names: a web page whose own name is made to resolve
-        # to 127.0.0.1 (DNS rebinding) is refused instead of reading the API as if it were the page.
+    if is_loopback(settings.host):
         from starlette.middleware import Middleware
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-        middleware.append(
-            Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"])
-        )
+        middleware.append(Middleware(_LoopbackHost))
     app = Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.engine = a.engine
+    app.state.settings = settings
     app.state.model_ids = [m for m in (a.name, a.base_name) if m]
     return app
 
@@ -400,7 +464,6 @@ def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> N
     (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do."""
     import socket
 
-    import uvicorn
     from rich.console import Console
 
     from fastsft.errors import BackendError
@@ -431,23 +494,101 @@ def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> N
     ids = ", ".join(app.state.model_ids)
     console.print(f"fastsft serve: {loaded.path} ({loaded.kind}) as {ids}", highlight=False)
     console.print(f"  chat page  {url}/\n  API        {url}/v1  (OpenAI-compatible)", highlight=False)
-    if settings.host not in LOOPBACK:
-        if settings.api_key is None:
-            console.print(
-                f"[yellow]warning:[/] listening on {settings.host} without --api-key: anyone who can reach "
-                "this machine can use the model.",
-                highlight=False,
-            )
-    config = uvicorn.Config(
-        app,
-        log_level=settings.log_level,
-        # A connection bound beyond the request queue (plain 503 from uvicorn); the queue answers first.
-        limit_concurrency=4 * settings.max_queue + 32,
-        timeout_keep_alive=30,
-    )
-    server = uvicorn.Server(config)
+    warning = exposure_warning(settings)
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    server = make_server(app, settings)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
         app.state.engine.stop()
+
+
+def exposure_warning(settings: ServeSettings) -> str | None:
+    """The startup warning for a server that other machines can reach without a key (none on loopback)."""
+    if is_loopback(settings.host) or settings.api_key is not None:
+        return None
+    return f"listening on {settings.host} without --api-key: anyone who can reach this machine can use the model."
+
+
+def make_server(app, settings: ServeSettings):
+    """The uvicorn server for `app`, with the HTTP limits of `settings` (see the module's docstring)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        http=_guarded_protocol(settings),
+        # A connection bound beyond the request queue (plain 503 from uvicorn); the queue answers first.
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive,
+    )
+    return uvicorn.Server(config)
+
+
+def _guarded_protocol(settings: ServeSettings):
+    """uvicorn's h11 protocol with a header deadline and a bound on connections per remote address."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.utils import get_remote_addr
+
+    busy = json.dumps(APIError(503, "Too many connections from your address; close some and retry.",
+                               type="server_error", code="too_many_connections").body()).encode()  # fmt: skip
+    refusal = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+        b"connection: close\r\ncontent-length: " + str(len(busy)).encode() + b"\r\n\r\n" + busy
+    )
+    open_per_client: dict[str, int] = {}  # remote address -> open connections, for this server
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport):
+            peer = get_remote_addr(transport)
+            self.peer = peer[0] if peer else None
+            self.refused = open_per_client.get(self.peer, 0) >= settings.client_connections
+            self.header_deadline = None
+            if self.refused:  # never handed to uvicorn: answered and closed at once
+                transport.write(refusal)
+                transport.close()
+                return
+            open_per_client[self.peer] = open_per_client.get(self.peer, 0) + 1
+            super().connection_made(transport)
+            self.watch_header()
+
+        def connection_lost(self, exc):
+            if self.refused:
+                return
+            left = open_per_client.pop(self.peer, 1) - 1
+            if left:
+                open_per_client[self.peer] = left
+            self.stop_watch()
+            super().connection_lost(exc)
+
+        def data_received(self, data):
+            if self.refused:
+                return
+            super().data_received(data)
+            self.watch_header()
+
+        def awaiting_header(self) -> bool:
+            return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+
+        def watch_header(self):
+            """Arm the deadline when a request header is awaited (a new connection, or the first bytes of
+            the next request on a kept-alive one); disarm it once the header is in."""
+            if not self.awaiting_header():
+                self.stop_watch()
+            elif self.header_deadline is None and (self.cycle is None or self.conn.trailing_data[0]):
+                self.header_deadline = self.loop.call_later(settings.header_timeout, self.header_late)
+
+        def stop_watch(self):
+            if self.header_deadline is not None:
+                self.header_deadline.cancel()
+                self.header_deadline = None
+
+        def header_late(self):
+            self.header_deadline = None
+            if self.awaiting_header() and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol

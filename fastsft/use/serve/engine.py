@@ -1,5 +1,9 @@
 """The engine of `fastsft serve`: one worker thread answers the requests in arrival order (a bounded
 queue; 503 beyond it), each a generation through fastsft.chat.generation, streamed or whole.
+
+A generation ends at the end-of-turn token, at `max_tokens`, at a stop string (matched in the decoded
+tail of the answer only, so a step costs the same however long the answer and the stop strings are),
+or when its job is cancelled: the server stops, or the client went away (`run(job, abandoned=...)`).
 """
 
 from __future__ import annotations
@@ -56,12 +60,24 @@ class Engine:
 
     @contextlib.contextmanager
     def admit(self):
-        self.check_room()
-        self.pending += 1
+        release = self.reserve()
         try:
             yield
         finally:
-            self.pending -= 1
+            release()
+
+    def reserve(self):
+        """A place in the queue now (503 APIError when full) -> the function that gives it back (once,
+        however often it is called): for a stream, whose place must be held before its response starts."""
+        self.check_room()
+        self.pending += 1
+        held = [True]
+
+        def release():
+            if held.pop() if held else False:
+                self.pending -= 1
+
+        return release
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
         from fastsft.chat.templates import chat_ids
@@ -124,9 +140,24 @@ class Engine:
 
         from fastsft.chat.generation import generate_ids
 
-        class _Cancelled(StoppingCriteria):
+        if job.cancel.is_set():  # abandoned while it waited: nothing to generate
+            return Result([], False, len(job.prompt_ids))
+        tokenizer, start, p = self.loaded.tokenizer, len(job.prompt_ids), job.params
+        # Stop strings are looked for in the decoded tail of the answer: a stop string is at most
+        # MAX_STOP_CHARS characters, and a token is at least one, so the last (longest stop + 2) tokens
+        # hold any stop string that the newest token completes. (transformers' own stop_strings criterion
+        # precomputes over the vocabulary times each stop string's length: seconds per request.)
+        window = max((len(s) for s in p.stop), default=0) + 2
+
+        class _Ends(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return job.cancel.is_set()
+                if job.cancel.is_set():
+                    return True
+                if not p.stop:
+                    return False
+                new = input_ids[0, start:]
+                tail = tokenizer.decode(new[-window:], skip_special_tokens=True)
+                return any(s in tail for s in p.stop)
 
         streamer = None
         if job.on_text is not None:
@@ -139,7 +170,6 @@ class Engine:
             streamer = _Streamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
         model = self.loaded.model
         off = model.disable_adapter() if job.base else contextlib.nullcontext()
-        p = job.params
         with off:
             ids, ended = generate_ids(
                 model,
@@ -150,18 +180,25 @@ class Engine:
                 temperature=p.temperature,
                 top_p=p.top_p,
                 seed=p.seed,
-                stop=p.stop or None,
                 streamer=streamer,
-                stopping_criteria=[_Cancelled()],
+                stopping_criteria=[_Ends()],
             )
         return Result(ids, ended, len(job.prompt_ids))
 
-    async def run(self, job: Job) -> Result:
+    async def run(self, job: Job, *, abandoned=None) -> Result:
+        """The job's result. `abandoned` (a coroutine function, e.g. one that returns when the client has
+        disconnected) cancels the job when it returns first: the worker moves on at the next token."""
         self.active.add(job)
+        watch = None
+        if abandoned is not None:
+            watch = asyncio.ensure_future(abandoned())
+            watch.add_done_callback(lambda w: w.cancelled() or w.exception() or job.cancel.set())
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, self._run, job)
         finally:
             self.active.discard(job)
+            if watch is not None:
+                watch.cancel()
 
     def stop(self) -> None:
         """Cancel what runs and waits (each stops at its next token), so that the process can exit."""
