@@ -852,3 +852,15 @@ def test_system_message_after_a_user_turn_is_kept_or_refused(tmp_path, tok, name
     write_jsonl(tmp_path / "train.jsonl", [qa(1), {"messages": orphan}, qa(3), qa(4), qa(5)])
     with pytest.raises(DataError, match=r"line 2: .*message 2 \(system\) has no user message after it"):
         prepare(make_recipe(tmp_path, chat_template=name), tok)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
+def test_a_byte_order_mark_is_dropped(tmp_path, tok, kind):
+    """A UTF-8 BOM (Excel, Notepad) stuck to the first column's name or made line 1 invalid JSON, with a
+    message that did not show it (#28)."""
+    name = _write(kind, tmp_path, [{"messages": CONV}, qa(1)])
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    recipe = make_recipe(tmp_path, name)
+    assert len(prepare(recipe, tok).train) == 2
+    assert trained_texts(recipe, tok, 1) == [TRAINED]
