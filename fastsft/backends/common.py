@@ -96,6 +96,22 @@ class LoadPolicy:
                 "the files."
             )
 
+    @staticmethod
+    def refused_pickle(error: Exception, path, what: str = "the model") -> BackendError:
+        """The error for a pickle file that torch's safe loader (`torch.load(weights_only=True)`, which
+        transformers uses even with --allow-pickle) refuses: it names objects that are not plain tensors,
+        such as a function to call."""
+        lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+        why = next(
+            (x for x in lines if x.startswith("Trying to load") or "GLOBAL" in x), lines[-1] if lines else ""
+        )
+        return BackendError(
+            f"{what} in {path}: torch's safe loader refused a pickle weight file ({why.rstrip('.')}). A pickle that holds "
+            "more than tensors can run code when loaded, and --allow-pickle reads only pickles of plain tensors. "
+            "Nothing was loaded. Use safetensors weights for this model (from its publisher), or convert the "
+            "file on a machine where you trust it."
+        )
+
     def from_pretrained_kwargs(self) -> dict:
         """trust_remote_code and use_safetensors for `from_pretrained`."""
         return {

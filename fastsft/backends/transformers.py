@@ -7,6 +7,8 @@ against. Gradient checkpointing is switched on by the Trainer from `SFTConfig`.
 
 from __future__ import annotations
 
+import pickle
+
 from ..errors import BackendError
 
 
@@ -121,6 +123,8 @@ def load_base(
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise policy.refused_pickle(e, path, what) from None
     except (OSError, ValueError) as e:
         raise BackendError(f"cannot load {what} {path!r}: {e}") from None
     model.eval()
@@ -143,8 +147,12 @@ def attach_adapter(base, adapter_dir, *, policy=None):
 
     from .common import LoadPolicy
 
-    (policy or LoadPolicy()).check_weights(adapter_dir, "the adapter")
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    policy = policy or LoadPolicy()
+    policy.check_weights(adapter_dir, "the adapter")
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    except pickle.UnpicklingError as e:
+        raise policy.refused_pickle(e, adapter_dir, "the adapter") from None
     model.eval()
     return model
 

@@ -137,27 +137,36 @@ LLAMA3 = (
     "{%- endif -%}\n"
 )
 
+# Mistral and Gemma have no system role: a system message is written into the next user message, as their
+# own templates do with the first one. A system message with no user message after it (before an answer,
+# a tool result or the end) would be dropped, so the row is refused instead (named by its line).
+_ORPHAN_SYSTEM = (
+    "{%- if ns.system -%}{{- raise_exception('this template writes a system message into the next user "
+    "message, and message ' + (ns.at | string) + ' (system) has no user message after it; move it before "
+    "a user message or merge it into one') -}}{%- endif -%}\n"
+)
+
 # Mistral instruct ([INST] format). The system prompt goes before the first user message, as in
 # Mistral's own templates; the answer ends with the tokenizer's eos token (</s>). The prompt already
 # ends where the answer starts, so `add_generation_prompt` adds nothing. Tools as Mistral's v3 format
 # writes them: [AVAILABLE_TOOLS] before the last user message, calls as [TOOL_CALLS] [{...}], results
 # in [TOOL_RESULTS].
 MISTRAL = (
-    _BOS + "{%- set ns = namespace(system='', last_user=-1) -%}\n"
+    _BOS + "{%- set ns = namespace(system='', at=0, last_user=-1) -%}\n"
     "{%- for message in messages -%}{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
     "{%- endif -%}{%- endfor -%}\n"
     "{%- for message in messages -%}\n"
     "{%- if message['role'] == 'system' -%}\n"
-    "{%- set ns.system = message['content'] + '\\n\\n' -%}\n"
+    "{%- set ns.system = ns.system + message['content'] + '\\n\\n' -%}{%- set ns.at = loop.index -%}\n"
     "{%- elif message['role'] == 'user' -%}\n"
     "{%- if tools and loop.index0 == ns.last_user -%}"
     "{{- '[AVAILABLE_TOOLS] ' + (tools | tojson) + '[/AVAILABLE_TOOLS]' -}}{%- endif -%}\n"
     "{{- '[INST] ' + ns.system + message['content'] + ' [/INST]' -}}\n"
     "{%- set ns.system = '' -%}\n"
     "{%- elif message['role'] == 'tool' -%}\n"
-    "{{- '[TOOL_RESULTS] ' + message['content'] + ' [/TOOL_RESULTS]' -}}\n"
-    "{%- elif message['role'] == 'assistant' -%}\n"
-    "{%- generation -%}\n"
+    + _ORPHAN_SYSTEM
+    + "{{- '[TOOL_RESULTS] ' + message['content'] + ' [/TOOL_RESULTS]' -}}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n" + _ORPHAN_SYSTEM + "{%- generation -%}\n"
     "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}\n"
     "{{- ' [TOOL_CALLS] [' -}}\n"
     "{%- for call in message['tool_calls'] -%}\n"
@@ -170,7 +179,7 @@ MISTRAL = (
     "{%- endif -%}\n"
     "{%- endgeneration -%}\n"
     "{%- endif -%}\n"
-    "{%- endfor -%}\n"
+    "{%- endfor -%}\n" + _ORPHAN_SYSTEM
 )
 
 # Qwen 2.5 instruct: ChatML with Qwen's default system prompt, tools in the Hermes format above.
@@ -179,12 +188,11 @@ QWEN25 = _chatml("You are Qwen, created by Alibaba Cloud. You are a helpful assi
 # Gemma (1, 2, 3 text): roles user and model; the system prompt goes before the first user message
 # and tool results are user turns, as Gemma has no roles for them.
 GEMMA = (
-    _BOS + "{%- set ns = namespace(system='') -%}\n"
+    _BOS + "{%- set ns = namespace(system='', at=0) -%}\n"
     "{%- for message in messages -%}\n"
     "{%- if message['role'] == 'system' -%}\n"
-    "{%- set ns.system = message['content'] + '\\n\\n' -%}\n"
-    "{%- elif message['role'] == 'assistant' -%}\n"
-    "{{- '<start_of_turn>model\\n' -}}\n"
+    "{%- set ns.system = ns.system + message['content'] + '\\n\\n' -%}{%- set ns.at = loop.index -%}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n" + _ORPHAN_SYSTEM + "{{- '<start_of_turn>model\\n' -}}\n"
     "{%- generation -%}\n"
     "{{- message['content'] | trim + '<end_of_turn>' -}}\n"
     "{%- endgeneration -%}\n"
@@ -193,8 +201,7 @@ GEMMA = (
     "{{- '<start_of_turn>user\\n' + ns.system + message['content'] | trim + '<end_of_turn>\\n' -}}\n"
     "{%- set ns.system = '' -%}\n"
     "{%- endif -%}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
+    "{%- endfor -%}\n" + _ORPHAN_SYSTEM + "{%- if add_generation_prompt -%}\n"
     "{{- '<start_of_turn>model\\n' -}}\n"
     "{%- endif -%}\n"
 )

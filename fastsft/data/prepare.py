@@ -83,14 +83,16 @@ def _loss_options(recipe, kind: str) -> tuple[bool, bool]:
     return bool(aol), bool(col)
 
 
-def _load(recipe, log, origin: dict[int, int]) -> tuple[list[Example], list[Example], dict, dict | None, str]:
+def _load(
+    recipe, log, origin: dict[int, int], key: str = "train"
+) -> tuple[list[Example], list[Example], dict, dict | None, str]:
     """(train examples, eval examples, train skip info, eval skip info, format). With [[data.sources]],
-    `origin` is filled with id(example) -> the index of its source."""
+    `origin` is filled with id(example) -> the index of its source. `key` names `data.train` in messages."""
     d = recipe.data
     if d.sources:
         train_ex, train_info, fmt = _load_sources(recipe, origin)
     else:
-        train_ex, train_info, fmt = load_examples(d.train, recipe, key="train", fmt=None)
+        train_ex, train_info, fmt = load_examples(d.train, recipe, key=key, fmt=None)
     eval_ex, eval_info = [], None
     if d.eval:
         eval_ex, eval_info, _ = load_examples(d.eval, recipe, key="eval", fmt=None if d.sources else fmt)
@@ -395,12 +397,15 @@ def prepare_data(recipe, tokenizer, *, log=print) -> PreparedData:
     return prepared
 
 
-def prepare_examples(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = True):
+def prepare_examples(
+    recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = True, key: str = "train"
+):
     """prepare_data, also returning the first `keep` encoded training examples (for preview) and the
-    encoded eval examples (when `keep` or not `use_cache`: the cache holds datasets, not examples)."""
+    encoded eval examples (when `keep` or not `use_cache`: the cache holds datasets, not examples).
+    `key`: the recipe key that messages name for `data.train` (`encode_file` reads other keys' files)."""
     d = recipe.data
     origin: dict[int, int] = {}  # id(example) -> its [[data.sources]] entry
-    train_ex, eval_ex, train_info, eval_info, fmt = _load(recipe, log, origin)
+    train_ex, eval_ex, train_info, eval_info, fmt = _load(recipe, log, origin, key)
     plan = _plan(recipe, tokenizer, fmt, train_ex + eval_ex, log)
     fingerprint = _fingerprint(recipe, tokenizer, plan)
     sft_kwargs = _sft_kwargs(recipe, plan)
@@ -424,7 +429,7 @@ def prepare_examples(recipe, tokenizer, *, log=print, keep: int = 0, use_cache: 
         eval_ex, etrunc = encode_all(eval_ex, encoder, plan.limit, d.on_invalid, eval_info)
         trunc = {k: trunc[k] + etrunc[k] for k in trunc}
     if not train_ex:
-        raise DataError(f"data.train = {d.train!r}: no usable examples")
+        raise DataError(f"data.{key} = {d.train!r}: no usable examples")
     check_end_of_turn(train_ex, tokenizer, plan.eot, plan.template)
     mix = None
     if d.sources:
@@ -455,11 +460,12 @@ def default_recipe(model: str | Path, data_file: str | Path):
     )
 
 
-def encode_file(recipe, tokenizer, path: str | Path, *, log=None) -> list[dict]:
+def encode_file(recipe, tokenizer, path: str | Path, *, log=None, key: str = "train") -> list[dict]:
     """Every example of the data file `path`, tokenized and masked exactly as the run with `recipe`
     trained (its template, shape detection, loss options; `default_recipe` for a model without a
     recipe): [{"input_ids", "mask"}], untruncated. For `fastsft eval --data`: held-out loss measured
-    on the tokens training would have trained."""
+    on the tokens training would have trained. `key` is the recipe key that names `path` in messages
+    (`retain` for `[data] retain`)."""
     from ..recipe import validate
 
     raw = copy.deepcopy(recipe.raw)
@@ -475,6 +481,7 @@ def encode_file(recipe, tokenizer, path: str | Path, *, log=None) -> list[dict]:
         log=log or (lambda m: None),
         keep=sys.maxsize,
         use_cache=False,
+        key=key,
     )
     return [{"input_ids": e.input_ids, "mask": e.mask} for e in examples]
 

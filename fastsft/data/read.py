@@ -84,7 +84,7 @@ def _read_jsonl(name: str, path: Path) -> list[Row]:
         for lineno, raw in enumerate(f, start=1):
             where = f"{name} line {lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is dropped
             except UnicodeDecodeError as e:
                 rows.append((where, RowProblem(f"not UTF-8 text (byte {e.start} of the line)")))
                 continue
@@ -112,7 +112,7 @@ def _read_jsonl(name: str, path: Path) -> list[Row]:
 
 def _read_json(name: str, path: Path) -> list[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is dropped
     except UnicodeDecodeError as e:
         raise DataError(f"{name}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -132,7 +132,8 @@ def _read_json(name: str, path: Path) -> list[Row]:
 
 def _read_csv(name: str, path: Path) -> list[Row]:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark (Excel writes one) would otherwise stick to the first column's name
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             # reader.line_num is the line the row ends on (a quoted field may span lines)
             return [(f"{name} line {reader.line_num}", dict(obj)) for obj in reader]

@@ -598,11 +598,12 @@ def parse(data: bytes | str, *, path: str | None = None) -> dict:
     """TOML text -> dict, with a message that names the line on a syntax error."""
     if isinstance(data, bytes):
         try:
-            data = data.decode("utf-8")
+            data = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is dropped
         except UnicodeDecodeError as e:
             raise RecipeError(
                 f"not a text file: byte {e.start} is not UTF-8. A recipe is a TOML text file.", path=path
             ) from None
+    data = data.removeprefix("\ufeff")
     if not data.strip():
         raise RecipeError(
             "the recipe is empty. Start from recipes/tiny.toml; [model] name and [data] train are required.",
@@ -632,13 +633,26 @@ def parse_override(item: str, *, path: str | None = None) -> tuple[str, str, Any
             f"--set {item!r}: the name must be section.key, e.g. train.learning_rate", path=path
         )
     section, key = lhs.split(".")
+    if not rhs:
+        raise RecipeError(
+            f"--set {lhs}=: no value after `=`. Give one, e.g. --set train.learning_rate=1e-4, or leave the "
+            "--set out to keep the recipe's value",
+            path=path,
+        )
     try:
-        value = tomllib.loads(f"v = {rhs}")["v"]
+        parsed = tomllib.loads(f"v = {rhs}")
     except tomllib.TOMLDecodeError:
-        value = rhs
+        parsed = {"v": rhs}  # a bare word (cosine) is a string
     except RecursionError:
         raise RecipeError(f"--set {lhs}=...: the value is nested too deeply", path=path) from None
-    return section, key, value
+    if len(parsed) > 1 or ("\n" in rhs and isinstance(parsed["v"], str) and parsed["v"] == rhs):
+        raise RecipeError(
+            f"--set {item!r}: the value is not a single TOML value (it goes on past the value, over a new line "
+            "or with more keys or tables, which would be dropped). Give one value per --set, quoting a string "
+            'that has spaces or newlines: --set model.name="org/model"',
+            path=path,
+        )
+    return section, key, parsed["v"]
 
 
 def apply_overrides(raw: dict, overrides: list[str], *, path: str | None = None) -> None:
@@ -957,6 +971,13 @@ def _cross_checks(r: Recipe) -> list[str]:
         problems.append(
             "[train] max_steps = 0 trains nothing: use a positive number, or -1 to train num_train_epochs"
         )
+    if t.max_steps > 0 and t.warmup_steps >= t.max_steps:
+        problems.append(
+            f"[train] warmup_steps = {t.warmup_steps} is not shorter than the run (max_steps = {t.max_steps}): "
+            f"the learning rate would stay below learning_rate = {t.learning_rate:g} (at most "
+            f"{t.learning_rate * t.max_steps / t.warmup_steps:.2g}) for the whole run. Use warmup_steps below "
+            f"max_steps (e.g. {max(t.max_steps // 10, 1) if t.max_steps > 1 else 0}), or warmup_ratio"
+        )
     if t.eval_strategy != "no" and not (r.data.eval or r.data.val_ratio > 0):
         problems.append(
             f"[train] eval_strategy = {t.eval_strategy!r} needs evaluation data: set [data] eval or [data] val_ratio"
@@ -972,6 +993,11 @@ def _cross_checks(r: Recipe) -> list[str]:
     if t.eval_strategy == "steps" and t.eval_steps is None:
         problems.append('[train] eval_strategy = "steps" needs eval_steps')
     m = r.model
+    if not m.name.strip():
+        problems.append(
+            f"[model] name = {m.name!r} is empty: give a hub name (mistralai/Mistral-7B-Instruct-v0.3), a local "
+            'folder, a .gguf file or a built-in model ("builtin:tiny-mistral")'
+        )
     if m.load_in_4bit and m.load_in_8bit:
         problems.append(
             "[model] load_in_4bit and load_in_8bit are both true: a base is loaded one way. Set one of them to false."

@@ -44,6 +44,7 @@ def problems(recipe) -> list[str]:
         path = recipe.resolve_path(source["path"])
         if data_mod.is_local(source["path"], path) and not path.exists():
             out.append(f"[[data.sources]] #{i} path = {source['path']!r}: file not found: {path}")
+    out += _retain_problems(recipe)
     from fastsft.run import trackers
 
     out += trackers.missing(recipe)
@@ -61,6 +62,39 @@ def problems(recipe) -> list[str]:
         out.append('[model] backend = "unsloth": unsloth is not installed; use backend = "auto"')
     out += _target_problems(recipe)
     return out
+
+
+def _retain_problems(recipe) -> list[str]:
+    """`[data] retain` naming a file the run trains on (the same file, or one with the same bytes): its
+    "forgetting" would be the loss on training data, which falls as the run learns it."""
+    import hashlib
+
+    d = recipe.data
+    retain = recipe.resolve_path(d.retain) if d.retain else None
+    if retain is None or not retain.is_file():
+        return []
+    trained = [("data.train", d.train)] if d.train else []
+    trained += [(f"[[data.sources]] #{i} path", s["path"]) for i, s in enumerate(d.sources or [], start=1)]
+    digest = None
+    for key, value in trained:
+        path = recipe.resolve_path(value)
+        if not path.is_file():
+            continue
+        if path.resolve() == retain.resolve():
+            how = "is the same file as"
+        elif path.stat().st_size == retain.stat().st_size:
+            digest = digest or hashlib.sha256(retain.read_bytes()).digest()
+            if hashlib.sha256(path.read_bytes()).digest() != digest:
+                continue
+            how = "has the same content as"
+        else:
+            continue
+        return [
+            f"data.retain = {d.retain!r} {how} {key} = {value!r}: the retain set measures forgetting on "
+            "data the run does not train on, and training data only gets easier. Point data.retain at general "
+            "data kept out of training (e.g. a chat or instruction set), or drop it"
+        ]
+    return []
 
 
 def _target_problems(recipe) -> list[str]:

@@ -20,7 +20,7 @@ def encode(recipe, tokenizer, *, log) -> list[dict]:
     path = recipe.resolve_path(recipe.data.retain)
     if not path.exists():
         raise DataError(f"data.retain = {recipe.data.retain!r}: file not found: {path}")
-    items = data_mod.encode_file(recipe, tokenizer, path)
+    items = data_mod.encode_file(recipe, tokenizer, path, key="retain")
     log(f"retain: {len(items)} example(s) from {path}, scored before and after training")
     return items
 

@@ -250,6 +250,9 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.perf_counter()
+            warning = warmup_warning(args, state.max_steps)
+            if warning and state.is_world_process_zero:
+                console.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -280,6 +283,21 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
             run.append_metrics(row)
 
     return ProgressAndMetrics()
+
+
+def warmup_warning(args, steps: int) -> str | None:
+    """What is wrong when the warm-up is not shorter than the run's `steps` optimizer steps (known once
+    the data is read, with num_train_epochs): the learning rate never reaches its peak. None otherwise.
+    (With max_steps set, the recipe refuses this before anything loads.)"""
+    warmup = args.get_warmup_steps(steps)
+    if steps <= 0 or warmup < steps:
+        return None
+    key = f"warmup_steps = {warmup}" if args.warmup_steps >= 1 else f"warmup_ratio = {args.warmup_steps:g}"
+    return (
+        f"[train] {key} is not shorter than this run's {steps} optimizer step(s): the learning rate stays below "
+        f"learning_rate = {args.learning_rate:g} (at most {args.learning_rate * steps / warmup:.2g}) for the "
+        f"whole run. Set warmup_steps below {steps}, or a warmup_ratio under 1 (e.g. 0.05)"
+    )
 
 
 def _duration(seconds: float) -> str:

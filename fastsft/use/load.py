@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastsft.errors import BackendError
-from fastsft.rundir import ADAPTER, MODEL
+from fastsft.rundir import ADAPTER, MODEL, RUN_JSON, RunDir, is_run_dir
 
 
 @dataclass
@@ -97,6 +97,29 @@ def _load_model(path: Path, dtype: str | None, policy) -> LoadedForUse:
     return LoadedForUse(model, tokenizer_from(path, policy=policy), "model", path)
 
 
+def _no_weights_yet(path: Path) -> str:
+    """What to do with a run directory that stopped before it wrote adapter/ (or model/): resume it."""
+    try:
+        status = json.loads((path / RUN_JSON).read_text(encoding="utf-8")).get("status") or "unknown"
+    except (OSError, ValueError, AttributeError):
+        status = "unknown"
+    kept = RunDir(path).latest_checkpoint()
+    if kept:
+        todo = (
+            f"Resume it from its checkpoint at step {kept[0]}: fastsft run --resume {path} "
+            "(it writes adapter/ when it finishes)"
+        )
+    else:
+        todo = (
+            f"It kept no checkpoint either: fastsft run --resume {path} has nothing to continue from, so start "
+            f"it again: fastsft run RECIPE -o {path} --overwrite"
+        )
+    return (
+        f"{path} is a fastsft run that stopped before it wrote its first adapter (run.json status: {status}; "
+        f"no {ADAPTER}/ or {MODEL}/ yet), so there is no trained model to use. {todo}"
+    )
+
+
 def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> LoadedForUse:
     """A run directory, adapter folder or model folder -> `LoadedForUse` (unpacks as `model, tokenizer`).
     `policy` (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do, whatever
@@ -116,6 +139,8 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> LoadedF
         loaded = _load_adapter(path, dtype, policy)
     elif (path / "config.json").exists():
         loaded = _load_model(path, dtype, policy)
+    elif is_run_dir(path):
+        raise BackendError(_no_weights_yet(path))
     else:
         raise BackendError(
             f"{path} is neither a run directory (no adapter/ or model/), an adapter folder (no adapter_config.json) "

@@ -69,3 +69,26 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path, tiny_model_dir):
         main, ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2", "--allow-pickle"]
     )
     assert allowed.exit_code == 0, allowed.output
+
+
+class _Runs:
+    """An object whose unpickling would call a function: torch's safe loader refuses it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_allow_pickle_on_a_pickle_the_safe_loader_refuses_is_a_clear_error(tmp_path, tiny_model_dir):
+    """--allow-pickle reads pickles through torch.load(weights_only=True); one holding a callable was a
+    traceback (UnpicklingError, #28)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = tmp_path / "blocked"
+    AutoConfig.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    torch.save({"x": _Runs()}, folder / "pytorch_model.bin")
+    result = _refused(
+        ["generate", str(folder), "--prompt", "hi", "--allow-pickle"], "torch's safe loader refused"
+    )
+    assert str(folder) in result.output and "safetensors" in result.output and "GLOBAL" in result.output

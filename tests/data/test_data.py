@@ -837,3 +837,30 @@ def test_plain_prompt_completion_rows_follow_one_rule(tmp_path, tok):
         0
     ].tolist()
     assert rows[0]["input_ids"][: len(prompt)] == prompt and rows[0]["trained_text"].startswith("Green.")
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma"])
+def test_system_message_after_a_user_turn_is_kept_or_refused(tmp_path, tok, name):
+    """Mistral and Gemma have no system role: a later system message goes into the next user message;
+    one with no user message after it is refused by line, never dropped (#28)."""
+    later = CONV[:3] + [{"role": "system", "content": "Now be formal."}] + CONV[3:]
+    text = tok.apply_chat_template(later, tokenize=False, chat_template=C.load_template(name))
+    assert "Now be formal." in text and "Be brief." in text
+    two = [CONV[0], {"role": "system", "content": "Use metres."}] + CONV[1:3]
+    assert "Use metres." in tok.apply_chat_template(two, tokenize=False, chat_template=C.load_template(name))
+    orphan = [CONV[1], {"role": "system", "content": "Now be formal."}, CONV[2]]
+    write_jsonl(tmp_path / "train.jsonl", [qa(1), {"messages": orphan}, qa(3), qa(4), qa(5)])
+    with pytest.raises(DataError, match=r"line 2: .*message 2 \(system\) has no user message after it"):
+        prepare(make_recipe(tmp_path, chat_template=name), tok)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
+def test_a_byte_order_mark_is_dropped(tmp_path, tok, kind):
+    """A UTF-8 BOM (Excel, Notepad) stuck to the first column's name or made line 1 invalid JSON, with a
+    message that did not show it (#28)."""
+    name = _write(kind, tmp_path, [{"messages": CONV}, qa(1)])
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    recipe = make_recipe(tmp_path, name)
+    assert len(prepare(recipe, tok).train) == 2
+    assert trained_texts(recipe, tok, 1) == [TRAINED]

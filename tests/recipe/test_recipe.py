@@ -312,3 +312,41 @@ def test_an_uncached_hub_id_fails_at_once_when_offline(tmp_path, monkeypatch):
     with pytest.raises(BackendError, match="not in the local cache, and the hub cannot be reached"):
         resolve_model_path(r)
     assert time.perf_counter() - t0 < 5
+
+
+def test_a_set_value_is_one_toml_value(tmp_path):
+    """A --set value that goes on over a new line into a table (or more keys) was read as its first
+    line, the table dropped (#28): refused, naming the --set."""
+    for bad in (
+        'train.learning_rate=1e-4\n[model]\nname = "other"',
+        "train.lr_scheduler_type=cosine\n[model]",
+    ):
+        with pytest.raises(RecipeError, match="not a single TOML value") as e:
+            load_text(tmp_path, TINY_RECIPE, [bad])
+        assert "r.toml" in str(e.value) and repr(bad) in str(e.value)
+    r = load_text(tmp_path, TINY_RECIPE, ["lora.target_modules=[\n'q_proj',\n'v_proj']"])  # one value
+    assert r.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_an_empty_set_value_or_model_name_is_refused(tmp_path):
+    """`--set model.name=` validated and `run` then loaded the recipe's folder as the model (#28)."""
+    with pytest.raises(RecipeError, match=r"--set model.name=: no value after `=`"):
+        load_text(tmp_path, TINY_RECIPE, ["model.name="])
+    for name in ('""', '"  "'):
+        with pytest.raises(RecipeError, match=r"\[model\] name = .* is empty"):
+            load_text(tmp_path, TINY_RECIPE, [f"model.name={name}"])
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "bom.toml"
+    p.write_bytes(b"\xef\xbb\xbf" + TINY_RECIPE.encode())
+    assert R.load(p).model.name == "builtin:tiny-mistral"
+
+
+def test_warmup_longer_than_the_run_is_refused(tmp_path):
+    """warmup_steps >= max_steps trained the whole run at a sliver of the learning rate (#28)."""
+    with pytest.raises(RecipeError) as e:
+        load_text(tmp_path, TINY_RECIPE, ["train.warmup_steps=1000000000"])
+    msg = str(e.value)
+    assert "warmup_steps = 1000000000" in msg and "max_steps = 6" in msg and "below max_steps" in msg
+    assert load_text(tmp_path, TINY_RECIPE, ["train.warmup_steps=5"]).train.warmup_steps == 5

@@ -87,3 +87,44 @@ def test_checkpoints_go_to_output_dir_then_on_save_runs():
     assert "self._get_output_dir(" in save and "self.save_model(output_dir" in save, _where("transformers")
     loop = inspect.getsource(Trainer._maybe_log_save_evaluate)
     assert loop.index("self._save_checkpoint(") < loop.index("on_save("), _where("transformers")
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path):
+    """With num_train_epochs the run's length is known only once the data is read: a warm-up that long
+    trained at ~lr * 1e-9 without a word (#28). The progress callback warns at the start of training."""
+    from transformers import TrainingArguments
+
+    from fastsft.run.trainer import warmup_warning
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=3e-3, warmup_steps=1000, report_to="none"
+    )
+    msg = warmup_warning(args, 12)
+    assert "warmup_steps = 1000" in msg and "12 optimizer step(s)" in msg and "below 12" in msg
+    assert warmup_warning(args, 2000) is None
+    ratio = TrainingArguments(output_dir=str(tmp_path), warmup_steps=1.0 - 1e-9, report_to="none")
+    assert warmup_warning(ratio, 12) is not None  # ceil(0.999... * 12) = 12: no step at the peak
+    assert (
+        warmup_warning(TrainingArguments(output_dir=str(tmp_path), warmup_steps=0.1, report_to="none"), 12)
+        is None
+    )
+
+
+def test_a_run_whose_warmup_outlasts_its_epochs_is_warned_before_training(tmp_path):
+    """The same warning from a real `fastsft run` of two optimizer steps (8 rows, batch 4, one epoch)."""
+    from click.testing import CliRunner
+
+    from fastsft.cli.main import main
+
+    from _tiny import DEMO, TINY_RECIPE
+
+    (tmp_path / "d.jsonl").write_text("".join(DEMO.read_text().splitlines(keepends=True)[:8]))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE.replace(str(DEMO), "d.jsonl"))
+    sets = ["train.max_steps=-1", "train.num_train_epochs=1", "train.warmup_steps=1000"]
+    args = ["run", str(recipe), "-o", str(tmp_path / "run")] + [x for s in sets for x in ("--set", s)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "warning: [train] warmup_steps = 1000 is not shorter than this run's 2 optimizer step(s)" in out
+    assert out.index("warmup_steps = 1000") < out.index("step 1/2")
