@@ -76,12 +76,13 @@ def test_every_tracked_file_of_the_package_is_in_the_wheel(installed):
 
 
 def test_every_module_imports_from_the_installed_copy(installed):
+    # every module but a __main__, which runs the command line when imported (`python -m` is its use)
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     modules = sorted(
         ".".join(Path(n).with_suffix("").parts[:-1] if n.endswith("/__init__.py") else Path(n).with_suffix("").parts)
         for n in names
         if n.startswith("fastsft/") and n.endswith(".py") and not n.endswith("/__main__.py")
-    )  # fmt: skip  (a __main__ runs the command line when imported: `python -m` is its only use)
+    )  # fmt: skip
     assert "fastsft.data" in modules and "fastsft.kernels.cross_entropy" in modules
     code = (
         "import importlib, json, sys\n"
