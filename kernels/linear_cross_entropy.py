@@ -27,8 +27,10 @@ sum): the target's term is exp(0) = 1, so s >= 1 and nothing underflows; float32
 exponent range) hold exp(z - m) until a logit passes the target's by ~88 nats, so no running max is
 kept and nothing is rescaled (rows that overflow are redone with a running max, as float16 always is).
 The tile's gathered hidden rows are stashed in the rows of the gradient they will produce. On a CPU
-the tile's operations use every intra-op thread: at a few hundred rows the matmuls run near the
-cores' peak, and one tile is alive, not one per thread.
+a tile's operations use the intra-op threads the cores other processes leave free at its start
+(`free_cpu_threads`; all of them on an idle machine): at a few hundred rows the matmuls run near the
+cores' peak, and one tile is alive, not one per thread; on a shared machine a thread waiting for a
+core would stall each of the tile's many small parallel operations.
 
 A chunk's or tile's size comes from a memory budget that counts every buffer it holds
 (`chunk_memory`, `tile_memory`); by default the budget follows the size of the hidden states passed
