@@ -2,6 +2,7 @@
 each is checked here on the CPU: the files and folders it names exist, every pytest command selects
 tests (collected, not run: its markers and paths are valid), each stays under its time limit."""
 
+import json
 import os
 import re
 import shlex
@@ -81,19 +82,57 @@ def test_the_setup_unpacks_the_archive_build_site_makes(commands):
         assert "unsloth==" in text and "trl==1.15" in text
 
 
+# One child collects every step's command in turn (pytest.main per step, its FASTSFT_BENCH_* variables set
+# first): one start of torch and transformers instead of three (~60 s each on a busy 2-core machine).
+COLLECT = """
+import json, os, sys
+import pytest
+bench = None
+for step, env, args in json.loads(sys.argv[1]):
+    os.environ.update(env)
+    mine = {k: v for k, v in os.environ.items() if k.startswith("FASTSFT_BENCH")}
+    if "_bench" in sys.modules and bench is not None and mine != bench:  # read at import: would be stale
+        raise SystemExit(f"{step}: FASTSFT_BENCH_* changed after _bench was imported")
+    print(f"=== fastsft step {step}", flush=True)
+    rc = pytest.main([*args, "--collect-only"])
+    if "_bench" in sys.modules and bench is None:
+        bench = mine
+    print(f"=== fastsft step {step} exit {int(rc)}", flush=True)
+    for k in env:
+        os.environ.pop(k)
+"""
+
+
+@pytest.fixture(scope="module")
+def collected(commands):
+    """step -> (exit status, the output of `pytest <its args> --collect-only`), from one child."""
+    runs = pytest_commands(commands)
+    child = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("FASTSFT_BENCH")}
+    steps = [
+        (step, {k: v for k, v in env.items() if k.startswith("FASTSFT_BENCH")}, args)
+        for step, env, _, args in runs
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", COLLECT, json.dumps(steps)],
+        cwd=REPO, env=child, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = {}
+    for step, _, _ in steps:
+        m = re.search(rf"=== fastsft step {step}\n(.*?)=== fastsft step {step} exit (\d+)", proc.stdout, re.S)
+        assert m, proc.stdout[-2000:]
+        out[step] = (int(m.group(2)), m.group(1))
+    return out
+
+
 @pytest.mark.parametrize("step", ["tests", "loss", "e2e"])
-def test_each_pytest_command_names_real_paths_and_selects_tests(commands, step):
-    (_, env, _, args), *_ = [r for r in pytest_commands(commands) if r[0] == step]
+def test_each_pytest_command_names_real_paths_and_selects_tests(commands, collected, step):
+    (_, _, _, args), *_ = [r for r in pytest_commands(commands) if r[0] == step]
     paths = [a for a in args if not a.startswith("-") and "/" in a or a in ("tests", "benchmarks")]
     assert paths, args
     for a in paths:
         assert (REPO / a).exists(), a
-    child = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    child.update({k: v for k, v in env.items() if k.startswith("FASTSFT_BENCH")})
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", *args, "--collect-only"],
-        cwd=REPO, env=child, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    m = re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", proc.stdout)
-    assert m and int(m.group(1)) > 0, proc.stdout[-2000:]
+    rc, output = collected[step]
+    assert rc == 0, output[-2000:]
+    m = re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", output)
+    assert m and int(m.group(1)) > 0, output[-2000:]
