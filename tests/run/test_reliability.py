@@ -34,7 +34,7 @@ DRIVER = """
 import os, signal, sys
 from transformers import TrainerCallback
 from fastsft import recipe as R
-from fastsft import train
+from fastsft.run import train
 from fastsft.cli.main import handle_errors
 
 action, at, recipe, out, *overrides = sys.argv[1:]
