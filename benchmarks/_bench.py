@@ -146,7 +146,13 @@ class Results:
         self.loss[:] = merge(
             self.loss,
             old.get("loss", []),
-            lambda r: (r.get("impl"), r.get("vocab"), r.get("tokens"), r.get("label_smoothing")),
+            lambda r: (
+                r.get("impl"),
+                r.get("vocab"),
+                r.get("tokens"),
+                r.get("label_smoothing"),
+                r.get("background"),
+            ),
         )
         self.e2e[:] = merge(
             self.e2e,
@@ -179,8 +185,9 @@ class Results:
                     "parity | vs fastsft |",
                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
             for r in self.loss:
+                impl = r["impl"] + (f" (+{r['background']})" if r.get("background") else "")
                 out.append(
-                    f"| {r['impl']} | {r['input']} | {r['vocab']} | {r['tokens']} | {r['label_smoothing']} | "
+                    f"| {impl} | {r['input']} | {r['vocab']} | {r['tokens']} | {r['label_smoothing']} | "
                     f"{_f(r.get('ms'), 1)} | {_f(r.get('speedup_vs_torch'))} | {_mib(r.get('peak_mem_gib'))} | "
                     f"{_f(r.get('mem_vs_torch'))} | {r.get('achieved', r.get('error', ''))} | {_f(r.get('loss'), 4)} | "
                     f"{r.get('parity', '')} | {_e(r.get('rel_diff_vs_fastsft'))} |"

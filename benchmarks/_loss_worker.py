@@ -1,13 +1,14 @@
 """Loss measurements on the CPU, in a child process (run by test_loss_bench.py's CPU benchmark).
 
     python benchmarks/_loss_worker.py time N V H IMPLS EPS REPS OUT_JSON
-    python benchmarks/_loss_worker.py mem  N V H IMPL  EPS      OUT_JSON
+    python benchmarks/_loss_worker.py mem  N V H IMPLS EPS      OUT_JSON
 
 `time`: builds every implementation in IMPLS (comma-separated) on the same inputs, runs each once
 (warm-up, its loss recorded), then REPS rounds of one forward + backward each, interleaved
 (A B C, B C A, C A B, ...: a load change on the shared machine hits every row alike); the medians
-are compared as ratios in the parent. `mem`: one implementation, one warm-up run, then the peak
-resident set of one more run above the resident set before it (the inputs, and for logits-in rows
+are compared as ratios in the parent. `mem`: per implementation in IMPLS (one per child for the committed
+grid, all of a smoothing in one child in CI), one warm-up run, then the peak resident set of one more
+run above the resident set before it (the inputs, and for logits-in rows
 the logits): /proc/self/clear_refs resets the peak, and MALLOC_MMAP_THRESHOLD_ (set by the parent)
 makes every large buffer a mapping of its own, returned to the system when freed, so the resident
 set follows the live tensors. The child is started without TRITON_INTERPRET, so fastsft takes its
@@ -77,17 +78,20 @@ def main(argv: list[str]) -> None:
             rows[impl]["ms"] = statistics.median(rows[impl]["samples_ms"])
         out.write_text(json.dumps(rows))
     elif mode == "mem":
-        impl, eps, out = argv[4], float(argv[5]), Path(argv[6])
-        kind, build, _ = B.IMPLS[impl]
-        try:
-            run = build(hid, w, y, eps)
-            run()
-            rec = {"peak_mib": peak_rss_above(run)}
-        except (NotImplementedError, ImportError) as e:
-            rec = {"skipped": f"{type(e).__name__}: {e}"}
-        except Exception as e:
-            rec = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        out.write_text(json.dumps(rec))
+        impls, eps, out = argv[4].split(","), float(argv[5]), Path(argv[6])
+        recs = {}
+        for impl in impls:  # one after another, each after its own warm-up run
+            kind, build, _ = B.IMPLS[impl]
+            try:
+                run = build(hid, w, y, eps)
+                run()
+                recs[impl] = {"peak_mib": peak_rss_above(run)}
+            except (NotImplementedError, ImportError) as e:
+                recs[impl] = {"skipped": f"{type(e).__name__}: {e}"}
+            except Exception as e:
+                recs[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            run = None
+        out.write_text(json.dumps(recs))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -34,8 +34,8 @@ DRIVER = """
 import os, signal, sys
 from transformers import TrainerCallback
 from fastsft import recipe as R
-from fastsft import train
-from fastsft.cli import handle_errors
+from fastsft.run import train
+from fastsft.cli.main import handle_errors
 
 action, at, recipe, out, *overrides = sys.argv[1:]
 
