@@ -89,6 +89,17 @@ def broadcast(obj):
     return broadcast_object_list([obj], from_process=0)[0]
 
 
+def gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if world_size() <= 1:
+        return [obj]
+    import torch.distributed as td
+
+    out = [None] * world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if world_size() > 1:
         from accelerate import PartialState
@@ -138,6 +149,17 @@ def distributed_kwargs(recipe, *, dtype: str) -> dict:
     return {"deepspeed": zero3_config(dtype)}
 
 
+def sharded(recipe) -> bool:
+    """Whether this rank holds only a shard of the weights (FSDP or ZeRO-3 over several ranks)."""
+    return world_size() > 1 and recipe.distributed.strategy != "ddp"
+
+
+SHARDED_ANSWERS = (
+    "the answers after training are not generated in the run under {strategy}: each rank holds a shard "
+    "of the weights; generate them from the saved weights: fastsft generate {run}"
+)
+
+
 def check_distributed(recipe) -> None:
     """Refuse, before any rank starts, a strategy this machine cannot run."""
     import torch
@@ -146,12 +168,6 @@ def check_distributed(recipe) -> None:
 
     where = str(recipe.path) if recipe.path else None
     strategy = recipe.distributed.strategy
-    if strategy in ("fsdp", "deepspeed-zero3") and not torch.cuda.is_available():
-        raise RecipeError(
-            f'[distributed] strategy = "{strategy}" needs CUDA GPUs: accelerate shards only across GPUs, so '
-            'on the CPU it would silently run plain DDP. Use strategy = "ddp" here.',
-            path=where,
-        )
     if strategy == "deepspeed-zero3":
         try:
             import deepspeed  # noqa: F401
@@ -161,6 +177,41 @@ def check_distributed(recipe) -> None:
                 '(or use strategy = "fsdp", which needs nothing more)',
                 path=where,
             ) from None
+
+
+def shard_on_cpu(trainer) -> None:
+    """Make the Trainer's accelerator shard with FSDP2 when the ranks are CPU processes (gloo).
+
+    accelerate keeps FSDP for GPUs: on the CPU its state stays MULTI_CPU and the Trainer's FSDP plugin
+    is dropped without a word, so `prepare()` would wrap the model in plain DDP (same losses, every
+    rank holding every parameter). Set its state to FSDP with the Trainer's own plugin before the first
+    `prepare()`: the model then goes through accelerate's FSDP2 path (`fully_shard`), the same code as
+    on GPUs. DeepSpeed needs nothing of the kind: it picks its CPU accelerator by itself."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if trainer.args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    # both shared states, as AcceleratorState.__init__ sets them: a later PartialState() would put back
+    # MULTI_CPU, and the save would then skip FSDP's full state dict
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
+
+
+def local_parameters(model) -> int:
+    """The parameters this rank holds: its shard's elements under FSDP2 (DTensor) or ZeRO-3
+    (`ds_numel` is the whole tensor, `ds_tensor` this rank's partition), every element otherwise."""
+    n = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            n += p.ds_tensor.numel()
+        elif hasattr(p, "to_local"):
+            n += p.to_local().numel()
+        else:
+            n += p.numel()
+    return n
 
 
 def zero3_config(dtype: str) -> dict:

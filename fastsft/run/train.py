@@ -29,6 +29,7 @@ from fastsft.run.trainer import (
     make_trainer_class,
     progress_callback,
     read_totals,
+    sharding_callback,
 )
 from fastsft.rundir import RECIPE, RUN_JSON, RunDir, default_path
 
@@ -412,6 +413,8 @@ class Run:
         trainer.add_callback(checkpoint_callback(trainer, run_dir.checkpoints))
         if self.totals_before:
             trainer.totals_before = dict(self.totals_before)
+        if dist.world_size() > 1:
+            trainer.add_callback(sharding_callback(trainer, run_dir))
         if dist.world_size() > 1 and self.main:
             # what the Trainer (accelerate) actually set up, not only what was asked
             engines = {"fsdp": bool(trainer.is_fsdp_enabled), "deepspeed": bool(trainer.is_deepspeed_enabled)}
@@ -643,6 +646,16 @@ class Run:
     def _samples(self) -> dict:
         """The answers before and after training to the same prompts, and how many follow the template."""
         before, prompts = self.before, self.prompts
+        if dist.sharded(self.recipe):  # rank 0 alone cannot run a model whose shards the others hold
+            why = dist.SHARDED_ANSWERS.format(
+                strategy=self.recipe.distributed.strategy, run=self.run_dir.path
+            )
+            self.log(why)
+            return {
+                "samples": [],
+                "samples_skipped": why,
+                "compliance": {"base": None, "fine_tuned": None, "n": 0},
+            }
         after = generate_answers(self.loaded.model, self.loaded.tokenizer, prompts) if prompts else []
         paired = before if len(before) == len(after) else [None] * len(after)
         samples = [
