@@ -10,6 +10,7 @@ TrainingArguments of the recipe's `[distributed] strategy` (DDP, FSDP, DeepSpeed
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -107,15 +108,70 @@ def barrier() -> None:
         PartialState().wait_for_everyone()
 
 
-def launch_command(nproc: int, argv: list[str]) -> list[str]:
-    """The torchrun command line that runs `fastsft <argv>` as `nproc` ranks on this machine. The
-    installed `fastsft` script is run (not `python -m`, which would put the current folder first on
-    sys.path)."""
+def together(fn):
+    """`fn()` on every rank; a fastsft error met by any rank is raised on all of them, so that no rank
+    is left waiting in a collective for one that stopped (on several hosts each sees its own files)."""
+    from .errors import FastSFTError, RunDirError
+
+    try:
+        out, err = fn(), None
+    except FastSFTError as e:
+        out, err = None, e
+    if world_size() <= 1:
+        if err is not None:
+            raise err
+        return out
+    messages = [m for m in gather_object(str(err) if err is not None else None) if m]
+    if err is not None:
+        raise err
+    if messages:
+        raise RunDirError(messages[0])
+    return out
+
+
+def missing_rank_files(checkpoint: Path, ranks: int) -> list[int]:
+    """The ranks whose own part of `checkpoint` is missing. Each rank writes its RNG state
+    (`rng_state_<rank>.pth`) into the checkpoint, where it stands on that rank's host: on hosts that do
+    not share the run directory, rank 0's copy lacks the others'."""
+    if ranks <= 1:
+        return []
+    return [r for r in range(ranks) if not (checkpoint / f"rng_state_{r}.pth").is_file()]
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """torchrun's multi-node launch, as `fastsft run` takes it: `nnodes` hosts, this one `node_rank`,
+    meeting at `master_addr:master_port` (static) or at the rendezvous endpoint `rdzv_endpoint`."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+
+    def torchrun_args(self) -> list[str]:
+        if self.nnodes <= 1:
+            return ["--standalone"]
+        if self.rdzv_endpoint:  # elastic rendezvous: every host names the same endpoint and id
+            return [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}",
+                    "--rdzv-id=fastsft"]  # fmt: skip
+        out = [
+            f"--nnodes={self.nnodes}",
+            f"--node-rank={self.node_rank}",
+            f"--master-addr={self.master_addr}",
+        ]
+        return out + ([f"--master-port={self.master_port}"] if self.master_port else [])
+
+
+def launch_command(nproc: int, argv: list[str], hosts: Hosts = Hosts()) -> list[str]:
+    """The torchrun command line that runs `fastsft <argv>` as `nproc` ranks on this machine (of
+    `hosts.nnodes` machines). The installed `fastsft` script is run (not `python -m`, which would put
+    the current folder first on sys.path)."""
     import shutil
     import sys
 
     exe = shutil.which("fastsft") or str(Path(sys.executable).with_name("fastsft"))
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    return [sys.executable, "-m", "torch.distributed.run", *hosts.torchrun_args(), f"--nproc_per_node={nproc}",
             "--no-python", exe, *argv]  # fmt: skip
 
 
@@ -162,7 +218,6 @@ SHARDED_ANSWERS = (
 
 def check_distributed(recipe) -> None:
     """Refuse, before any rank starts, a strategy this machine cannot run."""
-    import torch
 
     from .errors import RecipeError
 

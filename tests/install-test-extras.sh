@@ -15,6 +15,11 @@ cd "$(dirname "$0")/.."
 # datasets, triton, pillow and numpy are what it imports on that path.
 [ -d .cache/unsloth/unsloth_zoo ] || pip install -q --no-deps --target .cache/unsloth unsloth==2026.10.7 unsloth_zoo==2026.10.7
 
+# DeepSpeed 0.19.8 for tests/run/test_sharded.py (ZeRO-3 on 2 CPU ranks, its CPU accelerator over gloo):
+# DS_BUILD_OPS=0 (nothing compiled at install; ~20 s), its pure-Python dependencies beside it, never torch.
+[ -d .cache/deepspeed/deepspeed ] || DS_BUILD_OPS=0 pip install -q --no-deps --target .cache/deepspeed \
+  deepspeed==0.19.8 hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.2.4 einops==0.8.2 ninja==1.13.2 nvidia-ml-py==13.615.71
+
 # Debian's chromium and its chromedriver: test_serve.py drives the chat page of `fastsft serve` in
 # headless Chromium through Selenium (never a browser download: Selenium is pointed at these binaries).
 if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then

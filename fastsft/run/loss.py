@@ -353,6 +353,18 @@ def resolve(recipe, model, model_backend: str, device: torch.device) -> LossRout
                 "fastsft",
                 f"{arch} has no linear-loss patch yet; falling back to fastsft (logits in)",
             )
+    from fastsft import dist
+
+    if (
+        kernel == "fastsft-linear"
+        and dist.sharded(recipe)
+        and recipe.distributed.strategy == "deepspeed-zero3"
+    ):
+        kernel = "fastsft"
+        reason += (
+            "; under DeepSpeed ZeRO-3 the lm_head's weight is gathered only inside the head's own forward, "
+            "which the linear loss skips: the logits-in kernel"
+        )
     if kernel == "unsloth" and model_backend != "unsloth":
         from fastsft.errors import RecipeError
 

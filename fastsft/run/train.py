@@ -212,7 +212,11 @@ class Run:
         self.retain_before = self._retain_before()
 
     def _open_resumed(self) -> Path:
-        """The run to resume, locked, and the checkpoint to continue from; a finished run is refused."""
+        """The run to resume, locked, and the checkpoint to continue from; a finished run, or a checkpoint
+        that lacks a rank's files, is refused (on every rank: on several hosts each reads its own disk)."""
+        return dist.together(self._open_resumed_here)
+
+    def _open_resumed_here(self) -> Path:
         run_dir = self.run_dir = RunDir.open(self.output_dir, lock=self.main)
         if self.main:
             self.held.append(run_dir)
@@ -231,6 +235,15 @@ class Run:
                 f"its first save). Start it again: fastsft run RECIPE -o {run_dir.path} --overwrite"
             )
         step, self.checkpoint = found
+        missing = dist.missing_rank_files(self.checkpoint, dist.world_size())
+        if missing:
+            raise RunDirError(
+                f"--resume {run_dir.path}: {self.checkpoint} lacks the files of rank(s) "
+                f"{', '.join(map(str, missing))} (rng_state_<rank>.pth): each rank writes its part of a checkpoint "
+                "into the run directory on its own host, so on several hosts the run directory must be a folder "
+                "they all share (NFS, a cluster filesystem). Copy those files from the other hosts' "
+                f"{self.checkpoint.name} into this one, then resume again."
+            )
         self.totals_before = read_totals(self.checkpoint)
         self.log(f"resuming {run_dir.path} from {self.checkpoint.name} (step {step})")
         return run_dir.path
@@ -427,11 +440,10 @@ class Run:
         prompts = sample_prompts(prepared.eval if prepared.eval is not None else prepared.train)
         if self.resume:
             return prompts, list(self.run_info.get("before", [])) if self.main else []
-        before = (
-            generate_answers(self.loaded.model, self.loaded.tokenizer, prompts)
-            if prompts and self.main
-            else []
-        )
+        # sharded: on every rank, as under ZeRO-3 transformers' generate steps the ranks together
+        # (synced_gpus); the weights are still whole here, so every rank answers the same
+        answers = prompts and (self.main or dist.sharded(self.recipe))
+        before = generate_answers(self.loaded.model, self.loaded.tokenizer, prompts) if answers else []
         if self.main and before:
             self.run_dir.update_json(RUN_JSON, before=before)  # a resume reports the base model's answers too
         return prompts, before
