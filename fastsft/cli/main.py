@@ -168,6 +168,8 @@ def run(
         nproc = r.distributed.num_processes  # like --launch N
     if dist.world_size() == 1 and ((nproc or 1) > 1 or hosts.nnodes > 1):
         dist.check_distributed(r)  # refuse here, not once per rank
+        if resume_dir:
+            dist.check_resume_files(resume_dir, (nproc or 1) * hosts.nnodes)
         argv = rank_argv(click.get_current_context().meta["argv"], nproc or 1, r, output_dir, resume_dir)
         sys.exit(subprocess.call(dist.launch_command(nproc or 1, argv, hosts)))
     policy = make_policy(trust_remote_code, allow_pickle)

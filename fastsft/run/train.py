@@ -235,15 +235,9 @@ class Run:
                 f"its first save). Start it again: fastsft run RECIPE -o {run_dir.path} --overwrite"
             )
         step, self.checkpoint = found
-        missing = dist.missing_rank_files(self.checkpoint, dist.world_size())
-        if missing:
-            raise RunDirError(
-                f"--resume {run_dir.path}: {self.checkpoint} lacks the files of rank(s) "
-                f"{', '.join(map(str, missing))} (rng_state_<rank>.pth): each rank writes its part of a checkpoint "
-                "into the run directory on its own host, so on several hosts the run directory must be a folder "
-                "they all share (NFS, a cluster filesystem). Copy those files from the other hosts' "
-                f"{self.checkpoint.name} into this one, then resume again."
-            )
+        missing = dist.missing_rank_files(run_dir.path, self.checkpoint, dist.world_size())
+        if missing is not None:
+            raise missing
         self.totals_before = read_totals(self.checkpoint)
         self.log(f"resuming {run_dir.path} from {self.checkpoint.name} (step {step})")
         return run_dir.path

@@ -157,3 +157,80 @@ def test_zero3_shards_on_two_cpu_ranks_and_trains_like_one_process(single, tmp_p
     check_sharded(run, proc, single, method, "deepspeed-zero3")
     if method == "lora":
         check_resume(run, single, method, tmp_path, env=env)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two hosts: two network namespaces joined by a veth pair, one rank each
+# ----------------------------------------------------------------------------------------------
+
+HOSTS = [(f"fsft{os.getpid()}h{i}", f"fsft{os.getpid()}v{i}", f"10.77.0.{i + 1}") for i in range(2)]
+
+
+def _ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+def _tear_down_hosts():
+    for ns, _, _ in HOSTS:  # deleting a namespace deletes its end of the veth pair, and so the pair
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two "hosts": network namespaces whose only link is a veth pair, addresses 10.77.0.1 and .2 inside
+    them (nothing else on any network is touched); torn down after, whatever happens."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("two hosts need root and iproute2's `ip` (tests/install-test-extras.sh installs it)")
+    try:
+        (ns0, veth0, _), (ns1, veth1, _) = HOSTS
+        _ip("netns", "add", ns0)
+        _ip("netns", "add", ns1)
+        _ip("link", "add", veth0, "netns", ns0, "type", "veth", "peer", "name", veth1, "netns", ns1)
+        for ns, veth, addr in HOSTS:
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", veth)
+            _ip("-n", ns, "link", "set", veth, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+    except (subprocess.CalledProcessError, OSError) as e:
+        _tear_down_hosts()
+        pytest.skip(f"cannot make network namespaces here: {getattr(e, 'stderr', None) or e}")
+    try:
+        yield HOSTS
+    finally:
+        _tear_down_hosts()
+
+
+def test_two_hosts_train_like_one_process(single, tmp_path, two_hosts):
+    """`fastsft run --nnodes 2 --node-rank N --master-addr ...` on each host, one rank each, gloo over the
+    veth pair (GLOO_SOCKET_IFNAME), the run directory in a folder both share: the losses equal one
+    process with the same global batch."""
+    run = tmp_path / "run"
+    master = two_hosts[0][2]
+    procs = []
+    for node, (ns, veth, _) in enumerate(two_hosts):
+        cmd = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={veth}", sys.executable, "-m", "fastsft.cli",
+               "run", str(RECIPES / "tiny.toml"), *SHORT, "--set", "train.per_device_train_batch_size=4",
+               "--launch", "1", "--nnodes", "2", "--node-rank", str(node), "--master-addr", master,
+               "--master-port", "29577", "-o", str(run)]  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=600))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert_same_losses(losses(single["lora"]), losses(run))
+
+
+def test_several_hosts_need_a_run_directory_they_share(tmp_path):
+    proc = fastsft(
+        "run", str(RECIPES / "tiny.toml"), "--nnodes", "2", "--master-addr", "10.77.0.1", cwd=tmp_path
+    )
+    assert proc.returncode == 2 and "folder they all share" in proc.stderr
+    assert "Traceback" not in proc.stderr
