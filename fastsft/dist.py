@@ -3,8 +3,10 @@
 fastsft is built for one GPU; under a launcher the same `fastsft run` becomes one of N ranks. The
 Trainer (through accelerate) does the data sharding, the gradient all-reduce and the token count
 across ranks (`num_items_in_batch`); this module adds what a run directory needs on top: rank 0
-creates it and every rank uses the same one, only rank 0 writes files and prints; and the
-TrainingArguments of the recipe's `[distributed] strategy` (DDP, FSDP, DeepSpeed ZeRO-3).
+creates it and every rank uses the same one, only rank 0 writes files and prints; the torchrun
+command line, on one host or several (`Hosts`), and the refusal of a resume whose checkpoint lacks a
+rank's files; and the TrainingArguments of the recipe's `[distributed] strategy` (DDP, FSDP, DeepSpeed
+ZeRO-3), which shard on CPU ranks (gloo) as on GPUs (`shard_on_cpu`, `local_parameters`).
 """
 
 from __future__ import annotations
@@ -174,8 +176,12 @@ class Hosts:
         if self.nnodes <= 1:
             return ["--standalone"]
         if self.rdzv_endpoint:  # elastic rendezvous: every host names the same endpoint and id
-            return [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}",
-                    "--rdzv-id=fastsft"]  # fmt: skip
+            return [
+                f"--nnodes={self.nnodes}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.rdzv_endpoint}",
+                "--rdzv-id=fastsft",
+            ]
         out = [
             f"--nnodes={self.nnodes}",
             f"--node-rank={self.node_rank}",

@@ -104,12 +104,20 @@ def quiet_libraries() -> None:
     help="Several hosts: how many (run the same command on each, with its --node-rank). The run directory "
     "(-o) must be a folder every host shares: each rank writes its part of each checkpoint there.",
 )
-@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Several hosts: this host's number, 0 to nnodes-1 (host 0 writes the run directory).")  # fmt: skip
+@click.option(
+    "--node-rank",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Several hosts: this host's number, 0 to nnodes-1 (host 0 writes the run directory).",
+)
 @click.option("--master-addr", help="Several hosts: the address of host 0, which every host can reach.")
 @click.option("--master-port", type=click.IntRange(1, 65535), help="Several hosts: a free port on host 0.")
-@click.option("--rdzv-endpoint", metavar="HOST:PORT",
-              help="Several hosts: a torchrun rendezvous endpoint, instead of --master-addr/--node-rank.")  # fmt: skip
+@click.option(
+    "--rdzv-endpoint",
+    metavar="HOST:PORT",
+    help="Several hosts: a torchrun rendezvous endpoint, instead of --master-addr/--node-rank.",
+)
 @click.option(
     "--allow-data-change",
     is_flag=True,
