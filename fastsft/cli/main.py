@@ -94,7 +94,8 @@ def quiet_libraries() -> None:
     "--launch",
     "nproc",
     type=click.IntRange(min=1),
-    help="Run as N data-parallel processes on this machine (DDP through torchrun; N GPUs, or CPU with gloo).",
+    help="Run as N processes on this machine through torchrun, with [distributed] strategy (ddp, fsdp or "
+    "deepspeed-zero3; N GPUs, or CPU processes over gloo).",
 )
 @click.option(
     "--nnodes",
