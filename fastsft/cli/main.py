@@ -94,7 +94,30 @@ def quiet_libraries() -> None:
     "--launch",
     "nproc",
     type=click.IntRange(min=1),
-    help="Run as N data-parallel processes on this machine (DDP through torchrun; N GPUs, or CPU with gloo).",
+    help="Run as N processes on this machine through torchrun, with [distributed] strategy (ddp, fsdp or "
+    "deepspeed-zero3; N GPUs, or CPU processes over gloo).",
+)
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Several hosts: how many (run the same command on each, with its --node-rank). The run directory "
+    "(-o) must be a folder every host shares: each rank writes its part of each checkpoint there.",
+)
+@click.option(
+    "--node-rank",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Several hosts: this host's number, 0 to nnodes-1 (host 0 writes the run directory).",
+)
+@click.option("--master-addr", help="Several hosts: the address of host 0, which every host can reach.")
+@click.option("--master-port", type=click.IntRange(1, 65535), help="Several hosts: a free port on host 0.")
+@click.option(
+    "--rdzv-endpoint",
+    metavar="HOST:PORT",
+    help="Several hosts: a torchrun rendezvous endpoint, instead of --master-addr/--node-rank.",
 )
 @click.option(
     "--allow-data-change",
@@ -110,6 +133,11 @@ def run(
     overwrite,
     resume_dir,
     nproc,
+    nnodes,
+    node_rank,
+    master_addr,
+    master_port,
+    rdzv_endpoint,
     allow_data_change,
     trust_remote_code,
     allow_pickle,
@@ -124,6 +152,10 @@ def run(
     Example:
       fastsft run recipes/tiny.toml --set train.max_steps=20 -o runs/try1
       fastsft run --resume runs/try1
+    \b
+    Several hosts (the same command on each; -o a folder they all share):
+      fastsft run r.toml --launch 8 --nnodes 2 --node-rank 0 \\
+        --master-addr 10.0.0.1 --master-port 29500 -o /shared/runs/r
     """
     from fastsft import dist
     from fastsft import recipe as recipe_mod
@@ -140,12 +172,15 @@ def run(
         r = train.resume_recipe(resume_dir, recipe, list(overrides))
     else:
         r = recipe_mod.load(recipe, list(overrides))
+    hosts = check_hosts(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, output_dir or resume_dir)
     if nproc is None and dist.world_size() == 1 and r.distributed.num_processes > 1:
         nproc = r.distributed.num_processes  # like --launch N
-    if nproc and nproc > 1 and dist.world_size() == 1:
+    if dist.world_size() == 1 and ((nproc or 1) > 1 or hosts.nnodes > 1):
         dist.check_distributed(r)  # refuse here, not once per rank
-        argv = rank_argv(click.get_current_context().meta["argv"], nproc, r, output_dir, resume_dir)
-        sys.exit(subprocess.call(dist.launch_command(nproc, argv)))
+        if resume_dir:
+            dist.check_resume_files(resume_dir, (nproc or 1) * hosts.nnodes)
+        argv = rank_argv(click.get_current_context().meta["argv"], nproc or 1, r, output_dir, resume_dir)
+        sys.exit(subprocess.call(dist.launch_command(nproc or 1, argv, hosts)))
     policy = make_policy(trust_remote_code, allow_pickle)
     try:
         if resume_dir:
@@ -156,6 +191,31 @@ def run(
             train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
     finally:
         dist.teardown()
+
+
+def check_hosts(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, run_dir):
+    """torchrun's multi-node arguments, or a usage error that says what is missing."""
+    from fastsft.dist import Hosts
+
+    if nnodes <= 1:
+        if node_rank or master_addr or master_port or rdzv_endpoint:
+            raise click.UsageError(
+                "--node-rank / --master-addr / --master-port / --rdzv-endpoint need --nnodes 2 or more"
+            )
+        return Hosts()
+    if node_rank >= nnodes:
+        raise click.UsageError(
+            f"--node-rank {node_rank}: the hosts are numbered 0 to {nnodes - 1} (--nnodes {nnodes})"
+        )
+    if not (master_addr or rdzv_endpoint):
+        raise click.UsageError("--nnodes: give --master-addr (host 0's address) or --rdzv-endpoint HOST:PORT")
+    if run_dir is None:
+        raise click.UsageError(
+            "--nnodes: give the run directory with -o, the same path on every host, in a folder they all share "
+            "(NFS or a cluster filesystem): each rank writes its part of every checkpoint there, and a resume "
+            "needs all of them"
+        )
+    return Hosts(nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
 
 
 def rank_argv(argv: list[str], nproc: int, recipe, output_dir, resume_dir) -> list[str]:

@@ -438,8 +438,8 @@ class DistributedSection(Section):
 
     num_processes: int = key(
         1,
-        "Data-parallel processes on this machine (GPUs, or CPU processes over gloo); > 1 makes "
-        "`fastsft run` launch itself through torchrun (same as --launch N).",
+        "Data-parallel processes on this machine (GPUs, or CPU processes over gloo; on each host with "
+        "`fastsft run --nnodes`); > 1 makes `fastsft run` launch itself through torchrun (same as --launch N).",
         min=1,
         max=1024,
     )

@@ -191,7 +191,7 @@ class LossRoute:
             softcap = getattr(lm.config, "final_logit_softcapping", None)
             loss = fused_linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]),
-                head.weight,
+                head_weight(head),
                 shift_left(labels).reshape(-1),
                 bias=head.bias,
                 label_smoothing=self.label_smoothing,
@@ -226,6 +226,15 @@ class LossRoute:
         else:
             loss = stock_loss(flat_logits, flat_labels, self.label_smoothing, num_items_in_batch)
         return with_router_aux(base_causal_lm(model), loss, getattr(out, "aux_loss", None)), out
+
+
+def head_weight(head) -> torch.Tensor:
+    """The lm_head's whole weight [V, H]. Under FSDP2 a module's parameters are DTensor shards, gathered
+    by FSDP's hooks only around a module's own forward: the linear loss reads the weight without calling
+    the head, so it gathers it here (`full_tensor()` all-gathers the rows, and its backward hands each
+    rank the gradient of its own shard)."""
+    w = head.weight
+    return w.full_tensor() if hasattr(w, "full_tensor") else w
 
 
 def stock_loss(logits, labels, label_smoothing: float, num_items_in_batch=None) -> torch.Tensor:
@@ -307,7 +316,7 @@ def _linear_loss_forward(
     softcap = getattr(self.config, spec.softcap_attr, None) if spec.softcap_attr else None
     loss = fused_linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]),
-        head.weight,
+        head_weight(head),
         shift_labels.reshape(-1),
         bias=head.bias,
         label_smoothing=route.label_smoothing,
@@ -344,6 +353,18 @@ def resolve(recipe, model, model_backend: str, device: torch.device) -> LossRout
                 "fastsft",
                 f"{arch} has no linear-loss patch yet; falling back to fastsft (logits in)",
             )
+    from fastsft import dist
+
+    if (
+        kernel == "fastsft-linear"
+        and dist.sharded(recipe)
+        and recipe.distributed.strategy == "deepspeed-zero3"
+    ):
+        kernel = "fastsft"
+        reason += (
+            "; under DeepSpeed ZeRO-3 the lm_head's weight is gathered only inside the head's own forward, "
+            "which the linear loss skips: the logits-in kernel"
+        )
     if kernel == "unsloth" and model_backend != "unsloth":
         from fastsft.errors import RecipeError
 

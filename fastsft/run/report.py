@@ -142,6 +142,13 @@ def _samples_section(summary: dict) -> list[str]:
             cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    elif summary.get("samples_skipped"):
+        lines += [
+            "## Answers before and after",
+            "",
+            summary["samples_skipped"][0].upper() + summary["samples_skipped"][1:] + ".",
+            "",
+        ]
     return lines
 
 

@@ -29,6 +29,7 @@ from fastsft.run.trainer import (
     make_trainer_class,
     progress_callback,
     read_totals,
+    sharding_callback,
 )
 from fastsft.rundir import RECIPE, RUN_JSON, RunDir, default_path
 
@@ -211,7 +212,11 @@ class Run:
         self.retain_before = self._retain_before()
 
     def _open_resumed(self) -> Path:
-        """The run to resume, locked, and the checkpoint to continue from; a finished run is refused."""
+        """The run to resume, locked, and the checkpoint to continue from; a finished run, or a checkpoint
+        that lacks a rank's files, is refused (on every rank: on several hosts each reads its own disk)."""
+        return dist.together(self._open_resumed_here)
+
+    def _open_resumed_here(self) -> Path:
         run_dir = self.run_dir = RunDir.open(self.output_dir, lock=self.main)
         if self.main:
             self.held.append(run_dir)
@@ -230,6 +235,9 @@ class Run:
                 f"its first save). Start it again: fastsft run RECIPE -o {run_dir.path} --overwrite"
             )
         step, self.checkpoint = found
+        missing = dist.missing_rank_files(run_dir.path, self.checkpoint, dist.world_size())
+        if missing is not None:
+            raise missing
         self.totals_before = read_totals(self.checkpoint)
         self.log(f"resuming {run_dir.path} from {self.checkpoint.name} (step {step})")
         return run_dir.path
@@ -412,6 +420,8 @@ class Run:
         trainer.add_callback(checkpoint_callback(trainer, run_dir.checkpoints))
         if self.totals_before:
             trainer.totals_before = dict(self.totals_before)
+        if dist.world_size() > 1:
+            trainer.add_callback(sharding_callback(trainer, run_dir))
         if dist.world_size() > 1 and self.main:
             # what the Trainer (accelerate) actually set up, not only what was asked
             engines = {"fsdp": bool(trainer.is_fsdp_enabled), "deepspeed": bool(trainer.is_deepspeed_enabled)}
@@ -424,11 +434,10 @@ class Run:
         prompts = sample_prompts(prepared.eval if prepared.eval is not None else prepared.train)
         if self.resume:
             return prompts, list(self.run_info.get("before", [])) if self.main else []
-        before = (
-            generate_answers(self.loaded.model, self.loaded.tokenizer, prompts)
-            if prompts and self.main
-            else []
-        )
+        # sharded: on every rank, as under ZeRO-3 transformers' generate steps the ranks together
+        # (synced_gpus); the weights are still whole here, so every rank answers the same
+        answers = prompts and (self.main or dist.sharded(self.recipe))
+        before = generate_answers(self.loaded.model, self.loaded.tokenizer, prompts) if answers else []
         if self.main and before:
             self.run_dir.update_json(RUN_JSON, before=before)  # a resume reports the base model's answers too
         return prompts, before
@@ -643,6 +652,16 @@ class Run:
     def _samples(self) -> dict:
         """The answers before and after training to the same prompts, and how many follow the template."""
         before, prompts = self.before, self.prompts
+        if dist.sharded(self.recipe):  # rank 0 alone cannot run a model whose shards the others hold
+            why = dist.SHARDED_ANSWERS.format(
+                strategy=self.recipe.distributed.strategy, run=self.run_dir.path
+            )
+            self.log(why)
+            return {
+                "samples": [],
+                "samples_skipped": why,
+                "compliance": {"base": None, "fine_tuned": None, "n": 0},
+            }
         after = generate_answers(self.loaded.model, self.loaded.tokenizer, prompts) if prompts else []
         paired = before if len(before) == len(after) else [None] * len(after)
         samples = [

@@ -59,6 +59,12 @@ class FastSFTTrainerMixin:
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        from fastsft import dist
+
+        dist.shard_on_cpu(self)  # FSDP on CPU ranks: accelerate would run plain DDP
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = self.loss_route(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -220,6 +226,23 @@ def checkpoint_callback(trainer, root: Path):
             shutil.rmtree(args.output_dir, ignore_errors=True)  # made by the Trainer when it started
 
     return AtomicCheckpoints()
+
+
+def sharding_callback(trainer, run: RunDir):
+    """run.json's `local_parameters`: the parameters each rank holds once the model is wrapped (a list,
+    one count per rank), so that a sharded run shows it sharded (about 1/N of them each) rather than
+    only that it asked to."""
+    from transformers import TrainerCallback
+
+    from fastsft import dist
+
+    class LocalParameters(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            counts = dist.gather_object(dist.local_parameters(trainer.model))
+            if args.should_save:
+                run.update_json("run.json", local_parameters=counts)
+
+    return LocalParameters()
 
 
 def _rotate(trainer, root: Path, limit: int) -> None:

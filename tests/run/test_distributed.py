@@ -123,14 +123,24 @@ def test_unsloth_backend_is_refused_under_several_processes(monkeypatch):
         backends.load_model(recipe, log=lambda m: None)
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed-zero3"])
-def test_sharding_strategies_are_refused_on_the_cpu_before_any_rank_starts(tmp_path, strategy):
-    proc = fastsft("run", str(RECIPES / "tiny.toml"), "--set", f"distributed.strategy={strategy}",
+def test_zero3_without_deepspeed_is_refused_before_any_rank_starts(tmp_path):
+    """(fsdp and deepspeed-zero3 run on CPU ranks too: tests/run/test_sharded.py.)"""
+    proc = fastsft("run", str(RECIPES / "tiny.toml"), "--set", "distributed.strategy=deepspeed-zero3",
                    "--set", "distributed.num_processes=2", "-o", str(tmp_path / "run"), cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2
-    assert "needs CUDA GPUs" in proc.stderr and "Traceback" not in proc.stderr
+    assert "needs DeepSpeed" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_gets_the_multi_host_launch():
+    from fastsft.dist import Hosts, launch_command
+
+    assert "--standalone" in launch_command(2, ["run"])
+    cmd = launch_command(1, ["run"], Hosts(2, 1, "10.0.0.1", 29500))
+    assert "--standalone" not in cmd
+    assert {"--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"} <= set(cmd)
+    cmd = launch_command(4, ["run"], Hosts(3, rdzv_endpoint="h:29400"))
+    assert {"--nnodes=3", "--rdzv-backend=c10d", "--rdzv-endpoint=h:29400", "--nproc_per_node=4"} <= set(cmd)
 
 
 def test_the_shipped_zero3_config_is_the_one_fastsft_uses():
