@@ -191,6 +191,7 @@ class Run:
         self.trainer = self._make_trainer()
         self.prompts, self.before = self._answers_before()
         self.retain_before = self._retain_before()
+        self.task_refs, self.task_before = self._task_before()
 
     def _open_resumed(self) -> Path:
         """The run to resume, locked, and the checkpoint to continue from; a finished run is refused."""
@@ -403,6 +404,19 @@ class Run:
         if self.main and before:
             self.run_dir.update_json(RUN_JSON, before=before)  # a resume reports the base model's answers too
         return prompts, before
+
+    def _task_before(self) -> tuple[list, dict | None]:
+        """The held-out split's short answers (fastsft.run.task) and the base model's score on them."""
+        from fastsft.run import task
+
+        if not self.main:
+            return [], None
+        refs = task.held_out(self.prepared, self.loaded.tokenizer)
+        if not refs or self.resume:
+            return refs, self.run_info.get("task_before")
+        before = task.score(self.loaded.model, self.loaded.tokenizer, refs)
+        self.run_dir.update_json(RUN_JSON, task_before=before)
+        return refs, before
 
     def _retain_before(self) -> dict | None:
         """The retain set's loss under the base model (a resume keeps the first segment's)."""
@@ -628,7 +642,13 @@ class Run:
             "fine_tuned": sum(a["complies"] for a in after) / len(after) if after else None,
             "n": len(after),
         }
-        return {"samples": samples, "samples_source": source, "compliance": compliance}
+        out = {"samples": samples, "samples_source": source, "compliance": compliance}
+        if self.task_refs:  # the task metric on the held-out split's short answers, before -> after
+            from fastsft.run import task
+
+            after = task.score(self.loaded.model, self.loaded.tokenizer, self.task_refs)
+            out["task"] = {"before": self.task_before, "after": after}
+        return out
 
     def _export(self) -> None:
         """The recipe's [export] formats, from the finished run directory."""
