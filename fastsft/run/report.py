@@ -116,7 +116,7 @@ def _summary_table(summary: dict, rows: list[dict]) -> list[str]:
         delta = retain.get("delta")
         verdict = "" if delta is None else (" (forgetting)" if delta > 0 else " (no forgetting)")
         lines.append(
-            f"| retain loss ([data] retain, {retain.get('tokens')} tokens) | before {_fmt(retain.get('before'))} → "
+            f"| retain loss (forgetting: {retain.get('source') or '[data] retain'}, {retain.get('tokens')} tokens) | before {_fmt(retain.get('before'))} → "
             f"after {_fmt(retain.get('after'))}, Δ {_fmt(delta, '+.4f')}{verdict} |"
         )
     early = summary.get("early_stopping")

@@ -252,10 +252,9 @@ class Run:
 
         self.prepared = prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=self.log)
         self.retain_items = None
-        if recipe.data.retain:
-            from fastsft.run import retain
+        from fastsft.run import retain  # [data] retain, else the general set fastsft ships
 
-            self.retain_items = retain.encode(recipe, loaded.tokenizer, log=self.log)
+        self.retain_items, self.retain_source = retain.encode(recipe, loaded.tokenizer, log=self.log)
         was = (self.previous.get("data") or {}).get("fingerprint")
         if self.resume and was and was != prepared.fingerprint and not self.allow_data_change:
             raise RunDirError(
@@ -426,7 +425,7 @@ class Run:
             and self.recipe.distributed.strategy != "ddp"
         ):
             self.log(f"retain: not scored under {self.recipe.distributed.strategy} (sharded weights); score it "
-                     f"after the run with fastsft eval RUN --data {self.recipe.data.retain}")  # fmt: skip
+                     f"after the run with fastsft eval RUN --data {self.retain_source}")  # fmt: skip
             self.retain_items = None
         if self.retain_items is None or not self.main or self.resume:
             return self.run_info.get("retain_before")
@@ -602,7 +601,7 @@ class Run:
         if self.retain_items is not None:
             after = self._score_retain()
             self.run_dir.append_metrics({"step": state.global_step, "retain_loss": after["loss"]})
-            out["retain"] = r = retain.summary(self.retain_before, after)
+            out["retain"] = r = retain.summary(self.retain_before, after, source=self.retain_source)
             delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
             self.log(
                 f"retain loss: {_fmt_loss(r['before'])} before -> {_fmt_loss(r['after'])} after training ({delta})"
