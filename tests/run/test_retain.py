@@ -29,3 +29,7 @@ def test_a_run_without_retain_scores_the_general_set(tmp_path):
     report = (out / "report.md").read_text()
     assert f"forgetting: {retain.DEFAULT_NAME}" in report
     assert "general set" in result.output
+    # the health check's token count: trained tokens per optimizer step, logged with each train loss
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["trained_tokens_per_step"] for r in rows if "loss" in r]
+    assert counts and all(0 < c < 4 * 96 for c in counts)
