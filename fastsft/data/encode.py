@@ -275,13 +275,16 @@ def truncation_limit(recipe) -> int | None:
 
 
 def encode_all(
-    examples: list[Example], encoder: Encoder, limit: int | None, on_invalid: str, info: dict
+    examples: list[Example], encoder: Encoder, limit: int | None, on_invalid: str, info: dict, *, advance=None
 ) -> tuple[list[Example], dict]:
-    """Tokenize every example; refuse or skip those left without a trained token."""
+    """Tokenize every example; refuse or skip those left without a trained token. `advance(n)` (a
+    progress bar) is told every 256 examples."""
     kept: list[Example] = []
     problems: list[str] = []
     truncated = lost = 0
-    for ex in examples:
+    for i, ex in enumerate(examples):
+        if advance is not None and i and i % 256 == 0:
+            advance(256)
         try:
             ex.input_ids, ex.mask = encoder.encode(ex.row)
             if not any(ex.mask):

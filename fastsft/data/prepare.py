@@ -397,6 +397,24 @@ def prepare_data(recipe, tokenizer, *, log=print) -> PreparedData:
     return prepared
 
 
+PROGRESS_ROWS = 5000  # data sets this large show a progress bar while they are tokenized
+
+
+def _progress(total: int, what: str):
+    """fastsft.progress.bar on stderr for `total` >= PROGRESS_ROWS rows (on the main process), else nothing."""
+    import contextlib
+
+    from .. import dist
+
+    if total < PROGRESS_ROWS or not dist.is_main():
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    from ..progress import bar
+
+    return bar(Console(stderr=True), total, what)
+
+
 def prepare_examples(
     recipe, tokenizer, *, log=print, keep: int = 0, use_cache: bool = True, key: str = "train"
 ):
@@ -424,10 +442,14 @@ def prepare_examples(
         markers=plan.markers,
         eot=plan.eot,
     )
-    train_ex, trunc = encode_all(train_ex, encoder, plan.limit, d.on_invalid, train_info)
-    if eval_ex:
-        eval_ex, etrunc = encode_all(eval_ex, encoder, plan.limit, d.on_invalid, eval_info)
-        trunc = {k: trunc[k] + etrunc[k] for k in trunc}
+    total = len(train_ex) + len(eval_ex)
+    with _progress(total, "tokenizing") as advance:  # a bar for large data sets only
+        train_ex, trunc = encode_all(train_ex, encoder, plan.limit, d.on_invalid, train_info, advance=advance)
+        if eval_ex:
+            eval_ex, etrunc = encode_all(
+                eval_ex, encoder, plan.limit, d.on_invalid, eval_info, advance=advance
+            )
+            trunc = {k: trunc[k] + etrunc[k] for k in trunc}
     if not train_ex:
         raise DataError(f"data.{key} = {d.train!r}: no usable examples")
     check_end_of_turn(train_ex, tokenizer, plan.eot, plan.template)

@@ -1,5 +1,11 @@
-"""The GGUF export: one F16 / BF16 / F32 file for llama.cpp, for Llama, Mistral and Qwen2 models with a
-byte-level BPE tokenizer, written with the `gguf` package from the merged weights and read back to check it.
+"""The GGUF export: one BF16 / F16 / F32, Q8_0 or Q4_0 file for llama.cpp and Ollama, for Llama, Mistral
+and Qwen2 models with a byte-level BPE tokenizer, written with the `gguf` package (its numpy quantizers,
+`gguf.quants`) from the merged weights and read back to check it; named `<run>-<TYPE>.gguf`, with an
+Ollama `Modelfile` beside it (the chat template and the end-of-turn stop tokens of the run).
+
+Q8_0 and Q4_0 quantize every 2-D weight whose rows are whole 32-value blocks; Q4_0 keeps the token
+embeddings and the output head in Q8_0 (they are the most sensitive, as llama.cpp's own Q4_0 keeps the
+output at a higher type); norms and biases stay F32, as llama.cpp's converter keeps them.
 """
 
 from __future__ import annotations
@@ -172,6 +178,8 @@ def _gguf_header(writer, config, vocab: _GGUFVocab, *, dtype: str, rope: dict, r
             "bf16": gguf.LlamaFileType.MOSTLY_BF16,
             "fp16": gguf.LlamaFileType.MOSTLY_F16,
             "fp32": gguf.LlamaFileType.ALL_F32,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         }[dtype]
     )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -188,7 +196,7 @@ def _gguf_header(writer, config, vocab: _GGUFVocab, *, dtype: str, rope: dict, r
 
 
 def _gguf_tensors(
-    writer, state: dict, config, *, arch_name: str, permute: bool, dtype: str
+    writer, state: dict, config, *, arch_name: str, permute: bool, dtype: str, advance=None
 ) -> tuple[dict, dict]:
     """Add the merged model's tensors under llama.cpp's names (q/k permuted where llama.cpp expects it;
     1-D tensors in F32). Returns ({name: shape}, {name: first values as written}) for the read-back."""
@@ -197,8 +205,8 @@ def _gguf_tensors(
 
     n_head = int(config.num_attention_heads)
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
-    qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "fp16": gguf.GGMLQuantizationType.F16,
-             "fp32": gguf.GGMLQuantizationType.F32}[dtype]  # fmt: skip
+    Q = gguf.GGMLQuantizationType
+    qtype = {"bf16": Q.BF16, "fp16": Q.F16, "fp32": Q.F32, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[dtype]
     tmap = gguf.get_tensor_name_map(
         gguf.MODEL_ARCH.LLAMA if arch_name == "llama" else gguf.MODEL_ARCH.QWEN2,
         int(config.num_hidden_layers),
@@ -222,6 +230,13 @@ def _gguf_tensors(
         arr = data.numpy()
         # 1-D tensors (norms, biases) stay F32, as llama.cpp's converter keeps them.
         t_qtype = gguf.GGMLQuantizationType.F32 if arr.ndim == 1 else qtype
+        if t_qtype in (Q.Q8_0, Q.Q4_0):
+            if arr.shape[-1] % 32:  # rows that are not whole blocks: 16-bit
+                t_qtype = Q.F16
+            elif t_qtype == Q.Q4_0 and gname in ("token_embd.weight", "output.weight"):
+                t_qtype = Q.Q8_0
+        if advance is not None:
+            advance()
         q = gguf.quants.quantize(arr, t_qtype)
         if t_qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             writer.add_tensor(gname, q)
@@ -242,17 +257,19 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
 
     config, hf_arch, arch, permute, rope, rope_type = _gguf_arch(run)
     vocab = _gguf_vocab(run, int(config.vocab_size), arch, console=console)
-    name = Path(run.recipe.model.name if run.recipe is not None else run.base_path).name.replace(
-        "builtin:", ""
-    )
-    file = out / f"{name}-sft-{dtype}.gguf"
+    from fastsft.progress import bar
+
+    file = out / gguf_name(run, dtype)
     writer = gguf.GGUFWriter(str(file), arch)
-    writer.add_name(f"{name}-sft")
+    writer.add_name(run.path.name)
     _gguf_header(writer, config, vocab, dtype=dtype, rope=rope, rope_type=rope_type)
 
-    merged = merge(run, dtype)
+    merged = merge(run, "fp32" if dtype in QUANTIZED else dtype)  # quantized from float32
     state = merged.state_dict()
-    expected, samples = _gguf_tensors(writer, state, config, arch_name=arch, permute=permute, dtype=dtype)
+    with bar(console, len(state), f"gguf {GGUF_TYPES[dtype]} tensors") as advance:
+        expected, samples = _gguf_tensors(
+            writer, state, config, arch_name=arch, permute=permute, dtype=dtype, advance=advance
+        )
     del merged, state
     _collect()
     writer.write_header_to_file()
@@ -262,8 +279,11 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
 
     check = verify_gguf(file, expected, samples, n_tokens=len(vocab.tokens))
     _print(console, f"gguf: {file.name}: {check['tensors']} tensors, {arch}, {dtype}; read back and checked")
+    modelfile = write_modelfile(out, file.name, vocab)
     return {
         "file": file.name,
+        "type": GGUF_TYPES[dtype],
+        "modelfile": modelfile,
         "arch": arch,
         "hf_arch": hf_arch,
         "tokenizer_pre": vocab.pre,
@@ -271,6 +291,63 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
         "end_of_turn_ids": vocab.eot,
         "verify": check,
     }
+
+
+GGUF_TYPES = {
+    "bf16": "BF16",
+    "fp16": "F16",
+    "fp32": "F32",
+    "q8_0": "Q8_0",
+    "q4_0": "Q4_0",
+}  # llama.cpp's names
+QUANTIZED = ("q8_0", "q4_0")
+
+
+def gguf_name(run: RunInfo, dtype: str) -> str:
+    """`<run>-<TYPE>.gguf`: the run folder's name and llama.cpp's type name (tiny-Q4_0.gguf)."""
+    return f"{run.path.name}-{GGUF_TYPES[dtype]}.gguf"
+
+
+# Ollama's Go templates for the chat formats fastsft's templates write (recognised by their markers).
+_OLLAMA_TEMPLATES = {
+    "<|im_start|>": (
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    ),
+    "<|start_header_id|>": (
+        "<|begin_of_text|>{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+        "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "[INST]": (
+        '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
+        '{{- else if eq .Role "assistant" }} {{ .Content }}</s>{{- end }}{{- end }}'
+    ),
+}
+
+
+def modelfile_text(gguf_file: str, chat_template: str | None, stops: list[str]) -> str:
+    """An Ollama Modelfile for `gguf_file`: FROM, the chat template as Ollama's Go template (for ChatML,
+    Llama 3 and Mistral templates; otherwise Ollama reads the GGUF's own tokenizer.chat_template), the
+    end-of-turn tokens as stop parameters, and greedy decoding as fastsft answers."""
+    lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_file}"]
+    template = next((t for marker, t in _OLLAMA_TEMPLATES.items() if marker in (chat_template or "")), None)
+    if template is not None:
+        lines.append(f'TEMPLATE """{template}"""')
+    else:
+        lines.append("# no TEMPLATE: Ollama uses the chat template stored in the GGUF file")
+    for stop in stops:
+        lines.append(f"PARAMETER stop {json.dumps(stop)}")
+    lines.append("PARAMETER temperature 0")
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(out: Path, gguf_file: str, vocab: _GGUFVocab) -> str:
+    """Modelfile beside the GGUF file; returns its name."""
+    from fastsft import files
+
+    tok = vocab.tokenizer
+    stops = [tok.convert_ids_to_tokens(i) for i in vocab.eot]
+    files.write_text(out / "Modelfile", modelfile_text(gguf_file, getattr(tok, "chat_template", None), stops))
+    return "Modelfile"
 
 
 def verify_gguf(file: Path, expected: dict, samples: dict, *, n_tokens: int) -> dict:

@@ -99,6 +99,18 @@ def merge(run: RunInfo, dtype: str, *, tokenizer=None):
 
 
 def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
+    """The merged model in `dtype` written to `out`, reloaded and checked (parity, smoke generation),
+    with a progress bar over its stages; returns export.json's record."""
+    from fastsft.progress import bar
+
+    with bar(console, len(STAGES), "merged export: " + ", ".join(STAGES)) as advance:
+        return _export_merged(run, out, dtype=dtype, console=console, advance=advance)
+
+
+STAGES = ("merge", "save", "reload", "parity", "smoke test")  # the steps of the merged export
+
+
+def _export_merged(run: RunInfo, out: Path, *, dtype: str, console, advance) -> dict:
     from transformers import GenerationConfig
 
     from fastsft.backends.transformers import load_base
@@ -107,6 +119,7 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     eot = end_of_turn_ids(tokenizer)
 
     merged = merge(run, dtype)
+    advance()
     gen = merged.generation_config if merged.generation_config is not None else GenerationConfig()
     gen.eos_token_id = eot if len(eot) > 1 else (eot[0] if eot else gen.eos_token_id)
     if tokenizer.pad_token_id is not None:
@@ -119,12 +132,15 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     _collect()
     if not any(out.glob("*.safetensors")):
         raise ExportError(f"the merged model was not written as safetensors in {out}")
+    advance()
 
     inputs = sample_inputs(tokenizer, run.run_json)
     # reloaded as any user would (AutoModelForCausalLM.from_pretrained), computing in fp32
     reloaded = load_base(str(out), "fp32", what="the merged export")
+    advance()
     got = logits_of(reloaded, inputs)
     check = merge_parity(run, inputs, got, dtype)
+    advance()
     parity = check["rel_logit_diff"]
     _print(
         console,
@@ -153,6 +169,7 @@ def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     # Smoke generation: a greedy answer must end on the end-of-turn token within its budget.
     record["smoke"] = smoke_generation(reloaded, tokenizer, eot, run.run_json, console=console)
     record["stops"] = record["smoke"]["stops"]
+    advance()
     del reloaded
     _collect()
     return record

@@ -21,7 +21,7 @@ from fastsft.export.adapter import export_adapter
 from fastsft.export.gguf import export_gguf
 from fastsft.export.merged import export_merged
 from fastsft.export.read import RunInfo, _print, read_run
-from fastsft.recipe import EXPORT_DTYPES, EXPORT_FORMATS
+from fastsft.recipe import EXPORT_DTYPES, EXPORT_FORMATS, GGUF_QUANTS
 from fastsft.run import guard
 from fastsft.rundir import RECIPE, RUN_JSON
 
@@ -45,6 +45,11 @@ def export_run(
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}.")
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}; choose one of: {', '.join(EXPORT_DTYPES)}.")
+    if dtype in GGUF_QUANTS and fmt != "gguf":
+        raise ExportError(
+            f"--dtype {dtype} is a GGUF quantisation (llama.cpp's block type); a {fmt} export is 16- or 32-bit: "
+            "use --dtype bf16, fp16 or fp32, or --format gguf."
+        )
     run = read_run(run_dir, policy=policy)
     target = Path(to) if to is not None else run.path / f"export-{fmt}"
     _prepare_destination(run, target, fmt, dtype, overwrite=overwrite)
@@ -188,4 +193,5 @@ def export_bytes(run: RunInfo, dtype: str) -> int | None:
     except Exception:  # noqa: BLE001 - the export itself will say what is wrong with the base
         return None
     n = sum(p.numel() for p in model.parameters())
-    return int(n * torch_dtype(dtype).itemsize * 1.02) + 64 * 2**20
+    itemsize = 2 if dtype in GGUF_QUANTS else torch_dtype(dtype).itemsize  # quantised files: under 16-bit
+    return int(n * itemsize * 1.02) + 64 * 2**20

@@ -8,6 +8,7 @@ from .schema import (
     EXPORT_DTYPES,
     EXPORT_FORMATS,
     FOREIGN_KEYS,
+    GGUF_QUANTS,
     PATH_KEYS,
     REQUIRED,
     RESUME_SAFE_KEYS,
@@ -30,6 +31,7 @@ from .schema import (
 __all__ = [
     "EXPORT_DTYPES",
     "EXPORT_FORMATS",
+    "GGUF_QUANTS",
     "FOREIGN_KEYS",
     "Key",
     "LoraSection",

@@ -457,7 +457,13 @@ class DistributedSection(Section):
 
 
 EXPORT_FORMATS = ("adapter", "merged", "gguf")
-EXPORT_DTYPES = ("bf16", "fp16", "fp32")  # of merged and GGUF exports; export/ and the CLI use these
+GGUF_QUANTS = ("q8_0", "q4_0")  # GGUF only: llama.cpp's 8-bit and 4-bit block types (gguf.quants)
+EXPORT_DTYPES = (
+    "bf16",
+    "fp16",
+    "fp32",
+    *GGUF_QUANTS,
+)  # of merged and GGUF exports; export/ and the CLI use these
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -470,7 +476,12 @@ class ExportSection(Section):
         choices=EXPORT_FORMATS,
         resume_safe=True,
     )
-    dtype: str = key("bf16", "dtype of merged / GGUF exports.", choices=EXPORT_DTYPES, resume_safe=True)
+    dtype: str = key(
+        "bf16",
+        "dtype of merged / GGUF exports; q8_0 and q4_0 (llama.cpp's 8- and 4-bit types) for GGUF only.",
+        choices=EXPORT_DTYPES,
+        resume_safe=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -967,6 +978,12 @@ def _cross_checks(r: Recipe) -> list[str]:
     """Rules that involve more than one key."""
     problems = []
     t = r.train
+    if r.export.dtype in GGUF_QUANTS and "merged" in r.export.formats:
+        problems.append(
+            f'[export] dtype = {r.export.dtype!r} is a GGUF quantisation, but formats holds "merged": '
+            'a merged model is 16- or 32-bit; use dtype = "bf16" (and `fastsft export RUN --format gguf '
+            f"--dtype {r.export.dtype}` for the quantised file)"
+        )
     if t.max_steps == 0:
         problems.append(
             "[train] max_steps = 0 trains nothing: use a positive number, or -1 to train num_train_epochs"

@@ -8,7 +8,8 @@ trainer    the SFTTrainer subclass (the loss route, evaluation, the run director
 loss       the loss routes (fused linear cross-entropy, the Triton CE, the PyTorch fallback)
 guard      memory and disk guards: the out-of-memory advice, the free-space checks
 health     the numbers watched while training (loss spikes, NaN, gradient norm) and the stop reason
-retain     held-out loss on a retained set (how much the run forgot)
+retain     held-out loss on a retained set (how much the run forgot): [data] retain or the shipped general set
+task       the task metric on the held-out split's short answers, before and after (for the report)
 trackers   TensorBoard / W&B / MLflow reporting
 report     the end-of-run summary
 """

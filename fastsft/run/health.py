@@ -9,8 +9,9 @@ The diagnoses:
 - overfitting: the held-out loss rose over the last evaluations while the train loss fell;
 - memorisation: the train loss is near zero while the held-out loss is far above it;
 - no learning: the train loss stayed flat;
-- spike: a train loss far above the running median of the ones before it (instability);
-- gradient spike: a gradient norm far above its running median;
+- spike: a train loss far above the running median of the ones before it (instability), beyond what the
+  step's few trained tokens explain and not one of the run's recurring blips;
+- gradient spike: a gradient norm far above its running median, with the same allowances;
 - non-finite: a NaN or infinite loss or gradient norm (metrics.jsonl writes them as null);
 - compliance falling: fewer answers stop on the end-of-turn token after training than before.
 """
@@ -31,6 +32,15 @@ FLAT_DROP = 0.02  # the last quarter's mean fell less than 2% below the first qu
 SPIKE_RATIO = 3.0  # a train loss this many times the running median of the ones before it
 GRAD_SPIKE_RATIO = 10.0  # gradient norms vary more than losses
 RUNNING = 20  # the running median covers this many earlier logs
+# The run's own noise. A batch with few trained tokens (a classification answer: 1-2 tokens per
+# example) moves its mean loss by a whole token's loss when one answer is wrong: at 16 trained tokens a
+# step, one confidently wrong token (~5 nats) lifts the step's loss by 0.3 over a median of 0.03, 10x.
+SPIKE_NATS = 20.0  # a loss spike must add this many nats over the batch ((value - median) x trained
+# tokens per step): more than a few wrong tokens can, so one unlucky batch is not a spike
+GRAD_REF_TOKENS = 256  # gradient norms of steps with fewer trained tokens than this are noisier: the
+# gradient-spike ratio grows as sqrt(GRAD_REF_TOKENS / tokens) below it (sampling noise ~ 1/sqrt(n))
+RECURRING = 3  # spikes this many times of about the same height (within 2x), each followed by a
+# return to the median, are the run's own noise, not instability: only a larger one is a finding
 MIN_HISTORY = 5  # logs before a spike can be judged
 LIVE_TRAIN_LOGS = 200  # train logs the live check looks at (all evaluations are kept)
 
@@ -195,21 +205,62 @@ def _no_learning(losses: list[tuple[int, float]]) -> Finding | None:
     return None
 
 
+def _tokens_per_step(train: list[dict]) -> float | None:
+    """The median trained tokens per optimizer step (metrics.jsonl's `trained_tokens_per_step`), if logged."""
+    xs = [r["trained_tokens_per_step"] for r in train if _finite(r.get("trained_tokens_per_step"))]
+    return statistics.median(xs) if xs else None
+
+
 def _spikes(train: list[dict]) -> list[Finding]:
-    """A value far above the running median of the ones before it (train loss, gradient norm)."""
+    """A value far above the running median of the ones before it (train loss, gradient norm), beyond the
+    run's own noise: for the loss, more summed nats over the step's trained tokens than a few wrong
+    tokens add (SPIKE_NATS); for the gradient norm, a ratio that grows when few tokens are trained; and
+    for both, not one of RECURRING blips of one height that the run came back from."""
+    tokens = _tokens_per_step(train)
+    grad_ratio = GRAD_SPIKE_RATIO * (
+        math.sqrt(GRAD_REF_TOKENS / tokens) if tokens and tokens < GRAD_REF_TOKENS else 1
+    )
     found = []
-    for kind, key, ratio in (("spike", "loss", SPIKE_RATIO), ("grad_spike", "grad_norm", GRAD_SPIKE_RATIO)):
+    for kind, key, ratio in (("spike", "loss", SPIKE_RATIO), ("grad_spike", "grad_norm", grad_ratio)):
         series = [(r["step"], r[key]) for r in train if _finite(r.get(key))]
-        worst = None
+        spikes = []  # (index, step, value, median)
         for i in range(MIN_HISTORY, len(series)):
             med = statistics.median(v for _, v in series[max(0, i - RUNNING) : i])
-            if med > 0 and series[i][1] > ratio * med:
-                worst = (series[i][0], series[i][1], med)
+            v = series[i][1]
+            if med <= 0 or v <= ratio * med:
+                continue
+            if key == "loss" and tokens and (v - med) * tokens < SPIKE_NATS:
+                continue  # a few wrong tokens in a small batch: noise
+            spikes.append((i, series[i][0], v, med))
+        worst = _beyond_recurring(spikes, series, ratio)
         if worst:
-            step, v, med = worst
+            _, step, v, med = worst
             what = "train loss" if key == "loss" else "gradient norm"
-            found.append(_finding(kind, step, f"{what} {v:.4g}, {v / med:.1f}x the running median {med:.4g}"))
+            seen = f"{what} {v:.4g}, {v / med:.1f}x the running median {med:.4g}"
+            if tokens:
+                seen += f" ({tokens:.0f} trained tokens per step)"
+            found.append(_finding(kind, step, seen))
     return found
+
+
+def _beyond_recurring(spikes: list[tuple], series: list[tuple], ratio: float):
+    """The latest spike that is not the run's recurring noise, or None. A spike is recurring noise when
+    at least RECURRING spikes (itself included) are within 2x of its height over the median and the run
+    came back below the threshold after each (a divergence stays up); a spike twice the recurring
+    height is a finding still."""
+
+    def recovered(i: int, med: float) -> bool:
+        return i + 1 >= len(series) or series[i + 1][1] <= ratio * med
+
+    worst = None
+    for s in spikes:
+        i, _, v, med = s
+        height = v / med
+        similar = [t for t in spikes if 0.5 <= (t[2] / t[3]) / height <= 2.0 and recovered(t[0], t[3])]
+        if len(similar) >= RECURRING and recovered(i, med):
+            continue
+        worst = s
+    return worst
 
 
 def _compliance_fell(c: dict, train: list[dict]) -> Finding | None:
@@ -251,7 +302,7 @@ def callback(log):
             if not state.is_world_process_zero or not logs:
                 return
             row = {"step": state.global_step}
-            for k in ("loss", "grad_norm", "eval_loss"):
+            for k in ("loss", "grad_norm", "eval_loss", "trained_tokens_per_step"):
                 if k in logs:
                     v = logs[k]
                     row[k] = float(v) if _finite(v) else None

@@ -36,6 +36,20 @@ def plot_loss(run: RunDir) -> bool:
     return True
 
 
+SMOOTH_LOGS = 5  # the headline train loss is the median of this many logged losses (one step is noise)
+
+
+def smoothed_loss(train: list[dict], *, first: bool = False) -> float | None:
+    """The median of the first (or last) SMOOTH_LOGS finite train losses: one spiky step (a batch of
+    few trained tokens) does not become the run's headline."""
+    import math
+    import statistics
+
+    xs = [r["loss"] for r in train if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    xs = xs[:SMOOTH_LOGS] if first else xs[-SMOOTH_LOGS:]
+    return statistics.median(xs) if xs else None
+
+
 def _fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
@@ -49,7 +63,8 @@ def write_report(run: RunDir, summary: dict) -> None:
     lines.append("")
     if has_plot:
         lines += ["![loss curve](loss.png)", ""]
-    lines += _health_section(summary) + _samples_section(summary) + _files_section(summary)
+    lines += _health_section(summary) + _task_section(summary) + _samples_section(summary)
+    lines += _files_section(summary)
     run.write_text(REPORT, "\n".join(lines))
 
 
@@ -68,9 +83,17 @@ def _summary_table(summary: dict, rows: list[dict]) -> list[str]:
         f"| train time | {_fmt(summary.get('train_seconds'), '.1f')} s |",
         f"| tokens/s | {_fmt(summary.get('tokens_per_s'), '.0f')} |",
         f"| peak memory | {_fmt(summary.get('peak_mem_gib'), '.2f')} GiB ({summary.get('mem_kind', '')}) |",
-        f"| first / last train loss | {_fmt(train[0]['loss'] if train else None)} / "
-        f"{_fmt(train[-1]['loss'] if train else None)} |",
+        f"| train loss, smoothed (median of {SMOOTH_LOGS} logs): first / last | "
+        f"{_fmt(smoothed_loss(train, first=True))} / {_fmt(smoothed_loss(train))} |",
     ]
+    task = summary.get("task") or {}
+    if task.get("after"):
+        from fastsft.chat.scoring import summary_line
+
+        lines.append(
+            f"| task metric (held-out answers against the expected ones) | base model "
+            f"{summary_line(task.get('before') or {})} → fine-tuned {summary_line(task['after'])} |"
+        )
     if evals:
         import math
 
@@ -93,7 +116,7 @@ def _summary_table(summary: dict, rows: list[dict]) -> list[str]:
         delta = retain.get("delta")
         verdict = "" if delta is None else (" (forgetting)" if delta > 0 else " (no forgetting)")
         lines.append(
-            f"| retain loss ([data] retain, {retain.get('tokens')} tokens) | before {_fmt(retain.get('before'))} → "
+            f"| retain loss (forgetting: {retain.get('source') or '[data] retain'}, {retain.get('tokens')} tokens) | before {_fmt(retain.get('before'))} → "
             f"after {_fmt(retain.get('after'))}, Δ {_fmt(delta, '+.4f')}{verdict} |"
         )
     early = summary.get("early_stopping")
@@ -126,6 +149,28 @@ def _health_section(summary: dict) -> list[str]:
         for f in findings:
             lines += [f"- **{f['title']}** (step {f['step']}): {f['seen']}. *Fix:* {f['advice']}."]
         lines.append("")
+    return lines
+
+
+def _task_section(summary: dict) -> list[str]:
+    """The held-out answers' confusion table (a classification task), base model and fine-tuned."""
+    from fastsft.chat.scoring import confusion_rows
+
+    task = summary.get("task") or {}
+    lines: list[str] = []
+    for when in ("before", "after"):
+        c = (task.get(when) or {}).get("classes")
+        if not c or not c.get("n"):
+            continue
+        if not lines:
+            lines += ["## Task metric: confusion on the held-out split", ""]
+        rows = confusion_rows(c)
+        lines += [
+            f"{'Base model' if when == 'before' else 'Fine-tuned'} (rows: expected, columns: answered):",
+            "",
+        ]
+        lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]] + [""]
     return lines
 
 

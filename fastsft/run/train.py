@@ -210,6 +210,7 @@ class Run:
         self.trainer = self._make_trainer()
         self.prompts, self.before = self._answers_before()
         self.retain_before = self._retain_before()
+        self.task_refs, self.task_before = self._task_before()
 
     def _open_resumed(self) -> Path:
         """The run to resume, locked, and the checkpoint to continue from; a finished run, or a checkpoint
@@ -277,10 +278,9 @@ class Run:
 
         self.prepared = prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=self.log)
         self.retain_items = None
-        if recipe.data.retain:
-            from fastsft.run import retain
+        from fastsft.run import retain  # [data] retain, else the general set fastsft ships
 
-            self.retain_items = retain.encode(recipe, loaded.tokenizer, log=self.log)
+        self.retain_items, self.retain_source = retain.encode(recipe, loaded.tokenizer, log=self.log)
         was = (self.previous.get("data") or {}).get("fingerprint")
         if self.resume and was and was != prepared.fingerprint and not self.allow_data_change:
             raise RunDirError(
@@ -442,6 +442,19 @@ class Run:
             self.run_dir.update_json(RUN_JSON, before=before)  # a resume reports the base model's answers too
         return prompts, before
 
+    def _task_before(self) -> tuple[list, dict | None]:
+        """The held-out split's short answers (fastsft.run.task) and the base model's score on them."""
+        from fastsft.run import task
+
+        if not self.main:
+            return [], None
+        refs = task.held_out(self.prepared, self.loaded.tokenizer)
+        if not refs or self.resume:
+            return refs, self.run_info.get("task_before")
+        before = task.score(self.loaded.model, self.loaded.tokenizer, refs)
+        self.run_dir.update_json(RUN_JSON, task_before=before)
+        return refs, before
+
     def _retain_before(self) -> dict | None:
         """The retain set's loss under the base model (a resume keeps the first segment's)."""
         if (
@@ -451,7 +464,7 @@ class Run:
         ):
             self.log(
                 f"retain: not scored under {self.recipe.distributed.strategy} (sharded weights); score it "
-                f"after the run with fastsft eval RUN --data {self.recipe.data.retain}"
+                f"after the run with fastsft eval RUN --data {self.retain_source}"
             )
             self.retain_items = None
         if self.retain_items is None or not self.main or self.resume:
@@ -631,7 +644,7 @@ class Run:
         if self.retain_items is not None:
             after = self._score_retain()
             self.run_dir.append_metrics({"step": state.global_step, "retain_loss": after["loss"]})
-            out["retain"] = r = retain.summary(self.retain_before, after)
+            out["retain"] = r = retain.summary(self.retain_before, after, source=self.retain_source)
             delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
             self.log(
                 f"retain loss: {_fmt_loss(r['before'])} before -> {_fmt_loss(r['after'])} after training ({delta})"
@@ -681,7 +694,13 @@ class Run:
             "fine_tuned": sum(a["complies"] for a in after) / len(after) if after else None,
             "n": len(after),
         }
-        return {"samples": samples, "samples_source": source, "compliance": compliance}
+        out = {"samples": samples, "samples_source": source, "compliance": compliance}
+        if self.task_refs:  # the task metric on the held-out split's short answers, before -> after
+            from fastsft.run import task
+
+            after = task.score(self.loaded.model, self.loaded.tokenizer, self.task_refs)
+            out["task"] = {"before": self.task_before, "after": after}
+        return out
 
     def _export(self) -> None:
         """The recipe's [export] formats, from the finished run directory."""

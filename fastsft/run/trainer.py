@@ -45,6 +45,8 @@ class FastSFTTrainerMixin:
         self.model_accepts_loss_kwargs = True
         self.tokens_seen = 0
         self._tokens_local = None
+        self._trained_local = None  # trained tokens of this segment, on this rank
+        self._trained_logged = (0, 0)  # (global step, trained tokens) at the last train log
         # Totals of the whole run, across resumes: the earlier segments' (from the checkpoint's
         # TOTALS file) plus this one's. loss_sum is the sum of the optimizer steps' losses.
         self.totals_before = {"loss_sum": 0.0, "tokens": 0, "train_seconds": 0.0}
@@ -78,6 +80,14 @@ class FastSFTTrainerMixin:
             d = loss.detach().float()
             d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # a skipped step adds nothing
             self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
+        if model.training and "labels" in inputs:
+            from fastsft.run.loss import shift_left
+
+            # trained tokens (labels that carry loss): the health check scales its spike test to them
+            t = (shift_left(inputs["labels"]) != -100).sum()
+            if self._trained_local is None:  # this segment's first step: count from where it resumed
+                self._trained_logged = (self.state.global_step, 0)
+            self._trained_local = t if self._trained_local is None else self._trained_local + t
         if model.training and ("attention_mask" in inputs or "input_ids" in inputs):
             # counted on the device; read (one sync, one all-reduce) only when a row is logged.
             # A packed (padding-free) batch has no attention mask and no padding: every id counts.
@@ -124,6 +134,12 @@ class FastSFTTrainerMixin:
             # the whole run's count (TRL's own num_tokens is counted in the compute_loss we replace)
             self.tokens_seen = self.totals_before["tokens"] + self.segment_tokens()
             logs["num_tokens"] = self.tokens_seen
+        if self.model.training and self._trained_local is not None and "loss" in logs:
+            trained = int(self.accelerator.reduce(self._trained_local.detach().clone(), "sum"))
+            step, before = self._trained_logged
+            if self.state.global_step > step and trained >= before:
+                logs["trained_tokens_per_step"] = (trained - before) / (self.state.global_step - step)
+            self._trained_logged = (self.state.global_step, trained)
         return super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
@@ -267,12 +283,18 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
         """Progress line (step, loss, tokens/s, ETA, memory) and metrics.jsonl, on the main process."""
 
         def __init__(self):
+            from fastsft.progress import StepTimer
+
             self.t0 = None
             self.last_t = None
             self.last_tokens = tokens_before  # num_tokens counts the whole run, across resumes
+            # the ETA from measured steps: the first logged interval (start-up) left out, then the
+            # median of the recent steps' times (not elapsed / steps, which the start-up inflates)
+            self.timer = StepTimer()
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.perf_counter()
+            self.timer.start(state.global_step, self.t0)
             warning = warmup_warning(args, state.max_steps)
             if warning and state.is_world_process_zero:
                 console.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)
@@ -292,7 +314,9 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
                 row["peak_mem_gib"] = round(mem, 3)
                 row["elapsed_s"] = round(now - self.t0, 2)
                 done, total = state.global_step, state.max_steps
-                eta = (now - self.t0) / done * (total - done) if done else float("nan")
+                self.timer.observe(done, now)
+                eta = self.timer.eta(total)
+                eta = float("nan") if eta is None else eta
                 tps = row["tokens_per_s"]
                 console.print(
                     f"step {done:>5}/{total}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "

@@ -1,12 +1,12 @@
 """Using a trained model: a run directory, an adapter or a model folder.
 
 load        `load_for_use(model_ref) -> LoadedForUse`: the model as trained, its tokenizer, its end-of-turn ids
-answer      `generate` (one prompt) and `chat` (a conversation in the terminal)
-evaluation  `evaluate`: held-out loss and end-of-turn compliance, written to eval.json
+answer      `generate` (one prompt), `generate_file` (a file of prompts, batched), `chat` (the terminal)
+evaluation  `evaluate`: held-out loss, answers scored against the data's, compliance; eval.json
 serve/      `fastsft serve`: an OpenAI-compatible server and a chat page
 """
 
-from .answer import chat, generate, generate_for, read_tools
+from .answer import chat, generate, generate_file, generate_for, read_tools
 from .evaluation import EVAL_JSON, eval_conversations, evaluate
 from .load import LoadedForUse, load_for_use
 
@@ -17,6 +17,7 @@ __all__ = [
     "eval_conversations",
     "evaluate",
     "generate",
+    "generate_file",
     "generate_for",
     "load_for_use",
     "read_tools",

@@ -1,5 +1,6 @@
 """`fastsft eval`: the held-out loss of a model on the run's evaluation data (or a file), encoded and
-masked as training encodes it, and how often its greedy answers end their turn; written to eval.json.
+masked as training encodes it; its greedy answers (batched) scored against the data's answers (the task
+metric: exact, normalised, class accuracy) and how often they end their turn; written to eval.json.
 """
 
 from __future__ import annotations
@@ -48,12 +49,6 @@ def _loss_tokens(item: dict, max_length: int):
     )
 
 
-def _prompt_of(item: dict):
-    """The token ids before the first trained token (the prompt, generation prompt included)."""
-    first = next((i for i, m in enumerate(item["mask"]) if m), None)
-    return item["input_ids"][:first] if first else None
-
-
 def _recipe_near(path: Path):
     """The recipe of an export: its own recipe.toml, or that of the run named in its export.json."""
     from fastsft import recipe as recipe_mod
@@ -93,14 +88,21 @@ def _held_out(loaded: LoadedForUse, data_file, console) -> tuple[list[dict], str
     raise DataError(f"{loaded.path} is not a run directory, so it has no eval split: pass --data FILE.")
 
 
-def held_out_loss(model, convs: list[dict], max_length: int) -> tuple[float, int]:
+def held_out_loss(model, convs: list[dict], max_length: int, *, console=None) -> tuple[float, int]:
     """(mean cross-entropy over the tokens training trained, their count) of encoded conversations."""
+    import contextlib
+
     import torch
+
+    from fastsft.progress import bar
 
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    with torch.no_grad():
+    progress = bar(console, len(convs), "held-out loss") if console is not None else contextlib.nullcontext()
+    with torch.no_grad(), progress as advance:
         for conv in convs:
+            if advance is not None:
+                advance()
             ids, labels = _loss_tokens(conv, max_length)
             if (labels[:, 1:] != IGNORE_INDEX).sum() == 0:
                 continue
@@ -113,27 +115,53 @@ def held_out_loss(model, convs: list[dict], max_length: int) -> tuple[float, int
     return (total_nll / total_tokens if total_tokens else float("nan")), total_tokens
 
 
-def _compliance_samples(
-    loaded: LoadedForUse, convs: list[dict], n_gen: int, max_new_tokens: int
+def _answered(
+    loaded: LoadedForUse, convs: list[dict], n_gen: int, max_new_tokens: int, batch_size: int, console
 ) -> list[dict]:
-    """Greedy answers (fastsft.chat.generation.answer) to the prompts of the first `n_gen` conversations."""
-    from fastsft.chat.generation import answer
+    """Greedy answers (batched, fastsft.chat.generation.answer_batch) to the prompts of the first `n_gen`
+    conversations, each beside the answer the data expects."""
+    from fastsft.chat.generation import answer_batch
+    from fastsft.chat.scoring import reference_of
+    from fastsft.progress import bar
 
     tokenizer = loaded.tokenizer
-    samples = []
-    prompts = [p for p in (_prompt_of(c) for c in convs) if p][: max(0, n_gen)]
-    for prompt in prompts:
-        got = answer(loaded.model, tokenizer, prompt, eot=loaded.eot, max_new_tokens=max_new_tokens)
-        samples.append(
-            {
-                "prompt": tokenizer.decode(prompt),
-                "answer": got.text,
-                "stopped": got.stopped,
-                "role_markers": got.role_markers,
-                "complies": got.complies,
-            }
-        )
-    return samples
+    refs = [r for r in (reference_of(c, tokenizer, loaded.eot) for c in convs) if r][: max(0, n_gen)]
+    if not refs:
+        return []
+    with bar(console, len(refs), "answering") as advance:
+        got = answer_batch(
+            loaded.model, tokenizer, [p for p, _ in refs], eot=loaded.eot, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, on_batch=advance,
+        )  # fmt: skip
+    return [
+        {
+            "prompt": tokenizer.decode(prompt),
+            "expected": expected,
+            "answer": a.text,
+            "stopped": a.stopped,
+            "role_markers": a.role_markers,
+            "complies": a.complies,
+        }
+        for (prompt, expected), a in zip(refs, got, strict=True)
+    ]
+
+
+def print_task(console, task: dict, title: str = "task metric") -> None:
+    """The task metric (exact / normalised match, class accuracy) and the confusion table."""
+    from rich.table import Table
+
+    from fastsft.chat.scoring import confusion_rows, summary_line
+
+    console.print(f"{title}: {summary_line(task)}", highlight=False)
+    c = task.get("classes")
+    if c and c.get("n"):
+        rows = confusion_rows(c)
+        table = Table(title="confusion (rows: expected, columns: answered)")
+        for i, h in enumerate(rows[0]):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for r in rows[1:]:
+            table.add_row(*r)
+        console.print(table)
 
 
 def _print_eval(console, result: dict) -> None:
@@ -148,39 +176,58 @@ def _print_eval(console, result: dict) -> None:
     table.add_row("loss (assistant tokens)", f"{result['loss']:.4f}")
     table.add_row("perplexity", f"{result['perplexity']:.3f}")
     if n:
-        table.add_row(f"template compliance ({n} greedy answers)", f"{result['compliance']:.0%}")
+        task = result["task"]
+        table.add_row(f"exact match ({n} greedy answers)", f"{task['exact_count']}/{n} ({task['exact']:.0%})")
+        table.add_row(
+            "  normalised (case, spaces, punctuation)",
+            f"{task['normalised_count']}/{n} ({task['normalised']:.0%})",
+        )
+        c = task.get("classes")
+        if c and c.get("n"):
+            table.add_row(
+                f"  accuracy ({len(c['labels'])} labels)", f"{c['correct']}/{c['n']} ({c['accuracy']:.0%})"
+            )
+        table.add_row("template compliance", f"{result['compliance']:.0%}")
         table.add_row("  ended with end-of-turn", f"{result['stopped_share']:.0%}")
         table.add_row("  free of role markers", f"{result['role_marker_free_share']:.0%}")
     console.print(table)
+    if n and (result["task"].get("classes") or {}).get("n"):
+        print_task(console, result["task"])
 
 
 def evaluate(
     model_ref,
     data_file=None,
-    n_gen: int = 16,
+    n_gen: int = 64,
     *,
     max_new_tokens: int = 64,
+    batch_size: int = 8,
     json_out=None,
     max_length: int | None = None,
     console=None,
     policy=None,
 ) -> dict:
-    """Held-out loss and perplexity (assistant tokens), and template compliance of greedy answers.
+    """Held-out loss and perplexity (assistant tokens); the greedy answers to the first `n_gen` prompts
+    scored against the data's answers (exact, normalised, class accuracy with a confusion table:
+    fastsft.chat.scoring) and their template compliance.
 
     Compliance is the share of answers to held-out prompts that end with the end-of-turn token within
-    `max_new_tokens` and hold no role markers. The results are printed as a table and saved as JSON:
-    `json_out`, else RUN_DIR/eval.json for a run directory."""
+    `max_new_tokens` and hold no role markers. Answers are generated `batch_size` at a time (left
+    padding). The results are printed as a table and saved as JSON: `json_out`, else RUN_DIR/eval.json
+    for a run directory."""
     from rich.console import Console
+
+    from fastsft.chat.scoring import score
 
     console = console or Console()
     loaded = load_for_use(model_ref, policy=policy)
     convs, source, recipe = _held_out(loaded, data_file, console)
     if max_length is None:
         max_length = recipe.data.max_length if recipe is not None else 2048
-    loss, tokens = held_out_loss(loaded.model, convs, max_length)
+    loss, tokens = held_out_loss(loaded.model, convs, max_length, console=console)
     if tokens == 0:
         raise DataError(f"{source}: no assistant tokens to score.")
-    samples = _compliance_samples(loaded, convs, n_gen, max_new_tokens)
+    samples = _answered(loaded, convs, n_gen, max_new_tokens, batch_size, console)
     n = len(samples)
     result = {
         "model": str(loaded.path),
@@ -192,6 +239,7 @@ def evaluate(
         "perplexity": math.exp(min(loss, 700.0)),
         "generated": n,
         "max_new_tokens": max_new_tokens,
+        "task": score([s["expected"] for s in samples], [s["answer"] for s in samples]) if n else None,
         "compliance": (sum(s["complies"] for s in samples) / n) if n else None,
         "stopped_share": (sum(s["stopped"] for s in samples) / n) if n else None,
         "role_marker_free_share": (sum(not s["role_markers"] for s in samples) / n) if n else None,

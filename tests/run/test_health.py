@@ -216,3 +216,57 @@ def test_early_stopping_without_what_it_needs_is_explained(tmp_path, extra, frag
     with pytest.raises(RecipeError) as e:
         R.load(p, ["train.early_stopping_patience=2", *extra])
     assert fragment in str(e.value) and "keeps the best checkpoint" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run of issue 29: a word-sentiment task at 98% accuracy, ~2 trained tokens per example
+# ----------------------------------------------------------------------------------------------
+
+SPIKE_STEPS = (25, 31, 83, 95, 100)
+
+
+def replayed_sentiment_run(diverge_at=None):
+    """metrics.jsonl of the run the issue describes: SmolLM2-135M taught a one-word answer (2 trained
+    tokens per example, batch 8: 16 trained tokens a step), 100 steps logged each step. The loss falls
+    from 2.4 to ~0.03 within 20 steps; at steps 25, 31, 83, 95 and the final one a batch holds a word
+    the model gets wrong, and the step's loss is 0.32 (one token of ~5 nats over 16) with its gradient
+    norm ~15x the median. With `diverge_at`, the run really diverges there: loss ~3 and gradient norm
+    ~50 from then on."""
+    rng = random.Random(29)
+    rows = []
+    for step in range(1, 101):
+        loss = 0.03 + 2.37 * math.exp(-step / 4) + rng.uniform(0, 0.02)
+        grad = 0.2 + 3.0 * math.exp(-step / 4) + rng.uniform(0, 0.05)
+        if step in SPIKE_STEPS:
+            loss, grad = 0.32, 3.2
+        if diverge_at is not None and step >= diverge_at:
+            loss, grad = 3.0 + rng.uniform(0, 0.3), 50.0 + rng.uniform(0, 5)
+        rows.append({"step": step, "loss": loss, "grad_norm": grad, "trained_tokens_per_step": 16.0})
+    return rows
+
+
+def test_the_issue_run_gets_no_spike_warning():
+    rows = replayed_sentiment_run()
+    assert kinds(rows) == set()
+    # the same blips without the token count: the recurring rule alone keeps the final one quiet
+    bare = [{k: v for k, v in r.items() if k != "trained_tokens_per_step"} for r in rows]
+    assert not any(f.step == 100 for f in health.diagnose(bare))
+    # and the live check during training (HealthCallback's diagnose over the rows so far) never warns
+    for n in range(MIN := health.MIN_HISTORY + 1, len(rows) + 1):
+        assert kinds(rows[:n]) == set(), n
+    assert MIN > 1
+
+
+def test_a_real_divergence_still_warns():
+    found = {f.kind: f for f in health.diagnose(replayed_sentiment_run(diverge_at=90))}
+    assert {"spike", "grad_spike"} <= set(found)
+    assert found["spike"].step >= 90 and "16 trained tokens" in found["spike"].seen
+
+
+def test_the_report_headline_loss_is_smoothed():
+    from fastsft.run.report import smoothed_loss
+
+    train = replayed_sentiment_run()
+    assert train[-1]["loss"] == 0.32  # the final step is a blip
+    last = smoothed_loss(train)
+    assert last < 0.06  # the median of the last logs, not the blip
