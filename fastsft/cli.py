@@ -286,10 +286,16 @@ def preview(recipe, overrides, n, as_json, trust_remote_code, allow_pickle):
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
-@click.option("--gpu-memory", default="24GiB", show_default=True, help="The GPU's memory (24GiB, 80GB: GB read as GiB).")
+@click.option(
+    "--gpu-memory", default="24GiB", show_default=True, help="The GPU's memory (24GiB, 80GB: GB read as GiB)."
+)
 @click.option("--max-length", "find_max", is_flag=True, help="Also find the longest max_length that fits.")
-@click.option("--baseline", type=click.Choice(["hf"]), default=None,
-              help="Plan the stock setup of Unsloth's table instead (transformers + PEFT + bitsandbytes QLoRA).")
+@click.option(
+    "--baseline",
+    type=click.Choice(["hf"]),
+    default=None,
+    help="Plan the stock setup of Unsloth's table instead (transformers + PEFT + bitsandbytes QLoRA).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
 @handle_errors
 def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
@@ -316,8 +322,10 @@ def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
         click.echo(json.dumps(out))
         return
     gib = plan_mod.GiB
-    click.echo(f"{recipe}: one step at max_length {out['seq_len']}, batch {out['batch_size']} (simulated"
-               f"{', baseline ' + baseline if baseline else ''})")
+    click.echo(
+        f"{recipe}: one step at max_length {out['seq_len']}, batch {out['batch_size']} (simulated"
+        f"{', baseline ' + baseline if baseline else ''})"
+    )
     for k, v in out["parts"].items():
         click.echo(f"  {k:<22} {v / gib:8.2f} GiB")
     verdict = "fits" if out["fits"] else "does NOT fit"

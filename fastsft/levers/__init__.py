@@ -7,3 +7,34 @@ rounding; tests/test_levers.py checks each on the CPU), each a `[train]` key, ea
 - tiled_mlp: the MLP of each decoder layer run over sequence shards (ALST's TiledMLP), so its wide
   intermediate activations exist for one shard at a time, in forward and in backward.
 """
+
+
+def wanted(recipe) -> bool:
+    t = recipe.train
+    return bool(t.offload_checkpoints or t.tiled_mlp or t.frozen_16bit)
+
+
+def callback(recipe, dtype: str):
+    """A TrainerCallback installing the recipe's levers when training begins (after the Trainer has
+    switched gradient checkpointing on, whose function `offload` replaces)."""
+    import torch
+    from transformers import TrainerCallback
+
+    t = recipe.train
+
+    class _Levers(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if t.frozen_16bit and dtype in ("bf16", "fp16"):
+                from . import frozen16
+
+                frozen16.install(model, torch.bfloat16 if dtype == "bf16" else torch.float16)
+            if t.offload_checkpoints:
+                from . import offload
+
+                offload.install(model)
+            if t.tiled_mlp:
+                from . import tiled_mlp
+
+                tiled_mlp.install(model, t.tiled_mlp)
+
+    return _Levers()

@@ -17,7 +17,6 @@ model attending with them trains as with SDPA; only the memory a tracker sees is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .tracker import WORKSPACE
 
@@ -56,14 +55,26 @@ def _(q, k, v, scale):
 def flash_attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.enable_grad():
-        qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
-        groups = q.shape[2] // k.shape[2]
-        o = F.scaled_dot_product_attention(
-            qq.transpose(1, 2), kk.transpose(1, 2).repeat_interleave(groups, 1),
-            vv.transpose(1, 2).repeat_interleave(groups, 1), is_causal=True, scale=scale,
-        )  # fmt: skip
-        dq, dk, dv = torch.autograd.grad(o.transpose(1, 2), (qq, kk, vv), dout)
+    # the math of attention's backward (autograd is off inside a custom op): P = softmax(S),
+    # dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)), dQ = scale dS K, dK = scale dS^T Q
+    b, t, h, d = q.shape
+    groups = h // k.shape[2]
+    qt, kt, vt, do = (x.transpose(1, 2).float() for x in (q, k, v, dout))
+    kt, vt = kt.repeat_interleave(groups, 1), vt.repeat_interleave(groups, 1)
+    s = (qt @ kt.transpose(-1, -2)) * scale
+    s.masked_fill_(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(s, -1)
+    dv = p.transpose(-1, -2) @ do
+    dp = do @ vt.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = (ds @ kt) * scale
+    dk = (ds.transpose(-1, -2) @ qt) * scale
+
+    def back(x, like):  # (B, H, T, D) -> the grouped heads summed, (B, T, Hk, D) in the input's dtype
+        x = x.reshape(b, like.shape[2], -1, t, d).sum(2) if like.shape[2] != h else x
+        return x.transpose(1, 2).to(like.dtype).contiguous()
+
+    dq, dk, dv = back(dq, q), back(dk, k), back(dv, v)
     return dq, dk, dv
 
 

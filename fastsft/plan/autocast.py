@@ -65,15 +65,19 @@ class MetaAutocast(TorchFunctionMode):
             with self:
                 return backward(args[0], args[1] if len(args) > 1 else kwargs.get("grad_tensors"))
         if func in LOWER:
+
             def cast(t):
-                return (
-                            t.to(self.dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
-                        )  # noqa: E731
+                return t.to(self.dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t  # noqa: E731
+
             args, kwargs = tree_map(cast, (args, kwargs))
         elif func in HIGHER:
+
             def cast(t):
                 return (
-                            t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
-                        )  # noqa: E731
+                    t.float()
+                    if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+                    else t
+                )  # noqa: E731
+
             args, kwargs = tree_map(cast, (args, kwargs))
         return func(*args, **kwargs)

@@ -40,6 +40,7 @@ class Setup:
     tiled_mlp: int = 0  # sequence shards of the MLP (0: off)
     frozen16: bool = False  # frozen embeddings / lm_head stored in the compute dtype
     loss_chunk_bytes: int | None = None
+    kernel_backend: str = "triton"  # the loss kernel a GPU runs; "torch" for the CPU proof
 
 
 @dataclass
@@ -99,7 +100,9 @@ def _loss(model, setup: Setup, inputs):
         return _hf_2024_loss(model(input_ids=inputs["input_ids"], use_cache=False).logits, inputs["labels"])
     from ..loss import LossRoute
 
-    route = LossRoute(setup.loss, "triton", "transformers", 0.0, type(_base(model)).__name__, "plan")
+    route = LossRoute(
+        setup.loss, setup.kernel_backend, "transformers", 0.0, type(_base(model)).__name__, "plan"
+    )
     route.install(model)
     n = inputs["labels"].numel()
     loss, _ = route(model, inputs, num_items_in_batch=torch.tensor(n, device=inputs["labels"].device))
