@@ -4,6 +4,8 @@ rounding; tests/test_levers.py checks each on the CPU), each a `[train]` key, ea
 
 - offload: gradient checkpointing whose checkpoints (each decoder layer's input hidden states) wait in
   pinned host memory, not on the GPU, and come back for the layer's recomputation in backward.
+- expandable_segments: the CUDA caching allocator's expandable segments (less fragmentation).
+- frozen_16bit: frozen float32 embeddings / lm_head of a 4-bit model stored in 16 bits (frozen16.py).
 - tiled_mlp: the MLP of each decoder layer run over sequence shards (ALST's TiledMLP), so its wide
   intermediate activations exist for one shard at a time, in forward and in backward.
 """
@@ -11,7 +13,7 @@ rounding; tests/test_levers.py checks each on the CPU), each a `[train]` key, ea
 
 def wanted(recipe) -> bool:
     t = recipe.train
-    return bool(t.offload_checkpoints or t.tiled_mlp or t.frozen_16bit)
+    return bool(t.offload_checkpoints or t.tiled_mlp or t.frozen_16bit or t.expandable_segments)
 
 
 def callback(recipe, dtype: str):
@@ -21,6 +23,9 @@ def callback(recipe, dtype: str):
     from transformers import TrainerCallback
 
     t = recipe.train
+    if t.expandable_segments and torch.cuda.is_available():
+        # segments made from here on grow in place (the training step's, the model is already loaded)
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
     class _Levers(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):

@@ -29,7 +29,22 @@ from .simulate import Peak, Setup, simulate
 # transformers' gradient checkpointing, FlashAttention-2. Unsloth's notebooks train with adamw_8bit.
 UNSLOTH_TABLE = {8: (2972, None), 12: (21848, 932), 16: (40724, 2551), 24: (78475, 5789),
                  40: (153977, 12264), 48: (191728, 15502), 80: (342733, 28454)}  # fmt: skip
-LEVERS = dict(offload_checkpoints=True, tiled_mlp=8, frozen16=True)
+# (Setup field, value) in the order the plan adds them: free first (the allocator's setting), then those
+# that cost time (host copies, more kernel launches)
+LEVER_ORDER = (
+    ("expandable_segments", True),
+    ("offload_checkpoints", True),
+    ("tiled_mlp", 8),
+    ("frozen16", True),
+)
+LEVERS = dict(LEVER_ORDER)
+# [train] key of each lever
+LEVER_KEYS = {
+    "expandable_segments": "expandable_segments",
+    "offload_checkpoints": "offload_checkpoints",
+    "tiled_mlp": "tiled_mlp",
+    "frozen16": "frozen_16bit",
+}
 
 
 def setup_from_recipe(recipe, *, baseline: str | None = None) -> Setup:
@@ -72,73 +87,95 @@ def setup_from_recipe(recipe, *, baseline: str | None = None) -> Setup:
         lora=None if t.method == "full" else lora_config(recipe), batch_size=t.per_device_train_batch_size,
         gradient_checkpointing=t.gradient_checkpointing, optim=t.optim, max_grad_norm=t.max_grad_norm,
         loss=kernel, mixed_precision=dtype != torch.float32,
-        offload_checkpoints=getattr(t, "offload_checkpoints", False), tiled_mlp=getattr(t, "tiled_mlp", 0),
-        frozen16=getattr(t, "frozen_16bit", False),
+        offload_checkpoints=t.offload_checkpoints, tiled_mlp=t.tiled_mlp,
+        frozen16=t.frozen_16bit, expandable_segments=t.expandable_segments,
     )  # fmt: skip
 
 
 def device_peak(setup: Setup, seq_len: int) -> tuple[int, Peak]:
-    """(bytes the GPU needs for one step at `seq_len`: the simulated peak + the CUDA context, the Peak)."""
+    """(the GPU memory one step at `seq_len` needs: the caching allocator's peak reserved segments + the
+    CUDA context, the Peak). Reserved, not allocated: it is what the GPU gives out (nvidia-smi), and what
+    Unsloth's table measures (its notebooks report `torch.cuda.max_memory_reserved()`)."""
     p = simulate(setup, seq_len, rounding=allocator_rounding)
-    return p.peak_bytes + CUDA_CONTEXT, p
+    return p.reserved_bytes + CUDA_CONTEXT, p
 
 
-def max_length(setup: Setup, budget: int, *, lo: int = 64, hi: int = 1 << 21, tol: float = 0.002) -> int:
-    """The longest sequence (at the setup's batch size) whose step fits `budget` bytes, 0 if none: the
-    peak is nearly affine in the length, so two simulated steps give a first guess, then bisection over
-    simulated steps to `tol` of the answer."""
-    fits = lambda t: device_peak(setup, t)[0] <= budget  # noqa: E731
-    if not fits(lo):
+def max_length(
+    setup: Setup, budget: int, *, cache: dict | None = None, lo: int = 64, hi: int = 1 << 22
+) -> int:
+    """The longest sequence (at the setup's batch size) whose step fits `budget` bytes, 0 if none. The
+    need grows almost linearly with the length, so secant steps over simulated steps find it (a few
+    simulations), and the answer is checked: it fits, and 0.2% more does not (or stops fitting between).
+    `cache` {length: bytes} may be shared by calls for one setup (several GPU sizes)."""
+    cache = {} if cache is None else cache
+
+    def need(t: int) -> int:
+        if t not in cache:
+            cache[t] = device_peak(setup, t)[0]
+        return cache[t]
+
+    if need(lo) > budget:
         return 0
-    a, b = 4096, 8192
-    pa, pb = device_peak(setup, a)[0], device_peak(setup, b)[0]
-    guess = int(a + (budget - pa) * (b - a) / max(1, pb - pa))
-    guess = max(lo, min(hi, guess))
-    # bracket: [good, bad]
-    good, bad = lo, hi
-    step = max(64, guess // 50)
-    if fits(guess):
-        good = guess
-        t = guess + step
-        while t < hi and fits(t):
-            good, t = t, t + step * 2
-        bad = min(t, hi)
-    else:
-        bad = guess
-        t = max(lo, guess - step)
-        while t > lo and not fits(t):
-            bad, t = t, max(lo, t - step * 2)
-        good = t
-    while bad - good > max(1, int(good * tol)):
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    need(8192)
+    good = max([t for t, v in cache.items() if v <= budget] + [lo])
+    bad = min([t for t, v in cache.items() if v > budget], default=None)
+    for _ in range(20):
+        if bad is not None and bad - good <= max(1, good // 500):
+            break
+        a, b = sorted(cache, key=lambda t: abs(cache[t] - budget))[:2]  # secant: the 2 points nearest
+        t = (
+            int(a + (budget - cache[a]) * (b - a) / (cache[b] - cache[a]))
+            if cache[b] != cache[a]
+            else 2 * good
+        )
+        t = max(good + 1, min(t, (bad - 1) if bad is not None else hi))
+        if t in cache:  # the secant stalls: probe just above the best fit, or halve the bracket
+            t = good + max(1, good // 500) if bad is None else (good + bad) // 2
+        if need(t) <= budget:
+            good = t
+        else:
+            bad = t
     return good
 
 
+def choose_levers(setup: Setup, seq_len: int, budget: int) -> dict | None:
+    """The levers, added in order of cost (allocator setting, offloaded checkpoints, tiled MLP, 16-bit
+    frozen weights), until the step fits; None if even all of them do not."""
+    chosen = {}
+    for key, value in LEVER_ORDER:
+        chosen[key] = value
+        if device_peak(replace(setup, **chosen), seq_len)[0] <= budget:
+            return chosen
+    return None
+
+
 def plan(setup: Setup, seq_len: int, gpu_memory: int, *, find_max: bool = False) -> dict:
-    """The plan as one JSON-able dict: peak_bytes (with the CUDA context), parts, fits, and max_length."""
+    """The plan as one JSON-able dict: peak_bytes (reserved + CUDA context), allocated_bytes, parts,
+    fits, the levers that would make it fit, and with `find_max` max_length."""
     total, p = device_peak(setup, seq_len)
     parts = dict(sorted(p.parts.items(), key=lambda kv: -kv[1]))
     parts.pop("other", None)
+    parts["allocator cache (reserved - allocated)"] = p.reserved_bytes - p.peak_bytes
     parts["CUDA context"] = CUDA_CONTEXT
     out = {
         "seq_len": seq_len,
         "batch_size": setup.batch_size,
         "peak_bytes": total,
         "peak_gib": round(total / GiB, 2),
+        "allocated_bytes": p.peak_bytes + CUDA_CONTEXT,
         "parts": parts,
         "gpu_memory_bytes": gpu_memory,
         "fits": total <= gpu_memory,
         "peak_during": p.at,
         "loss": setup.loss,
-        "levers": {k: getattr(setup, k) for k in LEVERS},
-        "simulated_layers": list(p.extrapolated_from) or [p.layers],
-        "allocator_rounding": "512 B blocks, 2 MiB above 20 MiB (included in the parts)",
+        "levers": {k: getattr(setup, k) for k, _ in LEVER_ORDER},
     }
+    if not out["fits"]:
+        out["levers_that_fit"] = choose_levers(setup, seq_len, gpu_memory)
     if find_max:
         out["max_length"] = max_length(setup, gpu_memory)
     return out
 
 
 __all__ = ["Setup", "simulate", "plan", "max_length", "device_peak", "setup_from_recipe", "parse_size",
-           "UNSLOTH_TABLE", "LEVERS", "replace"]  # fmt: skip
+           "choose_levers", "UNSLOTH_TABLE", "LEVERS", "LEVER_ORDER", "LEVER_KEYS", "replace"]  # fmt: skip

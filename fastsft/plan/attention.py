@@ -116,6 +116,13 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     """transformers' attention interface: query (B, H, T, D), key / value (B, Hk, T, D) ->
     ((B, T, H, D), None). Causal, no padding mask (the plan's batches are full rows)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.dtype == torch.float32:  # as transformers' flash_attention_forward (`get_target_dtype`):
+        # FA2 takes 16 bits, so float32 q, k, v (QLoRA's float32 residual stream makes RoPE's output float32)
+        # are cast to the autocast dtype (on meta: the emulated CUDA autocast's)
+        kind = "cuda" if query.device.type == "meta" else query.device.type
+        if torch.is_autocast_enabled(kind):
+            target = torch.get_autocast_dtype(kind)
+            query, key, value = query.to(target), key.to(target), value.to(target)
     out, _ = flash_attn_fwd(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), float(scale))
     return out, None
 

@@ -41,3 +41,106 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a memory size: {text!r} (e.g. 24GiB, 80GB, 16)")
     value, unit = float(m.group(1)), m.group(2) or "gib"
     return int(value * (MiB if unit.startswith("m") else GiB))
+
+
+# ----------------------------------------------------------------------------------------------
+# The caching allocator's reserved memory (what nvidia-smi and torch.cuda.max_memory_reserved show)
+# ----------------------------------------------------------------------------------------------
+
+SMALL_SIZE = 1 * MiB  # kSmallSize: requests up to this come from the small pool
+SMALL_BUFFER = 2 * MiB  # kSmallBuffer: a small pool's segment
+MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc: below this a large request gets a kLargeBuffer segment
+
+
+class _Block:
+    __slots__ = ("seg", "size", "free", "prev", "next", "small")
+
+    def __init__(self, seg, size, small, prev=None, next=None):
+        self.seg, self.size, self.small, self.free, self.prev, self.next = seg, size, small, False, prev, next
+
+
+class CachingAllocator:
+    """PyTorch's CUDA caching allocator, the parts that decide reserved memory (one stream, default
+    settings: no max_split_size, no expandable segments; c10/cuda/CUDACachingAllocator.cpp): requests
+    rounded (`allocator_rounding`), small (<= 1 MiB) and large pools, best fit among cached free blocks
+    of the pool, a block split when what is left is >= 512 B (small) or > 1 MiB (large), a new segment
+    otherwise (2 MiB small; 20 MiB for large requests under 10 MiB; the request rounded to 2 MiB above),
+    freed blocks cached and merged with free neighbours of their segment, never returned to the device
+    (no OOM pressure: `reserved_peak` is torch.cuda.max_memory_reserved on a GPU with room to spare)."""
+
+    def __init__(self, expandable: bool = False):
+        self.free_blocks = {True: [], False: []}  # small? -> free blocks
+        self.reserved = 0
+        self.reserved_peak = 0
+        # expandable_segments:True (PYTORCH_CUDA_ALLOC_CONF; Unsloth sets it): the large pool is one
+        # segment of virtual memory mapped in 2 MiB pages; a request no cached block fits extends the
+        # segment's free tail block (mapping only the missing pages) or appends pages at its end
+        self.expandable = expandable
+        self.tail: _Block | None = None  # the large pool's last block, when expandable
+
+    def malloc(self, nbytes: int) -> _Block:
+        size = -(-max(nbytes, 1) // MIN_BLOCK) * MIN_BLOCK
+        small = size <= SMALL_SIZE
+        pool = self.free_blocks[small]
+        fit = min((b for b in pool if b.size >= size), key=lambda b: b.size, default=None)
+        if fit is None and self.expandable and not small:
+            fit = self._extend(size)
+        elif fit is None:
+            seg = (
+                SMALL_BUFFER
+                if small
+                else (LARGE_BUFFER if size < MIN_LARGE_ALLOC else -(-size // ROUND_LARGE) * ROUND_LARGE)
+            )
+            self.reserved += seg
+            self.reserved_peak = max(self.reserved_peak, self.reserved)
+            fit = _Block(object(), seg, small)
+        else:
+            pool.remove(fit)
+        rest = fit.size - size
+        if (small and rest >= MIN_BLOCK) or (not small and rest > SMALL_SIZE):
+            tail = _Block(fit.seg, rest, small, prev=fit, next=fit.next)
+            if fit.next is not None:
+                fit.next.prev = tail
+            fit.next, fit.size = tail, size
+            tail.free = True
+            pool.append(tail)
+            if self.tail is fit:
+                self.tail = tail
+        fit.free = False
+        return fit
+
+    def _extend(self, size: int) -> _Block:
+        tail = self.tail
+        if tail is not None and tail.free:
+            self.free_blocks[False].remove(tail)
+            grow = -(-(size - tail.size) // ROUND_LARGE) * ROUND_LARGE
+            tail.size += grow
+            fit = tail
+        else:
+            grow = -(-size // ROUND_LARGE) * ROUND_LARGE
+            fit = _Block(self, grow, False, prev=tail)
+            if tail is not None:
+                tail.next = fit
+        self.reserved += grow
+        self.reserved_peak = max(self.reserved_peak, self.reserved)
+        self.tail = fit
+        return fit
+
+    def release(self, b: _Block) -> None:
+        pool = self.free_blocks[b.small]
+        for nb in (b.prev, b.next):
+            if nb is not None and nb.free:
+                pool.remove(nb)
+                b.size += nb.size
+                if nb is b.prev:
+                    b.prev = nb.prev
+                    if nb.prev is not None:
+                        nb.prev.next = b
+                else:
+                    b.next = nb.next
+                    if nb.next is not None:
+                        nb.next.prev = b
+                if self.tail is nb:
+                    self.tail = b
+        b.free = True
+        pool.append(b)

@@ -32,8 +32,9 @@ class MemoryTracker(TorchDispatchMode):
     `round_to`: each storage is charged rounded up to this many bytes (the CUDA caching allocator's
     block size, see `plan.device`); `rounding` is an optional fn(nbytes) -> charged bytes."""
 
-    def __init__(self, device: str = "meta", rounding: Callable[[int], int] | None = None):
+    def __init__(self, device: str = "meta", rounding: Callable[[int], int] | None = None, allocator=None):
         super().__init__()
+        self.allocator = allocator  # a plan.device.CachingAllocator: reserved memory too
         self.device = device
         self.rounding = rounding or (lambda n: n)
         self.live = 0
@@ -43,7 +44,8 @@ class MemoryTracker(TorchDispatchMode):
         self.peak_at = ""
         self._label = "other"
         self.phase = "forward"
-        self._seen: dict[int, tuple[int, str]] = {}  # id(storage ref) -> (bytes, part)
+        self._seen: dict[int, tuple[int, str]] = {}  # storage -> (bytes, part)
+        self._blocks: dict[int, object] = {}  # storage -> the allocator's block
 
     # -- labels ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -81,6 +83,8 @@ class MemoryTracker(TorchDispatchMode):
             return
         n = self.rounding(st.nbytes())
         self._seen[key] = (n, label)
+        if self.allocator is not None:
+            self._blocks[key] = self.allocator.malloc(st.nbytes())
         self.live += n
         self.by_part[label] = self.by_part.get(label, 0) + n
         weakref.finalize(st, self._free, key)
@@ -88,6 +92,9 @@ class MemoryTracker(TorchDispatchMode):
 
     def _free(self, key) -> None:
         n, label = self._seen.pop(key, (0, None))
+        block = self._blocks.pop(key, None)
+        if block is not None:
+            self.allocator.release(block)
         if label is not None:
             self.live -= n
             self.by_part[label] -= n
