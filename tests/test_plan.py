@@ -13,7 +13,7 @@ from peft import LoraConfig
 from transformers import LlamaConfig
 
 from fastsft.plan import UNSLOTH_TABLE, Setup, device_peak, setup_from_recipe
-from fastsft.plan.device import GiB, CachingAllocator
+from fastsft.plan.device import CachingAllocator, GiB
 from fastsft.plan.model import build
 from fastsft.plan.simulate import prepare, run_step, simulate, simulate_layers
 from fastsft.plan.tracker import MemoryTracker
