@@ -64,6 +64,7 @@ def test_context_table():
     hf_cache, fast_cache = {}, {}  # simulated steps, shared by the GPU sizes of one setup
     for gb in SIZES:
         unsloth, hf_pub = UNSLOTH_TABLE[gb]
+        print(f"context: {gb} GiB ({time.time() - t0:.0f} s)", flush=True)
         rows.append({"gpu_gib": gb, "hf_simulated": max_length(hf, gb * GiB, cache=hf_cache),
                      "fastsft": max_length(fast, gb * GiB, cache=fast_cache),
                      "unsloth_published": unsloth, "hf_published": hf_pub})  # fmt: skip

@@ -123,4 +123,5 @@ def build(config, *, dtype: torch.dtype, load_in_4bit: bool, lora=None, full: bo
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, copy.deepcopy(lora))  # (PEFT resolves the config in place)
+    with torch.device(device):  # the adapters made where the model is (no CPU init of meta weights)
+        return get_peft_model(model, copy.deepcopy(lora))  # (PEFT resolves the config in place)

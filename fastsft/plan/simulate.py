@@ -167,9 +167,9 @@ def run_step(model, setup: Setup, seq_len: int, tracker: MemoryTracker) -> None:
             p.grad = torch.zeros_like(p)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for p in params:  # a parameter's gradient is the adapter's, not the backward's working set
-        p.register_hook(lambda g: tracker.relabel(g, "adapter + optimizer"))
     hooks = _recompute_labels(model, tracker)
+    for p in params:  # a parameter's gradient is the adapter's, not the backward's working set
+        hooks.append(p.register_hook(lambda g: tracker.relabel(g, "adapter + optimizer")))
     tracker.reset_peak()
     autocast = contextlib.nullcontext()
     if setup.mixed_precision and setup.dtype != torch.float32:
@@ -240,13 +240,30 @@ def _recompute_labels(model, tracker):
     return hooks
 
 
-def simulate_layers(setup: Setup, seq_len: int, layers: int, rounding=None) -> Peak:
-    """The step of the model cut to `layers` decoder layers, on meta."""
+_MODELS: dict = {}  # (id(setup), layers) -> (setup, the prepared meta model): steps at other lengths reuse it
+
+
+def _built(setup: Setup, layers: int):
+    """The setup's model on meta, cut to `layers`, readied for training; built once per setup (a meta model
+    holds no data, and a step leaves it as it found it: no gradients, no optimizer)."""
     from .model import build
 
+    key = (id(setup), layers)
+    hit = _MODELS.get(key)
+    if hit is not None and hit[0] is setup:
+        return hit[1]
     model = build(setup.config, dtype=setup.dtype, load_in_4bit=setup.load_in_4bit, lora=setup.lora,
                   full=setup.method == "full", num_layers=layers)  # fmt: skip
     prepare(model, setup)
+    if len(_MODELS) >= 8:
+        _MODELS.pop(next(iter(_MODELS)))
+    _MODELS[key] = (setup, model)
+    return model
+
+
+def simulate_layers(setup: Setup, seq_len: int, layers: int, rounding=None) -> Peak:
+    """The step of the model cut to `layers` decoder layers, on meta."""
+    model = _built(setup, layers)
     from .device import CachingAllocator
 
     tracker = MemoryTracker("meta", rounding=rounding, allocator=CachingAllocator(setup.expandable_segments))
