@@ -101,12 +101,13 @@ def device_peak(setup: Setup, seq_len: int) -> tuple[int, Peak]:
 
 
 def max_length(
-    setup: Setup, budget: int, *, cache: dict | None = None, lo: int = 64, hi: int = 1 << 22
+    setup: Setup, budget: int, *, cache: dict | None = None, lo: int = 64, tol: float = 0.005
 ) -> int:
-    """The longest sequence (at the setup's batch size) whose step fits `budget` bytes, 0 if none. The
-    need grows almost linearly with the length, so secant steps over simulated steps find it (a few
-    simulations), and the answer is checked: it fits, and 0.2% more does not (or stops fitting between).
-    `cache` {length: bytes} may be shared by calls for one setup (several GPU sizes)."""
+    """The longest sequence (at the setup's batch size) whose step fits `budget` bytes, to `tol` (0.5%):
+    0 if not even `lo` fits. The need grows almost linearly with the length, so a line through two
+    simulated steps (8,192 and 65,536 tokens) gives the guess, and simulated steps walk from it in
+    `tol` steps until one fits and the next does not (2-3 simulations a budget). `cache` {length: bytes}
+    may be shared by the calls for one setup (several GPU sizes)."""
     cache = {} if cache is None else cache
 
     def need(t: int) -> int:
@@ -116,26 +117,23 @@ def max_length(
 
     if need(lo) > budget:
         return 0
-    need(8192)
-    good = max([t for t, v in cache.items() if v <= budget] + [lo])
-    bad = min([t for t, v in cache.items() if v > budget], default=None)
-    for _ in range(20):
-        if bad is not None and bad - good <= max(1, good // 500):
-            break
-        a, b = sorted(cache, key=lambda t: abs(cache[t] - budget))[:2]  # secant: the 2 points nearest
-        t = (
-            int(a + (budget - cache[a]) * (b - a) / (cache[b] - cache[a]))
-            if cache[b] != cache[a]
-            else 2 * good
-        )
-        t = max(good + 1, min(t, (bad - 1) if bad is not None else hi))
-        if t in cache:  # the secant stalls: probe just above the best fit, or halve the bracket
-            t = good + max(1, good // 500) if bad is None else (good + bad) // 2
-        if need(t) <= budget:
-            good = t
-        else:
-            bad = t
-    return good
+    a, b = 8192, 65536
+    slope = (need(b) - need(a)) / (b - a)
+    t = max(lo, int(a + (budget - need(a)) / slope)) if slope > 0 else b
+
+    def up(x: int) -> int:
+        return max(x + 1, int(x * (1 + tol)))
+
+    def down(x: int) -> int:
+        return max(lo, min(x - 1, int(x / (1 + tol))))
+
+    if need(t) <= budget:
+        while need(up(t)) <= budget:
+            t = up(t)
+        return t
+    while t > lo and need(t) > budget:
+        t = down(t)
+    return t
 
 
 def choose_levers(setup: Setup, seq_len: int, budget: int) -> dict | None:
