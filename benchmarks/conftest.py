@@ -28,6 +28,7 @@ def pytest_configure(config):
         ("e2e", "end-to-end QLoRA training benchmark (benchmarks/test_training_bench.py)"),
         ("gpu", "needs a CUDA GPU (skipped without one)"),
         ("slow", "a long benchmark, not part of the quick run"),
+        ("context", "longest sequence per GPU size, simulated by fastsft plan (benchmarks/test_context.py)"),
         ("cpu", "measures on the CPU (FASTSFT_BENCH_CPU=full: the committed grid)"),
     ):
         config.addinivalue_line("markers", f"{name}: {doc}")

@@ -237,7 +237,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
     if backend == "auto":
         return "triton" if triton_available(device) else "torch"
-    if backend == "triton" and not triton_available(device):
+    if (
+        backend == "triton" and not triton_available(device) and device.type != "meta"
+    ):  # (meta: a plan of a GPU run)
         raise RuntimeError(
             f"backend='triton' cannot run on {device.type} tensors here: Triton needs a CUDA device, "
             "or TRITON_INTERPRET=1 set before triton is first imported (to run on the CPU). "

@@ -710,6 +710,12 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     states and lm_head are float32 (prepare_model_for_kbit_training) while autocast asks for 16 bits.
     The kernel's own arithmetic stays float32 either way; the gradients return in the inputs' dtypes."""
     kind = hidden.device.type
+    # a torch function mode that emulates autocast where there is none (fastsft plan's, on meta tensors)
+    for mode in torch.overrides._get_current_function_mode_stack():
+        if getattr(mode, "autocast_dtype", None) is not None:
+            return mode.autocast_dtype
+    if kind == "meta":
+        return hidden.dtype
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return hidden.dtype
@@ -764,6 +770,20 @@ def fused_linear_cross_entropy(
     backend = resolve_backend(backend, hidden.device)
     labels = labels.to(device=hidden.device, dtype=torch.int64).contiguous()
     check_labels(labels, weight.shape[0], ignore_index)
+    if reduction != "none" and (hidden.device.type == "meta" or torch.compiler.is_compiling()):
+        # the custom op (kernels/ops.py), the same computation: torch.compile traces it without a graph
+        # break, and on meta tensors (fastsft plan) its fake implementation gives the outputs' shapes
+        from .ops import linear_cross_entropy
+
+        grad = torch.is_grad_enabled()
+        num_items = None if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        loss, *_ = linear_cross_entropy(
+            hidden, weight, bias, labels, num_items, opts["label_smoothing"], opts["ignore_index"],
+            opts["lse_square_scale"], opts["softcap"], reduction == "mean", backend, _compute_dtype(hidden),
+            grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad, chunk_size, chunk_bytes,
+        )  # fmt: skip
+        return loss
     return _FusedLinearCrossEntropy.apply(
         hidden, weight, bias, labels, num_items_in_batch, opts, reduction, backend, chunk_size, chunk_bytes
     )

@@ -322,6 +322,66 @@ def preview(recipe, overrides, n, as_json, trust_remote_code, allow_pickle):
     data_mod.preview(r, tokenizer, n=n, as_json=as_json, console=Console(stderr=as_json))
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@click.option(
+    "--gpu-memory", default="24GiB", show_default=True, help="The GPU's memory (24GiB, 80GB: GB read as GiB)."
+)
+@click.option("--max-length", "find_max", is_flag=True, help="Also find the longest max_length that fits.")
+@click.option(
+    "--baseline",
+    type=click.Choice(["hf"]),
+    default=None,
+    help="Plan the stock setup of Unsloth's table instead (transformers + PEFT + bitsandbytes QLoRA).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, nothing else.")
+@handle_errors
+def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
+    """Simulate one training step of RECIPE on the CPU and print its peak GPU memory and its parts.
+
+    \b
+    Example:
+      fastsft plan recipes/llama3_8b_qlora.toml --gpu-memory 24GiB --max-length
+    """
+    from fastsft import plan as plan_mod
+    from fastsft import recipe as recipe_mod
+    from fastsft.errors import RecipeError
+
+    r = recipe_mod.load(recipe, list(overrides))
+    try:
+        budget = plan_mod.parse_size(gpu_memory)
+    except ValueError as e:
+        raise RecipeError(f"--gpu-memory: {e}") from None
+    setup = plan_mod.setup_from_recipe(r, baseline=baseline)
+    out = plan_mod.plan(setup, r.data.max_length, budget, find_max=find_max)
+    out["recipe"] = str(recipe)
+    out["simulation"] = "meta tensors on the CPU; transformers backend; FlashAttention-2 memory"
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    gib = plan_mod.GiB
+    click.echo(
+        f"{recipe}: one step at max_length {out['seq_len']}, batch {out['batch_size']} (simulated"
+        f"{', baseline ' + baseline if baseline else ''})"
+    )
+    for k, v in out["parts"].items():
+        click.echo(f"  {k:<40} {v / gib:8.2f} GiB")
+    verdict = "fits" if out["fits"] else "does NOT fit"
+    click.echo(
+        f"  {'peak (reserved)':<40} {out['peak_bytes'] / gib:8.2f} GiB  ({verdict} in {budget / gib:.1f} GiB)"
+    )
+    if not out["fits"]:
+        fix = out.get("levers_that_fit")
+        if fix:
+            keys = " ".join(f"--set train.{plan_mod.LEVER_KEYS[k]}={json.dumps(v)}" for k, v in fix.items())
+            click.echo(f"  it fits with the levers: {keys}")
+        else:
+            click.echo("  even every lever does not make it fit: lower data.max_length or the batch size")
+    if find_max:
+        click.echo(f"  longest max_length that fits: {out['max_length']:,}")
+
+
 from fastsft.cli.use import register as _register_use  # noqa: E402  (export, generate, chat, eval)
 
 _register_use(main)

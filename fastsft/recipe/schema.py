@@ -368,6 +368,32 @@ class TrainSection(Section):
     gradient_checkpointing: bool = key(
         True, "Recompute activations in backward: less memory, ~30% slower.", sft=False
     )
+    offload_checkpoints: bool = key(
+        False,
+        "Keep gradient checkpoints in host memory until backward (fastsft.levers.offload): long "
+        "sequences fit; exact. Needs gradient_checkpointing.",
+        sft=False,
+    )
+    tiled_mlp: int = key(
+        0,
+        "Run each MLP over this many sequence shards (ALST's TiledMLP, fastsft.levers.tiled_mlp); 0: off. "
+        "Exact.",
+        min=0,
+        max=4096,
+        sft=False,
+    )
+    expandable_segments: bool = key(
+        False,
+        "The CUDA caching allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
+        "as Unsloth sets it): far less fragmentation at long sequences; numerics unchanged.",
+        sft=False,
+    )
+    frozen_16bit: bool = key(
+        False,
+        "Store the frozen float32 embeddings and lm_head of a 4-bit model in the 16-bit compute "
+        "dtype (fastsft.levers.frozen16); exact under bf16 / fp16 mixed precision.",
+        sft=False,
+    )
     logging_steps: int = key(1, "Log every N optimizer steps.", min=1, max=10**9, resume_safe=True, sft=True)
     eval_strategy: str = key("no", "When to evaluate.", choices=("no", "steps", "epoch"), sft=True)
     eval_steps: int | None = key(

@@ -404,6 +404,10 @@ class Run:
         ]
         if self.main:
             callbacks += trackers.callbacks(recipe, run_dir)
+        from fastsft import levers
+
+        if levers.wanted(recipe):  # offloaded checkpoints, tiled MLP, 16-bit frozen weights
+            callbacks.append(levers.callback(recipe, loaded.dtype))
         early = health.early_stopping_callback(recipe)
         if early is not None:
             callbacks.append(early)

@@ -1,0 +1,159 @@
+"""fastsft plan: the simulated step is the real step (real tensors vs meta), the per-layer extrapolation
+is exact, the loss runs under torch.compile without a graph break, and the 8B figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import LlamaConfig
+
+from fastsft.plan import UNSLOTH_TABLE, Setup, device_peak, setup_from_recipe
+from fastsft.plan.device import CachingAllocator, GiB
+from fastsft.plan.model import build
+from fastsft.plan.simulate import prepare, run_step, simulate, simulate_layers
+from fastsft.plan.tracker import MemoryTracker
+
+
+def tiny(layers=4):
+    # Llama-3-8B's shape, scaled: hidden 4096 -> 64, 32 layers -> 4, grouped-query attention kept
+    return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=512)  # fmt: skip
+
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _peak(setup, seq, device):
+    torch.manual_seed(0)
+    model = build(setup.config, dtype=setup.dtype, load_in_4bit=False, lora=LORA, device=device)
+    prepare(model, setup)
+    tracker = MemoryTracker(device, allocator=CachingAllocator())
+    with tracker:
+        run_step(model, setup, seq, tracker)
+    return tracker.peak, tracker.allocator.reserved_peak
+
+
+@pytest.mark.parametrize(
+    "loss,levers",
+    [
+        ("torch", {}),
+        ("fastsft-linear", {}),
+        ("fastsft-linear", dict(tiled_mlp=3)),
+    ],  # (offload: host copies are on the CPU too here)
+)
+def test_real_step_peak_equals_simulated_peak(loss, levers):
+    """The tracker over real CPU tensors and over meta tensors, same step: the same peak, to the byte
+    (and the same reserved segments, the allocator model fed the same requests)."""
+    setup = Setup(tiny(), dtype=torch.float32, load_in_4bit=False, lora=LORA, loss=loss, optim="sgd",
+                  mixed_precision=False, kernel_backend="torch", **levers)  # fmt: skip
+    real = _peak(setup, 96, "cpu")
+    meta = _peak(setup, 96, "meta")
+    assert real == meta, (real, meta)
+    assert real[0] > 0 and real[1] >= real[0]
+
+
+def test_layer_extrapolation_equals_full_simulation():
+    """simulate(extrapolate=True) runs 2 and 3 layers and extrapolates per layer: exact against all 7."""
+    setup = Setup(tiny(7), dtype=torch.bfloat16, load_in_4bit=True, lora=LORA, loss="fastsft-linear",
+                  optim="adamw_8bit")  # fmt: skip
+    full = simulate(setup, 200)
+    fast = simulate(setup, 200, extrapolate=True)
+    assert fast.extrapolated_from == (2, 3)
+    assert fast.peak_bytes == full.peak_bytes
+    assert fast.parts == {k: v for k, v in full.parts.items() if v}
+
+
+def test_fa2_attention_holds_no_attention_matrix():
+    """Attention memory is O(T): doubling T at most ~doubles the step's activation peak (SDPA's math path
+    on meta would hold T x T scores per head: 4x)."""
+    setup = Setup(tiny(2), dtype=torch.bfloat16, load_in_4bit=True, lora=LORA, loss="fastsft-linear")
+    a = simulate_layers(setup, 2048, 2).peak_bytes
+    b = simulate_layers(setup, 4096, 2).peak_bytes
+    w = simulate_layers(setup, 8, 2).peak_bytes
+    assert (b - w) < 2.2 * (a - w), (a, b, w)
+
+
+def test_linear_loss_compiles_without_graph_break():
+    from fastsft.kernels import fused_linear_cross_entropy
+
+    def f(h, w, y):
+        return fused_linear_cross_entropy(h, w, y, backend="torch")
+
+    h = torch.randn(32, 16, requires_grad=True)
+    w = torch.randn(50, 16)
+    y = torch.randint(0, 50, (32,))
+    y[:5] = -100
+    explained = torch._dynamo.explain(f)(h, w, y)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss = compiled(h, w, y)
+    loss.backward()
+    ref = h.grad.clone()
+    h.grad = None
+    f(h, w, y).backward()
+    torch.testing.assert_close(h.grad, ref)
+
+
+def _recipe(tmp_path, **train):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in train.items())
+    p = tmp_path / "r.toml"
+    p.write_text(f"""[model]
+name = "meta-llama/Llama-3.1-8B-Instruct"
+load_in_4bit = true
+[lora]
+r = 32
+lora_alpha = 32
+target_modules = "all-linear"
+[data]
+train = "d.jsonl"
+max_length = 8192
+[train]
+per_device_train_batch_size = 1
+optim = "adamw_8bit"
+{lines}
+""")
+    return p
+
+
+def test_8b_levers_fit_past_unsloth_in_24gib(tmp_path):
+    """The headline: Llama-3.1-8B QLoRA r=32, batch 1, with the levers fits 78,475 tokens (Unsloth's
+    published figure) in 24 GiB, and without them it does not."""
+    from fastsft import recipe as recipe_mod
+
+    levers = dict(expandable_segments=True, offload_checkpoints=True, tiled_mlp=8, frozen_16bit=True)
+    setup = setup_from_recipe(recipe_mod.load(_recipe(tmp_path, **levers)))
+    assert device_peak(setup, 78475)[0] < 24 * GiB
+    plain = setup_from_recipe(recipe_mod.load(_recipe(tmp_path)))
+    assert device_peak(plain, 78475)[0] > 24 * GiB
+
+
+@pytest.mark.parametrize("gib", [24, 80])
+def test_hf_baseline_matches_unsloth_table_within_10_percent(tmp_path, gib):
+    """--baseline hf (stock transformers + PEFT + bitsandbytes QLoRA, FA2, plain checkpointing) against
+    the HF + FA2 column of Unsloth's table, no per-model factor: the published length fits the GPU
+    and 10% more does not (the need grows with the length), i.e. the plan's longest length is within
+    10% of the published one (exactly: 5,777 vs 5,789 at 24 GiB, 28,492 vs 28,454 at 80 GiB)."""
+    from fastsft import recipe as recipe_mod
+
+    setup = setup_from_recipe(recipe_mod.load(_recipe(tmp_path)), baseline="hf")
+    published = UNSLOTH_TABLE[gib][1]
+    assert device_peak(setup, int(published * 0.9))[0] <= gib * GiB
+    assert device_peak(setup, int(published * 1.1))[0] > gib * GiB
+
+
+def test_cli_plan_json_and_bad_size(tmp_path):
+    p = _recipe(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "fastsft.cli", "plan", str(p), "--json", "--gpu-memory", "24GiB"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["peak_bytes"] > 8 * GiB and "weights" in d["parts"] and d["fits"] is True
+    bad = subprocess.run([sys.executable, "-m", "fastsft.cli", "plan", str(p), "--gpu-memory", "lots"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "--gpu-memory" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
