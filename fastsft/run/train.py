@@ -450,7 +450,9 @@ class Run:
         """The held-out split's short answers (fastsft.run.task) and the base model's score on them."""
         from fastsft.run import task
 
-        if not self.main:
+        if not self.main or dist.sharded(self.recipe):
+            # sharded: rank 0 alone cannot run a model whose shards the others hold (under ZeRO-3 the
+            # weights are partitioned as they load, so a forward here would wait for ranks that never come)
             return [], None
         refs = task.held_out(self.prepared, self.loaded.tokenizer)
         if not refs or self.resume:

@@ -37,9 +37,10 @@ def bf16_runs(tmp_path_factory):
 
             def spy(x, *args, _original=original, _name=name, _seen=seen, **kw):
                 w = args[0] if _name == "fused_linear_cross_entropy" else None
-                _seen.append(
-                    (_name, x.dtype, None if w is None else w.dtype, torch.is_autocast_enabled("cpu"))
-                )
+                if torch.is_grad_enabled():  # the training steps, not the retain set scored around them
+                    _seen.append(
+                        (_name, x.dtype, None if w is None else w.dtype, torch.is_autocast_enabled("cpu"))
+                    )
                 return _original(x, *args, **kw)
 
             mp.setattr(loss, name, spy)

@@ -31,7 +31,7 @@ FULL = ["--set", "train.method=full", "--set", "train.learning_rate=1e-3"]
 
 def fastsft(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "fastsft.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)  # fmt: skip
+                          timeout=300, env=env)  # fmt: skip
 
 
 def with_deepspeed() -> dict:
