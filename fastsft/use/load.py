@@ -5,7 +5,8 @@ A model reference is one of
 - a run directory (RUN_DIR/adapter + recipe.toml): the base model loaded as it was trained (4-bit NF4
   when the recipe says so) with the adapter attached; or, for a full fine-tune, its RUN_DIR/model;
 - an adapter folder (adapter_config.json): its base model (from adapter_config.json) + the adapter;
-- a merged export or any local Hugging Face model folder (config.json).
+- a merged export or any local Hugging Face model folder (config.json);
+- a base model named as a recipe names it: `builtin:tiny-mistral`, `package:PKG/FILE.gguf`.
 
 Models load through the backend's loader (`fastsft.backends.transformers.load_trained`: the base as
 trained, its embeddings grown to the run's tokenizer, the adapter attached); prompts go through the
@@ -41,6 +42,19 @@ def _default_dtype() -> str:
     from fastsft.backends import compute_dtype
 
     return compute_dtype("auto")
+
+
+def _named_base(model_ref):
+    """A base model named as a recipe names it (`builtin:NAME`, `package:PKG/FILE.gguf`) -> the folder
+    training reads for it (made once in fastsft's cache), so the base is evaluated as it was trained."""
+    from fastsft.backends import builtin, gguf
+
+    name = str(model_ref)
+    if builtin.is_builtin(name):
+        return builtin.materialize(name)
+    if name.startswith(gguf.PACKAGE_PREFIX):
+        return gguf.materialize(gguf.resolve_file(name), log=lambda m: None)
+    return model_ref
 
 
 def _check_ref(model_ref) -> Path:
@@ -132,7 +146,7 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> LoadedF
     if isinstance(model_ref, LoadedForUse):
         return model_ref
     policy = policy or LoadPolicy()
-    path = _check_ref(model_ref)
+    path = _check_ref(_named_base(model_ref))
     if (path / ADAPTER / "adapter_config.json").exists() or (path / MODEL / "config.json").exists():
         loaded = _load_run(path, dtype, policy)  # a LoRA run, or a full fine-tune's (model/, no adapter)
     elif (path / "adapter_config.json").exists():

@@ -29,3 +29,17 @@ def test_a_run_stopped_before_its_first_adapter_says_how_to_resume(tmp_path, che
             assert f"step 4: fastsft run --resume {run}" in out
         else:
             assert f"fastsft run RECIPE -o {run} --overwrite" in out
+
+
+def test_a_base_is_named_as_its_recipe_names_it():
+    """`fastsft generate/eval/serve builtin:NAME` (or package:PKG/FILE.gguf) use the folder training reads,
+    so the base model is measured as it was trained; before, such a name was "no such folder"."""
+    from fastsft.backends import builtin
+    from fastsft.use import load_for_use
+
+    loaded = load_for_use("builtin:tiny-mistral")
+    assert loaded.kind == "model" and loaded.path == builtin.materialize("builtin:tiny-mistral")
+    result = CliRunner().invoke(
+        main, ["generate", "builtin:tiny-mistral", "--prompt", "Hi", "--max-new-tokens", "4"]
+    )
+    assert result.exit_code == 0, result.output
