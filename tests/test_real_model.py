@@ -110,6 +110,22 @@ def test_training_lowers_the_loss_and_moves_the_adapter(smol_run):
     assert len(b) == 30 * 4 and all(v.abs().sum() > 0 for v in b)  # q, k, v, o of 30 layers, all moved
 
 
+# Answer tokens (12 per prompt, 4 prompts) whose llama.cpp top-1 is the run's choice, at least:
+LLAMA_CPP_AGREEMENT = {"fp16": 1.0, "q8_0": 0.9, "q4_0": 0.6}
+
+
+def test_llama_cpp_answers_as_the_smollm2_run(smol_run, tmp_path):
+    """The real model's 16-, 8- and 4-bit GGUF exports in real llama.cpp (llama-cpp-python): given the run's
+    own greedy answers, llama.cpp predicts their tokens (16-bit: every one)."""
+    from _llama_cpp import agreement, import_llama_cpp
+
+    run, _ = smol_run
+    questions = ("What colour is a lemon?", "What sound does a cow make?", "Where do you find an owl?", "Hi")
+    measured = agreement(import_llama_cpp(), run, questions, LLAMA_CPP_AGREEMENT, tmp_path)
+    for dtype, share in LLAMA_CPP_AGREEMENT.items():
+        assert measured[dtype] >= share, (dtype, measured)
+
+
 def test_exports_pass_their_checks_in_every_dtype(smol_exports):
     for name in ("merged-bf16", "merged-fp32"):
         record = json.loads((smol_exports[name] / "export.json").read_text())

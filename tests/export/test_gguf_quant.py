@@ -1,7 +1,7 @@
 """Quantised GGUF files (Q8_0, Q4_0 through gguf.quants), their names and the Ollama Modelfile beside
 them, on a tiny run. The files are read back with transformers' GGUF reader (which dequantizes them)
 and the greedy answers compared with the run's: equal for F32, within a stated agreement for 8/4-bit.
-(llama.cpp itself is not in the test extras: see the README's Export section.)"""
+(The same files in llama.cpp itself: tests/export/test_gguf_llama_cpp.py.)"""
 
 import json
 
