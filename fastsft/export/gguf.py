@@ -15,10 +15,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastsft import files
 from fastsft.chat.templates import end_of_turn_ids
 from fastsft.errors import ExportError
 from fastsft.export.merged import merge
 from fastsft.export.read import RunInfo, _collect, _print
+from fastsft.recipe import GGUF_K_QUANTS
 
 # HF architecture -> (llama.cpp architecture, whether q/k weights are permuted as convert_hf_to_gguf does)
 GGUF_ARCHS = {
@@ -252,9 +254,12 @@ def _gguf_tensors(
 
 def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     """One GGUF file (llama.cpp) of the merged model in `dtype`, written with the `gguf` package and
-    read back to check every tensor's shape and first values and the vocabulary."""
+    read back to check every tensor's shape and first values and the vocabulary. A K-quant (q4_k_m,
+    q5_k_m, q6_k) is made from that F16 file by llama.cpp's own quantizer (llama-cpp-python)."""
     import gguf
 
+    if dtype in GGUF_K_QUANTS:
+        return _export_k_quant(run, out, dtype=dtype, console=console)
     config, hf_arch, arch, permute, rope, rope_type = _gguf_arch(run)
     vocab = _gguf_vocab(run, int(config.vocab_size), arch, console=console)
     from fastsft.progress import bar
@@ -299,8 +304,71 @@ GGUF_TYPES = {
     "fp32": "F32",
     "q8_0": "Q8_0",
     "q4_0": "Q4_0",
+    "q4_k_m": "Q4_K_M",
+    "q5_k_m": "Q5_K_M",
+    "q6_k": "Q6_K",
 }  # llama.cpp's names
-QUANTIZED = ("q8_0", "q4_0")
+QUANTIZED = ("q8_0", "q4_0")  # written by fastsft (gguf.quants); the K-quants by llama.cpp
+LLAMA_FTYPES = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}  # llama-cpp-python's names of llama.cpp's file types
+
+
+def _llama_cpp(dtype: str):
+    """llama-cpp-python's module (llama.cpp's quantizer), or an ExportError saying how to get it."""
+    try:
+        import llama_cpp
+    except Exception as e:  # ImportError, or a build whose shared library does not load
+        raise ExportError(
+            f"--dtype {dtype} is one of llama.cpp's K-quants, made by llama.cpp's own quantizer, and "
+            f"llama-cpp-python cannot be imported here ({type(e).__name__}: {e}). Install it "
+            "(pip install llama-cpp-python: it builds llama.cpp, minutes), or use --dtype q8_0 or q4_0, "
+            "which fastsft writes itself."
+        ) from None
+    return llama_cpp
+
+
+def _export_k_quant(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
+    """The F16 GGUF (written and checked as any other), quantized by llama.cpp's `llama_model_quantize`
+    into `<run>-<TYPE>.gguf`; the F16 file is removed. Tensors whose rows are not whole 256-value blocks
+    get the fallback type llama.cpp's quantizer picks."""
+    import ctypes
+    import os
+
+    import gguf
+
+    llama_cpp = _llama_cpp(dtype)
+    f16 = export_gguf(run, out, dtype="fp16", console=console)
+    source, file = out / f16["file"], out / gguf_name(run, dtype)
+    written = {t.name: tuple(t.shape.tolist()) for t in gguf.GGUFReader(str(source)).tensors}
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[dtype])
+    params.nthread = os.cpu_count() or 1
+    _print(console, f"gguf: quantizing {source.name} to {GGUF_TYPES[dtype]} with llama.cpp")
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(file).encode(), ctypes.byref(params))
+    source.unlink()
+    if rc != 0 or not file.exists():
+        raise ExportError(
+            f"llama.cpp's quantizer could not make {file.name} (--dtype {dtype}): it returned {rc}."
+        )
+    reader = gguf.GGUFReader(str(file))
+    back = {t.name: tuple(t.shape.tolist()) for t in reader.tensors}
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    if back != written:
+        raise ExportError(f"GGUF read-back of {file.name}: its tensors or shapes differ from the F16 file's.")
+    _print(console, f"gguf: {file.name}: {len(back)} tensors, block types {', '.join(types)}")
+    modelfile = (out / "Modelfile").read_text(encoding="utf-8").replace(source.name, file.name)
+    files.write_text(out / "Modelfile", modelfile)
+    version = getattr(llama_cpp, "__version__", "?")
+    return {
+        **f16,
+        "file": file.name,
+        "type": GGUF_TYPES[dtype],
+        "quantized_by": f"llama.cpp (llama-cpp-python {version}) from the F16 file",
+        "tensor_types": types,
+    }
 
 
 def gguf_name(run: RunInfo, dtype: str) -> str:
@@ -342,8 +410,6 @@ def modelfile_text(gguf_file: str, chat_template: str | None, stops: list[str]) 
 
 def write_modelfile(out: Path, gguf_file: str, vocab: _GGUFVocab) -> str:
     """Modelfile beside the GGUF file; returns its name."""
-    from fastsft import files
-
     tok = vocab.tokenizer
     stops = [tok.convert_ids_to_tokens(i) for i in vocab.eot]
     files.write_text(out / "Modelfile", modelfile_text(gguf_file, getattr(tok, "chat_template", None), stops))

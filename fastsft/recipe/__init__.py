@@ -8,6 +8,7 @@ from .schema import (
     EXPORT_DTYPES,
     EXPORT_FORMATS,
     FOREIGN_KEYS,
+    GGUF_K_QUANTS,
     GGUF_QUANTS,
     PATH_KEYS,
     REQUIRED,
@@ -31,6 +32,7 @@ from .schema import (
 __all__ = [
     "EXPORT_DTYPES",
     "EXPORT_FORMATS",
+    "GGUF_K_QUANTS",
     "GGUF_QUANTS",
     "FOREIGN_KEYS",
     "Key",

@@ -483,7 +483,8 @@ class DistributedSection(Section):
 
 
 EXPORT_FORMATS = ("adapter", "merged", "gguf")
-GGUF_QUANTS = ("q8_0", "q4_0")  # GGUF only: llama.cpp's 8-bit and 4-bit block types (gguf.quants)
+GGUF_K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # llama.cpp's K-quants, by its own quantizer (llama-cpp-python)
+GGUF_QUANTS = ("q8_0", "q4_0", *GGUF_K_QUANTS)  # GGUF only; q8_0 and q4_0 fastsft writes itself (gguf.quants)
 EXPORT_DTYPES = (
     "bf16",
     "fp16",
@@ -504,7 +505,8 @@ class ExportSection(Section):
     )
     dtype: str = key(
         "bf16",
-        "dtype of merged / GGUF exports; q8_0 and q4_0 (llama.cpp's 8- and 4-bit types) for GGUF only.",
+        "dtype of merged / GGUF exports; q8_0 and q4_0 (llama.cpp's 8- and 4-bit types) for GGUF only, and "
+        "q4_k_m, q5_k_m, q6_k (llama.cpp's K-quants; needs llama-cpp-python) for GGUF only.",
         choices=EXPORT_DTYPES,
         resume_safe=True,
     )
