@@ -12,7 +12,12 @@ from fastsft.cli.main import main
 
 from _tiny import TINY_RECIPE, write_recipe
 
-AGREEMENT = {"fp16": 1.0, "q8_0": 0.9, "q4_0": 0.5, "q4_k_m": 0.5}  # share of answer tokens llama.cpp predicts as the run
+AGREEMENT = {
+    "fp16": 1.0,
+    "q8_0": 0.9,
+    "q4_0": 0.5,
+    "q4_k_m": 0.5,
+}  # share of answer tokens llama.cpp predicts as the run
 PROMPTS = (
     "What sound does a cow make?",
     "Where do you find an owl?",

@@ -75,3 +75,19 @@ def test_quantised_dtypes_are_for_gguf_only(tiny_run, tmp_path):
         main, ["export", str(tiny_run), "--format", "merged", "--dtype", "q4_0", "--to", str(tmp_path / "m")]
     )
     assert result.exit_code == 2 and "GGUF quantisation" in result.output and "Traceback" not in result.output
+
+
+def test_a_k_quant_without_llama_cpp_says_what_to_install(tiny_run, tmp_path, monkeypatch):
+    """q4_k_m is llama.cpp's own quantizer's: without llama-cpp-python the export is refused with the
+    install and the types fastsft writes itself, and leaves no folder behind."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
+    out = tmp_path / "k"
+    result = CliRunner().invoke(
+        main, ["export", str(tiny_run), "--format", "gguf", "--dtype", "q4_k_m", "--to", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "pip install llama-cpp-python" in text and "q8_0 or q4_0" in text and "Traceback" not in text
+    assert not out.exists()
