@@ -23,6 +23,8 @@ from .common import LoadPolicy, check_target_modules, compute_dtype, cuda_availa
 __all__ = [
     "Loaded",
     "LoadPolicy",
+    "Start",
+    "start",
     "choose_backend",
     "load_model",
     "load_tokenizer",
@@ -136,7 +138,43 @@ def flush_denormals() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
-def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded:
+@dataclass
+class Start:
+    """What loading decides before any weight is read: the backend (Unsloth imported first when it is
+    the one), the model folder, the dtype. `tokenizer()` is the model folder's tokenizer, for preparing
+    the data before the model loads; `load()` then reads the weights."""
+
+    recipe: Any
+    backend: str
+    reason: str
+    impl: Any
+    path: str
+    dtype: str
+    policy: LoadPolicy
+
+    def tokenizer(self):
+        return common.tokenizer_from(self.path, policy=self.policy)
+
+    def load(self, *, log=print, tokenizer=None) -> Loaded:
+        """The model with its adapter. `tokenizer` (from `tokenizer()`, set up by the data) is the one
+        kept on the transformers backend; Unsloth returns its own, which the caller sets up in turn."""
+        recipe = self.recipe
+        from transformers import set_seed  # after unsloth's import (start()), as Unsloth needs
+
+        set_seed(recipe.train.seed)  # python, numpy, torch, CUDA: the LoRA init is random; same seed, same run
+        model, own_tokenizer, info = self.impl.load(recipe, self.path, self.dtype, policy=self.policy)
+        if tokenizer is not None and self.backend == "transformers":
+            own_tokenizer = tokenizer  # the same files, already set up by the data
+        info["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        info["parameters"] = sum(p.numel() for p in model.parameters())
+        if recipe.train.method == "full":
+            log(f"full fine-tuning: all {info['trainable_parameters']:,} weights train")
+        return Loaded(model, own_tokenizer, self.backend, self.reason, self.path, self.dtype, info)
+
+
+def start(recipe, *, log=print, policy: LoadPolicy | None = None) -> Start:
+    """The backend chosen (and said), Unsloth imported first when chosen, the model folder resolved (a
+    built-in or GGUF model made once) and checked against the loading policy: no weights read yet."""
     policy = policy or LoadPolicy()
     policy.check_recipe(recipe)
     backend, reason = choose_backend(recipe.model.backend)
@@ -164,13 +202,9 @@ def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded
     policy.check_weights(path)
     if policy.trust_remote_code:
         log("warning: --trust-remote-code: the model repository's own Python code may run")
-    dtype = compute_dtype(recipe.model.dtype)
-    from transformers import set_seed  # after unsloth's import (above), as Unsloth needs
+    return Start(recipe, backend, reason, impl, path, compute_dtype(recipe.model.dtype), policy)
 
-    set_seed(recipe.train.seed)  # python, numpy, torch, CUDA: the LoRA init is random; same seed, same run
-    model, tokenizer, info = impl.load(recipe, path, dtype, policy=policy)
-    info["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    info["parameters"] = sum(p.numel() for p in model.parameters())
-    if recipe.train.method == "full":
-        log(f"full fine-tuning: all {info['trainable_parameters']:,} weights train")
-    return Loaded(model, tokenizer, backend, reason, path, dtype, info)
+
+def load_model(recipe, *, log=print, policy: LoadPolicy | None = None) -> Loaded:
+    """`start(recipe)` then its `load()`: the model, its adapter and its own tokenizer."""
+    return start(recipe, log=log, policy=policy).load(log=log)

@@ -197,7 +197,7 @@ class Run:
     # ------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Everything before the first step: the run directory's checks, validate's preflight, model, data,
+        """Everything before the first step: the run directory's checks, validate's preflight, data, model,
         loss, the memory and disk checks, then (only now) the run directory, run.json, the trainer, the
         answers before."""
         dist.setup()  # a no-op unless launched as several ranks (torchrun / accelerate launch)
@@ -269,26 +269,23 @@ class Run:
             raise RecipeError(found, path=str(self.recipe.path) if self.recipe.path else None)
 
     def _load(self) -> None:
-        """Model and tokenizer (the backend's), the data (refused on a resume when it changed), the loss."""
+        """The data first (the model folder's tokenizer; a bad row or, on a resume, changed data is refused
+        before any weight is read), then the model (the backend's), the loss."""
         recipe = self.recipe
-        self.loaded = loaded = backends.load_model(recipe, log=self.log, policy=self.policy)  # unsloth first
-
         from fastsft import data as data_mod
         from fastsft.run import loss as loss_mod
 
-        self.prepared = prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=self.log)
-        self.retain_items = None
+        start = backends.start(recipe, log=self.log, policy=self.policy)  # unsloth imported first
+        tokenizer = start.tokenizer()
+        self.prepared = prepared = data_mod.prepare_data(recipe, tokenizer, log=self.log)
+        self._refuse_changed_data(prepared)
+        self.loaded = loaded = start.load(log=self.log, tokenizer=tokenizer)
+        if loaded.tokenizer is not tokenizer:  # Unsloth's own tokenizer: set up as the data set up the first
+            self.prepared = prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=lambda m: None)
+            self._refuse_changed_data(prepared)
         from fastsft.run import retain  # [data] retain, else the general set fastsft ships
 
         self.retain_items, self.retain_source = retain.encode(recipe, loaded.tokenizer, log=self.log)
-        was = (self.previous.get("data") or {}).get("fingerprint")
-        if self.resume and was and was != prepared.fingerprint and not self.allow_data_change:
-            raise RunDirError(
-                f"--resume {self.run_dir.path}: the training data changed since the run started (fingerprint "
-                f"{was} then, {prepared.fingerprint} now: the data file, tokenizer or [data] settings differ); "
-                "nothing was changed. Put the original data back, start a new run, or pass "
-                "--allow-data-change to continue on the new data."
-            )
         model = loaded.model
         if (
             prepared.stats.get("added_pad_token")
@@ -298,6 +295,17 @@ class Run:
         self.route = loss_mod.resolve(recipe, model, loaded.backend, next(model.parameters()).device)
         self.route.install(model)
         self.log(f"loss: {self.route.implementation} ({self.route.reason})")
+
+    def _refuse_changed_data(self, prepared) -> None:
+        """On a resume, data that changed since the run started is refused (unless --allow-data-change)."""
+        was = (self.previous.get("data") or {}).get("fingerprint")
+        if self.resume and was and was != prepared.fingerprint and not self.allow_data_change:
+            raise RunDirError(
+                f"--resume {self.run_dir.path}: the training data changed since the run started (fingerprint "
+                f"{was} then, {prepared.fingerprint} now: the data file, tokenizer or [data] settings differ); "
+                "nothing was changed. Put the original data back, start a new run, or pass "
+                "--allow-data-change to continue on the new data."
+            )
 
     def _check_memory_and_disk(self, target: Path) -> None:
         """Print the memory estimate (and a warning when it will not fit); refuse a disk too full to

@@ -487,9 +487,14 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run):
     assert _snapshot(out) == before
 
 
-def test_resume_after_the_data_changed_is_refused(tmp_path, finished_run):
+def test_resume_after_the_data_changed_is_refused(tmp_path, finished_run, monkeypatch):
     import shutil
 
+    from fastsft import backends
+
+    loads = []
+    load = backends.Start.load
+    monkeypatch.setattr(backends.Start, "load", lambda self, **kw: loads.append(1) or load(self, **kw))
     src, recipe, data_file = finished_run
     out = tmp_path / "run"
     shutil.copytree(src, out)
@@ -501,7 +506,7 @@ def test_resume_after_the_data_changed_is_refused(tmp_path, finished_run):
         data_file.write_text(original.replace("yellow", "purple"))
         before = _snapshot(out)
         _cli_refuses(["run", "--resume", str(out)], expect="--allow-data-change")
-        assert _snapshot(out) == before
+        assert _snapshot(out) == before and loads == []  # refused before the model loaded
         result = CliRunner().invoke(main, ["run", "--resume", str(out), "--allow-data-change"])
         assert result.exit_code == 0, result.output
         assert json.loads((out / "run.json").read_text())["data_changed_at"] == "checkpoint-4"

@@ -195,9 +195,45 @@ def test_run_refuses_what_validate_refuses_before_the_model_loads(tmp_path, monk
     from _tiny import DEMO, write_recipe
 
     loads = []
-    monkeypatch.setattr(backends, "load_model", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(backends.Start, "load", lambda *a, **k: loads.append(1))
     text = TINY_RECIPE.replace(f'train = "{DEMO}"', 'train = "missing.jsonl"')
     recipe = R.load(write_recipe(tmp_path / "r.toml", text))
     with pytest.raises(RecipeError, match="data.train = 'missing.jsonl': file not found"):
         train.run(recipe, output_dir=tmp_path / "run", console=Console(file=io.StringIO()))
     assert not loads and not (tmp_path / "run").exists()
+
+
+def test_the_data_is_read_before_the_model_loads(tmp_path, monkeypatch):
+    """A bad row (the file's line named) is refused before any weight is read: a 7B model takes minutes
+    to load (a resume on changed data: test_reliability). The data is encoded with the model folder's
+    tokenizer, which the transformers backend then trains with."""
+    import io
+
+    from rich.console import Console
+
+    from fastsft import backends
+    from fastsft.errors import DataError
+    from fastsft.run import train
+
+    from _tiny import DEMO, write_recipe
+
+    loads = []
+    original = backends.Start.load
+
+    def spy(self, **kw):
+        loads.append(kw.get("tokenizer"))
+        return original(self, **kw)
+
+    monkeypatch.setattr(backends.Start, "load", spy)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(DEMO.read_text().splitlines()[0] + "\n" + '{"messages": "not a list"}\n')
+    text = TINY_RECIPE.replace(f'train = "{DEMO}"', f'train = "{bad}"')
+    recipe = R.load(write_recipe(tmp_path / "r.toml", text))
+    with pytest.raises(DataError, match="line 2"):
+        train.run(recipe, output_dir=tmp_path / "run", console=Console(file=io.StringIO()))
+    assert loads == []
+
+    recipe = R.load(write_recipe(tmp_path / "ok.toml", TINY_RECIPE), ["train.max_steps=1"])
+    result = train.run(recipe, output_dir=tmp_path / "ok", console=Console(file=io.StringIO()))
+    assert len(loads) == 1 and loads[0] is not None  # the tokenizer the data was encoded with
+    assert (tmp_path / "ok" / "adapter" / "adapter_model.safetensors").exists()
