@@ -120,10 +120,29 @@ def new_dir(target: str | Path, *, complete: str | None = None):
         try:
             os.replace(tmp, target)
         except OSError as e:
-            if not target.is_dir() or (complete is not None and not (target / complete).exists()):
+            if complete is not None and target.is_dir() and not (target / complete).exists():
+                _replace_incomplete(tmp, target, complete, e)
+            elif not target.is_dir():
                 raise WriteFailed(describe_os_error(e, target)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_incomplete(tmp: Path, target: Path, complete: str, error: OSError) -> None:
+    """`target` is a folder without its `complete` file (left by a process that was killed, or written by
+    something else): a cache that would fail every later read. Move it aside and put `tmp` in its place."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.incomplete-", dir=target.parent))
+    try:
+        os.replace(target, aside / target.name)
+    except FileNotFoundError:
+        pass  # another process moved it first
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / complete).exists():  # another process put a complete one there: keep theirs
+            raise WriteFailed(describe_os_error(error, target)) from None
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -97,3 +97,19 @@ def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
         d.mkdir()
     removed = files.remove_stale(tmp_path, ".out.tmp-")
     assert removed == [stale] and live.exists() and other.exists()
+
+
+def test_a_cache_folder_without_its_complete_file_is_replaced(tmp_path):
+    """A built-in model's folder that holds only tokenizer files (seen once after two ranks made it at the
+    same time on a fresh machine) failed every later run with "Unrecognized model"; it is now replaced by
+    the complete one, and a complete folder made by another process is kept."""
+    target = tmp_path / "tiny-mistral-v3"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")
+    with files.new_dir(target, complete="config.json") as tmp:
+        (tmp / "config.json").write_text('{"model_type": "mistral"}')
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-mistral-v3"]  # nothing left aside
+    with files.new_dir(target, complete="config.json") as tmp:  # theirs is complete: kept
+        (tmp / "config.json").write_text('{"model_type": "other"}')
+    assert "mistral" in (target / "config.json").read_text()

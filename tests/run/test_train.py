@@ -234,6 +234,6 @@ def test_the_data_is_read_before_the_model_loads(tmp_path, monkeypatch):
     assert loads == []
 
     recipe = R.load(write_recipe(tmp_path / "ok.toml", TINY_RECIPE), ["train.max_steps=1"])
-    result = train.run(recipe, output_dir=tmp_path / "ok", console=Console(file=io.StringIO()))
+    train.run(recipe, output_dir=tmp_path / "ok", console=Console(file=io.StringIO()))
     assert len(loads) == 1 and loads[0] is not None  # the tokenizer the data was encoded with
     assert (tmp_path / "ok" / "adapter" / "adapter_model.safetensors").exists()
