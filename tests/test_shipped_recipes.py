@@ -1,8 +1,9 @@
 """Every recipe under recipes/ (globbed: a new one is checked without being listed) passes
-`fastsft validate` and `fastsft data preview -n 1` as a user would run them: exit 0, or exit 2 with
+`fastsft validate`, `fastsft data preview -n 1` and `fastsft plan` as a user would run them: exit 0, or exit 2 with
 fastsft's one error paragraph when the only cause is something this machine lacks (a hub model not in
 the cache with the hub offline, an optional package, a model file); never a traceback. (A renamed
-function once made `validate recipes/smollm2_135m_mix.toml` crash with an AttributeError.)"""
+function once made `validate recipes/smollm2_135m_mix.toml` crash with an AttributeError; `plan` crashed on
+the built-in and GGUF models, and on hub ids it did not know.)"""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def test_the_glob_finds_the_shipped_recipes():
     assert {"tiny.toml", "smollm2_135m_mix.toml"} <= {p.name for p in SHIPPED}
 
 
-@pytest.mark.parametrize("command", [["validate"], ["data", "preview", "-n", "1"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "command", [["validate"], ["data", "preview", "-n", "1"], ["plan", "--json"]], ids=" ".join
+)
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.stem)
 def test_a_shipped_recipe_validates_and_previews(recipe, command, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the same answer with or without a network

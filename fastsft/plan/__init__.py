@@ -61,7 +61,7 @@ def setup_from_recipe(recipe, *, baseline: str | None = None) -> Setup:
     from .model import load_config
 
     m = recipe.model
-    config = load_config(m.name, trust_remote_code=m.trust_remote_code)
+    config = load_config(m.name, trust_remote_code=m.trust_remote_code, base_dir=recipe.base_dir)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         m.dtype, torch.bfloat16
     )

@@ -36,20 +36,76 @@ KNOWN_CONFIGS = {
         },
     ),  # fmt: skip
 }
+# The shipped recipes' other hub models (their public config.json), so that `fastsft plan` runs on
+# each shipped recipe offline.
+KNOWN_CONFIGS["mistralai/Mistral-7B-v0.3"] = dict(
+    model_type="mistral",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=32768,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+    rope_theta=1000000.0,
+    sliding_window=None,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+)
+KNOWN_CONFIGS["Qwen/Qwen2.5-0.5B-Instruct"] = dict(
+    model_type="qwen2",
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
 KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"] = KNOWN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"]
 KNOWN_CONFIGS["unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"] = KNOWN_CONFIGS[
     "meta-llama/Llama-3.1-8B-Instruct"
 ]
 
 
-def load_config(name: str, *, trust_remote_code: bool = False):
-    """The model's `PretrainedConfig`: a known one, or config.json from a local folder or the hub cache."""
+def load_config(name: str, *, trust_remote_code: bool = False, base_dir=None):
+    """The model's `PretrainedConfig`, named as a recipe names it, without reading a weight: a known one, a
+    built-in model's, a GGUF file's metadata (`package:PKG/FILE.gguf` or a path), config.json of a local
+    folder (relative to `base_dir`, the recipe's folder) or of the hub cache."""
+    from pathlib import Path
+
     from transformers import AutoConfig
+
+    from fastsft.backends import builtin, gguf
 
     if name in KNOWN_CONFIGS:
         d = dict(KNOWN_CONFIGS[name])
         return AutoConfig.for_model(d.pop("model_type"), **d)
-    return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if builtin.is_builtin(name):
+        return AutoConfig.from_pretrained(builtin.materialize(name))  # a tiny model, made in a second
+    if gguf.is_gguf(name):
+        file = gguf.resolve_file(name, base_dir)
+        return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)  # the file's metadata
+    local = Path(base_dir or ".") / Path(name).expanduser()
+    if local.is_dir():
+        return AutoConfig.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        from fastsft.errors import BackendError
+
+        raise BackendError(
+            f"[model] name = {name!r}: its config.json is neither a local folder nor in the hub cache, and "
+            f"the hub cannot be read here ({str(e).splitlines()[0]}). fastsft plan needs only the config: "
+            f"download it where there is a network (huggingface-cli download {name} config.json), or point "
+            "[model] name at a local folder."
+        ) from None
 
 
 def linear4bit_meta(linear: torch.nn.Linear, compute_dtype: torch.dtype, device="meta"):
