@@ -17,6 +17,7 @@ context is the figure. `--max-length` bisects over simulated steps for the longe
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import torch
@@ -176,5 +177,32 @@ def plan(setup: Setup, seq_len: int, gpu_memory: int, *, find_max: bool = False)
     return out
 
 
-__all__ = ["Setup", "simulate", "plan", "max_length", "device_peak", "setup_from_recipe", "parse_size",
+def before_run(recipe, gpu_memory: int) -> tuple[list[str], dict | None]:
+    """What `fastsft run` prints on a GPU before the model loads: the plan's peak for the recipe (one step
+    simulated on meta tensors, no weights read) and, when it will not fit, a warning naming the levers
+    that make it fit. A recipe the simulation cannot build gets one line saying so (the plan is advice:
+    the run goes on, with the formula's estimate after loading)."""
+    try:
+        out = plan(setup_from_recipe(recipe), recipe.data.max_length, gpu_memory)
+    except Exception as e:  # noqa: BLE001 - whatever the simulation cannot build, training may still run
+        return [f"plan: not simulated ({type(e).__name__}: {e})"], None
+    lines = [
+        f"plan: one step peaks at {out['peak_bytes'] / GiB:.2f} GiB of the GPU's {gpu_memory / GiB:.1f} GiB "
+        "(simulated on meta tensors: transformers backend, FlashAttention-2 memory; fastsft plan RECIPE "
+        "shows the parts)"
+    ]
+    if not out["fits"]:
+        fix = out.get("levers_that_fit")
+        if fix:
+            sets = " ".join(f"--set train.{LEVER_KEYS[k]}={json.dumps(v)}" for k, v in fix.items())
+            lines.append(f"warning: this recipe will run out of GPU memory; it fits with the levers: {sets}")
+        else:
+            lines.append(
+                "warning: this recipe will run out of GPU memory, even with every lever: lower "
+                "data.max_length or train.per_device_train_batch_size (fastsft plan RECIPE --max-length)"
+            )
+    return lines, out
+
+
+__all__ = ["before_run", "Setup", "simulate", "plan", "max_length", "device_peak", "setup_from_recipe", "parse_size",
            "choose_levers", "UNSLOTH_TABLE", "LEVERS", "LEVER_ORDER", "LEVER_KEYS", "replace"]  # fmt: skip

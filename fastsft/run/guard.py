@@ -255,6 +255,13 @@ def estimate_memory(model, recipe, loss_kernel: str) -> dict:
     return parts
 
 
+def gpu_memory() -> int | None:
+    """The total memory of the GPU this process trains on, or None on the CPU."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
 def describe_estimate(parts: dict, device_total: int | None) -> tuple[str, bool]:
     """(one line, whether it clearly will not fit)."""
     fmt = ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f}" for k, v in parts.items() if k != "total")

@@ -203,6 +203,7 @@ class Run:
         dist.setup()  # a no-op unless launched as several ranks (torchrun / accelerate launch)
         target = self._open_resumed() if self.resume else self._check_target()
         self._preflight()
+        self._plan()
         self._load()
         self._check_memory_and_disk(target)
         self._make_run_dir(target)
@@ -307,17 +308,26 @@ class Run:
                 "--allow-data-change to continue on the new data."
             )
 
-    def _check_memory_and_disk(self, target: Path) -> None:
-        """Print the memory estimate (and a warning when it will not fit); refuse a disk too full to
-        hold the checkpoints."""
-        import torch
+    def _plan(self) -> None:
+        """On a GPU, before the model loads: the plan's simulated peak for this recipe, and a warning naming
+        the levers when it will not fit (fastsft.plan.before_run)."""
+        from fastsft import plan
 
+        self.gpu_total, self.planned = guard.gpu_memory(), None
+        if self.gpu_total is not None and self.main:
+            lines, self.planned = plan.before_run(self.recipe, self.gpu_total)
+            for line in lines:
+                self.log(line)
+
+    def _check_memory_and_disk(self, target: Path) -> None:
+        """The formula's memory estimate (run.json; printed where no plan was: on the CPU, or a model the
+        simulation cannot build); refuse a disk too full to hold the checkpoints."""
         self.estimate = guard.estimate_memory(self.loaded.model, self.recipe, self.route.kernel)
-        gpu_total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-        line, wont_fit = guard.describe_estimate(self.estimate, gpu_total)
-        self.log(line)
-        if wont_fit:
-            self.log(guard.warn_wont_fit(self.estimate, gpu_total))
+        if self.planned is None:
+            line, wont_fit = guard.describe_estimate(self.estimate, self.gpu_total)
+            self.log(line)
+            if wont_fit:
+                self.log(guard.warn_wont_fit(self.estimate, self.gpu_total))
         if self.recipe.train.save_strategy != "no" and self.main:
             guard.check_disk(target, 2 * guard.checkpoint_bytes(self.loaded.model), "checkpointing")
 

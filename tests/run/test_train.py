@@ -237,3 +237,32 @@ def test_the_data_is_read_before_the_model_loads(tmp_path, monkeypatch):
     train.run(recipe, output_dir=tmp_path / "ok", console=Console(file=io.StringIO()))
     assert len(loads) == 1 and loads[0] is not None  # the tokenizer the data was encoded with
     assert (tmp_path / "ok" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("gib", [24.0, 0.3])
+def test_on_a_gpu_the_plan_speaks_before_the_model_loads(tmp_path, monkeypatch, gib):
+    """On a GPU (its memory stood in for here), `run` prints the plan's simulated peak before any weight is
+    read, instead of the formula's estimate, and warns when the recipe will not fit; the run goes on."""
+    import io
+
+    from rich.console import Console
+
+    from fastsft import backends
+    from fastsft.run import guard, train
+
+    from _tiny import write_recipe
+
+    monkeypatch.setattr(guard, "gpu_memory", lambda: int(gib * 2**30))
+    order = []
+    load = backends.Start.load
+    monkeypatch.setattr(backends.Start, "load", lambda self, **kw: order.append("load") or load(self, **kw))
+    out = io.StringIO()
+    console = Console(file=out, width=400)
+    monkeypatch.setattr(console, "print", lambda msg, **kw: order.append(str(msg)) or out.write(f"{msg}\n"))
+    recipe = R.load(write_recipe(tmp_path / "r.toml", TINY_RECIPE), ["train.max_steps=1"])
+    train.run(recipe, output_dir=tmp_path / "run", console=console)
+    planned = [i for i, line in enumerate(order) if line.startswith("plan: one step peaks at")]
+    assert planned and planned[0] < order.index("load"), order
+    assert not any(line.startswith("memory estimate:") for line in order), order
+    warned = any("will run out of GPU memory" in line for line in order)
+    assert warned == (gib < 1), order
