@@ -157,3 +157,14 @@ def test_cli_plan_json_and_bad_size(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fastsft.cli", "plan", str(p), "--gpu-memory", "lots"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
+
+
+def test_a_simulation_leaves_autocast_as_it_found_it():
+    """The emulated CUDA autocast is entered again inside a tiled MLP's backward; it kept one saved state,
+    so the process was left with CUDA autocast on (bf16) after a plan that tried the tiled_mlp lever: `run`
+    on a GPU plans before training, and the next real forward ran under it."""
+    setup = Setup(tiny(), dtype=torch.bfloat16, load_in_4bit=False, lora=LORA, loss="fastsft-linear", optim="sgd",
+                  mixed_precision=True, kernel_backend="torch", tiled_mlp=3)  # fmt: skip
+    before = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    device_peak(setup, 96)
+    assert (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) == before

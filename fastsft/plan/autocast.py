@@ -45,18 +45,20 @@ class MetaAutocast(TorchFunctionMode):
         super().__init__()
         self.dtype = dtype
         self.autocast_dtype = dtype  # what fastsft.kernels' loss reads as the autocast dtype
+        self._saved = []  # a stack: the mode is entered again while active (a tiled MLP's backward)
 
     def __enter__(self):
         # code that asks whether autocast is on (PEFT's LoRA layers skip their float32 input cast then)
         # must hear yes, as under the Trainer's CUDA autocast: the flag alone, no CUDA tensor exists
-        self._old = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        self._saved.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
         torch.set_autocast_enabled("cuda", True)
         torch.set_autocast_dtype("cuda", self.dtype)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.set_autocast_enabled("cuda", self._old[0])
-        torch.set_autocast_dtype("cuda", self._old[1])
+        enabled, dtype = self._saved.pop()
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", dtype)
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
