@@ -161,12 +161,10 @@ class Start:
         recipe = self.recipe
         from transformers import set_seed  # after unsloth's import (start()), as Unsloth needs
 
-        set_seed(
-            recipe.train.seed
-        )  # python, numpy, torch, CUDA: the LoRA init is random; same seed, same run
-        model, own_tokenizer, info = self.impl.load(recipe, self.path, self.dtype, policy=self.policy)
-        if tokenizer is not None and self.backend == "transformers":
-            own_tokenizer = tokenizer  # the same files, already set up by the data
+        # python, numpy, torch, CUDA: the LoRA init is random; same seed, same run
+        set_seed(recipe.train.seed)
+        kw = {"tokenizer": tokenizer} if self.backend == "transformers" else {}  # Unsloth makes its own
+        model, own_tokenizer, info = self.impl.load(recipe, self.path, self.dtype, policy=self.policy, **kw)
         info["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         info["parameters"] = sum(p.numel() for p in model.parameters())
         if recipe.train.method == "full":

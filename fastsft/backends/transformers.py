@@ -37,8 +37,9 @@ def modules_to_save(recipe) -> list[str] | None:
     return list(names or []) or None
 
 
-def load(recipe, path: str, dtype: str, *, policy=None):
-    """The recipe's model from `path` with a fresh LoRA adapter, its tokenizer, and what was done."""
+def load(recipe, path: str, dtype: str, *, policy=None, tokenizer=None):
+    """The recipe's model from `path` with a fresh LoRA adapter, its tokenizer (`tokenizer` when given:
+    the same files, already set up by the data), and what was done."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -56,7 +57,7 @@ def load(recipe, path: str, dtype: str, *, policy=None):
         on_gpu=True,
         what="the model",
     )
-    tokenizer = tokenizer_from(path, policy=policy)
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_from(path, policy=policy)
     if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
         # Casts norms to float32 and readies the inputs for checkpointing; checkpointing itself is
         # enabled by the Trainer, so not here.

@@ -372,12 +372,7 @@ def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
         f"  {'peak (reserved)':<40} {out['peak_bytes'] / gib:8.2f} GiB  ({verdict} in {budget / gib:.1f} GiB)"
     )
     if not out["fits"]:
-        fix = out.get("levers_that_fit")
-        if fix:
-            keys = " ".join(f"--set train.{plan_mod.LEVER_KEYS[k]}={json.dumps(v)}" for k, v in fix.items())
-            click.echo(f"  it fits with the levers: {keys}")
-        else:
-            click.echo("  even every lever does not make it fit: lower data.max_length or the batch size")
+        click.echo(f"  {plan_mod.lever_advice(out)}")
     if find_max:
         click.echo(f"  longest max_length that fits: {out['max_length']:,}")
 

@@ -192,17 +192,22 @@ def before_run(recipe, gpu_memory: int) -> tuple[list[str], dict | None]:
         "shows the parts)"
     ]
     if not out["fits"]:
-        fix = out.get("levers_that_fit")
-        if fix:
-            sets = " ".join(f"--set train.{LEVER_KEYS[k]}={json.dumps(v)}" for k, v in fix.items())
-            lines.append(f"warning: this recipe will run out of GPU memory; it fits with the levers: {sets}")
-        else:
-            lines.append(
-                "warning: this recipe will run out of GPU memory, even with every lever: lower "
-                "data.max_length or train.per_device_train_batch_size (fastsft plan RECIPE --max-length)"
-            )
+        lines.append(f"warning: this recipe will run out of GPU memory; {lever_advice(out)}")
     return lines, out
 
 
-__all__ = ["before_run", "Setup", "simulate", "plan", "max_length", "device_peak", "setup_from_recipe", "parse_size",
+def lever_advice(out: dict) -> str:
+    """For a plan that does not fit: the `--set` levers that make it fit, or what to lower instead."""
+    fix = out.get("levers_that_fit")
+    if fix:
+        return "it fits with the levers: " + " ".join(
+            f"--set train.{LEVER_KEYS[k]}={json.dumps(v)}" for k, v in fix.items()
+        )
+    return (
+        "even every lever does not make it fit: lower data.max_length or train.per_device_train_batch_size "
+        "(fastsft plan RECIPE --max-length)"
+    )
+
+
+__all__ = ["before_run", "lever_advice", "Setup", "simulate", "plan", "max_length", "device_peak", "setup_from_recipe", "parse_size",
            "choose_levers", "UNSLOTH_TABLE", "LEVERS", "LEVER_ORDER", "LEVER_KEYS", "replace"]  # fmt: skip
