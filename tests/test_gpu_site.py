@@ -24,6 +24,8 @@ IMAGE_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_pla
 NOT_ON_THE_GPU_PATH = {
     "deepspeed": "fastsft/dist.py: only [distributed] strategy = 'deepspeed-zero3', several GPUs",
     "tomli": "fastsft/recipe.py: Python < 3.11 only; the image has 3.12 (tomllib)",
+    "llama_cpp": "fastsft/export/gguf.py: only the K-quant GGUF exports (q4_k_m, q5_k_m, q6_k), after training; "
+    "llama-cpp-python builds llama.cpp from source (minutes), and the export asks for it by name",
 }
 # requirements of the archive's packages that are left out on purpose (build-site.sh says why)
 LEFT_OUT = {
