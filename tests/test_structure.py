@@ -183,6 +183,30 @@ def test_one_generator_and_one_model_loader():
     assert not strays, "use fastsft.chat.generation / fastsft.backends instead:\n" + "\n".join(strays)
 
 
+def test_no_module_forges_a_recipe():
+    """A recipe is built from its file (`recipe.load`) in one place: no module outside fastsft/recipe/
+    calls `validate` or copies `recipe.raw` to make another recipe. Reading another data file as training
+    read `data.train` is `DataSpec.one_file` (fastsft/data/spec.py); a forged recipe was validated again
+    and refused the evaluation settings of the run it came from."""
+    strays = []
+    for name, path in modules().items():
+        if name.startswith("fastsft.recipe"):
+            continue
+        rel = path.relative_to(ROOT)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+                if called == "validate":
+                    strays.append(f"{rel}:{node.lineno}: validate(...)")
+            if isinstance(node, ast.Attribute) and node.attr == "raw" and isinstance(node.value, ast.Name):
+                if node.value.id in ("recipe", "r"):
+                    strays.append(f"{rel}:{node.lineno}: {node.value.id}.raw")
+    assert not strays, (
+        "build recipes with fastsft.recipe.load; derive data specs with DataSpec:\n" + "\n".join(strays)
+    )
+
+
 def test_kernels_import_nothing_of_fastsft():
     """kernels/ (installed as fastsft.kernels) is pure Triton + PyTorch: no import of the rest of fastsft."""
     folder = ROOT / "kernels"

@@ -19,8 +19,8 @@ from pathlib import Path
 DATA_VERSION = "3"
 
 
-def _hash_source(h, value: str, recipe) -> None:
-    path = recipe.resolve_path(value)
+def _hash_source(h, value: str, spec) -> None:
+    path = spec.resolve_path(value)
     # a local file counts by its bytes, not by how the recipe spells its path (relative in the recipe,
     # absolute in the run directory's copy: a resume must see the same fingerprint)
     h.update(b"source:local\n" if path.exists() else f"source:{value}\n".encode())
@@ -34,21 +34,21 @@ def _hash_source(h, value: str, recipe) -> None:
                 h.update(str(p.relative_to(path)).encode() + b"\0")
                 h.update(p.read_bytes())
     else:  # hub: name, subset and split are all we know before loading
-        h.update(f"hub:{recipe.data.subset}:{recipe.data.split}\n".encode())
+        h.update(f"hub:{spec.data.subset}:{spec.data.split}\n".encode())
 
 
-def compute_fingerprint(recipe, tokenizer, *, template: str | None, options: dict) -> str:
+def compute_fingerprint(spec, tokenizer, *, template: str | None, options: dict) -> str:
     """sha256 of the data files' bytes, the tokenizer (vocab, special tokens, chat template), the
     template setting and every option that changes the prepared data."""
-    d = recipe.data
+    d = spec.data
     h = hashlib.sha256(f"fastsft-data-v{DATA_VERSION}\n".encode())
     if d.train:
-        _hash_source(h, d.train, recipe)
+        _hash_source(h, d.train, spec)
     for source in d.sources or []:  # by bytes, like `train`; and how each is read and weighed
-        _hash_source(h, source["path"], recipe)
+        _hash_source(h, source["path"], spec)
         h.update(json.dumps({k: v for k, v in sorted(source.items()) if k != "path"}, default=str).encode())
     if d.eval:
-        _hash_source(h, d.eval, recipe)
+        _hash_source(h, d.eval, spec)
     vocab = sorted(tokenizer.get_vocab().items())
     h.update(json.dumps(vocab, ensure_ascii=False).encode())
     meta = {
@@ -60,7 +60,7 @@ def compute_fingerprint(recipe, tokenizer, *, template: str | None, options: dic
         "data": {
             k: v for k, v in sorted(d.as_dict().items()) if k not in ("train", "eval", "sources", "retain")
         },
-        "seed": recipe.train.seed,
+        "seed": spec.seed,
         **options,
     }
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())

@@ -25,11 +25,11 @@ EOT_CHECK_EXAMPLES = 8  # examples whose every answer must end with a trained en
 IGNORE_INDEX = -100  # the label of a token without loss (PyTorch's cross_entropy ignore_index)
 
 
-def setup_template(recipe, tokenizer) -> str | None:
-    """Apply `data.chat_template`; return a description of the template in use (None if none)."""
-    name = recipe.data.chat_template
+def setup_template(spec, tokenizer) -> str | None:
+    """Apply the DataSpec's `data.chat_template`; return a description of the template in use (None if none)."""
+    name = spec.data.chat_template
     if name:
-        tokenizer.chat_template = load_template(name, recipe.base_dir)
+        tokenizer.chat_template = load_template(name, spec.base_dir)
         return name
     return "tokenizer" if getattr(tokenizer, "chat_template", None) else None
 
@@ -266,9 +266,9 @@ def labels(input_ids: list[int], mask: list[int], limit: int | None = None) -> l
     return [i if m else IGNORE_INDEX for i, m in zip(ids, mask, strict=False)]
 
 
-def truncation_limit(recipe) -> int | None:
+def truncation_limit(spec) -> int | None:
     """The tokens of an example that training sees: data.max_length, or all of them under wrapped packing."""
-    d = recipe.data
+    d = spec.data
     if d.packing and d.packing_strategy == "wrapped":
         return None  # wrapped packing keeps every token
     return d.max_length

@@ -377,11 +377,12 @@ def kind(row: dict) -> str:
     return "text"
 
 
-def load_examples(value: str, recipe, *, key: str, fmt: str | None) -> tuple[list[Example], dict, str]:
-    """Read, rename, detect, validate and normalise one source. Returns (examples, skip info, format):
-    the info {"name", "rows", "skipped", "skip_reasons"} counts the rows skipped under on_invalid = "skip"."""
-    d = recipe.data
-    raw_rows, source_kind = read_source(value, recipe, key=key)
+def load_examples(value: str, spec, *, key: str, fmt: str | None) -> tuple[list[Example], dict, str]:
+    """Read, rename, detect, validate and normalise one source of the DataSpec `spec`. Returns (examples,
+    skip info, format): the info {"name", "rows", "skipped", "skip_reasons"} counts the rows skipped under
+    on_invalid = "skip"."""
+    d = spec.data
+    raw_rows, source_kind = read_source(value, spec, key=key)
     if not raw_rows:
         raise DataError(f"data.{key} = {value!r}: no rows")
     columns = dict(d.columns or {})

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import sys
@@ -28,6 +27,7 @@ from ..errors import DataError
 from . import cache, mixing
 from .encode import Encoder, check_end_of_turn, encode_all, setup_pad_token, setup_template, truncation_limit
 from .formats import KIND_NAMES, MAX_SKIP_REASONS, Example, kind, load_examples, tool_names
+from .spec import DataSpec
 
 
 @dataclass
@@ -63,9 +63,9 @@ class _Plan:
         return "assistant_masks" if self.assistant_only else None
 
 
-def _loss_options(recipe, kind: str) -> tuple[bool, bool]:
+def _loss_options(spec: DataSpec, kind: str) -> tuple[bool, bool]:
     """(assistant_only_loss, completion_only_loss) in effect for data of `kind`."""
-    d = recipe.data
+    d = spec.data
     conversational = kind in ("messages", "prompt_completion_chat")
     aol = d.assistant_only_loss
     if aol is None:
@@ -84,18 +84,18 @@ def _loss_options(recipe, kind: str) -> tuple[bool, bool]:
 
 
 def _load(
-    recipe, log, origin: dict[int, int], key: str = "train"
+    spec: DataSpec, log, origin: dict[int, int], key: str = "train"
 ) -> tuple[list[Example], list[Example], dict, dict | None, str]:
     """(train examples, eval examples, train skip info, eval skip info, format). With [[data.sources]],
     `origin` is filled with id(example) -> the index of its source. `key` names `data.train` in messages."""
-    d = recipe.data
+    d = spec.data
     if d.sources:
-        train_ex, train_info, fmt = _load_sources(recipe, origin)
+        train_ex, train_info, fmt = _load_sources(spec, origin)
     else:
-        train_ex, train_info, fmt = load_examples(d.train, recipe, key=key, fmt=None)
+        train_ex, train_info, fmt = load_examples(d.train, spec, key=key, fmt=None)
     eval_ex, eval_info = [], None
     if d.eval:
-        eval_ex, eval_info, _ = load_examples(d.eval, recipe, key="eval", fmt=None if d.sources else fmt)
+        eval_ex, eval_info, _ = load_examples(d.eval, spec, key="eval", fmt=None if d.sources else fmt)
         if d.val_ratio > 0:
             log("data: data.eval is given, so val_ratio is not used")
         if kind(eval_ex[0].row) != kind(train_ex[0].row):
@@ -106,45 +106,18 @@ def _load(
     return train_ex, eval_ex, train_info, eval_info, fmt
 
 
-def _without_evaluation(raw: dict) -> None:
-    """A recipe copy that only shapes one data file has no held-out data: drop what needs it, so that
-    validating the copy does not refuse the evaluation settings of the run it came from."""
-    t = raw.setdefault("train", {})
-    t["eval_strategy"] = "no"
-    t["load_best_model_at_end"] = False
-    t.pop("early_stopping_patience", None)
-
-
-def _source_recipe(recipe, source: mixing.Source):
-    """The recipe with this [[data.sources]] entry as `data.train` (its own format and columns): each
-    source goes through the pipeline as if it were the only one."""
-    from ..recipe import validate
-
-    raw = copy.deepcopy(recipe.raw)
-    d = raw.setdefault("data", {})
-    for k in ("sources", "eval", "retain"):
-        d.pop(k, None)
-    d["train"], d["val_ratio"] = source.path, 0.0
-    if source.format is not None:
-        d["format"] = source.format
-    if source.columns is not None:
-        d["columns"] = dict(source.columns)
-    _without_evaluation(raw)
-    return validate(raw, path=recipe.path)
-
-
-def _load_sources(recipe, origin: dict[int, int]) -> tuple[list[Example], dict, str]:
-    """Every [[data.sources]] entry through `load_examples` with its own format and columns: (the examples
-    of all sources, their skip info merged, the format(s)); `origin` gets id(example) -> source index."""
-    sources = mixing.resolve(recipe.data)
+def _load_sources(spec: DataSpec, origin: dict[int, int]) -> tuple[list[Example], dict, str]:
+    """Every [[data.sources]] entry through `load_examples` as if it were the only file (its own format and
+    columns): (the examples of all sources, their skip info merged, the format(s)); `origin` gets
+    id(example) -> source index."""
+    sources = mixing.resolve(spec.data)
     examples: list[Example] = []
     info = {"name": "[[data.sources]]", "rows": 0, "skipped": 0, "skip_reasons": []}
     formats: list[str] = []
     first_kind = None
     for i, source in enumerate(sources):
-        exs, one, fmt = load_examples(
-            source.path, _source_recipe(recipe, source), key=f"sources #{i + 1} path", fmt=None
-        )
+        one_spec = spec.one_file(source.path, format=source.format, columns=source.columns)
+        exs, one, fmt = load_examples(source.path, one_spec, key=f"sources #{i + 1} path", fmt=None)
         k = kind(exs[0].row) if exs else None
         if first_kind is not None and k is not None and k != first_kind:
             raise DataError(
@@ -164,9 +137,11 @@ def _load_sources(recipe, origin: dict[int, int]) -> tuple[list[Example], dict, 
     return examples, info, "+".join(formats)
 
 
-def _mix(recipe, examples: list[Example], origin: dict[int, int], log) -> tuple[list[Example], list[dict]]:
+def _mix(
+    spec: DataSpec, examples: list[Example], origin: dict[int, int], log
+) -> tuple[list[Example], list[dict]]:
     """The encoded examples of every source -> the training mix (each source's share held exactly)."""
-    sources = mixing.resolve(recipe.data)
+    sources = mixing.resolve(spec.data)
     by_source: list[list[Example]] = [[] for _ in sources]
     for e in examples:
         by_source[origin[id(e)]].append(e)
@@ -174,14 +149,14 @@ def _mix(recipe, examples: list[Example], origin: dict[int, int], log) -> tuple[
         if not exs:
             raise DataError(f"[[data.sources]] path = {s.path!r}: no usable examples")
     want = mixing.counts(
-        [len(x) for x in by_source], [s.fraction for s in sources], recipe.data.stopping_strategy
+        [len(x) for x in by_source], [s.fraction for s in sources], spec.data.stopping_strategy
     )
-    mixed = mixing.draw(by_source, want, recipe.train.seed)
+    mixed = mixing.draw(by_source, want, spec.seed)
     rows = [
         {"path": s.path, "share": round(s.fraction, 6), "available": len(exs), "used": n}
         for s, exs, n in zip(sources, by_source, want, strict=True)
     ]
-    log(f"data: mixed {len(mixed)} examples ({recipe.data.stopping_strategy}): {mixing.describe(rows)}")
+    log(f"data: mixed {len(mixed)} examples ({spec.data.stopping_strategy}): {mixing.describe(rows)}")
     return mixed, rows
 
 
@@ -200,15 +175,15 @@ def _as_exchanges(examples: list[Example], log) -> None:
     )
 
 
-def _plan(recipe, tokenizer, fmt: str, examples: list[Example], log) -> _Plan:
+def _plan(spec: DataSpec, tokenizer, fmt: str, examples: list[Example], log) -> _Plan:
     """Set up the tokenizer (template, pad token) for the loaded `examples` and decide their masking."""
-    template = setup_template(recipe, tokenizer)
+    template = setup_template(spec, tokenizer)
     k = kind(examples[0].row)
     if k == "prompt_completion_text" and getattr(tokenizer, "chat_template", None):
         _as_exchanges(examples, log)
         k = "prompt_completion_chat"
     conversational = k in ("messages", "prompt_completion_chat")
-    aol, col = _loss_options(recipe, k)
+    aol, col = _loss_options(spec, k)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "the data is conversational but the tokenizer has no chat template: set data.chat_template to "
@@ -232,11 +207,11 @@ def _plan(recipe, tokenizer, fmt: str, examples: list[Example], log) -> _Plan:
             "data: the chat template has no {% generation %} markers; assistant turns are found by rendering "
             "the conversation turn by turn"
         )
-    return _Plan(fmt, k, template, aol, col, bool(markers), eot, added_pad, truncation_limit(recipe))
+    return _Plan(fmt, k, template, aol, col, bool(markers), eot, added_pad, truncation_limit(spec))
 
 
-def _fingerprint(recipe, tokenizer, plan: _Plan) -> str:
-    d = recipe.data
+def _fingerprint(spec: DataSpec, tokenizer, plan: _Plan) -> str:
+    d = spec.data
     options = {
         "format": plan.fmt,
         "assistant_only_loss": plan.assistant_only,
@@ -248,14 +223,14 @@ def _fingerprint(recipe, tokenizer, plan: _Plan) -> str:
         "packing_strategy": d.packing_strategy,
         "split": "distinct",  # val_ratio holds out distinct examples (no copy left in training)
     }
-    return cache.compute_fingerprint(recipe, tokenizer, template=plan.template, options=options)
+    return cache.compute_fingerprint(spec, tokenizer, template=plan.template, options=options)
 
 
-def _sft_kwargs(recipe, plan: _Plan) -> dict:
+def _sft_kwargs(spec: DataSpec, plan: _Plan) -> dict:
     """SFTConfig's data fields. The rows carry their masks, so TRL's own masking options stay off
     (they would look for conversations to render), except completion_only_loss, which makes TRL read
     the `completion_mask` column."""
-    d = recipe.data
+    d = spec.data
     return {
         "max_length": d.max_length,
         "packing": d.packing,
@@ -310,7 +285,7 @@ def _token_stats(examples: list[Example], limit: int | None) -> dict:
     }
 
 
-def _stats(recipe, tokenizer, plan: _Plan, train_ex, eval_ex, trunc: dict, infos: list[dict]) -> dict:
+def _stats(spec: DataSpec, tokenizer, plan: _Plan, train_ex, eval_ex, trunc: dict, infos: list[dict]) -> dict:
     reasons = [r for info in infos for r in info["skip_reasons"]][:MAX_SKIP_REASONS]
     stats = {
         "format": plan.fmt,
@@ -323,7 +298,7 @@ def _stats(recipe, tokenizer, plan: _Plan, train_ex, eval_ex, trunc: dict, infos
         "mask_column": plan.mask_column,
         "assistant_only_loss": plan.assistant_only,
         "completion_only_loss": plan.completion_only,
-        "max_length": recipe.data.max_length,
+        "max_length": spec.data.max_length,
         "train_examples": len(train_ex),
         "eval_examples": len(eval_ex),
         **_token_stats(train_ex, plan.limit),
@@ -392,7 +367,8 @@ def _to_dataset(examples: list[Example], mask_column: str | None):
 
 
 def prepare_data(recipe, tokenizer, *, log=print) -> PreparedData:
-    """`[data]` -> datasets and SFTConfig kwargs for TRL, stats and a fingerprint. Raises DataError."""
+    """`[data]` of a recipe (or a DataSpec) -> datasets and SFTConfig kwargs for TRL, stats and a
+    fingerprint. Raises DataError."""
     prepared, _, _ = prepare_examples(recipe, tokenizer, log=log)
     return prepared
 
@@ -420,13 +396,15 @@ def prepare_examples(
 ):
     """prepare_data, also returning the first `keep` encoded training examples (for preview) and the
     encoded eval examples (when `keep` or not `use_cache`: the cache holds datasets, not examples).
-    `key`: the recipe key that messages name for `data.train` (`encode_file` reads other keys' files)."""
-    d = recipe.data
+    `recipe`: a recipe or a DataSpec. `key`: the recipe key that messages name for `data.train`
+    (`encode_file` reads other keys' files)."""
+    spec = DataSpec.of(recipe)
+    d = spec.data
     origin: dict[int, int] = {}  # id(example) -> its [[data.sources]] entry
-    train_ex, eval_ex, train_info, eval_info, fmt = _load(recipe, log, origin, key)
-    plan = _plan(recipe, tokenizer, fmt, train_ex + eval_ex, log)
-    fingerprint = _fingerprint(recipe, tokenizer, plan)
-    sft_kwargs = _sft_kwargs(recipe, plan)
+    train_ex, eval_ex, train_info, eval_info, fmt = _load(spec, log, origin, key)
+    plan = _plan(spec, tokenizer, fmt, train_ex + eval_ex, log)
+    fingerprint = _fingerprint(spec, tokenizer, plan)
+    sft_kwargs = _sft_kwargs(spec, plan)
     if use_cache and not keep:
         cached = cache.load(fingerprint)
         if cached is not None:
@@ -455,15 +433,15 @@ def prepare_examples(
     check_end_of_turn(train_ex, tokenizer, plan.eot, plan.template)
     mix = None
     if d.sources:
-        train_ex, mix = _mix(recipe, train_ex, origin, log)
+        train_ex, mix = _mix(spec, train_ex, origin, log)
     if not d.eval and d.val_ratio > 0:
-        train_ex, eval_ex, duplicates = _split(train_ex, d.val_ratio, recipe.train.seed)
+        train_ex, eval_ex, duplicates = _split(train_ex, d.val_ratio, spec.seed)
         log(
             f"data: held out {len(eval_ex)} distinct example(s) (val_ratio = {d.val_ratio:g}), none of them in "
             f"training" + (f"; {duplicates} duplicate row(s) in data.train" if duplicates else "")
         )
     infos = [train_info] + ([eval_info] if eval_info else [])
-    stats = _with_mix(_stats(recipe, tokenizer, plan, train_ex, eval_ex, trunc, infos), mix)
+    stats = _with_mix(_stats(spec, tokenizer, plan, train_ex, eval_ex, trunc, infos), mix)
     _report(stats, log)
     train_ds = _to_dataset(train_ex, plan.mask_column)
     eval_ds = _to_dataset(eval_ex, plan.mask_column) if eval_ex else None
@@ -472,33 +450,14 @@ def prepare_examples(
     return PreparedData(train_ds, eval_ds, sft_kwargs, stats, fingerprint), train_ex[:keep], eval_ex
 
 
-def default_recipe(model: str | Path, data_file: str | Path):
-    """The recipe a model without one (a merged export, any local model) is used with: every [data]
-    default, so its data is shaped, templated and masked as `fastsft run` would train it."""
-    from ..recipe import validate
-
-    return validate(
-        {"model": {"name": str(model)}, "data": {"train": str(Path(data_file).expanduser().resolve())}}
-    )
-
-
 def encode_file(recipe, tokenizer, path: str | Path, *, log=None, key: str = "train") -> list[dict]:
     """Every example of the data file `path`, tokenized and masked exactly as the run with `recipe`
-    trained (its template, shape detection, loss options; `default_recipe` for a model without a
-    recipe): [{"input_ids", "mask"}], untruncated. For `fastsft eval --data`: held-out loss measured
-    on the tokens training would have trained. `key` is the recipe key that names `path` in messages
-    (`retain` for `[data] retain`)."""
-    from ..recipe import validate
-
-    raw = copy.deepcopy(recipe.raw)
-    data = raw.setdefault("data", {})
-    data["train"] = str(Path(path).expanduser().resolve())
-    for k in ("eval", "sources", "retain"):
-        data.pop(k, None)
-    data["val_ratio"] = 0.0
-    _without_evaluation(raw)
+    trained (its template, shape detection, loss options; `recipe=None`: every [data] default, for a
+    model without a recipe): [{"input_ids", "mask"}], untruncated. For `fastsft eval --data`: held-out
+    loss measured on the tokens training would have trained. `key` is the recipe key that names `path`
+    in messages (`retain` for `[data] retain`)."""
     _, examples, _ = prepare_examples(
-        validate(raw, path=recipe.path),
+        DataSpec.of(recipe).one_file(Path(path)),
         tokenizer,
         log=log or (lambda m: None),
         keep=sys.maxsize,

@@ -10,6 +10,7 @@ import sys
 
 from .encode import IGNORE_INDEX, labels, truncation_limit
 from .prepare import prepare_examples
+from .spec import DataSpec
 
 
 def _segments(tokenizer, ids: list[int], mask: list[int]) -> list[tuple[str, bool]]:
@@ -27,8 +28,9 @@ def preview_rows(recipe, tokenizer, n: int = 3, *, log=None) -> tuple[list[dict]
     """The first `n` training examples as the trainer sees them: dicts with source, text, input_ids,
     labels (-100 where no loss) and trained_text; and the stats."""
     log = log or (lambda msg: None)
-    prepared, examples, _ = prepare_examples(recipe, tokenizer, log=log, keep=n, use_cache=False)
-    limit = truncation_limit(recipe)
+    spec = DataSpec.of(recipe)
+    prepared, examples, _ = prepare_examples(spec, tokenizer, log=log, keep=n, use_cache=False)
+    limit = truncation_limit(spec)
     out = []
     for ex in examples:
         ids = ex.input_ids if limit is None else ex.input_ids[:limit]

@@ -50,10 +50,10 @@ def is_local(value: str, resolved: Path) -> bool:
     return value.endswith(LOCAL_SUFFIXES) or value.startswith((".", "/", "~")) or "\\" in value
 
 
-def read_source(value: str, recipe, *, key: str) -> tuple[list[Row], str]:
-    """`data.train/eval` -> ([(where, raw row or RowProblem)], kind of source)."""
-    d = recipe.data
-    path = recipe.resolve_path(value)
+def read_source(value: str, spec, *, key: str) -> tuple[list[Row], str]:
+    """`data.train/eval` -> ([(where, raw row or RowProblem)], kind of source). `spec`: a DataSpec."""
+    d = spec.data
+    path = spec.resolve_path(value)
     if not is_local(value, path):
         return _read_hub(value, d.subset, d.split), "hub"
     if not path.exists():

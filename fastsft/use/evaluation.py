@@ -76,8 +76,7 @@ def _held_out(loaded: LoadedForUse, data_file, console) -> tuple[list[dict], str
 
         if not Path(data_file).exists():
             raise DataError(f"{data_file}: no such data file.")
-        shaping = recipe if recipe is not None else data_mod.default_recipe(loaded.path, data_file)
-        convs = data_mod.encode_file(shaping, loaded.tokenizer, data_file)
+        convs = data_mod.encode_file(recipe, loaded.tokenizer, Path(data_file))  # recipe None: every default
         how = "the run's training masked it" if recipe is not None else "`fastsft run` masks it"
         return convs, f"{data_file}, masked as {how}", recipe
     if recipe is not None:
