@@ -172,14 +172,14 @@ def _fastsft_linear_1mib(h, w, y, eps):
 def _fastsft_linear_all_threads(h, w, y, eps):
     # the online tiles with every intra-op thread whatever the load (fastsft before it checked for
     # contention): the comparison the loaded rows make
-    from fastsft.kernels import linear_cross_entropy as lce
+    from fastsft.kernels import online_tiles
 
-    free = lce.free_cpu_threads
-    lce.free_cpu_threads = lambda threads: threads
+    free = online_tiles.free_cpu_threads
+    online_tiles.free_cpu_threads = lambda threads: threads
     try:
         return _fastsft_linear(h, w, y, eps)
     finally:
-        lce.free_cpu_threads = free
+        online_tiles.free_cpu_threads = free
 
 
 def _stock(logits, y, eps):

@@ -29,7 +29,8 @@ __path__ = [
 # absolute imports: this module's own package is `fastsft` (relative ones would look there)
 from fastsft.kernels._triton import interpreting, triton_available  # noqa: E402
 from fastsft.kernels.cross_entropy import fused_cross_entropy  # noqa: E402
-from fastsft.kernels.linear_cross_entropy import chunk_rows, fused_linear_cross_entropy  # noqa: E402
+from fastsft.kernels.linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402
+from fastsft.kernels.memory_plan import chunk_rows  # noqa: E402
 from fastsft.kernels.reference import cross_entropy_reference, linear_cross_entropy_reference  # noqa: E402
 
 __all__ = [

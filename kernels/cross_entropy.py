@@ -187,43 +187,86 @@ def _ce_rows_triton(logits, labels, grad, scale, opts) -> torch.Tensor:
 _TORCH_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 temporaries per chunk
 
 
+def ce_rows_inplace(z, y, scale, opts, scratch, compute_grad):
+    """The PyTorch twin of the kernel on a chunk of rows (every label a column: ignored rows are given
+    label 0 and a zero `scale`): per-row losses; with `compute_grad`, the gradient times `scale` (0-d or
+    per-row) written over `z`. The float32 work happens in
+    `scratch` (z itself when it is float32) in a few whole-chunk operations: on a busy CPU every
+    parallel operation costs a scheduling round, so fewer and larger ones are faster."""
+    n_rows, n_cols = z.shape
+    eps, zl, cap = opts["label_smoothing"], opts["lse_square_scale"], opts["softcap"]
+    x = scratch[0][:n_rows] if scratch else z
+    same = x.data_ptr() == z.data_ptr()  # working in z itself
+    y = y[:, None]
+    t = None
+    if cap:
+        t = scratch[1][:n_rows]
+        if not same:
+            x.copy_(z)
+        torch.tanh(x.div_(cap), out=t)
+        torch.mul(t, cap, out=x)
+        m = x.amax(dim=1, keepdim=True)
+        x_t = x.gather(1, y)
+        row_sum = x.sum(dim=1, keepdim=True) if eps else None
+        x.sub_(m)
+    else:  # max and gather are exact in the logits' own dtype; the rest in float32
+        m = z.amax(dim=1, keepdim=True).float()
+        x_t = z.gather(1, y).float()
+        row_sum = z.sum(dim=1, keepdim=True, dtype=torch.float32) if eps else None
+        if not same:
+            x.copy_(z)  # (a mixed-dtype `sub` would make a float32 temporary of its own)
+        x.sub_(m)
+    x.exp_()
+    s = x.sum(dim=1, keepdim=True)
+    log_s = s.log()
+    loss = (m - x_t) + log_s
+    if eps:
+        loss = (1 - eps) * loss + eps * ((m - row_sum / n_cols) + log_s)
+    lse = m + log_s
+    if zl:
+        loss = loss + zl * lse * lse
+    if not compute_grad:
+        return loss[:, 0]
+    # d loss / d x = (coef e - eps s / V - (1 - eps) s [j == y]) * scale / s, with e = exp(x - m)
+    if zl:
+        x.mul_(1 + 2 * zl * lse)
+    if eps:
+        x.sub_(s * (eps / n_cols))
+    x.scatter_add_(1, y, -(1 - eps) * s)
+    factor = (scale[:, None] if scale.dim() else scale) / s
+    x.mul_(factor)
+    if cap:
+        x.mul_(t.mul_(t).neg_().add_(1))  # d softcap / dx = 1 - t^2
+    if not same:
+        z.copy_(x)  # the one rounding to the logits' dtype
+    return loss[:, 0]
+
+
 def _ce_rows_torch(logits, labels, grad, scale, opts) -> torch.Tensor:
+    """`ce_rows` on the PyTorch twin (`ce_rows_inplace`), in chunks of at most _TORCH_CHUNK_ELEMENTS
+    logits: an ignored row gets loss 0 and a zero gradient. The float32 work happens in one scratch
+    buffer (none for float32 logits whose gradient is written over a buffer of their own)."""
     n_rows, n_cols = logits.shape
-    eps, z, cap = opts["label_smoothing"], opts["lse_square_scale"], opts["softcap"]
     out = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return out
     step = max(1, _TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
+    rows = min(step, n_rows)
+    f32 = lambda: torch.empty((rows, n_cols), dtype=torch.float32, device=logits.device)  # noqa: E731
+    work = f32() if grad is None or logits.dtype != torch.float32 else None
+    tanh = f32() if opts["softcap"] else None
     for i in range(0, n_rows, step):
-        x = logits[i : i + step].float()
         y = labels[i : i + step]
-        if cap:
-            t = torch.tanh(x / cap)
-            x = cap * t
         valid = y != opts["ignore_index"]
+        row_scale = valid.to(torch.float32) * (scale[i : i + step] if scale.dim() else scale)
+        z = logits[i : i + step] if grad is None else grad[i : i + step]
+        if grad is not None and grad.data_ptr() != logits.data_ptr():
+            z.copy_(logits[i : i + step])  # the gradient is written over its own copy of the logits
+        x = work if work is not None else z
+        scratch = None if (work is None and tanh is None) else [x, tanh]
         safe = torch.where(valid, y, torch.zeros_like(y))
-        m = x.amax(dim=-1)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        e = torch.exp(x - m[:, None])
-        s = e.sum(dim=-1)
-        log_s = torch.log(s)
-        lse = m + log_s
-        loss = (m - x.gather(1, safe[:, None])[:, 0]) + log_s
-        if eps:
-            loss = (1 - eps) * loss + eps * ((m - x.mean(dim=-1)) + log_s)
-        if z:
-            loss = loss + z * lse * lse
+        loss = ce_rows_inplace(z, safe, row_scale, opts, scratch, grad is not None)
         out[i : i + step] = torch.where(valid, loss, torch.zeros_like(loss))
-        if grad is not None:
-            g = e.div_(s[:, None])
-            if z:
-                g *= 1 + 2 * z * lse[:, None]
-            if eps:
-                g -= eps / n_cols
-            g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -(1 - eps)))
-            row_scale = scale[i : i + step, None] if scale.dim() else scale
-            g *= valid[:, None] * row_scale
-            if cap:
-                g *= 1 - t * t
-            grad[i : i + step].copy_(g)
     return out
 
 
@@ -363,4 +406,4 @@ def fused_cross_entropy(
     return _FusedCrossEntropy.apply(logits, labels, scale, opts, reduction, backend, inplace_backward)
 
 
-__all__ = ["fused_cross_entropy", "ce_rows", "resolve_backend"]
+__all__ = ["fused_cross_entropy", "ce_rows", "ce_rows_inplace", "resolve_backend"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import linear_cross_entropy as _lce
+from . import memory_plan
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -22,16 +23,33 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("fastsft::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    num_items: torch.Tensor | None, label_smoothing: float, ignore_index: int, lse_square_scale: float,
-    softcap: float | None, mean: bool, backend: str, compute_dtype: torch.dtype, need_h: bool, need_w: bool,
-    need_b: bool, chunk: int | None, budget: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    num_items: torch.Tensor | None,
+    label_smoothing: float,
+    ignore_index: int,
+    lse_square_scale: float,
+    softcap: float | None,
+    mean: bool,
+    backend: str,
+    compute_dtype: torch.dtype,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    chunk: int | None,
+    budget: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) shifted int64, num_items 0-d or None
     -> (loss 0-d float32, grad_h (N, H) compute dtype, grad_w (V, H) float32, grad_b (V,) float32); a
     gradient not needed is an empty tensor."""
-    opts = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, lse_square_scale=lse_square_scale,
-                softcap=softcap)  # fmt: skip
+    opts = dict(
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+    )
     keep = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync
     y = labels.index_select(0, keep)
     w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
@@ -42,20 +60,52 @@ def linear_cross_entropy(
         scale = torch.tensor(1.0 / max(keep.numel(), 1), dtype=torch.float32, device=hidden.device)
     else:
         scale = torch.ones((), dtype=torch.float32, device=hidden.device)
-    plan = _lce._plan(hidden, w, keep, opts, backend, need_w, need_b, chunk, budget)
+    plan = memory_plan.plan(hidden, w, keep, opts, backend, need_w, need_b, chunk, budget)
     with _lce._no_autocast(hidden.device):
         per_row, grad_h, grad_w, grad_b = _lce._run(
-            hidden, keep, w, b, y, scale, opts, backend, need_h=need_h, need_w=need_w, need_b=need_b,
-            compute_grad=need_h or need_w or need_b, plan=plan,
-        )  # fmt: skip
+            hidden,
+            keep,
+            w,
+            b,
+            y,
+            scale,
+            opts,
+            backend,
+            need_h=need_h,
+            need_w=need_w,
+            need_b=need_b,
+            compute_grad=need_h or need_w or need_b,
+            plan=plan,
+        )
     loss = (per_row.sum() * scale).reshape(())
-    return (loss, _empty(hidden) if grad_h is None else grad_h, _empty(loss) if grad_w is None else grad_w,
-            _empty(loss) if grad_b is None else grad_b)  # fmt: skip
+    return (
+        loss,
+        _empty(hidden) if grad_h is None else grad_h,
+        _empty(loss) if grad_w is None else grad_w,
+        _empty(loss) if grad_b is None else grad_b,
+    )
 
 
 @linear_cross_entropy.register_fake
-def _(hidden, weight, bias, labels, num_items, label_smoothing, ignore_index, lse_square_scale, softcap, mean,
-      backend, compute_dtype, need_h, need_w, need_b, chunk, budget):  # fmt: skip
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    num_items,
+    label_smoothing,
+    ignore_index,
+    lse_square_scale,
+    softcap,
+    mean,
+    backend,
+    compute_dtype,
+    need_h,
+    need_w,
+    need_b,
+    chunk,
+    budget,
+):
     f32 = torch.float32
     loss = hidden.new_empty((), dtype=f32)
     grad_h = hidden.new_empty(hidden.shape if need_h else (0,), dtype=compute_dtype)
@@ -76,7 +126,7 @@ def workspace(args, kwargs) -> int:
     size = torch.finfo(cd).bits // 8
     ws = v * h * size if weight.dtype != cd else 0
     ws += v * size if bias is not None and bias.dtype != cd else 0
-    lm = _lce.loss_memory(n, h, v, cd, backend=backend, weight_grad=need_w, softcap=bool(args[8]))
+    lm = memory_plan.loss_memory(n, h, v, cd, backend=backend, weight_grad=need_w, softcap=bool(args[8]))
     ws += lm - n * h * size - (v * h * 4 if need_w else 0)
     return ws + 16 * n
 

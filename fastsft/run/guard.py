@@ -238,7 +238,7 @@ def estimate_memory(model, recipe, loss_kernel: str) -> dict:
         import torch
 
         from fastsft.kernels.cross_entropy import resolve_backend
-        from fastsft.kernels.linear_cross_entropy import loss_memory
+        from fastsft.kernels.memory_plan import loss_memory
 
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         head_trains = bool(getattr(getattr(head, "weight", None), "requires_grad", False))

@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsft.kernels import chunk_rows, fused_linear_cross_entropy, linear_cross_entropy_reference
-from fastsft.kernels.linear_cross_entropy import (
+from fastsft.kernels.memory_plan import (
     FAST_TILE_COLS,
     MAX_TILE_ROWS,
     MIN_CHUNK_ROWS,
@@ -401,7 +401,7 @@ def test_online_tiles_leave_cores_other_processes_hold():
     import sys
     import time
 
-    from fastsft.kernels.linear_cross_entropy import free_cpu_threads
+    from fastsft.kernels.online_tiles import free_cpu_threads
 
     assert free_cpu_threads(1) == 1
     assert 1 <= free_cpu_threads(4) <= 4

@@ -236,7 +236,7 @@ def test_memory_estimate_orders_the_losses_and_flags_a_recipe_that_cannot_fit(tm
     assert parts["fastsft-linear"]["loss"] < parts["fastsft"]["loss"] < parts["torch"]["loss"]
     # the kernel's own figure on the path this device takes: with LoRA's frozen head, not a GPU here,
     # the PyTorch twin's tiles, not Triton's row chunks
-    from fastsft.kernels.linear_cross_entropy import loss_memory
+    from fastsft.kernels.memory_plan import loss_memory
 
     model.get_output_embeddings().weight.requires_grad_(False)
     frozen = guard.estimate_memory(model, recipe, "fastsft-linear")["loss"]
