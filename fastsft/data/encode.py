@@ -266,6 +266,24 @@ def labels(input_ids: list[int], mask: list[int], limit: int | None = None) -> l
     return [i if m else IGNORE_INDEX for i, m in zip(ids, mask, strict=False)]
 
 
+def collate(items: list[dict], *, max_length: int, pad_id: int) -> dict:
+    """Encoded examples [{"input_ids", "mask"}] -> one right-padded batch of tensors: `input_ids`,
+    `attention_mask` and `labels` (`labels` above; IGNORE_INDEX on padding), each cut to `max_length`.
+    The batch fastsft scores held-out loss on (`fastsft.chat.scoring.held_out_loss`)."""
+    import torch
+
+    rows = [(it["input_ids"][:max_length], labels(it["input_ids"], it["mask"], max_length)) for it in items]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    label_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (ids, lab) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[r, : len(ids)] = 1
+        label_ids[r, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
+
+
 def truncation_limit(spec) -> int | None:
     """The tokens of an example that training sees: data.max_length, or all of them under wrapped packing."""
     d = spec.data

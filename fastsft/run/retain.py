@@ -47,52 +47,6 @@ def encode(recipe, tokenizer, *, log) -> tuple[list[dict] | None, str | None]:
     return items, DEFAULT_NAME
 
 
-def score(model, route, items: list[dict], *, max_length: int, batch_size: int, pad_id: int) -> dict:
-    """{"loss", "tokens", "examples"}: the token-weighted mean loss of `items` under `model` through `route`
-    (the same loss as training and the eval loss), in eval mode, without gradients.
-
-    Each batch's route loss is the mean over its scored tokens (labels shifted by one), so it is
-    weighted by that count."""
-    import torch
-
-    from fastsft.run.loss import IGNORE_INDEX, shift_left
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    nll, tokens = 0.0, 0
-    try:
-        with torch.no_grad():
-            for i in range(0, len(items), batch_size):
-                batch = [
-                    (it["input_ids"][:max_length], it["mask"][:max_length])
-                    for it in items[i : i + batch_size]
-                ]
-                T = max(len(ids) for ids, _ in batch)
-                ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-                attn = torch.zeros((len(batch), T), dtype=torch.long)
-                labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
-                for r, (x, m) in enumerate(batch):
-                    ids[r, : len(x)] = torch.tensor(x)
-                    attn[r, : len(x)] = 1
-                    labels[r, : len(x)] = torch.where(torch.tensor(m) == 1, torch.tensor(x), IGNORE_INDEX)
-                n = int((shift_left(labels) != IGNORE_INDEX).sum())
-                if n == 0:
-                    continue
-                inputs = {
-                    "input_ids": ids.to(device),
-                    "attention_mask": attn.to(device),
-                    "labels": labels.to(device),
-                }
-                loss, _ = route(model, inputs, None)
-                nll += float(loss.detach().float()) * n
-                tokens += n
-    finally:
-        if was_training:
-            model.train()
-    return {"loss": nll / tokens if tokens else None, "tokens": tokens, "examples": len(items)}
-
-
 def summary(before: dict | None, after: dict, *, source: str | None = None) -> dict:
     """run.json's `retain`: before, after, delta (after - before; > 0 is forgetting), and the set's source."""
     b = before.get("loss") if before else None

@@ -500,16 +500,16 @@ class Run:
         return before
 
     def _score_retain(self) -> dict:
-        from fastsft.run import retain
+        from fastsft.chat.scoring import held_out_loss
 
         t, tokenizer = self.recipe.train, self.loaded.tokenizer
-        return retain.score(
+        return held_out_loss(
             self.loaded.model,
-            self.route,
             self.retain_items,
             max_length=self.recipe.data.max_length,
             batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            loss=lambda model, batch: self.route(model, batch, None)[0],  # the training loss
         )
 
     # ------------------------------------------------------------------------------------------

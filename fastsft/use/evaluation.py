@@ -9,7 +9,6 @@ import json
 import math
 from pathlib import Path
 
-from fastsft.data import IGNORE_INDEX
 from fastsft.errors import DataError
 from fastsft.rundir import RECIPE
 from fastsft.use.load import LoadedForUse, load_for_use
@@ -36,17 +35,6 @@ def eval_conversations(recipe, tokenizer, *, log=None) -> tuple[list[dict], str]
         else (f"{d.val_ratio:g} of {recipe.resolve_path(d.train)} (seed {recipe.train.seed})")
     )
     return items, source + ", masked as training masked it"
-
-
-def _loss_tokens(item: dict, max_length: int):
-    """(input_ids (1, T), labels (1, T)) of an encoded example: loss where training had it."""
-    import torch
-
-    from fastsft.data import labels
-
-    return torch.tensor([item["input_ids"][:max_length]]), torch.tensor(
-        [labels(item["input_ids"], item["mask"], max_length)]
-    )
 
 
 def _recipe_near(path: Path):
@@ -87,33 +75,6 @@ def _held_out(loaded: LoadedForUse, data_file, console) -> tuple[list[dict], str
     raise DataError(f"{loaded.path} is not a run directory, so it has no eval split: pass --data FILE.")
 
 
-def held_out_loss(model, convs: list[dict], max_length: int, *, console=None) -> tuple[float, int]:
-    """(mean cross-entropy over the tokens training trained, their count) of encoded conversations."""
-    import contextlib
-
-    import torch
-
-    from fastsft.progress import bar
-
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    progress = bar(console, len(convs), "held-out loss") if console is not None else contextlib.nullcontext()
-    with torch.no_grad(), progress as advance:
-        for conv in convs:
-            if advance is not None:
-                advance()
-            ids, labels = _loss_tokens(conv, max_length)
-            if (labels[:, 1:] != IGNORE_INDEX).sum() == 0:
-                continue
-            logits = model(input_ids=ids.to(device)).logits.float()
-            nll = torch.nn.functional.cross_entropy(
-                logits[0, :-1], labels[0, 1:].to(device), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total_nll += float(nll)
-            total_tokens += int((labels[0, 1:] != IGNORE_INDEX).sum())
-    return (total_nll / total_tokens if total_tokens else float("nan")), total_tokens
-
-
 def _answered(
     loaded: LoadedForUse, convs: list[dict], n_gen: int, max_new_tokens: int, batch_size: int, console
 ) -> list[dict]:
@@ -129,9 +90,14 @@ def _answered(
         return []
     with bar(console, len(refs), "answering") as advance:
         got = answer_batch(
-            loaded.model, tokenizer, [p for p, _ in refs], eot=loaded.eot, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, on_batch=advance,
-        )  # fmt: skip
+            loaded.model,
+            tokenizer,
+            [p for p, _ in refs],
+            eot=loaded.eot,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            on_batch=advance,
+        )
     return [
         {
             "prompt": tokenizer.decode(prompt),
@@ -216,14 +182,17 @@ def evaluate(
     for a run directory."""
     from rich.console import Console
 
-    from fastsft.chat.scoring import score
+    from fastsft.chat.scoring import held_out_loss, score
+    from fastsft.progress import bar
 
     console = console or Console()
     loaded = load_for_use(model_ref, policy=policy)
     convs, source, recipe = _held_out(loaded, data_file, console)
     if max_length is None:
         max_length = recipe.data.max_length if recipe is not None else 2048
-    loss, tokens = held_out_loss(loaded.model, convs, max_length, console=console)
+    with bar(console, len(convs), "held-out loss") as advance:
+        scored = held_out_loss(loaded.model, convs, max_length=max_length, advance=advance)
+    loss, tokens = scored["loss"], scored["tokens"]
     if tokens == 0:
         raise DataError(f"{source}: no assistant tokens to score.")
     samples = _answered(loaded, convs, n_gen, max_new_tokens, batch_size, console)
