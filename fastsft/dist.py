@@ -198,8 +198,16 @@ def launch_command(nproc: int, argv: list[str], hosts: Hosts = Hosts()) -> list[
     import sys
 
     exe = shutil.which("fastsft") or str(Path(sys.executable).with_name("fastsft"))
-    return [sys.executable, "-m", "torch.distributed.run", *hosts.torchrun_args(), f"--nproc_per_node={nproc}",
-            "--no-python", exe, *argv]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *hosts.torchrun_args(),
+        f"--nproc_per_node={nproc}",
+        "--no-python",
+        exe,
+        *argv,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,8 +28,15 @@ from .simulate import Peak, Setup, simulate
 # The HF + FA2 column of Unsloth's table (docs.unsloth.ai/basics/unsloth-benchmarks, Dec 2024): Llama 3.1
 # 8B Instruct, 4-bit QLoRA on q, k, v, o, gate, up, down, r = 32, batch 1, padded rows (no padding-free),
 # transformers' gradient checkpointing, FlashAttention-2. Unsloth's notebooks train with adamw_8bit.
-UNSLOTH_TABLE = {8: (2972, None), 12: (21848, 932), 16: (40724, 2551), 24: (78475, 5789),
-                 40: (153977, 12264), 48: (191728, 15502), 80: (342733, 28454)}  # fmt: skip
+UNSLOTH_TABLE = {
+    8: (2972, None),
+    12: (21848, 932),
+    16: (40724, 2551),
+    24: (78475, 5789),
+    40: (153977, 12264),
+    48: (191728, 15502),
+    80: (342733, 28454),
+}
 # (Setup field, value) in the order the plan adds them: free first (the allocator's setting), then those
 # that cost time (host copies, more kernel launches)
 LEVER_ORDER = (
@@ -68,8 +75,15 @@ def setup_from_recipe(recipe, *, baseline: str | None = None) -> Setup:
     )
     if baseline == "hf":
         lora = LoraConfig(r=32, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-        return Setup(config, dtype=torch.bfloat16, load_in_4bit=True, lora=lora, batch_size=1,
-                     optim="adamw_8bit", loss="hf-2024")  # fmt: skip
+        return Setup(
+            config,
+            dtype=torch.bfloat16,
+            load_in_4bit=True,
+            lora=lora,
+            batch_size=1,
+            optim="adamw_8bit",
+            loss="hf-2024",
+        )
     if baseline is not None:
         raise RecipeError(f"--baseline {baseline!r}: the only baseline is 'hf'")
     t = recipe.train
@@ -82,16 +96,27 @@ def setup_from_recipe(recipe, *, baseline: str | None = None) -> Setup:
             else "torch"
         )
     if kernel not in ("fastsft-linear", "torch"):
-        raise RecipeError(f'[loss] kernel = {kernel!r}: fastsft plan simulates "fastsft-linear" or "torch"; '
-                          'plan with --set loss.kernel="fastsft-linear"')  # fmt: skip
+        raise RecipeError(
+            f'[loss] kernel = {kernel!r}: fastsft plan simulates "fastsft-linear" or "torch"; '
+            'plan with --set loss.kernel="fastsft-linear"'
+        )
     return Setup(
-        config, dtype=dtype, load_in_4bit=m.load_in_4bit, method=t.method,
-        lora=None if t.method == "full" else lora_config(recipe), batch_size=t.per_device_train_batch_size,
-        gradient_checkpointing=t.gradient_checkpointing, optim=t.optim, max_grad_norm=t.max_grad_norm,
-        loss=kernel, mixed_precision=dtype != torch.float32,
-        offload_checkpoints=t.offload_checkpoints, tiled_mlp=t.tiled_mlp,
-        frozen16=t.frozen_16bit, expandable_segments=t.expandable_segments,
-    )  # fmt: skip
+        config,
+        dtype=dtype,
+        load_in_4bit=m.load_in_4bit,
+        method=t.method,
+        lora=None if t.method == "full" else lora_config(recipe),
+        batch_size=t.per_device_train_batch_size,
+        gradient_checkpointing=t.gradient_checkpointing,
+        optim=t.optim,
+        max_grad_norm=t.max_grad_norm,
+        loss=kernel,
+        mixed_precision=dtype != torch.float32,
+        offload_checkpoints=t.offload_checkpoints,
+        tiled_mlp=t.tiled_mlp,
+        frozen16=t.frozen_16bit,
+        expandable_segments=t.expandable_segments,
+    )
 
 
 def device_peak(setup: Setup, seq_len: int) -> tuple[int, Peak]:
@@ -209,5 +234,20 @@ def lever_advice(out: dict) -> str:
     )
 
 
-__all__ = ["before_run", "lever_advice", "Setup", "simulate", "plan", "max_length", "device_peak", "setup_from_recipe", "parse_size",
-           "choose_levers", "UNSLOTH_TABLE", "LEVERS", "LEVER_ORDER", "LEVER_KEYS", "replace"]  # fmt: skip
+__all__ = [
+    "before_run",
+    "lever_advice",
+    "Setup",
+    "simulate",
+    "plan",
+    "max_length",
+    "device_peak",
+    "setup_from_recipe",
+    "parse_size",
+    "choose_levers",
+    "UNSLOTH_TABLE",
+    "LEVERS",
+    "LEVER_ORDER",
+    "LEVER_KEYS",
+    "replace",
+]

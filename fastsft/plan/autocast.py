@@ -16,14 +16,34 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 LOWER = {
-    F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm,
-    torch.bmm, torch.Tensor.bmm, torch.addmm, torch.baddbmm, torch.addbmm, F.scaled_dot_product_attention,
-}  # fmt: skip
+    F.linear,
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.mm,
+    torch.Tensor.mm,
+    torch.bmm,
+    torch.Tensor.bmm,
+    torch.addmm,
+    torch.baddbmm,
+    torch.addbmm,
+    F.scaled_dot_product_attention,
+}
 HIGHER = {
-    torch.softmax, torch.Tensor.softmax, F.softmax, torch.log_softmax, torch.Tensor.log_softmax,
-    F.log_softmax, F.cross_entropy, F.nll_loss, torch.exp, torch.pow, torch.Tensor.pow, torch.rsqrt,
+    torch.softmax,
+    torch.Tensor.softmax,
+    F.softmax,
+    torch.log_softmax,
+    torch.Tensor.log_softmax,
+    F.log_softmax,
+    F.cross_entropy,
+    F.nll_loss,
+    torch.exp,
+    torch.pow,
+    torch.Tensor.pow,
+    torch.rsqrt,
     F.layer_norm,
-}  # fmt: skip
+}
 
 
 def backward(loss: torch.Tensor, grad: torch.Tensor | None = None) -> None:

@@ -34,7 +34,7 @@ KNOWN_CONFIGS = {
             "original_max_position_embeddings": 8192,
             "rope_type": "llama3",
         },
-    ),  # fmt: skip
+    ),
 }
 # The shipped recipes' other hub models (their public config.json), so that `fastsft plan` runs on
 # each shipped recipe offline.
@@ -123,18 +123,44 @@ def linear4bit_meta(linear: torch.nn.Linear, compute_dtype: torch.dtype, device=
     def m(*shape, dtype):
         return torch.empty(*shape, dtype=dtype, device=device)
 
-    state2 = QuantState(absmax=m(-(-n_blocks // 256), dtype=torch.float32), code=m(256, dtype=torch.float32),
-                        blocksize=256, quant_type=None, dtype=torch.float32)  # fmt: skip
+    state2 = QuantState(
+        absmax=m(-(-n_blocks // 256), dtype=torch.float32),
+        code=m(256, dtype=torch.float32),
+        blocksize=256,
+        quant_type=None,
+        dtype=torch.float32,
+    )
     qs = QuantState(
-        absmax=m(n_blocks, dtype=torch.uint8), shape=torch.Size([out_f, in_f]), code=m(16, dtype=torch.float32),
-        blocksize=64, quant_type="nf4", dtype=compute_dtype, offset=m((), dtype=torch.float32), state2=state2,
-    )  # fmt: skip
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=linear.bias is not None, compute_dtype=compute_dtype,
-                              quant_type="nf4", quant_storage=compute_dtype, device=device)  # fmt: skip
+        absmax=m(n_blocks, dtype=torch.uint8),
+        shape=torch.Size([out_f, in_f]),
+        code=m(16, dtype=torch.float32),
+        blocksize=64,
+        quant_type="nf4",
+        dtype=compute_dtype,
+        offset=m((), dtype=torch.float32),
+        state2=state2,
+    )
+    layer = bnb.nn.Linear4bit(
+        in_f,
+        out_f,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        quant_type="nf4",
+        quant_storage=compute_dtype,
+        device=device,
+    )
     packed = m(-(-n // 2) // compute_dtype.itemsize, 1, dtype=compute_dtype)
-    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=qs, blocksize=64,
-                                     compress_statistics=True, quant_type="nf4", quant_storage=compute_dtype,
-                                     module=layer, bnb_quantized=True)  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=qs,
+        blocksize=64,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=compute_dtype,
+        module=layer,
+        bnb_quantized=True,
+    )
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(m(out_f, dtype=compute_dtype), requires_grad=False)
     return layer
@@ -149,8 +175,17 @@ def quantize_meta(model, compute_dtype: torch.dtype, skip=("lm_head",)) -> None:
     model.is_loaded_in_4bit = True
 
 
-def build(config, *, dtype: torch.dtype, load_in_4bit: bool, lora=None, full: bool = False,
-          num_layers: int | None = None, attn: str | None = None, device="meta"):  # fmt: skip
+def build(
+    config,
+    *,
+    dtype: torch.dtype,
+    load_in_4bit: bool,
+    lora=None,
+    full: bool = False,
+    num_layers: int | None = None,
+    attn: str | None = None,
+    device="meta",
+):
     """The causal LM of `config` on `device` (meta unless a test builds a real one), `num_layers` of its
     decoder layers (all by default), as the transformers backend readies it for training: 4-bit, kbit
     preparation, LoRA from `lora` (a peft LoraConfig) unless `full`."""

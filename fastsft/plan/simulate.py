@@ -252,8 +252,14 @@ def _built(setup: Setup, layers: int):
     hit = _MODELS.get(key)
     if hit is not None and hit[0] is setup:
         return hit[1]
-    model = build(setup.config, dtype=setup.dtype, load_in_4bit=setup.load_in_4bit, lora=setup.lora,
-                  full=setup.method == "full", num_layers=layers)  # fmt: skip
+    model = build(
+        setup.config,
+        dtype=setup.dtype,
+        load_in_4bit=setup.load_in_4bit,
+        lora=setup.lora,
+        full=setup.method == "full",
+        num_layers=layers,
+    )
     prepare(model, setup)
     if len(_MODELS) >= 8:
         _MODELS.pop(next(iter(_MODELS)))
@@ -269,8 +275,14 @@ def simulate_layers(setup: Setup, seq_len: int, layers: int, rounding=None) -> P
     tracker = MemoryTracker("meta", rounding=rounding, allocator=CachingAllocator(setup.expandable_segments))
     with tracker:
         run_step(model, setup, seq_len, tracker)
-    return Peak(tracker.peak, dict(tracker.peak_parts), tracker.peak_at, layers, seq_len,
-                reserved_bytes=tracker.allocator.reserved_peak)  # fmt: skip
+    return Peak(
+        tracker.peak,
+        dict(tracker.peak_parts),
+        tracker.peak_at,
+        layers,
+        seq_len,
+        reserved_bytes=tracker.allocator.reserved_peak,
+    )
 
 
 def simulate(setup: Setup, seq_len: int, rounding=None, *, extrapolate: bool = False) -> Peak:
@@ -287,8 +299,10 @@ def simulate(setup: Setup, seq_len: int, rounding=None, *, extrapolate: bool = F
         return simulate_layers(setup, seq_len, n, rounding)
     p2 = simulate_layers(setup, seq_len, 2, rounding)
     p3 = simulate_layers(setup, seq_len, 3, rounding)
-    parts = {k: p3.parts.get(k, 0) + (n - 3) * (p3.parts.get(k, 0) - p2.parts.get(k, 0))
-             for k in set(p2.parts) | set(p3.parts)}  # fmt: skip
+    parts = {
+        k: p3.parts.get(k, 0) + (n - 3) * (p3.parts.get(k, 0) - p2.parts.get(k, 0))
+        for k in set(p2.parts) | set(p3.parts)
+    }
     peak = p3.peak_bytes + (n - 3) * (p3.peak_bytes - p2.peak_bytes)
     return Peak(peak, {k: v for k, v in parts.items() if v}, p3.at, n, seq_len, extrapolated_from=(2, 3))
 

@@ -324,8 +324,12 @@ def _linear_loss_forward(
         aux = router_aux_loss(self, outputs.router_logits, attention_mask)
         from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-        return MoeCausalLMOutputWithPast(loss=with_router_aux(self, loss, aux), aux_loss=aux, logits=None,
-                                         past_key_values=outputs.past_key_values)  # fmt: skip
+        return MoeCausalLMOutputWithPast(
+            loss=with_router_aux(self, loss, aux),
+            aux_loss=aux,
+            logits=None,
+            past_key_values=outputs.past_key_values,
+        )
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
 
 

@@ -147,9 +147,14 @@ def generate_file(
     loaded = load_for_use(model_ref, policy=policy)
     with bar(console, len(rows), "answering") as advance:
         got = answer_batch(
-            loaded.model, loaded.tokenizer, [m for _, m in rows], eot=loaded.eot,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=advance,
-        )  # fmt: skip
+            loaded.model,
+            loaded.tokenizer,
+            [m for _, m in rows],
+            eot=loaded.eot,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            on_batch=advance,
+        )
     out = Path(out)
     if out.parent != Path(""):
         files.make_dir(out.parent)

@@ -112,8 +112,16 @@ async def _one_chunk_stream(rid, model, text, calls, finish, result, params):
     yield _sse(_chunk(rid, model, chat=True, delta=delta))
     yield _sse(_chunk(rid, model, chat=True, finish=finish))
     if params.include_usage:
-        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": model, "choices": [], "usage": _usage(result)})  # fmt: skip
+        yield _sse(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [],
+                "usage": _usage(result),
+            }
+        )
     yield _sse("[DONE]")
 
 
@@ -158,9 +166,14 @@ class _LoopbackHost:
         if scope["type"] in ("http", "websocket"):
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if not self.allowed(host):
-                response = _error(APIError(400, f"Invalid host header {host!r}: this server answers to "
-                                           "loopback names only (127.0.0.1, localhost, [::1]).",
-                                           code="invalid_host"))  # fmt: skip
+                response = _error(
+                    APIError(
+                        400,
+                        f"Invalid host header {host!r}: this server answers to "
+                        "loopback names only (127.0.0.1, localhost, [::1]).",
+                        code="invalid_host",
+                    )
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -172,8 +185,13 @@ async def _http_error(request: Request, exc: HTTPException):
         404: f"No route {request.url.path}.",
         405: f"{request.method} is not allowed on {request.url.path}.",
     }
-    return _error(APIError(status, message.get(status, str(exc.detail)),
-                          code={404: "not_found", 405: "method_not_allowed"}.get(status)))  # fmt: skip
+    return _error(
+        APIError(
+            status,
+            message.get(status, str(exc.detail)),
+            code={404: "not_found", 405: "method_not_allowed"}.get(status),
+        )
+    )
 
 
 async def _server_error(request: Request, exc: Exception):
@@ -239,8 +257,11 @@ class _App:
                         if size <= limit:
                             chunks.append(chunk)
             except TimeoutError:
-                raise APIError(408, f"The request body did not arrive within {self.settings.body_timeout:g} s.",
-                               code="request_timeout") from None  # fmt: skip
+                raise APIError(
+                    408,
+                    f"The request body did not arrive within {self.settings.body_timeout:g} s.",
+                    code="request_timeout",
+                ) from None
         if max(size, declared) > limit:
             raise APIError(413, f"The request body is over {limit} bytes.", code="request_too_large")
         return parse_json(b"".join(chunks))
@@ -253,8 +274,12 @@ class _App:
         if self.base_name and model == self.base_name:
             return True
         known = ", ".join(f"`{m}`" for m in (self.name, self.base_name) if m)
-        raise APIError(404, f"The model `{model}` does not exist here; this server has {known}.",
-                       param="model", code="model_not_found")  # fmt: skip
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist here; this server has {known}.",
+            param="model",
+            code="model_not_found",
+        )
 
     def api(self, handler):
         async def endpoint(request: Request):
@@ -332,7 +357,7 @@ class _App:
                 "model": model,
                 "choices": [choice],
                 "usage": _usage(result),
-            }  # fmt: skip
+            }
         )
 
     async def stream(self, rid, model, prompt_ids, params, base, *, chat: bool):
@@ -374,9 +399,16 @@ class _App:
             finish = _finish(result, stopped_by_string, params)
             yield _sse(_chunk(rid, model, chat=chat, finish=finish))
             if params.include_usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                            "created": int(time.time()), "model": model, "choices": [],
-                            "usage": _usage(result)})  # fmt: skip
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": int(time.time()),
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage(result),
+                    }
+                )
             yield _sse("[DONE]")
         except Exception as e:  # noqa: BLE001 - told to the client in the stream, then logged
             yield _sse(
@@ -533,8 +565,14 @@ def _guarded_protocol(settings: ServeSettings):
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.utils import get_remote_addr
 
-    busy = json.dumps(APIError(503, "Too many connections from your address; close some and retry.",
-                               type="server_error", code="too_many_connections").body()).encode()  # fmt: skip
+    busy = json.dumps(
+        APIError(
+            503,
+            "Too many connections from your address; close some and retry.",
+            type="server_error",
+            code="too_many_connections",
+        ).body()
+    ).encode()
     refusal = (
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
         b"connection: close\r\ncontent-length: " + str(len(busy)).encode() + b"\r\n\r\n" + busy

@@ -24,8 +24,15 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream
 CHAT_KEYS = COMMON | {"messages", "max_completion_tokens", "tools", "tool_choice"}
 COMPLETION_KEYS = COMMON | {"prompt", "echo"}
 # Accepted and ignored: they change nothing in the answer (bookkeeping, or what this server does anyway).
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
-           "safety_identifier"}  # fmt: skip
+IGNORED = {
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "safety_identifier",
+}
 # Refused unless left at the value that means "off": this server cannot honour them.
 UNSUPPORTED = {
     "logprobs": (None, False),
@@ -119,8 +126,10 @@ def parse_json(raw: bytes) -> dict:
     deeper than MAX_JSON_DEPTH (checked before parsing, so that no parser recursion is spent on it)."""
     depth = _json_depth(raw)
     if depth > MAX_JSON_DEPTH:
-        raise APIError(400, f"The request body nests objects and lists {depth} deep; at most {MAX_JSON_DEPTH} "
-                       "are accepted.")  # fmt: skip
+        raise APIError(
+            400,
+            f"The request body nests objects and lists {depth} deep; at most {MAX_JSON_DEPTH} are accepted.",
+        )
     try:
         body = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -154,11 +163,19 @@ def check_keys(body: dict, *, chat: bool) -> None:
         if key in UNSUPPORTED:
             if any(value == off and type(value) is type(off) for off in UNSUPPORTED[key]):
                 continue
-            raise APIError(400, f"`{key}` is not supported by this server (it can only be left out).",
-                           param=key, code="unsupported_parameter")  # fmt: skip
+            raise APIError(
+                400,
+                f"`{key}` is not supported by this server (it can only be left out).",
+                param=key,
+                code="unsupported_parameter",
+            )
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-        raise APIError(400, f"Unrecognized request argument supplied: `{key}` ({endpoint} reads "
-                       f"{', '.join(sorted(known))}).", param=key, code="unknown_parameter")  # fmt: skip
+        raise APIError(
+            400,
+            f"Unrecognized request argument supplied: `{key}` ({endpoint} reads {', '.join(sorted(known))}).",
+            param=key,
+            code="unknown_parameter",
+        )
 
 
 def parse_params(body: dict, settings: ServeSettings, *, chat: bool) -> Params:
@@ -177,8 +194,11 @@ def parse_params(body: dict, settings: ServeSettings, *, chat: bool) -> Params:
         )
     if any(len(s) > MAX_STOP_CHARS for s in stop):
         longest = max(len(s) for s in stop)
-        raise APIError(400, f"`stop`: a stop string may have at most {MAX_STOP_CHARS} characters, got one of "
-                       f"{longest}.", param="stop")  # fmt: skip
+        raise APIError(
+            400,
+            f"`stop`: a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}.",
+            param="stop",
+        )
     n = body.get("n", 1)
     if n not in (1, None):
         raise APIError(400, f"`n` = {n}: this server gives one choice per request (n = 1).", param="n")
@@ -192,9 +212,13 @@ def parse_params(body: dict, settings: ServeSettings, *, chat: bool) -> Params:
         raise APIError(400, "`stream_options` must be an object.", param="stream_options")
     seed = _number(body, "seed", None, -INT64, INT64 - 1, integer=True)
     if body.get("tool_choice") not in (None, "auto", "none"):
-        raise APIError(400, "`tool_choice`: this server lets the model choose (\"auto\") or leaves tools out "
-                       "(\"none\"); it cannot force a call.", param="tool_choice",
-                       code="unsupported_parameter")  # fmt: skip
+        raise APIError(
+            400,
+            '`tool_choice`: this server lets the model choose ("auto") or leaves tools out '
+            '("none"); it cannot force a call.',
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
     return Params(
         max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 0.0, 0.0, 2.0)),  # greedy unless asked
