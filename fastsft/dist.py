@@ -15,6 +15,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import FastSFTError, RecipeError, RunDirError
+from .rundir import RunDir
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -113,8 +116,6 @@ def barrier() -> None:
 def together(fn):
     """`fn()` on every rank; a fastsft error met by any rank is raised on all of them, so that no rank
     is left waiting in a collective for one that stopped (on several hosts each sees its own files)."""
-    from .errors import FastSFTError, RunDirError
-
     try:
         out, err = fn(), None
     except FastSFTError as e:
@@ -135,8 +136,6 @@ def missing_rank_files(run_path: Path, checkpoint: Path, ranks: int):
     """The error for a checkpoint that lacks a rank's own part (None when every rank's is there). Each
     rank writes its RNG state (`rng_state_<rank>.pth`) into the checkpoint, where it stands on that
     rank's host: on hosts that do not share the run directory, rank 0's copy lacks the others'."""
-    from .errors import RunDirError
-
     missing = (
         [r for r in range(ranks) if not (checkpoint / f"rng_state_{r}.pth").is_file()] if ranks > 1 else []
     )
@@ -152,8 +151,6 @@ def missing_rank_files(run_path: Path, checkpoint: Path, ranks: int):
 
 def check_resume_files(run_dir, ranks: int) -> None:
     """Before any rank starts: refuse a resume whose newest checkpoint lacks a rank's files."""
-    from .rundir import RunDir
-
     run = RunDir.open(run_dir, lock=False)
     found = run.latest_checkpoint()
     err = missing_rank_files(run.path, found[1], ranks) if found else None
@@ -253,8 +250,6 @@ SHARDED_ANSWERS = (
 
 def check_distributed(recipe) -> None:
     """Refuse, before any rank starts, a strategy this machine cannot run."""
-
-    from .errors import RecipeError
 
     where = str(recipe.path) if recipe.path else None
     strategy = recipe.distributed.strategy

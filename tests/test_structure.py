@@ -207,6 +207,44 @@ def test_no_module_forges_a_recipe():
     )
 
 
+# fastsft modules that may be imported inside a function, with why: each imports torch (or Triton) when
+# it loads, which `fastsft --help`, `fastsft validate` and the light modules must not pay for
+LAZY = {
+    "fastsft.plan": "torch at load: the meta-tensor simulation",
+    "fastsft.run.loss": "torch and the kernels (Triton) at load",
+    "fastsft.kernels": "torch and Triton at load",
+    "fastsft.levers": "its children load torch",
+    "fastsft.backends.unsloth": "imported first of all, only when the Unsloth backend is chosen",
+    "fastsft.backends.transformers": "the other backend of that same choice",
+}
+
+
+def test_fastsft_modules_are_imported_at_the_top():
+    """An import of fastsft's own code inside a function is allowed only for the heavy modules of LAZY;
+    every other one stands at the top of its file, where a reader sees what the file depends on."""
+    strays = []
+    for name, path in modules().items():
+        is_package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names if a.name.startswith("fastsft")]
+                elif isinstance(node, ast.ImportFrom):
+                    mod = _resolve(name, is_package, node.level, node.module)
+                    targets = [f"{mod}.{a.name}" for a in node.names] if mod.startswith("fastsft") else []
+                else:
+                    continue
+                for t in targets:
+                    if not any(t == lazy or t.startswith(lazy + ".") for lazy in LAZY):
+                        strays.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not strays, "import these at the top of the file (or add a heavy module to LAZY):\n" + "\n".join(
+        sorted(set(strays))
+    )
+
+
 def test_kernels_import_nothing_of_fastsft():
     """kernels/ (installed as fastsft.kernels) is pure Triton + PyTorch: no import of the rest of fastsft."""
     folder = ROOT / "kernels"

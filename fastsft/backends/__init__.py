@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import dist
 from ..errors import BackendError
 from . import builtin, common, gguf
 from .common import LoadPolicy, check_target_modules, compute_dtype, cuda_available, torch_dtype
@@ -178,8 +179,6 @@ def start(recipe, *, log=print, policy: LoadPolicy | None = None) -> Start:
     policy = policy or LoadPolicy()
     policy.check_recipe(recipe)
     backend, reason = choose_backend(recipe.model.backend)
-    from .. import dist
-
     if backend == "unsloth" and dist.world_size() > 1:
         if recipe.model.backend != "auto":
             raise BackendError(

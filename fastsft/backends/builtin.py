@@ -16,6 +16,9 @@ import random
 from pathlib import Path
 
 from .. import machine
+from ..chat.templates import CHATML
+from ..errors import BackendError
+from ..files import new_dir
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the way a tiny model is made changes, so stale caches are never reused.
@@ -127,8 +130,6 @@ def demo_rows(n: int = 400, seed: int = 0) -> list[dict]:
 
 
 def chatml_template() -> str:
-    from ..chat.templates import CHATML
-
     return CHATML
 
 
@@ -177,16 +178,12 @@ def materialize(name: str) -> Path:
 
     short = name[len(BUILTIN_PREFIX) :] if is_builtin(name) else name
     if short not in TINY_CONFIGS:
-        from ..errors import BackendError
-
         raise BackendError(
             f"unknown built-in model {name!r}; built-in models are: {', '.join(builtin_names())}"
         )
     folder = machine.cache_root() / "builtin" / f"{short}-v{BUILTIN_VERSION}"
     if (folder / "config.json").exists():
         return folder
-    from ..files import new_dir
-
     with new_dir(folder, complete="config.json") as tmp:
         tokenizer = _train_tokenizer()
         cls_name, extra = TINY_CONFIGS[short]

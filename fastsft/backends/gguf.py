@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 
 from ..errors import BackendError
+from ..files import new_dir
+from ..machine import cache_root
 
 PACKAGE_PREFIX = "package:"
 NOTES = "fastsft-gguf.json"  # what the conversion did, kept in the converted folder
@@ -64,8 +66,6 @@ def resolve_file(name: str, base_dir: Path | None = None) -> Path:
 
 
 def _cache_folder(gguf_path: Path) -> Path:
-    from ..machine import cache_root
-
     st = gguf_path.stat()
     key = hashlib.sha256(
         f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{GGUF_VERSION}".encode()
@@ -135,8 +135,6 @@ def materialize(gguf_path: Path, *, log=print) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from ..files import new_dir
 
     log(f"model: converting {gguf_path} (dequantizing to float32, once) into {folder}")
     meta = _metadata(gguf_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 
 from ..errors import BackendError
+from .common import LoadPolicy, check_target_modules, float32_trainable, tokenizer_from, torch_dtype
 
 
 def lora_config(recipe):
@@ -42,8 +43,6 @@ def load(recipe, path: str, dtype: str, *, policy=None, tokenizer=None):
     the same files, already set up by the data), and what was done."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-
-    from .common import check_target_modules, float32_trainable, tokenizer_from
 
     attn = recipe.model.attn_implementation
     attn = "sdpa" if attn == "auto" else attn
@@ -106,8 +105,6 @@ def load_base(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .common import LoadPolicy, torch_dtype
-
     policy = policy or LoadPolicy()
     policy.check_weights(path, what)
     tdtype = torch_dtype(dtype)
@@ -145,8 +142,6 @@ def fit_embeddings(model, tokenizer) -> bool:
 def attach_adapter(base, adapter_dir, *, policy=None):
     """The trained LoRA adapter in `adapter_dir` on `base` (not trainable, eval mode)."""
     from peft import PeftModel
-
-    from .common import LoadPolicy
 
     policy = policy or LoadPolicy()
     policy.check_weights(adapter_dir, "the adapter")

@@ -10,6 +10,8 @@ import sys
 import warnings
 
 from ..errors import BackendError
+from .common import LoadPolicy, check_target_modules, float32_trainable, torch_dtype
+from .transformers import modules_to_save
 
 # Unsloth wants explicit module names; "all-linear" means these for the decoder architectures it patches.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,8 +34,6 @@ def import_unsloth_first() -> None:
 
 def load(recipe, path: str, dtype: str, *, policy=None):
     from unsloth import FastLanguageModel
-
-    from .common import LoadPolicy, check_target_modules, float32_trainable, torch_dtype
 
     policy = policy or LoadPolicy()
 
@@ -66,8 +66,6 @@ def load(recipe, path: str, dtype: str, *, policy=None):
     )
     if full:  # (`modules_to_save` under fp16 Unsloth's get_peft_model makes float32 itself)
         return float32_trainable(model, dtype), tokenizer, {"quantization": None}
-    from .transformers import modules_to_save
-
     lc = recipe.lora
     check_target_modules(model, lc.target_modules)
     targets = ALL_LINEAR if lc.target_modules == "all-linear" else lc.target_modules

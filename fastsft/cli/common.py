@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from fastsft.backends.common import LoadPolicy
 from fastsft.errors import FastSFTError
 
 
@@ -54,8 +55,6 @@ def policy_options(fn):
 
 
 def make_policy(trust_remote_code: bool, allow_pickle: bool):
-    from fastsft.backends.common import LoadPolicy
-
     return LoadPolicy(trust_remote_code=bool(trust_remote_code), allow_pickle=bool(allow_pickle))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from fastsft import machine
+from fastsft import backends, machine
 
 # What doctor checks; their ranges come from fastsft's own metadata (machine.tested_bounds).
 CHECKED = (
@@ -61,8 +61,6 @@ def report(console=None) -> bool:
     from rich.markup import escape
     from rich.table import Table
 
-    from fastsft.backends import choose_backend
-
     console = console or Console()
     rows = check_versions()
     table = Table(title="fastsft doctor: packages")
@@ -84,7 +82,7 @@ def report(console=None) -> bool:
         console.print(
             "GPU: none (CUDA not available): training runs on the CPU with the transformers backend"
         )
-    backend, why = choose_backend("auto")
+    backend, why = backends.choose_backend("auto")
     console.print(f'backend = "auto" picks: [bold]{backend}[/] ({escape(why)})')
     import torch
 

@@ -14,7 +14,16 @@ import sys
 
 import click
 
+from fastsft import backends, dist
+from fastsft import data as data_mod
+from fastsft import recipe as recipe_mod
+from fastsft.backends import flush_denormals
+from fastsft.cli import doctor as doctor_mod
 from fastsft.cli.common import handle_errors, make_policy, policy_options
+from fastsft.dist import Hosts
+from fastsft.errors import RecipeError
+from fastsft.run import train
+from fastsft.run.preflight import problems
 from fastsft.rundir import default_path
 
 SET_HELP = "Override a recipe key, parsed as a TOML value: --set train.learning_rate=1e-4 (repeatable)."
@@ -49,8 +58,6 @@ def entry() -> None:
     CPU-only machine (process-wide, so here and not in library code, where it would leak into the
     caller's process)."""
     if len(sys.argv) > 1 and sys.argv[1] in ("run", "generate", "chat", "eval", "export", "serve"):
-        from fastsft.backends import flush_denormals
-
         flush_denormals()
     main()
 
@@ -157,10 +164,6 @@ def run(
       fastsft run r.toml --launch 8 --nnodes 2 --node-rank 0 \\
         --master-addr 10.0.0.1 --master-port 29500 -o /shared/runs/r
     """
-    from fastsft import dist
-    from fastsft import recipe as recipe_mod
-    from fastsft.run import train
-
     if resume_dir and (output_dir or overwrite):
         raise click.UsageError(
             "--resume continues the run in its own folder; drop --output-dir / --overwrite"
@@ -195,8 +198,6 @@ def run(
 
 def check_hosts(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, run_dir):
     """torchrun's multi-node arguments, or a usage error that says what is missing."""
-    from fastsft.dist import Hosts
-
     if nnodes <= 1:
         if node_rank or master_addr or master_port or rdzv_endpoint:
             raise click.UsageError(
@@ -249,10 +250,6 @@ def validate(recipe, overrides):
     Example:
       fastsft validate recipes/mistral7b_qlora.toml --set train.learning_rate=1e-4
     """
-    from fastsft import recipe as recipe_mod
-    from fastsft.errors import RecipeError
-    from fastsft.run.preflight import problems
-
     r = recipe_mod.load(recipe, list(overrides))
     found = problems(r)
     if found:
@@ -271,8 +268,6 @@ def schema():
       fastsft schema > fastsft-recipe.schema.json
       # then, first line of a recipe:  #:schema ./fastsft-recipe.schema.json
     """
-    from fastsft import recipe as recipe_mod
-
     click.echo(json.dumps(recipe_mod.json_schema(), indent=2))
 
 
@@ -285,8 +280,6 @@ def doctor():
     Example:
       fastsft doctor
     """
-    from fastsft.cli import doctor as doctor_mod
-
     ok = doctor_mod.report()
     sys.exit(0 if ok else 1)
 
@@ -312,10 +305,6 @@ def preview(recipe, overrides, n, as_json, trust_remote_code, allow_pickle):
       fastsft data preview recipes/tiny.toml --json | jq .trained_text
     """
     from rich.console import Console
-
-    from fastsft import backends
-    from fastsft import data as data_mod
-    from fastsft import recipe as recipe_mod
 
     r = recipe_mod.load(recipe, list(overrides))
     tokenizer = backends.load_tokenizer(r, policy=make_policy(trust_remote_code, allow_pickle))
@@ -345,8 +334,6 @@ def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
       fastsft plan recipes/llama3_8b_qlora.toml --gpu-memory 24GiB --max-length
     """
     from fastsft import plan as plan_mod
-    from fastsft import recipe as recipe_mod
-    from fastsft.errors import RecipeError
 
     r = recipe_mod.load(recipe, list(overrides))
     try:

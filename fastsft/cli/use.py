@@ -10,7 +10,10 @@ import click
 
 from fastsft.cli.common import handle_errors, make_policy, policy_options, tools_option
 from fastsft.errors import FastSFTError
+from fastsft.export import export_run
 from fastsft.recipe import EXPORT_DTYPES, EXPORT_FORMATS
+from fastsft.use import chat, evaluate, generate, generate_file, read_tools
+from fastsft.use.serve import ServeSettings, serve
 
 
 @click.command("export")
@@ -51,8 +54,6 @@ def export_cmd(run_dir, fmt, to, dtype, overwrite, trust_remote_code, allow_pick
     Example:
       fastsft export runs/tiny --format merged --to out/tiny-merged --dtype bf16
     """
-    from fastsft.export import export_run
-
     policy = make_policy(trust_remote_code, allow_pickle)
     path = export_run(run_dir, fmt=fmt, to=to, dtype=dtype, overwrite=overwrite, policy=policy)
     click.echo(str(path))
@@ -115,8 +116,6 @@ def generate_cmd(
       fastsft generate runs/tiny --prompt "What colour is a banana?"
       fastsft generate runs/tiny --data prompts.jsonl -o answers.jsonl --batch-size 16
     """
-    from fastsft.use import generate, generate_file, read_tools
-
     policy = make_policy(trust_remote_code, allow_pickle)
     if (prompt is None) == (data_file is None):
         raise FastSFTError("give one of --prompt TEXT or --data FILE (with -o OUT.jsonl).")
@@ -159,8 +158,6 @@ def chat_cmd(model, max_new_tokens, temperature, system, tools_file, trust_remot
     Example:
       fastsft chat runs/tiny/export-merged
     """
-    from fastsft.use import chat, read_tools
-
     tools = read_tools(tools_file)
     policy = make_policy(trust_remote_code, allow_pickle)
     chat(
@@ -218,8 +215,6 @@ def eval_cmd(
       fastsft eval runs/tiny
       fastsft eval runs/tiny/export-merged --data held_out.jsonl --json-out eval.json
     """
-    from fastsft.use import evaluate
-
     evaluate(
         run_or_model,
         data_file=data_file,
@@ -297,8 +292,6 @@ def serve_cmd(
       fastsft serve runs/tiny                  # then open http://127.0.0.1:8000/
       FASTSFT_API_KEY=s3cret fastsft serve runs/tiny/export-merged --host 0.0.0.0 --port 8080
     """
-    from fastsft.use.serve import ServeSettings, serve
-
     if api_key is not None and not api_key.strip():
         raise FastSFTError("--api-key is empty: give a token, or leave the option out for no key.")
     serve(

@@ -14,6 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
+from ..files import WriteFailed, make_dir, temp_dir
+from ..machine import cache_root
+
 # Bump when the way data is prepared changes, so that stale caches are never reused.
 # 3: every shape is handed to TRL tokenized (input_ids + its loss mask).
 DATA_VERSION = "3"
@@ -68,8 +71,6 @@ def compute_fingerprint(spec, tokenizer, *, template: str | None, options: dict)
 
 
 def cache_dir(fingerprint: str) -> Path:
-    from ..machine import cache_root
-
     return cache_root() / "data" / fingerprint
 
 
@@ -89,8 +90,6 @@ def load(fingerprint: str):
 
 
 def save(fingerprint: str, train, ev, stats: dict) -> None:
-    from ..files import WriteFailed, make_dir, temp_dir
-
     folder = cache_dir(fingerprint)
     try:
         make_dir(folder.parent)

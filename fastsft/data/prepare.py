@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import dist
 from ..chat.templates import end_of_turn_token, has_generation_markers
 from ..errors import DataError
+from ..progress import bar
 from . import cache, mixing
 from .encode import Encoder, check_end_of_turn, encode_all, setup_pad_token, setup_template, truncation_limit
 from .formats import KIND_NAMES, MAX_SKIP_REASONS, Example, kind, load_examples, tool_names
@@ -380,13 +382,9 @@ def _progress(total: int, what: str):
     """fastsft.progress.bar on stderr for `total` >= PROGRESS_ROWS rows (on the main process), else nothing."""
     import contextlib
 
-    from .. import dist
-
     if total < PROGRESS_ROWS or not dist.is_main():
         return contextlib.nullcontext()
     from rich.console import Console
-
-    from ..progress import bar
 
     return bar(Console(stderr=True), total, what)
 

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from fastsft.backends.common import tokenizer_from
 from fastsft.errors import ExportError
 from fastsft.export.read import RunInfo
 from fastsft.rundir import RECIPE
@@ -30,8 +31,6 @@ def export_adapter(run: RunInfo, out: Path, *, console=None) -> dict:
             shutil.copy2(f, out / f.name)
         copied.append(f.name)
     if not any(n.startswith("tokenizer") for n in copied):
-        from fastsft.backends.common import tokenizer_from
-
         tok = tokenizer_from(run.base_path, policy=run.policy)
         tok.save_pretrained(str(out))
     if (run.path / RECIPE).exists():

@@ -20,6 +20,7 @@ from fastsft.chat.templates import end_of_turn_ids
 from fastsft.errors import ExportError
 from fastsft.export.merged import merge
 from fastsft.export.read import RunInfo, _collect, _print
+from fastsft.progress import bar
 from fastsft.recipe import GGUF_K_QUANTS
 
 # HF architecture -> (llama.cpp architecture, whether q/k weights are permuted as convert_hf_to_gguf does)
@@ -262,8 +263,6 @@ def export_gguf(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
         return _export_k_quant(run, out, dtype=dtype, console=console)
     config, hf_arch, arch, permute, rope, rope_type = _gguf_arch(run)
     vocab = _gguf_vocab(run, int(config.vocab_size), arch, console=console)
-    from fastsft.progress import bar
-
     file = out / gguf_name(run, dtype)
     writer = gguf.GGUFWriter(str(file), arch)
     writer.add_name(run.path.name)

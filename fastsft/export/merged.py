@@ -11,9 +11,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fastsft.backends.transformers import load_base
+from fastsft.chat.generation import answer
 from fastsft.chat.templates import chat_ids, end_of_turn_ids
 from fastsft.errors import ExportError
 from fastsft.export.read import RunInfo, _collect, _print
+from fastsft.progress import bar
 from fastsft.rundir import RECIPE
 
 # The merged export's parity check compares like with like. Rounding the weights to bf16 / fp16 moves
@@ -101,8 +104,6 @@ def merge(run: RunInfo, dtype: str, *, tokenizer=None):
 def export_merged(run: RunInfo, out: Path, *, dtype: str, console=None) -> dict:
     """The merged model in `dtype` written to `out`, reloaded and checked (parity, smoke generation),
     with a progress bar over its stages; returns export.json's record."""
-    from fastsft.progress import bar
-
     with bar(console, len(STAGES), "merged export: " + ", ".join(STAGES)) as advance:
         return _export_merged(run, out, dtype=dtype, console=console, advance=advance)
 
@@ -112,8 +113,6 @@ STAGES = ("merge", "save", "reload", "parity", "smoke test")  # the steps of the
 
 def _export_merged(run: RunInfo, out: Path, *, dtype: str, console, advance) -> dict:
     from transformers import GenerationConfig
-
-    from fastsft.backends.transformers import load_base
 
     tokenizer = run.tokenizer()
     eot = end_of_turn_ids(tokenizer)
@@ -302,8 +301,6 @@ def smoke_generation(
 ) -> dict:
     """A greedy answer of the exported model (fastsft.chat.generation) to a sample prompt: it must end on the
     end-of-turn token within `budget` tokens, else a warning (recorded, not enforced)."""
-    from fastsft.chat.generation import answer
-
     prompt = None
     for s in ((run_json or {}).get("result") or {}).get("samples") or []:
         if isinstance(s, dict) and s.get("prompt"):

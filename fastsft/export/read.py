@@ -8,6 +8,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastsft import recipe as recipe_mod
+from fastsft.backends import LoadPolicy, compute_dtype, resolve_model_path
+from fastsft.backends.common import tokenizer_from
+from fastsft.backends.transformers import load_base, load_trained
 from fastsft.errors import ExportError
 from fastsft.rundir import ADAPTER, MODEL, RECIPE, RUN_JSON
 
@@ -38,20 +42,14 @@ class RunInfo:
     @property
     def policy(self):
         """What loading this run's models may do (backends.LoadPolicy)."""
-        from fastsft.backends.common import LoadPolicy
-
         return LoadPolicy(trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
 
     def tokenizer(self):
         """The run's tokenizer: the adapter folder's (chat template and any added pad token), else the base's."""
-        from fastsft.backends.common import tokenizer_from
-
         return tokenizer_from(self.adapter, self.base_path, policy=self.policy)
 
     def load(self, dtype: str, *, load_in_4bit: bool = False, upcast: bool = False, tokenizer=None):
         """Base model + the run's adapter (backends.transformers.load_trained); a full fine-tune's model."""
-        from fastsft.backends.transformers import load_base, load_trained
-
         if self.full:
             model = load_base(self.base_path, dtype, policy=self.policy, what="the fine-tuned model")
             return model.float() if upcast else model
@@ -70,8 +68,6 @@ class RunInfo:
 def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
     """The run directory's recipe, run.json and base model, or an ExportError saying what is missing.
     `policy` (backends.LoadPolicy, default: neither remote code nor pickle) is what loading may do."""
-    from fastsft.backends import LoadPolicy, compute_dtype, resolve_model_path
-
     policy = policy or LoadPolicy()
 
     path = Path(run_dir)
@@ -122,8 +118,6 @@ def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
 def _run_json_and_recipe(path: Path, policy) -> tuple[dict, object]:
     """A run directory's run.json ({} when absent) and recipe (None when absent), the recipe checked
     against what `policy` allows."""
-    from fastsft import recipe as recipe_mod
-
     run_json = {}
     if (path / RUN_JSON).exists():
         try:

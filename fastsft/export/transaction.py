@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from fastsft import files
+from fastsft.backends.common import torch_dtype
 from fastsft.errors import ExportError
 from fastsft.export.adapter import export_adapter
 from fastsft.export.gguf import export_gguf
@@ -23,7 +24,7 @@ from fastsft.export.merged import export_merged
 from fastsft.export.read import RunInfo, _print, read_run
 from fastsft.recipe import EXPORT_DTYPES, EXPORT_FORMATS, GGUF_QUANTS
 from fastsft.run import guard
-from fastsft.rundir import RECIPE, RUN_JSON
+from fastsft.rundir import RECIPE, RUN_JSON, is_run_dir
 
 EXPORT_JSON = "export.json"
 
@@ -140,8 +141,6 @@ def check_destination(target: Path, run_path: Path, *, overwrite: bool) -> None:
     """Refuse a --to that would lose data: a symbolic link, a file, the run being exported or a folder
     holding it, a folder holding any fastsft run, or (even with `overwrite`) anything but an earlier
     export. Nothing is changed when refused."""
-    from fastsft.rundir import is_run_dir
-
     if target.is_symlink():
         raise ExportError(
             f"--to {target} is a symbolic link; fastsft never writes through a link. Choose another --to."
@@ -183,8 +182,6 @@ def export_bytes(run: RunInfo, dtype: str) -> int | None:
     device, tied weights once) in `dtype`, plus the tokenizer; None when the config cannot be read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fastsft.backends.common import torch_dtype
 
     try:
         config = AutoConfig.from_pretrained(run.base_path, trust_remote_code=run.trust_remote_code)

@@ -22,7 +22,12 @@ from dataclasses import replace
 
 import torch
 
+from fastsft.backends.transformers import lora_config
+from fastsft.errors import RecipeError
+from fastsft.run.loss import ARCHITECTURES
+
 from .device import CUDA_CONTEXT, GiB, allocator_rounding, parse_size
+from .model import load_config
 from .simulate import Peak, Setup, simulate
 
 # The HF + FA2 column of Unsloth's table (docs.unsloth.ai/basics/unsloth-benchmarks, Dec 2024): Llama 3.1
@@ -61,12 +66,6 @@ def setup_from_recipe(recipe, *, baseline: str | None = None) -> Setup:
     (the release of the table's date: float32 logits and a shifted float32 copy of them), plain
     checkpointing, 8-bit AdamW, r = 32 on all linear layers, batch 1."""
     from peft import LoraConfig
-
-    from fastsft.backends.transformers import lora_config
-    from fastsft.errors import RecipeError
-    from fastsft.run.loss import ARCHITECTURES
-
-    from .model import load_config
 
     m = recipe.model
     config = load_config(m.name, trust_remote_code=m.trust_remote_code, base_dir=recipe.base_dir)

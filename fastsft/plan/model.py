@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from fastsft.backends import builtin, gguf
+from fastsft.errors import BackendError
+
+from .attention import register
+
 # Configs of models the benchmarks plan for, so that no download is needed (config.json of
 # meta-llama/Llama-3.1-8B-Instruct; the instruct and base models share it).
 KNOWN_CONFIGS = {
@@ -82,8 +87,6 @@ def load_config(name: str, *, trust_remote_code: bool = False, base_dir=None):
 
     from transformers import AutoConfig
 
-    from fastsft.backends import builtin, gguf
-
     if name in KNOWN_CONFIGS:
         d = dict(KNOWN_CONFIGS[name])
         return AutoConfig.for_model(d.pop("model_type"), **d)
@@ -98,8 +101,6 @@ def load_config(name: str, *, trust_remote_code: bool = False, base_dir=None):
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:
-        from fastsft.errors import BackendError
-
         raise BackendError(
             f"[model] name = {name!r}: its config.json is neither a local folder nor in the hub cache, and "
             f"the hub cannot be read here ({str(e).splitlines()[0]}). fastsft plan needs only the config: "
@@ -192,8 +193,6 @@ def build(
     import copy
 
     from transformers import AutoModelForCausalLM
-
-    from .attention import register
 
     config = copy.deepcopy(config)
     if num_layers is not None:

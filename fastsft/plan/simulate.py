@@ -13,7 +13,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fastsft.kernels import ops as _kernel_ops
+from fastsft.run.loss import LossRoute, base_causal_lm
 
+from ..levers import frozen16, offload, tiled_mlp
+from .autocast import MetaAutocast, backward
+from .device import CachingAllocator
+from .model import build
 from .tracker import WORKSPACE, MemoryTracker
 
 WORKSPACE["fastsft.linear_cross_entropy.default"] = _kernel_ops.workspace
@@ -104,8 +109,6 @@ def _loss(model, setup: Setup, inputs):
         loss = _hf_2024_loss(out.logits, inputs["labels"])
         del out
         return loss
-    from fastsft.run.loss import LossRoute
-
     route = LossRoute(
         setup.loss, setup.kernel_backend, "transformers", 0.0, type(_base(model)).__name__, "plan"
     )
@@ -127,8 +130,6 @@ def _hf_2024_loss(logits, labels):
 
 
 def _base(model):
-    from fastsft.run.loss import base_causal_lm
-
     return base_causal_lm(model)
 
 
@@ -139,16 +140,10 @@ def prepare(model, setup: Setup):
     if setup.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if setup.offload_checkpoints:
-        from ..levers import offload
-
         offload.install(model)
     if setup.frozen16 and setup.mixed_precision:
-        from ..levers import frozen16
-
         frozen16.install(model, setup.dtype)
     if setup.tiled_mlp:
-        from ..levers import tiled_mlp
-
         tiled_mlp.install(model, setup.tiled_mlp)
     return model
 
@@ -174,8 +169,6 @@ def run_step(model, setup: Setup, seq_len: int, tracker: MemoryTracker) -> None:
     autocast = contextlib.nullcontext()
     if setup.mixed_precision and setup.dtype != torch.float32:
         if device.type == "meta":
-            from .autocast import MetaAutocast
-
             autocast = MetaAutocast(setup.dtype)
         else:
             autocast = torch.autocast(device.type, dtype=setup.dtype)
@@ -186,8 +179,6 @@ def run_step(model, setup: Setup, seq_len: int, tracker: MemoryTracker) -> None:
     with tracker.part("backward"):
         tracker.phase = "backward"
         if device.type == "meta":
-            from .autocast import backward
-
             with autocast:
                 backward(loss)
         else:
@@ -246,8 +237,6 @@ _MODELS: dict = {}  # (id(setup), layers) -> (setup, the prepared meta model): s
 def _built(setup: Setup, layers: int):
     """The setup's model on meta, cut to `layers`, readied for training; built once per setup (a meta model
     holds no data, and a step leaves it as it found it: no gradients, no optimizer)."""
-    from .model import build
-
     key = (id(setup), layers)
     hit = _MODELS.get(key)
     if hit is not None and hit[0] is setup:
@@ -270,8 +259,6 @@ def _built(setup: Setup, layers: int):
 def simulate_layers(setup: Setup, seq_len: int, layers: int, rounding=None) -> Peak:
     """The step of the model cut to `layers` decoder layers, on meta."""
     model = _built(setup, layers)
-    from .device import CachingAllocator
-
     tracker = MemoryTracker("meta", rounding=rounding, allocator=CachingAllocator(setup.expandable_segments))
     with tracker:
         run_step(model, setup, seq_len, tracker)

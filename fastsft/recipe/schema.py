@@ -41,6 +41,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from fastsft.errors import RecipeError
+from fastsft.run import trackers
 
 # ----------------------------------------------------------------------------------------------
 # How a key is declared
@@ -1065,8 +1066,6 @@ def _cross_checks(r: Recipe) -> list[str]:
                 '[lora] modules_to_save with [train] method = "full": every module trains and is saved '
                 "already; drop modules_to_save"
             )
-    from fastsft.run import trackers
-
     problems += check_sources(r.data.as_dict(), SCHEMA["data"]["format"].choices)
     problems += check_early_stopping(r.train.as_dict(), r.data.as_dict())
     problems += trackers.check_names(r.train.as_dict())

@@ -15,7 +15,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from fastsft.errors import FastSFTError, TrainingStopped
+from fastsft.errors import FastSFTError, OutOfMemory, RunDirError, TrainingStopped
+from fastsft.machine import peak_memory_gib
 
 GiB = 2**30
 
@@ -173,9 +174,6 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def explain_oom(exc: BaseException, phase: str) -> FastSFTError:
-    from fastsft.errors import OutOfMemory
-    from fastsft.machine import peak_memory_gib
-
     peak, kind = peak_memory_gib()
     knobs = "\n".join(f"  {i}. {k}" for i, k in enumerate(OOM_KNOBS, 1))
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -192,8 +190,6 @@ def explain_oom(exc: BaseException, phase: str) -> FastSFTError:
 
 def check_disk(path: Path, needed_bytes: int, what: str, *, flag: str = "--output-dir", error=None) -> None:
     """Refuse (`error`, RunDirError by default) when `path`'s file system has less than `needed_bytes` free."""
-    from fastsft.errors import RunDirError
-
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

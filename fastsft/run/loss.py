@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastsft import dist
+from fastsft.errors import BackendError, RecipeError
 from fastsft.kernels import fused_cross_entropy, fused_linear_cross_entropy, triton_available
 
 IGNORE_INDEX = -100
@@ -191,8 +193,6 @@ class LossRoute:
             hidden = out.logits
             if hidden.shape[-1] != head.weight.shape[1]:
                 # some Unsloth forwards (its compiled FastModel path) ignore the variable and return logits
-                from fastsft.errors import BackendError
-
                 raise BackendError(
                     f"Unsloth's forward for {type(lm).__name__} returned {hidden.shape[-1]} features, not the "
                     f"hidden size {head.weight.shape[1]}: it ignores UNSLOTH_RETURN_HIDDEN_STATES. "
@@ -352,8 +352,6 @@ def resolve(recipe, model, model_backend: str, device: torch.device) -> LossRout
                 "fastsft",
                 f"{arch} has no linear-loss patch yet; falling back to fastsft (logits in)",
             )
-    from fastsft import dist
-
     if (
         kernel == "fastsft-linear"
         and dist.sharded(recipe)
@@ -365,8 +363,6 @@ def resolve(recipe, model, model_backend: str, device: torch.device) -> LossRout
             "which the linear loss skips: the logits-in kernel"
         )
     if kernel == "unsloth" and model_backend != "unsloth":
-        from fastsft.errors import RecipeError
-
         raise RecipeError('[loss] kernel = "unsloth" needs the unsloth backend')
     if kernel in ("fastsft", "fastsft-linear"):
         kb = "triton" if triton_available(device) else "torch"

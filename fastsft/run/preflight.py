@@ -7,15 +7,16 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from fastsft import data as data_mod
+from fastsft import machine
+from fastsft.backends import builtin, check_target_modules, gguf
+from fastsft.chat.templates import load_template
 from fastsft.errors import FastSFTError
+from fastsft.run import trackers
 
 
 def problems(recipe) -> list[str]:
     """Every problem of `recipe` that `fastsft run` would stop on, as one line each."""
-    from fastsft import data as data_mod
-    from fastsft.backends import builtin, gguf
-    from fastsft.chat.templates import load_template
-
     out: list[str] = []
     m, d = recipe.model, recipe.data
     if builtin.is_builtin(m.name):
@@ -45,8 +46,6 @@ def problems(recipe) -> list[str]:
         if data_mod.is_local(source["path"], path) and not path.exists():
             out.append(f"[[data.sources]] #{i} path = {source['path']!r}: file not found: {path}")
     out += _retain_problems(recipe)
-    from fastsft.run import trackers
-
     out += trackers.missing(recipe)
     if d.chat_template:
         try:
@@ -102,9 +101,6 @@ def _target_problems(recipe) -> list[str]:
     targets = recipe.lora.target_modules
     if isinstance(targets, str):
         return []
-    from fastsft import machine
-    from fastsft.backends import builtin, check_target_modules, gguf
-
     name = recipe.model.name
     if builtin.is_builtin(name):
         folder = (

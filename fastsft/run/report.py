@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from fastsft.chat.scoring import confusion_rows, summary_line
 from fastsft.rundir import LOSS_PNG, REPORT, RunDir
 
 
@@ -88,8 +89,6 @@ def _summary_table(summary: dict, rows: list[dict]) -> list[str]:
     ]
     task = summary.get("task") or {}
     if task.get("after"):
-        from fastsft.chat.scoring import summary_line
-
         lines.append(
             f"| task metric (held-out answers against the expected ones) | base model "
             f"{summary_line(task.get('before') or {})} → fine-tuned {summary_line(task['after'])} |"
@@ -154,8 +153,6 @@ def _health_section(summary: dict) -> list[str]:
 
 def _task_section(summary: dict) -> list[str]:
     """The held-out answers' confusion table (a classification task), base model and fine-tuned."""
-    from fastsft.chat.scoring import confusion_rows
-
     task = summary.get("task") or {}
     lines: list[str] = []
     for when in ("before", "after"):

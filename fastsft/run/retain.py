@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastsft import data as data_mod
+from fastsft.errors import DataError
+
 DEFAULT = Path(__file__).resolve().parents[1] / "data" / "general" / "general_qa.jsonl"
 DEFAULT_NAME = "fastsft's general set (50 Q/A, Apache-2.0)"
 
@@ -23,9 +26,6 @@ def encode(recipe, tokenizer, *, log) -> tuple[list[dict] | None, str | None]:
     """(the retain examples [{"input_ids", "mask"}] (untruncated), masked as training masks; where they
     came from). The default set is skipped, with a line saying why, when the run's data cannot take
     chat messages (plain text without a chat template)."""
-    from fastsft import data as data_mod
-    from fastsft.errors import DataError
-
     if recipe.data.retain:
         path = recipe.resolve_path(recipe.data.retain)
         if not path.exists():

@@ -6,6 +6,11 @@ held-out loss and the before / after samples.
 
 from __future__ import annotations
 
+from fastsft.chat import scoring
+from fastsft.chat.generation import answer_batch
+from fastsft.chat.scoring import is_short, reference_of
+from fastsft.chat.templates import end_of_turn_ids
+
 MAX_ROWS = 64  # held-out rows answered (twice: before and after training)
 SLACK_TOKENS = 4  # the answer budget: the longest expected answer plus this
 
@@ -13,9 +18,6 @@ SLACK_TOKENS = 4  # the answer budget: the longest expected answer plus this
 def held_out(prepared, tokenizer) -> list[tuple[list[int], str]]:
     """(prompt ids, expected answer) of the first MAX_ROWS held-out examples, or [] when the run holds
     none out or its answers are not short."""
-    from fastsft.chat.scoring import is_short, reference_of
-    from fastsft.chat.templates import end_of_turn_ids
-
     eot = end_of_turn_ids(tokenizer)
     ds = getattr(prepared, "eval", None)
     if ds is None:
@@ -31,9 +33,6 @@ def held_out(prepared, tokenizer) -> list[tuple[list[int], str]]:
 
 def score(model, tokenizer, refs: list[tuple[list[int], str]], *, batch_size: int = 16) -> dict:
     """fastsft.chat.scoring.score of the greedy answers (batched) to `refs`, with the first few pairs."""
-    from fastsft.chat import scoring
-    from fastsft.chat.generation import answer_batch
-
     budget = max(len(tokenizer(e, add_special_tokens=False)["input_ids"]) for _, e in refs) + SLACK_TOKENS
     got = answer_batch(model, tokenizer, [p for p, _ in refs], max_new_tokens=budget, batch_size=batch_size)
     expected = [e for _, e in refs]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from fastsft.errors import RecipeError
+
 # name -> (module that must import, what installs it)
 TRACKERS = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),
@@ -59,8 +61,6 @@ def missing(recipe) -> list[str]:
 
 def callbacks(recipe, run_dir) -> list:
     """The transformers callbacks of `report_to`, TensorBoard's writing to RUN/tensorboard/."""
-    from fastsft.errors import RecipeError
-
     problems = missing(recipe)
     if problems:
         raise RecipeError(problems, path=str(recipe.path) if recipe.path else None)

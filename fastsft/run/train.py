@@ -18,10 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsft import backends, dist, machine
+from fastsft import backends, dist, levers, machine
+from fastsft import data as data_mod
+from fastsft import export as export_mod
+from fastsft import recipe as recipe_mod
+from fastsft.chat.generation import answer
+from fastsft.chat.scoring import held_out_loss
+from fastsft.chat.templates import end_of_turn_ids
 from fastsft.errors import FastSFTError, Interrupted, RecipeError, RunDirError
-from fastsft.files import WriteFailed, apply_umask, is_write_error
-from fastsft.run import guard, preflight, report
+from fastsft.files import WriteFailed, apply_umask, describe_os_error, is_write_error
+from fastsft.run import guard, health, preflight, report, retain, task, trackers
 from fastsft.run.sft_args import sft_config
 from fastsft.run.trainer import (
     STAGING,
@@ -73,9 +79,6 @@ def sample_prompts(dataset, n: int = 3) -> list[dict]:
 def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int = 32) -> list[dict]:
     """Greedy answers, each with whether it complies with the chat template: it stopped on the
     end-of-turn token within the budget and wrote no role markers (no invented turns)."""
-    from fastsft.chat.generation import answer
-    from fastsft.chat.templates import end_of_turn_ids
-
     eot = end_of_turn_ids(tokenizer)
     out = []
     for prompt in prompts:
@@ -100,8 +103,6 @@ def resume_recipe(run_dir: str | Path, recipe_path: str | Path | None, overrides
     """The recipe a resumed run continues with: the one stored in RUN_DIR, with the overrides that do
     not change what is trained. A given RECIPE (or an override) that changes the training is refused
     with the differing keys named."""
-    from fastsft import recipe as recipe_mod
-
     run = RunDir.open(run_dir)
     stored = recipe_mod.load(run / RECIPE)
     wanted = recipe_mod.load(recipe_path).with_absolute_paths() if recipe_path else stored
@@ -273,7 +274,6 @@ class Run:
         """The data first (the model folder's tokenizer; a bad row or, on a resume, changed data is refused
         before any weight is read), then the model (the backend's), the loss."""
         recipe = self.recipe
-        from fastsft import data as data_mod
         from fastsft.run import loss as loss_mod
 
         start = backends.start(recipe, log=self.log, policy=self.policy)  # unsloth imported first
@@ -284,8 +284,6 @@ class Run:
         if loaded.tokenizer is not tokenizer:  # Unsloth's own tokenizer: set up as the data set up the first
             self.prepared = prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=lambda m: None)
             self._refuse_changed_data(prepared)
-        from fastsft.run import retain  # [data] retain, else the general set fastsft ships
-
         self.retain_items, self.retain_source = retain.encode(recipe, loaded.tokenizer, log=self.log)
         model = loaded.model
         if (
@@ -410,8 +408,6 @@ class Run:
             recipe.train.max_nonfinite_steps, check_grads=loaded.dtype != "fp16", log=self.log
         )
         tokens_before = self.totals_before["tokens"] if self.totals_before else 0
-        from fastsft.run import health, trackers
-
         # the caller's callbacks run before the guards, so a stop they cause (a signal) counts in that step
         callbacks = [
             progress_callback(run_dir, self.console, tokens_before=tokens_before),
@@ -422,8 +418,6 @@ class Run:
         ]
         if self.main:
             callbacks += trackers.callbacks(recipe, run_dir)
-        from fastsft import levers
-
         if levers.wanted(recipe):  # offloaded checkpoints, tiled MLP, 16-bit frozen weights
             callbacks.append(levers.callback(recipe, loaded.dtype))
         early = health.early_stopping_callback(recipe)
@@ -466,8 +460,6 @@ class Run:
 
     def _task_before(self) -> tuple[list, dict | None]:
         """The held-out split's short answers (fastsft.run.task) and the base model's score on them."""
-        from fastsft.run import task
-
         if not self.main or dist.sharded(self.recipe):
             # sharded: rank 0 alone cannot run a model whose shards the others hold (under ZeRO-3 the
             # weights are partitioned as they load, so a forward here would wait for ranks that never come)
@@ -500,8 +492,6 @@ class Run:
         return before
 
     def _score_retain(self) -> dict:
-        from fastsft.chat.scoring import held_out_loss
-
         t, tokenizer = self.recipe.train, self.loaded.tokenizer
         return held_out_loss(
             self.loaded.model,
@@ -580,8 +570,6 @@ class Run:
     def _write_failed(self, e: BaseException) -> WriteFailed:
         """A write that failed during training (a full disk): the half-written checkpoint is removed,
         run.json says so, and the message says how to go on."""
-        from fastsft.files import describe_os_error
-
         run_dir = self.run_dir
         shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)  # frees the space it took
         if isinstance(e, WriteFailed):
@@ -661,8 +649,6 @@ class Run:
     def _watch(self, compliance: dict) -> dict:
         """The retain loss after training (against before), the health findings over the whole metrics
         history, and whether early stopping ended the run."""
-        from fastsft.run import health, retain
-
         out: dict = {}
         state = self.trainer.state
         if self.retain_items is not None:
@@ -720,16 +706,12 @@ class Run:
         }
         out = {"samples": samples, "samples_source": source, "compliance": compliance}
         if self.task_refs:  # the task metric on the held-out split's short answers, before -> after
-            from fastsft.run import task
-
             after = task.score(self.loaded.model, self.loaded.tokenizer, self.task_refs)
             out["task"] = {"before": self.task_before, "after": after}
         return out
 
     def _export(self) -> None:
         """The recipe's [export] formats, from the finished run directory."""
-        from fastsft import export as export_mod
-
         for fmt in self.recipe.export.formats:
             try:
                 export_mod.export_run(

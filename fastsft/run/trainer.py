@@ -21,8 +21,10 @@ import shutil
 import time
 from pathlib import Path
 
+from fastsft import dist
 from fastsft.files import apply_umask, write_text
 from fastsft.machine import peak_memory_gib
+from fastsft.progress import StepTimer
 from fastsft.rundir import RunDir
 
 STAGING = ".staging"  # under checkpoints/: the Trainer's output_dir, where a checkpoint is written
@@ -63,8 +65,6 @@ class FastSFTTrainerMixin:
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        from fastsft import dist
-
         dist.shard_on_cpu(self)  # FSDP on CPU ranks: accelerate would run plain DDP
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -250,8 +250,6 @@ def sharding_callback(trainer, run: RunDir):
     only that it asked to."""
     from transformers import TrainerCallback
 
-    from fastsft import dist
-
     class LocalParameters(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             counts = dist.gather_object(dist.local_parameters(trainer.model))
@@ -283,8 +281,6 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
         """Progress line (step, loss, tokens/s, ETA, memory) and metrics.jsonl, on the main process."""
 
         def __init__(self):
-            from fastsft.progress import StepTimer
-
             self.t0 = None
             self.last_t = None
             self.last_tokens = tokens_before  # num_tokens counts the whole run, across resumes

@@ -10,14 +10,16 @@ import json
 import sys
 from pathlib import Path
 
+from fastsft import files
+from fastsft.chat.generation import answer_batch, generate_ids
+from fastsft.data import not_text, parse_tools
 from fastsft.errors import BackendError, DataError
+from fastsft.progress import bar
 from fastsft.use.load import LoadedForUse, load_for_use
 
 
 def _as_messages(prompt) -> list[dict]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    from fastsft.data import not_text
-
     problem = not_text(messages)
     if problem:
         raise DataError(f"the prompt: {problem}.")
@@ -27,16 +29,12 @@ def _as_messages(prompt) -> list[dict]:
 def generate_for(loaded: LoadedForUse, messages, **kwargs) -> tuple[list[int], bool]:
     """`fastsft.chat.generation.generate_ids` with the loaded model, its tokenizer and end-of-turn ids:
     (new token ids, stopped on an end-of-turn token)."""
-    from fastsft.chat.generation import generate_ids as generate
-
-    return generate(loaded.model, loaded.tokenizer, messages, eot=loaded.eot, **kwargs)
+    return generate_ids(loaded.model, loaded.tokenizer, messages, eot=loaded.eot, **kwargs)
 
 
 def read_tools(path) -> list[dict] | None:
     """Function definitions for `--tools FILE`: a JSON list (or {"tools": [...]}), checked as a data
     row's `tools` column is."""
-    from fastsft.data import parse_tools
-
     if path is None:
         return None
     path = Path(path)
@@ -135,10 +133,6 @@ def generate_file(
     padding), written to `out` as JSON lines: each input row with `answer` and `stopped` (it ended its
     turn within `max_new_tokens`) added."""
     from rich.console import Console
-
-    from fastsft import files
-    from fastsft.chat.generation import answer_batch
-    from fastsft.progress import bar
 
     if max_new_tokens < 1:
         raise BackendError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")

@@ -9,7 +9,14 @@ import json
 import math
 from pathlib import Path
 
+from fastsft import data as data_mod
+from fastsft import files
+from fastsft import recipe as recipe_mod
+from fastsft.chat.generation import answer_batch
+from fastsft.chat.scoring import confusion_rows, held_out_loss, reference_of, score, summary_line
 from fastsft.errors import DataError
+from fastsft.export import EXPORT_JSON
+from fastsft.progress import bar
 from fastsft.rundir import RECIPE
 from fastsft.use.load import LoadedForUse, load_for_use
 
@@ -20,8 +27,6 @@ def eval_conversations(recipe, tokenizer, *, log=None) -> tuple[list[dict], str]
     """The run's held-out examples ([data] eval, or the val_ratio split with the run's seed),
     tokenized and masked by training's own code (`fastsft.data.encode_eval_split`):
     [{"input_ids", "mask"}], and where they came from."""
-    from fastsft import data as data_mod
-
     d = recipe.data
     if not d.eval and not (d.val_ratio and d.val_ratio > 0):
         raise DataError(
@@ -39,9 +44,6 @@ def eval_conversations(recipe, tokenizer, *, log=None) -> tuple[list[dict], str]
 
 def _recipe_near(path: Path):
     """The recipe of an export: its own recipe.toml, or that of the run named in its export.json."""
-    from fastsft import recipe as recipe_mod
-    from fastsft.export import EXPORT_JSON
-
     if (path / RECIPE).exists():
         return recipe_mod.load(path / RECIPE)
     try:
@@ -60,8 +62,6 @@ def _held_out(loaded: LoadedForUse, data_file, console) -> tuple[list[dict], str
     if recipe is None and data_file is None:
         recipe = _recipe_near(loaded.path)
     if data_file is not None:  # masked as training masks it: the run's recipe, or every default
-        from fastsft import data as data_mod
-
         if not Path(data_file).exists():
             raise DataError(f"{data_file}: no such data file.")
         convs = data_mod.encode_file(recipe, loaded.tokenizer, Path(data_file))  # recipe None: every default
@@ -80,10 +80,6 @@ def _answered(
 ) -> list[dict]:
     """Greedy answers (batched, fastsft.chat.generation.answer_batch) to the prompts of the first `n_gen`
     conversations, each beside the answer the data expects."""
-    from fastsft.chat.generation import answer_batch
-    from fastsft.chat.scoring import reference_of
-    from fastsft.progress import bar
-
     tokenizer = loaded.tokenizer
     refs = [r for r in (reference_of(c, tokenizer, loaded.eot) for c in convs) if r][: max(0, n_gen)]
     if not refs:
@@ -114,8 +110,6 @@ def _answered(
 def print_task(console, task: dict, title: str = "task metric") -> None:
     """The task metric (exact / normalised match, class accuracy) and the confusion table."""
     from rich.table import Table
-
-    from fastsft.chat.scoring import confusion_rows, summary_line
 
     console.print(f"{title}: {summary_line(task)}", highlight=False)
     c = task.get("classes")
@@ -182,9 +176,6 @@ def evaluate(
     for a run directory."""
     from rich.console import Console
 
-    from fastsft.chat.scoring import held_out_loss, score
-    from fastsft.progress import bar
-
     console = console or Console()
     loaded = load_for_use(model_ref, policy=policy)
     convs, source, recipe = _held_out(loaded, data_file, console)
@@ -225,7 +216,5 @@ def evaluate(
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    from fastsft import files
-
     files.make_dir(path.parent)
     files.write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

@@ -20,7 +20,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastsft.backends import LoadPolicy, builtin, compute_dtype, gguf
+from fastsft.backends.common import tokenizer_from
+from fastsft.backends.transformers import load_base, load_trained
+from fastsft.chat.templates import end_of_turn_ids
 from fastsft.errors import BackendError
+from fastsft.export import read_run
 from fastsft.rundir import ADAPTER, MODEL, RUN_JSON, RunDir, is_run_dir
 
 
@@ -39,16 +44,12 @@ class LoadedForUse:
 
 
 def _default_dtype() -> str:
-    from fastsft.backends import compute_dtype
-
     return compute_dtype("auto")
 
 
 def _named_base(model_ref):
     """A base model named as a recipe names it (`builtin:NAME`, `package:PKG/FILE.gguf`) -> the folder
     training reads for it (made once in fastsft's cache), so the base is evaluated as it was trained."""
-    from fastsft.backends import builtin, gguf
-
     name = str(model_ref)
     if builtin.is_builtin(name):
         return builtin.materialize(name)
@@ -78,8 +79,6 @@ def _check_ref(model_ref) -> Path:
 
 def _load_run(path: Path, dtype: str | None, policy) -> LoadedForUse:
     """A run directory: the base as the run trained it (4-bit NF4 when the recipe says so) + its adapter."""
-    from fastsft.export import read_run
-
     run = read_run(path, policy=policy)
     tok = run.tokenizer()
     model = run.load(dtype or run.train_dtype, load_in_4bit=run.load_in_4bit, tokenizer=tok)
@@ -88,9 +87,6 @@ def _load_run(path: Path, dtype: str | None, policy) -> LoadedForUse:
 
 def _load_adapter(path: Path, dtype: str | None, policy) -> LoadedForUse:
     """An adapter folder: the base named in its adapter_config.json + the adapter."""
-    from fastsft.backends.common import tokenizer_from
-    from fastsft.backends.transformers import load_trained
-
     cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
     base_path = cfg.get("base_model_name_or_path")
     if not base_path:
@@ -104,9 +100,6 @@ def _load_adapter(path: Path, dtype: str | None, policy) -> LoadedForUse:
 
 def _load_model(path: Path, dtype: str | None, policy) -> LoadedForUse:
     """A merged export or any local Hugging Face model folder, on the GPU when there is one."""
-    from fastsft.backends.common import tokenizer_from
-    from fastsft.backends.transformers import load_base
-
     model = load_base(str(path), dtype or _default_dtype(), policy=policy, on_gpu=True, what="the model")
     return LoadedForUse(model, tokenizer_from(path, policy=policy), "model", path)
 
@@ -139,9 +132,6 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> LoadedF
     `policy` (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do, whatever
     the folder's recipe.toml says."""
     import torch
-
-    from fastsft.backends import LoadPolicy
-    from fastsft.chat.templates import end_of_turn_ids
 
     if isinstance(model_ref, LoadedForUse):
         return model_ref

@@ -37,6 +37,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
 from fastsft.chat.tools import parse_tool_calls
+from fastsft.errors import BackendError
+from fastsft.use.load import load_for_use
 from fastsft.use.serve.engine import Engine, Job, Result
 from fastsft.use.serve.protocol import (
     APIError,
@@ -497,9 +499,6 @@ def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> N
     import socket
 
     from rich.console import Console
-
-    from fastsft.errors import BackendError
-    from fastsft.use.load import load_for_use
 
     console = console or Console(stderr=True)
     # Bind before loading, so that a port in use is told at once, not after the model has loaded.

@@ -14,6 +14,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from fastsft.chat.generation import generate_ids
+from fastsft.chat.templates import chat_ids
 from fastsft.errors import FastSFTError
 from fastsft.use.serve.protocol import APIError, Params
 
@@ -80,8 +82,6 @@ class Engine:
         return release
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
-        from fastsft.chat.templates import chat_ids
-
         tok = self.loaded.tokenizer
         try:
             ids = chat_ids(tok, messages, add_generation_prompt=True, tools=tools)[0].tolist()
@@ -137,8 +137,6 @@ class Engine:
     def _run(self, job: Job) -> Result:
         """In the worker thread: one generation through fastsft.chat.generation.generate_ids."""
         from transformers import StoppingCriteria, TextStreamer
-
-        from fastsft.chat.generation import generate_ids
 
         if job.cancel.is_set():  # abandoned while it waited: nothing to generate
             return Result([], False, len(job.prompt_ids))

@@ -14,6 +14,10 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from fastsft.data import parse_messages as normalise
+from fastsft.data import parse_tools as check
+from fastsft.errors import DataError
+
 MAX_STOP = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # per stop string; matching costs this many characters per generated token at most
 MAX_JSON_DEPTH = 32  # nesting of objects and lists in a request body (a chat request needs 6)
@@ -252,9 +256,6 @@ def _text_of(content, where: str) -> str:
 
 def parse_messages(body: dict) -> list[dict]:
     """The request's `messages` -> what the chat template takes (fastsft.data.parse_messages)."""
-    from fastsft.data import parse_messages as normalise
-    from fastsft.errors import DataError
-
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise APIError(
@@ -277,9 +278,6 @@ def parse_messages(body: dict) -> list[dict]:
 
 
 def parse_tools(body: dict) -> list[dict] | None:
-    from fastsft.data import parse_tools as check
-    from fastsft.errors import DataError
-
     if body.get("tool_choice") == "none" or not body.get("tools"):
         return None
     try:
