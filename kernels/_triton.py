@@ -35,14 +35,3 @@ def triton_available(device: torch.device | str | None = None) -> bool:
     if _INTERPRET_AT_IMPORT:
         return kind == "cpu"
     return kind == "cuda" and torch.cuda.is_available()
-
-
-def why_not(device: torch.device | str) -> str:
-    if triton is None:
-        return "triton is not installed"
-    kind = torch.device(device).type
-    if kind == "cpu" and not _INTERPRET_AT_IMPORT:
-        return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
-    if kind == "cuda" and _INTERPRET_AT_IMPORT:
-        return "TRITON_INTERPRET=1 is set, so the kernels were built for the CPU interpreter"
-    return f"Triton does not run on {kind} tensors"

@@ -175,8 +175,19 @@ def check_target_modules(model, targets, *, where: str = "[lora] target_modules"
 __all__ = [
     "LoadPolicy",
     "check_target_modules",
+    "fit_embeddings",
     "compute_dtype",
     "cuda_available",
     "tokenizer_from",
     "torch_dtype",
 ]
+
+
+def fit_embeddings(model, tokenizer) -> bool:
+    """Grow the model's token embeddings (and tied head) to the tokenizer's length, as training did when
+    it added a pad token (data's `<|pad|>`): the run's adapter and tokenizer hold ids the base model's
+    matrix has no row for. Returns whether it resized."""
+    if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
+        return False
+    model.resize_token_embeddings(len(tokenizer))
+    return True

@@ -10,7 +10,14 @@ from __future__ import annotations
 import pickle
 
 from ..errors import BackendError
-from .common import LoadPolicy, check_target_modules, float32_trainable, tokenizer_from, torch_dtype
+from .common import (
+    LoadPolicy,
+    check_target_modules,
+    fit_embeddings,
+    float32_trainable,
+    tokenizer_from,
+    torch_dtype,
+)
 
 
 def lora_config(recipe):
@@ -57,6 +64,7 @@ def load(recipe, path: str, dtype: str, *, policy=None, tokenizer=None):
         what="the model",
     )
     tokenizer = tokenizer if tokenizer is not None else tokenizer_from(path, policy=policy)
+    fit_embeddings(model, tokenizer)  # a pad token the data added gets its row before LoRA is attached
     if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
         # Casts norms to float32 and readies the inputs for checkpointing; checkpointing itself is
         # enabled by the Trainer, so not here.
@@ -127,16 +135,6 @@ def load_base(
         raise BackendError(f"cannot load {what} {path!r}: {e}") from None
     model.eval()
     return model
-
-
-def fit_embeddings(model, tokenizer) -> bool:
-    """Grow the model's token embeddings (and tied head) to the tokenizer's length, as training did when
-    it added a pad token (data's `<|pad|>`): the run's adapter and tokenizer hold ids the base model's
-    matrix has no row for. Returns whether it resized."""
-    if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
-        return False
-    model.resize_token_embeddings(len(tokenizer))
-    return True
 
 
 def attach_adapter(base, adapter_dir, *, policy=None):

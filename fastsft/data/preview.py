@@ -26,7 +26,7 @@ def _segments(tokenizer, ids: list[int], mask: list[int]) -> list[tuple[str, boo
 
 def preview_rows(recipe, tokenizer, n: int = 3, *, log=None) -> tuple[list[dict], dict]:
     """The first `n` training examples as the trainer sees them: dicts with source, text, input_ids,
-    labels (-100 where no loss) and trained_text; and the stats."""
+    labels (IGNORE_INDEX, -100, where no loss) and trained_text; and the stats."""
     log = log or (lambda msg: None)
     spec = DataSpec.of(recipe)
     prepared, examples, _ = prepare_examples(spec, tokenizer, log=log, keep=n, use_cache=False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fastsft.kernels import ops as _kernel_ops
-from fastsft.run.loss import LossRoute, base_causal_lm
+from fastsft.run.loss import IGNORE_INDEX, LossRoute, base_causal_lm
 
 from ..levers import frozen16, offload, tiled_mlp
 from .autocast import MetaAutocast, backward
@@ -125,7 +125,7 @@ def _hf_2024_loss(logits, labels):
     shift_logits = logits[..., :-1, :].contiguous()
     shift_labels = labels[..., 1:].contiguous()
     return torch.nn.functional.cross_entropy(
-        shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1), ignore_index=-100
+        shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1), ignore_index=IGNORE_INDEX
     )
 
 

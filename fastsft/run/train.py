@@ -22,6 +22,7 @@ from fastsft import backends, dist, levers, machine
 from fastsft import data as data_mod
 from fastsft import export as export_mod
 from fastsft import recipe as recipe_mod
+from fastsft.backends.common import fit_embeddings
 from fastsft.chat.generation import answer
 from fastsft.chat.scoring import held_out_loss
 from fastsft.chat.templates import end_of_turn_ids
@@ -284,13 +285,11 @@ class Run:
         if loaded.tokenizer is not tokenizer:  # Unsloth's own tokenizer: set up as the data set up the first
             self.prepared = prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=lambda m: None)
             self._refuse_changed_data(prepared)
+            # Unsloth loaded the model before the data could add a pad token: its row is added now (the
+            # transformers backend is handed the data's tokenizer and adds it before LoRA)
+            fit_embeddings(loaded.model, loaded.tokenizer)
         self.retain_items, self.retain_source = retain.encode(recipe, loaded.tokenizer, log=self.log)
         model = loaded.model
-        if (
-            prepared.stats.get("added_pad_token")
-            and len(loaded.tokenizer) > model.get_input_embeddings().num_embeddings
-        ):
-            model.resize_token_embeddings(len(loaded.tokenizer))  # the new pad row is never trained on
         self.route = loss_mod.resolve(recipe, model, loaded.backend, next(model.parameters()).device)
         self.route.install(model)
         self.log(f"loss: {self.route.implementation} ({self.route.reason})")

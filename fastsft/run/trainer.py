@@ -81,10 +81,10 @@ class FastSFTTrainerMixin:
             d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # a skipped step adds nothing
             self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
         if model.training and "labels" in inputs:
-            from fastsft.run.loss import shift_left
+            from fastsft.run.loss import IGNORE_INDEX, shift_left
 
             # trained tokens (labels that carry loss): the health check scales its spike test to them
-            t = (shift_left(inputs["labels"]) != -100).sum()
+            t = (shift_left(inputs["labels"]) != IGNORE_INDEX).sum()
             if self._trained_local is None:  # this segment's first step: count from where it resumed
                 self._trained_logged = (self.state.global_step, 0)
             self._trained_local = t if self._trained_local is None else self._trained_local + t
