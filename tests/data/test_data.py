@@ -421,6 +421,7 @@ def test_training_preview_and_eval_mask_alike(tmp_path, tiny_model_dir, tok, tem
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    from fastsft.data.encode import collate
     from fastsft.use import evaluation as use
 
     write_jsonl(tmp_path / "train.jsonl", [{"messages": CONV}, TOOL_ROW, qa(1)])
@@ -437,9 +438,9 @@ def test_training_preview_and_eval_mask_alike(tmp_path, tiny_model_dir, tok, tem
     shown = [r["labels"] for r in D.preview_rows(recipe, tok, 3)[0]]
     assert shown == trained
     items, _ = use.eval_conversations(recipe, tok)
-    assert [use._loss_tokens(item, MASK_LIMIT)[1][0].tolist() for item in items] == trained
+    assert [collate([item], max_length=MASK_LIMIT, pad_id=0)["labels"][0].tolist() for item in items] == trained
     items = D.encode_file(recipe, tok, tmp_path / "train.jsonl")
-    assert [use._loss_tokens(item, MASK_LIMIT)[1][0].tolist() for item in items] == trained
+    assert [collate([item], max_length=MASK_LIMIT, pad_id=0)["labels"][0].tolist() for item in items] == trained
     assert any(x != -100 for x in trained[1]) and any(x == -100 for x in trained[1])  # the tool row is masked
     assert len(trained[1]) == MASK_LIMIT  # the tool row is cut at max_length, in every path
 
