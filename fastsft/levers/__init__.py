@@ -1,5 +1,5 @@
 """Memory levers for long sequences, each exact (same loss and gradients as the plain step, to float
-rounding; tests/test_levers.py checks each on the CPU), each a `[train]` key, each simulated by
+rounding; tests/levers/test_levers.py checks each on the CPU), each a `[train]` key, each simulated by
 `fastsft plan`:
 
 - offload: gradient checkpointing whose checkpoints (each decoder layer's input hidden states) wait in
