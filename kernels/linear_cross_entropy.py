@@ -30,9 +30,11 @@ from .memory_plan import plan as _plan
 from .online_tiles import online_chunks
 
 
-def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need_b, compute_grad, chunk):
-    """Per-row losses of the kept rows and, with `compute_grad`, the gradients (grad_h full-size, zero
-    on the ignored rows). One logits buffer (and the torch twin's scratch) is reused by every chunk."""
+def _chunks(hidden, keep, w, b, y, scale, opts, backend, need, compute_grad, chunk):
+    """Per-row losses of the kept rows and, with `compute_grad`, the gradients of those of (hidden,
+    weight, bias) that `need` marks (grad_h full-size, zero on the ignored rows). One logits buffer (and
+    the torch twin's scratch) is reused by every chunk."""
+    need_h, need_w, need_b = need
     n = keep.numel()
     all_kept = n == hidden.shape[0]
     per_row = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -84,98 +86,80 @@ def _chunks(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need
     return per_row, grad_h, grad_w, grad_b
 
 
-def _run(hidden, keep, w, b, y, scale, opts, backend, *, need_h, need_w, need_b, compute_grad, plan):
-    if plan[0] == "online":
-        per_row, grad_h = online_chunks(
-            hidden, keep, w, b, y, scale, opts, compute_grad=compute_grad and need_h, plan=plan[1:]
-        )
-        return per_row, grad_h, None, None
-    return _chunks(
-        hidden,
-        keep,
-        w,
-        b,
-        y,
-        scale,
-        opts,
-        backend,
-        need_h=need_h,
-        need_w=need_w,
-        need_b=need_b,
-        compute_grad=compute_grad,
-        chunk=plan[1],
+def _inputs(hidden, weight, bias, labels, num_items, ignore_index, mean, compute_dtype):
+    """(keep, y, w, b, scale): the kept rows (the one host sync) and their labels, the lm_head and its bias
+    in the compute dtype, and the loss's scale: 1 / num_items, 1 / the kept rows for a mean, else 1."""
+    keep = (labels != ignore_index).nonzero().squeeze(1)
+    y = labels.index_select(0, keep)
+    w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
+    b = None if bias is None else bias.to(compute_dtype)
+    if num_items is not None:
+        scale = 1.0 / torch.as_tensor(num_items, device=hidden.device).to(torch.float32).clamp(min=1.0)
+    elif mean:
+        scale = torch.tensor(1.0 / max(keep.numel(), 1), dtype=torch.float32, device=hidden.device)
+    else:
+        scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+    return keep, y, w, b, scale
+
+
+def _run(hidden, keep, w, b, y, scale, opts, backend, need, compute_grad, plan):
+    """(per-row losses, grad_h, grad_w, grad_b) along `plan` (`memory_plan.plan`), autocast off: the
+    dtypes are chosen already, and the out= buffers need them kept."""
+    with _no_autocast(hidden.device):
+        if plan[0] == "online":
+            per_row, grad_h = online_chunks(
+                hidden, keep, w, b, y, scale, opts, compute_grad=compute_grad and need[0], plan=plan[1:]
+            )
+            return per_row, grad_h, None, None
+        return _chunks(hidden, keep, w, b, y, scale, opts, backend, need, compute_grad, plan[1])
+
+
+def forward(hidden, weight, bias, labels, num_items, opts, mean, backend, compute_dtype, need, chunk, budget):
+    """The forward of the loss for a mean or sum: (loss, grad_h, grad_w, grad_b), the gradients (of
+    those `need` marks) for d(loss) = 1. The autograd Function and the custom op (ops.py) both run this."""
+    keep, y, w, b, scale = _inputs(
+        hidden, weight, bias, labels, num_items, opts["ignore_index"], mean, compute_dtype
     )
+    plan = _plan(hidden, w, keep, opts, backend, need[1], need[2], chunk, budget)
+    per_row, grad_h, grad_w, grad_b = _run(hidden, keep, w, b, y, scale, opts, backend, need, any(need), plan)
+    return (per_row.sum() * scale).reshape(()), grad_h, grad_w, grad_b
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, num_items, opts, reduction, backend, chunk, budget):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n_rows = hidden.shape[0]
-        keep = (labels != opts["ignore_index"]).nonzero().squeeze(1)  # the one host sync
+        need = tuple(ctx.needs_input_grad[:3])
         compute = _compute_dtype(hidden)
-        y = labels.index_select(0, keep)
-        w = weight if weight.dtype == compute else weight.to(compute)
-        b = None if bias is None else bias.to(compute)
-        if num_items is not None:
-            denom = torch.as_tensor(num_items, device=hidden.device).to(torch.float32).clamp(min=1.0)
-            scale = 1.0 / denom
-        elif reduction == "mean":
-            scale = torch.tensor(1.0 / max(keep.numel(), 1), dtype=torch.float32, device=hidden.device)
-        else:
-            scale = torch.ones((), dtype=torch.float32, device=hidden.device)
-        plan = _plan(hidden, w, keep, opts, backend, need_w, need_b, chunk, budget)
-        # reduction="none" needs the per-row incoming gradient: its gradients are made in backward
-        compute_grad = (need_h or need_w or need_b) and reduction != "none"
-        with _no_autocast(hidden.device):  # the dtypes are chosen above; out= needs them kept
-            per_row, grad_h, grad_w, grad_b = _run(
-                hidden,
-                keep,
-                w,
-                b,
-                y,
-                scale,
-                opts,
-                backend,
-                need_h=need_h,
-                need_w=need_w,
-                need_b=need_b,
-                compute_grad=compute_grad,
-                plan=plan,
-            )
-        ctx.reduction, ctx.opts, ctx.backend, ctx.plan = reduction, opts, backend, plan
+        ctx.reduction, ctx.opts, ctx.backend = reduction, opts, backend
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if reduction == "none":
-            ctx.save_for_backward(hidden, w, b, y, keep)
-            return torch.zeros(n_rows, dtype=torch.float32, device=hidden.device).index_copy_(
-                0, keep, per_row
+        if reduction != "none":
+            mean = reduction == "mean"
+            loss, *grads = forward(
+                hidden, weight, bias, labels, num_items, opts, mean, backend, compute, need, chunk, budget
             )
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return (per_row.sum() * scale).reshape(())
+            ctx.save_for_backward(*grads)
+            return loss
+        # reduction="none" needs the per-row incoming gradient: its gradients are made in backward
+        keep, y, w, b, scale = _inputs(
+            hidden, weight, bias, labels, None, opts["ignore_index"], False, compute
+        )
+        ctx.plan = _plan(hidden, w, keep, opts, backend, need[1], need[2], chunk, budget)
+        per_row, *_ = _run(hidden, keep, w, b, y, scale, opts, backend, need, False, ctx.plan)
+        ctx.save_for_backward(hidden, w, b, y, keep)
+        return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_copy_(
+            0, keep, per_row
+        )
 
     @staticmethod
     def backward(ctx, grad_output):
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.reduction == "none":
             hidden, w, b, y, keep = ctx.saved_tensors
-            need_h, need_w, need_b = ctx.needs_input_grad[:3]
+            need = tuple(ctx.needs_input_grad[:3])
             row_scale = grad_output.index_select(0, keep).to(torch.float32).contiguous()
-            with _no_autocast(hidden.device):
-                _, grad_h, grad_w, grad_b = _run(
-                    hidden,
-                    keep,
-                    w,
-                    b,
-                    y,
-                    row_scale,
-                    ctx.opts,
-                    ctx.backend,
-                    need_h=need_h,
-                    need_w=need_w,
-                    need_b=need_b,
-                    compute_grad=True,
-                    plan=ctx.plan,
-                )
+            _, grad_h, grad_w, grad_b = _run(
+                hidden, keep, w, b, y, row_scale, ctx.opts, ctx.backend, need, True, ctx.plan
+            )
         else:
             grad_h, grad_w, grad_b = ctx.saved_tensors
             g = grad_output.to(torch.float32)

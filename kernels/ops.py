@@ -50,34 +50,10 @@ def linear_cross_entropy(
         lse_square_scale=lse_square_scale,
         softcap=softcap,
     )
-    keep = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync
-    y = labels.index_select(0, keep)
-    w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
-    b = None if bias is None else bias.to(compute_dtype)
-    if num_items is not None:
-        scale = 1.0 / num_items.to(device=hidden.device, dtype=torch.float32).clamp(min=1.0)
-    elif mean:
-        scale = torch.tensor(1.0 / max(keep.numel(), 1), dtype=torch.float32, device=hidden.device)
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=hidden.device)
-    plan = memory_plan.plan(hidden, w, keep, opts, backend, need_w, need_b, chunk, budget)
-    with _lce._no_autocast(hidden.device):
-        per_row, grad_h, grad_w, grad_b = _lce._run(
-            hidden,
-            keep,
-            w,
-            b,
-            y,
-            scale,
-            opts,
-            backend,
-            need_h=need_h,
-            need_w=need_w,
-            need_b=need_b,
-            compute_grad=need_h or need_w or need_b,
-            plan=plan,
-        )
-    loss = (per_row.sum() * scale).reshape(())
+    need = (need_h, need_w, need_b)
+    loss, grad_h, grad_w, grad_b = _lce.forward(
+        hidden, weight, bias, labels, num_items, opts, mean, backend, compute_dtype, need, chunk, budget
+    )
     return (
         loss,
         _empty(hidden) if grad_h is None else grad_h,
