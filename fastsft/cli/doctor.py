@@ -12,19 +12,7 @@ from packaging.version import Version
 from fastsft import backends, machine
 
 # What doctor checks; their ranges come from fastsft's own metadata (machine.tested_bounds).
-CHECKED = (
-    "torch",
-    "transformers",
-    "trl",
-    "peft",
-    "bitsandbytes",
-    "triton",
-    "datasets",
-    "accelerate",
-    "unsloth",
-    "unsloth_zoo",
-    "xformers",
-)
+CHECKED = (*(p for p in machine.PACKAGES if p != "fastsft"), "unsloth_zoo", "xformers")
 OPTIONAL = ("triton", "unsloth", "unsloth_zoo", "xformers")  # a missing one is not a fault
 
 
