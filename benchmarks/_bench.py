@@ -27,8 +27,12 @@ CPU_FULL = not GPU and os.environ.get("FASTSFT_BENCH_CPU") == "full"
 
 def machine() -> dict:
     """The machine the figures come from (CPU runs: model, cores, memory; GPU runs add the device)."""
-    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "platform": platform.platform()}  # fmt: skip
+    out = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
     try:
         out["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
@@ -179,11 +183,14 @@ class Results:
             )
         out.append("")
         if self.loss:
-            out += ["Loss, forward + backward (x torch: the stock loss of the same input group, this run; >1 is better "
-                    "for time, <1 for memory; parity: relative distance to the float64 loss)", "",
-                    "| impl | input | vocab | tokens | smoothing | ms | x torch | peak MiB | x torch | achieved | loss | "
-                    "parity | vs fastsft |",
-                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            out += [
+                "Loss, forward + backward (x torch: the stock loss of the same input group, this run; >1 is better "
+                "for time, <1 for memory; parity: relative distance to the float64 loss)",
+                "",
+                "| impl | input | vocab | tokens | smoothing | ms | x torch | peak MiB | x torch | achieved | loss | "
+                "parity | vs fastsft |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for r in self.loss:
                 impl = r["impl"] + (f" (+{r['background']})" if r.get("background") else "")
                 out.append(
@@ -196,10 +203,14 @@ class Results:
         if runs:
             kinds = sorted({r.get("base", "NF4 (QLoRA)") for r in runs})
             peak = "peak GiB" if GPU else "peak RSS GiB"
-            out += ["", f"Training, base {' / '.join(kinds)} (x transformers: the stock row of the same model and length, "
-                    "this run, each row in its own process)", "",
-                    f"| model | backend | seq_len | tokens/s | x transformers | {peak} | x transformers | first losses |",
-                    "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            out += [
+                "",
+                f"Training, base {' / '.join(kinds)} (x transformers: the stock row of the same model and length, "
+                "this run, each row in its own process)",
+                "",
+                f"| model | backend | seq_len | tokens/s | x transformers | {peak} | x transformers | first losses |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for r in runs:
                 out.append(
                     f"| {r['model']} | {r['backend']} | {r['seq_len']} | {_f(r.get('tokens_per_s'), 0)} | "
@@ -246,8 +257,16 @@ class Results:
         if rows:
             fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
             for impl in sorted({r["impl"] for r in rows}):
-                sel = sorted((r for r in rows if r["impl"] == impl and r["label_smoothing"] == 0.0
-                              and r["tokens"] == max(x["tokens"] for x in rows)), key=lambda r: r["vocab"])  # fmt: skip
+                sel = sorted(
+                    (
+                        r
+                        for r in rows
+                        if r["impl"] == impl
+                        and r["label_smoothing"] == 0.0
+                        and r["tokens"] == max(x["tokens"] for x in rows)
+                    ),
+                    key=lambda r: r["vocab"],
+                )
                 if sel:
                     style = "o-" if sel[0]["input"] == "hidden" else "s--"
                     axes[0].plot([r["vocab"] for r in sel], [r["ms"] for r in sel], style, label=impl)

@@ -45,8 +45,13 @@ def collect(out: Path, work: Path, part: str, rc: int, seconds: float, limit: in
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"parts": {}}
-    rec = {"rc": rc, "status": STATUS.get(rc, f"exit {rc}"), "seconds": round(seconds, 1), "limit_s": limit,
-           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    rec = {
+        "rc": rc,
+        "status": STATUS.get(rc, f"exit {rc}"),
+        "seconds": round(seconds, 1),
+        "limit_s": limit,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if note:
         rec["note"] = note
     tests = test_report(work / f"{part}.jsonl")
@@ -72,8 +77,14 @@ def collect(out: Path, work: Path, part: str, rc: int, seconds: float, limit: in
 
 
 def markdown(summary: dict) -> str:
-    lines = ["# gpu_check", "", f"device: {summary.get('device') or 'unknown'}", "",
-             "| part | status | seconds (limit) | tests passed / failed / skipped |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# gpu_check",
+        "",
+        f"device: {summary.get('device') or 'unknown'}",
+        "",
+        "| part | status | seconds (limit) | tests passed / failed / skipped |",
+        "|---|---|---|---|",
+    ]
     for name, rec in summary["parts"].items():
         t = rec.get("tests") or {}
         counts = f"{t['passed']} / {len(t['failed'])} / {sum(t['skipped'].values())}" if t else ""
@@ -94,8 +105,23 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PACKAGES = ("torch", "triton", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets",
-            "unsloth", "unsloth_zoo", "liger-kernel", "cut-cross-entropy", "tomli-w", "setuptools", "fastsft")  # fmt: skip
+PACKAGES = (
+    "torch",
+    "triton",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "bitsandbytes",
+    "datasets",
+    "unsloth",
+    "unsloth_zoo",
+    "liger-kernel",
+    "cut-cross-entropy",
+    "tomli-w",
+    "setuptools",
+    "fastsft",
+)
 
 
 def probe(work: Path, stand_in: bool) -> int:

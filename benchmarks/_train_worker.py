@@ -137,12 +137,19 @@ def run_stock(model_dir, data, seq_len, steps, warmup, record):
     dtype = torch.bfloat16 if cuda or LORA16 else torch.float32
     quant = None
     if not LORA16:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)  # fmt: skip
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation="sdpa", quantization_config=quant,
+        model_dir,
+        dtype=dtype,
+        attn_implementation="sdpa",
+        quantization_config=quant,
         device_map={"": 0} if cuda else None,
-    )  # fmt: skip
+    )
     if LORA16:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     else:
@@ -153,13 +160,29 @@ def run_stock(model_dir, data, seq_len, steps, warmup, record):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ds = load_dataset("json", data_files=str(data), split="train")
     args = SFTConfig(
-        output_dir=f"/tmp/bench-stock-{time.time_ns()}", max_steps=steps, per_device_train_batch_size=1,
-        learning_rate=2e-4, gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none",
-        max_length=seq_len, bf16=cuda or LORA16, use_cpu=not cuda, seed=0, data_seed=0, disable_tqdm=True,
+        output_dir=f"/tmp/bench-stock-{time.time_ns()}",
+        max_steps=steps,
+        per_device_train_batch_size=1,
+        learning_rate=2e-4,
+        gradient_checkpointing=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        max_length=seq_len,
+        bf16=cuda or LORA16,
+        use_cpu=not cuda,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
         dataset_text_field="text",
-    )  # fmt: skip
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                         callbacks=[timing_callback(warmup, record)])  # fmt: skip
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        callbacks=[timing_callback(warmup, record)],
+    )
     trainer.train()
     record["loss_impl"] = "TRL SFTTrainer's own loss"
     record["used_backend"] = "transformers"
@@ -181,16 +204,37 @@ def run_unsloth(model_dir, data, seq_len, steps, warmup, record):
             return (out.loss, out) if return_outputs else out.loss
 
     model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=seq_len, load_in_4bit=True)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=ALL_LINEAR,
-                                             use_gradient_checkpointing="unsloth", random_state=0)  # fmt: skip
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=16,
+        target_modules=ALL_LINEAR,
+        use_gradient_checkpointing="unsloth",
+        random_state=0,
+    )
     ds = load_dataset("json", data_files=str(data), split="train")
     args = SFTConfig(
-        output_dir=f"/tmp/bench-unsloth-{time.time_ns()}", max_steps=steps, per_device_train_batch_size=1,
-        learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", max_length=seq_len,
-        bf16=True, seed=0, data_seed=0, disable_tqdm=True, dataset_text_field="text",
-    )  # fmt: skip
-    trainer = UnslothOwnLoss(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                             callbacks=[timing_callback(warmup, record)])  # fmt: skip
+        output_dir=f"/tmp/bench-unsloth-{time.time_ns()}",
+        max_steps=steps,
+        per_device_train_batch_size=1,
+        learning_rate=2e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        max_length=seq_len,
+        bf16=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataset_text_field="text",
+    )
+    trainer = UnslothOwnLoss(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        callbacks=[timing_callback(warmup, record)],
+    )
     trainer.model_accepts_loss_kwargs = True  # the model divides by num_items_in_batch itself
     trainer.train()
     record["loss_impl"] = "unsloth's fused loss (model called with labels)"

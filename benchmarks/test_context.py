@@ -41,10 +41,16 @@ def _svg(rows) -> str:
     ymax = max(max(r["fastsft"], r["unsloth_published"] or 0) for r in rows)
     x = lambda gb: pad + (gb - 8) / 72 * (w - 2 * pad)  # noqa: E731
     y = lambda v: h - pad - v / ymax * (h - 2 * pad)  # noqa: E731
-    lines = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-             f'<text x="{pad}" y="20">Llama-3.1-8B QLoRA r=32, batch 1: longest sequence (SIMULATED by fastsft plan)</text>']  # fmt: skip
-    series = [("stock HF (sim.)", "hf_simulated", "#888"), ("fastsft (sim.)", "fastsft", "#c33"),
-              ("Unsloth (published)", "unsloth_published", "#36c"), ("HF+FA2 (published)", "hf_published", "#999")]  # fmt: skip
+    lines = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+        f'<text x="{pad}" y="20">Llama-3.1-8B QLoRA r=32, batch 1: longest sequence (SIMULATED by fastsft plan)</text>',
+    ]
+    series = [
+        ("stock HF (sim.)", "hf_simulated", "#888"),
+        ("fastsft (sim.)", "fastsft", "#c33"),
+        ("Unsloth (published)", "unsloth_published", "#36c"),
+        ("HF+FA2 (published)", "hf_published", "#999"),
+    ]
     for i, (name, key, color) in enumerate(series):
         pts = " ".join(f"{x(r['gpu_gib']):.1f},{y(r[key]):.1f}" for r in rows if r[key])
         dash = ' stroke-dasharray="5,4"' if "published" in key else ""
@@ -65,9 +71,15 @@ def test_context_table():
     for gb in SIZES:
         unsloth, hf_pub = UNSLOTH_TABLE[gb]
         print(f"context: {gb} GiB ({time.time() - t0:.0f} s)", flush=True)
-        rows.append({"gpu_gib": gb, "hf_simulated": max_length(hf, gb * GiB, cache=hf_cache),
-                     "fastsft": max_length(fast, gb * GiB, cache=fast_cache),
-                     "unsloth_published": unsloth, "hf_published": hf_pub})  # fmt: skip
+        rows.append(
+            {
+                "gpu_gib": gb,
+                "hf_simulated": max_length(hf, gb * GiB, cache=hf_cache),
+                "fastsft": max_length(fast, gb * GiB, cache=fast_cache),
+                "unsloth_published": unsloth,
+                "hf_published": hf_pub,
+            }
+        )
     took = time.time() - t0
     for r in rows:
         r["hf_sim_vs_published"] = (
@@ -75,19 +87,31 @@ def test_context_table():
         )
         r["fastsft_vs_unsloth"] = round(r["fastsft"] / r["unsloth_published"], 3)
     head = "| GPU GiB | stock HF (simulated) | HF+FA2 (published) | sim/pub | fastsft (simulated) | Unsloth (published) | fastsft/Unsloth |"
-    md = [f"# Longest Llama-3.1-8B QLoRA sequence, batch 1: a SIMULATION ({took:.0f} s on {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})",
-          "", head, "|" + "---|" * 7]  # fmt: skip
+    md = [
+        f"# Longest Llama-3.1-8B QLoRA sequence, batch 1: a SIMULATION ({took:.0f} s on {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})",
+        "",
+        head,
+        "|" + "---|" * 7,
+    ]
     for r in rows:
         hp = f"{r['hf_published']:,}" if r["hf_published"] else "OOM"
         ratio = r["hf_sim_vs_published"] or "-"
-        md.append(f"| {r['gpu_gib']} | {r['hf_simulated']:,} | {hp} | {ratio} | {r['fastsft']:,} | "
-                  f"{r['unsloth_published']:,} | {r['fastsft_vs_unsloth']} |")  # fmt: skip
+        md.append(
+            f"| {r['gpu_gib']} | {r['hf_simulated']:,} | {hp} | {ratio} | {r['fastsft']:,} | "
+            f"{r['unsloth_published']:,} | {r['fastsft_vs_unsloth']} |"
+        )
     text = "\n".join(md)
     print("\n" + text)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "context.md").write_text(text + "\n")
-    meta = {"simulated": True, "device": "none (meta tensors, CPU)", "seconds": round(took, 1),
-            "load": os.getloadavg()[0], "fastsft_levers": LEVERS, "rows": rows}  # fmt: skip
+    meta = {
+        "simulated": True,
+        "device": "none (meta tensors, CPU)",
+        "seconds": round(took, 1),
+        "load": os.getloadavg()[0],
+        "fastsft_levers": LEVERS,
+        "rows": rows,
+    }
     (OUT / "context.json").write_text(json.dumps(meta, indent=2) + "\n")
     (OUT / "context.svg").write_text(_svg(rows))
     row24 = next(r for r in rows if r["gpu_gib"] == 24)

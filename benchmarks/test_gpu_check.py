@@ -21,8 +21,9 @@ CALL_LIMIT = 480  # one device call of at most 8 minutes (the tool's timeout_s: 
 
 
 def dry_run(plan="quick"):
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", plan], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", plan], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t", 2) for line in proc.stdout.splitlines() if line.strip()]
     return [(part, int(limit), shlex.split(cmd)) for part, limit, cmd in rows]
@@ -51,8 +52,15 @@ def test_unknown_plan_is_refused():
 def stand_in(tmp_path, archive, **env):
     out, work, site = tmp_path / "out", tmp_path / "work", tmp_path / "site"
     child = {k: v for k, v in os.environ.items() if not k.startswith(("FASTSFT_BENCH", "OUT"))}
-    child.update(OUT=str(out), FASTSFT_GPU_STANDIN="1", FASTSFT_GPU_SITE=str(site), FASTSFT_GPU_WORK=str(work),
-                 FASTSFT_GPU_ARCHIVE=str(archive), FASTSFT_GPU_PYTHON=sys.executable, **env)  # fmt: skip
+    child.update(
+        OUT=str(out),
+        FASTSFT_GPU_STANDIN="1",
+        FASTSFT_GPU_SITE=str(site),
+        FASTSFT_GPU_WORK=str(work),
+        FASTSFT_GPU_ARCHIVE=str(archive),
+        FASTSFT_GPU_PYTHON=sys.executable,
+        **env,
+    )
     proc = subprocess.run(
         ["bash", str(SCRIPT)], cwd=REPO, env=child, capture_output=True, text=True, timeout=600
     )
@@ -118,13 +126,31 @@ def test_a_benchmark_stopped_midway_keeps_its_rows(tmp_path):
     gpu_check.sh's per-part timeout keeps the rows measured before it."""
     (tmp_path / "killer.py").write_text(KILL_AFTER_FIRST)
     bench_out = tmp_path / "bench"
-    env = {**os.environ, "FASTSFT_BENCH_OUT": str(bench_out),
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    env = {
+        **os.environ,
+        "FASTSFT_BENCH_OUT": str(bench_out),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "killer",
-         "benchmarks/test_loss_bench.py", "-k", "test_loss and fastsft-V"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "killer",
+            "benchmarks/test_loss_bench.py",
+            "-k",
+            "test_loss and fastsft-V",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((bench_out / "summary.json").read_text())["loss"]
     assert rows and rows[0]["impl"] == "fastsft", rows

@@ -269,9 +269,18 @@ def _unsloth_fused(h, w, y, eps):
         labels = torch.cat([y.new_full((1,), -100), y])[None]
     target_gb = float(os.environ.get("UNSLOTH_CE_LOSS_TARGET_GB", "1"))
     return zoo.unsloth_fused_ce_loss(
-        trainer=None, hidden_states=hs, lm_head_weight=w, lm_head_bias=None, labels=labels,
-        mask=None, n_items=None, scaling=None, target_gb=target_gb, torch_compile=True, **extra,
-    )  # fmt: skip
+        trainer=None,
+        hidden_states=hs,
+        lm_head_weight=w,
+        lm_head_bias=None,
+        labels=labels,
+        mask=None,
+        n_items=None,
+        scaling=None,
+        target_gb=target_gb,
+        torch_compile=True,
+        **extra,
+    )
 
 
 def _cce(h, w, y, eps):
@@ -366,8 +375,10 @@ def test_loss(impl, n, v, results):
     kind, build, on_cpu = IMPLS[impl]
     why = _importable(impl)
     if not GPU and not on_cpu:
-        pytest.skip(f"{impl}: GPU only (CUDA kernels / torch.compile), not smoke-tested on the CPU; "
-                    f"{'installed here' if why is None else 'not installed here either'}")  # fmt: skip
+        pytest.skip(
+            f"{impl}: GPU only (CUDA kernels / torch.compile), not smoke-tested on the CPU; "
+            f"{'installed here' if why is None else 'not installed here either'}"
+        )
     if why:
         note = f"{impl}: skipped, not installed ({why})"
         if note not in results.notes:
@@ -385,8 +396,16 @@ def test_loss(impl, n, v, results):
     bandwidth = results.extra.get("copy_gbs")
     failures = []
     for eps in SMOOTHING:
-        row = {"impl": impl, "input": kind, "vocab": v, "tokens": n, "supervised_tokens": supervised, "hidden": H,
-               "label_smoothing": eps, "dtype": str(DTYPE).removeprefix("torch.")}  # fmt: skip
+        row = {
+            "impl": impl,
+            "input": kind,
+            "vocab": v,
+            "tokens": n,
+            "supervised_tokens": supervised,
+            "hidden": H,
+            "label_smoothing": eps,
+            "dtype": str(DTYPE).removeprefix("torch."),
+        }
         try:
             run = build(h, w, y, eps)
             loss = float(run())
@@ -404,9 +423,13 @@ def test_loss(impl, n, v, results):
             raise
         ref = reference_loss(n, v, eps)
         anchor = fastsft_loss(n, v, eps)
-        row.update(loss=round(loss, 5), loss_fp64=round(ref, 5), rel_err_fp64=abs(loss - ref) / abs(ref),
-                   rel_diff_vs_fastsft=abs(loss - anchor) / abs(anchor),
-                   parity=f"{abs(loss - ref) / abs(ref):.1e}")  # fmt: skip
+        row.update(
+            loss=round(loss, 5),
+            loss_fp64=round(ref, 5),
+            rel_err_fp64=abs(loss - ref) / abs(ref),
+            rel_diff_vs_fastsft=abs(loss - anchor) / abs(anchor),
+            parity=f"{abs(loss - ref) / abs(ref):.1e}",
+        )
         if not math.isfinite(loss) or row["rel_err_fp64"] > PARITY_RTOL:
             failures.append(f"smoothing {eps}: loss {loss} vs float64 {ref} (fastsft {anchor})")
         if GPU:
@@ -464,8 +487,18 @@ if CPU_FULL:  # the committed CPU grid (FASTSFT_BENCH_CPU=full): (tokens, vocabu
     CPU_H, CPU_SIZES, CPU_REPS = 1024, ((1024, 32768), (512, 128256)), 3
 else:  # CI: one small size, a few minutes
     CPU_H, CPU_SIZES, CPU_REPS = 1024, ((512, 8192),), 3
-CPU_IMPLS = ["fastsft-linear", "fastsft-linear-1mib", "torch-stock-linear", "torch-linear", "torch-linear-compact", "trl", "cce",
-             "liger-linear", "fastsft", "torch"]  # fmt: skip
+CPU_IMPLS = [
+    "fastsft-linear",
+    "fastsft-linear-1mib",
+    "torch-stock-linear",
+    "torch-linear",
+    "torch-linear-compact",
+    "trl",
+    "cce",
+    "liger-linear",
+    "fastsft",
+    "torch",
+]
 CPU_ONLY_GPU = {
     "liger-linear": "Liger's kernels are Triton-only (on the CPU they would time the Triton interpreter)"
 }
@@ -558,8 +591,17 @@ def test_loss_cpu(n, v, results, tmp_path):
             if "skipped" in rec:
                 results.notes.append(f"{impl} V={v} N={n} smoothing {eps}: skipped ({rec['skipped']})")
                 continue
-            row = {"impl": impl, "input": IMPLS[impl][0], "vocab": v, "tokens": n, "supervised_tokens": supervised,
-                   "hidden": h, "label_smoothing": eps, "dtype": "bfloat16", "device": "cpu"}  # fmt: skip
+            row = {
+                "impl": impl,
+                "input": IMPLS[impl][0],
+                "vocab": v,
+                "tokens": n,
+                "supervised_tokens": supervised,
+                "hidden": h,
+                "label_smoothing": eps,
+                "dtype": "bfloat16",
+                "device": "cpu",
+            }
             if "error" in rec:
                 results.notes.append(f"{impl} V={v} N={n} smoothing {eps}: FAILED ({rec['error']})")
                 results.loss.append({**row, "error": rec["error"][:80]})
@@ -571,9 +613,15 @@ def test_loss_cpu(n, v, results, tmp_path):
             else:
                 mem = mems.get(impl, mems)
             loss, ref = rec["loss"], refs[eps]
-            row.update(ms=rec["ms"], samples_ms=[round(x, 1) for x in rec["samples_ms"]], loss=round(loss, 5),
-                       loss_fp64=round(ref, 5), rel_err_fp64=abs(loss - ref) / abs(ref),
-                       parity=f"{abs(loss - ref) / abs(ref):.1e}", loadavg_during=[load0, loadavg()])  # fmt: skip
+            row.update(
+                ms=rec["ms"],
+                samples_ms=[round(x, 1) for x in rec["samples_ms"]],
+                loss=round(loss, 5),
+                loss_fp64=round(ref, 5),
+                rel_err_fp64=abs(loss - ref) / abs(ref),
+                parity=f"{abs(loss - ref) / abs(ref):.1e}",
+                loadavg_during=[load0, loadavg()],
+            )
             if "peak_mib" in mem:
                 row["peak_mem_gib"] = mem["peak_mib"] / 1024
             else:
@@ -585,8 +633,10 @@ def test_loss_cpu(n, v, results, tmp_path):
             if not math.isfinite(loss) or row["rel_err_fp64"] > PARITY_RTOL:
                 # fastsft must match; another library's miss is reported (its row stays, marked)
                 row["parity"] += " FAIL"
-                results.notes.append(f"{impl} V={v} N={n} smoothing {eps}: loss {loss:.5f} is "
-                                     f"{row['rel_err_fp64']:.1%} from the float64 loss {ref:.5f}")  # fmt: skip
+                results.notes.append(
+                    f"{impl} V={v} N={n} smoothing {eps}: loss {loss:.5f} is "
+                    f"{row['rel_err_fp64']:.1%} from the float64 loss {ref:.5f}"
+                )
                 if impl.startswith("fastsft"):
                     failures.append(f"{impl} smoothing {eps}: loss {loss} vs float64 {ref}")
             rows.append(row)
@@ -611,16 +661,27 @@ def _lead_note(results, rows, v, n, eps):
         return
     ahead_t = [r["impl"] for r in peers if r["ms"] < ours["ms"]]
     mine = ours.get("peak_mem_gib")
-    ahead_m = [r["impl"] for r in peers if mine is not None and r.get("peak_mem_gib") is not None
-               and r["peak_mem_gib"] < mine]  # fmt: skip
+    ahead_m = [
+        r["impl"]
+        for r in peers
+        if mine is not None and r.get("peak_mem_gib") is not None and r["peak_mem_gib"] < mine
+    ]
     line = f"V={v} N={n} smoothing {eps}: fastsft-linear vs {len(peers)} peer rows: "
     if not ahead_t and not ahead_m:
         line += "ahead of or equal to every one in time and memory"
     else:
-        parts = [f"{p} faster ({ours['ms'] / r['ms']:.2f}x our time)" for p in ahead_t
-                 for r in peers if r["impl"] == p]  # fmt: skip
-        parts += [f"{p} smaller ({mine / r['peak_mem_gib']:.2f}x our memory)" for p in ahead_m
-                  for r in peers if r["impl"] == p]  # fmt: skip
+        parts = [
+            f"{p} faster ({ours['ms'] / r['ms']:.2f}x our time)"
+            for p in ahead_t
+            for r in peers
+            if r["impl"] == p
+        ]
+        parts += [
+            f"{p} smaller ({mine / r['peak_mem_gib']:.2f}x our memory)"
+            for p in ahead_m
+            for r in peers
+            if r["impl"] == p
+        ]
         line += "behind " + "; ".join(parts)
     results.notes.append(line)
 
@@ -675,12 +736,23 @@ def test_loss_cpu_loaded(n, v, results, tmp_path):
     for impl in LOADED_IMPLS:
         assert "ms" in timed.get(impl, {}), f"{impl}: {timed.get(impl, timed)}"
     rows = [
-        {"impl": impl, "input": "hidden", "vocab": v, "tokens": n, "hidden": CPU_H, "label_smoothing": 0.0,
-         "dtype": "bfloat16", "device": "cpu", "background": f"{BUSY} busy processes", "ms": timed[impl]["ms"],
-         "samples_ms": [round(x, 1) for x in timed[impl]["samples_ms"]], "loss": round(timed[impl]["loss"], 5),
-         "loadavg_during": [load0, load1]}
+        {
+            "impl": impl,
+            "input": "hidden",
+            "vocab": v,
+            "tokens": n,
+            "hidden": CPU_H,
+            "label_smoothing": 0.0,
+            "dtype": "bfloat16",
+            "device": "cpu",
+            "background": f"{BUSY} busy processes",
+            "ms": timed[impl]["ms"],
+            "samples_ms": [round(x, 1) for x in timed[impl]["samples_ms"]],
+            "loss": round(timed[impl]["loss"], 5),
+            "loadavg_during": [load0, load1],
+        }
         for impl in LOADED_IMPLS
-    ]  # fmt: skip
+    ]
     results.loss.extend(rows)
     _ratios(results)
     ours, stock = timed["fastsft-linear"]["ms"], timed["torch-stock-linear"]["ms"]

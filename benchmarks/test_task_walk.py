@@ -143,9 +143,14 @@ def test_the_word_sentiment_walk():
 
     def row(name, e):
         t = e["task"]
-        return {"model": name, "exact": f"{t['exact_count']}/{t['n']}", "normalised": f"{t['normalised_count']}/{t['n']}",
-                "class_accuracy": t["classes"]["accuracy"] if t["classes"] else None,
-                "held_out_loss": round(e["loss"], 4), "compliance": e["compliance"]}  # fmt: skip
+        return {
+            "model": name,
+            "exact": f"{t['exact_count']}/{t['n']}",
+            "normalised": f"{t['normalised_count']}/{t['n']}",
+            "class_accuracy": t["classes"]["accuracy"] if t["classes"] else None,
+            "held_out_loss": round(e["loss"], 4),
+            "compliance": e["compliance"],
+        }
 
     table = [
         row("SmolLM2-135M-Instruct (base)", evals["base"]),
@@ -173,9 +178,12 @@ def test_the_word_sentiment_walk():
         "recipe": RECIPE.format(base=BASE),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    lines = [f"# The task walk ({summary['date']}, {summary['device']}, load {load_start} -> {summary['loadavg_end']})", "",
-             "| model | exact | normalised | class accuracy | held-out loss | template compliance |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# The task walk ({summary['date']}, {summary['device']}, load {load_start} -> {summary['loadavg_end']})",
+        "",
+        "| model | exact | normalised | class accuracy | held-out loss | template compliance |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in table:
         acc = "-" if r["class_accuracy"] is None else f"{r['class_accuracy']:.0%}"
         lines.append(

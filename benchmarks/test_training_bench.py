@@ -36,22 +36,76 @@ WORKER = Path(__file__).with_name("_train_worker.py")
 
 MODELS = {
     # public configs: hidden, intermediate, layers, heads, kv heads, vocab, rope theta, tied embeddings
-    "qwen2.5-0.5b": ("Qwen2Config", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                     num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rope_theta=1e6,
-                     rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768)),
-    "mistral-7b": ("MistralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, rope_theta=1e6,
-                   rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=32768)),
+    "qwen2.5-0.5b": (
+        "Qwen2Config",
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            max_position_embeddings=32768,
+        ),
+    ),
+    "mistral-7b": (
+        "MistralConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32768,
+            rope_theta=1e6,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            max_position_embeddings=32768,
+        ),
+    ),
     # 1.24B parameters: built and saved in seconds on a GPU (the quick e2e row of benchmarks/gpu_check.sh)
-    "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                     rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072,
-                     rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                       original_max_position_embeddings=8192))),
-    "llama-3-8b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5,
-                   rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=8192)),
-}  # fmt: skip
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=128256,
+            rope_theta=5e5,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            max_position_embeddings=131072,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+    ),
+    "llama-3-8b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rope_theta=5e5,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            max_position_embeddings=8192,
+        ),
+    ),
+}
 ROWS = ["fastsft", "fastsft-transformers", "transformers", "unsloth"]
 FASTSFT_ROWS = {"fastsft", "fastsft-transformers"}
 FIRST_LOSS_RTOL = 0.02  # step 1 is the base model's loss (LoRA B = 0): every row must agree on it
@@ -144,13 +198,30 @@ def data_file(tmp: Path, seq_len: int) -> Path:
     return path
 
 
-def run_row(row: str, folder: Path, data: Path, seq_len: int, steps: int, warmup: int, tmp: Path,
-            mem_gib: float | None = None, timeout: int = 1800) -> dict:  # fmt: skip
+def run_row(
+    row: str,
+    folder: Path,
+    data: Path,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    tmp: Path,
+    mem_gib: float | None = None,
+    timeout: int = 1800,
+) -> dict:
     """One row in its own process: its record, or {"error": ...} / {"skipped": ...}."""
     out = tmp / f"{row}-{seq_len}.json"
     log = tmp / f"{row}-{seq_len}.log"
-    env = {**os.environ, "FASTSFT_BENCH_LORA16": "1" if CPU_FULL else "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "UNSLOTH_DISABLE_STATISTICS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "FASTSFT_BENCH_LORA16": "1" if CPU_FULL else "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "UNSLOTH_DISABLE_STATISTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     if CPU_FULL:  # a CPU user's run: fastsft's PyTorch path, not the Triton interpreter the smoke tests use
         env.pop("TRITON_INTERPRET", None)
     if mem_gib:
@@ -197,15 +268,26 @@ def test_training(model, seq_len, results, tmp_path):
     base = rows.get("transformers")
     for r, rec in rows.items():
         entry = {
-            "model": model, "backend": r, "seq_len": seq_len, "batch": 1, "grad_accum": 1, "lora_r": 16,
-            "base": "bf16 (16-bit LoRA), CPU" if CPU_FULL else "NF4 (QLoRA)", "peak_rss_gib": rec.get("peak_rss_gib"),
-            "target_modules": "all-linear", "padding": "none (exact-length rows)", "steps": STEPS,
-            "warmup_steps": WARMUP, "tokens_per_step": rec.get("tokens_per_step"), "loss_impl": rec.get("loss_impl"),
-            "used_backend": rec.get("used_backend"), "first_losses": rec.get("losses", [])[:3],
+            "model": model,
+            "backend": r,
+            "seq_len": seq_len,
+            "batch": 1,
+            "grad_accum": 1,
+            "lora_r": 16,
+            "base": "bf16 (16-bit LoRA), CPU" if CPU_FULL else "NF4 (QLoRA)",
+            "peak_rss_gib": rec.get("peak_rss_gib"),
+            "target_modules": "all-linear",
+            "padding": "none (exact-length rows)",
+            "steps": STEPS,
+            "warmup_steps": WARMUP,
+            "tokens_per_step": rec.get("tokens_per_step"),
+            "loss_impl": rec.get("loss_impl"),
+            "used_backend": rec.get("used_backend"),
+            "first_losses": rec.get("losses", [])[:3],
             "tokens_per_s": rec.get("tokens_per_s") if MEASURED else None,
             "peak_mem_gib": rec.get("peak_mem_gib") if GPU else rec.get("peak_rss_gib") if CPU_FULL else None,
             "measured": MEASURED,
-        }  # fmt: skip
+        }
         if MEASURED and base and rec.get("tokens_per_s") and base.get("tokens_per_s"):
             entry["speedup_vs_transformers"] = rec["tokens_per_s"] / base["tokens_per_s"]
             if entry["peak_mem_gib"] and (base.get("peak_mem_gib") if GPU else base.get("peak_rss_gib")):
@@ -253,6 +335,15 @@ def test_longest_sequence_in_24gb(row, results, tmp_path):
             break
         best = seq_len
         seq_len *= 2
-    results.e2e.append({"model": "mistral-7b", "backend": row, "seq_len": best, "memory_cap_gib": 24,
-                        "longest_fitting": True, "stopped_by": why, "measured": True})  # fmt: skip
+    results.e2e.append(
+        {
+            "model": "mistral-7b",
+            "backend": row,
+            "seq_len": best,
+            "memory_cap_gib": 24,
+            "longest_fitting": True,
+            "stopped_by": why,
+            "measured": True,
+        }
+    )
     assert best is not None, f"{row}: not even 2048 tokens fit in 24 GiB ({why})"

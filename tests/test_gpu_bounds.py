@@ -55,8 +55,11 @@ def _specs(lines, env=LINUX) -> dict[str, SpecifierSet]:
 
 def unsloth_requires() -> dict[str, SpecifierSet]:
     """What unsloth and unsloth_zoo require, from their installed METADATA, intersected."""
-    dists = [d for d in metadata.distributions(path=[str(UNSLOTH_SITE)])
-             if d.metadata["Name"].replace("-", "_").lower() in ("unsloth", "unsloth_zoo")]  # fmt: skip
+    dists = [
+        d
+        for d in metadata.distributions(path=[str(UNSLOTH_SITE)])
+        if d.metadata["Name"].replace("-", "_").lower() in ("unsloth", "unsloth_zoo")
+    ]
     if len(dists) < 2:
         pytest.skip(
             "unsloth / unsloth_zoo are not in .cache/unsloth (tests/install-test-extras.sh installs them)"
@@ -151,9 +154,10 @@ def fake(monkeypatch):
         return {(r := Requirement(s)).name: str(r.specifier) for s in lines}
 
     monkeypatch.setattr(
-        machine, "tested_bounds",
+        machine,
+        "tested_bounds",
         lambda: (bounds(project["dependencies"]), bounds(project["optional-dependencies"]["gpu"])),
-    )  # fmt: skip
+    )
     real = machine.version
 
     def install(**versions):

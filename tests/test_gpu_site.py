@@ -17,9 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__import__("os").environ.get("FASTSFT_SHARED", REPO.parent / "shared")) / "gpu"
 IMAGE, BUILD_SITE = SHARED / "image-packages.txt", SHARED / "build-site.sh"
 # the image's interpreter, for the requirements' environment markers
-IMAGE_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-             "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-             "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}  # fmt: skip
+IMAGE_ENV = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "extra": "",
+}
 # imports of fastsft that are not on the one-GPU path, with why
 NOT_ON_THE_GPU_PATH = {
     "deepspeed": "fastsft/dist.py: only [distributed] strategy = 'deepspeed-zero3', several GPUs",

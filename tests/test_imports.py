@@ -7,9 +7,21 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "fastsft"
 # the modules a run goes through; the other cycles (backends <-> its children, a package <-> its children) are
 # being broken separately: add their modules here once they are
-NO_CYCLE = {"fastsft.run.train", "fastsft.run.trainer", "fastsft.run.guard", "fastsft.dist", "fastsft.machine",
-            "fastsft.run.sft_args", "fastsft.recipe", "fastsft.recipe.schema", "fastsft.cli.doctor", "fastsft.rundir",
-            "fastsft.run.report", "fastsft.files", "fastsft.errors"}  # fmt: skip
+NO_CYCLE = {
+    "fastsft.run.train",
+    "fastsft.run.trainer",
+    "fastsft.run.guard",
+    "fastsft.dist",
+    "fastsft.machine",
+    "fastsft.run.sft_args",
+    "fastsft.recipe",
+    "fastsft.recipe.schema",
+    "fastsft.cli.doctor",
+    "fastsft.rundir",
+    "fastsft.run.report",
+    "fastsft.files",
+    "fastsft.errors",
+}
 
 
 def import_graph() -> dict[str, set[str]]:

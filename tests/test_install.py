@@ -23,8 +23,10 @@ import pytest
 
 from _tiny import REPO
 
-pytestmark = pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(),
-                                reason="needs the git checkout (the wheel is built from its tracked files)")  # fmt: skip
+pytestmark = pytest.mark.skipif(
+    shutil.which("git") is None or not (REPO / ".git").exists(),
+    reason="needs the git checkout (the wheel is built from its tracked files)",
+)
 
 
 def tracked(*folders: str) -> list[str]:
@@ -54,16 +56,34 @@ def installed(tmp_path_factory):
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--without-pip", venv], check=True)
     python = venv / "bin" / "python"
-    site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                        text=True).strip())  # fmt: skip
+    site = Path(
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+        ).strip()
+    )
     # path lines: the folders join sys.path, but the .pth files inside them do not run
     deps = dict.fromkeys(sysconfig.get_path(k) for k in ("purelib", "platlib"))
     (site / "deps.pth").write_text("".join(f"{d}\n" for d in deps))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PYTHONNOUSERSITE="1", PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     # pip of the test venv, run by the new venv's python: installs into the new venv's site-packages
-    subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps",
-                    "--no-index", "--ignore-installed", wheel], check=True, env=env, cwd=tmp)  # fmt: skip
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "-q",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            wheel,
+        ],
+        check=True,
+        env=env,
+        cwd=tmp,
+    )
     return {"wheel": wheel, "env": env, "python": python, "site": site, "tmp": tmp, "bin": venv / "bin"}
 
 
@@ -79,18 +99,27 @@ def test_every_module_imports_from_the_installed_copy(installed):
     # every module but a __main__, which runs the command line when imported (`python -m` is its use)
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     modules = sorted(
-        ".".join(Path(n).with_suffix("").parts[:-1] if n.endswith("/__init__.py") else Path(n).with_suffix("").parts)
+        ".".join(
+            Path(n).with_suffix("").parts[:-1]
+            if n.endswith("/__init__.py")
+            else Path(n).with_suffix("").parts
+        )
         for n in names
         if n.startswith("fastsft/") and n.endswith(".py") and not n.endswith("/__main__.py")
-    )  # fmt: skip
+    )
     assert "fastsft.data" in modules and "fastsft.kernels.cross_entropy" in modules
     code = (
         "import importlib, json, sys\n"
         f"mods = {modules!r}\n"
         "print(json.dumps({m: getattr(importlib.import_module(m), '__file__', None) for m in mods}))\n"
     )
-    out = subprocess.run([str(installed["python"]), "-c", code], env=installed["env"], cwd=installed["tmp"],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [str(installed["python"]), "-c", code],
+        env=installed["env"],
+        cwd=installed["tmp"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     files = json.loads(out.stdout.strip().splitlines()[-1])
     site = str(installed["site"].resolve())
@@ -114,8 +143,20 @@ def test_the_installed_command_validates_and_trains_outside_the_checkout(install
 
     v = cli("validate", "recipes/tiny.toml")
     assert v.returncode == 0, v.stdout[-2000:] + v.stderr[-3000:]
-    r = cli("run", "recipes/tiny.toml", "-o", "runs/t", "--set", "train.max_steps=3", "--set", "train.logging_steps=1",
-            "--set", "train.eval_strategy=no", "--set", "train.save_strategy=no")  # fmt: skip
+    r = cli(
+        "run",
+        "recipes/tiny.toml",
+        "-o",
+        "runs/t",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.logging_steps=1",
+        "--set",
+        "train.eval_strategy=no",
+        "--set",
+        "train.save_strategy=no",
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in (work / "runs/t/metrics.jsonl").read_text().splitlines()]
     assert len([row for row in rows if "loss" in row]) == 3, rows

@@ -92,8 +92,9 @@ def test_gguf_is_converted_with_the_templates_special_tokens(smol_run):
     path = gguf.resolve_file(MODEL)
     direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         assert torch.equal(direct(ids).logits, ours(ids).logits)
 
@@ -147,8 +148,12 @@ def test_gguf_export_reads_back_in_transformers(smol_exports):
     back = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file.name, dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(smol_exports["merged-fp32"], dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(smol_exports["merged-fp32"])
-    ids = tok.apply_chat_template([{"role": "user", "content": "What colour is a lemon?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What colour is a lemon?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         a, b = back(ids).logits, merged(ids).logits
     assert (a - b).norm() / b.norm() < 1e-5
@@ -162,8 +167,13 @@ def test_generate_and_eval_give_one_set_of_numbers(smol_run, smol_exports, tmp_p
 
     run, _ = smol_run
     res_run = use.evaluate(run, n_gen=2, max_new_tokens=16, json_out=tmp_path / "r.json", console=_console())
-    res_m = use.evaluate(smol_exports["merged-fp32"], n_gen=2, max_new_tokens=16, json_out=tmp_path / "m.json",
-                         console=_console())  # fmt: skip
+    res_m = use.evaluate(
+        smol_exports["merged-fp32"],
+        n_gen=2,
+        max_new_tokens=16,
+        json_out=tmp_path / "m.json",
+        console=_console(),
+    )
     assert res_run["tokens"] == res_m["tokens"] > 0
     assert res_m["loss"] == pytest.approx(res_run["loss"], rel=1e-4)
     assert [s["answer"] for s in res_m["samples"]] == [s["answer"] for s in res_run["samples"]]
@@ -173,10 +183,16 @@ def test_generate_and_eval_give_one_set_of_numbers(smol_run, smol_exports, tmp_p
 
     # a template without {% generation %} markers: eval --data on the merged export (no recipe) scores
     # exactly the tokens training's encoder marks (every answer, each with its <|im_end|>)
-    rows = [{"messages": [{"role": "user", "content": "What does a cow say?"},
-                          {"role": "assistant", "content": "A cow says moo."},
-                          {"role": "user", "content": "And a duck?"},
-                          {"role": "assistant", "content": "A duck says quack."}]}]  # fmt: skip
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "What does a cow say?"},
+                {"role": "assistant", "content": "A cow says moo."},
+                {"role": "user", "content": "And a duck?"},
+                {"role": "assistant", "content": "A duck says quack."},
+            ]
+        }
+    ]
     f = tmp_path / "held.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from transformers import AutoTokenizer
@@ -185,8 +201,9 @@ def test_generate_and_eval_give_one_set_of_numbers(smol_run, smol_exports, tmp_p
     trained, _ = data.preview_rows(recipe, AutoTokenizer.from_pretrained(run / "adapter"), n=1)
     assert trained[0]["trained_text"].count("<|im_end|>") == 2
     expected = sum(1 for x in trained[0]["labels"][1:] if x != -100)
-    res_d = use.evaluate(smol_exports["merged-fp32"], data_file=f, n_gen=0, json_out=tmp_path / "d.json",
-                         console=_console())  # fmt: skip
+    res_d = use.evaluate(
+        smol_exports["merged-fp32"], data_file=f, n_gen=0, json_out=tmp_path / "d.json", console=_console()
+    )
     assert res_d["tokens"] == expected
 
 
@@ -197,8 +214,16 @@ def test_mix_retain_health_and_tensorboard_on_the_real_model(tmp_path):
     from fastsft.cli.main import main
 
     out = tmp_path / "mix"
-    overrides = ["train.max_steps=4", "train.per_device_train_batch_size=4", "train.logging_steps=1",
-                 "train.eval_steps=4", "train.save_steps=4", "data.val_ratio=0.01", "data.max_length=64", "train.report_to=tensorboard"]  # fmt: skip
+    overrides = [
+        "train.max_steps=4",
+        "train.per_device_train_batch_size=4",
+        "train.logging_steps=1",
+        "train.eval_steps=4",
+        "train.save_steps=4",
+        "data.val_ratio=0.01",
+        "data.max_length=64",
+        "train.report_to=tensorboard",
+    ]
     args = ["run", str(RECIPES / "smollm2_135m_mix.toml"), "-o", str(out)]
     for o in overrides:
         args += ["--set", o]
@@ -233,8 +258,15 @@ def smol_full_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("real-full") / "smol-full"
     args = ["run", str(RECIPES / "smollm2_135m_full.toml"), "-o", str(out)]
-    for o in ["train.max_steps=3", "train.per_device_train_batch_size=2", "train.learning_rate=1e-4",
-              "train.logging_steps=1", "train.eval_strategy=no", "train.save_strategy=no", "data.max_length=64"]:  # fmt: skip
+    for o in [
+        "train.max_steps=3",
+        "train.per_device_train_batch_size=2",
+        "train.learning_rate=1e-4",
+        "train.logging_steps=1",
+        "train.eval_strategy=no",
+        "train.save_strategy=no",
+        "data.max_length=64",
+    ]:
         args += ["--set", o]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -264,8 +296,12 @@ def test_full_finetune_moves_every_weight_and_loads_in_plain_transformers(smol_f
     model = AutoModelForCausalLM.from_pretrained(str(run / "model"), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(run / "model"))
     assert tok.eos_token == "<|im_end|>"
-    ids = tok.apply_chat_template([{"role": "user", "content": "What colour is a lemon?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What colour is a lemon?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     ours = use.load_for_use(run, dtype="fp32")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ours.model(ids).logits)
@@ -282,9 +318,16 @@ def test_dora_trains_its_magnitudes_on_the_real_model(tmp_path):
 
     out = tmp_path / "dora"
     args = ["run", str(RECIPES / "smollm2_135m.toml"), "-o", str(out)]
-    for o in ["lora.use_dora=true", "train.max_steps=3", "train.per_device_train_batch_size=2",
-              "train.learning_rate=2e-3", "train.logging_steps=1", "train.eval_strategy=no",
-              "train.save_strategy=no", "data.max_length=64"]:  # fmt: skip
+    for o in [
+        "lora.use_dora=true",
+        "train.max_steps=3",
+        "train.per_device_train_batch_size=2",
+        "train.learning_rate=2e-3",
+        "train.logging_steps=1",
+        "train.eval_strategy=no",
+        "train.save_strategy=no",
+        "data.max_length=64",
+    ]:
         args += ["--set", o]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -26,8 +26,12 @@ SITE = os.environ.get("FASTSFT_UNSLOTH_SITE")
 UNSLOTH = Path(SITE) if SITE else REPO / ".cache" / "unsloth"
 TRL_115 = Path(SITE) if SITE else REPO / ".cache" / "trl-1.15"
 SHIM = REPO / "tests" / "backends" / "unsloth_cpu"
-ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "gemma2": "Gemma2ForCausalLM"}  # fmt: skip
+ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
 KERNELS = ("fastsft-linear", "fastsft", "torch", "unsloth")
 FULL = ("llama", "gemma2")  # also fp16 and checkpointing (Mistral and Qwen2 run Unsloth's Llama code there)
 
@@ -64,8 +68,12 @@ def results(tmp_path_factory):
     cache = os.environ.get("FASTSFT_CACHE") or str(tmp_path_factory.mktemp("cache"))
     proc = subprocess.run(
         [sys.executable, str(SHIM / "worker.py"), str(out)] + (["--four-bit"] if GPU else []),
-        env=unsloth_env(cache), cwd=out.parent, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
+        env=unsloth_env(cache),
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
     data = json.loads(out.read_text())
     print(f"unsloth-on-CPU worker: {data['seconds']} s")

@@ -396,8 +396,12 @@ def test_rows_are_tokenized_once(tmp_path, tiny_model_dir, tok, monkeypatch, cas
     assert "input_ids" in p.train.column_names
     calls.clear()
     args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, **p.sft_kwargs)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
-                         train_dataset=p.train, processing_class=tok)  # fmt: skip
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=p.train,
+        processing_class=tok,
+    )
     assert calls == []  # TRL took the ids as they are
     if case == "packing":  # packed rows hold every example's ids, in our order within a row
         assert sum(len(r["input_ids"]) for r in trainer.train_dataset) == sum(
@@ -426,21 +430,39 @@ def test_training_preview_and_eval_mask_alike(tmp_path, tiny_model_dir, tok, tem
 
     write_jsonl(tmp_path / "train.jsonl", [{"messages": CONV}, TOOL_ROW, qa(1)])
     (tmp_path / "plain.jinja").write_text(CHATML_NO_MARKERS, encoding="utf-8")
-    recipe = make_recipe(tmp_path, eval="train.jsonl", max_length=MASK_LIMIT,
-                         chat_template="chatml" if template == "chatml" else "plain.jinja")  # fmt: skip
+    recipe = make_recipe(
+        tmp_path,
+        eval="train.jsonl",
+        max_length=MASK_LIMIT,
+        chat_template="chatml" if template == "chatml" else "plain.jinja",
+    )
     p = prepare(recipe, tok)
-    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, shuffle_dataset=False,
-                     **p.sft_kwargs)  # fmt: skip
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
-                         train_dataset=p.train, eval_dataset=p.eval, processing_class=tok)  # fmt: skip
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        use_cpu=True,
+        shuffle_dataset=False,
+        **p.sft_kwargs,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=p.train,
+        eval_dataset=p.eval,
+        processing_class=tok,
+    )
     trained = trainer.train_dataset["labels"]
     assert trainer.eval_dataset["labels"] == trained
     shown = [r["labels"] for r in D.preview_rows(recipe, tok, 3)[0]]
     assert shown == trained
     items, _ = use.eval_conversations(recipe, tok)
-    assert [collate([item], max_length=MASK_LIMIT, pad_id=0)["labels"][0].tolist() for item in items] == trained
+    assert [
+        collate([item], max_length=MASK_LIMIT, pad_id=0)["labels"][0].tolist() for item in items
+    ] == trained
     items = D.encode_file(recipe, tok, tmp_path / "train.jsonl")
-    assert [collate([item], max_length=MASK_LIMIT, pad_id=0)["labels"][0].tolist() for item in items] == trained
+    assert [
+        collate([item], max_length=MASK_LIMIT, pad_id=0)["labels"][0].tolist() for item in items
+    ] == trained
     assert any(x != -100 for x in trained[1]) and any(x == -100 for x in trained[1])  # the tool row is masked
     assert len(trained[1]) == MASK_LIMIT  # the tool row is cut at max_length, in every path
 
@@ -810,8 +832,10 @@ def test_template_errors_name_the_row(tmp_path, tok):
 
 def test_string_prompt_that_looks_like_json_stays_a_string(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "[1, 2]", "completion": " 3"}])
-    assert D.normalize({"prompt": "[1, 2]", "completion": " 3"}, "prompt_completion") == {"prompt": "[1, 2]",
-                                                                                           "completion": " 3"}  # fmt: skip
+    assert D.normalize({"prompt": "[1, 2]", "completion": " 3"}, "prompt_completion") == {
+        "prompt": "[1, 2]",
+        "completion": " 3",
+    }
     p = prepare(make_recipe(tmp_path), tok)
     assert p.train[0]["prompt"] == [{"role": "user", "content": "[1, 2]"}]
 

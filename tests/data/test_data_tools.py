@@ -42,7 +42,7 @@ def weather_row(city: str = "Oslo", *, args_as_string: bool = False) -> dict:
                         },
                     }
                 ],
-            },  # fmt: skip
+            },
             {"role": "tool", "name": "get_weather", "content": '{"celsius": 3, "sky": "sleet"}'},
             {"role": "assistant", "content": f"It is 3 degrees with sleet in {city}."},
         ],
@@ -100,8 +100,18 @@ def test_parquet_rows_lose_the_nulls_arrow_adds(tmp_path, tok):
 
     other = weather_row("Lima")
     other["messages"][2]["tool_calls"][0]["function"] = {"name": "get_time", "arguments": {"zone": "UTC"}}
-    other["tools"] = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
-                      "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}}}}]  # fmt: skip
+    other["tools"] = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_time",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+                },
+            },
+        }
+    ]
     datasets.Dataset.from_list([weather_row("Oslo"), other]).to_parquet(str(tmp_path / "train.parquet"))
     recipe = make_recipe(tmp_path, chat_template="chatml").with_overrides(["data.train=train.parquet"])
     rows, _ = D.preview_rows(recipe, tok, 2, log=quiet)
@@ -113,8 +123,11 @@ def test_parquet_rows_lose_the_nulls_arrow_adds(tmp_path, tok):
 
 def test_a_template_that_drops_tools_is_refused(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [weather_row()])
-    with pytest.raises(DataError, match=r"train.jsonl line 1: the chat template drops this row's tool definitions"
-                                        r".*'get_weather'.*chatml"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"train.jsonl line 1: the chat template drops this row's tool definitions"
+        r".*'get_weather'.*chatml",
+    ):
         D.prepare_data(make_recipe(tmp_path, chat_template="gemma"), tok, log=quiet)
     calls_only = weather_row()
     del calls_only["tools"]
@@ -146,21 +159,35 @@ def _with(mutate):
 @pytest.mark.parametrize(
     "row,problem",
     [
-        (_with(lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments="{city: Oslo")),
-         r"message 3: tool call 1 \(get_weather\) `arguments` is not valid JSON"),
-        (_with(lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments=[1, 2])),
-         r"`arguments` must be an object, got a list"),
-        (_with(lambda r: r["messages"][2]["tool_calls"][0]["function"].pop("name")),
-         r"message 3: tool call 1 has no function `name`"),
-        (_with(lambda r: r["messages"][1].update(tool_calls=[{"name": "x", "arguments": {}}])),
-         r"message 2 \(user\) has `tool_calls`: only assistant messages call tools"),
-        (_with(lambda r: r.update(tools={"name": "get_weather"})), r"`tools` must be a list of function definitions"),
-        (_with(lambda r: r.update(tools=[{"description": "no name"}])), r"`tools` item 1 has no function `name`"),
+        (
+            _with(lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments="{city: Oslo")),
+            r"message 3: tool call 1 \(get_weather\) `arguments` is not valid JSON",
+        ),
+        (
+            _with(lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments=[1, 2])),
+            r"`arguments` must be an object, got a list",
+        ),
+        (
+            _with(lambda r: r["messages"][2]["tool_calls"][0]["function"].pop("name")),
+            r"message 3: tool call 1 has no function `name`",
+        ),
+        (
+            _with(lambda r: r["messages"][1].update(tool_calls=[{"name": "x", "arguments": {}}])),
+            r"message 2 \(user\) has `tool_calls`: only assistant messages call tools",
+        ),
+        (
+            _with(lambda r: r.update(tools={"name": "get_weather"})),
+            r"`tools` must be a list of function definitions",
+        ),
+        (
+            _with(lambda r: r.update(tools=[{"description": "no name"}])),
+            r"`tools` item 1 has no function `name`",
+        ),
         (_with(lambda r: r.update(tools=[{"type": "retrieval"}])), r"only function tools can be rendered"),
         (_with(lambda r: r["messages"][2].update(tool_calls=[])), r"`tool_calls` must be a non-empty list"),
         ({"text": "Plain text.", "tools": [WEATHER]}, r"`tools` is given but the row is not a conversation"),
     ],
-)  # fmt: skip
+)
 def test_bad_tool_rows_are_named_by_line(tmp_path, tok, row, problem):
     first = {"text": "Fine."} if "text" in row else weather_row()
     write_jsonl(tmp_path / "train.jsonl", [first, row])
@@ -207,8 +234,12 @@ def test_trl_renders_a_tool_row_as_fastsft_does(tmp_path, tiny_model_dir, tok):
     args = SFTConfig(
         output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, assistant_only_loss=True
     )
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
-                         train_dataset=datasets.Dataset.from_list([row]), processing_class=tok)  # fmt: skip
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=datasets.Dataset.from_list([row]),
+        processing_class=tok,
+    )
     theirs = trainer.train_dataset[0]
     assert theirs["input_ids"] == shown["input_ids"]
     assert theirs["labels"] == shown["labels"]
@@ -222,6 +253,7 @@ def test_report_prompts_carry_the_tools(tmp_path, tok):
     assert prompts[0]["tools"][0]["function"]["name"] == "get_weather"
     assert prompts[1]["tools"] is None
     # the report's generation renders them: the prompt the model sees lists the tools
-    text = tok.apply_chat_template(prompts[0]["messages"], tools=prompts[0]["tools"], tokenize=False,
-                                   add_generation_prompt=True)  # fmt: skip
+    text = tok.apply_chat_template(
+        prompts[0]["messages"], tools=prompts[0]["tools"], tokenize=False, add_generation_prompt=True
+    )
     assert "<tools>" in text and "get_time" in text

@@ -571,8 +571,14 @@ def test_generate_and_eval_on_a_run_apply_its_adapter(runs, tmp_path):
     def answer(model):
         ids = chat_ids(tok, [{"role": "user", "content": PROMPT}], add_generation_prompt=True)
         with torch.no_grad():
-            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                 do_sample=False, eos_token_id=eot, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]  # fmt: skip
+            new = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=eot,
+                pad_token_id=tok.pad_token_id,
+            )[0, ids.shape[1] :]
         new = new.tolist()
         return tok.decode(new[: new.index(eot)] if eot in new else new, skip_special_tokens=True).strip()
 
@@ -591,8 +597,9 @@ def test_generate_and_eval_on_a_run_apply_its_adapter(runs, tmp_path):
             logits = model(input_ids=ids).logits[0].float()
         return float(torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100))
 
-    res = use.evaluate(run, data_file=data, n_gen=0, json_out=tmp_path / "e.json",
-                       console=Console(file=io.StringIO()))  # fmt: skip
+    res = use.evaluate(
+        run, data_file=data, n_gen=0, json_out=tmp_path / "e.json", console=Console(file=io.StringIO())
+    )
     assert res["loss"] == pytest.approx(loss(tuned), rel=1e-5)
     assert abs(loss(tuned) - loss(base)) > 1e-2
 
@@ -656,8 +663,17 @@ def test_eval_run_and_data_file(runs, merged_4bit, tmp_path):
     assert res2["conversations"] == 1 and (tmp_path / "e.json").exists()
     # any shape training takes, masked as training masked it (sharegpt here), the same loss for the same answer
     sharegpt = tmp_path / "held_sharegpt.jsonl"
-    sharegpt.write_text(json.dumps({"conversations": [{"from": "human", "value": PROMPT},
-                                                      {"from": "gpt", "value": "A banana is yellow."}]}) + "\n")  # fmt: skip
+    sharegpt.write_text(
+        json.dumps(
+            {
+                "conversations": [
+                    {"from": "human", "value": PROMPT},
+                    {"from": "gpt", "value": "A banana is yellow."},
+                ]
+            }
+        )
+        + "\n"
+    )
     res3 = use.evaluate(
         runs["fp"], data_file=sharegpt, n_gen=0, json_out=tmp_path / "e3.json", console=console
     )
@@ -678,11 +694,22 @@ def test_eval_scores_the_tokens_training_trains(runs, merged_4bit, tmp_path):
     from fastsft import recipe as R
 
     rows = [
-        {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "A banana is yellow."}]},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does a cow say?"},
-                      {"role": "assistant", "content": "A cow says moo."}, {"role": "user", "content": "And a duck?"},
-                      {"role": "assistant", "content": "A duck says quack."}]},
-    ]  # fmt: skip
+        {
+            "messages": [
+                {"role": "user", "content": PROMPT},
+                {"role": "assistant", "content": "A banana is yellow."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What does a cow say?"},
+                {"role": "assistant", "content": "A cow says moo."},
+                {"role": "user", "content": "And a duck?"},
+                {"role": "assistant", "content": "A duck says quack."},
+            ]
+        },
+    ]
     f = tmp_path / "held.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     recipe = R.load(runs["fp"] / "recipe.toml").with_overrides([f"data.train={f}", "data.val_ratio=0.0"])
@@ -778,11 +805,13 @@ def test_cli_commands(cli, runs, merged_4bit, tmp_path):
     bad.write_text(json.dumps([{"description": "no name"}]))
     r = runner.invoke(cli, ["generate", str(runs["fp"]), "--prompt", "x", "--tools", str(bad)])
     assert r.exit_code == 2 and "bad_tools.json: `tools` item 1 has no function `name`" in r.output, r.output
-    r = runner.invoke(cli, ["generate", str(runs["fp"]), "--prompt", PROMPT, "--tools", str(tools),
-                            "--max-new-tokens", "3"])  # fmt: skip
+    r = runner.invoke(
+        cli, ["generate", str(runs["fp"]), "--prompt", PROMPT, "--tools", str(tools), "--max-new-tokens", "3"]
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(cli, ["chat", str(runs["fp"]), "--tools", str(tools), "--max-new-tokens", "3"],
-                      input="hello\n/exit\n")  # fmt: skip
+    r = runner.invoke(
+        cli, ["chat", str(runs["fp"]), "--tools", str(tools), "--max-new-tokens", "3"], input="hello\n/exit\n"
+    )
     assert r.exit_code == 0 and "model>" in r.output, r.output
 
 

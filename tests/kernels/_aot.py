@@ -263,8 +263,21 @@ def versions(archs) -> dict:
     return dict(triton=triton.__version__, ptxas=ptxas_version(archs), torch=torch.__version__)
 
 
-COLUMNS = ("case", "arch", "block", "num_warps", "regs", "spill_stores", "spill_loads", "stack", "shared",
-           "static_smem", "kernel", "ok", "problems")  # fmt: skip
+COLUMNS = (
+    "case",
+    "arch",
+    "block",
+    "num_warps",
+    "regs",
+    "spill_stores",
+    "spill_loads",
+    "stack",
+    "shared",
+    "static_smem",
+    "kernel",
+    "ok",
+    "problems",
+)
 
 
 def table_json(rows: list[dict], meta: dict) -> str:
@@ -295,11 +308,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
         regs = [r.get("regs") or 0 for r in rs]
         spill = max(r.get("spill_stores", 0) + r.get("spill_loads", 0) for r in rs)
         shared = max(r.get("shared", 0) + r.get("static_smem", 0) for r in rs)
-        lines.append(f"| {arch} | {v[1:]} | {cfg} | {len(rs)} | {sum(r['ok'] for r in rs)} | {min(regs)}-{max(regs)} "
-                     f"| {spill} | {shared} |")  # fmt: skip
-    lines += ["", "Distinct kernels (the first case that compiled each):", "",
-              "| first case | arch | BLOCK | warps | regs | spill B | stack B | shared B | launches | ok |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines.append(
+            f"| {arch} | {v[1:]} | {cfg} | {len(rs)} | {sum(r['ok'] for r in rs)} | {min(regs)}-{max(regs)} "
+            f"| {spill} | {shared} |"
+        )
+    lines += [
+        "",
+        "Distinct kernels (the first case that compiled each):",
+        "",
+        "| first case | arch | BLOCK | warps | regs | spill B | stack B | shared B | launches | ok |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     seen: dict[tuple, list] = {}
     for r in rows:
         seen.setdefault((r["arch"], r.get("kernel") or r["case"]), []).append(r)
@@ -335,8 +354,14 @@ def main(argv=None) -> int:
         _ce.UNALIGNED_MAX_BLOCK = args.unaligned_max_block
     launches = capture(args.full)
     rows = compile_all(launches, archs)
-    meta = dict(versions(archs), date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1),
-                launches=len(launches), archs=[ARCHS[a] for a in archs], full=args.full)  # fmt: skip
+    meta = dict(
+        versions(archs),
+        date=time.strftime("%Y-%m-%d"),
+        seconds=round(time.time() - t0, 1),
+        launches=len(launches),
+        archs=[ARCHS[a] for a in archs],
+        full=args.full,
+    )
     kernels = {(r["arch"], r.get("kernel")) for r in rows}
     meta["distinct_kernels"] = len(kernels)
     meta["unaligned_max_block"] = _ce.UNALIGNED_MAX_BLOCK

@@ -49,9 +49,22 @@ def test_a_built_wheel_installs_the_folder_as_fastsft_kernels(tmp_path):
     """`pip wheel .`: the kernels land in fastsft/kernels/ beside fastsft/kernels.py (their __init__),
     nothing at the top level; installed into a folder, fastsft.kernels imports from there."""
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = tmp_path.glob("fastsft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -61,8 +74,12 @@ def test_a_built_wheel_installs_the_folder_as_fastsft_kernels(tmp_path):
     assert not [n for n in names if n.startswith("kernels/")]
     assert "fastsft/kernels/__init__.py" not in names
     site = tmp_path / "site"
-    inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    inst = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert inst.returncode == 0, inst.stderr[-2000:]
     probe = (
         "import fastsft.kernels as k; print(k.__path__[0]); print(k.fused_cross_entropy.__code__.co_filename)"

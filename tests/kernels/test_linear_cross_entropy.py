@@ -76,8 +76,18 @@ def test_matches_reference(device, backend, dtype, bias, frozen):
     hidden, weight, b, y, seed = make(45, 32, 503, dtype, device, bias=bias)
     if frozen and b is not None:
         b.requires_grad_(False)
-    check(hidden, weight, b, y, seed, backend, label_smoothing=0.1, chunk_size=8,  # 8 does not divide 45
-          frozen_weight=frozen, frozen_bias=frozen)  # fmt: skip
+    check(
+        hidden,
+        weight,
+        b,
+        y,
+        seed,
+        backend,
+        label_smoothing=0.1,
+        chunk_size=8,  # 8 does not divide 45
+        frozen_weight=frozen,
+        frozen_bias=frozen,
+    )
 
 
 @pytest.mark.parametrize("device,backend", params())
@@ -167,9 +177,12 @@ def test_frozen_lm_head_gets_no_weight_gradient(device, backend, monkeypatch):
     for frozen, per_chunk in ((True, 2), (False, 3)):  # the trainable head shows the count sees dW
         with _Matmuls() as count:
             loss = fused_linear_cross_entropy(
-                hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen), y,
-                backend=backend, chunk_size=4,
-            )  # fmt: skip
+                hidden.clone().requires_grad_(),
+                weight.clone().requires_grad_(not frozen),
+                y,
+                backend=backend,
+                chunk_size=4,
+            )
             loss.backward()
         assert count.n == per_chunk * chunks, (frozen, count.n, chunks, seed)
 

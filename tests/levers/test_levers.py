@@ -12,8 +12,15 @@ from fastsft.levers import frozen16, offload, tiled_mlp
 
 def _model(dtype=torch.float32):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa")  # fmt: skip
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        attn_implementation="sdpa",
+    )
     m = LlamaForCausalLM(cfg).to(dtype)
     m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     # LoRA's B starts at zero: a random one, so every LoRA weight gets a gradient that tells paths apart

@@ -21,8 +21,15 @@ from fastsft.plan.tracker import MemoryTracker
 
 def tiny(layers=4):
     # Llama-3-8B's shape, scaled: hidden 4096 -> 64, 32 layers -> 4, grouped-query attention kept
-    return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=512)  # fmt: skip
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=512,
+    )
 
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -49,8 +56,17 @@ def _peak(setup, seq, device):
 def test_real_step_peak_equals_simulated_peak(loss, levers):
     """The tracker over real CPU tensors and over meta tensors, same step: the same peak, to the byte
     (and the same reserved segments, the allocator model fed the same requests)."""
-    setup = Setup(tiny(), dtype=torch.float32, load_in_4bit=False, lora=LORA, loss=loss, optim="sgd",
-                  mixed_precision=False, kernel_backend="torch", **levers)  # fmt: skip
+    setup = Setup(
+        tiny(),
+        dtype=torch.float32,
+        load_in_4bit=False,
+        lora=LORA,
+        loss=loss,
+        optim="sgd",
+        mixed_precision=False,
+        kernel_backend="torch",
+        **levers,
+    )
     real = _peak(setup, 96, "cpu")
     meta = _peak(setup, 96, "meta")
     assert real == meta, (real, meta)
@@ -59,8 +75,9 @@ def test_real_step_peak_equals_simulated_peak(loss, levers):
 
 def test_layer_extrapolation_equals_full_simulation():
     """simulate(extrapolate=True) runs 2 and 3 layers and extrapolates per layer: exact against all 7."""
-    setup = Setup(tiny(7), dtype=torch.bfloat16, load_in_4bit=True, lora=LORA, loss="fastsft-linear",
-                  optim="adamw_8bit")  # fmt: skip
+    setup = Setup(
+        tiny(7), dtype=torch.bfloat16, load_in_4bit=True, lora=LORA, loss="fastsft-linear", optim="adamw_8bit"
+    )
     full = simulate(setup, 200)
     fast = simulate(setup, 200, extrapolate=True)
     assert fast.extrapolated_from == (2, 3)
@@ -149,13 +166,21 @@ def test_hf_baseline_matches_unsloth_table_within_10_percent(tmp_path, gib):
 
 def test_cli_plan_json_and_bad_size(tmp_path):
     p = _recipe(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "fastsft.cli", "plan", str(p), "--json", "--gpu-memory", "24GiB"],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "fastsft.cli", "plan", str(p), "--json", "--gpu-memory", "24GiB"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["peak_bytes"] > 8 * GiB and "weights" in d["parts"] and d["fits"] is True
-    bad = subprocess.run([sys.executable, "-m", "fastsft.cli", "plan", str(p), "--gpu-memory", "lots"],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "fastsft.cli", "plan", str(p), "--gpu-memory", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
 
 
@@ -163,8 +188,17 @@ def test_a_simulation_leaves_autocast_as_it_found_it():
     """The emulated CUDA autocast is entered again inside a tiled MLP's backward; it kept one saved state,
     so the process was left with CUDA autocast on (bf16) after a plan that tried the tiled_mlp lever: `run`
     on a GPU plans before training, and the next real forward ran under it."""
-    setup = Setup(tiny(), dtype=torch.bfloat16, load_in_4bit=False, lora=LORA, loss="fastsft-linear", optim="sgd",
-                  mixed_precision=True, kernel_backend="torch", tiled_mlp=3)  # fmt: skip
+    setup = Setup(
+        tiny(),
+        dtype=torch.bfloat16,
+        load_in_4bit=False,
+        lora=LORA,
+        loss="fastsft-linear",
+        optim="sgd",
+        mixed_precision=True,
+        kernel_backend="torch",
+        tiled_mlp=3,
+    )
     before = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
     device_peak(setup, 96)
     assert (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) == before

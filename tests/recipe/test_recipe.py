@@ -282,17 +282,26 @@ def test_validate_refuses_what_run_would_refuse(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.toml"
     bad.write_text(
         '[model]\nname = "builtin:tiny-mistrall"\n[data]\ntrain = "nope.jsonl"\nchat_template = "chatmll"\n'
-        '[loss]\nkernel = "unsloth"\n', encoding="utf-8")  # fmt: skip
+        '[loss]\nkernel = "unsloth"\n',
+        encoding="utf-8",
+    )
     result = CliRunner().invoke(main, ["validate", str(bad)])
     assert result.exit_code == 2
-    for part in ("unknown built-in model", "data.train = 'nope.jsonl': file not found", "'chatmll': unknown template",
-                 'kernel = "unsloth": unsloth is not installed'):  # fmt: skip
+    for part in (
+        "unknown built-in model",
+        "data.train = 'nope.jsonl': file not found",
+        "'chatmll': unknown template",
+        'kernel = "unsloth": unsloth is not installed',
+    ):
         assert part in result.output, result.output
     # target modules against the model's config (the built-in model is on this machine)
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
     typo = tmp_path / "typo.toml"
-    typo.write_text(f'[model]\nname = "{tiny_model_dir}"\n[lora]\ntarget_modules = ["q_proj", "v_prj"]\n'
-                    f'[data]\ntrain = "d.jsonl"\n', encoding="utf-8")  # fmt: skip
+    typo.write_text(
+        f'[model]\nname = "{tiny_model_dir}"\n[lora]\ntarget_modules = ["q_proj", "v_prj"]\n'
+        f'[data]\ntrain = "d.jsonl"\n',
+        encoding="utf-8",
+    )
     result = CliRunner().invoke(main, ["validate", str(typo)])
     assert result.exit_code == 2 and "'v_prj' (did you mean 'v_proj'?) matches no module" in result.output
 

@@ -14,12 +14,17 @@ from fastsft.rundir import RunDir
 from _tiny import RECIPES
 
 SHORT = [
-    "--set", "train.max_steps=6",
-    "--set", "train.logging_steps=1",
-    "--set", "train.eval_strategy=no",
-    "--set", "train.save_steps=3",
-    "--set", "train.save_total_limit=3",
-]  # fmt: skip
+    "--set",
+    "train.max_steps=6",
+    "--set",
+    "train.logging_steps=1",
+    "--set",
+    "train.eval_strategy=no",
+    "--set",
+    "train.save_steps=3",
+    "--set",
+    "train.save_total_limit=3",
+]
 
 
 def test_ranks_get_this_command_line_less_launch():
@@ -42,8 +47,12 @@ def test_ranks_get_this_command_line_less_launch():
     assert new[:-2] == given and new[-2] == "-o" and new[-1].startswith("runs/tiny-")
     assert rank_argv([*argv, "-o", "out"], 2, r, "out", None) == [*given[:5], "-o", "out", *given[5:]]
     assert rank_argv(["run", "--resume", "d", "--launch", "3"], 3, r, None, "d") == [
-        "run", "--resume", "d", "--set", "distributed.num_processes=3"
-    ]  # fmt: skip
+        "run",
+        "--resume",
+        "d",
+        "--set",
+        "distributed.num_processes=3",
+    ]
 
 
 def fastsft(*args, cwd):
@@ -62,13 +71,31 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    single = fastsft("run", str(RECIPES / "tiny.toml"), *SHORT, "--set", "train.per_device_train_batch_size=8",
-                     "-o", str(tmp / "single"), cwd=tmp)  # fmt: skip
+    single = fastsft(
+        "run",
+        str(RECIPES / "tiny.toml"),
+        *SHORT,
+        "--set",
+        "train.per_device_train_batch_size=8",
+        "-o",
+        str(tmp / "single"),
+        cwd=tmp,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     ddp_root = tmp / "ddp"
     ddp_root.mkdir()
-    ddp = fastsft("run", str(RECIPES / "tiny.toml"), *SHORT, "--set", "train.per_device_train_batch_size=4",
-                  "--launch", "2", "-o", str(ddp_root / "run"), cwd=tmp)  # fmt: skip
+    ddp = fastsft(
+        "run",
+        str(RECIPES / "tiny.toml"),
+        *SHORT,
+        "--set",
+        "train.per_device_train_batch_size=4",
+        "--launch",
+        "2",
+        "-o",
+        str(ddp_root / "run"),
+        cwd=tmp,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return tmp / "single", ddp_root / "run", ddp
 
@@ -125,8 +152,17 @@ def test_unsloth_backend_is_refused_under_several_processes(monkeypatch):
 
 def test_zero3_without_deepspeed_is_refused_before_any_rank_starts(tmp_path):
     """(fsdp and deepspeed-zero3 run on CPU ranks too: tests/run/test_sharded.py.)"""
-    proc = fastsft("run", str(RECIPES / "tiny.toml"), "--set", "distributed.strategy=deepspeed-zero3",
-                   "--set", "distributed.num_processes=2", "-o", str(tmp_path / "run"), cwd=tmp_path)  # fmt: skip
+    proc = fastsft(
+        "run",
+        str(RECIPES / "tiny.toml"),
+        "--set",
+        "distributed.strategy=deepspeed-zero3",
+        "--set",
+        "distributed.num_processes=2",
+        "-o",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "needs DeepSpeed" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()

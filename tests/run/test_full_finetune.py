@@ -126,8 +126,12 @@ def test_the_model_loads_with_plain_transformers_and_scores_as_it_trained(full_r
     assert len(in_run) == 2 and in_run[-1] < in_run[0]  # before and after training
     res = use.evaluate(full_run, n_gen=1, max_new_tokens=8, json_out=tmp_path / "e.json", console=_console())
     assert res["loss"] == pytest.approx(in_run[-1], rel=1e-5)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What colour is a banana?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What colour is a banana?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     loaded = use.load_for_use(full_run)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded.model(ids).logits)

@@ -174,9 +174,14 @@ def test_a_planted_overfit_is_diagnosed_live_and_in_the_report(tmp_path):
 
 def test_early_stopping_stops_before_max_steps(tmp_path):
     recipe = overfit_recipe(
-        tmp_path, "train.max_steps=60", "train.early_stopping_patience=2", "train.load_best_model_at_end=true",
-        "train.save_strategy=steps", "train.save_steps=5", "train.save_total_limit=2",
-    )  # fmt: skip
+        tmp_path,
+        "train.max_steps=60",
+        "train.early_stopping_patience=2",
+        "train.load_best_model_at_end=true",
+        "train.save_strategy=steps",
+        "train.save_steps=5",
+        "train.save_total_limit=2",
+    )
     result = train.run(recipe, output_dir=tmp_path / "run", console=Console(file=io.StringIO()))
     early = result.summary["early_stopping"]
     assert result.summary["global_step"] < 60 and early["stopped_early"] and early["max_steps"] == 60
@@ -207,7 +212,7 @@ def test_early_stopping_stops_before_max_steps(tmp_path):
                 "train.save_steps=10",
             ],
             "must be a multiple of eval_steps",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_early_stopping_without_what_it_needs_is_explained(tmp_path, extra, fragment):

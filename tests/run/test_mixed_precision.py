@@ -28,8 +28,16 @@ def bf16_runs(tmp_path_factory):
         tmp = tmp_path_factory.mktemp(f"bf16-{kernel}")
         p = tmp / "r.toml"
         p.write_text(TINY_RECIPE)
-        recipe = R.load(p, [f"loss.kernel={kernel}", "model.dtype=bf16", "model.load_in_4bit=true",
-                            "train.max_steps=5", "loss.label_smoothing=0.1"])  # fmt: skip
+        recipe = R.load(
+            p,
+            [
+                f"loss.kernel={kernel}",
+                "model.dtype=bf16",
+                "model.load_in_4bit=true",
+                "train.max_steps=5",
+                "loss.label_smoothing=0.1",
+            ],
+        )
         seen = []  # what the loss kernels were given: dtypes and whether autocast was on
         mp = pytest.MonkeyPatch()
         for name in ("fused_linear_cross_entropy", "fused_cross_entropy"):

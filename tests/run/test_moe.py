@@ -22,29 +22,60 @@ COEF = 0.5  # transformers' default is 0.001-0.02: large here, so a dropped aux 
 def _mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,  # 4096, 14336, 32
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,  # 32, 8, 8
-                        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=COEF)  # fmt: skip
+    cfg = MixtralConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,  # 4096, 14336, 32
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,  # 32, 8, 8
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=COEF,
+    )
     return MixtralForCausalLM(cfg)
 
 
 def _qwen2_moe():
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    cfg = Qwen2MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
-                         shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
-                         output_router_logits=True, router_aux_loss_coef=COEF)  # fmt: skip
+    cfg = Qwen2MoeConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        output_router_logits=True,
+        router_aux_loss_coef=COEF,
+    )
     return Qwen2MoeForCausalLM(cfg)
 
 
 def _qwen3_moe():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    cfg = Qwen3MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
-                         output_router_logits=True, router_aux_loss_coef=COEF)  # fmt: skip
+    cfg = Qwen3MoeConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        output_router_logits=True,
+        router_aux_loss_coef=COEF,
+    )
     return Qwen3MoeForCausalLM(cfg)
 
 
@@ -66,8 +97,10 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
-@pytest.mark.parametrize(("kernel", "accumulated"),
-                         [("fastsft-linear", False), ("fastsft-linear", True), ("fastsft", True), ("torch", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kernel", "accumulated"),
+    [("fastsft-linear", False), ("fastsft-linear", True), ("fastsft", True), ("torch", False)],
+)
 def test_router_aux_loss_stays_in_the_loss(arch, kernel, accumulated):
     torch.manual_seed(0)
     stock = MODELS[arch]().float().train()

@@ -21,12 +21,17 @@ from fastsft.rundir import RunDir
 from _tiny import RECIPES, TINY_RECIPE
 
 SHORT = [
-    "--set", "train.max_steps=16",
-    "--set", "train.save_steps=4",
-    "--set", "train.logging_steps=1",
-    "--set", "train.eval_strategy=no",
-    "--set", "train.save_total_limit=2",
-]  # fmt: skip
+    "--set",
+    "train.max_steps=16",
+    "--set",
+    "train.save_steps=4",
+    "--set",
+    "train.logging_steps=1",
+    "--set",
+    "train.eval_strategy=no",
+    "--set",
+    "train.save_total_limit=2",
+]
 
 # Runs `fastsft run` in a child process, through the CLI's error handling, with a callback that sends
 # the process a signal at the end of a given step.
@@ -59,8 +64,10 @@ def child(tmp_path, action, at, out):
     overrides = SHORT[1::2]  # the values of the --set pairs
     return subprocess.run(
         [sys.executable, str(driver), action, str(at), str(RECIPES / "tiny.toml"), str(out), *overrides],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +234,15 @@ def test_disk_space_is_checked_before_checkpoints(tmp_path, monkeypatch):
 def test_memory_estimate_orders_the_losses_and_flags_a_recipe_that_cannot_fit(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                               num_attention_heads=32, num_key_value_heads=8, vocab_size=32768)  # fmt: skip
+    cfg = AutoConfig.for_model(
+        "mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32768,
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     recipe = _recipe(tmp_path, "train.per_device_train_batch_size=8", "data.max_length=4096")
@@ -329,7 +343,7 @@ row_like = st.fixed_dictionaries(
                 }
             ),
             max_size=3,
-        ),  # fmt: skip
+        ),
         "text": json_values,
         "prompt": json_values,
         "completion": json_values,
@@ -369,15 +383,17 @@ def test_hostile_inputs_are_clear_errors_not_tracebacks(tmp_path, tiny_model_dir
     nested = tmp_path / "nested.toml"
     nested.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
     _cli_refuses(["validate", str(nested)], expect="nested too deeply")
-    _cli_refuses(["validate", str(RECIPES / "tiny.toml"), "--set", "lora.target_modules=q_proj,v_proj"],
-                 expect='["q_proj", "v_proj"]')  # fmt: skip
+    _cli_refuses(
+        ["validate", str(RECIPES / "tiny.toml"), "--set", "lora.target_modules=q_proj,v_proj"],
+        expect='["q_proj", "v_proj"]',
+    )
 
     demo = (RECIPES / "data" / "demo.jsonl").read_text()
     rows = {
         "deep.jsonl": '{"messages": ' + "[" * 100000 + "]" * 100000 + "}\n",
         "surrogate.jsonl": '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "ok"}]}\n',
         "big.jsonl": '{"text": "' + "word " * (2 * 2**20) + '"}\n',
-    }  # fmt: skip
+    }
     expect = {
         "deep.jsonl": "nested too deeply",
         "surrogate.jsonl": "lone surrogate",
@@ -460,13 +476,17 @@ def test_overwrite_replaces_only_a_run_and_only_after_setup(tmp_path, finished_r
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     before = _snapshot(out)
-    _cli_refuses(["run", str(recipe), "--set", f"data.train={json.dumps(str(bad))}", "-o", str(out), "--overwrite"],
-                 expect="bad.jsonl")  # fmt: skip
+    _cli_refuses(
+        ["run", str(recipe), "--set", f"data.train={json.dumps(str(bad))}", "-o", str(out), "--overwrite"],
+        expect="bad.jsonl",
+    )
     assert _snapshot(out) == before
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(["data.jsonl", "r.toml", "run"])
     # and a new folder is not made at all when setup fails
-    _cli_refuses(["run", str(recipe), "--set", f"data.train={json.dumps(str(bad))}", "-o", str(tmp_path / "new")],
-                 expect="bad.jsonl")  # fmt: skip
+    _cli_refuses(
+        ["run", str(recipe), "--set", f"data.train={json.dumps(str(bad))}", "-o", str(tmp_path / "new")],
+        expect="bad.jsonl",
+    )
     assert not (tmp_path / "new").exists()
 
 
@@ -565,8 +585,14 @@ def test_eval_loss_is_the_token_weighted_mean_everywhere(tmp_path):
 
     results = {}
     for bs in (1, 7):
-        r = _recipe(tmp_path, "train.max_steps=2", "train.eval_strategy=steps", "train.eval_steps=2",
-                    "data.val_ratio=0.05", f"train.per_device_eval_batch_size={bs}")  # fmt: skip
+        r = _recipe(
+            tmp_path,
+            "train.max_steps=2",
+            "train.eval_strategy=steps",
+            "train.eval_steps=2",
+            "data.val_ratio=0.05",
+            f"train.per_device_eval_batch_size={bs}",
+        )
         out = train.run(r, output_dir=tmp_path / f"bs{bs}").run_dir
         results[bs] = {
             row["step"]: row["eval_loss"] for row in RunDir(out).read_metrics() if "eval_loss" in row

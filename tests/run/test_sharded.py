@@ -19,19 +19,31 @@ from _tiny import RECIPES, REPO
 
 DEEPSPEED = REPO / ".cache" / "deepspeed"  # tests/install-test-extras.sh: DS_BUILD_OPS=0, its own folder
 SHORT = [
-    "--set", "train.max_steps=4",
-    "--set", "train.logging_steps=1",
-    "--set", "train.eval_strategy=no",
-    "--set", "train.save_steps=2",
-    "--set", "train.save_total_limit=2",
-    "--set", "model.load_in_4bit=false",
-]  # fmt: skip
+    "--set",
+    "train.max_steps=4",
+    "--set",
+    "train.logging_steps=1",
+    "--set",
+    "train.eval_strategy=no",
+    "--set",
+    "train.save_steps=2",
+    "--set",
+    "train.save_total_limit=2",
+    "--set",
+    "model.load_in_4bit=false",
+]
 FULL = ["--set", "train.method=full", "--set", "train.learning_rate=1e-3"]
 
 
 def fastsft(*args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "fastsft.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "fastsft.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def with_deepspeed() -> dict:
@@ -75,8 +87,17 @@ def single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     out = {}
     for method, extra in (("lora", []), ("full", FULL)):
-        proc = fastsft("run", str(RECIPES / "tiny.toml"), *SHORT, *extra, "--set",
-                       "train.per_device_train_batch_size=8", "-o", str(tmp / method), cwd=tmp)  # fmt: skip
+        proc = fastsft(
+            "run",
+            str(RECIPES / "tiny.toml"),
+            *SHORT,
+            *extra,
+            "--set",
+            "train.per_device_train_batch_size=8",
+            "-o",
+            str(tmp / method),
+            cwd=tmp,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[method] = tmp / method
     return out
@@ -85,9 +106,22 @@ def single(tmp_path_factory):
 def sharded_run(tmp_path, strategy, method, env=None):
     extra = FULL if method == "full" else []
     run = tmp_path / "run"
-    proc = fastsft("run", str(RECIPES / "tiny.toml"), *SHORT, *extra, "--set", f"distributed.strategy={strategy}",
-                   "--set", "train.per_device_train_batch_size=4", "--launch", "2", "-o", str(run),
-                   cwd=tmp_path, env=env)  # fmt: skip
+    proc = fastsft(
+        "run",
+        str(RECIPES / "tiny.toml"),
+        *SHORT,
+        *extra,
+        "--set",
+        f"distributed.strategy={strategy}",
+        "--set",
+        "train.per_device_train_batch_size=4",
+        "--launch",
+        "2",
+        "-o",
+        str(run),
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run, proc
 
@@ -207,10 +241,34 @@ def test_two_hosts_train_like_one_process(single, tmp_path, two_hosts):
     master = two_hosts[0][2]
     procs = []
     for node, (ns, veth, _) in enumerate(two_hosts):
-        cmd = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={veth}", sys.executable, "-m", "fastsft.cli",
-               "run", str(RECIPES / "tiny.toml"), *SHORT, "--set", "train.per_device_train_batch_size=4",
-               "--launch", "1", "--nnodes", "2", "--node-rank", str(node), "--master-addr", master,
-               "--master-port", "29577", "-o", str(run)]  # fmt: skip
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "env",
+            f"GLOO_SOCKET_IFNAME={veth}",
+            sys.executable,
+            "-m",
+            "fastsft.cli",
+            "run",
+            str(RECIPES / "tiny.toml"),
+            *SHORT,
+            "--set",
+            "train.per_device_train_batch_size=4",
+            "--launch",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--master-addr",
+            master,
+            "--master-port",
+            "29577",
+            "-o",
+            str(run),
+        ]
         procs.append(
             subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )

@@ -121,8 +121,13 @@ def test_packing_packs_rows_trains_only_answers_and_keeps_examples_apart(tmp_pat
     from fastsft import data as D
 
     data = demo_subset(tmp_path)
-    common = [f"data.train={data}", "data.max_length=256", "train.max_steps=1", "train.per_device_train_batch_size=4",
-              "loss.kernel=fastsft-linear"]  # fmt: skip
+    common = [
+        f"data.train={data}",
+        "data.max_length=256",
+        "train.max_steps=1",
+        "train.per_device_train_batch_size=4",
+        "loss.kernel=fastsft-linear",
+    ]
     recipe = make_recipe(tmp_path, *common, "data.packing=true")
     seen = []
     original = loss.LossRoute.__call__
@@ -200,10 +205,16 @@ def test_load_best_model_at_end_keeps_the_best_eval_step(tmp_path, tiny_model_di
         )
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
     recipe = make_recipe(
-        tmp_path, "loss.kernel=torch", f"data.eval={tmp_path / 'eval.jsonl'}", "train.max_steps=6",
-        "train.eval_strategy=steps", "train.eval_steps=2", "train.save_strategy=steps", "train.save_steps=2",
+        tmp_path,
+        "loss.kernel=torch",
+        f"data.eval={tmp_path / 'eval.jsonl'}",
+        "train.max_steps=6",
+        "train.eval_strategy=steps",
+        "train.eval_steps=2",
+        "train.save_strategy=steps",
+        "train.save_steps=2",
         "train.load_best_model_at_end=true",
-    )  # fmt: skip
+    )
     run_dir = train.run(recipe, output_dir=tmp_path / "run").run_dir
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r and r["step"] > 0}

@@ -25,10 +25,25 @@ def test_cpu_training_with_trl_1_15(tmp_path):
     env["PYTHONPATH"] = str(TRL_115)
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "fastsft.cli", "run", str(RECIPES / "tiny.toml"), "--set", "train.max_steps=40",
-         "--set", "train.logging_steps=5", "-o", str(out)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fastsft.cli",
+            "run",
+            str(RECIPES / "tiny.toml"),
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "train.logging_steps=5",
+            "-o",
+            str(out),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "run.json").read_text())
     assert info["versions"]["trl"] == "1.15.0"

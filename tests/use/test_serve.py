@@ -133,9 +133,11 @@ def _ask(client, model, prompt=PROMPT, **kw):
 def _post(url, body, *, key=KEY, data: bytes | None = None):
     """A raw POST: (status, parsed JSON body)."""
     req = urllib.request.Request(
-        url, data=data if data is not None else json.dumps(body).encode(), method="POST",
+        url,
+        data=data if data is not None else json.dumps(body).encode(),
+        method="POST",
         headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})},
-    )  # fmt: skip
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -219,8 +221,16 @@ def test_seed_makes_sampling_repeatable(client, server):
 def test_tools_reach_the_template_and_bad_tools_are_refused(client, server):
     import openai
 
-    tools = [{"type": "function", "function": {"name": "get_colour", "description": "The colour of a thing",
-              "parameters": {"type": "object", "properties": {"thing": {"type": "string"}}}}}]  # fmt: skip
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_colour",
+                "description": "The colour of a thing",
+                "parameters": {"type": "object", "properties": {"thing": {"type": "string"}}},
+            },
+        }
+    ]
     with_tools = _ask(client, server["model"], tools=tools, max_tokens=8)
     plain = _ask(client, server["model"], max_tokens=8)
     assert (
@@ -229,10 +239,19 @@ def test_tools_reach_the_template_and_bad_tools_are_refused(client, server):
     # a whole round: the call (arguments as the JSON string OpenAI clients send) and the tool's result
     round_trip = [
         {"role": "user", "content": "What colour is a banana?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
-         "function": {"name": "get_colour", "arguments": '{"thing": "banana"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_colour", "arguments": '{"thing": "banana"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "yellow"},
-    ]  # fmt: skip
+    ]
     r = client.chat.completions.create(model=server["model"], messages=round_trip, tools=tools, max_tokens=8)
     assert r.usage.prompt_tokens > with_tools.usage.prompt_tokens and r.choices[0].finish_reason
     with pytest.raises(openai.BadRequestError) as e:
@@ -251,8 +270,16 @@ def test_tool_calls_are_parsed_as_the_templates_write_them():
         parse_tool_calls('{"name": "get_colour", "parameters": {"thing": "x"}}', tools)[0]["type"]
         == "function"
     )
-    assert len(parse_tool_calls('[TOOL_CALLS] [{"name": "get_colour", "arguments": {}}, '
-                                '{"name": "get_colour", "arguments": {}}]', tools)) == 2  # fmt: skip
+    assert (
+        len(
+            parse_tool_calls(
+                '[TOOL_CALLS] [{"name": "get_colour", "arguments": {}}, '
+                '{"name": "get_colour", "arguments": {}}]',
+                tools,
+            )
+        )
+        == 2
+    )
     assert parse_tool_calls('{"name": "other", "arguments": {}}', tools) is None
     assert parse_tool_calls("A banana is yellow.", tools) is None
     assert cut_at_stop("A banana is yellow.", ["is", "yell"]) == ("A banana ", True)
@@ -289,8 +316,12 @@ def test_what_another_web_site_could_send_is_refused(server):
     """A loopback server without a key must not be usable from other sites in the user's browser: a
     text/plain POST (no CORS preflight) is refused, and so is a Host that is not a loopback name."""
     body = json.dumps({"model": server["model"], "messages": [{"role": "user", "content": PROMPT}]}).encode()
-    req = urllib.request.Request(server["url"] + "/v1/chat/completions", data=body, method="POST",
-                                 headers={"Content-Type": "text/plain", "Authorization": f"Bearer {KEY}"})  # fmt: skip
+    req = urllib.request.Request(
+        server["url"] + "/v1/chat/completions",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "text/plain", "Authorization": f"Bearer {KEY}"},
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 415 and json.loads(e.value.read())["error"]["code"] == "unsupported_media_type"
@@ -358,8 +389,12 @@ def test_a_client_that_goes_away_frees_the_model(client, server):
     does not wait for the 1000 tokens nobody reads."""
     import httpx
 
-    body = {"model": server["base"], "max_tokens": 1000, "stream": True,
-            "messages": [{"role": "user", "content": PROMPT}]}  # fmt: skip
+    body = {
+        "model": server["base"],
+        "max_tokens": 1000,
+        "stream": True,
+        "messages": [{"role": "user", "content": PROMPT}],
+    }
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream(
         "POST", server["url"] + "/v1/chat/completions", json=body, headers=headers, timeout=60
@@ -418,9 +453,19 @@ def _browser(profile: Path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1200,900", f"--user-data-dir={profile}"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,900",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(flag)
     return webdriver.Chrome(options=opts, service=Service(str(CHROMEDRIVER)))
 
@@ -448,9 +493,13 @@ def test_chat_page_streams_answers_and_compares_with_the_base(server, client, tm
         )
         driver.find_element(By.ID, "prompt").send_keys(PROMPT)
         driver.find_element(By.ID, "send").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.base .text")
-                   and not d.find_elements(By.CSS_SELECTOR, ".msg.pending")
-                   and d.find_element(By.ID, "send").is_enabled())  # fmt: skip
+        wait.until(
+            lambda d: (
+                d.find_elements(By.CSS_SELECTOR, ".msg.base .text")
+                and not d.find_elements(By.CSS_SELECTOR, ".msg.pending")
+                and d.find_element(By.ID, "send").is_enabled()
+            )
+        )
         text = "return document.querySelector(arguments[0]).textContent"  # as sent, not as laid out
         tuned, base = (
             driver.execute_script(text, ".msg.ft .text"),
@@ -465,8 +514,11 @@ def test_chat_page_streams_answers_and_compares_with_the_base(server, client, tm
         # the run's report: its table of answers and the loss curve (fetched with the key)
         driver.find_element(By.ID, "tab-report").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#report table"))
-        wait.until(lambda d: d.execute_script(
-            "const i = document.querySelector('#report img'); return i && i.complete && i.naturalWidth > 100"))  # fmt: skip
+        wait.until(
+            lambda d: d.execute_script(
+                "const i = document.querySelector('#report img'); return i && i.complete && i.naturalWidth > 100"
+            )
+        )
         assert "Answers before and after" in driver.find_element(By.ID, "report").text
         driver.save_screenshot(str(tmp_path / "report.png"))
         if os.environ.get("FASTSFT_SCREENSHOTS"):

@@ -117,8 +117,11 @@ def test_stop_strings_are_bounded_and_cheap_to_match(live):
     assert plain[0] == 200
     text = plain[2]["choices"][0]["text"]
     t = time.time()
-    status, _, bounded = _post(live, "/v1/completions", {"model": "tiny", "prompt": "The", "max_tokens": 24,
-                                                         "stop": [c * 256 for c in "#$%&"]})  # fmt: skip
+    status, _, bounded = _post(
+        live,
+        "/v1/completions",
+        {"model": "tiny", "prompt": "The", "max_tokens": 24, "stop": [c * 256 for c in "#$%&"]},
+    )
     took = time.time() - t
     assert status == 200 and bounded["choices"][0]["text"] == text  # nothing matched: the same answer
     assert took < max(LATENCY, 2 * plain_took), (
@@ -132,8 +135,11 @@ def test_stop_strings_are_bounded_and_cheap_to_match(live):
     )
     assert status == 200 and cut["choices"][0]["text"] == text[: text.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop" and cut["usage"]["completion_tokens"] < 24
-    streamed = _post(live, "/v1/completions",
-                     {"model": "tiny", "prompt": "The", "max_tokens": 24, "stop": stop, "stream": True})  # fmt: skip
+    streamed = _post(
+        live,
+        "/v1/completions",
+        {"model": "tiny", "prompt": "The", "max_tokens": 24, "stop": stop, "stream": True},
+    )
     pieces = [json.loads(line[6:]) for line in streamed[2].splitlines() if line.startswith("data: {")]
     assert "".join(p["choices"][0]["text"] for p in pieces) == text[: text.index(stop)]
     _good_client(live)
@@ -205,8 +211,10 @@ def test_a_body_that_never_arrives_is_a_408(live):
     try:
         s.bind((ATTACKER, 0))
         s.connect((live["host"], live["port"]))
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{live['port']}\r\nContent-Type: "
-                  "application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ".encode())  # fmt: skip
+        s.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{live['port']}\r\nContent-Type: "
+            'application/json\r\nContent-Length: 100\r\n\r\n{"model": '.encode()
+        )
         t = time.time()
         _good_client(live)
         reply = b""
@@ -223,8 +231,12 @@ def test_an_abandoned_non_streaming_request_stops_generating(live):
     0.2 s: the generation is cancelled, so the next client is answered at once instead of after it. (It
     left after 1 s before, and on a quiet CI machine the answer came first.)"""
     conn = http.client.HTTPConnection(live["host"], live["port"], timeout=0.2)
-    conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "The", "max_tokens": 1000}),
-                 headers={"Content-Type": "application/json"})  # fmt: skip
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps({"model": "tiny", "prompt": "The", "max_tokens": 1000}),
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(TimeoutError):
         conn.getresponse()
     conn.close()  # the client goes away
@@ -255,12 +267,29 @@ def test_a_loopback_server_answers_only_to_loopback_names(loaded):
             finally:
                 conn.close()
 
-        for host in (f"127.0.0.2:{port}", f"127.0.0.1:{port}", f"127.9.8.7:{port}", f"localhost:{port}",
-                     f"[::1]:{port}", f"LOCALHOST:{port}", "localhost:9000", "127.0.0.2"):  # fmt: skip
+        for host in (
+            f"127.0.0.2:{port}",
+            f"127.0.0.1:{port}",
+            f"127.9.8.7:{port}",
+            f"localhost:{port}",
+            f"[::1]:{port}",
+            f"LOCALHOST:{port}",
+            "localhost:9000",
+            "127.0.0.2",
+        ):
             assert status(host) == 200, host
-        for host in (f"evil.example:{port}", "evil.example", f"[::2]:{port}", f"10.0.0.1:{port}",
-                     f"127.0.0.2.evil.example:{port}", "", f"::1:{port}", "127.0.0.2:80x", "[::1]x",
-                     "localhost:99999"):  # fmt: skip
+        for host in (
+            f"evil.example:{port}",
+            "evil.example",
+            f"[::2]:{port}",
+            f"10.0.0.1:{port}",
+            f"127.0.0.2.evil.example:{port}",
+            "",
+            f"::1:{port}",
+            "127.0.0.2:80x",
+            "[::1]x",
+            "localhost:99999",
+        ):
             assert status(host) == 400, host
     for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
         assert exposure_warning(ServeSettings(host=host)) is None, host
@@ -297,28 +326,68 @@ def test_streams_past_the_queue_get_503_before_they_start(live):
 @pytest.mark.parametrize(
     ("raw", "param"),
     [
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+            "temperature",
+        ),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', "top_p"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "temperature"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 9223372036854775808}', "seed"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": -9223372036854775809}', "seed"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}', "max_tokens"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+            "temperature",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 9223372036854775808}',
+            "seed",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": -9223372036854775809}',
+            "seed",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}',
+            "max_tokens",
+        ),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', "logprobs"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}',
-         "response_format"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', "tool_choice"),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}',
-         "frequency_penalty"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}',
+            "response_format",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}',
+            "tool_choice",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}',
+            "frequency_penalty",
+        ),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_k": 5}', "top_k"),
         (b'{"model": "tiny", "prompt": "The", "suffix": "end"}', "suffix"),
         (b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
-        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi", "x": ' + b"[" * 40 + b"]" * 40 + b"}]}",
-         None),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "hi", "x": '
+            + b"[" * 40
+            + b"]" * 40
+            + b"}]}",
+            None,
+        ),
     ],
-    ids=["nan-temperature", "nan-top_p", "inf-temperature", "seed-over-int64", "seed-under-int64", "huge-max_tokens",
-         "logprobs", "response_format", "tool_choice-required", "frequency_penalty", "unknown-key", "suffix",
-         "deep-json", "json-over-32-deep"],
-)  # fmt: skip
+    ids=[
+        "nan-temperature",
+        "nan-top_p",
+        "inf-temperature",
+        "seed-over-int64",
+        "seed-under-int64",
+        "huge-max_tokens",
+        "logprobs",
+        "response_format",
+        "tool_choice-required",
+        "frequency_penalty",
+        "unknown-key",
+        "suffix",
+        "deep-json",
+        "json-over-32-deep",
+    ],
+)
 def test_out_of_range_deep_or_unsupported_input_is_a_400(live, raw, param):
     path = "/v1/completions" if b'"prompt"' in raw else "/v1/chat/completions"
     status, _, body = _post(live, path, None, raw=raw)
@@ -329,8 +398,17 @@ def test_out_of_range_deep_or_unsupported_input_is_a_400(live, raw, param):
 
 def test_ignored_parameters_and_off_values_are_answered(live):
     """What changes nothing in the answer is accepted (as the README lists)."""
-    body = _chat(max_tokens=2, user="u1", metadata={"k": "v"}, logprobs=False, parallel_tool_calls=True,
-                 response_format={"type": "text"}, tool_choice="auto", seed=2**63 - 1, temperature=0.5)  # fmt: skip
+    body = _chat(
+        max_tokens=2,
+        user="u1",
+        metadata={"k": "v"},
+        logprobs=False,
+        parallel_tool_calls=True,
+        response_format={"type": "text"},
+        tool_choice="auto",
+        seed=2**63 - 1,
+        temperature=0.5,
+    )
     status, _, reply = _post(live, "/v1/chat/completions", body)
     assert status == 200, reply
     _good_client(live)

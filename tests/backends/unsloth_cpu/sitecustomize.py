@@ -83,8 +83,16 @@ if os.environ.get("FASTSFT_CUDA_SHIM") == "1":
         device=_Device,
         is_current_stream_capturing=lambda: False,
     )
-    for _name in ("set_device", "synchronize", "empty_cache", "ipc_collect", "reset_peak_memory_stats",
-                  "reset_max_memory_allocated", "manual_seed", "manual_seed_all"):  # fmt: skip
+    for _name in (
+        "set_device",
+        "synchronize",
+        "empty_cache",
+        "ipc_collect",
+        "reset_peak_memory_stats",
+        "reset_max_memory_allocated",
+        "manual_seed",
+        "manual_seed_all",
+    ):
         patches[_name] = _const(None)
     for _name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         patches[_name] = _const(0)

@@ -295,9 +295,18 @@ def check_full_finetuning(tmp: Path) -> dict:
     keep = model_keeper()
     train.sample_prompts = lambda *a, **k: []
     LAUNCHES["cross_entropy"] = 0
-    r = train.run(make_recipe(tmp, "train.method=full", "train.learning_rate=1e-3", "train.optim=adamw_torch",
-                              "train.max_steps=3", "train.per_device_train_batch_size=2"),
-                  output_dir=tmp / "full", callbacks=[keep])  # fmt: skip
+    r = train.run(
+        make_recipe(
+            tmp,
+            "train.method=full",
+            "train.learning_rate=1e-3",
+            "train.optim=adamw_torch",
+            "train.max_steps=3",
+            "train.per_device_train_batch_size=2",
+        ),
+        output_dir=tmp / "full",
+        callbacks=[keep],
+    )
     info = json.loads((r.run_dir / "run.json").read_text())
     out["run"] = str(r.run_dir)
     out["base"] = info["model_path"]
@@ -305,8 +314,11 @@ def check_full_finetuning(tmp: Path) -> dict:
     out["loss_kernel"] = r.summary["loss"]["kernel"]
     out["trainable_parameters"] = r.summary["trainable_parameters"]
     out["launches"] = LAUNCHES["cross_entropy"]
-    out["losses"] = [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()
-                     if "loss" in json.loads(x)]  # fmt: skip
+    out["losses"] = [
+        json.loads(x)["loss"]
+        for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(x)
+    ]
     model = keep.model
     out["n_params"] = sum(p.numel() for p in model.parameters())
     out["trained_logits"] = str(tmp / "full_logits.pt")
