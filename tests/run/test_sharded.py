@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -35,15 +36,42 @@ SHORT = [
 FULL = ["--set", "train.method=full", "--set", "train.learning_rate=1e-3"]
 
 
-def fastsft(*args, cwd, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "fastsft.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+# A rank of a sharded CPU run dies, rarely, with this C++ std::terminate (SIGABRT): seen 3 times on a busy
+# 2-core machine (a ZeRO-3 resume twice, the two-hosts run once), never in 21 reruns beside two busy
+# processes; cause unknown. Such a run is made once more, and the first one's stderr (with every thread's
+# Python stack: PYTHONFAULTHANDLER) is kept in a warning, so CI's log holds the evidence. Any other
+# failure fails at once.
+ABORT = "terminate called without an active exception"
+
+
+def once_more_on_abort(run, what: str, reset=None):
+    """`run()` -> (returncode, stderr, ...); run again (after `reset()`) when a rank aborted with ABORT."""
+    result = run()
+    if result[0] != 0 and ABORT in result[1]:
+        warnings.warn(
+            f"{what}: a rank aborted ({ABORT}); ran once more. Its stderr:\n{result[1][-6000:]}", stacklevel=2
+        )
+        if reset is not None:
+            reset()
+        result = run()
+    return result
+
+
+def fastsft(*args, cwd, env=None, reset=None):
+    env = dict(env or os.environ, PYTHONFAULTHANDLER="1")
+
+    def run():
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastsft.cli", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        return proc.returncode, proc.stderr, proc
+
+    return once_more_on_abort(run, f"fastsft {' '.join(map(str, args[:2]))}", reset)[2]
 
 
 def with_deepspeed() -> dict:
@@ -121,6 +149,7 @@ def sharded_run(tmp_path, strategy, method, env=None):
         str(run),
         cwd=tmp_path,
         env=env,
+        reset=lambda: shutil.rmtree(run, ignore_errors=True),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run, proc
@@ -158,7 +187,12 @@ def check_resume(run, single, method, tmp_path, env=None):
     shutil.rmtree(copy / "checkpoints" / "checkpoint-4")
     lacking = tmp_path / "lacking"
     shutil.copytree(copy, lacking)
-    resumed = fastsft("run", "--resume", str(copy), cwd=tmp_path, env=env)
+
+    def reset():  # the resumed run again from the same checkpoint
+        shutil.rmtree(copy)
+        shutil.copytree(lacking, copy)
+
+    resumed = fastsft("run", "--resume", str(copy), cwd=tmp_path, env=env, reset=reset)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint-2" in resumed.stdout
     assert_same_losses(losses(single[method]), losses(copy))
@@ -239,7 +273,20 @@ def test_two_hosts_train_like_one_process(single, tmp_path, two_hosts):
     process with the same global batch."""
     run = tmp_path / "run"
     master = two_hosts[0][2]
+    code, err = once_more_on_abort(
+        lambda: _two_hosts_run(tmp_path, run, master, two_hosts),
+        "two hosts",
+        reset=lambda: shutil.rmtree(run, ignore_errors=True),
+    )
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert_same_losses(losses(single["lora"]), losses(run))
+
+
+def _two_hosts_run(tmp_path, run, master, two_hosts) -> tuple[int, str]:
+    """One rank per host; (0, "") when both exit 0, else (1, the stderr of the first that did not)."""
     procs = []
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
     for node, (ns, veth, _) in enumerate(two_hosts):
         cmd = [
             "ip",
@@ -270,7 +317,9 @@ def test_two_hosts_train_like_one_process(single, tmp_path, two_hosts):
             str(run),
         ]
         procs.append(
-            subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
         )
     outs = []
     for p in procs:
@@ -281,9 +330,9 @@ def test_two_hosts_train_like_one_process(single, tmp_path, two_hosts):
                 q.kill()
             raise
     for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    assert json.loads((run / "run.json").read_text())["world_size"] == 2
-    assert_same_losses(losses(single["lora"]), losses(run))
+        if p.returncode != 0:
+            return 1, err[-3000:]
+    return 0, ""
 
 
 def test_several_hosts_need_a_run_directory_they_share(tmp_path):
