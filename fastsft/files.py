@@ -128,6 +128,32 @@ def new_dir(target: str | Path, *, complete: str | None = None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def cache_lock(target: str | Path, *, log=None):
+    """Hold an exclusive lock (fcntl) on a cache folder `target` while checking for it and making it: of
+    several processes that need it at once (the ranks of a run on a cold cache), one makes it and the
+    others wait, then find it made. `log` (when given) says so once when another process holds it.
+    Where fcntl is missing (Windows), no lock: `new_dir`'s atomic rename still keeps each folder whole."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    target = Path(target)
+    make_dir(target.parent)
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"waiting for another process that is making {target}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _replace_incomplete(tmp: Path, target: Path, complete: str, error: OSError) -> None:
     """`target` is a folder without its `complete` file (left by a process that was killed, or written by
     something else): a cache that would fail every later read. Move it aside and put `tmp` in its place."""

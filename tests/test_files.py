@@ -113,3 +113,34 @@ def test_a_cache_folder_without_its_complete_file_is_replaced(tmp_path):
     with files.new_dir(target, complete="config.json") as tmp:  # theirs is complete: kept
         (tmp / "config.json").write_text('{"model_type": "other"}')
     assert "mistral" in (target / "config.json").read_text()
+
+
+BUILD_ONE = """
+import sys
+from fastsft.backends import builtin
+made = []
+train = builtin._train_tokenizer
+builtin._train_tokenizer = lambda: made.append(1) or train()
+folder = builtin.materialize("builtin:tiny-mistral")
+assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+print("made" if made else "found", flush=True)
+"""
+
+
+def test_ranks_on_a_cold_cache_make_a_builtin_model_once(tmp_path):
+    """Three processes (the ranks of a run) ask for the same built-in model on an empty cache at once: one
+    makes it, the others wait for it and find it whole (each made its own before, and one rank was seen
+    reading the folder while it was absent)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTSFT_CACHE=str(tmp_path / "cache"))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", BUILD_ONE], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    said = sorted(p.communicate(timeout=300)[0].strip() for p in procs)
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert said == ["found", "found", "made"]
+    assert not list((tmp_path / "cache" / "builtin").glob(".*tmp-*"))  # no temporary folder left

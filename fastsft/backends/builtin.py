@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import machine
 from ..chat.templates import CHATML
 from ..errors import BackendError
-from ..files import new_dir
+from ..files import cache_lock, new_dir
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the way a tiny model is made changes, so stale caches are never reused.
@@ -184,25 +184,28 @@ def materialize(name: str) -> Path:
     folder = machine.cache_root() / "builtin" / f"{short}-v{BUILTIN_VERSION}"
     if (folder / "config.json").exists():
         return folder
-    with new_dir(folder, complete="config.json") as tmp:
-        tokenizer = _train_tokenizer()
-        cls_name, extra = TINY_CONFIGS[short]
-        config_cls = getattr(transformers, cls_name)
-        config = config_cls(
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-            **{**_COMMON, **extra},
-        )
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        # A trained lm_head has rows far longer than the 0.02 init: with the final norm frozen, the
-        # init's head bounds every logit to about +-1 and no LoRA can make the model confident.
-        with torch.no_grad():
-            model.get_output_embeddings().weight.normal_(0.0, 2.0 / config.hidden_size**0.5)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    with cache_lock(folder):  # the ranks of a run on a cold cache: one makes it, the others wait
+        if (folder / "config.json").exists():
+            return folder
+        with new_dir(folder, complete="config.json") as tmp:
+            tokenizer = _train_tokenizer()
+            cls_name, extra = TINY_CONFIGS[short]
+            config_cls = getattr(transformers, cls_name)
+            config = config_cls(
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=None,
+                **{**_COMMON, **extra},
+            )
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            # A trained lm_head has rows far longer than the 0.02 init: with the final norm frozen, the
+            # init's head bounds every logit to about +-1 and no LoRA can make the model confident.
+            with torch.no_grad():
+                model.get_output_embeddings().weight.normal_(0.0, 2.0 / config.hidden_size**0.5)
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     return folder

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ..errors import BackendError
-from ..files import new_dir
+from ..files import cache_lock, new_dir
 from ..machine import cache_root
 
 PACKAGE_PREFIX = "package:"
@@ -128,10 +128,17 @@ def materialize(gguf_path: Path, *, log=print) -> Path:
     """Convert (once) and return the cache folder of GGUF file `gguf_path`."""
     folder = _cache_folder(gguf_path)
     notes_file = folder / NOTES
-    if notes_file.exists():
-        notes = json.loads(notes_file.read_text(encoding="utf-8"))
-        log(f"model: {gguf_path.name} (converted before: {notes['summary']}) from {folder}")
-        return folder
+    if not notes_file.exists():
+        with cache_lock(folder, log=log):  # the ranks of a run on a cold cache: one converts, the others wait
+            if not notes_file.exists():
+                return _convert(gguf_path, folder, log)
+    notes = json.loads(notes_file.read_text(encoding="utf-8"))
+    log(f"model: {gguf_path.name} (converted before: {notes['summary']}) from {folder}")
+    return folder
+
+
+def _convert(gguf_path: Path, folder: Path, log) -> Path:
+    """`materialize`'s conversion, under its lock."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
