@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from fastsft.plan.model import KNOWN_CONFIGS
+
 from _bench import CPU_FULL, GPU, QUICK
 
 pytest.importorskip(
@@ -34,38 +36,16 @@ pytest.importorskip(
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 
+
+def _public(repo: str, cls_name: str) -> tuple[str, dict]:
+    """A shipped recipe's model as `fastsft plan` knows its public config.json (one copy of those numbers)."""
+    return cls_name, {k: v for k, v in KNOWN_CONFIGS[repo].items() if k != "model_type"}
+
+
 MODELS = {
     # public configs: hidden, intermediate, layers, heads, kv heads, vocab, rope theta, tied embeddings
-    "qwen2.5-0.5b": (
-        "Qwen2Config",
-        dict(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            rope_theta=1e6,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            max_position_embeddings=32768,
-        ),
-    ),
-    "mistral-7b": (
-        "MistralConfig",
-        dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=32768,
-            rope_theta=1e6,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            max_position_embeddings=32768,
-        ),
-    ),
+    "qwen2.5-0.5b": _public("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2Config"),
+    "mistral-7b": _public("mistralai/Mistral-7B-v0.3", "MistralConfig"),
     # 1.24B parameters: built and saved in seconds on a GPU (the quick e2e row of benchmarks/gpu_check.sh)
     "llama-3.2-1b": (
         "LlamaConfig",
