@@ -194,6 +194,7 @@ def run(
             train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
     finally:
         dist.teardown()
+    dist.leave()  # a rank whose run is done exits here, past C++'s exit-time destructors
 
 
 def check_hosts(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, run_dir):

@@ -185,3 +185,28 @@ def test_the_shipped_zero3_config_is_the_one_fastsft_uses():
     shipped = json.loads((RECIPES / "deepspeed" / "zero3_bf16.json").read_text())
     assert shipped == zero3_config("bf16")
     assert shipped["zero_optimization"]["stage"] == 3
+
+
+LEAVE = """
+import atexit, sys
+from fastsft import dist
+atexit.register(lambda: print("atexit ran", flush=True))
+print("work done", end="")
+dist.leave()
+print("after leave")
+"""
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_rank_leaves_past_the_exit_time_destructors(world):
+    """A rank of a distributed run whose work is done ends in dist.leave (os._exit, after Python's own
+    atexit handlers and a flush of its streams): a CPU rank aborted in C++'s exit-time destructors, and
+    torchrun then stopped the others. A single process goes on as usual."""
+    import os
+
+    env = dict(os.environ, WORLD_SIZE=world)
+    proc = subprocess.run([sys.executable, "-c", LEAVE], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("work done")  # flushed though it ended with no newline
+    assert "atexit ran" in proc.stdout
+    assert ("after leave" in proc.stdout) == (world == "1")
