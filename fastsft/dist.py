@@ -75,9 +75,9 @@ _CPU_RANKS_REGISTERED = False
 
 
 def teardown() -> None:
-    """Leave the process group at the end of a rank's run. A group left alive until the interpreter exits
-    tears its communication threads down in no set order; a rank can then abort ("terminate called
-    without an active exception", seen once under CI) after its work is done."""
+    """Leave the process group at the end of a rank's run, so that its communication threads stop while
+    the interpreter still runs. This alone did not stop the rare abort at exit ("terminate called without
+    an active exception"); a finished rank also leaves through `leave`."""
     if world_size() <= 1:
         return
     import torch
