@@ -75,6 +75,8 @@ def describe_os_error(e: OSError, path: str | Path) -> str:
         cause = "permission denied"
     elif e.errno == errno.EDQUOT:
         cause = "the disk quota is exceeded"
+    elif e.errno == errno.EROFS:
+        cause = "the file system is read-only"
     else:
         cause = e.strerror or type(e).__name__
     return f"cannot write {path}: {cause}"
