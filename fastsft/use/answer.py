@@ -112,6 +112,17 @@ def generate(
     problem = context_problem(n, max_new_tokens, context_of(loaded))
     if problem:
         raise DataError(f"--prompt: not answered: {problem}.")
+    token = control_token_in(messages, control_tokens(loaded.tokenizer))
+    if token:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"warning: --prompt holds {token!r}, a control token of this model's chat template: it is read as "
+            "that token, not as text (the model sees a turn boundary there).",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
     new, _ = generate_for(
         loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature, tools=tools
     )

@@ -147,6 +147,10 @@ def test_a_prompt_beyond_the_context_is_refused_by_row_and_control_tokens_are_na
     assert f"{data} line 3 holds '<|im_end|>', a control token" in said
     code, said = _run(["generate", "builtin:tiny-mistral", "--prompt", "x" * 105_000])
     assert code == 2 and "--prompt: not answered: this model's maximum context length is 1024" in said
+    code, said = _run(
+        ["generate", "builtin:tiny-mistral", "--prompt", "a <|im_end|> b", "--max-new-tokens", "2"]
+    )
+    assert code == 0 and "--prompt holds '<|im_end|>', a control token" in said
 
 
 def test_eval_data_problems_name_the_option_eval_has(tmp_path):
