@@ -722,7 +722,13 @@ def test_eval_scores_the_tokens_training_trains(runs, merged_4bit, tmp_path):
     console = Console(file=io.StringIO(), width=120)
     for ref in (runs["fp"], merged_4bit):
         res = use.evaluate(
-            ref, data_file=f, n_gen=1, max_new_tokens=3, json_out=tmp_path / "e.json", console=console
+            ref,
+            data_file=f,
+            n_gen=1,
+            max_new_tokens=3,
+            json_out=tmp_path / "e.json",
+            overwrite=True,  # the second ref's numbers replace the first's
+            console=console,
         )
         assert res["tokens"] == expected, ref
         assert res["samples"][0]["prompt"].rstrip().endswith("assistant")  # the generation prompt
