@@ -8,6 +8,10 @@
   (Python's `mkstemp` / `mkdtemp` make 0600 / 0700 whatever the umask says).
 - A write that fails (ENOSPC, EIO...) raises `WriteFailed`, a fastsft error that names the file and
   the cause; the target keeps its previous content.
+- A user's output file (`generate -o`, `eval --json-out`): `check_output` refuses it before any work
+  when it exists (without --overwrite), is a folder or link, is one of the command's inputs or belongs
+  to a folder the command reads (a run directory); `write_output` writes it atomically and, without
+  --overwrite, never replaces a file that appeared meanwhile. The same rule as `run -o` and `export --to`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from .errors import FastSFTError
 
 class WriteFailed(FastSFTError):
     """A file or folder could not be written (disk full, permission, a symlink in the way)."""
+
+
+class OutputRefused(FastSFTError):
+    """An output file that would replace something: an existing file without --overwrite, or (even with
+    it) one of the command's own inputs or a file of a folder it reads."""
 
 
 def umask() -> int:
@@ -66,6 +75,8 @@ def describe_os_error(e: OSError, path: str | Path) -> str:
         cause = "permission denied"
     elif e.errno == errno.EDQUOT:
         cause = "the disk quota is exceeded"
+    elif e.errno == errno.EROFS:
+        cause = "the file system is read-only"
     else:
         cause = e.strerror or type(e).__name__
     return f"cannot write {path}: {cause}"
@@ -200,6 +211,70 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return folder == path or folder in path.parents
+
+
+def check_output(path: str | Path, *, option: str, overwrite: bool = False, inputs=(), folders=()) -> Path:
+    """Refuse now, before anything is loaded, an output file given as `option` (e.g. "-o") that would
+    lose data; nothing is changed. Refused: a symbolic link or a folder; one of `inputs` (the files the
+    command reads) or an existing file inside one of `folders` (the run or model folder it reads), even
+    with `overwrite`; any other existing file without `overwrite`. Returns the path."""
+    p = Path(path)
+    refuse_symlink(p, f"given as {option}")
+    if p.is_dir():
+        raise OutputRefused(f"{option} {p} is a folder; give a file name, e.g. {p / 'out.jsonl'}.")
+    real = p.resolve()
+    for given in inputs:
+        if given is not None and Path(given).resolve() == real:
+            raise OutputRefused(
+                f"{option} {p} is the input {given} of this command; nothing was changed, and --overwrite "
+                "never replaces an input. Choose another file name for the output."
+            )
+    if p.exists():
+        for folder in folders:
+            if folder is not None and _inside(real, Path(folder).resolve()):
+                raise OutputRefused(
+                    f"{option} {p} is a file of {folder}, which this command reads; nothing was changed, "
+                    "and --overwrite never replaces it. Choose a file name outside that folder."
+                )
+        if not overwrite:
+            raise OutputRefused(
+                f"{option} {p} already exists; nothing was changed. Pass --overwrite to replace it, or "
+                "choose another file name."
+            )
+    return p
+
+
+def write_output(path: str | Path, text: str, *, option: str, overwrite: bool = False) -> Path:
+    """Write a user's output file atomically (a temporary file beside it, then a rename): a crash midway
+    leaves the old file, or none. Without `overwrite` the file is made only if absent (a hard link of the
+    temporary file: a file that appeared since `check_output` is never replaced)."""
+    path = Path(path)
+    if path.parent != Path(""):
+        make_dir(path.parent)
+    if overwrite:
+        return write_text(path, text)
+    refuse_symlink(path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.new"
+    write_text(tmp, text)
+    try:
+        os.link(tmp, path)  # fails if `path` exists: no replace
+    except FileExistsError:
+        raise OutputRefused(
+            f"{option} {path} appeared while this command ran; nothing was replaced. Pass --overwrite to "
+            "replace it, or choose another file name."
+        ) from None
+    except OSError:  # a file system without hard links: the checked rename
+        if path.exists():
+            _unlink_quietly(tmp)
+            raise OutputRefused(f"{option} {path} already exists; nothing was replaced.") from None
+        os.replace(tmp, path)
+    finally:
+        _unlink_quietly(tmp)
+    return path
+
+
 def append_line(path: str | Path, line: str) -> None:
     """Append one line (a `\\n` is added) in one write; never through a symlink. When the write fails
     the file is cut back to its previous length, so no torn line is left behind."""
@@ -290,6 +365,9 @@ def _unlink_quietly(path) -> None:
 
 __all__ = [
     "WriteFailed",
+    "OutputRefused",
+    "check_output",
+    "write_output",
     "write_bytes",
     "write_text",
     "append_line",

@@ -144,3 +144,29 @@ def test_ranks_on_a_cold_cache_make_a_builtin_model_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0]
     assert said == ["found", "found", "made"]
     assert not list((tmp_path / "cache" / "builtin").glob(".*tmp-*"))  # no temporary folder left
+
+
+def test_an_output_file_appearing_meanwhile_is_never_replaced(tmp_path):
+    """write_output without overwrite makes the file only if it is still absent (the check before the work
+    and the write after it are minutes apart); the temporary file is gone either way."""
+    out = tmp_path / "answers.jsonl"
+    files.check_output(out, option="-o")  # absent: fine
+    out.write_text("written meanwhile")
+    with pytest.raises(files.OutputRefused, match="appeared while this command ran"):
+        files.write_output(out, "answers\n", option="-o")
+    assert out.read_text() == "written meanwhile" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    files.write_output(out, "answers\n", option="-o", overwrite=True)
+    assert out.read_text() == "answers\n"
+
+
+def test_an_output_write_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
+    out = tmp_path / "eval.json"
+    out.write_text("old")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(files.WriteFailed, match="the disk is full"):
+        files.write_output(out, "new" * 1000, option="--json-out", overwrite=True)
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [out.name]

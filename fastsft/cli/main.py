@@ -362,7 +362,14 @@ def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
     if not out["fits"]:
         click.echo(f"  {plan_mod.lever_advice(out)}")
     if find_max:
-        click.echo(f"  longest max_length that fits: {out['max_length']:,}")
+        memory = out["max_length_memory"]
+        bound = (
+            f" (the model's context, max_position_embeddings, is the limit: memory alone would fit "
+            f"{memory:,}{' or more' if memory == plan_mod.MAX_LENGTH else ''})"
+            if out["max_length_bound"] == "context"
+            else ""
+        )
+        click.echo(f"  longest max_length that fits: {out['max_length']:,}{bound}")
 
 
 from fastsft.cli.use import register as _register_use  # noqa: E402  (export, generate, chat, eval)

@@ -75,7 +75,12 @@ def export_cmd(run_dir, fmt, to, dtype, overwrite, trust_remote_code, allow_pick
     "--output",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Where --data's answers go (.jsonl).",
+    help="Where --data's answers go (.jsonl); an existing file is replaced only with --overwrite.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing -o / --json-out file (never an input, nor a file of the run or model read).",
 )
 @click.option(
     "--batch-size",
@@ -102,6 +107,7 @@ def generate_cmd(
     prompt,
     data_file,
     output,
+    overwrite,
     batch_size,
     max_new_tokens,
     temperature,
@@ -119,13 +125,21 @@ def generate_cmd(
     policy = make_policy(trust_remote_code, allow_pickle)
     if (prompt is None) == (data_file is None):
         raise FastSFTError("give one of --prompt TEXT or --data FILE (with -o OUT.jsonl).")
+    if output is not None and data_file is None:
+        raise FastSFTError("-o is where --data's answers go: give --data FILE, or leave out -o.")
     if data_file is not None:
         if output is None:
             raise FastSFTError(f"--data {data_file}: say where the answers go with -o OUT.jsonl.")
         if temperature or tools_file:
             raise FastSFTError("--data answers greedily without tools: leave out --temperature and --tools.")
         generate_file(
-            model, data_file, output, max_new_tokens=max_new_tokens, batch_size=batch_size, policy=policy
+            model,
+            data_file,
+            output,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            policy=policy,
         )
         return
     tools = read_tools(tools_file)
@@ -182,7 +196,13 @@ def chat_cmd(model, max_new_tokens, temperature, system, tools_file, trust_remot
 @click.option(
     "--json-out",
     type=click.Path(dir_okay=False),
-    help="Where to write the results (default RUN_DIR/eval.json).",
+    help="Where to write the results (default RUN_DIR/eval.json); an existing file is replaced only with "
+    "--overwrite.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing --json-out file (never the data, nor a file of the run or model read).",
 )
 @click.option(
     "-n",
@@ -205,7 +225,15 @@ def chat_cmd(model, max_new_tokens, temperature, system, tools_file, trust_remot
 @policy_options
 @handle_errors
 def eval_cmd(
-    run_or_model, data_file, json_out, n_gen, max_new_tokens, batch_size, trust_remote_code, allow_pickle
+    run_or_model,
+    data_file,
+    json_out,
+    overwrite,
+    n_gen,
+    max_new_tokens,
+    batch_size,
+    trust_remote_code,
+    allow_pickle,
 ):
     """Held-out loss, perplexity, the task metric (greedy answers against the data's: exact match,
     normalised match, class accuracy with a confusion table) and chat-template compliance.
@@ -222,6 +250,7 @@ def eval_cmd(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         json_out=json_out,
+        overwrite=overwrite,
         policy=make_policy(trust_remote_code, allow_pickle),
     )
 

@@ -315,7 +315,7 @@ LLAMA_FTYPES = {
 }  # llama-cpp-python's names of llama.cpp's file types
 
 
-def _llama_cpp(dtype: str):
+def llama_cpp_quantizer(dtype: str):
     """llama-cpp-python's module (llama.cpp's quantizer), or an ExportError saying how to get it."""
     try:
         import llama_cpp
@@ -338,7 +338,7 @@ def _export_k_quant(run: RunInfo, out: Path, *, dtype: str, console=None) -> dic
 
     import gguf
 
-    llama_cpp = _llama_cpp(dtype)
+    llama_cpp = llama_cpp_quantizer(dtype)
     f16 = export_gguf(run, out, dtype="fp16", console=console)
     source, file = out / f16["file"], out / gguf_name(run, dtype)
     written = {t.name: tuple(t.shape.tolist()) for t in gguf.GGUFReader(str(source)).tensors}

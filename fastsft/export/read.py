@@ -84,6 +84,7 @@ def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
             "Export a run that finished: `fastsft run` writes the adapter at the end of training."
         )
     run_json, recipe = _run_json_and_recipe(path, policy)
+    check_adapter(adapter)
 
     recorded = run_json.get("model_path")
     base_path = None
@@ -113,6 +114,54 @@ def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
         trust_remote_code=policy.trust_remote_code,
         allow_pickle=policy.allow_pickle,
     )
+
+
+def _damaged(path: Path, what: str) -> ExportError:
+    run = path.parent.parent
+    return ExportError(
+        f"{path} {what}: the run's adapter is damaged (a copy cut short, or an edit). Copy the run again from "
+        f"where it was made, or use a checkpoint's adapter ({run / 'checkpoints'}/checkpoint-N: fastsft run "
+        f"--resume {run} finishes from the latest one and writes adapter/ again)."
+    )
+
+
+def check_adapter(adapter: Path) -> None:
+    """An adapter folder that PEFT would fail on with a traceback, or load into a model that answers
+    nothing: adapter_config.json that is not a JSON object, adapter weights cut short or unreadable, or a
+    weight that is NaN or infinite (training diverged). An ExportError naming the file and the tensor."""
+    import torch
+    from safetensors import safe_open
+
+    config = adapter / "adapter_config.json"
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _damaged(config, f"cannot be read as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise _damaged(config, "is not a JSON object")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.exists():
+        if (adapter / "adapter_model.bin").exists():
+            return  # a pickle: read only with --allow-pickle, by the loader that says so
+        raise _damaged(weights, "is missing")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+                    raise ExportError(
+                        f"{weights}: the adapter holds {bad} values in {name}: training diverged before it was "
+                        "saved, so any export of it would answer nothing. Export a checkpoint from before the "
+                        f"divergence ({adapter.parent / 'checkpoints'}), or train again with a lower "
+                        "train.learning_rate."
+                    )
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, OSError: a file cut short
+        raise _damaged(
+            weights, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def _run_json_and_recipe(path: Path, policy) -> tuple[dict, object]:

@@ -9,6 +9,7 @@ at the end, so a failure leaves nothing and an existing destination is replaced 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,10 +20,10 @@ from fastsft import files
 from fastsft.backends.common import torch_dtype
 from fastsft.errors import ExportError
 from fastsft.export.adapter import export_adapter
-from fastsft.export.gguf import export_gguf
+from fastsft.export.gguf import export_gguf, llama_cpp_quantizer
 from fastsft.export.merged import export_merged
 from fastsft.export.read import RunInfo, _print, read_run
-from fastsft.recipe import EXPORT_DTYPES, EXPORT_FORMATS, GGUF_QUANTS
+from fastsft.recipe import EXPORT_DTYPES, EXPORT_FORMATS, GGUF_K_QUANTS, GGUF_QUANTS
 from fastsft.run import guard
 from fastsft.rundir import RECIPE, RUN_JSON, is_run_dir
 
@@ -51,6 +52,8 @@ def export_run(
             f"--dtype {dtype} is a GGUF quantisation (llama.cpp's block type); a {fmt} export is 16- or 32-bit: "
             "use --dtype bf16, fp16 or fp32, or --format gguf."
         )
+    if fmt == "gguf" and dtype in GGUF_K_QUANTS:
+        llama_cpp_quantizer(dtype)  # refused before the run is read and its model loaded
     run = read_run(run_dir, policy=policy)
     target = Path(to) if to is not None else run.path / f"export-{fmt}"
     _prepare_destination(run, target, fmt, dtype, overwrite=overwrite)
@@ -67,9 +70,13 @@ def export_run(
         cause = (
             files.describe_os_error(e, where) if isinstance(e, OSError) else str(e).strip().splitlines()[0]
         )
+        full = (
+            getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "space" in cause or "quota" in cause
+        )
         raise ExportError(
             f"the {fmt} export to {target} failed: {cause}; nothing was written"
-            f"{' and the previous export is kept' if target.exists() else ''}. Free some space or choose another --to."
+            f"{' and the previous export is kept' if target.exists() else ''}. "
+            f"{'Free some space or choose' if full else 'Choose'} another --to."
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -85,6 +92,10 @@ def _prepare_destination(run: RunInfo, target: Path, fmt: str, dtype: str, *, ov
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"--to {target}: {files.describe_os_error(e, target.parent)}") from None
+    try:  # a read-only or foreign folder is told as such, before the free space (0 on a read-only mount)
+        files.temp_dir(target.parent, f".{target.name}.tmp-").rmdir()
+    except files.WriteFailed as e:
+        raise ExportError(f"--to {target}: {e}; nothing was written. Choose another --to.") from None
     files.remove_stale(target.parent, f".{target.name}.tmp-")  # left by killed exports
     files.remove_stale(target.parent, f".{target.name}.old-")
     if fmt != "adapter":

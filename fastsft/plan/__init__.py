@@ -26,7 +26,7 @@ from fastsft.backends.transformers import lora_config
 from fastsft.errors import RecipeError
 from fastsft.run.loss import ARCHITECTURES
 
-from .device import CUDA_CONTEXT, GiB, allocator_rounding, parse_size
+from .device import CUDA_CONTEXT, MAX_LENGTH, GiB, allocator_rounding, parse_size
 from .model import load_config
 from .simulate import Peak, Setup, simulate
 
@@ -127,13 +127,20 @@ def device_peak(setup: Setup, seq_len: int) -> tuple[int, Peak]:
 
 
 def max_length(
-    setup: Setup, budget: int, *, cache: dict | None = None, lo: int = 64, tol: float = 0.005
+    setup: Setup,
+    budget: int,
+    *,
+    cache: dict | None = None,
+    lo: int = 64,
+    tol: float = 0.005,
+    limit: int = MAX_LENGTH,
 ) -> int:
     """The longest sequence (at the setup's batch size) whose step fits `budget` bytes, to `tol` (0.5%):
     0 if not even `lo` fits. The need grows almost linearly with the length, so a line through two
     simulated steps (8,192 and 65,536 tokens) gives the guess, and simulated steps walk from it in
     `tol` steps until one fits and the next does not (2-3 simulations a budget). `cache` {length: bytes}
-    may be shared by the calls for one setup (several GPU sizes)."""
+    may be shared by the calls for one setup (several GPU sizes). The search stops at `limit` (data.max_length's
+    bound): what memory allows, not the model's context (`plan` puts the two side by side)."""
     cache = {} if cache is None else cache
 
     def need(t: int) -> int:
@@ -143,9 +150,11 @@ def max_length(
 
     if need(lo) > budget:
         return 0
+    if need(limit) <= budget:  # the search's bound: a huge budget simulated lengths whose sizes overflow
+        return limit
     a, b = 8192, 65536
     slope = (need(b) - need(a)) / (b - a)
-    t = max(lo, int(a + (budget - need(a)) / slope)) if slope > 0 else b
+    t = min(limit - 1, max(lo, int(a + (budget - need(a)) / slope)) if slope > 0 else b)
 
     def up(x: int) -> int:
         return max(x + 1, int(x * (1 + tol)))
@@ -160,6 +169,12 @@ def max_length(
     while t > lo and need(t) > budget:
         t = down(t)
     return t
+
+
+def model_context(setup: Setup) -> int | None:
+    """The longest sequence the model takes (its config's max_position_embeddings), or None."""
+    n = getattr(setup.config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def choose_levers(setup: Setup, seq_len: int, budget: int) -> dict | None:
@@ -197,7 +212,12 @@ def plan(setup: Setup, seq_len: int, gpu_memory: int, *, find_max: bool = False)
     if not out["fits"]:
         out["levers_that_fit"] = choose_levers(setup, seq_len, gpu_memory)
     if find_max:
-        out["max_length"] = max_length(setup, gpu_memory)
+        # what memory allows, and the model's context when that is shorter: a length past the model's
+        # positions fits the GPU but is not one the model can train on
+        memory, context = max_length(setup, gpu_memory), model_context(setup)
+        out["max_length_memory"] = memory
+        out["max_length"] = min(memory, context) if context else memory
+        out["max_length_bound"] = "context" if context and context < memory else "memory"
     return out
 
 
@@ -240,6 +260,7 @@ __all__ = [
     "simulate",
     "plan",
     "max_length",
+    "MAX_LENGTH",
     "device_peak",
     "setup_from_recipe",
     "parse_size",

@@ -21,6 +21,11 @@ MIN_BLOCK = 512  # kMinBlockSize
 LARGE_BUFFER = 20 * MiB  # kLargeBuffer
 ROUND_LARGE = 2 * MiB  # kRoundLarge
 CUDA_CONTEXT = 512 * MiB + 8 * 4 * MiB  # context + cuBLAS workspace (see the module docstring)
+# The largest --gpu-memory taken: 4 TiB, ten times past any one GPU (the largest hold under 300 GiB), so a
+# typo is refused rather than planned (a 400-digit number overflowed, 1e26 bytes searched for lengths
+# whose tensors overflow torch's size arithmetic).
+MAX_GPU_MEMORY = 4096 * GiB
+MAX_LENGTH = 2**24  # the longest sequence plan searches (data.max_length's bound)
 
 
 def allocator_rounding(nbytes: int) -> int:
@@ -40,7 +45,19 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"not a memory size: {text!r} (e.g. 24GiB, 80GB, 16)")
     value, unit = float(m.group(1)), m.group(2) or "gib"
-    return int(value * (MiB if unit.startswith("m") else GiB))
+    size = value * (MiB if unit.startswith("m") else GiB)
+    if not size >= MiB:
+        raise ValueError(f"{text!r} is less than 1 MiB; give the GPU's memory, e.g. 24GiB")
+    if size > MAX_GPU_MEMORY:
+        raise ValueError(
+            f"{_short(text)!r} is more than {MAX_GPU_MEMORY // GiB:,} GiB, far past any one GPU (the largest hold "
+            "under 300 GiB); give the memory of the GPU to plan for, e.g. 80GiB"
+        )
+    return int(size)
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------

@@ -287,7 +287,14 @@ class DataSection(Section):
         "Override the tokenizer's chat template: chatml, llama3, mistral, qwen2.5, gemma, or a .jinja path.",
         path=True,
     )
-    max_length: int = key(1024, "Longest tokenized example; longer ones are truncated (and counted).", min=8)
+    # At most 2**24 = 16,777,216 tokens: past the longest context of any model (10M), and a step that long
+    # would need terabytes; larger values overflowed torch's size arithmetic (a traceback, #37).
+    max_length: int = key(
+        1024,
+        "Longest tokenized example; longer ones are truncated (and counted). At most 2**24, past any model's context.",
+        min=8,
+        max=2**24,
+    )
     packing: bool = key(False, "Pack several examples into each sequence (TRL's packing).")
     packing_strategy: str = key("bfd", "TRL packing strategy.", choices=("bfd", "wrapped"))
     assistant_only_loss: bool | None = key(

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -193,6 +194,10 @@ def check_disk(path: Path, needed_bytes: int, what: str, *, flag: str = "--outpu
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:  # its free space reads 0: not a full disk
+        raise (error or RunDirError)(
+            f"{path} is on a read-only file system: nothing can be written there. Choose another {flag}."
+        )
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
         raise (error or RunDirError)(

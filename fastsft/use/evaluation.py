@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from fastsft import data as data_mod
@@ -14,10 +15,12 @@ from fastsft import files
 from fastsft import recipe as recipe_mod
 from fastsft.chat.generation import answer_batch
 from fastsft.chat.scoring import confusion_rows, held_out_loss, reference_of, score, summary_line
+from fastsft.data.formats import skip_hint
 from fastsft.errors import DataError
 from fastsft.export import EXPORT_JSON
 from fastsft.progress import bar
 from fastsft.rundir import RECIPE
+from fastsft.use.answer import read_folders
 from fastsft.use.load import LoadedForUse, load_for_use
 
 EVAL_JSON = "eval.json"
@@ -62,9 +65,7 @@ def _held_out(loaded: LoadedForUse, data_file, console) -> tuple[list[dict], str
     if recipe is None and data_file is None:
         recipe = _recipe_near(loaded.path)
     if data_file is not None:  # masked as training masks it: the run's recipe, or every default
-        if not Path(data_file).exists():
-            raise DataError(f"{data_file}: no such data file.")
-        convs = data_mod.encode_file(recipe, loaded.tokenizer, Path(data_file))  # recipe None: every default
+        convs = _encode_data_file(recipe, loaded.tokenizer, Path(data_file))
         how = "the run's training masked it" if recipe is not None else "`fastsft run` masks it"
         return convs, f"{data_file}, masked as {how}", recipe
     if recipe is not None:
@@ -73,6 +74,34 @@ def _held_out(loaded: LoadedForUse, data_file, console) -> tuple[list[dict], str
         )
         return convs, source, recipe
     raise DataError(f"{loaded.path} is not a run directory, so it has no eval split: pass --data FILE.")
+
+
+def check_data_file(data_file) -> None:
+    """`eval --data FILE` that cannot be read at all, refused before the model loads."""
+    path = Path(data_file)
+    if not path.exists():
+        raise DataError(f"--data {data_file}: no such data file.")
+    if path.is_file() and not path.read_bytes().strip():
+        raise DataError(
+            f"--data {data_file} is empty: it holds no conversations to evaluate. Give one "
+            '{"messages": [...]} row a line (or any shape training takes).'
+        )
+
+
+def _encode_data_file(recipe, tokenizer, path: Path) -> list[dict]:
+    """`fastsft.data.encode_file` (recipe None: every [data] default), its problems told as problems of
+    `--data`: training's words name the recipe key (data.train) and offer data.on_invalid, which eval
+    has not got."""
+    try:
+        return data_mod.encode_file(recipe, tokenizer, path)
+    except DataError as e:
+        text = re.sub(r"^data\.\w+ = '[^']*': ", f"--data {path}: ", str(e))
+        if text.endswith(skip_hint()):
+            text = text[: -len(skip_hint())] + (
+                ". eval scores every row of --data and has no option to skip one: fix that row, or remove it "
+                "from the file (or from a copy of it)"
+            )
+        raise DataError(text) from None
 
 
 def _answered(
@@ -162,6 +191,7 @@ def evaluate(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     json_out=None,
+    overwrite: bool = False,
     max_length: int | None = None,
     console=None,
     policy=None,
@@ -173,11 +203,18 @@ def evaluate(
     Compliance is the share of answers to held-out prompts that end with the end-of-turn token within
     `max_new_tokens` and hold no role markers. Answers are generated `batch_size` at a time (left
     padding). The results are printed as a table and saved as JSON: `json_out`, else RUN_DIR/eval.json
-    for a run directory."""
+    for a run directory (eval's own file, replaced by each eval). `json_out` replaces an existing file only
+    with `overwrite`, and never the data nor a file of the model's folder (fastsft.files.check_output)."""
     from rich.console import Console
 
     console = console or Console()
+    if data_file is not None:
+        check_data_file(data_file)
+    if json_out is not None:
+        _check_json_out(json_out, model_ref, data_file, overwrite)
     loaded = load_for_use(model_ref, policy=policy)
+    if json_out is not None:
+        _check_json_out(json_out, loaded, data_file, overwrite)
     convs, source, recipe = _held_out(loaded, data_file, console)
     if max_length is None:
         max_length = recipe.data.max_length if recipe is not None else 2048
@@ -205,16 +242,37 @@ def evaluate(
         "samples": samples,
     }
     _print_eval(console, result)
-    target = (
-        Path(json_out) if json_out else (loaded.run_dir / EVAL_JSON if loaded.run_dir is not None else None)
-    )
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    target = None
+    if json_out is not None and not _is_own_file(json_out, loaded):
+        target = files.write_output(json_out, text, option="--json-out", overwrite=overwrite)
+    elif loaded.run_dir is not None:
+        target = loaded.run_dir / EVAL_JSON
+        files.write_text(target, text)
     if target is not None:
-        _write_json_atomic(target, result)
         result["saved_to"] = str(target)
         console.print(f"saved {target}", highlight=False)
     return result
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    files.make_dir(path.parent)
-    files.write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+def _is_own_file(json_out, loaded) -> bool:
+    """Whether --json-out names RUN_DIR/eval.json, the file eval writes anyway."""
+    ref = loaded.run_dir if isinstance(loaded, LoadedForUse) else None
+    return ref is not None and Path(json_out).resolve() == (Path(ref) / EVAL_JSON).resolve()
+
+
+def _check_json_out(json_out, model, data_file, overwrite: bool) -> None:
+    """--json-out, refused before the work when it would replace the data, a file of the model's folder or
+    (without --overwrite) any existing file; RUN_DIR/eval.json is eval's own."""
+    if _is_own_file(json_out, model) or (
+        not isinstance(model, LoadedForUse)
+        and Path(json_out).resolve() == (Path(model) / EVAL_JSON).resolve()
+    ):
+        return
+    files.check_output(
+        json_out,
+        option="--json-out",
+        overwrite=overwrite,
+        inputs=[data_file],
+        folders=read_folders(model, json_out),
+    )

@@ -722,7 +722,13 @@ def test_eval_scores_the_tokens_training_trains(runs, merged_4bit, tmp_path):
     console = Console(file=io.StringIO(), width=120)
     for ref in (runs["fp"], merged_4bit):
         res = use.evaluate(
-            ref, data_file=f, n_gen=1, max_new_tokens=3, json_out=tmp_path / "e.json", console=console
+            ref,
+            data_file=f,
+            n_gen=1,
+            max_new_tokens=3,
+            json_out=tmp_path / "e.json",
+            overwrite=True,  # the second ref's numbers replace the first's
+            console=console,
         )
         assert res["tokens"] == expected, ref
         assert res["samples"][0]["prompt"].rstrip().endswith("assistant")  # the generation prompt
@@ -828,3 +834,97 @@ def test_generation_prompt_carries_the_tools(runs):
     without = loaded.tokenizer.decode(chat_ids(loaded.tokenizer, msgs, add_generation_prompt=True)[0])
     assert "get_weather" in with_tools and "<tools>" in with_tools and "get_weather" not in without
     assert with_tools.endswith(without[without.index(PROMPT) :])  # the same conversation after the tools
+
+
+def _damaged_copy(runs, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "received"
+    shutil.copytree(runs["fp"], run)
+    damage(run / "adapter")
+    return run
+
+
+def _truncate(adapter):
+    f = adapter / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _nan(adapter):
+    from safetensors.torch import load_file, save_file
+
+    f = adapter / "adapter_model.safetensors"
+    tensors = load_file(f)
+    name = sorted(n for n in tensors if "lora_B" in n)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, f)
+    (adapter / "nan-tensor").write_text(name)
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (_truncate, "adapter_model.safetensors cannot be read (SafetensorError"),
+        (
+            lambda a: (a / "adapter_config.json").write_text('{"r": 8,'),
+            "adapter_config.json cannot be read as JSON",
+        ),
+        (lambda a: (a / "adapter_config.json").write_text("[1]"), "adapter_config.json is not a JSON object"),
+        (_nan, "the adapter holds NaN values in {nan}: training diverged"),
+    ],
+)
+def test_a_damaged_adapter_is_named_before_anything_loads(runs, tmp_path, damage, said):
+    """A truncated adapter_model.safetensors or a broken adapter_config.json was a traceback from PEFT, and
+    an adapter holding NaN was blamed on the GGUF read-back (#37)."""
+    from click.testing import CliRunner
+
+    from fastsft.cli.main import main
+
+    run = _damaged_copy(runs, tmp_path, damage)
+    nan = (run / "adapter" / "nan-tensor").read_text() if (run / "adapter" / "nan-tensor").exists() else ""
+    for args in (["export", run, "--format", "gguf", "--dtype", "q8_0"], ["generate", run, "--prompt", "hi"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        out = " ".join(result.output.split())
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exc_info
+        assert said.format(nan=nan) in out, out
+        assert "read-back" not in out and not (run / "export-gguf").exists()
+
+
+def test_a_read_only_destination_is_not_called_a_full_disk(runs, tmp_path, monkeypatch):
+    """An export to a read-only file system said the disk was full (its free space reads 0)."""
+    import errno
+
+    from fastsft import export, files
+    from fastsft.errors import ExportError, RunDirError
+    from fastsft.run import guard
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(files.tempfile, "mkdtemp", read_only)
+    with pytest.raises(ExportError, match="the file system is read-only; nothing was written") as e:
+        export.export_run(runs["fp"], fmt="merged", to=tmp_path / "m")
+    assert "full" not in str(e.value) and "space" not in str(e.value)
+    monkeypatch.undo()
+
+    class ReadOnly:
+        f_flag = guard.os.ST_RDONLY
+
+    monkeypatch.setattr(guard.os, "statvfs", lambda p: ReadOnly())
+    with pytest.raises(RunDirError, match="is on a read-only file system"):
+        guard.check_disk(tmp_path, 10, "the run")
+
+
+def test_a_k_quant_without_llama_cpp_is_refused_before_the_run_is_read(runs, tmp_path, monkeypatch):
+    """The K-quant refusal (no llama-cpp-python) came after the model was loaded and merged."""
+    import sys
+
+    from fastsft.errors import ExportError
+    from fastsft.export import transaction
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    read = []
+    monkeypatch.setattr(transaction, "read_run", lambda *a, **k: read.append(1))
+    with pytest.raises(ExportError, match="llama-cpp-python cannot be imported here"):
+        transaction.export_run(runs["fp"], fmt="gguf", to=tmp_path / "g", dtype="q4_k_m")
+    assert not read

@@ -202,3 +202,46 @@ def test_a_simulation_leaves_autocast_as_it_found_it():
     before = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
     device_peak(setup, 96)
     assert (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) == before
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("9" * 400, "is more than 4,096 GiB, far past any one GPU"),  # was an OverflowError traceback
+        ("1000000", "is more than 4,096 GiB"),  # 1,000,000 GiB
+        ("0", "less than 1 MiB"),
+    ],
+)
+def test_a_gpu_memory_past_any_gpu_is_refused(text, said):
+    from fastsft.plan.device import parse_size
+
+    with pytest.raises(ValueError, match=said):
+        parse_size(text)
+    assert parse_size("80GB") == 80 * GiB
+
+
+def test_the_longest_length_is_bounded_by_the_model_context_and_the_search_bound():
+    """`plan --gpu-memory 1000000 --max-length` reported 13 billion tokens for a model with a 1,024-token
+    context (and larger budgets simulated lengths whose sizes overflowed): the plan's max_length is the
+    model's context when memory allows more, said so, and the search stops at data.max_length's bound."""
+    from fastsft.plan import MAX_LENGTH, plan
+
+    setup = Setup(tiny(), load_in_4bit=False, lora=LORA, batch_size=1, loss="torch")
+    out = plan(setup, 256, 4000 * GiB, find_max=True)
+    assert out["max_length"] == 512 and out["max_length_bound"] == "context"
+    assert out["max_length_memory"] == MAX_LENGTH
+    out = plan(setup, 256, 24 * GiB, find_max=True)
+    assert out["max_length"] == 512 and 512 < out["max_length_memory"] < MAX_LENGTH
+
+
+def test_data_max_length_is_bounded(tmp_path):
+    """data.max_length = 2**63 - 1 overflowed torch's size arithmetic in plan (a traceback)."""
+    from fastsft import recipe as recipe_mod
+    from fastsft.errors import RecipeError
+
+    p = tmp_path / "r.toml"
+    p.write_text(
+        '[model]\nname = "builtin:tiny-mistral"\n[data]\ntrain = "d.jsonl"\nmax_length = 9223372036854775807\n'
+    )
+    with pytest.raises(RecipeError, match=r"max_length = 9223372036854775807: must be <= 16777216"):
+        recipe_mod.load(p)

@@ -120,6 +120,6 @@ def test_generate_data_errors_name_the_line(taught, tmp_path):
     result = CliRunner().invoke(
         main, ["generate", str(out), "--data", str(bad), "-o", str(tmp_path / "o.jsonl")]
     )
-    assert result.exit_code == 2 and "bad.jsonl:2" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "bad.jsonl line 2" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["generate", str(out), "--data", str(bad)])
     assert result.exit_code == 2 and "-o OUT.jsonl" in result.output
