@@ -634,3 +634,46 @@ def test_the_worker_takes_turns_between_clients():
     turns.put("a", "a3")
     assert turns.take() == "a3" and turns.close() == []
     assert turns.take() is None
+
+
+def test_the_connection_budget_lets_a_light_address_in():
+    """The budget's rules without a server: 4 addresses fill their pool; a fifth address with none is
+    let in by closing the oldest waiting connection of the heaviest address; a connection in the middle
+    of a request is never closed; a heavy address is held to its share."""
+    from fastsft.use.serve.transport import ConnectionBudget
+
+    class Conn:
+        def __init__(self, waiting=True):
+            self.is_waiting, self.evicted = waiting, False
+
+        def waiting(self):
+            return self.is_waiting
+
+        def evict(self):
+            self.evicted = True
+
+    budget = ConnectionBudget(40, per_client=20, reserve=10, light=4)
+    held = {a: [] for a in "abcd"}
+    for _ in range(20):
+        for a in "abcd":
+            c = Conn()
+            if budget.admit(a, c):
+                held[a].append(c)
+    assert [len(v) for v in held.values()] == [7, 7, 7, 7]  # each its share of the 30: 30 // 4
+    assert not budget.admit("a", Conn())
+    for _ in range(4):  # an address holding fewer than 4 may use the reserve
+        assert budget.admit("e", Conn())
+    for i in range(8):
+        assert budget.admit(f"f{i}", Conn())
+    assert budget.count == 40
+    newcomer = Conn()
+    assert budget.admit("g", newcomer)  # full: the heaviest address's oldest waiting one gave way
+    evicted = [c for v in held.values() for c in v if c.evicted]
+    assert evicted == [held["a"][0]] and budget.count == 40
+    for conns in budget.held.values():  # every connection in the middle of a request: none is closed
+        for c in conns:
+            c.is_waiting = False
+    assert not budget.admit("h", Conn())
+    assert sum(c.evicted for conns in budget.held.values() for c in conns) == 0
+    budget.release("g", newcomer)
+    assert budget.count == 39 and "g" not in budget.held
