@@ -247,10 +247,12 @@ class RankLost(FastSFTError):
 def launch(nproc: int, argv: list[str], hosts: Hosts = Hosts(), *, run_dir=None) -> int:
     """Run `fastsft <argv>` as `nproc` ranks through torchrun, in this process (its elastic agent), and
     return 0 when every rank finished. Rank 0 prints to this console; the other ranks' output goes to
-    files under a log folder (only rank 0 prints in a run). A rank that stops ends every rank, and this
-    raises RankLost: one paragraph naming the lost rank, its exit (code or signal), its log, and the
-    command that resumes the run, instead of torch's ChildFailedError traceback and table."""
+    files under a log folder, their stderr shown here too (only rank 0 prints in a run). A rank that
+    stops ends every rank, and this raises RankLost: one paragraph naming the lost rank, its exit (code
+    or signal), its log, and the command that resumes the run, instead of torch's ChildFailedError
+    traceback and table."""
     import logging
+    import shutil
     import tempfile
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -259,8 +261,13 @@ def launch(nproc: int, argv: list[str], hosts: Hosts = Hosts(), *, run_dir=None)
 
     cmd = launch_command(nproc, argv, hosts)
     logs = Path(tempfile.mkdtemp(prefix="fastsft-ranks-"))
-    quiet = ",".join(f"{r}:3" for r in range(1, nproc))  # ranks 1.. to files; rank 0 to the console
-    args = [f"--log-dir={logs}", *([f"--redirects={quiet}"] if quiet else []), *cmd[3:]]
+    # Rank 0 prints to this console; ranks 1.. to files, their stderr also here (a warning, an abort).
+    others = range(1, nproc)
+    files = [
+        f"--redirects={','.join(f'{r}:3' for r in others)}",
+        f"--tee={','.join(f'{r}:2' for r in others)}",
+    ]
+    args = [f"--log-dir={logs}", *(files if nproc > 1 else []), *cmd[3:]]
     # torch's agent logs each failure and each rank it stops (and a traceback): told once, below.
     elastic = logging.getLogger("torch.distributed.elastic")
     level = elastic.level
@@ -271,6 +278,7 @@ def launch(nproc: int, argv: list[str], hosts: Hosts = Hosts(), *, run_dir=None)
         raise RankLost(_lost_rank_paragraph(e.failures, logs, hosts, run_dir)) from None
     finally:
         elastic.setLevel(level)
+    shutil.rmtree(logs, ignore_errors=True)  # every rank finished: their stderr was shown here
     return 0
 
 
