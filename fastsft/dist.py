@@ -35,16 +35,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup() -> None:
+def setup(timeout: float = 600) -> None:
     """Join the process group early (before the model loads), so ranks can agree on the run folder.
     accelerate's PartialState picks the backend (NCCL on GPUs, gloo on the CPU) from the launcher's
-    environment; the Trainer's TrainingArguments later rebuild their state on the same group."""
+    environment; the Trainer's TrainingArguments later rebuild their state on the same group.
+
+    `timeout` ([distributed] timeout, seconds) bounds every collective: a rank that waits longer for a
+    stopped or stuck one fails (gloo raises; NCCL's watchdog, on by default, aborts the communicator),
+    and the launcher then stops every rank and names them (`launch`)."""
     if world_size() <= 1:
         return
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
 
-    kwargs = {}
+    kwargs = {"timeout": timedelta(seconds=timeout)}
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
         if (
@@ -232,17 +238,115 @@ def launch_command(nproc: int, argv: list[str], hosts: Hosts = Hosts()) -> list[
 # ----------------------------------------------------------------------------------------------
 
 
+class RankLost(FastSFTError):
+    """A rank of a distributed run stopped (died, or was killed by the launcher after another failed)."""
+
+    exit_code = 1
+
+
+def launch(nproc: int, argv: list[str], hosts: Hosts = Hosts(), *, run_dir=None) -> int:
+    """Run `fastsft <argv>` as `nproc` ranks through torchrun, in this process (its elastic agent), and
+    return 0 when every rank finished. Rank 0 prints to this console; the other ranks' output goes to
+    files under a log folder, their stderr shown here too (only rank 0 prints in a run). A rank that
+    stops ends every rank, and this raises RankLost: one paragraph naming the lost rank, its exit (code
+    or signal), its log, and the command that resumes the run, instead of torch's ChildFailedError
+    traceback and table."""
+    import logging
+    import shutil
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    cmd = launch_command(nproc, argv, hosts)
+    logs = Path(tempfile.mkdtemp(prefix="fastsft-ranks-"))
+    # Rank 0 prints to this console; ranks 1.. to files, their stderr also here (a warning, an abort).
+    others = range(1, nproc)
+    files = [
+        f"--redirects={','.join(f'{r}:3' for r in others)}",
+        f"--tee={','.join(f'{r}:2' for r in others)}",
+    ]
+    args = [f"--log-dir={logs}", *(files if nproc > 1 else []), *cmd[3:]]
+    # torch's agent logs each failure and each rank it stops (and a traceback): told once, below.
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level = elastic.level
+    elastic.setLevel(logging.CRITICAL)
+    try:
+        torchrun(parse_args(args))
+    except ChildFailedError as e:
+        raise RankLost(_lost_rank_paragraph(e.failures, logs, hosts, run_dir)) from None
+    finally:
+        elastic.setLevel(level)
+    shutil.rmtree(logs, ignore_errors=True)  # every rank finished: their stderr was shown here
+    return 0
+
+
+# What a collective raises when another rank is gone (gloo) or did not come in time (gloo, NCCL).
+LOST_CONTACT = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "Watchdog caught collective operation timeout",
+)
+
+
+def lost_contact(e: BaseException) -> RankLost | None:
+    """For a rank whose collective failed because another rank stopped or is stuck: the short error it
+    prints instead of the backend's traceback (the launcher then names the lost rank). None otherwise."""
+    if world_size() <= 1 or not isinstance(e, RuntimeError):
+        return None
+    text = str(e)
+    found = [m for m in LOST_CONTACT if m in text]
+    if not found:
+        return None
+    return RankLost(
+        f"rank {rank()}: lost contact with the other ranks in a collective ({found[0]}): another rank "
+        "stopped, or did not come within [distributed] timeout; the launcher names it below."
+    )
+
+
+def _lost_rank_paragraph(failures: dict, logs: Path, hosts: Hosts, run_dir) -> str:
+    """The paragraph for ranks that stopped: {global rank: torch's ProcessFailure}."""
+    import signal
+
+    # The ranks that the launcher stopped itself (SIGTERM) after the first failure are not the lost one.
+    lost = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    parts = []
+    for global_rank, f in sorted(lost.items()):
+        if f.exitcode < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-f.exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-f.exitcode}"
+        else:
+            how = f"exited with code {f.exitcode}"
+        found = sorted(logs.glob(f"*/attempt_*/{f.local_rank}/stderr.log"))
+        where = f"its log: {found[-1]}" if found and f.local_rank else "its output is above"
+        parts.append(f"rank {global_rank} (pid {f.pid}) {how}; {where}")
+    resume = f"fastsft run --resume {run_dir}" if run_dir else "fastsft run --resume RUN_DIR"
+    return (
+        f"a rank of the distributed run stopped, so every rank was stopped: {'; '.join(parts)}. A rank killed from "
+        "outside (out of memory: see `dmesg`; a job scheduler) or stuck past [distributed] timeout ends "
+        f"the run. Resume it from its last checkpoint with `{resume}` (logs of every rank: {logs})."
+    )
+
+
 def distributed_kwargs(recipe, *, dtype: str) -> dict:
     """TrainingArguments for `[distributed] strategy` when this process is one of several ranks."""
     if world_size() <= 1:
         return {}
     check_distributed(recipe)
     d, t = recipe.distributed, recipe.train
+    timeout = {"ddp_timeout": int(d.timeout)}  # the group is made by setup; the Trainer's state agrees
     if d.strategy == "ddp":
         # LoRA leaves most parameters frozen; none of the trainable ones go unused
-        return {"ddp_find_unused_parameters": False}
+        return {"ddp_find_unused_parameters": False, **timeout}
     if d.strategy == "fsdp":
         return {
+            **timeout,
             "fsdp": True,
             "fsdp_config": {
                 "version": 2,
@@ -253,8 +357,8 @@ def distributed_kwargs(recipe, *, dtype: str) -> dict:
             "gradient_checkpointing": False,
         }
     if d.deepspeed_config:
-        return {"deepspeed": str(recipe.resolve_path(d.deepspeed_config))}
-    return {"deepspeed": zero3_config(dtype)}
+        return {"deepspeed": str(recipe.resolve_path(d.deepspeed_config)), **timeout}
+    return {"deepspeed": zero3_config(dtype), **timeout}
 
 
 def sharded(recipe) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import click
@@ -183,7 +182,8 @@ def run(
         if resume_dir:
             dist.check_resume_files(resume_dir, (nproc or 1) * hosts.nnodes)
         argv = rank_argv(click.get_current_context().meta["argv"], nproc or 1, r, output_dir, resume_dir)
-        sys.exit(subprocess.call(dist.launch_command(nproc or 1, argv, hosts)))
+        run_dir = resume_dir or output_dir or argv[argv.index("-o") + 1]  # rank_argv names one
+        sys.exit(dist.launch(nproc or 1, argv, hosts, run_dir=run_dir))
     policy = make_policy(trust_remote_code, allow_pickle)
     try:
         if resume_dir:
@@ -192,6 +192,11 @@ def run(
             )
         else:
             train.run(r, output_dir=output_dir, overwrite=overwrite, policy=policy)
+    except RuntimeError as e:  # a rank whose collective lost another rank: a line, not gloo's traceback
+        lost = dist.lost_contact(e)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         dist.teardown()
     dist.leave()  # a rank whose run is done exits here, past C++'s exit-time destructors

@@ -488,6 +488,14 @@ class DistributedSection(Section):
         "A DeepSpeed JSON config to use instead of fastsft's ZeRO-3 one (strategy = deepspeed-zero3).",
         path=True,
     )
+    timeout: int = key(
+        600,
+        "Seconds a rank waits for the others in a collective (a gradient all-reduce, a barrier) before the "
+        "run stops and names the stuck rank (torch's own default: 30 minutes). The longest wait is for "
+        "what rank 0 does alone (answers before training, a checkpoint's files): raise it for a slow one.",
+        min=10,
+        max=86400,
+    )
 
 
 EXPORT_FORMATS = ("adapter", "merged", "gguf")

@@ -202,7 +202,7 @@ class Run:
         """Everything before the first step: the run directory's checks, validate's preflight, data, model,
         loss, the memory and disk checks, then (only now) the run directory, run.json, the trainer, the
         answers before."""
-        dist.setup()  # a no-op unless launched as several ranks (torchrun / accelerate launch)
+        dist.setup(self.recipe.distributed.timeout)  # a no-op unless launched as several ranks (torchrun)
         target = self._open_resumed() if self.resume else self._check_target()
         self._preflight()
         self._plan()

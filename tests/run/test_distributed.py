@@ -1,10 +1,13 @@
 """`fastsft run --launch 2`: two CPU processes (DDP over gloo) train like one process with the same
 global batch, into one run directory, and resume like a single-process run."""
 
+import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +213,106 @@ def test_a_rank_leaves_past_the_exit_time_destructors(world):
     assert proc.stdout.startswith("work done")  # flushed though it ended with no newline
     assert "atexit ran" in proc.stdout
     assert ("after leave" in proc.stdout) == (world == "1")
+
+
+def _ranks_of(tag: str) -> dict[int, int]:
+    """{rank: pid} of the ranks started with FASTSFT_TEST_TAG=tag (read from /proc)."""
+
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = dict(x.split(b"=", 1) for x in (d / "environ").read_bytes().split(b"\0") if b"=" in x)
+        except OSError:
+            continue
+        if env.get(b"FASTSFT_TEST_TAG") == tag.encode() and b"TORCHELASTIC_RUN_ID" in env:
+            found[int(env[b"RANK"])] = int(d.name)
+    return found
+
+
+def _signal_a_rank(sig, tmp_path, *extra):
+    """`run --launch 2` of a long tiny run; once both ranks have taken a step, `sig` to rank 1. Returns
+    (returncode, stdout, stderr, seconds from the signal to the launcher's end). Bounded: 300 s to
+    start, 150 s to end."""
+    import os
+    import time
+    import uuid
+
+    tag = uuid.uuid4().hex
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastsft.cli", "run", str(RECIPES / "tiny.toml"), *SHORT, "--set"]
+    cmd += ["train.max_steps=2000", "--launch", "2", "-o", str(out), *extra]
+    env = dict(os.environ, FASTSFT_TEST_TAG=tag)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and '"loss"' in metrics.read_text():
+                break
+            time.sleep(0.5)
+        ranks = _ranks_of(tag)
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before a rank was stopped:\n{proc.communicate()[1][-3000:]}")
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], sig)
+        t = time.time()
+        stdout, stderr = proc.communicate(timeout=150)
+        return proc.returncode, stdout, stderr, time.time() - t, ranks
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for pid in _ranks_of(tag).values():  # nothing of the run is left behind
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_run_with_one_paragraph(tmp_path):
+    """SIGKILL to rank 1 mid-run: the launcher ended in seconds, but with gloo's `Connection reset by
+    peer` traceback (rank 0) and torch's ChildFailedError traceback and table. Now: rank 0 says in one
+    line that it lost contact, and the launcher one paragraph naming rank 1, its signal, its log and the
+    resume command; exit 1, no traceback."""
+    code, stdout, stderr, took, ranks = _signal_a_rank(signal.SIGKILL, tmp_path)
+    assert code == 1, stderr[-3000:]
+    assert took < 60, took
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+    assert f"rank 1 (pid {ranks[1]}) was killed by signal SIGKILL" in stderr, stderr[-3000:]
+    assert f"fastsft run --resume {tmp_path / 'run'}" in stderr
+    log = stderr.split("its log: ")[1].split(". ")[0]
+    assert log.endswith("stderr.log") and Path(log).is_file()
+
+
+@pytest.mark.slow
+def test_a_stuck_rank_ends_the_run_after_the_distributed_timeout(tmp_path):
+    """SIGSTOP to rank 1 (a stuck rank): rank 0 waited in its collective for torch's 30-minute default
+    with no output. With `[distributed] timeout = 30` it gives up after 30 s and the launcher stops the
+    stuck rank (SIGTERM, then SIGKILL after torchrun's 30 s) and prints its paragraph; no traceback.
+    (10 s was too short on a busy 2-core machine: rank 1 waited longer than that for rank 0's work
+    before the first step.)"""
+    code, stdout, stderr, took, ranks = _signal_a_rank(
+        signal.SIGSTOP, tmp_path, "--set", "distributed.timeout=30"
+    )
+    assert code == 1, stderr[-3000:]
+    assert 30 <= took < 120, took
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "rank 0: lost contact with the other ranks in a collective (Timed out)" in stderr, stderr[-3000:]
+    assert f"rank 1 (pid {ranks[1]}) was killed by signal SIGKILL" in stderr
+    assert "fastsft run --resume" in stderr
+
+
+def test_the_distributed_timeout_reaches_the_trainer(monkeypatch):
+    """[distributed] timeout (default 10 minutes, not torch's 30) is the Trainer's ddp_timeout under
+    every strategy."""
+    from fastsft.dist import distributed_kwargs
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = R.load(RECIPES / "tiny.toml")
+    assert r.distributed.timeout == 600
+    assert distributed_kwargs(r, dtype="fp32")["ddp_timeout"] == 600
+    r = R.load(RECIPES / "tiny.toml", ["distributed.timeout=30", "distributed.strategy=fsdp"])
+    assert distributed_kwargs(r, dtype="fp32")["ddp_timeout"] == 30

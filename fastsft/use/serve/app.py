@@ -10,39 +10,39 @@ The model is loaded once by `fastsft.use.load_for_use` and answers through `fast
 (chat template, end-of-turn stop). For a run directory or an adapter, the base model is the same
 weights with the adapter disabled (PEFT's `disable_adapter()`), served as the model id `NAME:base`.
 
-Generation is serialized: one worker thread runs the requests in arrival order, at most `max_queue`
-wait behind the one running, and a request beyond that is answered 503 at once (a stream too, before
-it starts). A client that goes away cancels its generation, streamed or not. Request bodies are
+Generation is serialized: one worker thread runs the requests in turn between clients (remote
+addresses), at most `max_queue` wait behind the one running and each address holds its share of them;
+a request beyond is answered 429 (503 when the queue is full) at once, a stream too, before it starts
+(engine.py). A client that goes away cancels its generation, streamed or not. Request bodies are
 limited in size; the server binds to loopback unless told otherwise; an API key makes every route but
-`/` and `/health` ask for `Authorization: Bearer KEY`.
+`/` and `/health` ask for `Authorization: Bearer KEY`. The page reads the run directory's report.md
+and loss.png only as regular files inside it, off the event loop, size-bounded (`read_run_file`).
 
-HTTP limits, so that one client cannot keep the others out: a connection has `header_timeout` seconds
-to send a whole request header (uvicorn itself waits forever for one) and `body_timeout` for its body;
-one remote address holds at most `client_connections` connections (the next ones are answered 503 and
-closed), half of the server's bound; a loopback server answers only to loopback Host names.
+The HTTP limits (header deadline, the connection budget shared between addresses, loopback Host
+names) are in transport.py; the wire format of the answers in wire.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import json
+import os
 import secrets
+import stat
 import time
 import uuid
 from importlib import resources
+from pathlib import Path
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from fastsft.chat.tools import parse_tool_calls
 from fastsft.errors import BackendError
 from fastsft.use.load import load_for_use
-from fastsft.use.serve.engine import Engine, Job, Result
+from fastsft.use.serve.engine import Engine, Job
 from fastsft.use.serve.protocol import (
     APIError,
-    Params,
     ServeSettings,
     _held_back,
     cut_at_stop,
@@ -51,134 +51,60 @@ from fastsft.use.serve.protocol import (
     parse_params,
     parse_tools,
 )
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address, IPv6 with or without brackets) is this machine only:
-    localhost, 127.0.0.0/8 or ::1."""
-    host = host.strip().lower()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
+from fastsft.use.serve.transport import LoopbackHost, exposure_warning, is_loopback, make_server
+from fastsft.use.serve.wire import (
+    HeldStream,
+    chunk,
+    error_response,
+    finish_reason,
+    one_chunk_stream,
+    sse,
+    usage,
+)
 
 # An oversized body up to this many times the limit is read to its end (and dropped) before the 413.
 DRAIN_LIMIT_FACTOR = 8
+# What the page may read of a run directory (a report is ~10 KB, a loss curve ~50 KB; a stranger's run
+# directory may hold anything under these names).
+MAX_REPORT_BYTES = 4_000_000
+MAX_PICTURE_BYTES = 8_000_000
 
 
-def _usage(result: Result) -> dict:
-    n = len(result.ids)
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": n,
-        "total_tokens": result.prompt_tokens + n,
-    }
+def run_file_state(run_dir: Path | None, name: str) -> str | None:
+    """None when `run_dir/name` may be served (a regular file inside the run directory, symlinks
+    resolved), else why not. Blocking (it stats the file): called off the event loop."""
+    if run_dir is None:
+        return "the model is not a run directory"
+    root = Path(run_dir).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        return f"{name} is a link to a file outside the run directory"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return f"the run directory has no {name}"
+    return None if stat.S_ISREG(mode) else f"{name} is not a regular file"
 
 
-def _finish(result: Result, stopped_by_string: bool, params: Params) -> str:
-    return (
-        "stop" if result.ended_turn or stopped_by_string or len(result.ids) < params.max_tokens else "length"
-    )
-
-
-def _sse(obj) -> str:
-    return "data: " + (obj if isinstance(obj, str) else json.dumps(obj)) + "\n\n"
-
-
-def _error(e: APIError):
-    headers = {"Retry-After": "1"} if e.status == 503 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
-def _chunk(rid, model, *, chat: bool, delta=None, text=None, finish=None) -> dict:
-    if chat:
-        choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
-
-
-async def _one_chunk_stream(rid, model, text, calls, finish, result, params):
-    yield _sse(_chunk(rid, model, chat=True, delta={"role": "assistant", "content": ""}))
-    if calls:
-        delta = {"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]}
-    else:
-        delta = {"content": text}
-    yield _sse(_chunk(rid, model, chat=True, delta=delta))
-    yield _sse(_chunk(rid, model, chat=True, finish=finish))
-    if params.include_usage:
-        yield _sse(
-            {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [],
-                "usage": _usage(result),
-            }
-        )
-    yield _sse("[DONE]")
-
-
-class _HeldStream(StreamingResponse):
-    """A streamed response that holds a place in the engine's queue until it has been sent (or failed)."""
-
-    def __init__(self, content, *, release, **kw):
-        super().__init__(content, **kw)
-        self.release = release
-
-    async def __call__(self, scope, receive, send):
+def read_run_file(run_dir: Path | None, name: str, limit: int) -> tuple[bytes, bool]:
+    """The first `limit` bytes of `run_dir/name`, and whether there was more; a 404 APIError unless it is
+    a regular file inside the run directory (a link out of it, a FIFO or a device is refused). Opened
+    without following a link (O_NOFOLLOW on the resolved path) and without blocking on a FIFO
+    (O_NONBLOCK), then checked on the open descriptor; blocking reads: called off the event loop."""
+    why = run_file_state(run_dir, name)
+    if why is None:
+        path = (Path(run_dir).resolve() / name).resolve()
         try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.release()
-
-
-class _LoopbackHost:
-    """ASGI middleware of a loopback server: a request whose Host header is not a loopback name (any of
-    127.0.0.0/8, localhost, [::1]) with an optional numeric port is refused (400), so that a web page
-    whose own name is made to resolve to 127.0.0.1 (DNS rebinding) cannot read the API as if it were the
-    page. Any port: `ssh -L 9000:127.0.0.1:8000` makes the browser send `Host: localhost:9000`, and a
-    loopback name can only come from a page on this machine, which could reach the port anyway."""
-
-    def __init__(self, app):
-        self.app = app
-
-    @staticmethod
-    def allowed(host: str) -> bool:
-        if host.startswith("["):  # [::1]:8000
-            name, _, rest = host[1:].partition("]")
-            if rest and not rest.startswith(":"):
-                return False
-            port = rest[1:]
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            why = f"{name} cannot be read: {e.strerror or e}"
         else:
-            name, _, port = host.partition(":")
-        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            return False
-        return is_loopback(name)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] in ("http", "websocket"):
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if not self.allowed(host):
-                response = _error(
-                    APIError(
-                        400,
-                        f"Invalid host header {host!r}: this server answers to "
-                        "loopback names only (127.0.0.1, localhost, [::1]).",
-                        code="invalid_host",
-                    )
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+            with os.fdopen(fd, "rb") as f:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    data = f.read(limit + 1)
+                    return data[:limit], len(data) > limit
+            why = f"{name} is not a regular file"
+    raise APIError(404, f"{why}: nothing to show.", code="not_found")
 
 
 async def _http_error(request: Request, exc: HTTPException):
@@ -187,7 +113,7 @@ async def _http_error(request: Request, exc: HTTPException):
         404: f"No route {request.url.path}.",
         405: f"{request.method} is not allowed on {request.url.path}.",
     }
-    return _error(
+    return error_response(
         APIError(
             status,
             message.get(status, str(exc.detail)),
@@ -197,7 +123,7 @@ async def _http_error(request: Request, exc: HTTPException):
 
 
 async def _server_error(request: Request, exc: Exception):
-    return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+    return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
 
 class _App:
@@ -252,12 +178,12 @@ class _App:
         if declared <= DRAIN_LIMIT_FACTOR * limit:
             try:
                 async with asyncio.timeout(self.settings.body_timeout):  # a body sent byte by byte
-                    async for chunk in request.stream():
-                        size += len(chunk)
+                    async for part in request.stream():
+                        size += len(part)
                         if size > DRAIN_LIMIT_FACTOR * limit:
                             break
                         if size <= limit:
-                            chunks.append(chunk)
+                            chunks.append(part)
             except TimeoutError:
                 raise APIError(
                     408,
@@ -289,7 +215,7 @@ class _App:
                 self.check_auth(request)
                 return await handler(request)
             except APIError as e:
-                return _error(e)
+                return error_response(e)
 
         return endpoint
 
@@ -314,12 +240,13 @@ class _App:
         self.engine.check_length(prompt_ids, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         model = body["model"]
+        client = request.client.host if request.client else None  # the queue is shared per address
         if params.stream and not tools:
             # The place in the queue is taken now: a full queue is a 503, not an error event in a 200
             # stream; it is given back when the response ends, whether or not the stream ever started.
-            release = self.engine.reserve()
-            return _HeldStream(
-                self.stream(rid, model, prompt_ids, params, base, chat=chat),
+            release = self.engine.reserve(client)
+            return HeldStream(
+                self.stream(rid, model, prompt_ids, params, base, client, chat=chat),
                 release=release,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -329,17 +256,17 @@ class _App:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        with self.engine.admit():
-            result = await self.engine.run(Job(prompt_ids, params, base=base), abandoned=gone)
+        with self.engine.admit(client):
+            result = await self.engine.run(Job(prompt_ids, params, base=base, client=client), abandoned=gone)
         text, cut = cut_at_stop(self.engine.decode(result.ids), params.stop)
         text = text.strip() if chat else text
-        finish = _finish(result, cut, params)
+        finish = finish_reason(result, cut, params)
         calls = parse_tool_calls(self.engine.decode(result.ids, special=True), tools) if tools else None
         if calls:
             finish = "tool_calls"
         if params.stream:  # with tools: the whole answer, then one chunk (a call is parsed once complete)
             return StreamingResponse(
-                _one_chunk_stream(rid, model, text, calls, finish, result, params),
+                one_chunk_stream(rid, model, text, calls, finish, result, params),
                 media_type="text/event-stream",
             )
         if chat:
@@ -358,21 +285,25 @@ class _App:
                 "created": int(time.time()),
                 "model": model,
                 "choices": [choice],
-                "usage": _usage(result),
+                "usage": usage(result),
             }
         )
 
-    async def stream(self, rid, model, prompt_ids, params, base, *, chat: bool):
+    async def stream(self, rid, model, prompt_ids, params, base, client, *, chat: bool):
         """Server-sent events: the text as it is generated, with stop strings held back until they are
         known not to be one; the generation is cancelled when the client goes away."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job = Job(
-            prompt_ids, params, base=base, on_text=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t)
+            prompt_ids,
+            params,
+            base=base,
+            client=client,
+            on_text=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t),
         )
         try:
             if chat:
-                yield _sse(_chunk(rid, model, chat=True, delta={"role": "assistant", "content": ""}))
+                yield sse(chunk(rid, model, chat=True, delta={"role": "assistant", "content": ""}))
             task = asyncio.ensure_future(self.engine.run(job))
             task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
             pending, sent_any, stopped_by_string = "", False, False
@@ -394,26 +325,26 @@ class _App:
                     out = out.lstrip()
                 if out:
                     sent_any = True
-                    yield _sse(_chunk(rid, model, chat=chat, delta={"content": out}, text=out))
+                    yield sse(chunk(rid, model, chat=chat, delta={"content": out}, text=out))
             result = task.result()
             if pending and not stopped_by_string:
-                yield _sse(_chunk(rid, model, chat=chat, delta={"content": pending}, text=pending))
-            finish = _finish(result, stopped_by_string, params)
-            yield _sse(_chunk(rid, model, chat=chat, finish=finish))
+                yield sse(chunk(rid, model, chat=chat, delta={"content": pending}, text=pending))
+            finish = finish_reason(result, stopped_by_string, params)
+            yield sse(chunk(rid, model, chat=chat, finish=finish))
             if params.include_usage:
-                yield _sse(
+                yield sse(
                     {
                         "id": rid,
                         "object": "chat.completion.chunk" if chat else "text_completion",
                         "created": int(time.time()),
                         "model": model,
                         "choices": [],
-                        "usage": _usage(result),
+                        "usage": usage(result),
                     }
                 )
-            yield _sse("[DONE]")
+            yield sse("[DONE]")
         except Exception as e:  # noqa: BLE001 - told to the client in the stream, then logged
-            yield _sse(
+            yield sse(
                 APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error").body()
             )
             raise
@@ -427,32 +358,40 @@ class _App:
         return await self.complete(request, chat=False)
 
     async def info(self, request: Request):
-        report = self.run_dir is not None and (self.run_dir / "report.md").exists()
+        report, loss = await asyncio.gather(
+            asyncio.to_thread(run_file_state, self.run_dir, "report.md"),
+            asyncio.to_thread(run_file_state, self.run_dir, "loss.png"),
+        )
         return JSONResponse(
             {
                 "model": self.name,
                 "base_model": self.base_name,
                 "kind": self.loaded.kind,
                 "path": str(self.loaded.path),
-                "report": report,
-                "loss_png": self.run_dir is not None and (self.run_dir / "loss.png").exists(),
+                "report": report is None,
+                "loss_png": loss is None,
                 "max_tokens_limit": self.settings.max_tokens_limit,
             }
         )
 
     async def report(self, request: Request):
-        path = self.run_dir / "report.md" if self.run_dir is not None else None
-        if path is None or not path.exists():
-            raise APIError(
-                404, f"{self.loaded.path} is not a run directory with a report.md.", code="not_found"
+        data, cut = await asyncio.to_thread(read_run_file, self.run_dir, "report.md", MAX_REPORT_BYTES)
+        text = data.decode("utf-8", errors="replace")
+        if cut:
+            text = text.rsplit("\n", 1)[0] + (
+                f"\n\n*(report.md is longer than {MAX_REPORT_BYTES // 1_000_000} MB: the rest is not shown.)*\n"
             )
-        return JSONResponse({"markdown": path.read_text(encoding="utf-8")})
+        return JSONResponse({"markdown": text})
 
     async def loss_png(self, request: Request):
-        path = self.run_dir / "loss.png" if self.run_dir is not None else None
-        if path is None or not path.exists():
-            raise APIError(404, "no loss.png: the model is not a run directory.", code="not_found")
-        return FileResponse(path, media_type="image/png")
+        data, cut = await asyncio.to_thread(read_run_file, self.run_dir, "loss.png", MAX_PICTURE_BYTES)
+        if cut:
+            raise APIError(
+                404,
+                f"loss.png is larger than {MAX_PICTURE_BYTES // 1_000_000} MB: not served.",
+                code="not_found",
+            )
+        return Response(data, media_type="image/png")
 
     async def index(self, request: Request):
         return HTMLResponse(self.page)
@@ -481,7 +420,7 @@ def create_app(loaded, settings: ServeSettings):
     if is_loopback(settings.host):
         from starlette.middleware import Middleware
 
-        middleware.append(Middleware(_LoopbackHost))
+        middleware.append(Middleware(LoopbackHost))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -534,98 +473,3 @@ def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> N
     finally:
         sock.close()
         app.state.engine.stop()
-
-
-def exposure_warning(settings: ServeSettings) -> str | None:
-    """The startup warning for a server that other machines can reach without a key (none on loopback)."""
-    if is_loopback(settings.host) or settings.api_key is not None:
-        return None
-    return f"listening on {settings.host} without --api-key: anyone who can reach this machine can use the model."
-
-
-def make_server(app, settings: ServeSettings):
-    """The uvicorn server for `app`, with the HTTP limits of `settings` (see the module's docstring)."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app,
-        log_level=settings.log_level,
-        http=_guarded_protocol(settings),
-        # A connection bound beyond the request queue (plain 503 from uvicorn); the queue answers first.
-        limit_concurrency=settings.max_connections,
-        timeout_keep_alive=settings.keep_alive,
-    )
-    return uvicorn.Server(config)
-
-
-def _guarded_protocol(settings: ServeSettings):
-    """uvicorn's h11 protocol with a header deadline and a bound on connections per remote address."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-    from uvicorn.protocols.utils import get_remote_addr
-
-    busy = json.dumps(
-        APIError(
-            503,
-            "Too many connections from your address; close some and retry.",
-            type="server_error",
-            code="too_many_connections",
-        ).body()
-    ).encode()
-    refusal = (
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-        b"connection: close\r\ncontent-length: " + str(len(busy)).encode() + b"\r\n\r\n" + busy
-    )
-    open_per_client: dict[str, int] = {}  # remote address -> open connections, for this server
-
-    class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport):
-            peer = get_remote_addr(transport)
-            self.peer = peer[0] if peer else None
-            self.refused = open_per_client.get(self.peer, 0) >= settings.client_connections
-            self.header_deadline = None
-            if self.refused:  # never handed to uvicorn: answered and closed at once
-                transport.write(refusal)
-                transport.close()
-                return
-            open_per_client[self.peer] = open_per_client.get(self.peer, 0) + 1
-            super().connection_made(transport)
-            self.watch_header()
-
-        def connection_lost(self, exc):
-            if self.refused:
-                return
-            left = open_per_client.pop(self.peer, 1) - 1
-            if left:
-                open_per_client[self.peer] = left
-            self.stop_watch()
-            super().connection_lost(exc)
-
-        def data_received(self, data):
-            if self.refused:
-                return
-            super().data_received(data)
-            self.watch_header()
-
-        def awaiting_header(self) -> bool:
-            return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
-
-        def watch_header(self):
-            """Arm the deadline when a request header is awaited (a new connection, or the first bytes of
-            the next request on a kept-alive one); disarm it once the header is in."""
-            if not self.awaiting_header():
-                self.stop_watch()
-            elif self.header_deadline is None and (self.cycle is None or self.conn.trailing_data[0]):
-                self.header_deadline = self.loop.call_later(settings.header_timeout, self.header_late)
-
-        def stop_watch(self):
-            if self.header_deadline is not None:
-                self.header_deadline.cancel()
-                self.header_deadline = None
-
-        def header_late(self):
-            self.header_deadline = None
-            if self.awaiting_header() and not self.transport.is_closing():
-                self.transport.close()
-
-    return GuardedH11Protocol

@@ -63,7 +63,7 @@ class ServeSettings:
     port: int = 8000
     api_key: str | None = None
     model_name: str | None = None  # the id in /v1/models; default: the folder's name
-    max_queue: int = 16  # requests waiting behind the one being answered
+    max_queue: int = 64  # requests waiting behind the one being answered (`serve --max-queue`)
     max_body_bytes: int = 1_000_000
     max_tokens_limit: int = 2048  # the most `max_tokens` a request may ask for
     default_max_tokens: int = 256
@@ -77,7 +77,7 @@ class ServeSettings:
 
     @property
     def max_connections(self) -> int:
-        """The server's connection bound (uvicorn's limit_concurrency), beyond the request queue."""
+        """The server's connection budget (transport.ConnectionBudget), beyond the request queue."""
         return 4 * self.max_queue + 32
 
     @property
