@@ -211,7 +211,8 @@ def parse_params(body: dict, settings: ServeSettings, *, chat: bool) -> Params:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "`stream` must be true or false.", param="stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options  # `[]` or `""` is no object: refused, not read as none
     if not isinstance(options, dict):
         raise APIError(400, "`stream_options` must be an object.", param="stream_options")
     seed = _number(body, "seed", None, -INT64, INT64 - 1, integer=True)
