@@ -211,7 +211,7 @@ def test_no_module_forges_a_recipe():
 # it loads, which `fastsft --help`, `fastsft validate` and the light modules must not pay for
 LAZY = {
     "fastsft.plan": "torch at load: the meta-tensor simulation",
-    "fastsft.run.loss": "torch and the kernels (Triton) at load",
+    "fastsft.loss.route": "torch and the kernels (Triton) at load",
     "fastsft.kernels": "torch and Triton at load",
     "fastsft.levers": "its children load torch",
     "fastsft.backends.unsloth": "imported first of all, only when the Unsloth backend is chosen",

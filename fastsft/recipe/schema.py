@@ -41,7 +41,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from fastsft.errors import RecipeError
-from fastsft.run import trackers
 
 # ----------------------------------------------------------------------------------------------
 # How a key is declared
@@ -304,6 +303,10 @@ class DataSection(Section):
         "What a bad row does: stop with an error, or be skipped and counted.",
         choices=("error", "skip"),
     )
+
+
+# `[train] report_to`'s trackers (besides "none"); fastsft.run.trackers knows what each needs installed
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1003,6 +1006,21 @@ def check_early_stopping(train: dict, data: dict) -> list[str]:
     return problems
 
 
+def check_report_to(train: dict) -> list[str]:
+    """Recipe problems of `[train] report_to`: unknown names, "none" among others."""
+    value = train.get("report_to")
+    items = [value] if isinstance(value, str) else list(value or [])
+    problems = []
+    for n in items:
+        if n != "none" and n not in TRACKER_NAMES:
+            close = difflib.get_close_matches(n, list(TRACKER_NAMES), n=1, cutoff=0.6)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            problems.append(f"[train] report_to: {n!r} is not one of none, {', '.join(TRACKER_NAMES)}{hint}")
+    if "none" in items and len(items) > 1:
+        problems.append('[train] report_to: "none" with other trackers; list only the trackers to use')
+    return problems
+
+
 def _cross_checks(r: Recipe) -> list[str]:
     """Rules that involve more than one key."""
     problems = []
@@ -1068,7 +1086,7 @@ def _cross_checks(r: Recipe) -> list[str]:
             )
     problems += check_sources(r.data.as_dict(), SCHEMA["data"]["format"].choices)
     problems += check_early_stopping(r.train.as_dict(), r.data.as_dict())
-    problems += trackers.check_names(r.train.as_dict())
+    problems += check_report_to(r.train.as_dict())
     if r.loss.label_smoothing >= 1:
         problems.append(f"[loss] label_smoothing = {r.loss.label_smoothing}: must be < 1")
     # an unsloth model with the stock loss is allowed: it is the comparison row of the benchmarks

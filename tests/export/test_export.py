@@ -320,16 +320,15 @@ def test_export_checks_free_space_first(runs, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from fastsft import export
+    from fastsft import export, limits
     from fastsft.errors import ExportError
     from fastsft.export import merged
-    from fastsft.run import guard
 
     need = export.export_bytes(export.read_run(runs["fp"]), "fp32")
     assert export.export_bytes(export.read_run(runs["fp"]), "bf16") < need
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(
-        guard.shutil, "disk_usage", lambda p: usage(need * 4, need * 4 - need // 2, need // 2)
+        limits.shutil, "disk_usage", lambda p: usage(need * 4, need * 4 - need // 2, need // 2)
     )
     loaded = []
     monkeypatch.setattr(merged, "merge", lambda *a, **k: loaded.append(1))
@@ -339,7 +338,7 @@ def test_export_checks_free_space_first(runs, tmp_path, monkeypatch):
     ):
         export.export_run(runs["fp"], fmt="merged", to=tmp_path / "m", dtype="fp32")
     assert not loaded and list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(guard.shutil, "disk_usage", shutil.disk_usage)
+    monkeypatch.setattr(limits.shutil, "disk_usage", shutil.disk_usage)
 
 
 def test_bad_arguments(runs, tmp_path):

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from fastsft import backends
 from fastsft import recipe as R
-from fastsft.run import loss, train
+from fastsft.loss import route as loss
+from fastsft.run import train
 
 from _launches import launch_counts, reset_launch_counts
 from _tiny import TINY_RECIPE

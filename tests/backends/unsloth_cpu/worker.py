@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from fastsft import backends, machine  # noqa: E402
 from fastsft import recipe as R  # noqa: E402
 from fastsft.kernels import cross_entropy  # noqa: E402
-from fastsft.run import loss, train  # noqa: E402
+from fastsft.loss import route as loss  # noqa: E402
+from fastsft.run import train  # noqa: E402
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma2")
 # On a GPU (benchmarks/gpu_check.sh) the same checks run natively, without the shim, plus 4-bit.
