@@ -47,7 +47,7 @@ def peak_rss_above(fn) -> float:
 
 def main(argv: list[str]) -> None:
     mode, n, v, h = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
-    import test_loss_bench as B
+    import _loss_impls as B
     import torch
 
     torch.manual_seed(0)

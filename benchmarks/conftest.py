@@ -35,13 +35,6 @@ def pytest_configure(config):
     _RESULTS.extra["loadavg_start"] = loadavg()  # the machine may be shared: say how busy it was
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _private_cache(tmp_path_factory):
-    if "FASTSFT_CACHE" not in os.environ:
-        os.environ["FASTSFT_CACHE"] = str(tmp_path_factory.mktemp("fastsft-cache"))
-    yield
-
-
 @pytest.fixture(scope="session")
 def results():
     return _RESULTS

@@ -242,7 +242,9 @@ class RunDir:
         return files.write_bytes(self.path / name, data)
 
     def write_json(self, name: str, obj) -> Path:
-        return self.write_text(name, json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
+        return self.write_text(
+            name, json.dumps(_nonfinite_as_none(obj), indent=2, default=str, allow_nan=False) + "\n"
+        )
 
     def read_json(self, name: str) -> dict:
         try:
@@ -286,19 +288,19 @@ class RunDir:
         return rows
 
 
-def _finite(obj):
+def _nonfinite_as_none(obj):
     """`obj` with NaN / inf floats replaced by None, for JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: _nonfinite_as_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [_nonfinite_as_none(v) for v in obj]
     return obj
 
 
 def _json_line(row: dict) -> str:
-    return json.dumps(_finite(row), default=float, allow_nan=False)
+    return json.dumps(_nonfinite_as_none(row), default=float, allow_nan=False)
 
 
 def is_run_dir(path: str | Path) -> bool:

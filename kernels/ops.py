@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import linear_cross_entropy as _lce
 from . import memory_plan
+from .linear_forward import forward
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def linear_cross_entropy(
         softcap=softcap,
     )
     need = (need_h, need_w, need_b)
-    loss, grad_h, grad_w, grad_b = _lce.forward(
+    loss, grad_h, grad_w, grad_b = forward(
         hidden, weight, bias, labels, num_items, opts, mean, backend, compute_dtype, need, chunk, budget
     )
     return (

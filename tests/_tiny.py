@@ -12,6 +12,33 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
+def assistant_batch(tokenizer, path: Path, n_rows: int) -> dict:
+    """The first `n_rows` conversations ({"messages": [...]} lines) of a JSONL file as one right-padded
+    batch: input_ids (rows, T), attention_mask, and labels that are the ids on the assistant's tokens (the
+    chat template's assistant mask) and IGNORE_INDEX elsewhere, on the CPU."""
+    import json
+
+    import torch
+
+    from fastsft.data.encode import IGNORE_INDEX
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()[:n_rows]]
+    enc = [
+        tokenizer.apply_chat_template(r["messages"], return_dict=True, return_assistant_tokens_mask=True)
+        for r in rows
+    ]
+    T = max(len(e["input_ids"]) for e in enc)
+    ids = torch.full((len(enc), T), tokenizer.pad_token_id)
+    mask = torch.zeros((len(enc), T), dtype=torch.long)
+    labels = torch.full((len(enc), T), IGNORE_INDEX)
+    for i, e in enumerate(enc):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(e["assistant_masks"]) == 1, ids[i, :n], IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def read_tensorboard(folder) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in the event files under `folder`: {tag: [(step, value)]}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

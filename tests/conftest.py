@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny offline models, a private cache, the demo data.
+"""Shared fixtures: tiny offline models, the demo data (the private cache, `_private_cache`, is the
+repository's conftest.py, shared with benchmarks/).
 
 TRITON_INTERPRET=1 is set before anything imports triton when there is no GPU, so the Triton
 kernels run (slowly, exactly) on the CPU; on a GPU machine the same tests run natively.
@@ -12,14 +13,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402  (after TRITON_INTERPRET is set)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Built-in models and tokenized-data caches go to a folder of this test session."""
-    if "FASTSFT_CACHE" not in os.environ:
-        os.environ["FASTSFT_CACHE"] = str(tmp_path_factory.mktemp("fastsft-cache"))
-    yield
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The import graph of fastsft/ (top-level and function-level imports; importing a.b.c counts as
-importing a.b too, whose __init__ runs first) has no cycle through the modules of a run."""
+importing a.b too, whose __init__ runs first, except from inside a.b: a module of a package is running, so
+its package's __init__ has run already) has no cycle through the modules of a run."""
 
 import ast
 from pathlib import Path
@@ -42,8 +43,10 @@ def import_graph() -> dict[str, set[str]]:
                 prefix = ".".join(x for x in (base, node.module or "") if x)
                 names = [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in mods else prefix for a in node.names]
             for name in names:
+                named = name
                 while name.startswith("fastsft."):
-                    if name in mods and name != mod:
+                    # a.b.c's parents are imported first, except mod's own packages (imported already)
+                    if name in mods and name != mod and (name == named or not mod.startswith(name + ".")):
                         deps.add(name)
                     name = name.rpartition(".")[0]
         graph[mod] = deps

@@ -1,9 +1,15 @@
-"""The package's import graph has no cycle: modules depend one way (cli -> recipe -> backends, data,
-loss -> train -> rundir/report; export and use read a run directory; kernels import nothing of fastsft).
+"""The package's import graph: packages in one order, arrows pointing down, and no cycle.
 
-The graph is read from the source with `ast`, so imports inside functions count too: a cycle hidden in
-a function body still ties two modules into one. An edge `a -> b` is every `import` / `from ... import`
-in a.py that names fastsft module b (or a name defined in package b's __init__). A package's
+The order, top to bottom (`LAYERS`; a package imports only from its own package or from those below it,
+a package never from one beside it on the same floor):
+
+    cli -> use -> run -> export, plan -> loss -> levers -> backends -> data -> chat
+        -> recipe, kernels -> dist -> rundir -> files, limits, progress -> machine, errors
+
+The graph is read from the source with `ast`, so imports inside functions count too: a cycle or an upward
+arrow hidden in a function body still ties two packages into one. An edge `a -> b` is every `import` /
+`from ... import` in a.py that names fastsft module b (or a name defined in package b's __init__). The
+top-level kernels/ folder is read as `fastsft.kernels.*`, the name it is installed under. A package's
 __init__ importing its own children is the one direction allowed; a child importing its package
 __init__ back is a cycle like any other.
 """
@@ -27,7 +33,11 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
-    return {module_name(p, root): p for p in sorted((root / "fastsft").rglob("*.py"))}
+    """Module name -> file, fastsft/ and the kernels/ folder installed as fastsft.kernels."""
+    out = {module_name(p, root): p for p in sorted((root / "fastsft").rglob("*.py"))}
+    for p in sorted((root / "kernels").glob("*.py")):
+        out[f"fastsft.kernels.{p.stem}"] = p
+    return out
 
 
 def _resolve(current: str, is_package: bool, level: int, target: str | None) -> str:
@@ -134,6 +144,80 @@ def test_the_checker_sees_cycles_in_function_bodies(tmp_path):
     ]
 
 
+# fastsft's packages (and top-level modules), top to bottom: each floor may import the floors below it,
+# never one above it nor one beside it. `use` and `export` read what `run` wrote through the run folder.
+LAYERS = (
+    ("cli",),  # the commands: parse, load the recipe once, print fastsft errors
+    ("use",),  # a run or model folder -> chat, evaluate, serve
+    ("run",),  # the executor: preflight, data, model, loss, trainer, the end-of-run export
+    ("export", "plan"),  # a run -> merged / adapter / GGUF; one step simulated on meta tensors
+    ("loss",),  # the training loss route and the held-out loss
+    ("levers",),  # the memory levers (offloaded checkpoints, tiled MLP, 16-bit frozen weights)
+    ("backends",),  # recipe -> (model, tokenizer)
+    ("data",),  # recipe -> tokenized rows with masks
+    ("chat",),  # templates, end of turn, the one generator, the task metric
+    ("recipe", "kernels"),  # the typed recipe; the Triton kernels (no fastsft import at all)
+    ("dist",),  # ranks of a distributed run
+    ("rundir",),  # everything a run writes
+    ("files", "limits", "progress"),  # atomic writes; out of memory / disk; progress bars
+    ("machine", "errors"),  # versions, device, peak memory; the error types
+)
+FLOOR = {name: i for i, floor in enumerate(LAYERS) for name in floor}
+
+
+def package_of(module: str) -> str:
+    """fastsft.run.train -> "run"; fastsft.errors -> "errors"; fastsft.kernels.ops -> "kernels"."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def arrows_against_the_order(graph: dict[str, set[str]], floor: dict[str, int] = FLOOR) -> list[str]:
+    """Every import from a package to one above it or beside it (on the same floor)."""
+    bad = []
+    for a in sorted(graph):
+        for b in sorted(graph[a]):
+            pa, pb = package_of(a), package_of(b)
+            if pa and pb and pa != pb and floor[pa] >= floor[pb]:
+                where = "beside" if floor[pa] == floor[pb] else "above"
+                bad.append(f"{a} -> {b} ({pb} is {where} {pa})")
+    return bad
+
+
+def test_every_package_has_a_floor():
+    packages = {package_of(m) for m in modules()} - {""}
+    assert packages == set(FLOOR), (
+        f"place {sorted(packages - set(FLOOR))} in LAYERS; drop {sorted(set(FLOOR) - packages)}"
+    )
+
+
+def test_imports_point_down_the_layers():
+    """Top-level and in-function imports alike: a package below never reaches one above it (that would make
+    the two one room: a change in the upper one could break the lower), nor one on its own floor."""
+    bad = arrows_against_the_order(import_edges(modules()))
+    assert not bad, (
+        "imports against the package order (move the shared part down, or the caller up):\n" + "\n".join(bad)
+    )
+
+
+def test_the_order_checker_sees_arrows_up_and_sideways(tmp_path):
+    """An import up the order in a function body and one sideways are found; one down is not."""
+    pkg = tmp_path / "fastsft"
+    for sub in ("top", "mid", "side", "low"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "top" / "a.py").write_text("from fastsft.mid import m\n")  # down: fine
+    (pkg / "mid" / "m.py").write_text("def f():\n    from ..top import a\n")  # up, lazily
+    (pkg / "side" / "s.py").write_text("import fastsft.mid.m\nfrom fastsft.low import x\n")  # sideways; down
+    (pkg / "low" / "x.py").write_text("")
+    floor = {"top": 0, "mid": 1, "side": 1, "low": 2}
+    graph = import_edges(modules(tmp_path))
+    assert arrows_against_the_order(graph, floor) == [
+        "fastsft.mid.m -> fastsft.top.a (top is above mid)",
+        "fastsft.side.s -> fastsft.mid.m (mid is beside side)",
+    ]
+
+
 # The modules everything else shares, and the only fastsft modules each may import.
 LEAVES = {
     "fastsft.errors": set(),
@@ -211,7 +295,7 @@ def test_no_module_forges_a_recipe():
 # it loads, which `fastsft --help`, `fastsft validate` and the light modules must not pay for
 LAZY = {
     "fastsft.plan": "torch at load: the meta-tensor simulation",
-    "fastsft.run.loss": "torch and the kernels (Triton) at load",
+    "fastsft.loss.route": "torch and the kernels (Triton) at load",
     "fastsft.kernels": "torch and Triton at load",
     "fastsft.levers": "its children load torch",
     "fastsft.backends.unsloth": "imported first of all, only when the Unsloth backend is chosen",

@@ -5,7 +5,7 @@
 - `auto`: unsloth when a CUDA GPU is there and unsloth imports, else transformers, with one line
   saying which and why.
 
-Nothing after this module asks which backend made the model, except `fastsft.run.loss`, which routes
+Nothing after this module asks which backend made the model, except `fastsft.loss.route`, which routes
 each backend's loss.
 """
 

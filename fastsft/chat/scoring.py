@@ -1,8 +1,5 @@
-"""A model scored on held-out data: its loss on the tokens training trains, and its answers (the task
-metric) against the expected ones.
-
-- `held_out_loss(model, items, ...)`: the token-weighted mean loss of encoded examples, batched
-  (`data.encode.collate`); the one scorer of `fastsft eval` and of the retain set before and after training.
+"""A model's answers on held-out data scored against the expected ones (the task metric); its loss on
+the same data is `fastsft.loss.held_out`.
 
 - `reference_of(item, tokenizer, eot)`: (prompt ids, expected answer) of an encoded example: the prompt is
   every token before the first trained one, the answer the first run of trained tokens (its end-of-turn
@@ -20,8 +17,6 @@ import re
 import unicodedata
 from collections import Counter
 
-from ..data.encode import IGNORE_INDEX, collate
-
 # A set of answers is "known" (a classification) when at most MAX_LABELS distinct normalised answers,
 # each given at least MIN_PER_LABEL times, cover at least LABEL_SHARE of the rows.
 MAX_LABELS = 12
@@ -29,58 +24,6 @@ MIN_PER_LABEL = 2
 LABEL_SHARE = 0.8
 SHORT_WORDS = 8  # answers this short (median, in words) are "short": the report scores them
 OTHER = "(other)"
-
-
-def stock_batch_loss(model, batch: dict):
-    """The mean cross-entropy of a collated batch over its scored tokens (labels shifted by one), from the
-    model's logits in float32: what transformers' own causal-LM loss computes."""
-    import torch
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
-    )
-
-
-def held_out_loss(
-    model,
-    items: list[dict],
-    *,
-    max_length: int,
-    batch_size: int = 1,
-    pad_id: int = 0,
-    loss=None,
-    advance=None,
-) -> dict:
-    """{"loss", "tokens", "examples"}: the token-weighted mean loss of encoded examples [{"input_ids",
-    "mask"}] over the tokens training trains (labels shifted by one), in eval mode, without gradients;
-    "loss" is None when no token is scored. `loss(model, batch)`: a collated batch's mean loss over its
-    scored tokens (the run's loss route for the retain set: the training loss; `stock_batch_loss` by
-    default). `advance(n)`: progress, called with each batch's size."""
-    import torch
-
-    loss = loss or stock_batch_loss
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    nll, tokens = 0.0, 0
-    try:
-        with torch.no_grad():
-            for i in range(0, len(items), batch_size):
-                chunk = items[i : i + batch_size]
-                if advance is not None:
-                    advance(len(chunk))
-                batch = collate(chunk, max_length=max_length, pad_id=pad_id)
-                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                if n == 0:
-                    continue
-                value = loss(model, {k: v.to(device) for k, v in batch.items()})
-                nll += float(value.detach().float()) * n
-                tokens += n
-    finally:
-        if was_training:
-            model.train()
-    return {"loss": nll / tokens if tokens else None, "tokens": tokens, "examples": len(items)}
 
 
 def normalise(text: str) -> str:
@@ -180,12 +123,10 @@ def confusion_rows(c: dict) -> list[list[str]]:
 
 __all__ = [
     "confusion_rows",
-    "held_out_loss",
     "is_short",
     "labels_of",
     "normalise",
     "reference_of",
     "score",
-    "stock_batch_loss",
     "summary_line",
 ]

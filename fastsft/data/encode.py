@@ -269,7 +269,7 @@ def labels(input_ids: list[int], mask: list[int], limit: int | None = None) -> l
 def collate(items: list[dict], *, max_length: int, pad_id: int) -> dict:
     """Encoded examples [{"input_ids", "mask"}] -> one right-padded batch of tensors: `input_ids`,
     `attention_mask` and `labels` (`labels` above; IGNORE_INDEX on padding), each cut to `max_length`.
-    The batch fastsft scores held-out loss on (`fastsft.chat.scoring.held_out_loss`)."""
+    The batch fastsft scores held-out loss on (`fastsft.loss.held_out.held_out_loss`)."""
     import torch
 
     rows = [(it["input_ids"][:max_length], labels(it["input_ids"], it["mask"], max_length)) for it in items]

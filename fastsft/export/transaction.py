@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fastsft import files
+from fastsft import files, limits
 from fastsft.backends.common import torch_dtype
 from fastsft.errors import ExportError
 from fastsft.export.adapter import export_adapter
@@ -24,7 +24,6 @@ from fastsft.export.gguf import export_gguf, llama_cpp_quantizer
 from fastsft.export.merged import export_merged
 from fastsft.export.read import RunInfo, _print, read_run
 from fastsft.recipe import EXPORT_DTYPES, EXPORT_FORMATS, GGUF_K_QUANTS, GGUF_QUANTS
-from fastsft.run import guard
 from fastsft.rundir import RECIPE, RUN_JSON, is_run_dir
 
 EXPORT_JSON = "export.json"
@@ -101,7 +100,7 @@ def _prepare_destination(run: RunInfo, target: Path, fmt: str, dtype: str, *, ov
     if fmt != "adapter":
         need = export_bytes(run, dtype)
         if need is not None:
-            guard.check_disk(
+            limits.check_disk(
                 target.parent, need, f"the {fmt} export ({dtype})", flag="--to", error=ExportError
             )
 

@@ -24,7 +24,7 @@ import torch
 
 from fastsft.backends.transformers import lora_config
 from fastsft.errors import RecipeError
-from fastsft.run.loss import ARCHITECTURES
+from fastsft.loss.route import ARCHITECTURES
 
 from .device import CUDA_CONTEXT, MAX_LENGTH, GiB, allocator_rounding, parse_size
 from .model import load_config

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fastsft.kernels import ops as _kernel_ops
-from fastsft.run.loss import IGNORE_INDEX, LossRoute, base_causal_lm
+from fastsft.loss.route import IGNORE_INDEX, LossRoute, base_causal_lm
 
 from ..levers import frozen16, offload, tiled_mlp
 from .autocast import MetaAutocast, backward

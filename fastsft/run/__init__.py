@@ -5,8 +5,8 @@ train      the conductor: recipe -> backend -> data -> trainer -> run directory;
            before and after
 sft_args   the recipe's [train] as TRL's SFTConfig
 trainer    the SFTTrainer subclass (the loss route, evaluation, the run directory's writes)
-loss       the loss routes (fused linear cross-entropy, the Triton CE, the PyTorch fallback)
-guard      memory and disk guards: the out-of-memory advice, the free-space checks
+guard      what keeps a run safe: signals, non-finite steps, the memory estimate; the out-of-memory
+           advice and the free-space check it names are fastsft.limits (an export uses them too)
 health     the numbers watched while training (loss spikes, NaN, gradient norm) and the stop reason
 retain     held-out loss on a retained set (how much the run forgot): [data] retain or the shipped general set
 task       the task metric on the held-out split's short answers, before and after (for the report)

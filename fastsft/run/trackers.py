@@ -14,7 +14,8 @@ import importlib.util
 
 from fastsft.errors import RecipeError
 
-# name -> (module that must import, what installs it)
+# name -> (module that must import, what installs it); the names a recipe may give are
+# fastsft.recipe.schema.TRACKER_NAMES (tests/run/test_trackers.py holds the two equal)
 TRACKERS = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),
     "wandb": ("wandb", "pip install wandb"),
@@ -28,23 +29,6 @@ def names(value) -> list[str]:
     """`report_to` (a string or a list) -> tracker names; "none" -> []."""
     items = [value] if isinstance(value, str) else list(value or [])
     return [n for n in items if n != "none"]
-
-
-def check_names(train: dict) -> list[str]:
-    """Recipe problems of `[train] report_to`: unknown names, "none" among others."""
-    import difflib
-
-    value = train.get("report_to")
-    items = [value] if isinstance(value, str) else list(value or [])
-    problems = []
-    for n in items:
-        if n != "none" and n not in TRACKERS:
-            close = difflib.get_close_matches(n, list(TRACKERS), n=1, cutoff=0.6)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            problems.append(f"[train] report_to: {n!r} is not one of none, {', '.join(TRACKERS)}{hint}")
-    if "none" in items and len(items) > 1:
-        problems.append('[train] report_to: "none" with other trackers; list only the trackers to use')
-    return problems
 
 
 def missing(recipe) -> list[str]:

@@ -24,10 +24,10 @@ from fastsft import export as export_mod
 from fastsft import recipe as recipe_mod
 from fastsft.backends.common import fit_embeddings
 from fastsft.chat.generation import answer
-from fastsft.chat.scoring import held_out_loss
 from fastsft.chat.templates import end_of_turn_ids
 from fastsft.errors import FastSFTError, Interrupted, RecipeError, RunDirError
 from fastsft.files import WriteFailed, apply_umask, describe_os_error, is_write_error
+from fastsft.loss.held_out import held_out_loss
 from fastsft.run import guard, health, preflight, report, retain, task, trackers
 from fastsft.run.sft_args import sft_config
 from fastsft.run.trainer import (
@@ -275,7 +275,7 @@ class Run:
         """The data first (the model folder's tokenizer; a bad row or, on a resume, changed data is refused
         before any weight is read), then the model (the backend's), the loss."""
         recipe = self.recipe
-        from fastsft.run import loss as loss_mod
+        from fastsft.loss import route as loss_mod
 
         start = backends.start(recipe, log=self.log, policy=self.policy)  # unsloth imported first
         tokenizer = start.tokenizer()

@@ -81,7 +81,7 @@ class FastSFTTrainerMixin:
             d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # a skipped step adds nothing
             self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
         if model.training and "labels" in inputs:
-            from fastsft.run.loss import IGNORE_INDEX, shift_left
+            from fastsft.loss.route import IGNORE_INDEX, shift_left
 
             # trained tokens (labels that carry loss): the health check scales its spike test to them
             t = (shift_left(inputs["labels"]) != IGNORE_INDEX).sum()
@@ -99,7 +99,7 @@ class FastSFTTrainerMixin:
             )
             self._tokens_local = n if self._tokens_local is None else self._tokens_local + n
         if not model.training and "labels" in inputs:
-            from fastsft.run.loss import IGNORE_INDEX, shift_left
+            from fastsft.loss.route import IGNORE_INDEX, shift_left
 
             # the route's loss is the mean over this batch's scored tokens: weight it by their count
             n = (shift_left(inputs["labels"]) != IGNORE_INDEX).sum()

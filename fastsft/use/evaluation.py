@@ -14,10 +14,11 @@ from fastsft import data as data_mod
 from fastsft import files
 from fastsft import recipe as recipe_mod
 from fastsft.chat.generation import answer_batch
-from fastsft.chat.scoring import confusion_rows, held_out_loss, reference_of, score, summary_line
+from fastsft.chat.scoring import confusion_rows, reference_of, score, summary_line
 from fastsft.data.formats import skip_hint
 from fastsft.errors import DataError
 from fastsft.export import EXPORT_JSON
+from fastsft.loss.held_out import held_out_loss
 from fastsft.progress import bar
 from fastsft.rundir import RECIPE
 from fastsft.use.answer import read_folders

@@ -107,7 +107,7 @@ def transformers_losses(results, tmp_path_factory):
     model classes process-wide, so the reference is computed in a process it never touched)."""
     from fastsft import backends
     from fastsft import recipe as R
-    from fastsft.run import loss
+    from fastsft.loss import route as loss
 
     out = {}
     for arch, r in results["archs"].items():

@@ -320,16 +320,15 @@ def test_export_checks_free_space_first(runs, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from fastsft import export
+    from fastsft import export, limits
     from fastsft.errors import ExportError
     from fastsft.export import merged
-    from fastsft.run import guard
 
     need = export.export_bytes(export.read_run(runs["fp"]), "fp32")
     assert export.export_bytes(export.read_run(runs["fp"]), "bf16") < need
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(
-        guard.shutil, "disk_usage", lambda p: usage(need * 4, need * 4 - need // 2, need // 2)
+        limits.shutil, "disk_usage", lambda p: usage(need * 4, need * 4 - need // 2, need // 2)
     )
     loaded = []
     monkeypatch.setattr(merged, "merge", lambda *a, **k: loaded.append(1))
@@ -339,7 +338,7 @@ def test_export_checks_free_space_first(runs, tmp_path, monkeypatch):
     ):
         export.export_run(runs["fp"], fmt="merged", to=tmp_path / "m", dtype="fp32")
     assert not loaded and list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(guard.shutil, "disk_usage", shutil.disk_usage)
+    monkeypatch.setattr(limits.shutil, "disk_usage", shutil.disk_usage)
 
 
 def test_bad_arguments(runs, tmp_path):
@@ -894,9 +893,8 @@ def test_a_read_only_destination_is_not_called_a_full_disk(runs, tmp_path, monke
     """An export to a read-only file system said the disk was full (its free space reads 0)."""
     import errno
 
-    from fastsft import export, files
+    from fastsft import export, files, limits
     from fastsft.errors import ExportError, RunDirError
-    from fastsft.run import guard
 
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -908,11 +906,11 @@ def test_a_read_only_destination_is_not_called_a_full_disk(runs, tmp_path, monke
     monkeypatch.undo()
 
     class ReadOnly:
-        f_flag = guard.os.ST_RDONLY
+        f_flag = limits.os.ST_RDONLY
 
-    monkeypatch.setattr(guard.os, "statvfs", lambda p: ReadOnly())
+    monkeypatch.setattr(limits.os, "statvfs", lambda p: ReadOnly())
     with pytest.raises(RunDirError, match="is on a read-only file system"):
-        guard.check_disk(tmp_path, 10, "the run")
+        limits.check_disk(tmp_path, 10, "the run")
 
 
 def test_a_k_quant_without_llama_cpp_is_refused_before_the_run_is_read(runs, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 
 from fastsft import recipe as R
 from fastsft.errors import RecipeError
-from fastsft.recipe import schema
+from fastsft.recipe import keys
 
 from _tiny import RECIPES, TINY_RECIPE
 
@@ -211,9 +211,9 @@ def test_a_key_is_typed_by_its_annotation():
     assert (c.type, c.required, c.sft) == ("str", True, "c")
     table_list = R.Key.of(fields(Demo)[0], list[dict])
     assert table_list.type == "table_list"
-    problems = schema._check_value(
-        "data", dataclasses.replace(table_list, name="sources"), [{"path": "a"}, 3]
-    )[1]
+    problems = keys.check_value("data", dataclasses.replace(table_list, name="sources"), [{"path": "a"}, 3])[
+        1
+    ]
     assert problems == [
         "[data] sources = [{'path': 'a'}, 3]: expected an array of tables, e.g. [[data.sources]] blocks"
     ]

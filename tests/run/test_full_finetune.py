@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from fastsft import backends
 from fastsft import recipe as R
 from fastsft.errors import RecipeError
-from fastsft.run import loss as L
+from fastsft.loss import route as L
 from fastsft.run import train
 
 from _tiny import TINY_RECIPE

@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 
 from fastsft import backends
 from fastsft import recipe as R
-from fastsft.run import loss, train
+from fastsft.loss import route as loss
+from fastsft.run import train
 
 from _launches import launch_counts, reset_launch_counts
-from _tiny import TINY_RECIPE
+from _tiny import TINY_RECIPE, assistant_batch
 
 
 def make_recipe(tmp_path, *overrides):
@@ -56,24 +57,6 @@ def test_kernels_really_ran(trajectories):
         assert sum(launches.values()) >= 4, (kernel, launches)
 
 
-def _batch(tokenizer, recipe):
-    rows = [json.loads(line) for line in recipe.resolve_path(recipe.data.train).read_text().splitlines()[:3]]
-    enc = [
-        tokenizer.apply_chat_template(r["messages"], return_dict=True, return_assistant_tokens_mask=True)
-        for r in rows
-    ]
-    T = max(len(e["input_ids"]) for e in enc)
-    ids = torch.full((len(enc), T), tokenizer.pad_token_id)
-    mask = torch.zeros((len(enc), T), dtype=torch.long)
-    labels = torch.full((len(enc), T), -100)
-    for i, e in enumerate(enc):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.where(torch.tensor(e["assistant_masks"]) == 1, ids[i, :n], -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 @pytest.mark.parametrize("kernel", ["torch", "fastsft", "fastsft-linear"])
 def test_label_smoothing_changes_the_loss_as_the_formula_says(tmp_path, kernel):
     eps = 0.2
@@ -81,7 +64,7 @@ def test_label_smoothing_changes_the_loss_as_the_formula_says(tmp_path, kernel):
     loaded = backends.load_model(recipe, log=lambda *_: None)
     route = loss.resolve(recipe, loaded.model, loaded.backend, torch.device("cpu"))
     route.install(loaded.model)
-    batch = _batch(loaded.tokenizer, recipe)
+    batch = assistant_batch(loaded.tokenizer, recipe.resolve_path(recipe.data.train), 3)
     with torch.no_grad():
         logits = loaded.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastsft import recipe as R
-from fastsft.run import loss, train
+from fastsft.loss import route as loss
+from fastsft.run import train
 
 from _tiny import TINY_RECIPE
 

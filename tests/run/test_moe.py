@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from fastsft.run import loss as L
+from fastsft.loss import route as L
 
 COEF = 0.5  # transformers' default is 0.001-0.02: large here, so a dropped aux term cannot hide
 

@@ -175,7 +175,7 @@ def _recipe(tmp_path, *overrides):
 
 
 def test_nan_loss_stops_the_run_and_is_never_applied(tmp_path, monkeypatch):
-    from fastsft.run import loss as loss_mod
+    from fastsft.loss import route as loss_mod
 
     calls = {"n": 0}
     original = loss_mod.LossRoute.__call__
@@ -560,7 +560,7 @@ def test_a_full_disk_during_training_is_an_error_and_the_run_resumes(tmp_path, m
 
 
 def test_a_run_where_every_step_is_nan_fails(tmp_path, monkeypatch):
-    from fastsft.run import loss as loss_mod
+    from fastsft.loss import route as loss_mod
 
     original = loss_mod.LossRoute.__call__
 

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from fastsft import backends
 from fastsft import recipe as R
-from fastsft.run import loss, train
+from fastsft.loss import route as loss
+from fastsft.run import train
 
 from _launches import launch_counts, reset_launch_counts
 from _tiny import DEMO, TINY_RECIPE

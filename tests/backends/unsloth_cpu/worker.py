@@ -19,6 +19,7 @@ trained Unsloth model's own logits; and a full fine-tune (`[train] method = "ful
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -35,7 +36,14 @@ import torch  # noqa: E402
 from fastsft import backends, machine  # noqa: E402
 from fastsft import recipe as R  # noqa: E402
 from fastsft.kernels import cross_entropy  # noqa: E402
-from fastsft.run import loss, train  # noqa: E402
+from fastsft.loss import route as loss  # noqa: E402
+from fastsft.run import train  # noqa: E402
+
+# the tests' shared helpers, by file: tests/ on sys.path would bring its folders (kernels/, data/, ...) too
+_spec = importlib.util.spec_from_file_location("_tiny", REPO / "tests" / "_tiny.py")
+_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny)
+assistant_batch = _tiny.assistant_batch
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma2")
 # On a GPU (benchmarks/gpu_check.sh) the same checks run natively, without the shim, plus 4-bit.
@@ -104,21 +112,7 @@ def make_recipe(tmp: Path, *overrides: str):
 
 
 def batch(tokenizer, n_rows: int = 2):
-    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:n_rows]]
-    enc = [
-        tokenizer.apply_chat_template(r["messages"], return_dict=True, return_assistant_tokens_mask=True)
-        for r in rows
-    ]
-    T = max(len(e["input_ids"]) for e in enc)
-    ids = torch.full((len(enc), T), tokenizer.pad_token_id)
-    mask = torch.zeros((len(enc), T), dtype=torch.long)
-    labels = torch.full((len(enc), T), -100)
-    for i, e in enumerate(enc):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.where(torch.tensor(e["assistant_masks"]) == 1, ids[i, :n], -100)
-    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "labels": labels.to(DEVICE)}
+    return {k: v.to(DEVICE) for k, v in assistant_batch(tokenizer, DEMO, n_rows).items()}
 
 
 def lora_grads(model) -> dict:

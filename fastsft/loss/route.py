@@ -41,10 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from fastsft import dist
+from fastsft.data.encode import IGNORE_INDEX
 from fastsft.errors import BackendError, RecipeError
 from fastsft.kernels import fused_cross_entropy, fused_linear_cross_entropy, triton_available
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

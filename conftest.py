@@ -1,0 +1,25 @@
+"""What every pytest run of this repository shares, tests/ and benchmarks/ alike (pytest reads this file
+before the conftest.py of either folder):
+
+- TRITON_INTERPRET=1 when there is no GPU, set before anything imports triton, so the Triton kernels run
+  (slowly, exactly) on the CPU; on a GPU machine the same code runs natively.
+- `_private_cache`: built-in models and tokenized-data caches go to a folder of this session (unless
+  FASTSFT_CACHE is set), never to the user's ~/.cache.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402  (after TRITON_INTERPRET is set)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Built-in models and tokenized-data caches go to a folder of this test session."""
+    if "FASTSFT_CACHE" not in os.environ:
+        os.environ["FASTSFT_CACHE"] = str(tmp_path_factory.mktemp("fastsft-cache"))
+    yield
