@@ -138,7 +138,8 @@ def generate_file(
         raise BackendError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
     console = console or Console(stderr=True)
     rows = read_prompts(data_file)  # a bad row fails before the model loads
-    loaded = load_for_use(model_ref, policy=policy)
+    with bar(console, None, f"loading {model_ref}"):
+        loaded = load_for_use(model_ref, policy=policy)
     with bar(console, len(rows), "answering") as advance:
         got = answer_batch(
             loaded.model,
