@@ -1,6 +1,7 @@
 """fastsft.progress: the training ETA from measured steps, on a replayed step-time series."""
 
 import pytest
+import torch
 
 from fastsft.progress import StepTimer
 
@@ -178,6 +179,10 @@ gradient_checkpointing = false
     phase_lines(out, "base model: held-out loss (step 0), batches")
     assert "Cannot enable progress bars" not in out
     assert not (run / ".lock").exists()
+    if not torch.cuda.is_available():  # on the CPU: no GPU estimate, and the step lines say rss
+        assert "memory estimate" not in out
+        steps = [line for line in out.splitlines() if line.startswith("step ")]
+        assert steps and all(" rss " in line and " mem " not in line for line in steps), steps
 
     out = piped(["eval", str(run)], env)
     phase_lines(out, f"loading {run}")
