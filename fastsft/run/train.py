@@ -173,13 +173,14 @@ def run(
 
 @contextlib.contextmanager
 def _sigterm_interrupts():
-    """SIGTERM outside the training loop (setup, the answers after, exports) interrupts as Ctrl-C does, so
-    the run's cleanup (its lock file) happens; inside the loop StopOnSignal's checkpointing stop applies."""
+    """SIGTERM outside the training loop (setup, the answers after, exports) stops the run as Ctrl-C does
+    (Interrupted, exit 143), so its cleanup (the lock file) happens; inside the loop StopOnSignal's
+    checkpointing stop applies."""
     import signal
     import threading
 
     def _interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Interrupted("SIGTERM before or after training: nothing to resume from", signal_name="SIGTERM")
 
     if threading.current_thread() is not threading.main_thread():
         yield
