@@ -128,3 +128,13 @@ def test_a_failed_or_interrupted_run_leaves_no_lock_file(tmp_path, monkeypatch):
             recipe, output_dir=tmp_path / "term", console=Console(file=io.StringIO()), callbacks=[Term()]
         )
     assert (tmp_path / "term" / "run.json").exists() and not (tmp_path / "term" / ".lock").exists()
+
+
+def test_sigterm_during_setup_stops_the_run_so_its_cleanup_happens():
+    """Outside the training loop (setup: the base model's answers, the retain loss) SIGTERM raises
+    Interrupted (exit 143) instead of ending the process at once, so `run`'s finally removes the lock."""
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(Interrupted) as stopped, train._sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
