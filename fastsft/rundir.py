@@ -10,7 +10,9 @@
       report.md         the summary, with loss.png (the loss curve)
 
 The folder is made only once the run's setup (recipe, model, data) has passed, and locked (fcntl,
-`.lock` holds the PID) for the life of the run: a second run or resume of it is refused. An existing
+`.lock` holds the PID) for the life of the run: a second run or resume of it is refused. The run removes
+`.lock` when it ends (finished, failed or interrupted); one left by a killed process holds no flock and
+is taken over. An existing
 folder is replaced only when it is a fastsft run and `overwrite` is given (or it is the leftover of a
 run that stopped before its first step); the old one is moved aside, and deleted once the new run has
 started. Every write goes through `fastsft.files` (atomic, never through a symlink, umask honoured).
@@ -179,12 +181,26 @@ class RunDir:
         except OSError:
             os.close(fd)
             raise RunDirError(_in_use(self.path, lock_holder(self.path) or "unknown")) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path / LOCK, follow_symlinks=False).st_ino
+        except OSError:
+            same = False
+        if not same:  # the holder removed the file as it ended, between our open and flock: the file is new
+            os.close(fd)
+            return self.lock()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
     def unlock(self) -> None:
+        """Release the lock and remove `.lock` (removed while still held, so no other process can have
+        taken it; one that opened the file before is sent to the new file by `lock`'s inode check)."""
         if self._lock_fd is not None:
+            try:
+                if os.fstat(self._lock_fd).st_ino == os.stat(self.path / LOCK, follow_symlinks=False).st_ino:
+                    os.unlink(self.path / LOCK)
+            except OSError:
+                pass  # the folder is gone (restore_replaced) or unwritable: the flock is released below
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 

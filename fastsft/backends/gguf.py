@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import BackendError
 from ..files import cache_lock, new_dir
 from ..machine import cache_root
+from ..progress import phase
 
 PACKAGE_PREFIX = "package:"
 NOTES = "fastsft-gguf.json"  # what the conversion did, kept in the converted folder
@@ -138,7 +139,12 @@ def materialize(gguf_path: Path, *, log=print) -> Path:
 
 
 def _convert(gguf_path: Path, folder: Path, log) -> Path:
-    """`materialize`'s conversion, under its lock."""
+    """`materialize`'s conversion, under its lock, with its progress (lines off a terminal)."""
+    with phase(None, f"converting {gguf_path.name} into a model folder (once)"):
+        return _convert_now(gguf_path, folder, log)
+
+
+def _convert_now(gguf_path: Path, folder: Path, log) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -146,6 +152,7 @@ def _convert(gguf_path: Path, folder: Path, log) -> Path:
     log(f"model: converting {gguf_path} (dequantizing to float32, once) into {folder}")
     meta = _metadata(gguf_path)
     with new_dir(folder, complete=NOTES) as tmp:
+        bars = hf_logging.is_progress_bar_enabled()  # put back as found (fastsft's CLI turns them off)
         hf_logging.disable_progress_bar()
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
@@ -155,7 +162,8 @@ def _convert(gguf_path: Path, folder: Path, log) -> Path:
         except Exception as e:  # transformers raises many kinds for an unsupported file
             raise BackendError(f"cannot read the GGUF file {gguf_path}: {type(e).__name__}: {e}") from None
         finally:
-            hf_logging.enable_progress_bar()
+            if bars:
+                hf_logging.enable_progress_bar()
         # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and state dict.
         config = loaded.config
         if hasattr(config, "quantization_config"):

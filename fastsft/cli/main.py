@@ -72,8 +72,15 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this one
-    # (environment, not imports: unsloth must be imported before transformers, see backends.load_model)
+    # The hub's bars (which transformers' loading bars follow) are turned off by its function, not by
+    # HF_HUB_DISABLE_PROGRESS_BARS: the variable has priority, so the libraries' own "turn them back on"
+    # (transformers' suppress_progress_bars, Unsloth's loader) warned "Cannot enable progress bars". A
+    # user's own HF_HUB_DISABLE_PROGRESS_BARS is left as it is. (huggingface_hub, not transformers:
+    # unsloth must be imported before transformers, see backends.load_model.)
+    if "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 @main.command()

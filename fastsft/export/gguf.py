@@ -20,7 +20,7 @@ from fastsft.chat.templates import end_of_turn_ids
 from fastsft.errors import ExportError
 from fastsft.export.merged import merge
 from fastsft.export.read import RunInfo, _collect, _print
-from fastsft.progress import bar
+from fastsft.progress import bar, phase
 from fastsft.recipe import GGUF_K_QUANTS
 
 # HF architecture -> (llama.cpp architecture, whether q/k weights are permuted as convert_hf_to_gguf does)
@@ -346,7 +346,10 @@ def _export_k_quant(run: RunInfo, out: Path, *, dtype: str, console=None) -> dic
     params.ftype = getattr(llama_cpp, LLAMA_FTYPES[dtype])
     params.nthread = os.cpu_count() or 1
     _print(console, f"gguf: quantizing {source.name} to {GGUF_TYPES[dtype]} with llama.cpp")
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(file).encode(), ctypes.byref(params))
+    with phase(
+        console, f"gguf: quantizing to {GGUF_TYPES[dtype]}"
+    ):  # lines off a terminal (ctypes frees the GIL)
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(file).encode(), ctypes.byref(params))
     source.unlink()
     if rc != 0 or not file.exists():
         raise ExportError(

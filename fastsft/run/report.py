@@ -51,6 +51,17 @@ def smoothed_loss(train: list[dict], *, first: bool = False) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _loss_row(train: list[dict]) -> str:
+    """The first logged loss as it was (a run that starts high and falls in its first log shows it), then
+    the smoothed first and last."""
+    first = train[0] if train else {}
+    raw = f"{_fmt(first.get('loss'))} (step {first.get('step', '-')})"
+    return (
+        f"| train loss, smoothed (median of {SMOOTH_LOGS} logs): first / last; first logged (raw) | "
+        f"{_fmt(smoothed_loss(train, first=True))} / {_fmt(smoothed_loss(train))}; {raw} |"
+    )
+
+
 def _fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
@@ -84,8 +95,7 @@ def _summary_table(summary: dict, rows: list[dict]) -> list[str]:
         f"| train time | {_fmt(summary.get('train_seconds'), '.1f')} s |",
         f"| tokens/s | {_fmt(summary.get('tokens_per_s'), '.0f')} |",
         f"| peak memory | {_fmt(summary.get('peak_mem_gib'), '.2f')} GiB ({summary.get('mem_kind', '')}) |",
-        f"| train loss, smoothed (median of {SMOOTH_LOGS} logs): first / last | "
-        f"{_fmt(smoothed_loss(train, first=True))} / {_fmt(smoothed_loss(train))} |",
+        _loss_row(train),
     ]
     task = summary.get("task") or {}
     if task.get("after"):
@@ -106,18 +116,20 @@ def _summary_table(summary: dict, rows: list[dict]) -> list[str]:
     comp = summary.get("compliance") or {}
     if comp.get("n"):
         base = "-" if comp.get("base") is None else f"{comp['base']:.0%}"
+        task_n = ((task.get("after") or {}).get("n")) if task else None
+        why = (
+            f"; the task metric scores {task_n} held-out answers, this only the sample prompts"
+            if task_n and task_n != comp["n"]
+            else ""
+        )
         lines.append(
             f"| template compliance (answers that stop on the end-of-turn token, no invented turns) | "
-            f"base model {base} → fine-tuned {comp['fine_tuned']:.0%} (of {comp['n']}) |"
+            f"base model {base} → fine-tuned {comp['fine_tuned']:.0%} (of {comp['n']}: the sample prompts "
+            f"answered below{why}) |"
         )
     retain = summary.get("retain")
     if retain:
-        delta = retain.get("delta")
-        verdict = "" if delta is None else (" (forgetting)" if delta > 0 else " (no forgetting)")
-        lines.append(
-            f"| retain loss (forgetting: {retain.get('source') or '[data] retain'}, {retain.get('tokens')} tokens) | before {_fmt(retain.get('before'))} → "
-            f"after {_fmt(retain.get('after'))}, Δ {_fmt(delta, '+.4f')}{verdict} |"
-        )
+        lines.append(_retain_row(retain))
     early = summary.get("early_stopping")
     if early:
         what = (
@@ -132,6 +144,26 @@ def _summary_table(summary: dict, rows: list[dict]) -> list[str]:
     if data:
         lines.append(f"| data | {data.get('summary', '')} |")
     return lines
+
+
+KNEW_NOTHING = 0.8  # a retain loss above this share of ln(V) (a uniform guess) is a base that knew nothing
+
+
+def _retain_row(retain: dict) -> str:
+    """Before -> after on the retain set; "forgetting" only where the base had something to forget: a base
+    whose loss was near a uniform guess over the vocabulary (ln V: random weights) knew nothing of the set."""
+    before, delta, uniform = retain.get("before"), retain.get("delta"), retain.get("uniform")
+    if before is not None and uniform and before >= KNEW_NOTHING * uniform:
+        verdict = (
+            f" (the base knew nothing of the retain set: its loss {before:.2f} is no better than a uniform guess "
+            f"over the vocabulary, ln V = {uniform:.2f}; no forgetting is measured)"
+        )
+    else:
+        verdict = "" if delta is None else (" (forgetting)" if delta > 0 else " (no forgetting)")
+    return (
+        f"| retain loss (forgetting: {retain.get('source') or '[data] retain'}, {retain.get('tokens')} tokens) | "
+        f"before {_fmt(before)} → after {_fmt(retain.get('after'))}, Δ {_fmt(delta, '+.4f')}{verdict} |"
+    )
 
 
 def _health_section(summary: dict) -> list[str]:

@@ -13,6 +13,7 @@ rise is forgetting.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from fastsft import data as data_mod
@@ -47,8 +48,11 @@ def encode(recipe, tokenizer, *, log) -> tuple[list[dict] | None, str | None]:
     return items, DEFAULT_NAME
 
 
-def summary(before: dict | None, after: dict, *, source: str | None = None) -> dict:
-    """run.json's `retain`: before, after, delta (after - before; > 0 is forgetting), and the set's source."""
+def summary(
+    before: dict | None, after: dict, *, source: str | None = None, vocab_size: int | None = None
+) -> dict:
+    """run.json's `retain`: before, after, delta (after - before; > 0 is forgetting), the set's source, and
+    `uniform` = ln(vocab_size), a uniform guess's loss: a base near it knew nothing to forget."""
     b = before.get("loss") if before else None
     a = after.get("loss")
     return {
@@ -58,4 +62,5 @@ def summary(before: dict | None, after: dict, *, source: str | None = None) -> d
         "tokens": after.get("tokens"),
         "examples": after.get("examples"),
         "source": source,
+        "uniform": math.log(vocab_size) if vocab_size else None,
     }

@@ -13,6 +13,7 @@ from fastsft.chat.templates import end_of_turn_ids
 
 MAX_ROWS = 64  # held-out rows answered (twice: before and after training)
 SLACK_TOKENS = 4  # the answer budget: the longest expected answer plus this
+BATCH = 16  # prompts answered at once
 
 
 def held_out(prepared, tokenizer) -> list[tuple[list[int], str]]:
@@ -31,14 +32,28 @@ def held_out(prepared, tokenizer) -> list[tuple[list[int], str]]:
     return refs if refs and is_short([e for _, e in refs]) else []
 
 
-def score(model, tokenizer, refs: list[tuple[list[int], str]], *, batch_size: int = 16) -> dict:
-    """fastsft.chat.scoring.score of the greedy answers (batched) to `refs`, with the first few pairs."""
-    budget = max(len(tokenizer(e, add_special_tokens=False)["input_ids"]) for _, e in refs) + SLACK_TOKENS
-    got = answer_batch(model, tokenizer, [p for p, _ in refs], max_new_tokens=budget, batch_size=batch_size)
+def budget(tokenizer, refs: list[tuple[list[int], str]]) -> int:
+    """New tokens allowed: the longest expected answer plus SLACK_TOKENS."""
+    return max(len(tokenizer(e, add_special_tokens=False)["input_ids"]) for _, e in refs) + SLACK_TOKENS
+
+
+def score(
+    model, tokenizer, refs: list[tuple[list[int], str]], *, batch_size: int = BATCH, advance=None
+) -> dict:
+    """fastsft.chat.scoring.score of the greedy answers (batched) to `refs`, with the first few pairs.
+    `advance(n)`: progress, called with each batch's size."""
+    got = answer_batch(
+        model,
+        tokenizer,
+        [p for p, _ in refs],
+        max_new_tokens=budget(tokenizer, refs),
+        batch_size=batch_size,
+        on_batch=advance,
+    )
     expected = [e for _, e in refs]
     out = scoring.score(expected, [a.text for a in got])
     out["examples"] = [{"expected": e, "answer": a.text} for e, a in zip(expected[:5], got[:5], strict=True)]
     return out
 
 
-__all__ = ["held_out", "score"]
+__all__ = ["budget", "held_out", "score"]

@@ -10,6 +10,7 @@ machine.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsft import backends, dist, levers, machine
+from fastsft import backends, dist, levers, machine, progress
 from fastsft import data as data_mod
 from fastsft import export as export_mod
 from fastsft import recipe as recipe_mod
@@ -28,6 +29,7 @@ from fastsft.chat.templates import end_of_turn_ids
 from fastsft.errors import FastSFTError, Interrupted, RecipeError, RunDirError
 from fastsft.files import WriteFailed, apply_umask, describe_os_error, is_write_error
 from fastsft.loss.held_out import held_out_loss
+from fastsft.run import before as before_cache
 from fastsft.run import guard, health, preflight, report, retain, task, trackers
 from fastsft.run.sft_args import sft_config
 from fastsft.run.trainer import (
@@ -77,9 +79,15 @@ def sample_prompts(dataset, n: int = 3) -> list[dict]:
     return out
 
 
-def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int = 32) -> list[dict]:
+SAMPLE_TOKENS = 32  # the sample prompts' answer budget
+
+
+def generate_answers(
+    model, tokenizer, prompts: list[dict], max_new_tokens: int = SAMPLE_TOKENS, advance=None
+) -> list[dict]:
     """Greedy answers, each with whether it complies with the chat template: it stopped on the
-    end-of-turn token within the budget and wrote no role markers (no invented turns)."""
+    end-of-turn token within the budget and wrote no role markers (no invented turns). `advance(n)`:
+    progress, called after each answer."""
     eot = end_of_turn_ids(tokenizer)
     out = []
     for prompt in prompts:
@@ -92,6 +100,8 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int 
             tools=prompt["tools"],
         )
         out.append({"text": a.text, "complies": a.complies})
+        if advance is not None:
+            advance(1)
     return out
 
 
@@ -151,13 +161,39 @@ def run(
         callbacks=callbacks,
     )
     try:
-        session.setup()
-        return session.finish(session.train())
+        with _sigterm_interrupts():
+            session.setup()
+            return session.finish(session.train())
     except BaseException:
         session.restore_replaced()  # failed before training started: put the old run back
         raise
     finally:
-        session.unlock()
+        session.unlock()  # the lock file goes whatever happened (a kill -9's is taken over later)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM outside the training loop (setup, the answers after, exports) stops the run as Ctrl-C does
+    (Interrupted, exit 143), so its cleanup (the lock file) happens; inside the loop StopOnSignal's
+    checkpointing stop applies."""
+    import signal
+    import threading
+
+    def _interrupt(signum, frame):
+        raise Interrupted("SIGTERM before or after training: nothing to resume from", signal_name="SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGTERM)
+    if old is not signal.SIG_DFL:  # a caller's own handler stays
+        yield
+        return
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class Run:
@@ -211,9 +247,12 @@ class Run:
         self._make_run_dir(target)
         self._write_run_info()
         self.trainer = self._make_trainer()
+        self.before_reuse: dict[str, str] = {}  # which before-numbers came from the cache
         self.prompts, self.before = self._answers_before()
         self.retain_before = self._retain_before()
         self.task_refs, self.task_before = self._task_before()
+        if self.main and self.before_reuse:
+            self.run_dir.update_json(RUN_JSON, before_cache=self.before_reuse)
 
     def _open_resumed(self) -> Path:
         """The run to resume, locked, and the checkpoint to continue from; a finished run, or a checkpoint
@@ -281,7 +320,8 @@ class Run:
         tokenizer = start.tokenizer()
         self.prepared = prepared = data_mod.prepare_data(recipe, tokenizer, log=self.log)
         self._refuse_changed_data(prepared)
-        self.loaded = loaded = start.load(log=self.log, tokenizer=tokenizer)
+        with self._phase(None, f"loading the model ({recipe.model.name})"):
+            self.loaded = loaded = start.load(log=self.log, tokenizer=tokenizer)
         if loaded.tokenizer is not tokenizer:  # Unsloth's own tokenizer: set up as the data set up the first
             self.prepared = prepared = data_mod.prepare_data(recipe, loaded.tokenizer, log=lambda m: None)
             self._refuse_changed_data(prepared)
@@ -320,7 +360,9 @@ class Run:
         """The formula's memory estimate (run.json; printed where no plan was: on the CPU, or a model the
         simulation cannot build); refuse a disk too full to hold the checkpoints."""
         self.estimate = guard.estimate_memory(self.loaded.model, self.recipe, self.route.kernel)
-        if self.planned is None:
+        if (
+            self.planned is None and self.gpu_total is not None
+        ):  # a GPU figure only on a GPU (run.json keeps it)
             line, wont_fit = guard.describe_estimate(self.estimate, self.gpu_total)
             self.log(line)
             if wont_fit:
@@ -452,7 +494,19 @@ class Run:
         # sharded: on every rank, as under ZeRO-3 transformers' generate steps the ranks together
         # (synced_gpus); the weights are still whole here, so every rank answers the same
         answers = prompts and (self.main or dist.sharded(self.recipe))
-        before = generate_answers(self.loaded.model, self.loaded.tokenizer, prompts) if answers else []
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+
+        def compute():
+            with self._phase(len(prompts), "base model: answers to the sample prompts") as advance:
+                return generate_answers(model, tokenizer, prompts, advance=advance)
+
+        parts = {
+            "prompts": prompts,
+            "max_new_tokens": SAMPLE_TOKENS,
+            "template": getattr(tokenizer, "chat_template", None),
+            "eot": end_of_turn_ids(tokenizer),
+        }
+        before = self._cached_before("answers", parts, compute, "base model's answers") if answers else []
         if self.main and before:
             self.run_dir.update_json(RUN_JSON, before=before)  # a resume reports the base model's answers too
         return prompts, before
@@ -466,7 +520,20 @@ class Run:
         refs = task.held_out(self.prepared, self.loaded.tokenizer)
         if not refs or self.resume:
             return refs, self.run_info.get("task_before")
-        before = task.score(self.loaded.model, self.loaded.tokenizer, refs)
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+
+        def compute():
+            what = f"base model: task metric on {len(refs)} held-out answers"
+            with self._phase(len(refs), what) as advance:
+                return task.score(model, tokenizer, refs, advance=advance)
+
+        parts = {
+            "refs": refs,
+            "max_new_tokens": task.budget(tokenizer, refs),
+            "batch_size": task.BATCH,
+            "eot": end_of_turn_ids(tokenizer),
+        }
+        before = self._cached_before("task", parts, compute, "base model's task metric")
         self.run_dir.update_json(RUN_JSON, task_before=before)
         return refs, before
 
@@ -484,13 +551,26 @@ class Run:
             self.retain_items = None
         if self.retain_items is None or not self.main or self.resume:
             return self.run_info.get("retain_before")
-        before = self._score_retain()
+        t, route = self.recipe.train, self.route.describe()
+
+        def compute():
+            with self._phase(len(self.retain_items), "base model: retain loss") as advance:
+                return self._score_retain(advance=advance)
+
+        parts = {
+            "items": self.retain_items,
+            "max_length": self.recipe.data.max_length,
+            "batch_size": t.per_device_eval_batch_size or t.per_device_train_batch_size,
+            "pad_id": self.loaded.tokenizer.pad_token_id,
+            "loss": {k: route[k] for k in ("kernel", "implementation", "kernel_backend", "label_smoothing")},
+        }
+        before = self._cached_before("retain", parts, compute, "base model's retain loss")
         self.run_dir.update_json(RUN_JSON, retain_before=before)
         self.run_dir.append_metrics({"step": 0, "retain_loss": before["loss"]})
         self.log(f"retain loss before training: {_fmt_loss(before['loss'])} ({before['tokens']} tokens)")
         return before
 
-    def _score_retain(self) -> dict:
+    def _score_retain(self, advance=None) -> dict:
         t, tokenizer = self.recipe.train, self.loaded.tokenizer
         return held_out_loss(
             self.loaded.model,
@@ -499,7 +579,37 @@ class Run:
             batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             loss=lambda model, batch: self.route(model, batch, None)[0],  # the training loss
+            advance=advance,
         )
+
+    def _phase(self, total: int | None, what: str):
+        """fastsft.progress.bar for a setup phase on rank 0 (a bar on a terminal, else a line at least every
+        30 s); nothing on the other ranks."""
+        if self.main:
+            return progress.bar(self.console, total, what)
+        return contextlib.nullcontext(lambda n=1: None)
+
+    def _cached_before(self, kind: str, parts: dict, compute, what: str):
+        """A before-number of the base model from fastsft.run.before's cache, else computed (and stored).
+        Under several ranks it is computed (the ranks must generate together; the cache is per process)."""
+        if not hasattr(self, "_base_fp"):
+            loaded, recipe = self.loaded, self.recipe
+            self._base_fp = (
+                before_cache.model_fingerprint(
+                    loaded.model_path,
+                    model=recipe.model.as_dict(),
+                    backend=loaded.backend,
+                    dtype=loaded.dtype,
+                    method=recipe.train.method,
+                )
+                if dist.world_size() == 1
+                else None
+            )
+        value, reused = before_cache.cached(kind, self._base_fp, parts, compute)
+        self.before_reuse[kind] = "reused" if reused else "computed"
+        if reused:
+            self.log(f"{what}: reused from the cache (same base model, data and settings)")
+        return value
 
     # ------------------------------------------------------------------------------------------
     # train
@@ -653,7 +763,10 @@ class Run:
         if self.retain_items is not None:
             after = self._score_retain()
             self.run_dir.append_metrics({"step": state.global_step, "retain_loss": after["loss"]})
-            out["retain"] = r = retain.summary(self.retain_before, after, source=self.retain_source)
+            vocab = getattr(self.loaded.model.config, "vocab_size", None) or len(self.loaded.tokenizer)
+            out["retain"] = r = retain.summary(
+                self.retain_before, after, source=self.retain_source, vocab_size=vocab
+            )
             delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
             self.log(
                 f"retain loss: {_fmt_loss(r['before'])} before -> {_fmt_loss(r['after'])} after training ({delta})"

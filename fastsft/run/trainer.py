@@ -24,7 +24,7 @@ from pathlib import Path
 from fastsft import dist
 from fastsft.files import apply_umask, write_text
 from fastsft.machine import peak_memory_gib
-from fastsft.progress import StepTimer
+from fastsft.progress import StepTimer, bar
 from fastsft.rundir import RunDir
 
 STAGING = ".staging"  # under checkpoints/: the Trainer's output_dir, where a checkpoint is written
@@ -287,6 +287,7 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
             # the ETA from measured steps: the first logged interval (start-up) left out, then the
             # median of the recent steps' times (not elapsed / steps, which the start-up inflates)
             self.timer = StepTimer()
+            self.eval_bar = None  # an evaluation's progress, from its first batch to on_evaluate
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.perf_counter()
@@ -294,6 +295,24 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
             warning = warmup_warning(args, state.max_steps)
             if warning and state.is_world_process_zero:
                 console.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)
+
+        def on_prediction_step(self, args, state, control, **kw):
+            """An evaluation's progress (the base model's at step 0 among them): fastsft.progress.bar."""
+            if not state.is_world_process_zero:
+                return
+            if self.eval_bar is None:
+                loader = kw.get("eval_dataloader")
+                total = len(loader) if loader is not None and hasattr(loader, "__len__") else None
+                step = state.global_step
+                what = "base model: held-out loss (step 0)" if step == 0 else f"held-out loss at step {step}"
+                self.eval_bar = bar(console, total, what + ", batches")
+                self.eval_advance = self.eval_bar.__enter__()
+            self.eval_advance(1)
+
+        def on_evaluate(self, args, state, control, **kw):
+            if self.eval_bar is not None:
+                self.eval_bar.__exit__(None, None, None)
+                self.eval_bar = None
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -306,7 +325,8 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
                 dt = max(now - self.last_t, 1e-9)
                 row["tokens_per_s"] = (tokens - self.last_tokens) / dt if tokens else None
                 self.last_t, self.last_tokens = now, tokens
-                mem, _ = peak_memory_gib()
+                mem, kind = peak_memory_gib()
+                mem_word = "rss" if "RSS" in kind else "mem"  # on the CPU: the process's peak RSS, said so
                 row["peak_mem_gib"] = round(mem, 3)
                 row["elapsed_s"] = round(now - self.t0, 2)
                 done, total = state.global_step, state.max_steps
@@ -316,10 +336,11 @@ def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
                 tps = row["tokens_per_s"]
                 console.print(
                     f"step {done:>5}/{total}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
-                    f"{'-' if tps is None else f'{tps:,.0f}'} tok/s  ETA {_duration(eta)}  mem {mem:.2f} GiB",
+                    f"{'-' if tps is None else f'{tps:,.0f}'} tok/s  ETA {_duration(eta)}  {mem_word} {mem:.2f} GiB",
                     highlight=False,
                 )
             elif "eval_loss" in logs:
+                self.on_evaluate(args, state, control)  # the evaluation's progress ends before its result
                 console.print(
                     f"eval  step {state.global_step:>5}  eval_loss {logs['eval_loss']:.4f}", highlight=False
                 )

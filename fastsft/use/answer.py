@@ -272,7 +272,8 @@ def generate_file(
     folders = read_folders(model_ref, out)
     files.check_output(out, option="-o", overwrite=overwrite, inputs=[data_file], folders=folders)
     rows = read_prompts(data_file)  # a bad row fails before the model loads
-    loaded = load_for_use(model_ref, policy=policy)
+    with bar(console, None, f"loading {model_ref}"):
+        loaded = load_for_use(model_ref, policy=policy)
     files.check_output(
         out, option="-o", overwrite=overwrite, inputs=[data_file], folders=read_folders(loaded)
     )

@@ -20,6 +20,7 @@ from fastsft.errors import DataError
 from fastsft.export import EXPORT_JSON
 from fastsft.loss.held_out import held_out_loss
 from fastsft.progress import bar
+from fastsft.run import before as before_cache
 from fastsft.rundir import RECIPE
 from fastsft.use.answer import read_folders
 from fastsft.use.load import LoadedForUse, load_for_use
@@ -106,7 +107,13 @@ def _encode_data_file(recipe, tokenizer, path: Path) -> list[dict]:
 
 
 def _answered(
-    loaded: LoadedForUse, convs: list[dict], n_gen: int, max_new_tokens: int, batch_size: int, console
+    loaded: LoadedForUse,
+    convs: list[dict],
+    n_gen: int,
+    max_new_tokens: int,
+    batch_size: int,
+    console,
+    record: dict | None = None,
 ) -> list[dict]:
     """Greedy answers (batched, fastsft.chat.generation.answer_batch) to the prompts of the first `n_gen`
     conversations, each beside the answer the data expects."""
@@ -114,27 +121,52 @@ def _answered(
     refs = [r for r in (reference_of(c, tokenizer, loaded.eot) for c in convs) if r][: max(0, n_gen)]
     if not refs:
         return []
-    with bar(console, len(refs), "answering") as advance:
-        got = answer_batch(
-            loaded.model,
-            tokenizer,
-            [p for p, _ in refs],
-            eot=loaded.eot,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            on_batch=advance,
-        )
-    return [
-        {
-            "prompt": tokenizer.decode(prompt),
-            "expected": expected,
-            "answer": a.text,
-            "stopped": a.stopped,
-            "role_markers": a.role_markers,
-            "complies": a.complies,
-        }
-        for (prompt, expected), a in zip(refs, got, strict=True)
-    ]
+
+    def compute():
+        with bar(console, len(refs), "answering") as advance:
+            got = answer_batch(
+                loaded.model,
+                tokenizer,
+                [p for p, _ in refs],
+                eot=loaded.eot,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                on_batch=advance,
+            )
+        return [
+            {
+                "prompt": tokenizer.decode(prompt),
+                "expected": expected,
+                "answer": a.text,
+                "stopped": a.stopped,
+                "role_markers": a.role_markers,
+                "complies": a.complies,
+            }
+            for (prompt, expected), a in zip(refs, got, strict=True)
+        ]
+
+    parts = {"refs": refs, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "eot": loaded.eot}
+    return _cached(loaded, "eval-answers", parts, compute, console, {} if record is None else record)
+
+
+def _base_fingerprint(loaded: LoadedForUse) -> str | None:
+    """A plain model folder's fingerprint (fastsft.run.before): the base model, or a merged export; None
+    for a run or an adapter (not cached: the base they sit on is not part of their folder)."""
+    if loaded.kind != "model":
+        return None
+    dtype = str(next(loaded.model.parameters()).dtype)
+    return before_cache.model_fingerprint(str(loaded.path), kind=loaded.kind, dtype=dtype)
+
+
+def _cached(loaded: LoadedForUse, kind: str, parts: dict, compute, console, record: dict):
+    """A base model's number from fastsft.run.before's cache (a second eval of the same model, data and
+    settings computes nothing), else computed and stored."""
+    value, reused = before_cache.cached(kind, _base_fingerprint(loaded), parts, compute)
+    if reused:
+        what = "held-out loss" if kind == "eval-loss" else "answers"
+        console.print(f"{what}: reused from the cache (same model, data and settings)", highlight=False)
+    record[kind] = "reused" if reused else "computed"
+    return value
 
 
 def print_task(console, task: dict, title: str = "task metric") -> None:
@@ -213,18 +245,24 @@ def evaluate(
         check_data_file(data_file)
     if json_out is not None:
         _check_json_out(json_out, model_ref, data_file, overwrite)
-    loaded = load_for_use(model_ref, policy=policy)
+    with bar(console, None, f"loading {model_ref}"):
+        loaded = load_for_use(model_ref, policy=policy)
     if json_out is not None:
         _check_json_out(json_out, loaded, data_file, overwrite)
     convs, source, recipe = _held_out(loaded, data_file, console)
     if max_length is None:
         max_length = recipe.data.max_length if recipe is not None else 2048
-    with bar(console, len(convs), "held-out loss") as advance:
-        scored = held_out_loss(loaded.model, convs, max_length=max_length, advance=advance)
+    reuse: dict[str, str] = {}  # eval.json's before_cache: which numbers an earlier eval had paid for
+
+    def compute():
+        with bar(console, len(convs), "held-out loss") as advance:
+            return held_out_loss(loaded.model, convs, max_length=max_length, advance=advance)
+
+    scored = _cached(loaded, "eval-loss", {"items": convs, "max_length": max_length}, compute, console, reuse)
     loss, tokens = scored["loss"], scored["tokens"]
     if tokens == 0:
         raise DataError(f"{source}: no assistant tokens to score.")
-    samples = _answered(loaded, convs, n_gen, max_new_tokens, batch_size, console)
+    samples = _answered(loaded, convs, n_gen, max_new_tokens, batch_size, console, reuse)
     n = len(samples)
     result = {
         "model": str(loaded.path),
@@ -242,6 +280,8 @@ def evaluate(
         "role_marker_free_share": (sum(not s["role_markers"] for s in samples) / n) if n else None,
         "samples": samples,
     }
+    if _base_fingerprint(loaded) is not None:
+        result["before_cache"] = reuse
     _print_eval(console, result)
     text = json.dumps(result, indent=2, default=str) + "\n"
     target = None

@@ -39,6 +39,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 
 from fastsft.chat.tools import parse_tool_calls
 from fastsft.errors import BackendError
+from fastsft.progress import phase
 from fastsft.use.load import load_for_use
 from fastsft.use.serve.engine import Engine, Job
 from fastsft.use.serve.protocol import (
@@ -454,7 +455,8 @@ def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> N
         ) from None
     port = sock.getsockname()[1]
     try:
-        loaded = load_for_use(model_ref, policy=policy)
+        with phase(console, f"loading {model_ref}"):
+            loaded = load_for_use(model_ref, policy=policy)
         app = create_app(loaded, settings)
     except BaseException:
         sock.close()  # a model that fails to load leaves the port free
