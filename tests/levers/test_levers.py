@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastsft.levers import frozen16, offload, tiled_mlp
+from fastsft.levers import frozen16, offload, tiled_layer, tiled_mlp
 
 
 def _model(dtype=torch.float32):
@@ -42,14 +42,16 @@ def _step(model, autocast=None):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("lever", ["offload", "tiled_mlp", "both"])
+@pytest.mark.parametrize("lever", ["offload", "tiled_mlp", "both", "tiled_layer", "all"])
 def test_lever_is_exact(lever):
     loss0, g0 = _step(_model())
     m = _model()
-    if lever in ("offload", "both"):
+    if lever in ("offload", "both", "all"):
         assert offload.install(m) == 3
-    if lever in ("tiled_mlp", "both"):
+    if lever in ("tiled_mlp", "both", "all"):
         assert tiled_mlp.install(m, 3) == 3
+    if lever in ("tiled_layer", "all"):
+        assert tiled_layer.install(m, 3) == 3
     loss1, g1 = _step(m)
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
     assert g1.keys() == g0.keys()
@@ -76,3 +78,56 @@ def test_frozen16_is_exact_under_bf16_autocast():
     assert torch.equal(loss1, loss0)
     for n in g0:
         assert torch.equal(g1[n], g0[n]), n
+
+
+def _padded_step(model, tiles_seen=None, autocast=None):
+    """A batch of two rows of 37 tokens (not a multiple of the tiles), the second padded on the right:
+    its padding masked out of attention and its labels ignored, as the collator makes them."""
+    ids = torch.randint(0, 300, (2, 37), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 29:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :5] = -100  # a prompt not trained on
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("offloaded", [False, True], ids=["checkpointed", "offloaded"])
+def test_tiled_layer_is_exact_and_tiled(dtype, offloaded):
+    """The tiled decoder layer: loss and every LoRA gradient as the plain checkpointed step's (padding,
+    ignored labels, 37 tokens in 3 tiles of 13, 13, 11; float32, and bf16 autocast over a bf16 model),
+    and the per-token modules really see one tile at a time, in forward, recompute and backward."""
+    autocast = torch.bfloat16 if dtype == torch.bfloat16 else None
+    loss0, g0 = _padded_step(_model(dtype), autocast=autocast)
+    m = _model(dtype)
+    if offloaded:
+        offload.install(m)
+    assert tiled_layer.install(m, 3) == 3
+    seen = {"q_proj": set(), "o_proj": set(), "mlp": set(), "input_layernorm": set()}
+    base = m.get_base_model().model
+    for layer in base.layers:
+        for name, mod in (
+            ("q_proj", layer.self_attn.q_proj),
+            ("o_proj", layer.self_attn.o_proj),
+            ("mlp", layer.mlp),
+            ("input_layernorm", layer.input_layernorm),
+        ):
+            mod.register_forward_hook(lambda mod, args, out, name=name: seen[name].add(args[0].shape[1]))
+    loss1, g1 = _padded_step(m, autocast=autocast)
+    assert seen == {k: {13, 11} for k in seen}, seen
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss1, loss0, **tol)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **tol, msg=n)
+
+
+def test_tiled_layer_spans_are_equal():
+    assert tiled_layer.spans(37, 3) == [(0, 13), (13, 26), (26, 37)]
+    assert tiled_layer.spans(32, 4) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert tiled_layer.spans(5, 8) == [(i, i + 1) for i in range(5)]
