@@ -96,13 +96,17 @@ def _padded_step(model, tiles_seen=None, autocast=None):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,autocast",
+    [(torch.float32, None), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+    ids=["fp32", "bf16", "fp32-under-bf16-autocast"],
+)
 @pytest.mark.parametrize("offloaded", [False, True], ids=["checkpointed", "offloaded"])
-def test_tiled_layer_is_exact_and_tiled(dtype, offloaded):
+def test_tiled_layer_is_exact_and_tiled(dtype, autocast, offloaded):
     """The tiled decoder layer: loss and every LoRA gradient as the plain checkpointed step's (padding,
-    ignored labels, 37 tokens in 3 tiles of 13, 13, 11; float32, and bf16 autocast over a bf16 model),
-    and the per-token modules really see one tile at a time, in forward, recompute and backward."""
-    autocast = torch.bfloat16 if dtype == torch.bfloat16 else None
+    ignored labels, 37 tokens in 3 tiles of 13, 13, 11; float32; a bf16 model under bf16 autocast; and
+    QLoRA's case, float32 residual stream and norms under bf16 autocast), and the per-token modules
+    really see one tile at a time, in forward, recompute and backward."""
     loss0, g0 = _padded_step(_model(dtype), autocast=autocast)
     m = _model(dtype)
     if offloaded:
@@ -120,11 +124,18 @@ def test_tiled_layer_is_exact_and_tiled(dtype, offloaded):
             mod.register_forward_hook(lambda mod, args, out, name=name: seen[name].add(args[0].shape[1]))
     loss1, g1 = _padded_step(m, autocast=autocast)
     assert seen == {k: {13, 11} for k in seen}, seen
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
-    torch.testing.assert_close(loss1, loss0, **tol)
     assert g1.keys() == g0.keys()
+    if autocast is None:
+        torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+        return
+    # 16-bit matmuls: each tile's weight-gradient product is rounded to bf16 before the tiles are
+    # summed, the plain step's once (both are ~2.6% of the largest gradient away from the float32
+    # step's; tiled vs plain: <= 1.2%); the loss is the same to the bit
+    assert torch.equal(loss1, loss0)
     for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], **tol, msg=n)
+        assert (g1[n].float() - g0[n].float()).abs().max() <= 0.03 * g0[n].float().abs().max(), n
 
 
 def test_tiled_layer_spans_are_equal():
