@@ -20,7 +20,8 @@ output row depends on its own input row only, so the values are the plain layer'
 are sums over tiles (float rounding only; tests/levers/test_levers.py).
 
 `install(model, tiles)` replaces the forward of every supported decoder layer (`ARCHITECTURES`: one
-small table, the attention's extra arguments per model type); other layers are left as they are.
+small table, the attention's extra arguments per model type) whose class forward is still transformers'
+own; other layers (a layer class patched by Unsloth) are left as they are.
 """
 
 from __future__ import annotations
@@ -167,8 +168,8 @@ def install(model, tiles: int) -> int:
     n = 0
     for module in model.modules():
         kw = ARCHITECTURES.get(type(module).__name__)
-        if kw is None:
-            continue
+        if kw is None or not type(module).forward.__module__.startswith("transformers."):
+            continue  # not a layer this forward reproduces (another model, or one patched: Unsloth's)
         if getattr(module, "_fastsft_untiled_forward", None) is None:
             module._fastsft_untiled_forward = module.forward
         module._fastsft_tiles = int(tiles)

@@ -215,3 +215,16 @@ def test_plan_tiled_layer_cuts_the_per_token_cost():
         return simulate_layers(s, 4096, 2).peak_bytes - simulate_layers(s, 2048, 2).peak_bytes
 
     assert slope(tiled) <= 0.85 * slope(base), (slope(tiled), slope(base))
+
+
+def test_tiled_layer_leaves_patched_layers_alone(monkeypatch):
+    """A decoder layer class whose forward is not transformers' own (Unsloth patches LlamaDecoderLayer's)
+    is not tiled: the tiled forward reproduces transformers' layer, not another one."""
+    from transformers.models.llama import modeling_llama
+
+    def patched(self, hidden_states, *args, **kwargs):  # stands for unsloth.models.llama's fast forward
+        return hidden_states
+
+    patched.__module__ = "unsloth.models.llama"
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", patched)
+    assert tiled_layer.install(_model(), 3) == 0
