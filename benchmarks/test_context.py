@@ -1,11 +1,14 @@
 """`pytest benchmarks -k context`: the longest Llama-3.1-8B QLoRA sequence at batch 1 per GPU size, AS
 SIMULATED by `fastsft plan` (meta tensors on the CPU; no GPU ran these), against Unsloth's published
-table. Writes benchmarks/results/2026-12-06-context/: context.json, context.md, context.svg.
+table. Writes context.json, context.md, context.svg to FASTSFT_BENCH_RESULTS (the committed table:
+benchmarks/results/2026-12-07-context/) or else to a scratch folder. FASTSFT_CONTEXT_SIZES="24,80" limits
+the GPU sizes (each simulated step of the 8B model takes minutes on a busy CPU).
 
 Setup of Unsloth's table: Llama 3.1 8B Instruct, 4-bit QLoRA on q, k, v, o, gate, up, down, r = 32,
 batch 1. Columns: stock HF (transformers + PEFT + bitsandbytes, FA2 memory, transformers 4.47's stock
-loss, plain checkpointing, 8-bit AdamW), fastsft (its linear loss + the levers expandable_segments,
-offload_checkpoints, tiled_mlp = 8, frozen_16bit), Unsloth and HF + FA2 as published. The figure compared
+loss, plain checkpointing, 8-bit AdamW), one per fastsft lever set (`LEVER_SETS`: its linear loss + the
+levers), Unsloth and HF + FA2 as published. Each lever set's slope (GiB per 10K tokens, between the
+8,192- and 65,536-token steps the search simulates anyway) is printed and written. The figure compared
 is the caching allocator's peak reserved memory + the CUDA context (what Unsloth's notebooks report:
 torch.cuda.max_memory_reserved).
 """
@@ -24,21 +27,33 @@ from fastsft.plan import LEVERS, UNSLOTH_TABLE, Setup, max_length
 from fastsft.plan.device import GiB
 from fastsft.plan.model import load_config
 
-OUT = Path(__file__).parent / "results" / "2026-12-06-context"
-SIZES = [8, 12, 16, 24, 40, 48, 80]
+SIZES = [int(s) for s in os.environ.get("FASTSFT_CONTEXT_SIZES", "8,12,16,24,40,48,80").split(",")]
+# column -> the levers of that fastsft column (the 2026-12-06 table's set, then every lever the plan has)
+LEVER_SETS = {
+    "fastsft_2026_12_06": {k: v for k, v in LEVERS.items() if k != "tiled_layer"},
+    "fastsft_tiled_layer": dict(LEVERS),
+}
+A, B = 8192, 65536  # the lengths of the slope (simulated by max_length's first guess anyway)
+
+
+def _out(tmp_path) -> Path:
+    return Path(os.environ["FASTSFT_BENCH_RESULTS"]) if os.environ.get("FASTSFT_BENCH_RESULTS") else tmp_path
 
 
 def _setups():
     cfg = load_config("meta-llama/Llama-3.1-8B-Instruct")
     lora = LoraConfig(r=32, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     hf = Setup(cfg, lora=lora, optim="adamw_8bit", loss="hf-2024")
-    fast = Setup(cfg, lora=lora, optim="adamw_8bit", loss="fastsft-linear", **LEVERS)
+    fast = {
+        name: Setup(cfg, lora=lora, optim="adamw_8bit", loss="fastsft-linear", **levers)
+        for name, levers in LEVER_SETS.items()
+    }
     return hf, fast
 
 
 def _svg(rows) -> str:
     w, h, pad = 640, 400, 60
-    ymax = max(max(r["fastsft"], r["unsloth_published"] or 0) for r in rows)
+    ymax = max(max(*(r[k] for k in LEVER_SETS), r["unsloth_published"] or 0) for r in rows)
     x = lambda gb: pad + (gb - 8) / 72 * (w - 2 * pad)  # noqa: E731
     y = lambda v: h - pad - v / ymax * (h - 2 * pad)  # noqa: E731
     lines = [
@@ -47,12 +62,17 @@ def _svg(rows) -> str:
     ]
     series = [
         ("stock HF (sim.)", "hf_simulated", "#888"),
-        ("fastsft (sim.)", "fastsft", "#c33"),
+        ("fastsft 2026-12-06 levers (sim.)", "fastsft_2026_12_06", "#e90"),
+        ("fastsft + tiled_layer (sim.)", "fastsft_tiled_layer", "#c33"),
         ("Unsloth (published)", "unsloth_published", "#36c"),
         ("HF+FA2 (published)", "hf_published", "#999"),
     ]
     for i, (name, key, color) in enumerate(series):
         pts = " ".join(f"{x(r['gpu_gib']):.1f},{y(r[key]):.1f}" for r in rows if r[key])
+        if len(rows) == 1 or not pts:
+            pts = " ".join(
+                f"{x(r['gpu_gib']) + d:.1f},{y(r[key]):.1f}" for r in rows if r[key] for d in (-3, 3)
+            )
         dash = ' stroke-dasharray="5,4"' if "published" in key else ""
         lines.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
         lines.append(f'<text x="{pad + 10}" y="{40 + 16 * i}" fill="{color}">{name}</text>')
@@ -63,56 +83,75 @@ def _svg(rows) -> str:
 
 
 @pytest.mark.context
-def test_context_table():
+def test_context_table(tmp_path):
     hf, fast = _setups()
     rows = []
     t0 = time.time()
-    hf_cache, fast_cache = {}, {}  # simulated steps, shared by the GPU sizes of one setup
+    hf_cache = {}  # simulated steps, shared by the GPU sizes of one setup
+    caches = {name: {} for name in fast}
     for gb in SIZES:
         unsloth, hf_pub = UNSLOTH_TABLE[gb]
         print(f"context: {gb} GiB ({time.time() - t0:.0f} s)", flush=True)
-        rows.append(
-            {
-                "gpu_gib": gb,
-                "hf_simulated": max_length(hf, gb * GiB, cache=hf_cache),
-                "fastsft": max_length(fast, gb * GiB, cache=fast_cache),
-                "unsloth_published": unsloth,
-                "hf_published": hf_pub,
-            }
-        )
+        row = {"gpu_gib": gb, "hf_simulated": max_length(hf, gb * GiB, cache=hf_cache)}
+        for name, setup in fast.items():
+            row[name] = max_length(setup, gb * GiB, cache=caches[name])
+        row.update(unsloth_published=unsloth, hf_published=hf_pub)
+        rows.append(row)
     took = time.time() - t0
+    slopes = {
+        name: round((c[B] - c[A]) / GiB / ((B - A) / 10_000), 3)
+        for name, c in caches.items()
+        if A in c and B in c
+    }
     for r in rows:
         r["hf_sim_vs_published"] = (
             round(r["hf_simulated"] / r["hf_published"], 3) if r["hf_published"] else None
         )
-        r["fastsft_vs_unsloth"] = round(r["fastsft"] / r["unsloth_published"], 3)
-    head = "| GPU GiB | stock HF (simulated) | HF+FA2 (published) | sim/pub | fastsft (simulated) | Unsloth (published) | fastsft/Unsloth |"
+        for name in fast:
+            r[f"{name}_vs_unsloth"] = round(r[name] / r["unsloth_published"], 3)
+    head = (
+        "| GPU GiB | stock HF (simulated) | HF+FA2 (published) | sim/pub | "
+        + " | ".join(f"{n} (simulated) | /Unsloth" for n in fast)
+        + " | Unsloth (published) |"
+    )
     md = [
-        f"# Longest Llama-3.1-8B QLoRA sequence, batch 1: a SIMULATION ({took:.0f} s on {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})",
+        f"# Longest Llama-3.1-8B QLoRA sequence, batch 1: a SIMULATION ({took:.0f} s on {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.1f})",
+        "",
+        "Lever sets: " + "; ".join(f"{n} = {json.dumps(LEVER_SETS[n])}" for n in fast),
+        "",
+        "Slope, GiB per 10K tokens (steps of 8,192 and 65,536 tokens): "
+        + ", ".join(f"{n} {v}" for n, v in slopes.items()),
         "",
         head,
-        "|" + "---|" * 7,
+        "|" + "---|" * (5 + 2 * len(fast)),
     ]
     for r in rows:
         hp = f"{r['hf_published']:,}" if r["hf_published"] else "OOM"
         ratio = r["hf_sim_vs_published"] or "-"
+        cols = " | ".join(f"{r[n]:,} | {r[n + '_vs_unsloth']}" for n in fast)
         md.append(
-            f"| {r['gpu_gib']} | {r['hf_simulated']:,} | {hp} | {ratio} | {r['fastsft']:,} | "
-            f"{r['unsloth_published']:,} | {r['fastsft_vs_unsloth']} |"
+            f"| {r['gpu_gib']} | {r['hf_simulated']:,} | {hp} | {ratio} | {cols} | {r['unsloth_published']:,} |"
         )
     text = "\n".join(md)
     print("\n" + text)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "context.md").write_text(text + "\n")
+    out = _out(tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "context.md").write_text(text + "\n")
     meta = {
         "simulated": True,
         "device": "none (meta tensors, CPU)",
         "seconds": round(took, 1),
         "load": os.getloadavg()[0],
-        "fastsft_levers": LEVERS,
+        "lever_sets": LEVER_SETS,
+        "slope_gib_per_10k_tokens": slopes,
         "rows": rows,
     }
-    (OUT / "context.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (OUT / "context.svg").write_text(_svg(rows))
-    row24 = next(r for r in rows if r["gpu_gib"] == 24)
-    assert row24["fastsft"] > 78475
+    (out / "context.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "context.svg").write_text(_svg(rows))
+    for r in rows:
+        if r["gpu_gib"] == 24:
+            assert r["fastsft_2026_12_06"] > 78475
+            assert r["fastsft_tiled_layer"] > r["fastsft_2026_12_06"]
+    if len(slopes) == 2:
+        assert slopes["fastsft_tiled_layer"] < slopes["fastsft_2026_12_06"]

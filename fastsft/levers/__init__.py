@@ -8,12 +8,16 @@ rounding; tests/levers/test_levers.py checks each on the CPU), each a `[train]` 
 - frozen_16bit: frozen float32 embeddings / lm_head of a 4-bit model stored in 16 bits (frozen16.py).
 - tiled_mlp: the MLP of each decoder layer run over sequence shards (ALST's TiledMLP), so its wide
   intermediate activations exist for one shard at a time, in forward and in backward.
+- tiled_layer: every per-token part of each decoder layer (norms, projections with their adapters,
+  residuals, MLP) over sequence tiles, only attention over the whole sequence (tiled_layer.py).
 """
 
 
 def wanted(recipe) -> bool:
     t = recipe.train
-    return bool(t.offload_checkpoints or t.tiled_mlp or t.frozen_16bit or t.expandable_segments)
+    return bool(
+        t.offload_checkpoints or t.tiled_mlp or t.tiled_layer or t.frozen_16bit or t.expandable_segments
+    )
 
 
 def callback(recipe, dtype: str):
@@ -41,5 +45,9 @@ def callback(recipe, dtype: str):
                 from . import tiled_mlp
 
                 tiled_mlp.install(model, t.tiled_mlp)
+            if t.tiled_layer:
+                from . import tiled_layer
+
+                tiled_layer.install(model, t.tiled_layer)
 
     return _Levers()

@@ -49,6 +49,7 @@ LEVER_ORDER = (
     ("offload_checkpoints", True),
     ("tiled_mlp", 8),
     ("frozen16", True),
+    ("tiled_layer", 16),
 )
 LEVERS = dict(LEVER_ORDER)
 # [train] key of each lever
@@ -57,6 +58,7 @@ LEVER_KEYS = {
     "offload_checkpoints": "offload_checkpoints",
     "tiled_mlp": "tiled_mlp",
     "frozen16": "frozen_16bit",
+    "tiled_layer": "tiled_layer",
 }
 
 
@@ -113,6 +115,7 @@ def setup_from_recipe(recipe, *, baseline: str | None = None) -> Setup:
         mixed_precision=dtype != torch.float32,
         offload_checkpoints=t.offload_checkpoints,
         tiled_mlp=t.tiled_mlp,
+        tiled_layer=t.tiled_layer,
         frozen16=t.frozen_16bit,
         expandable_segments=t.expandable_segments,
     )

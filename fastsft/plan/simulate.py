@@ -15,7 +15,7 @@ import torch
 from fastsft.kernels import ops as _kernel_ops
 from fastsft.loss.route import IGNORE_INDEX, LossRoute, base_causal_lm
 
-from ..levers import frozen16, offload, tiled_mlp
+from ..levers import frozen16, offload, tiled_layer, tiled_mlp
 from .autocast import MetaAutocast, backward
 from .device import CachingAllocator
 from .model import build
@@ -43,6 +43,7 @@ class Setup:
     mixed_precision: bool = True  # the Trainer's bf16 / fp16 autocast
     offload_checkpoints: bool = False
     tiled_mlp: int = 0  # sequence shards of the MLP (0: off)
+    tiled_layer: int = 0  # sequence tiles of each decoder layer's per-token work (0: off)
     frozen16: bool = False  # frozen embeddings / lm_head stored in the compute dtype
     expandable_segments: bool = False  # the CUDA allocator's expandable segments (less fragmentation)
     loss_chunk_bytes: int | None = None
@@ -145,6 +146,8 @@ def prepare(model, setup: Setup):
         frozen16.install(model, setup.dtype)
     if setup.tiled_mlp:
         tiled_mlp.install(model, setup.tiled_mlp)
+    if setup.tiled_layer:
+        tiled_layer.install(model, setup.tiled_layer)
     return model
 
 

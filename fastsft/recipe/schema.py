@@ -252,6 +252,15 @@ class TrainSection(Section):
         max=4096,
         sft=False,
     )
+    tiled_layer: int = key(
+        0,
+        "Run each decoder layer's per-token work (norms, q/k/v/o projections with their adapters, "
+        "residuals, MLP) over this many sequence tiles, only attention over the whole sequence "
+        "(fastsft.levers.tiled_layer); 0: off. Exact. Llama, Mistral, Qwen2, Qwen3 layers.",
+        min=0,
+        max=4096,
+        sft=False,
+    )
     expandable_segments: bool = key(
         False,
         "The CUDA caching allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
