@@ -183,7 +183,7 @@ def chat(
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     console.print(
-        f"[bold]fastsft chat[/] with {loaded.path} ({loaded.kind}). /exit quits, /reset starts over."
+        f"[bold]fastsft chat[/] with {loaded.ref or loaded.path} ({loaded.kind}). /exit quits, /reset starts over."
     )
     while True:
         console.print("[bold cyan]you>[/] ", end="")
