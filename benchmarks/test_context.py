@@ -1,6 +1,8 @@
 """`pytest benchmarks -k context`: the longest Llama-3.1-8B QLoRA sequence at batch 1 per GPU size, AS
 SIMULATED by `fastsft plan` (meta tensors on the CPU; no GPU ran these), against Unsloth's published
-table. Writes benchmarks/results/2026-12-06-context/: context.json, context.md, context.svg.
+table. Writes context.json, context.md, context.svg to `_bench.results_folder("context")`: the git-ignored
+benchmarks/results/scratch/context/, or with FASTSFT_BENCH_UPDATE=1 a new benchmarks/results/<date>-context/
+(the committed figures: benchmarks/results/2026-12-06-context/).
 
 Setup of Unsloth's table: Llama 3.1 8B Instruct, 4-bit QLoRA on q, k, v, o, gate, up, down, r = 32,
 batch 1. Columns: stock HF (transformers + PEFT + bitsandbytes, FA2 memory, transformers 4.47's stock
@@ -24,7 +26,8 @@ from fastsft.plan import LEVERS, UNSLOTH_TABLE, Setup, max_length
 from fastsft.plan.device import GiB
 from fastsft.plan.model import load_config
 
-OUT = Path(__file__).parent / "results" / "2026-12-06-context"
+from _bench import results_folder
+
 SIZES = [8, 12, 16, 24, 40, 48, 80]
 
 
@@ -81,6 +84,14 @@ def test_context_table():
             }
         )
     took = time.time() - t0
+    write_outputs(rows, took)
+    row24 = next(r for r in rows if r["gpu_gib"] == 24)
+    assert row24["fastsft"] > 78475
+
+
+def write_outputs(rows: list[dict], took: float) -> Path:
+    """The ratios of `rows`, then context.md / .json / .svg in `results_folder("context")` (never the
+    committed folder unless FASTSFT_BENCH_UPDATE=1 asks for a new one)."""
     for r in rows:
         r["hf_sim_vs_published"] = (
             round(r["hf_simulated"] / r["hf_published"], 3) if r["hf_published"] else None
@@ -102,8 +113,9 @@ def test_context_table():
         )
     text = "\n".join(md)
     print("\n" + text)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "context.md").write_text(text + "\n")
+    out = results_folder("context")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "context.md").write_text(text + "\n")
     meta = {
         "simulated": True,
         "device": "none (meta tensors, CPU)",
@@ -112,7 +124,6 @@ def test_context_table():
         "fastsft_levers": LEVERS,
         "rows": rows,
     }
-    (OUT / "context.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (OUT / "context.svg").write_text(_svg(rows))
-    row24 = next(r for r in rows if r["gpu_gib"] == 24)
-    assert row24["fastsft"] > 78475
+    (out / "context.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "context.svg").write_text(_svg(rows))
+    return out
