@@ -117,3 +117,17 @@ def test_eval_takes_a_gguf_file_names_it_as_given_and_scores_json(gguf_export, t
     assert got["json"]["n"] == 2 and set(got["json"]["keys"]) == {"city", "postcode"}
     assert got["json"]["keys"]["city"]["n"] == 2 and got["json"]["keys"]["postcode"]["n"] == 1
     assert "valid JSON objects" in result.output
+
+
+def test_every_model_command_names_the_forms_it_takes():
+    for command in ("eval", "generate", "chat", "serve"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 0 and "package:PKG/FILE.gguf" in text and "a GGUF file" in text, text
+
+
+def test_a_folder_of_gguf_files_names_them(tmp_path):
+    (tmp_path / "m-Q8_0.gguf").write_bytes(b"GGUF")
+    result = CliRunner().invoke(main, ["eval", str(tmp_path)])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "pass one of them" in out and "m-Q8_0.gguf" in out, out
