@@ -18,7 +18,7 @@ OPTIONAL = ("triton", "unsloth", "unsloth_zoo", "xformers")  # a missing one is 
 
 # What each bound is for: the core's admit the current stack; the `gpu` extra's are unsloth's.
 BOUND_REASONS = {
-    "torch": "core >=2.6 (torch.compile and custom ops as fastsft uses them); gpu extra <2.15 (unsloth 2026.10's cap)",
+    "torch": "core >=2.6, the oldest fastsft names; gpu extra <2.15 (unsloth 2026.10's cap: pip would otherwise swap a CUDA build for 2.15)",
     "transformers": "core <=5.25, the newest tested (5.25 brings the `kernels` package); "
     "gpu extra <=5.17 (unsloth's cap)",
     "trl": "core 1.15 to 1.16, both tested on the CPU path; gpu extra <=1.15 (unsloth's cap)",
