@@ -7,7 +7,6 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +17,27 @@ from fastsft import machine as fastsft_machine
 from fastsft.machine import cpu_model
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+SCRATCH = RESULTS_ROOT / "scratch"  # git-ignored: where figures go unless asked to update committed ones
 GPU = torch.cuda.is_available()
 QUICK = os.environ.get("FASTSFT_BENCH_QUICK") == "1"
 # FASTSFT_BENCH_CPU=full: the CPU grid whose results are committed (benchmarks/results/<date>-cpu-<model>/);
 # without it a CPU run measures one small size (CI) and writes to a temporary folder
 CPU_FULL = not GPU and os.environ.get("FASTSFT_BENCH_CPU") == "full"
+
+
+def results_folder(name: str) -> Path:
+    """The one place that decides where a benchmark writes its figures (folder `name`, e.g. "context" or
+    "cpu-amd-epyc"), so that `pytest benchmarks` never rewrites committed files:
+    FASTSFT_BENCH_OUT=DIR: DIR itself (benchmarks/gpu_check.sh); FASTSFT_BENCH_RESULTS=DIR: DIR/name;
+    FASTSFT_BENCH_UPDATE=1: a new dated folder to commit, benchmarks/results/<date>-<name>/; otherwise
+    benchmarks/results/scratch/<name>/ (git-ignored, replaced by the next run)."""
+    if os.environ.get("FASTSFT_BENCH_OUT"):
+        return Path(os.environ["FASTSFT_BENCH_OUT"])
+    if os.environ.get("FASTSFT_BENCH_RESULTS"):
+        return Path(os.environ["FASTSFT_BENCH_RESULTS"]) / name
+    if os.environ.get("FASTSFT_BENCH_UPDATE") == "1":
+        return RESULTS_ROOT / f"{time.strftime('%Y-%m-%d')}-{name}"
+    return SCRATCH / name
 
 
 def machine() -> dict:
@@ -229,17 +244,19 @@ class Results:
         return "\n".join(out)
 
     def write(self) -> Path | None:
-        env_out = os.environ.get("FASTSFT_BENCH_OUT")
-        if env_out:
-            folder = Path(env_out)
-        elif self.measured:
-            name = device_name() if GPU else f"cpu {cpu_model()}"
-            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-            folder = RESULTS_ROOT / f"{time.strftime('%Y-%m-%d')}-{slug}"
-        else:
-            folder = Path(tempfile.mkdtemp(prefix="fastsft-bench-smoke-"))
+        """summary.json, summary.md and the plots in `results_folder(...)`: a smoke pass (nothing measured
+        on a GPU or the full CPU grid) always in scratch; earlier rows of the folder are kept only where
+        figures are gathered on purpose (FASTSFT_BENCH_OUT, FASTSFT_BENCH_UPDATE=1, FASTSFT_BENCH_RESULTS)."""
+        name = device_name() if GPU else f"cpu {cpu_model()}"
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        folder = (
+            results_folder(slug)
+            if self.measured or os.environ.get("FASTSFT_BENCH_OUT")
+            else SCRATCH / "smoke"
+        )
         folder.mkdir(parents=True, exist_ok=True)
-        self.merge_previous(folder / "summary.json")
+        if not folder.is_relative_to(SCRATCH):
+            self.merge_previous(folder / "summary.json")
         (folder / "summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
         (folder / "summary.md").write_text(
             f"# fastsft benchmarks, {time.strftime('%Y-%m-%d')}\n\n{self.markdown()}\n"

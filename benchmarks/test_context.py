@@ -1,8 +1,10 @@
 """`pytest benchmarks -k context`: the longest Llama-3.1-8B QLoRA sequence at batch 1 per GPU size, AS
 SIMULATED by `fastsft plan` (meta tensors on the CPU; no GPU ran these), against Unsloth's published
-table. Writes context.json, context.md, context.svg to FASTSFT_BENCH_RESULTS (the committed table:
-benchmarks/results/2026-12-07-context/) or else to a scratch folder. FASTSFT_CONTEXT_SIZES="24,80" limits
-the GPU sizes (each simulated step of the 8B model takes minutes on a busy CPU).
+table. Writes context.json, context.md, context.svg to `_bench.results_folder("context")`: the git-ignored
+benchmarks/results/scratch/context/, or with FASTSFT_BENCH_UPDATE=1 a new benchmarks/results/<date>-context/
+(the committed figures: benchmarks/results/2026-12-07-context/). By default only the 24 GiB row is searched
+(the headline, and what CI can afford: each simulated step of the 8B model takes minutes on a busy CPU);
+FASTSFT_CONTEXT_SIZES="8,12,16,24,40,48,80" makes the whole table.
 
 Setup of Unsloth's table: Llama 3.1 8B Instruct, 4-bit QLoRA on q, k, v, o, gate, up, down, r = 32,
 batch 1. Columns: stock HF (transformers + PEFT + bitsandbytes, FA2 memory, transformers 4.47's stock
@@ -27,17 +29,15 @@ from fastsft.plan import LEVERS, UNSLOTH_TABLE, Setup, max_length
 from fastsft.plan.device import GiB
 from fastsft.plan.model import load_config
 
-SIZES = [int(s) for s in os.environ.get("FASTSFT_CONTEXT_SIZES", "8,12,16,24,40,48,80").split(",")]
+from _bench import results_folder
+
+SIZES = [int(s) for s in os.environ.get("FASTSFT_CONTEXT_SIZES", "24").split(",")]
 # column -> the levers of that fastsft column (the 2026-12-06 table's set, then every lever the plan has)
 LEVER_SETS = {
     "fastsft_2026_12_06": {k: v for k, v in LEVERS.items() if k != "tiled_layer"},
     "fastsft_tiled_layer": dict(LEVERS),
 }
 A, B = 8192, 65536  # the lengths of the slope (simulated by max_length's first guess anyway)
-
-
-def _out(tmp_path) -> Path:
-    return Path(os.environ["FASTSFT_BENCH_RESULTS"]) if os.environ.get("FASTSFT_BENCH_RESULTS") else tmp_path
 
 
 def _setups():
@@ -83,7 +83,7 @@ def _svg(rows) -> str:
 
 
 @pytest.mark.context
-def test_context_table(tmp_path):
+def test_context_table():
     hf, fast = _setups()
     rows = []
     t0 = time.time()
@@ -103,6 +103,20 @@ def test_context_table(tmp_path):
         for name, c in caches.items()
         if A in c and B in c
     }
+    write_outputs(rows, took, slopes)
+    for r in rows:
+        if r["gpu_gib"] == 24:
+            assert r["fastsft_2026_12_06"] > 78475
+            assert r["fastsft_tiled_layer"] > r["fastsft_2026_12_06"]
+    if len(slopes) == 2:
+        assert slopes["fastsft_tiled_layer"] < slopes["fastsft_2026_12_06"]
+
+
+def write_outputs(rows: list[dict], took: float, slopes: dict | None = None) -> Path:
+    """The ratios of `rows`, then context.md / .json / .svg in `results_folder("context")` (never the
+    committed folder unless FASTSFT_BENCH_UPDATE=1 asks for a new one)."""
+    slopes = slopes or {}
+    fast = [n for n in LEVER_SETS if n in rows[0]]
     for r in rows:
         r["hf_sim_vs_published"] = (
             round(r["hf_simulated"] / r["hf_published"], 3) if r["hf_published"] else None
@@ -135,7 +149,7 @@ def test_context_table(tmp_path):
         )
     text = "\n".join(md)
     print("\n" + text)
-    out = _out(tmp_path)
+    out = results_folder("context")
     out.mkdir(parents=True, exist_ok=True)
     (out / "context.md").write_text(text + "\n")
     meta = {
@@ -149,9 +163,4 @@ def test_context_table(tmp_path):
     }
     (out / "context.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "context.svg").write_text(_svg(rows))
-    for r in rows:
-        if r["gpu_gib"] == 24:
-            assert r["fastsft_2026_12_06"] > 78475
-            assert r["fastsft_tiled_layer"] > r["fastsft_2026_12_06"]
-    if len(slopes) == 2:
-        assert slopes["fastsft_tiled_layer"] < slopes["fastsft_2026_12_06"]
+    return out

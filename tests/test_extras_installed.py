@@ -17,6 +17,10 @@ pytestmark = pytest.mark.skipif(not os.environ.get("CI"), reason="checked under 
     "what, present",
     [
         ("TRL 1.15 in .cache/trl-1.15", lambda: (REPO / ".cache" / "trl-1.15" / "trl").is_dir()),
+        (
+            "the newest core set in .cache/newest-stack",
+            lambda: (REPO / ".cache" / "newest-stack" / "transformers").is_dir(),
+        ),
         ("unsloth in .cache/unsloth", lambda: (REPO / ".cache" / "unsloth" / "unsloth").is_dir()),
         ("unsloth_zoo in .cache/unsloth", lambda: (REPO / ".cache" / "unsloth" / "unsloth_zoo").is_dir()),
         ("DeepSpeed in .cache/deepspeed", lambda: (REPO / ".cache" / "deepspeed" / "deepspeed").is_dir()),

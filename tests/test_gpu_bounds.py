@@ -190,9 +190,41 @@ def test_doctor_names_other_packages_outside_the_bounds_with_the_fix(fake):
     assert not rows["datasets"]["ok"] and "pip install 'datasets" in rows["datasets"]["note"], rows[
         "datasets"
     ]
-    rows = fake(unsloth=None, transformers="5.18.0")  # outside the core's range, no unsloth
+    rows = fake(unsloth=None, transformers="5.26.0")  # outside the core's range, no unsloth
     assert not rows["transformers"]["ok"]
     assert (
         rows["transformers"]["note"]
-        == "outside the tested range <=5.17,>=5.2: pip install 'transformers<=5.17,>=5.2'"
+        == "outside the tested range <=5.25,>=5.2: pip install 'transformers<=5.25,>=5.2'"
     )
+    assert fake(unsloth=None, transformers="5.25.0")["transformers"]["ok"]  # the core admits the newest
+    rows = fake(unsloth="2026.10.7", unsloth_zoo="2026.10.7", transformers="5.25.0")  # but unsloth does not
+    assert not rows["transformers"]["ok"] and rows["transformers"]["note"].startswith(
+        "unsloth needs transformers"
+    ), rows["transformers"]
+
+
+def test_the_core_admits_the_newest_stack_and_the_gpu_extra_holds_unsloths_caps():
+    """Issue 38: `pip install fastsft` next to transformers 5.25 / datasets 5 / TRL 1.16 keeps them; the
+    `gpu` extra alone holds what unsloth accepts."""
+    project = _pyproject()
+    core, gpu = _specs(project["dependencies"]), _specs(project["optional-dependencies"]["gpu"])
+    for pkg, newest in (("transformers", "5.25.0"), ("datasets", "5.2.0"), ("trl", "1.16.0")):
+        assert Version(newest) in core[pkg], (pkg, core[pkg])
+        assert Version(newest) not in gpu[pkg], (pkg, gpu[pkg])
+    assert Version("1.15.0") in core["trl"] and Version("5.17.0") in gpu["transformers"]
+
+
+def test_doctor_says_which_set_is_installed(fake, monkeypatch):
+    project = _pyproject()
+
+    def bounds(lines):
+        return {(r := Requirement(s)).name: str(r.specifier) for s in lines}
+
+    core, gpu = bounds(project["dependencies"]), bounds(project["optional-dependencies"]["gpu"])
+    fake(transformers="5.25.0", datasets="5.2.0", trl="1.16.0", torch="2.13.0")
+    newest = doctor.installed_set(core, gpu)
+    assert newest.startswith("the newest core set") and "transformers 5.25.0" in newest, newest
+    assert "datasets 5.2.0" in newest and "trl 1.16.0" in newest
+    fake(transformers="5.17.0", datasets="4.8.5", trl="1.15.0", torch="2.13.0")
+    assert doctor.installed_set(core, gpu).startswith("the Unsloth-bounded set")
+    assert set(doctor.BOUND_REASONS) >= {"transformers", "trl", "datasets", "torch"}

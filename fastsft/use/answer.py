@@ -357,7 +357,7 @@ def chat(
     messages = list(start)
     specials, warned = control_tokens(loaded.tokenizer), set()
     console.print(
-        f"[bold]fastsft chat[/] with {loaded.path} ({loaded.kind}). /exit quits, /reset starts over."
+        f"[bold]fastsft chat[/] with {loaded.ref or loaded.path} ({loaded.kind}). /exit quits, /reset starts over."
     )
     while True:
         console.print("[bold cyan]you>[/] ", end="")

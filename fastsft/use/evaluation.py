@@ -24,6 +24,7 @@ from fastsft.run import before as before_cache
 from fastsft.rundir import RECIPE
 from fastsft.use.answer import read_folders
 from fastsft.use.load import LoadedForUse, load_for_use
+from fastsft.use.scores import json_fields, json_rows
 
 EVAL_JSON = "eval.json"
 
@@ -203,6 +204,8 @@ def _print_eval(console, result: dict) -> None:
             "  normalised (case, spaces, punctuation)",
             f"{task['normalised_count']}/{n} ({task['normalised']:.0%})",
         )
+        for metric, value in json_rows(result["json"]) if result.get("json") else ():
+            table.add_row(metric, value)
         c = task.get("classes")
         if c and c.get("n"):
             table.add_row(
@@ -265,7 +268,8 @@ def evaluate(
     samples = _answered(loaded, convs, n_gen, max_new_tokens, batch_size, console, reuse)
     n = len(samples)
     result = {
-        "model": str(loaded.path),
+        "model": loaded.ref or str(loaded.path),  # as the user named it (a GGUF file, not its cache folder)
+        "model_path": str(loaded.path),
         "kind": loaded.kind,
         "data": source,
         "conversations": len(convs),
@@ -275,6 +279,7 @@ def evaluate(
         "generated": n,
         "max_new_tokens": max_new_tokens,
         "task": score([s["expected"] for s in samples], [s["answer"] for s in samples]) if n else None,
+        "json": json_fields([s["expected"] for s in samples], [s["answer"] for s in samples]) if n else None,
         "compliance": (sum(s["complies"] for s in samples) / n) if n else None,
         "stopped_share": (sum(s["stopped"] for s in samples) / n) if n else None,
         "role_marker_free_share": (sum(not s["role_markers"] for s in samples) / n) if n else None,

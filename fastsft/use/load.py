@@ -6,7 +6,10 @@ A model reference is one of
   when the recipe says so) with the adapter attached; or, for a full fine-tune, its RUN_DIR/model;
 - an adapter folder (adapter_config.json): its base model (from adapter_config.json) + the adapter;
 - a merged export or any local Hugging Face model folder (config.json);
-- a base model named as a recipe names it: `builtin:tiny-mistral`, `package:PKG/FILE.gguf`.
+- a base model named as a recipe names it: `builtin:tiny-mistral`, `package:PKG/FILE.gguf`, a local
+  `FILE.gguf` (converted once into fastsft's cache, as training converts it: fastsft.backends.gguf).
+
+Results name the model as the user wrote it (`LoadedForUse.ref`), never by its cache folder.
 
 Models load through the backend's loader (`fastsft.backends.transformers.load_trained`: the base as
 trained, its embeddings grown to the run's tokenizer, the adapter attached); prompts go through the
@@ -38,6 +41,14 @@ class LoadedForUse:
     run_dir: Path | None = None
     recipe: object | None = None
     eot: list[int] = field(default_factory=list)
+    ref: str = ""  # the model as the user named it (a GGUF file, `package:...`, a folder)
+
+    @property
+    def name(self) -> str:
+        """A short name for the model: the user's GGUF or built-in name, else the folder's name."""
+        if builtin.is_builtin(self.ref) or gguf.is_gguf(self.ref):
+            return Path(self.ref.split(":", 1)[-1]).name.removesuffix(".gguf")
+        return self.path.resolve().name
 
     def __iter__(self):  # model, tokenizer = load_for_use(...)
         return iter((self.model, self.tokenizer))
@@ -48,12 +59,13 @@ def _default_dtype() -> str:
 
 
 def _named_base(model_ref):
-    """A base model named as a recipe names it (`builtin:NAME`, `package:PKG/FILE.gguf`) -> the folder
-    training reads for it (made once in fastsft's cache), so the base is evaluated as it was trained."""
+    """A base model named as a recipe names it (`builtin:NAME`, `package:PKG/FILE.gguf`, a `.gguf` file)
+    -> the folder training reads for it (made once in fastsft's cache), so the base is evaluated as it
+    was trained. A GGUF file is read as the recipe's `[model] name` reads it, whatever made it."""
     name = str(model_ref)
     if builtin.is_builtin(name):
         return builtin.materialize(name)
-    if name.startswith(gguf.PACKAGE_PREFIX):
+    if name.startswith(gguf.PACKAGE_PREFIX) or (name.lower().endswith(".gguf") and Path(name).is_file()):
         return gguf.materialize(gguf.resolve_file(name), log=lambda m: None)
     return model_ref
 
@@ -63,17 +75,17 @@ def _check_ref(model_ref) -> Path:
     path = Path(model_ref)
     if not path.exists():
         raise BackendError(
-            f"{path}: no such folder. Pass a run directory (runs/<name>), an export (RUN_DIR/export-merged) "
-            "or a local model folder."
+            f"{path}: no such folder or GGUF file. Pass a run directory (runs/<name>), an export "
+            f"(RUN_DIR/export-merged), a local model folder, a GGUF file, or a base as a recipe names it "
+            f"(builtin:NAME, package:PKG/FILE.gguf)."
         )
-    if path.suffix == ".gguf" or (
-        path.is_dir() and any(path.glob("*.gguf")) and not (path / "config.json").exists()
-    ):
+    if path.is_dir() and any(path.glob("*.gguf")) and not (path / "config.json").exists():
+        files = sorted(p.name for p in path.glob("*.gguf"))
         raise BackendError(
-            f"{path} is a GGUF export: run it with llama.cpp (llama-cli -m FILE.gguf), not fastsft."
+            f"{path} is a folder of GGUF files ({', '.join(files)}): pass one of them, e.g. {path / files[0]}"
         )
     if path.is_file():
-        raise BackendError(f"{path} is a file; pass a run directory or a model folder.")
+        raise BackendError(f"{path} is a file; pass a run directory, a model folder or a .gguf file.")
     return path
 
 
@@ -128,7 +140,8 @@ def _no_weights_yet(path: Path) -> str:
 
 
 def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> LoadedForUse:
-    """A run directory, adapter folder or model folder -> `LoadedForUse` (unpacks as `model, tokenizer`).
+    """A run directory, adapter folder, model folder, GGUF file or a base as a recipe names it ->
+    `LoadedForUse` (unpacks as `model, tokenizer`).
     `policy` (backends.LoadPolicy; default: no remote code, no pickle) is what loading may do, whatever
     the folder's recipe.toml says."""
     import torch
@@ -137,6 +150,7 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> LoadedF
         return model_ref
     policy = policy or LoadPolicy()
     path = _check_ref(_named_base(model_ref))
+    ref = str(model_ref)
     if (path / ADAPTER / "adapter_config.json").exists() or (path / MODEL / "config.json").exists():
         loaded = _load_run(path, dtype, policy)  # a LoRA run, or a full fine-tune's (model/, no adapter)
     elif (path / "adapter_config.json").exists():
@@ -153,6 +167,7 @@ def load_for_use(model_ref, *, dtype: str | None = None, policy=None) -> LoadedF
     quantized = getattr(getattr(loaded.model, "config", None), "quantization_config", None) is not None
     if torch.cuda.is_available() and loaded.kind != "model" and not quantized:
         loaded.model.to("cuda")
+    loaded.ref = ref
     loaded.eot = end_of_turn_ids(loaded.tokenizer)
     if loaded.tokenizer.pad_token_id is None and loaded.eot:
         loaded.tokenizer.pad_token_id = loaded.eot[-1]

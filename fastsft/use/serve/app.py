@@ -134,7 +134,7 @@ class _App:
         self.loaded = loaded
         self.settings = settings
         self.engine = Engine(loaded, max_queue=settings.max_queue)
-        self.name = settings.model_name or loaded.path.resolve().name
+        self.name = settings.model_name or loaded.name
         self.base_name = f"{self.name}:base" if self.engine.has_base else None
         self.created = int(time.time())
         self.run_dir = loaded.run_dir
@@ -464,7 +464,7 @@ def serve(model_ref, settings: ServeSettings, *, console=None, policy=None) -> N
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{host}:{port}"
     ids = ", ".join(app.state.model_ids)
-    console.print(f"fastsft serve: {loaded.path} ({loaded.kind}) as {ids}", highlight=False)
+    console.print(f"fastsft serve: {loaded.ref or loaded.path} ({loaded.kind}) as {ids}", highlight=False)
     console.print(f"  chat page  {url}/\n  API        {url}/v1  (OpenAI-compatible)", highlight=False)
     warning = exposure_warning(settings)
     if warning:
