@@ -44,7 +44,7 @@ def test_fit_defaults_reach_unsloth_and_plan_a_fit():
         d, took, cmd = plan(*TARGET, "--gpu-memory", f"{gib}GiB", "--max-length")
         rows.append(
             {
-                "command": cmd + " --max-length",
+                "command": cmd,
                 "gpu_gib": gib,
                 "max_length": d["max_length"],
                 "max_length_with": d["max_length_with"],

@@ -6,20 +6,21 @@
 1. what costs no time: the levers of `FREE` (the allocator's expandable segments; the frozen float32
    embeddings and lm_head of a k-bit model stored in 16 bits). Both are on by default since the fit
    issue (#35); a recipe that turned them off gets them back here first.
-2. gradient checkpointing, when the recipe turned it off (~30% more compute, the largest saving).
+2. gradient checkpointing, when the recipe turned it off (~30% more compute).
 3. the other levers of the table, in its order: offloaded checkpoints (a host copy per layer that
-   overlaps the next layers' work: a few % of step time), then the tiled MLP's shard count, doubled
+   overlaps the next layers' work), then the tiled MLP's shard count, doubled
    from 2 up to the table's value (each doubling more kernel launches of a smaller shard).
 4. a smaller per-device batch with more gradient accumulation (the same effective batch and, with the
    loss summed over the accumulated tokens, the same losses): last, since a smaller batch under-fills
    the GPU and costs the most time.
 
-The order is the plan's own, measured (benchmarks/results/2026-12-07-fit/levers.md, Llama-3.1-8B QLoRA
-r = 32, batch 1, 24 GiB): at 65,536 tokens expandable segments + 16-bit frozen weights save ~2-5 GiB
-for no time, offload saves the most (every layer's checkpoint: L x T x H x 2 bytes, ~16 GiB), the
-tiled MLP the MLP's wide intermediates of one layer (a few GiB), and only batch 1 halves the
-activations. No benchmark here times the levers on a GPU yet; the time costs above are their
-mechanisms' (a copy that overlaps compute, more launches, an under-filled batch).
+The order is by time cost first, and the plan's savings agree with it (benchmarks/results/2026-12-07-fit/
+fit.md, the shipped Llama-3.1-8B QLoRA recipe at 65,536 tokens, batch 2, simulated): offload saves 61.0
+GiB (every layer's checkpoint leaves the GPU), the tiled MLP at 8 shards 39.5 GiB more (the MLP's wide
+intermediates), batch 1 a further 13.8 GiB (134.3 -> 20.0 GiB in all). The two free levers are on by
+default, so the shipped recipe starts with them. No benchmark here times the levers on a GPU yet; the
+time costs are their mechanisms' (a host copy that overlaps compute, more and smaller launches, an
+under-filled batch), which is why the batch comes last although it is exact.
 
 `max_length`: the longest length that fits a setup; `compare`: the plan against
 `torch.cuda.max_memory_reserved()` after the first optimizer steps (`callback`).
