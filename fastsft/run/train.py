@@ -317,7 +317,8 @@ class Run:
         if self.gpu_total is None or not self.main:
             return
         mode = None if dist.world_size() == 1 else "warn"
-        self.recipe, self.planned = plan.fit_recipe(self.recipe, plan.free_memory(), self.log, mode=mode)
+        budget = plan.free_memory() or self.gpu_total
+        self.recipe, self.planned = plan.fit_recipe(self.recipe, budget, self.log, mode=mode)
         if self.planned is not None:
             self.callbacks.append(
                 plan.fit_mod.callback(self.planned.pop("planned_reserved_bytes"), self._record_fit)
