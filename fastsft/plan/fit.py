@@ -55,6 +55,7 @@ WHY = {
     "batch_size": "fewer sequences per forward, more accumulation: the same effective batch and losses",
 }
 OVER_PLAN = 1.05  # reality above the plan by more than 5%: a warning
+WALK = 8  # max_length's `tol` steps from its linear guess before it brackets and bisects
 
 
 _PEAKS: dict = {}  # (the setup's fields, seq_len) -> (setup, result): fit's, plan's and ladder's steps shared
@@ -86,7 +87,8 @@ def max_length(
     """The longest sequence (at the setup's batch size) whose step fits `budget` bytes, to `tol` (0.5%):
     0 if not even `lo` fits. The need grows almost linearly with the length, so a line through two
     simulated steps (8,192 and 65,536 tokens) gives the guess, and simulated steps walk from it in
-    `tol` steps until one fits and the next does not (2-3 simulations a budget). `cache` {length: bytes}
+    `tol` steps until one fits and the next does not (2-3 simulations a budget; a guess more than WALK
+    steps off is bracketed and bisected). `cache` {length: bytes}
     may be shared by the calls for one setup (several GPU sizes)."""
     cache = {} if cache is None else cache
 
@@ -107,13 +109,29 @@ def max_length(
     def down(x: int) -> int:
         return max(lo, min(x - 1, int(x / (1 + tol))))
 
-    if need(t) <= budget:
-        while need(up(t)) <= budget:
+    # walk from the guess in `tol` steps (a linear need: 2-3 steps); a guess far off (a small model, whose
+    # need is mostly constant) brackets by doubling / halving instead, then bisects to `tol`
+    for _ in range(WALK):
+        if need(t) <= budget:
+            if need(up(t)) > budget:
+                return t
             t = up(t)
-        return t
-    while t > lo and need(t) > budget:
-        t = down(t)
-    return t
+        else:
+            if t <= lo:
+                return lo
+            t = down(t)
+    if need(t) <= budget:
+        good, bad = t, 2 * t
+        while need(bad) <= budget:
+            good, bad = bad, 2 * bad
+    else:
+        good, bad = max(lo, t // 2), t
+        while need(good) > budget:
+            good, bad = max(lo, good // 2), good
+    while bad > up(good):
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if need(mid) <= budget else (good, mid)
+    return good if need(up(good)) > budget or up(good) >= bad else up(good)
 
 
 def _applies(setup: Setup, name: str) -> bool:
