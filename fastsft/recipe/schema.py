@@ -406,7 +406,6 @@ class TrainSection(Section):
         "each change and record it in run.json; stop before loading when nothing fits, naming the longest "
         'data.max_length that does. "warn": only warn, naming the levers. "off": plan nothing.',
         choices=("auto", "warn", "off"),
-        resume_safe=True,
         sft=False,
     )
     logging_steps: int = key(1, "Log every N optimizer steps.", min=1, max=10**9, resume_safe=True, sft=True)
