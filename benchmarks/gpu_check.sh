@@ -22,6 +22,8 @@
 #            against the stock loss, torch's F.linear_cross_entropy, Liger and CCE
 #   e2e      Llama-3.2-1B's shape (random bf16 weights, built in seconds), QLoRA, 2048 tokens:
 #            fastsft-transformers against stock transformers + TRL (tokens/s, peak memory)
+#   fit      the Llama-3.2-1B shape QLoRA at three lengths on a GPU held to 24 GiB, fit = "auto": what fit
+#            changed, the planned reserved peak beside torch.cuda.max_memory_reserved() (the table)
 #   unsloth  the Unsloth seam natively with a 4-bit base (tests/test_unsloth_cpu.py's child, natively)
 #
 # FASTSFT_GPU_STANDIN=1 (CI, benchmarks/test_gpu_check.py): the same script without a GPU: setup for real
@@ -111,14 +113,15 @@ part setup 50 bash -c "mkdir -p '$SITE' && tar -C '$SITE' -xzf '$ARCHIVE' && \
   $PY benchmarks/_gpu_check.py probe --work '$WORK' $([ "$STANDIN" = 1 ] && echo --stand-in)"
 
 if [ "$PLAN" = quick ]; then
-  gpu_part kernels 90 -- \
+  gpu_part kernels 75 -- \
     tests/kernels/test_cross_entropy.py tests/kernels/test_linear_cross_entropy.py -k "not cpu"
-  gpu_part loss 90 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/loss" -- benchmarks/test_loss_bench.py -m loss \
+  gpu_part loss 75 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/loss" -- benchmarks/test_loss_bench.py -m loss \
     -k "fastsft-V or torch-V or fastsft-linear-V or torch-stock-linear or torch-linear-V or liger-linear or cce"
-  gpu_part e2e 140 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/e2e" FASTSFT_BENCH_MODELS=llama-3.2-1b \
+  gpu_part e2e 130 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/e2e" FASTSFT_BENCH_MODELS=llama-3.2-1b \
     FASTSFT_BENCH_SEQ=2048 FASTSFT_BENCH_ROWS=fastsft-transformers,transformers -- \
     benchmarks/test_training_bench.py -m "e2e and not slow"
-  gpu_part unsloth 100 "FASTSFT_UNSLOTH_SITE=$SITE" -- tests/backends/test_unsloth_cpu.py
+  gpu_part fit 85 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/fit" -- benchmarks/test_fit_gpu.py -m fit
+  gpu_part unsloth 55 "FASTSFT_UNSLOTH_SITE=$SITE" -- tests/backends/test_unsloth_cpu.py
 else
   gpu_part tests 100 -- tests/run/test_loss.py tests/run/test_mixed_precision.py
   gpu_part loss 120 "FASTSFT_BENCH_OUT=$WORK/loss" -- benchmarks/test_loss_bench.py -m loss \

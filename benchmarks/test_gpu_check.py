@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-QUICK_PARTS = ["setup", "kernels", "loss", "e2e", "unsloth"]
+QUICK_PARTS = ["setup", "kernels", "loss", "e2e", "fit", "unsloth"]
 CALL_LIMIT = 480  # one device call of at most 8 minutes (the tool's timeout_s: 500, leaving a margin)
 
 
@@ -42,6 +42,9 @@ def test_each_plan_fits_one_eight_minute_call_in_order_of_value(plan):
         paths = [a for a in argv if re.match(r"(tests|benchmarks)/\S+\.py$", a)]
         assert paths and all((REPO / a).exists() for a in paths), (name, argv)
     assert parts[0][2][-1].count(".gpu-site.tar.gz") == 1  # build-site.sh's archive, unpacked first
+    if plan == "quick":  # fit's plan against the real peak: at most 90 s, on the benchmark's own test file
+        fit = next(p for p in parts if p[0] == "fit")
+        assert fit[1] <= 90 and "benchmarks/test_fit_gpu.py" in fit[2]
 
 
 def test_unknown_plan_is_refused():

@@ -354,7 +354,11 @@ def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
     except ValueError as e:
         raise RecipeError(f"--gpu-memory: {e}") from None
     setup = plan_mod.setup_from_recipe(r, baseline=baseline)
-    out = plan_mod.plan(setup, r.data.max_length, budget, find_max=find_max)
+    fit = "off" if baseline else r.train.fit  # (the baseline is the stock setup, fitted by nothing)
+    accumulation = r.train.gradient_accumulation_steps
+    out = plan_mod.plan(
+        setup, r.data.max_length, budget, find_max=find_max, fit=fit, accumulation=accumulation
+    )
     out["recipe"] = str(recipe)
     out["simulation"] = "meta tensors on the CPU; transformers backend; FlashAttention-2 memory"
     if as_json:
@@ -371,7 +375,16 @@ def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
     click.echo(
         f"  {'peak (reserved)':<40} {out['peak_bytes'] / gib:8.2f} GiB  ({verdict} in {budget / gib:.1f} GiB)"
     )
-    if not out["fits"]:
+    if out.get("lever_savings"):
+        click.echo("  what each lever saves (cumulatively, in fit's order):")
+        for row in out["lever_savings"][1:]:
+            click.echo(
+                f"    {row['set']:<44} -{row['saves_bytes'] / gib:6.2f} GiB -> {row['peak_bytes'] / gib:6.2f} GiB"
+            )
+    f = out.get("fit")
+    if f is not None:
+        click.echo(f'  fit = "auto" in {budget / gib:.1f} GiB: ' + plan_mod.fit_mod.summary(f))
+    elif not out["fits"]:
         click.echo(f"  {plan_mod.lever_advice(out)}")
     if find_max:
         memory = out["max_length_memory"]
@@ -381,7 +394,7 @@ def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
             if out["max_length_bound"] == "context"
             else ""
         )
-        click.echo(f"  longest max_length that fits: {out['max_length']:,}{bound}")
+        click.echo(f"  longest max_length that fits ({out['max_length_with']}): {out['max_length']:,}{bound}")
 
 
 from fastsft.cli.use import register as _register_use  # noqa: E402  (export, generate, chat, eval)

@@ -26,9 +26,11 @@ from fastsft.backends.transformers import lora_config
 from fastsft.errors import RecipeError
 from fastsft.loss.route import ARCHITECTURES
 
-from .device import CUDA_CONTEXT, MAX_LENGTH, GiB, allocator_rounding, parse_size
+from . import fit as fit_mod
+from .device import CUDA_CONTEXT, MAX_LENGTH, GiB, parse_size
+from .fit import device_peak, max_length
 from .model import load_config
-from .simulate import Peak, Setup, simulate
+from .simulate import Setup, simulate
 
 # The HF + FA2 column of Unsloth's table (docs.unsloth.ai/basics/unsloth-benchmarks, Dec 2024): Llama 3.1
 # 8B Instruct, 4-bit QLoRA on q, k, v, o, gate, up, down, r = 32, batch 1, padded rows (no padding-free),
@@ -42,13 +44,14 @@ UNSLOTH_TABLE = {
     48: (191728, 15502),
     80: (342733, 28454),
 }
-# (Setup field, value) in the order the plan adds them: free first (the allocator's setting), then those
-# that cost time (host copies, more kernel launches)
+# (Setup field, value) in the order the plan (and `fit = "auto"`, plan/fit.py) adds them: first what costs
+# no time (the allocator's setting, the dtype of frozen weights), then what costs time (host copies that
+# overlap compute, then more kernel launches); fit.py's docstring gives the measured savings
 LEVER_ORDER = (
     ("expandable_segments", True),
+    ("frozen16", True),
     ("offload_checkpoints", True),
     ("tiled_mlp", 8),
-    ("frozen16", True),
     ("tiled_layer", 16),
 )
 LEVERS = dict(LEVER_ORDER)
@@ -121,59 +124,6 @@ def setup_from_recipe(recipe, *, baseline: str | None = None) -> Setup:
     )
 
 
-def device_peak(setup: Setup, seq_len: int) -> tuple[int, Peak]:
-    """(the GPU memory one step at `seq_len` needs: the caching allocator's peak reserved segments + the
-    CUDA context, the Peak). Reserved, not allocated: it is what the GPU gives out (nvidia-smi), and what
-    Unsloth's table measures (its notebooks report `torch.cuda.max_memory_reserved()`)."""
-    p = simulate(setup, seq_len, rounding=allocator_rounding)
-    return p.reserved_bytes + CUDA_CONTEXT, p
-
-
-def max_length(
-    setup: Setup,
-    budget: int,
-    *,
-    cache: dict | None = None,
-    lo: int = 64,
-    tol: float = 0.005,
-    limit: int = MAX_LENGTH,
-) -> int:
-    """The longest sequence (at the setup's batch size) whose step fits `budget` bytes, to `tol` (0.5%):
-    0 if not even `lo` fits. The need grows almost linearly with the length, so a line through two
-    simulated steps (8,192 and 65,536 tokens) gives the guess, and simulated steps walk from it in
-    `tol` steps until one fits and the next does not (2-3 simulations a budget). `cache` {length: bytes}
-    may be shared by the calls for one setup (several GPU sizes). The search stops at `limit` (data.max_length's
-    bound): what memory allows, not the model's context (`plan` puts the two side by side)."""
-    cache = {} if cache is None else cache
-
-    def need(t: int) -> int:
-        if t not in cache:
-            cache[t] = device_peak(setup, t)[0]
-        return cache[t]
-
-    if need(lo) > budget:
-        return 0
-    if need(limit) <= budget:  # the search's bound: a huge budget simulated lengths whose sizes overflow
-        return limit
-    a, b = 8192, 65536
-    slope = (need(b) - need(a)) / (b - a)
-    t = min(limit - 1, max(lo, int(a + (budget - need(a)) / slope)) if slope > 0 else b)
-
-    def up(x: int) -> int:
-        return max(x + 1, int(x * (1 + tol)))
-
-    def down(x: int) -> int:
-        return max(lo, min(x - 1, int(x / (1 + tol))))
-
-    if need(t) <= budget:
-        while need(up(t)) <= budget:
-            t = up(t)
-        return t
-    while t > lo and need(t) > budget:
-        t = down(t)
-    return t
-
-
 def model_context(setup: Setup) -> int | None:
     """The longest sequence the model takes (its config's max_position_embeddings), or None."""
     n = getattr(setup.config, "max_position_embeddings", None)
@@ -191,9 +141,22 @@ def choose_levers(setup: Setup, seq_len: int, budget: int) -> dict | None:
     return None
 
 
-def plan(setup: Setup, seq_len: int, gpu_memory: int, *, find_max: bool = False) -> dict:
+def plan(
+    setup: Setup,
+    seq_len: int,
+    gpu_memory: int,
+    *,
+    find_max: bool = False,
+    fit: str = "warn",
+    accumulation: int = 1,
+) -> dict:
     """The plan as one JSON-able dict: peak_bytes (reserved + CUDA context), allocated_bytes, parts,
-    fits, the levers that would make it fit, and with `find_max` max_length."""
+    fits, the levers that would make it fit, and with `find_max` max_length.
+
+    `fit` (the recipe's [train] fit): with "auto", `lever_savings` (what each change of fit.steps saves,
+    cumulatively), `fit` (what a run would change for `gpu_memory`: fit.decide) and `max_length` searched
+    with every change applied (the longest max_length a run with fit = "auto" trains: the levers and
+    batch 1); otherwise `levers_that_fit` and `max_length` as written."""
     total, p = device_peak(setup, seq_len)
     parts = dict(sorted(p.parts.items(), key=lambda kv: -kv[1]))
     parts.pop("other", None)
@@ -212,16 +175,84 @@ def plan(setup: Setup, seq_len: int, gpu_memory: int, *, find_max: bool = False)
         "loss": setup.loss,
         "levers": {k: getattr(setup, k) for k, _ in LEVER_ORDER},
     }
-    if not out["fits"]:
+    if fit == "auto":
+        out["lever_savings"] = fit_mod.ladder(setup, seq_len, LEVER_ORDER)
+        f = fit_mod.decide(setup, seq_len, gpu_memory, LEVER_ORDER, accumulation=accumulation, longest=False)
+        out["fit"] = f.as_dict()
+        if not f.fits and f.weights > gpu_memory:
+            out["fit"]["weights_alone_gib"] = round(f.weights / GiB, 2)
+    elif not out["fits"]:
         out["levers_that_fit"] = choose_levers(setup, seq_len, gpu_memory)
     if find_max:
-        # what memory allows, and the model's context when that is shorter: a length past the model's
-        # positions fits the GPU but is not one the model can train on
-        memory, context = max_length(setup, gpu_memory), model_context(setup)
+        # what memory allows (with fit = "auto": every lever, batch 1, what a run would train), and the
+        # model's context when that is shorter: a length past the model's positions fits the GPU but is
+        # not one the model can train on
+        every = fit_mod.every_change(setup, LEVER_ORDER) if fit == "auto" else setup
+        memory, context = max_length(every, gpu_memory), model_context(setup)
         out["max_length_memory"] = memory
         out["max_length"] = min(memory, context) if context else memory
         out["max_length_bound"] = "context" if context and context < memory else "memory"
+        out["max_length_with"] = (
+            'fit = "auto": every lever, batch 1 ' + " ".join(fit_mod.as_sets(setup, every))
+            if fit == "auto"
+            else "the recipe as written"
+        )
     return out
+
+
+def free_memory() -> int | None:
+    """The budget `run` plans for on a CUDA device: the GPU's free memory (torch.cuda.mem_get_info, after
+    this process's CUDA context exists) plus the context the plan counts in its peak; the total memory
+    where the driver cannot say (None on the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return torch.cuda.mem_get_info()[0] + CUDA_CONTEXT
+    except Exception:  # noqa: BLE001 - a driver that cannot say: the whole GPU, as before
+        return torch.cuda.get_device_properties(0).total_memory
+
+
+def fit_recipe(recipe, budget: int, log, *, mode: str | None = None):
+    """`run`'s plan on a CUDA device before the weights load, by the recipe's [train] fit (or `mode`):
+    "off" plans nothing; "warn" prints the plan's peak and the levers that would make it fit
+    (`before_run`); "auto" applies fit.decide's changes (the returned recipe has them, as if the user had
+    set them; each is printed) or, when nothing fits, raises a RecipeError naming the longest max_length
+    that does and the keys to set. A recipe the simulation cannot build falls back to the formula's
+    estimate after loading (one line says so). Returns (recipe, run.json's `fit` record or None)."""
+    mode = mode or recipe.train.fit
+    if mode == "off":
+        log('fit: off ([train] fit = "off"): nothing planned; the formula\'s estimate follows after loading')
+        return recipe, None
+    if mode == "warn":
+        lines, out = before_run(recipe, budget)
+        for line in lines:
+            log(line)
+        if out is None:
+            return recipe, None
+        record = {"mode": "warn", "seq_len": out["seq_len"], "budget_gib": round(budget / GiB, 2)}
+        record |= {"planned_peak_gib": out["peak_gib"], "fits": out["fits"], "changes": []}
+        return recipe, record | {"planned_reserved_bytes": out["peak_bytes"] - CUDA_CONTEXT}
+    length = recipe.data.max_length
+    try:
+        setup = setup_from_recipe(recipe)
+        f = fit_mod.decide(
+            setup, length, budget, LEVER_ORDER, accumulation=recipe.train.gradient_accumulation_steps
+        )
+    except Exception as e:  # noqa: BLE001 - whatever the simulation cannot build, training may still run
+        log(
+            f'plan: not simulated ({type(e).__name__}: {e}); fit = "auto" cannot plan this recipe, so it '
+            "changes nothing: the formula's estimate follows after loading"
+        )
+        return recipe, None
+    if not f.fits:
+        raise RecipeError(f.nothing_fits(length), path=str(recipe.path) if recipe.path else None)
+    for line in f.lines():
+        log(line)
+    if f.changes:
+        recipe = recipe.with_overrides(f.overrides())
+    return recipe, {"mode": "auto", **f.as_dict(), "planned_reserved_bytes": f.peak - CUDA_CONTEXT}
 
 
 def before_run(recipe, gpu_memory: int) -> tuple[list[str], dict | None]:
@@ -257,6 +288,9 @@ def lever_advice(out: dict) -> str:
 
 
 __all__ = [
+    "fit_recipe",
+    "fit_mod",
+    "free_memory",
     "before_run",
     "lever_advice",
     "Setup",

@@ -262,15 +262,28 @@ class TrainSection(Section):
         sft=False,
     )
     expandable_segments: bool = key(
-        False,
+        True,
         "The CUDA caching allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
-        "as Unsloth sets it): far less fragmentation at long sequences; numerics unchanged.",
+        "as Unsloth sets it): far less fragmentation at long sequences; numerics unchanged, no time. On by "
+        "default.",
         sft=False,
     )
     frozen_16bit: bool = key(
-        False,
-        "Store the frozen float32 embeddings and lm_head of a 4-bit model in the 16-bit compute "
-        "dtype (fastsft.levers.frozen16); exact under bf16 / fp16 mixed precision.",
+        True,
+        "Store the frozen float32 embeddings and lm_head of a 4-bit / 8-bit model (PEFT's kbit preparation "
+        "upcasts their 16-bit values) back in the 16-bit compute dtype (fastsft.levers.frozen16); exact "
+        "under bf16 / fp16 mixed precision, no time. On by default; nothing changes for other models.",
+        sft=False,
+    )
+    fit: str = key(
+        "auto",
+        "On a CUDA GPU, before the weights load, `fastsft plan` simulates one step for the GPU's free memory. "
+        '"auto": when it would not fit, turn on the exact memory levers in order of cost (expandable_segments '
+        "and frozen_16bit, then offload_checkpoints, then tiled_mlp shards, then a smaller "
+        "per_device_train_batch_size with more gradient_accumulation_steps: the same effective batch), print "
+        "each change and record it in run.json; stop before loading when nothing fits, naming the longest "
+        'data.max_length that does. "warn": only warn, naming the levers. "off": plan nothing.',
+        choices=("auto", "warn", "off"),
         sft=False,
     )
     logging_steps: int = key(1, "Log every N optimizer steps.", min=1, max=10**9, resume_safe=True, sft=True)

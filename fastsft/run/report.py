@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 
 from fastsft.chat.scoring import confusion_rows, summary_line
-from fastsft.rundir import LOSS_PNG, REPORT, RunDir
+from fastsft.errors import RunDirError
+from fastsft.rundir import LOSS_PNG, REPORT, RUN_JSON, RunDir
 
 
 def plot_loss(run: RunDir) -> bool:
@@ -75,6 +76,7 @@ def write_report(run: RunDir, summary: dict) -> None:
     lines.append("")
     if has_plot:
         lines += ["![loss curve](loss.png)", ""]
+    lines += _fit_section(_run_json(run).get("fit"))
     lines += _health_section(summary) + _task_section(summary) + _samples_section(summary)
     lines += _files_section(summary)
     run.write_text(REPORT, "\n".join(lines))
@@ -164,6 +166,50 @@ def _retain_row(retain: dict) -> str:
         f"| retain loss (forgetting: {retain.get('source') or '[data] retain'}, {retain.get('tokens')} tokens) | "
         f"before {_fmt(before)} → after {_fmt(retain.get('after'))}, Δ {_fmt(delta, '+.4f')}{verdict} |"
     )
+
+
+def _run_json(run: RunDir) -> dict:
+    try:
+        return run.read_json(RUN_JSON)
+    except RunDirError:  # a report written without run.json (a test's bare folder): no plan to show
+        return {}
+
+
+def _fit_section(fit: dict | None) -> list[str]:
+    """[train] fit: what the plan changed and why, its peak beside the real one (run.json's `fit`)."""
+    if not fit:
+        return []
+    lines = ["## Memory plan", ""]
+    mode = fit.get("mode", "auto")
+    lines.append(
+        f'`[train] fit = "{mode}"`: one step of {fit.get("seq_len", 0):,} tokens planned at '
+        f"{_fmt(fit.get('planned_peak_gib'), '.2f')} GiB of {_fmt(fit.get('budget_gib'), '.2f')} GiB free "
+        f"(margin {_fmt(fit.get('margin_gib'), '.2f')} GiB; simulated by fastsft plan)."
+    )
+    changes = fit.get("changes") or []
+    if changes:
+        lines += ["", "| changed | from | to | why | planned peak GiB |", "|---|---|---|---|---|"]
+        lines += [
+            f"| `{c['key']}` | {c['from']} | {c['to']} | {c['why']} | {_fmt(c.get('peak_gib'), '.2f')} |"
+            for c in changes
+        ]
+        if fit.get("gradient_accumulation_steps"):
+            lines.append(
+                f"| `train.gradient_accumulation_steps` | | {fit['gradient_accumulation_steps']} | "
+                "the same effective batch | |"
+            )
+    elif mode == "auto":
+        lines += ["", "Nothing changed: the recipe fits as written."]
+    if fit.get("measured_reserved_gib") is not None:
+        lines += [
+            "",
+            f"Plan against the real step: {fit['planned_reserved_gib']:.2f} GiB planned, "
+            f"{fit['measured_reserved_gib']:.2f} GiB reserved after the first optimizer steps "
+            f"(torch.cuda.max_memory_reserved; {fit['measured_over_planned']:.3f} of the plan).",
+        ]
+        if fit.get("warning"):
+            lines += ["", f"**Warning:** {fit['warning']}."]
+    return lines + [""]
 
 
 def _health_section(summary: dict) -> list[str]:

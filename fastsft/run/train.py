@@ -346,15 +346,30 @@ class Run:
             )
 
     def _plan(self) -> None:
-        """On a GPU, before the model loads: the plan's simulated peak for this recipe, and a warning naming
-        the levers when it will not fit (fastsft.plan.before_run)."""
+        """On a GPU, before the model loads, by [train] fit (fastsft.plan.fit_recipe): the plan's simulated
+        peak for the GPU's free memory; with "auto" the exact levers that make it fit are applied (the run
+        goes on with the changed recipe, as if its keys were set) or the run stops here when nothing fits;
+        the plan's peak is put beside the real one after the first optimizer steps (run.json's `fit`).
+        Under several ranks rank 0 only warns (the plan is one GPU's, not a sharded step's)."""
         from fastsft import plan
 
         self.gpu_total, self.planned = guard.gpu_memory(), None
-        if self.gpu_total is not None and self.main:
-            lines, self.planned = plan.before_run(self.recipe, self.gpu_total)
-            for line in lines:
-                self.log(line)
+        if self.gpu_total is None or not self.main:
+            return
+        mode = None if dist.world_size() == 1 else "warn"
+        budget = plan.free_memory() or self.gpu_total
+        self.recipe, self.planned = plan.fit_recipe(self.recipe, budget, self.log, mode=mode)
+        if self.planned is not None:
+            self.callbacks.append(
+                plan.fit_mod.callback(self.planned.pop("planned_reserved_bytes"), self._record_fit)
+            )
+
+    def _record_fit(self, real: dict) -> None:
+        """The plan against the first optimizer steps' torch.cuda.max_memory_reserved(), into run.json."""
+        self.planned.update(real)
+        if real.get("warning"):
+            self.log(f"warning: {real['warning']}")
+        self.run_dir.update_json(RUN_JSON, fit=self.planned)
 
     def _check_memory_and_disk(self, target: Path) -> None:
         """The formula's memory estimate (run.json; printed where no plan was: on the CPU, or a model the
@@ -410,6 +425,7 @@ class Run:
             "dtype": loaded.dtype,
             "loss": self.route.describe(),
             "memory_estimate_gib": {k: round(v / 2**30, 3) for k, v in self.estimate.items()},
+            **({"fit": self.planned} if self.planned else {}),  # [train] fit: changes, planned peak
             "data": {"fingerprint": prepared.fingerprint, **prepared.stats},
         }
         if dist.world_size() > 1:

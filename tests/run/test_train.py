@@ -241,8 +241,9 @@ def test_the_data_is_read_before_the_model_loads(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("gib", [24.0, 0.3])
 def test_on_a_gpu_the_plan_speaks_before_the_model_loads(tmp_path, monkeypatch, gib):
-    """On a GPU (its memory stood in for here), `run` prints the plan's simulated peak before any weight is
-    read, instead of the formula's estimate, and warns when the recipe will not fit; the run goes on."""
+    """On a GPU (its memory stood in for here), `run` with `[train] fit = "warn"` prints the plan's simulated
+    peak before any weight is read, instead of the formula's estimate, and warns when the recipe will not
+    fit; the run goes on (fit = "auto", the default: tests/plan/test_fit.py)."""
     import io
 
     from rich.console import Console
@@ -259,7 +260,7 @@ def test_on_a_gpu_the_plan_speaks_before_the_model_loads(tmp_path, monkeypatch, 
     out = io.StringIO()
     console = Console(file=out, width=400)
     monkeypatch.setattr(console, "print", lambda msg, **kw: order.append(str(msg)) or out.write(f"{msg}\n"))
-    recipe = R.load(write_recipe(tmp_path / "r.toml", TINY_RECIPE), ["train.max_steps=1"])
+    recipe = R.load(write_recipe(tmp_path / "r.toml", TINY_RECIPE), ["train.max_steps=1", "train.fit=warn"])
     train.run(recipe, output_dir=tmp_path / "run", console=console)
     planned = [i for i, line in enumerate(order) if line.startswith("plan: one step peaks at")]
     assert planned and planned[0] < order.index("load"), order
