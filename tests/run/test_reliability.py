@@ -156,6 +156,7 @@ def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
     assert run.latest_checkpoint()[0] == 8
 
 
+@pytest.mark.slow  # a run, then resumes: 77 s
 def test_resume_refuses_a_recipe_that_changes_the_training(tmp_path, reference):
     out = tmp_path / "run"
     result = CliRunner().invoke(
