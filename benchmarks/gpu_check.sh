@@ -19,7 +19,8 @@
 #            record the versions and the GPU
 #   kernels  tests/kernels natively against float64, every dtype (the CUDA cases; -k "not cpu")
 #   loss     the loss benchmark at V = 128256, N = 16384, H = 4096, bf16: fastsft (logits in and hidden in)
-#            against the stock loss, torch's F.linear_cross_entropy, Liger and CCE
+#            against the stock loss, torch's F.linear_cross_entropy, Liger, CCE and TRL's fused LM head
+#            (its chunked log-prob kernel, what SFTTrainer's default nll loss runs since TRL 1.15)
 #   e2e      Llama-3.2-1B's shape (random bf16 weights, built in seconds), QLoRA, 2048 tokens:
 #            fastsft-transformers against stock transformers + TRL (tokens/s, peak memory)
 #   fit      the Llama-3.2-1B shape QLoRA at three lengths on a GPU held to 24 GiB, fit = "auto": what fit
@@ -116,7 +117,7 @@ if [ "$PLAN" = quick ]; then
   gpu_part kernels 75 -- \
     tests/kernels/test_cross_entropy.py tests/kernels/test_linear_cross_entropy.py -k "not cpu"
   gpu_part loss 75 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/loss" -- benchmarks/test_loss_bench.py -m loss \
-    -k "fastsft-V or torch-V or fastsft-linear-V or torch-stock-linear or torch-linear-V or liger-linear or cce"
+    -k "fastsft-V or torch-V or fastsft-linear-V or torch-stock-linear or torch-linear-V or liger-linear or cce or trl-V"
   gpu_part e2e 130 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/e2e" FASTSFT_BENCH_MODELS=llama-3.2-1b \
     FASTSFT_BENCH_SEQ=2048 FASTSFT_BENCH_ROWS=fastsft-transformers,transformers -- \
     benchmarks/test_training_bench.py -m "e2e and not slow"
@@ -125,7 +126,7 @@ if [ "$PLAN" = quick ]; then
 else
   gpu_part tests 100 -- tests/run/test_loss.py tests/run/test_mixed_precision.py
   gpu_part loss 120 "FASTSFT_BENCH_OUT=$WORK/loss" -- benchmarks/test_loss_bench.py -m loss \
-    -k "N16384 and not V128256 and (fastsft or torch-V or torch-stock-linear or torch-linear-V or liger or cce)"
+    -k "N16384 and not V128256 and (fastsft or torch-V or torch-stock-linear or torch-linear-V or liger or cce or trl-V)"
   gpu_part e2e 200 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/e2e" FASTSFT_BENCH_MODELS=llama-3.2-1b \
     FASTSFT_BENCH_SEQ=2048 FASTSFT_BENCH_ROWS=fastsft,unsloth,transformers -- \
     benchmarks/test_training_bench.py -m "e2e and not slow"

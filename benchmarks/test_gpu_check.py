@@ -47,6 +47,24 @@ def test_each_plan_fits_one_eight_minute_call_in_order_of_value(plan):
         assert fit[1] <= 90 and "benchmarks/test_fit_gpu.py" in fit[2]
 
 
+@pytest.mark.parametrize("plan", ["quick", "rest"])
+def test_the_loss_part_times_trls_fused_head_beside_fastsft(plan):
+    """TRL's fused LM head (SFTTrainer's default loss since TRL 1.15) is the peer: the loss part's -k selects
+    its row at every size where it selects fastsft-linear's (the GPU's test ids, matched as pytest does)."""
+    from _pytest.mark.expression import Expression
+
+    (argv,) = [argv for name, _, argv in dry_run(plan) if name == "loss"]
+    expr = Expression.compile(argv[argv.index("-k") + 1])
+    sizes = [(n, v) for v in (32768, 128256, 151936, 262144) for n in (4096, 16384)]
+
+    def selected(impl, n, v):
+        test_id = f"test_loss[{impl}-V{v}-N{n}]"
+        return expr.evaluate(lambda s, **_: s in test_id)
+
+    linear = [(n, v) for n, v in sizes if selected("fastsft-linear", n, v)]
+    assert linear and all(selected("trl", n, v) for n, v in linear), (plan, linear)
+
+
 def test_unknown_plan_is_refused():
     proc = subprocess.run(["bash", str(SCRIPT), "nope"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown plan" in proc.stderr

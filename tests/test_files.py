@@ -127,6 +127,7 @@ print("made" if made else "found", flush=True)
 """
 
 
+@pytest.mark.slow  # three processes build a model
 def test_ranks_on_a_cold_cache_make_a_builtin_model_once(tmp_path):
     """Three processes (the ranks of a run) ask for the same built-in model on an empty cache at once: one
     makes it, the others wait for it and find it whole (each made its own before, and one rank was seen

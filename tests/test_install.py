@@ -23,10 +23,13 @@ import pytest
 
 from _tiny import REPO
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("git") is None or not (REPO / ".git").exists(),
-    reason="needs the git checkout (the wheel is built from its tracked files)",
-)
+pytestmark = [
+    pytest.mark.slow,  # builds the wheel, installs it into a fresh venv
+    pytest.mark.skipif(
+        shutil.which("git") is None or not (REPO / ".git").exists(),
+        reason="needs the git checkout (the wheel is built from its tracked files)",
+    ),
+]
 
 
 def tracked(*folders: str) -> list[str]:

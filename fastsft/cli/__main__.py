@@ -1,5 +1,5 @@
 """`python -m fastsft.cli ...`: the same as the `fastsft` command."""
 
-from .main import main
+from .main import entry
 
-main()
+entry()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from fastsft import backends, machine
+from fastsft import backends, machine, threads
 
 # What doctor checks; their ranges come from fastsft's own metadata (machine.tested_bounds).
 CHECKED = (*(p for p in machine.PACKAGES if p != "fastsft"), "unsloth_zoo", "xformers")
@@ -103,6 +103,11 @@ def report(console=None) -> bool:
         console.print(
             "GPU: none (CUDA not available): training runs on the CPU with the transformers backend"
         )
+    t = threads.facts()
+    console.print(
+        f"CPU threads: {t.get('intra_op_threads', '-')} intra-op on {t['cores']} cores, "
+        f"OMP_WAIT_POLICY={t['omp_wait_policy'] or '(unset: spinning waits)'} ({t['set_by']})"
+    )
     backend, why = backends.choose_backend("auto")
     console.print(f'backend = "auto" picks: [bold]{backend}[/] ({escape(why)})')
     import torch

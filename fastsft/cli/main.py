@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from fastsft import backends, dist
+from fastsft import backends, dist, threads
 from fastsft import data as data_mod
 from fastsft import recipe as recipe_mod
 from fastsft.backends import flush_denormals
@@ -53,9 +53,12 @@ def main():
 
 
 def entry() -> None:
-    """The `fastsft` console script. Commands that run a model flush denormal floats to zero on a
-    CPU-only machine (process-wide, so here and not in library code, where it would leak into the
-    caller's process)."""
+    """The `fastsft` console script. First, before anything imports torch, OpenMP's threads are told to
+    sleep rather than spin while they wait for a core (`fastsft.threads`: a busy machine's other work
+    stalled the whole step ~8x; the user's own OMP_WAIT_POLICY wins). Commands that run a model flush
+    denormal floats to zero on a CPU-only machine. Both are process-wide, so here and not in library
+    code, where they would leak into the caller's process."""
+    threads.apply()
     if len(sys.argv) > 1 and sys.argv[1] in ("run", "generate", "chat", "eval", "export", "serve"):
         flush_denormals()
     main()

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsft import backends, dist, levers, machine, progress
+from fastsft import backends, dist, levers, machine, progress, threads
 from fastsft import data as data_mod
 from fastsft import export as export_mod
 from fastsft import recipe as recipe_mod
@@ -418,6 +418,7 @@ class Run:
             "recipe_path": str(recipe.path) if recipe.path else None,
             "versions": machine.versions(),
             "device": machine.device_description(),
+            "cpu_threads": threads.facts(),  # OpenMP's wait policy and who chose it (fastsft.threads)
             "seed": recipe.train.seed,
             "backend": loaded.backend,
             "backend_reason": loaded.reason,

@@ -35,10 +35,13 @@ ARCHS = {
 KERNELS = ("fastsft-linear", "fastsft", "torch", "unsloth")
 FULL = ("llama", "gemma2")  # also fp16 and checkpointing (Mistral and Qwen2 run Unsloth's Llama code there)
 
-pytestmark = pytest.mark.skipif(
-    not (UNSLOTH / "unsloth").is_dir() or not (TRL_115 / "trl").is_dir(),
-    reason="unsloth (.cache/unsloth) or TRL 1.15 (.cache/trl-1.15) not installed: run tests/install-test-extras.sh",
-)
+pytestmark = [
+    pytest.mark.slow,  # one child runs Unsloth and our kernels in Triton's interpreter
+    pytest.mark.skipif(
+        not (UNSLOTH / "unsloth").is_dir() or not (TRL_115 / "trl").is_dir(),
+        reason="unsloth (.cache/unsloth) or TRL 1.15 (.cache/trl-1.15) not installed: run tests/install-test-extras.sh",
+    ),
+]
 
 
 GPU = torch.cuda.is_available()

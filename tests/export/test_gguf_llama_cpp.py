@@ -26,6 +26,9 @@ PROMPTS = (
 )
 
 
+pytestmark = pytest.mark.slow  # a training run, GGUF conversions and real llama.cpp
+
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     return import_llama_cpp()

@@ -32,6 +32,7 @@ def _greedy(model, tok, prompts):
     return [a.ids for a in answer_batch(model, tok, prompts, max_new_tokens=12, batch_size=4)]
 
 
+@pytest.mark.slow  # a run and GGUF conversions: 143 s of setup
 def test_gguf_types_names_modelfile_and_answers(tiny_run, tmp_path):
     import gguf
     import torch

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles every kernel ahead of time for five GPUs
 pytest.importorskip("triton")
 from fastsft.kernels import cross_entropy as _ce  # noqa: E402
 

@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
@@ -45,6 +47,7 @@ def test_the_repository_root_on_sys_path_does_not_shadow_kernels():
     assert got["fk_loss"] == "fastsft.kernels.linear_cross_entropy"
 
 
+@pytest.mark.slow  # builds a wheel
 def test_a_built_wheel_installs_the_folder_as_fastsft_kernels(tmp_path):
     """`pip wheel .`: the kernels land in fastsft/kernels/ beside fastsft/kernels.py (their __init__),
     nothing at the top level; installed into a folder, fastsft.kernels imports from there."""

@@ -405,6 +405,7 @@ def test_16bit_hidden_and_float32_head_under_autocast(device, backend, amp):
     assert rel(hk.grad, hr.grad) < GRAD_TOL[amp] and rel(wk.grad, wr.grad) < GRAD_TOL[amp], seed
 
 
+@pytest.mark.slow  # beside busy processes
 def test_online_tiles_leave_cores_other_processes_hold():
     """On the CPU each online tile takes only the cores no other process is running on (its many small
     parallel operations wait for a thread that waits for a core): beside a busy process per core, one

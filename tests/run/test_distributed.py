@@ -103,6 +103,7 @@ def runs(tmp_path_factory):
     return tmp / "single", ddp_root / "run", ddp
 
 
+@pytest.mark.slow  # several ranks
 def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     single, ddp, _ = runs
     one, two = losses(single), losses(ddp)
@@ -112,6 +113,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow  # several ranks
 def test_one_run_directory_and_one_set_of_files(runs):
     _, ddp, proc = runs
     assert [p.name for p in ddp.parent.iterdir()] == ["run"]
@@ -123,6 +125,7 @@ def test_one_run_directory_and_one_set_of_files(runs):
     assert proc.stdout.count("run directory:") == 1  # only rank 0 prints
 
 
+@pytest.mark.slow  # several ranks
 def test_a_two_process_run_resumes(runs, tmp_path):
     single, ddp, _ = runs
     copy = tmp_path / "run"
@@ -200,6 +203,7 @@ print("after leave")
 """
 
 
+@pytest.mark.slow  # several ranks
 @pytest.mark.parametrize("world", ["1", "2"])
 def test_a_rank_leaves_past_the_exit_time_destructors(world):
     """A rank of a distributed run whose work is done ends in dist.leave (os._exit, after Python's own

@@ -150,6 +150,7 @@ def overfit_recipe(tmp_path, *extra):
     return R.load(p, data + OVERFIT + list(extra))
 
 
+@pytest.mark.slow  # a long training run: 130 s
 def test_a_planted_overfit_is_diagnosed_live_and_in_the_report(tmp_path):
     recipe = overfit_recipe(tmp_path, "train.max_steps=30")
     out = io.StringIO()

@@ -84,6 +84,7 @@ def reference(reference_run):
     return losses(reference_run)
 
 
+@pytest.mark.slow  # whole runs in child processes, then a resume
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     out = tmp_path / "run"
     killed = child(tmp_path, "kill", 10, out)
@@ -101,6 +102,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     assert info["status"] == "finished" and info["resumed"][0]["from"] == "checkpoint-8"
 
 
+@pytest.mark.slow  # whole runs in child processes, then a resume
 def test_ctrl_c_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, reference):
     out = tmp_path / "run"
     stopped = child(tmp_path, "int", 6, out)
@@ -116,6 +118,7 @@ def test_ctrl_c_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, refe
         assert resumed[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
 
 
+@pytest.mark.slow  # whole runs in child processes, then a resume
 def test_sigterm_exits_143_and_the_resumed_run_reports_the_whole_run(tmp_path, reference_run):
     """SIGTERM stops like Ctrl-C but exits 143, printed as a stop, not an error. After the resume,
     run.json's train loss, tokens and time, and the report's "before" answers, cover the whole run."""
@@ -153,6 +156,7 @@ def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
     assert run.latest_checkpoint()[0] == 8
 
 
+@pytest.mark.slow  # a run, then resumes: 77 s
 def test_resume_refuses_a_recipe_that_changes_the_training(tmp_path, reference):
     out = tmp_path / "run"
     result = CliRunner().invoke(

@@ -204,6 +204,7 @@ def check_resume(run, single, method, tmp_path, env=None):
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow  # several ranks
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fsdp_shards_on_two_cpu_ranks_and_trains_like_one_process(single, tmp_path, method):
     run, proc = sharded_run(tmp_path, "fsdp", method)
@@ -217,6 +218,7 @@ def deepspeed_or_skip():
         pytest.skip(f"DeepSpeed is not installed in {DEEPSPEED} (tests/install-test-extras.sh puts it there)")
 
 
+@pytest.mark.slow  # several ranks
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_zero3_shards_on_two_cpu_ranks_and_trains_like_one_process(single, tmp_path, method):
     deepspeed_or_skip()
@@ -267,6 +269,7 @@ def two_hosts():
         _tear_down_hosts()
 
 
+@pytest.mark.slow  # several ranks
 def test_two_hosts_train_like_one_process(single, tmp_path, two_hosts):
     """`fastsft run --nnodes 2 --node-rank N --master-addr ...` on each host, one rank each, gloo over the
     veth pair (GLOO_SOCKET_IFNAME), the run directory in a folder both share: the losses equal one

@@ -20,6 +20,7 @@ TRL_115 = REPO / ".cache" / "trl-1.15"
 @pytest.mark.skipif(
     not (TRL_115 / "trl").is_dir(), reason="TRL 1.15 not installed in .cache/trl-1.15 (see README)"
 )
+@pytest.mark.slow  # a whole `fastsft run` child
 def test_cpu_training_with_trl_1_15(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(TRL_115)

@@ -471,6 +471,7 @@ def _browser(profile: Path):
     return webdriver.Chrome(options=opts, service=Service(str(CHROMEDRIVER)))
 
 
+@pytest.mark.slow  # headless Chromium
 def test_chat_page_streams_answers_and_compares_with_the_base(server, client, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
