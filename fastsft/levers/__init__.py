@@ -32,11 +32,13 @@ def callback(recipe, dtype: str):
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
     class _Levers(TrainerCallback):
+        frozen: list = []  # what frozen16.install changed, put back when training ends
+
         def on_train_begin(self, args, state, control, model=None, **kw):
             if t.frozen_16bit and dtype in ("bf16", "fp16"):
                 from . import frozen16
 
-                frozen16.install(model, torch.bfloat16 if dtype == "bf16" else torch.float16)
+                self.frozen = frozen16.install(model, torch.bfloat16 if dtype == "bf16" else torch.float16)
             if t.offload_checkpoints:
                 from . import offload
 
@@ -49,5 +51,14 @@ def callback(recipe, dtype: str):
                 from . import tiled_layer
 
                 tiled_layer.install(model, t.tiled_layer)
+
+        def on_train_end(self, args, state, control, **kw):
+            # 16-bit frozen weights are exact only under the Trainer's autocast: what runs after training
+            # (answers, retain scoring, merge, export) gets them back in float32
+            if self.frozen:
+                from . import frozen16
+
+                frozen16.restore(self.frozen)
+                self.frozen = []
 
     return _Levers()

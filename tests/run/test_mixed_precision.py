@@ -15,6 +15,11 @@ from fastsft.run import train
 from _tiny import TINY_RECIPE
 
 KERNELS = ("torch", "fastsft", "fastsft-linear")
+# run name -> (loss.kernel, extra overrides): each route as shipped (frozen_16bit on: the frozen lm_head in
+# bf16), and the fused linear loss once more with the float32 head PEFT's kbit preparation leaves
+RUNS = {k: (k, []) for k in KERNELS} | {
+    "fastsft-linear-f32-head": ("fastsft-linear", ["train.frozen_16bit=false"])
+}
 
 
 def losses(run_dir):
@@ -25,8 +30,8 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def bf16_runs(tmp_path_factory):
     out = {}
-    for kernel in KERNELS:
-        tmp = tmp_path_factory.mktemp(f"bf16-{kernel}")
+    for run_name, (kernel, extra) in RUNS.items():
+        tmp = tmp_path_factory.mktemp(f"bf16-{run_name}")
         p = tmp / "r.toml"
         p.write_text(TINY_RECIPE)
         recipe = R.load(
@@ -37,6 +42,7 @@ def bf16_runs(tmp_path_factory):
                 "model.load_in_4bit=true",
                 "train.max_steps=5",
                 "loss.label_smoothing=0.1",
+                *extra,
             ],
         )
         seen = []  # what the loss kernels were given: dtypes and whether autocast was on
@@ -57,16 +63,17 @@ def bf16_runs(tmp_path_factory):
             result = train.run(recipe, output_dir=tmp / "run")
         finally:
             mp.undo()
-        out[kernel] = (result, losses(result.run_dir), seen)
+        out[run_name] = (result, losses(result.run_dir), seen)
     return out
 
 
 def test_every_route_trains_under_bf16_autocast(bf16_runs):
-    for kernel, (result, steps, _) in bf16_runs.items():
-        assert result.summary["dtype"] == "bf16", kernel
+    for name, (result, steps, _) in bf16_runs.items():
+        kernel = RUNS[name][0]
+        assert result.summary["dtype"] == "bf16", name
         assert result.summary["loss"]["kernel"] == kernel
-        assert len(steps) == 5 and all(map(torch.isfinite, torch.tensor(steps))), (kernel, steps)
-        assert steps[-1] < steps[0] - 0.5, (kernel, steps)
+        assert len(steps) == 5 and all(map(torch.isfinite, torch.tensor(steps))), (name, steps)
+        assert steps[-1] < steps[0] - 0.5, (name, steps)
 
 
 def test_the_routes_agree_under_bf16_autocast(bf16_runs):
@@ -79,10 +86,15 @@ def test_the_routes_agree_under_bf16_autocast(bf16_runs):
 
 def test_the_fused_linear_loss_saw_the_qlora_case(bf16_runs):
     """float32 hidden states and lm_head (prepare_model_for_kbit_training), inside the Trainer's
-    autocast: what raised "Expected out tensor to have dtype BFloat16, but got float"."""
-    seen = bf16_runs["fastsft-linear"][2]
+    autocast: what raised "Expected out tensor to have dtype BFloat16, but got float"; and as shipped, the
+    frozen lm_head stored in bf16 by frozen_16bit (the hidden states still float32)."""
+    seen = bf16_runs["fastsft-linear-f32-head"][2]
     assert seen and all(
         s == ("fused_linear_cross_entropy", torch.float32, torch.float32, True) for s in seen
+    ), seen
+    seen = bf16_runs["fastsft-linear"][2]
+    assert seen and all(
+        s == ("fused_linear_cross_entropy", torch.float32, torch.bfloat16, True) for s in seen
     ), seen
     # the logits-in route gets the head's autocast logits, upcast by accelerate on the way out
     seen = bf16_runs["fastsft"][2]
