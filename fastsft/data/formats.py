@@ -146,8 +146,12 @@ def _message_list(value: Any, field_name: str, *, sharegpt: bool) -> list[dict]:
             raise RowProblem(f"{where} ({role}) has `tool_calls`: only assistant messages call tools")
         if content is None and calls is None:
             raise RowProblem(f"{where} ({role}) has no `{ckey}`")
+        if isinstance(content, list) and ckey == "content":  # OpenAI's content parts
+            content = text_of_parts(content, f"{where} ({role})")
         if content is not None and not isinstance(content, str):
-            raise RowProblem(f"{where} ({role}): `{ckey}` must be a string, got {json_type(content)}")
+            raise RowProblem(
+                f"{where} ({role}): `{ckey}` must be a string (or OpenAI text parts), got {json_type(content)}"
+            )
         msg = {"role": names[role], "content": content or ""}
         if calls is not None:
             msg["tool_calls"] = _tool_calls(calls, where)
@@ -240,6 +244,23 @@ def parse_tools(value: Any, where: str) -> list[dict] | None:
             f'{where}: {e}. Expected a list like [{{"type": "function", "function": {{"name": ..., '
             '"description": ..., "parameters": {...}}}]'
         ) from None
+
+
+def text_of_parts(parts: list, where: str) -> str:
+    """OpenAI's content parts ([{"type": "text", "text": "hi"}, ...]) -> their text, joined by newlines as
+    OpenAI-compatible servers (vLLM) join them; a part of another type (an image, audio) is refused by name.
+    The one reader of parts: training rows, `eval --data`, generate / chat prompts and serve's requests."""
+    texts = []
+    for i, part in enumerate(parts, start=1):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"of type {kind!r}" if isinstance(kind, str) else f"{json_type(part)} without a `type`"
+            raise RowProblem(
+                f"{where}: content part {i} is {what}; fastsft's models read text only. Give `content` as a "
+                'string or as text parts ({"type": "text", "text": "..."})'
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def parse_messages(value: Any, where: str) -> list[dict]:

@@ -21,22 +21,6 @@ from fastsft.rundir import is_run_dir
 from fastsft.use.load import LoadedForUse, load_for_use
 
 
-def _text_of_parts(content, where: str) -> str:
-    """OpenAI's content parts ([{"type": "text", "text": "hi"}, ...]) -> their text, joined by newlines as
-    OpenAI-compatible servers join them; a part of another type (an image, audio) is refused by name."""
-    texts = []
-    for i, part in enumerate(content, start=1):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
-            what = f"of type {kind!r}" if isinstance(kind, str) else f"{json_type(part)} without a `type`"
-            raise DataError(
-                f"{where}: content part {i} is {what}; fastsft's models read text only. Give `content` as a "
-                'string or as text parts ({"type": "text", "text": "..."}).'
-            )
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
 def prompt_messages(value, where: str, field: str = "messages") -> list[dict]:
     """The one reader of a prompt (generate --prompt / --data, chat): a string (one user turn) or a list
     of chat messages, each {role, content} with role system/user/assistant/tool and content a string or
@@ -47,13 +31,8 @@ def prompt_messages(value, where: str, field: str = "messages") -> list[dict]:
     elif isinstance(value, list):
         if not value:
             raise DataError(f"{where}: `{field}` is an empty list of messages.")
-        messages = []
-        for i, m in enumerate(value, start=1):
-            if isinstance(m, dict) and isinstance(m.get("content"), list):
-                m = {**m, "content": _text_of_parts(m["content"], f"{where}: `{field}` message {i}")}
-            messages.append(m)
         try:
-            messages = parse_messages(messages, field)
+            messages = parse_messages(value, field)  # content parts too (data.formats.text_of_parts)
         except DataError as e:
             raise DataError(f"{where}: {e}.") from None
     else:

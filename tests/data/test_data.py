@@ -889,3 +889,27 @@ def test_a_byte_order_mark_is_dropped(tmp_path, tok, kind):
     recipe = make_recipe(tmp_path, name)
     assert len(prepare(recipe, tok).train) == 2
     assert trained_texts(recipe, tok, 1) == [TRAINED]
+
+
+def test_openai_content_parts_are_text_in_every_reader():
+    """A messages row whose content is OpenAI's text parts (as users send them to an OpenAI API) is read as
+    the joined text: by training, `eval --data`, generate and serve alike (one reader, formats.text_of_parts);
+    a part that is not text is refused naming its type and the message."""
+    from fastsft.data import formats as F
+
+    row = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "2+2?"}, {"type": "text", "text": "Briefly."}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "4"}]},
+        ]
+    }
+    assert F.normalize(row, F.detect_format(row))["messages"] == [
+        {"role": "user", "content": "2+2?\nBriefly."},
+        {"role": "assistant", "content": "4"},
+    ]
+    row["messages"][0]["content"].append({"type": "input_audio", "input_audio": {}})
+    with pytest.raises(DataError, match=r"message 1 \(user\): content part 3 is of type 'input_audio'"):
+        D.parse_messages(row["messages"], "messages")

@@ -235,26 +235,6 @@ def parse_params(body: dict, settings: ServeSettings, *, chat: bool) -> Params:
     )
 
 
-def _text_of(content, where: str) -> str:
-    """A message's content: a string, or OpenAI's list of parts of which only text ones are taken."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise APIError(
-                    400,
-                    f"{where}: content part of type {kind!r}: this model reads text only.",
-                    param="messages",
-                )
-        return "".join(parts)
-    raise APIError(400, f"{where}: `content` must be a string or a list of text parts.", param="messages")
-
-
 def parse_messages(body: dict) -> list[dict]:
     """The request's `messages` -> what the chat template takes (fastsft.data.parse_messages)."""
     raw = body.get("messages")
@@ -269,8 +249,6 @@ def parse_messages(body: dict) -> list[dict]:
         m = dict(m)
         if m.get("role") == "developer":  # OpenAI's newer name for the system role
             m["role"] = "system"
-        if "content" in m:
-            m["content"] = _text_of(m["content"], f"`messages` item {i}")
         msgs.append({k: v for k, v in m.items() if v is not None})
     try:
         return normalise(msgs, "messages")
