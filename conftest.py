@@ -1,6 +1,11 @@
 """What every pytest run of this repository shares, tests/ and benchmarks/ alike (pytest reads this file
 before the conftest.py of either folder):
 
+- the `fastsft` command's thread policy (fastsft.threads: OpenMP's waiting threads sleep instead of
+  spinning), set before torch loads: tests call fastsft in-process (train.run, evaluate, ...), which never
+  passes the command's entry, and on a busy machine (CI beside other work) spinning threads made the tiny
+  runs several times slower. A user's OMP_WAIT_POLICY wins; the thread tests and the busy-CPU benchmark
+  build their children's environment themselves.
 - TRITON_INTERPRET=1 when there is no GPU, set before anything imports triton, so the Triton kernels run
   (slowly, exactly) on the CPU; on a GPU machine the same code runs natively.
 - `_private_cache`: built-in models and tokenized-data caches go to a folder of this session (unless
@@ -9,7 +14,11 @@ before the conftest.py of either folder):
 
 import os
 
-import torch
+from fastsft import threads
+
+threads.apply()  # before torch is imported (OpenMP reads its settings once, when torch loads)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
