@@ -29,7 +29,7 @@ def pytest_configure(config):
         ("gpu", "needs a CUDA GPU (skipped without one)"),
         ("slow", "a long benchmark, not part of the quick run"),
         ("context", "longest sequence per GPU size, simulated by fastsft plan (benchmarks/test_context.py)"),
-        ("fit", "fastsft plan with fit = auto on the shipped 8B recipe (benchmarks/test_fit.py)"),
+        ("fit", "fastsft plan with fit = auto on the shipped 8B recipe (benchmarks/test_fit_plan.py)"),
         ("cpu", "measures on the CPU (FASTSFT_BENCH_CPU=full: the committed grid)"),
     ):
         config.addinivalue_line("markers", f"{name}: {doc}")

@@ -43,6 +43,7 @@ KEYS = {
     "frozen16": "frozen_16bit",
     "offload_checkpoints": "offload_checkpoints",
     "tiled_mlp": "tiled_mlp",
+    "tiled_layer": "tiled_layer",
     "gradient_checkpointing": "gradient_checkpointing",
     "batch_size": "per_device_train_batch_size",
 }
@@ -52,6 +53,8 @@ WHY = {
     "gradient_checkpointing": "activations recomputed in backward instead of kept (~30% more compute)",
     "offload_checkpoints": "each layer's checkpoint waits in host memory (a copy that overlaps compute)",
     "tiled_mlp": "the MLP runs over sequence shards (more, smaller kernel launches)",
+    "tiled_layer": "each decoder layer's per-token work runs over sequence tiles, attention alone over the "
+    "whole sequence (more, smaller kernel launches; 1.00x the tokens/s on the CPU)",
     "batch_size": "fewer sequences per forward, more accumulation: the same effective batch and losses",
 }
 OVER_PLAN = 1.05  # reality above the plan by more than 5%: a warning
