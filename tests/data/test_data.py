@@ -541,8 +541,12 @@ BAD_ROWS = {
         "line 4: `messages` message 2: empty assistant answer",
     ),
     "non_string": (
+        {"messages": [{"role": "user", "content": {"q": 1}}, {"role": "assistant", "content": "a"}]},
+        "line 4: `messages` message 1 (user): `content` must be a string (or OpenAI text parts), got an object",
+    ),
+    "bare_part": (  # a list is OpenAI's content parts: each part an object with a type
         {"messages": [{"role": "user", "content": ["q"]}, {"role": "assistant", "content": "a"}]},
-        "line 4: `messages` message 1 (user): `content` must be a string, got a list",
+        "line 4: `messages` message 1 (user): content part 1 is a string without a `type`",
     ),
     "no_content": (
         {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
