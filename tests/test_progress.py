@@ -143,6 +143,9 @@ def test_every_command_prints_its_phases_when_piped(tmp_path):
 
     env = {**os.environ, "FASTSFT_PROGRESS_SECONDS": "0.2", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    # a cache of its own: the session's may already hold this base's before-numbers (test_before_cache
+    # trains the same recipe), and a reused number prints no phase lines
+    env["FASTSFT_CACHE"] = str(tmp_path / "cache")
     rows = DEMO.read_text(encoding="utf-8").splitlines()
     held = tmp_path / "held.jsonl"
     held.write_text("\n".join(rows[:6]) + "\n", encoding="utf-8")
