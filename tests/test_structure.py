@@ -4,7 +4,7 @@ The order, top to bottom (`LAYERS`; a package imports only from its own package 
 a package never from one beside it on the same floor):
 
     cli -> use -> run -> export, plan -> loss -> levers -> backends -> data -> chat
-        -> recipe, kernels -> dist -> rundir -> files, limits, progress -> machine, errors
+        -> recipe, kernels -> dist -> rundir -> files, limits, progress -> machine, errors, threads
 
 The graph is read from the source with `ast`, so imports inside functions count too: a cycle or an upward
 arrow hidden in a function body still ties two packages into one. An edge `a -> b` is every `import` /
@@ -160,7 +160,7 @@ LAYERS = (
     ("dist",),  # ranks of a distributed run
     ("rundir",),  # everything a run writes
     ("files", "limits", "progress"),  # atomic writes; out of memory / disk; progress bars
-    ("machine", "errors"),  # versions, device, peak memory; the error types
+    ("machine", "errors", "threads"),  # versions, device, peak memory; the error types; the CPU wait policy
 )
 FLOOR = {name: i for i, floor in enumerate(LAYERS) for name in floor}
 
