@@ -397,7 +397,11 @@ def _lead_note(results, rows, v, n, eps):
 
 BUSY = 2  # background processes, each a spin loop holding a core
 LOADED_SIZES = ((512, 8192), (512, 32768)) if CPU_FULL else ((512, 8192),)
-LOADED_REPS = 5
+LOADED_REPS = 7
+# fastsft-linear beside busy processes within this factor of the stock loss's time (test_loss_cpu_loaded):
+# the collapse it guards against was 5x; on 2 shared cores the ratio of the two medians wanders 0.75-1.35x
+# from run to run (CI 2026-12-07: 172 ms to 132), which a bound of 1 would fail by chance.
+LOADED_SLACK = 1.5
 LOADED_IMPLS = ["fastsft-linear", "torch-stock-linear"] + (["fastsft-linear-all-threads"] if CPU_FULL else [])
 
 
@@ -418,8 +422,12 @@ def busy_processes(n: int) -> list:
 @pytest.mark.cpu
 @pytest.mark.parametrize("n,v", LOADED_SIZES, ids=[f"V{v}-N{n}" for n, v in LOADED_SIZES])
 def test_loss_cpu_loaded(n, v, results, tmp_path):
-    """fastsft-linear at least as fast as the stock loss beside BUSY busy processes (medians of
-    LOADED_REPS interleaved runs in one child; no label smoothing)."""
+    """fastsft-linear does not collapse beside BUSY busy processes: within LOADED_SLACK of the stock
+    loss's time (medians of LOADED_REPS interleaved runs in one child; no label smoothing). Before the
+    loss shared the cores (spinning OpenMP waits, every thread) it took 1175 ms to the stock loss's 233;
+    on an idle machine, at this size, the two are at par in time (0.75-1.2x across runs and machines:
+    fastsft-linear's win here is its memory, ~1/16 of the stock loss's), so a bare `ours <= stock` would
+    be a coin toss."""
     if GPU:
         pytest.skip("a GPU is here: test_loss measures on it")
     import time
@@ -465,6 +473,7 @@ def test_loss_cpu_loaded(n, v, results, tmp_path):
         f"stock {stock:.0f} ms ({stock / ours:.2f}x)"
     )
     assert abs(timed["fastsft-linear"]["loss"] - timed["torch-stock-linear"]["loss"]) < 2e-2
-    assert ours <= stock, (
-        f"beside {BUSY} busy processes fastsft-linear took {ours:.0f} ms, the stock loss {stock:.0f} ms"
+    assert ours <= LOADED_SLACK * stock, (
+        f"beside {BUSY} busy processes fastsft-linear took {ours:.0f} ms, more than {LOADED_SLACK}x the stock "
+        f"loss's {stock:.0f} ms"
     )

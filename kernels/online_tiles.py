@@ -13,7 +13,7 @@ exponent range) hold exp(z - m) until a logit passes the target's by ~88 nats, s
 kept and nothing is rescaled (rows that overflow are redone with a running max, as float16 always is).
 The tile's gathered hidden rows are stashed in the rows of the gradient they will produce. On a CPU
 a tile's operations use the intra-op threads the cores other processes leave free at its start
-(`free_cpu_threads`; all of them on an idle machine): at a few hundred rows the matmuls run near the
+(`free_cpu_threads`; all of them on an idle machine or where waiting threads sleep): at a few hundred rows the matmuls run near the
 cores' peak, and one tile is alive, not one per thread; on a shared machine a thread waiting for a
 core would stall each of the tile's many small parallel operations.
 """
@@ -352,9 +352,18 @@ def free_cpu_threads(threads: int) -> int:
     core, that thread waits for a time slice at every barrier. Measured on 2 cores, bf16, H = 1024,
     N = 512, beside two busy processes: 2 threads 1175 ms, 1 thread 151 ms, the stock loss 233 ms
     (V = 8192); on an idle machine 2 threads are ~1.8x faster than one. Linux reads the runnable
-    threads (an instant, cheap count); elsewhere the 1-minute load average stands in for it."""
+    threads (an instant, cheap count); elsewhere the 1-minute load average stands in for it.
+
+    Under OMP_WAIT_POLICY=PASSIVE (which the `fastsft` command sets, `fastsft.threads`) a thread that
+    waits at a barrier sleeps instead of spinning, and each thread is one more share of the cores under
+    the kernel's fair scheduler: every thread is kept. Measured beside two busy processes on 2 cores
+    (V = 8192, PASSIVE, medians of 7): one thread 75-130 ms, both 81-155 ms, the stock loss (both
+    threads) 104-119 ms; on CI's machine one thread took 172 ms to the stock loss's 132 ms. The spread is
+    the load's, not the thread count's; the fair share is the reason."""
     if threads <= 1:
         return 1
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        return threads
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
