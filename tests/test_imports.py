@@ -11,6 +11,9 @@ PKG = Path(__file__).resolve().parents[1] / "fastsft"
 NO_CYCLE = {
     "fastsft.run.train",
     "fastsft.run.trainer",
+    "fastsft.run.resume",
+    "fastsft.run.records",
+    "fastsft.run.answers",
     "fastsft.run.guard",
     "fastsft.dist",
     "fastsft.machine",

@@ -23,6 +23,7 @@ from fastsft.dist import Hosts
 from fastsft.errors import RecipeError
 from fastsft.run import train
 from fastsft.run.preflight import problems
+from fastsft.run.resume import resume_recipe
 from fastsft.rundir import default_path
 
 SET_HELP = "Override a recipe key, parsed as a TOML value: --set train.learning_rate=1e-4 (repeatable)."
@@ -181,7 +182,7 @@ def run(
         raise click.UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
     # the recipe is read once, here, and handed down
     if resume_dir:
-        r = train.resume_recipe(resume_dir, recipe, list(overrides))
+        r = resume_recipe(resume_dir, recipe, list(overrides))
     else:
         r = recipe_mod.load(recipe, list(overrides))
     hosts = check_hosts(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, output_dir or resume_dir)

@@ -343,7 +343,7 @@ def _report(stats: dict, log) -> None:
 
 def _prompt_columns(row: dict, with_tools: bool) -> dict:
     """A conversational row's turns before its first answer (role and content) under its own column
-    name, and its tools as JSON: for `train.sample_prompts`. As Arrow columns, full turns would merge
+    name, and its tools as JSON: for `run.answers.sample_prompts`. As Arrow columns, full turns would merge
     the tool-call arguments of all rows into one struct type; the Trainer drops these columns."""
     key = "messages" if "messages" in row else "prompt"
     msgs = row.get(key)

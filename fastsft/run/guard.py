@@ -1,20 +1,27 @@
 """What keeps a long run safe: signals, non-finite steps, out-of-memory, disk space, the memory estimate.
 
 - `StopOnSignal`: the first SIGINT/SIGTERM finishes the current optimizer step, writes a checkpoint
-  and stops; a second one exits at once.
+  and stops; a second one exits at once. `sigterm_interrupts`: SIGTERM outside the loop stops as Ctrl-C.
 - `NonFiniteGuard`: a NaN/inf loss or gradient norm is never applied to the weights; after
   `train.max_nonfinite_steps` such steps the run stops and says why.
 - `explain_oom`, `is_oom`, `check_disk`: out-of-memory advice and the free-space check, from
   `fastsft.limits` (an export uses them too), named here among the run's guards.
 - `estimate_memory`: the peak GPU memory a recipe will need, printed before training.
+- `explain_stop`: each way the training loop can stop (non-finite steps, out of memory, a failed write,
+  a second Ctrl-C) as the fastsft error to raise and what run.json records; `interrupted_message` and
+  `every_step_nonfinite` for the stops seen after the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastsft.errors import TrainingStopped
+from fastsft.errors import FastSFTError, Interrupted, TrainingStopped
+from fastsft.files import WriteFailed, describe_os_error, is_write_error
 from fastsft.limits import OOM_KNOBS, GiB, check_disk, explain_oom, is_oom
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +74,30 @@ class StopOnSignal:
                     control.should_training_stop = True
 
         return _StopOnSignal()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM outside the training loop (setup, the answers after, exports) stops the run as Ctrl-C does
+    (Interrupted, exit 143), so its cleanup (the lock file) happens; inside the loop StopOnSignal's
+    checkpointing stop applies."""
+    import threading
+
+    def _interrupt(signum, frame):
+        raise Interrupted("SIGTERM before or after training: nothing to resume from", signal_name="SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGTERM)
+    if old is not signal.SIG_DFL:  # a caller's own handler stays
+        yield
+        return
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,14 +254,77 @@ def warn_wont_fit(parts: dict, device_total: int) -> str:
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# How a run stopped
+# ----------------------------------------------------------------------------------------------
+
+
 def interrupted_message(run_dir: Path, step: int, checkpoint: Path | None) -> str:
     where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (stopped before the first)"
     cmd = f"fastsft run --resume {run_dir}"
     return f"interrupted at step {step}; kept {where}. Resume with:\n  {cmd}"
 
 
+def every_step_nonfinite(steps_run: int, last: tuple[int, str] | None) -> str:
+    """The message of a run whose every step (`steps_run`) was non-finite (`last`: NonFiniteGuard.last_bad)."""
+    return (
+        f"every step of the run ({steps_run}) had a NaN or infinite {last[1] if last else 'loss'}; "
+        f"no step was applied and nothing was learned. {NONFINITE_CAUSES}."
+    )
+
+
+@dataclass
+class Stopped:
+    """How the training loop stopped: run.json's `status` and `error`, and the fastsft error raised in the
+    exception's place (None: the exception itself goes on). `best_effort`: recording it may fail (the
+    disk that stopped the run is full), and the error is raised all the same."""
+
+    status: str
+    message: str
+    error: FastSFTError | None
+    best_effort: bool = False
+
+
+def explain_stop(e: BaseException, run_dir, phase: str, staging: Path) -> Stopped | None:
+    """The stop for an exception out of the training loop (None: re-raise it as it is, unrecorded).
+    `run_dir` is the run's RunDir, `phase` the trainer's (named in the message), `staging` the
+    checkpoint folder the Trainer writes into."""
+    if isinstance(e, NonFinite):
+        kept = run_dir.latest_checkpoint()
+        msg = f"{e} Last good checkpoint: {kept[1] if kept else 'none'}."
+        return Stopped("stopped: non-finite", msg, NonFinite(msg))
+    if is_oom(e):
+        err = explain_oom(e, phase)
+        return Stopped("stopped: out of memory", str(err), err)
+    if is_write_error(e):
+        return write_failed(e, run_dir, phase, staging)
+    if isinstance(e, KeyboardInterrupt):
+        return Stopped("killed", "interrupted twice; no checkpoint written", None)
+    return None
+
+
+def write_failed(e: BaseException, run_dir, phase: str, staging: Path) -> Stopped:
+    """A write that failed during training (a full disk): the half-written checkpoint in `staging` is
+    removed, and the message says how to go on."""
+    shutil.rmtree(staging, ignore_errors=True)  # frees the space it took
+    if isinstance(e, WriteFailed):
+        what = str(e)
+    elif isinstance(e, OSError):
+        what = describe_os_error(e, getattr(e, "filename", None) or run_dir.path)
+    else:
+        what = f"cannot write in {run_dir.path}: {str(e).strip().splitlines()[0]}"
+    kept = run_dir.latest_checkpoint()
+    msg = f"{what} (during {phase}). The run stopped; " + (
+        f"its last complete checkpoint is {kept[1]}. Free some space, then resume: fastsft run --resume {run_dir.path}"
+        if kept
+        else "it had no complete checkpoint yet. Free some space, then start it again with --overwrite."
+    )
+    return Stopped("stopped: write failed", msg, WriteFailed(msg), best_effort=True)
+
+
 __all__ = [
     "StopOnSignal",
+    "sigterm_interrupts",
     "NonFiniteGuard",
     "NonFinite",
     "explain_oom",
@@ -239,4 +333,9 @@ __all__ = [
     "checkpoint_bytes",
     "estimate_memory",
     "describe_estimate",
+    "interrupted_message",
+    "every_step_nonfinite",
+    "Stopped",
+    "explain_stop",
+    "write_failed",
 ]

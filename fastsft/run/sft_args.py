@@ -19,10 +19,10 @@ def passed_through(recipe) -> dict:
     return {spec.sft: getattr(recipe.train, name) for name, spec in SCHEMA["train"].items() if spec.sft}
 
 
-def sft_config(recipe, output_dir: Path, *, dtype: str, backend: str, data_kwargs: dict):
-    """The SFTConfig of a run. `dtype` is the compute dtype the model loaded in ("bf16", "fp16",
-    "fp32"), `backend` the backend that loaded it, `data_kwargs` what `data` decided (packing,
-    max_length, the loss masks)."""
+def sft_config(recipe, output_dir: Path, *, run_name: str, dtype: str, backend: str, data_kwargs: dict):
+    """The SFTConfig of a run. `run_name` is the run directory's name (W&B / MLflow / trackio show it),
+    `dtype` the compute dtype the model loaded in ("bf16", "fp16", "fp32"), `backend` the backend that
+    loaded it, `data_kwargs` what `data` decided (packing, max_length, the loss masks)."""
     import torch
     from trl import SFTConfig
 
@@ -41,7 +41,7 @@ def sft_config(recipe, output_dir: Path, *, dtype: str, backend: str, data_kwarg
         fp16=dtype == "fp16",
         use_cpu=not torch.cuda.is_available(),
         report_to="none",  # trackers are added as callbacks (fastsft.run.trackers), TensorBoard into the run dir
-        run_name=Path(output_dir).parent.parent.name,  # the run directory's name, for W&B / MLflow / trackio
+        run_name=run_name,
         disable_tqdm=True,  # our progress line replaces tqdm's
         prediction_loss_only=True,
         loss_type="nll",

@@ -1,43 +1,47 @@
 """One fine-tuning run, top to bottom: recipe -> model -> data -> loss -> trainer -> run directory.
 
-`run()` reads as torchtune's recipes do, in three steps of `Run`: `setup()` (the run directory's
-checks, model, data, loss, memory and disk, then run.json and the trainer), `train()` (TRL's loop
-under the signal and non-finite guards, each way it can stop turned into a fastsft error) and
-`finish()` (adapter, answers after, summary, report, exports). TRL owns the loop; the trainer
-subclass and its callbacks are in trainer.py, the ranks in dist.py, the machine's facts in
-machine.py.
+`run()` reads as torchtune's recipes do, in three steps of `Run`, the conductor: `setup()` (the run
+directory's checks, data, model, loss, memory and disk, then run.json, the trainer and the base model's
+numbers), `train()` (TRL's loop under the signal and non-finite guards, each way it can stop turned into
+a fastsft error) and `finish()` (adapter, answers after, summary, report, exports). What it calls, in the
+order a run goes:
+
+    resume.py    the run to resume: its stored recipe, the checkpoint, the data it must still match
+    preflight.py what `fastsft validate` checks beyond the schema
+    sft_args.py  the recipe's [train] as TRL's SFTConfig
+    trainer.py   the SFTTrainer subclass and its callbacks (progress, atomic checkpoints)
+    records.py   what run.json records (as the run starts, its result, a stop, the fit), as plain functions
+    answers.py   the base model against the fine-tuned one: sample answers, retain loss, task metric
+    guard.py     the guards (signals, non-finite steps, memory, disk) and how each stop is explained
+    report.py    report.md and loss.png
+
+TRL owns the loop; the ranks are in fastsft.dist, the machine's facts in fastsft.machine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsft import backends, dist, levers, machine, progress, threads
+from fastsft import backends, dist, levers, machine, progress
 from fastsft import data as data_mod
 from fastsft import export as export_mod
-from fastsft import recipe as recipe_mod
 from fastsft.backends.common import fit_embeddings
-from fastsft.chat.generation import answer
-from fastsft.chat.templates import end_of_turn_ids
 from fastsft.errors import FastSFTError, Interrupted, RecipeError, RunDirError
-from fastsft.files import WriteFailed, apply_umask, describe_os_error, is_write_error
-from fastsft.loss.held_out import held_out_loss
-from fastsft.run import before as before_cache
-from fastsft.run import guard, health, preflight, report, retain, task, trackers
+from fastsft.files import WriteFailed, apply_umask
+from fastsft.run import guard, health, preflight, records, report, retain, trackers
+from fastsft.run import resume as resume_mod
+from fastsft.run.answers import BeforeAfter
 from fastsft.run.sft_args import sft_config
 from fastsft.run.trainer import (
     STAGING,
     checkpoint_callback,
     make_trainer_class,
     progress_callback,
-    read_totals,
     sharding_callback,
 )
 from fastsft.rundir import RECIPE, RUN_JSON, RunDir, default_path
@@ -47,88 +51,6 @@ from fastsft.rundir import RECIPE, RUN_JSON, RunDir, default_path
 class RunResult:
     run_dir: Path
     summary: dict
-
-
-# ----------------------------------------------------------------------------------------------
-# Before / after answers, for the report
-# ----------------------------------------------------------------------------------------------
-
-
-def sample_prompts(dataset, n: int = 3) -> list[dict]:
-    """The conversation up to the first assistant turn of the first `n` conversational rows, with the
-    row's tools: [{"messages": [...], "tools": [...] | None}]."""
-    out = []
-    if dataset is None:
-        return out
-    for row in dataset.select(range(min(len(dataset), 50))):
-        msgs = row.get("prompt") if isinstance(row.get("prompt"), list) else row.get("messages")
-        if not isinstance(msgs, list):
-            continue
-        prompt = []
-        for m in msgs:
-            if m.get("role") == "assistant":
-                break
-            prompt.append({"role": m["role"], "content": m["content"]})
-        tools = row.get("tools")
-        if isinstance(tools, str):
-            tools = json.loads(tools) if tools else None
-        if prompt:
-            out.append({"messages": prompt, "tools": tools or None})
-        if len(out) == n:
-            break
-    return out
-
-
-SAMPLE_TOKENS = 32  # the sample prompts' answer budget
-
-
-def generate_answers(
-    model, tokenizer, prompts: list[dict], max_new_tokens: int = SAMPLE_TOKENS, advance=None
-) -> list[dict]:
-    """Greedy answers, each with whether it complies with the chat template: it stopped on the
-    end-of-turn token within the budget and wrote no role markers (no invented turns). `advance(n)`:
-    progress, called after each answer."""
-    eot = end_of_turn_ids(tokenizer)
-    out = []
-    for prompt in prompts:
-        a = answer(
-            model,
-            tokenizer,
-            prompt["messages"],
-            eot=eot,
-            max_new_tokens=max_new_tokens,
-            tools=prompt["tools"],
-        )
-        out.append({"text": a.text, "complies": a.complies})
-        if advance is not None:
-            advance(1)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
-
-
-def resume_recipe(run_dir: str | Path, recipe_path: str | Path | None, overrides: list[str]):
-    """The recipe a resumed run continues with: the one stored in RUN_DIR, with the overrides that do
-    not change what is trained. A given RECIPE (or an override) that changes the training is refused
-    with the differing keys named."""
-    run = RunDir.open(run_dir)
-    stored = recipe_mod.load(run / RECIPE)
-    wanted = recipe_mod.load(recipe_path).with_absolute_paths() if recipe_path else stored
-    if overrides:
-        wanted = wanted.with_overrides(list(overrides))
-    changed = [k for k in stored.differences(wanted) if k not in recipe_mod.RESUME_SAFE_KEYS]
-    if changed:
-        raise RecipeError(
-            f"--resume {run.path}: the run was trained with a different "
-            f"{', '.join(changed)} (stored in {run / RECIPE}). Resuming would change the training; start a "
-            "new run instead, or resume without changing those keys. Keys a resume may change: "
-            + ", ".join(sorted(recipe_mod.RESUME_SAFE_KEYS)),
-            path=str(recipe_path or run / RECIPE),
-        )
-    return wanted
 
 
 def run(
@@ -161,7 +83,7 @@ def run(
         callbacks=callbacks,
     )
     try:
-        with _sigterm_interrupts():
+        with guard.sigterm_interrupts():
             session.setup()
             return session.finish(session.train())
     except BaseException:
@@ -169,31 +91,6 @@ def run(
         raise
     finally:
         session.unlock()  # the lock file goes whatever happened (a kill -9's is taken over later)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM outside the training loop (setup, the answers after, exports) stops the run as Ctrl-C does
-    (Interrupted, exit 143), so its cleanup (the lock file) happens; inside the loop StopOnSignal's
-    checkpointing stop applies."""
-    import signal
-    import threading
-
-    def _interrupt(signum, frame):
-        raise Interrupted("SIGTERM before or after training: nothing to resume from", signal_name="SIGTERM")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.getsignal(signal.SIGTERM)
-    if old is not signal.SIG_DFL:  # a caller's own handler stays
-        yield
-        return
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 class Run:
@@ -222,13 +119,18 @@ class Run:
         self.main = dist.is_main()
         self.run_dir: RunDir | None = None
         self.held: list[RunDir] = []  # locked by this process: unlocked at the end, whatever happens
-        self.checkpoint: Path | None = None  # resuming: the checkpoint training continues from
-        self.previous: dict = {}  # resuming: run.json as the earlier segment left it
-        self.totals_before: dict | None = None  # resuming: the run's totals up to the checkpoint
+        self.resumed: resume_mod.Resumed | None = None  # resuming: the checkpoint and the earlier run.json
 
     def log(self, msg: str) -> None:
         if self.main:
             self.console.print(msg, highlight=False, markup=False, soft_wrap=True)
+
+    def _phase(self, total: int | None, what: str):
+        """fastsft.progress.bar for a setup phase on rank 0 (a bar on a terminal, else a line at least every
+        30 s); nothing on the other ranks."""
+        if self.main:
+            return progress.bar(self.console, total, what)
+        return contextlib.nullcontext(lambda n=1: None)
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -237,7 +139,7 @@ class Run:
     def setup(self) -> None:
         """Everything before the first step: the run directory's checks, validate's preflight, data, model,
         loss, the memory and disk checks, then (only now) the run directory, run.json, the trainer, the
-        answers before."""
+        numbers before."""
         dist.setup(self.recipe.distributed.timeout)  # a no-op unless launched as several ranks (torchrun)
         target = self._open_resumed() if self.resume else self._check_target()
         self._preflight()
@@ -247,43 +149,27 @@ class Run:
         self._make_run_dir(target)
         self._write_run_info()
         self.trainer = self._make_trainer()
-        self.before_reuse: dict[str, str] = {}  # which before-numbers came from the cache
-        self.prompts, self.before = self._answers_before()
-        self.retain_before = self._retain_before()
-        self.task_refs, self.task_before = self._task_before()
-        if self.main and self.before_reuse:
-            self.run_dir.update_json(RUN_JSON, before_cache=self.before_reuse)
+        self.compare = BeforeAfter(
+            self.recipe,
+            self.loaded,
+            self.prepared,
+            self.route,
+            self.run_dir,
+            self.run_info,
+            retain_items=self.retain_items,
+            retain_source=self.retain_source,
+            resume=self.resume,
+            main=self.main,
+            log=self.log,
+            phase=self._phase,
+        )
+        self.compare.before()
 
     def _open_resumed(self) -> Path:
-        """The run to resume, locked, and the checkpoint to continue from; a finished run, or a checkpoint
-        that lacks a rank's files, is refused (on every rank: on several hosts each reads its own disk)."""
-        return dist.together(self._open_resumed_here)
-
-    def _open_resumed_here(self) -> Path:
-        run_dir = self.run_dir = RunDir.open(self.output_dir, lock=self.main)
-        if self.main:
-            self.held.append(run_dir)
-        self.previous = previous = run_dir.read_json(RUN_JSON)
-        found = run_dir.latest_checkpoint()
-        steps = (previous.get("result") or {}).get("global_step")
-        if previous.get("status") == "finished" and (found is None or steps is None or found[0] >= steps):
-            raise RunDirError(
-                f"--resume {run_dir.path}: this run finished ({steps} steps); nothing was changed. To train "
-                "further, start a new run with more steps; to use it: fastsft export / generate / eval "
-                f"{run_dir.path}"
-            )
-        if found is None:
-            raise RunDirError(
-                f"--resume {run_dir.path}: no complete checkpoint to resume from (the run stopped before "
-                f"its first save). Start it again: fastsft run RECIPE -o {run_dir.path} --overwrite"
-            )
-        step, self.checkpoint = found
-        missing = dist.missing_rank_files(run_dir.path, self.checkpoint, dist.world_size())
-        if missing is not None:
-            raise missing
-        self.totals_before = read_totals(self.checkpoint)
-        self.log(f"resuming {run_dir.path} from {self.checkpoint.name} (step {step})")
-        return run_dir.path
+        """The run to resume (fastsft.run.resume), locked, and the checkpoint to continue from."""
+        self.resumed = resume_mod.open_resumed(self.output_dir, main=self.main, held=self.held, log=self.log)
+        self.run_dir = self.resumed.run_dir
+        return self.run_dir.path
 
     def _check_target(self) -> Path:
         """Rank 0 checks the new run's folder now (nothing is loaded for a folder that would be refused)
@@ -309,6 +195,32 @@ class Run:
         found = preflight.problems(self.recipe)
         if found:
             raise RecipeError(found, path=str(self.recipe.path) if self.recipe.path else None)
+
+    def _plan(self) -> None:
+        """On a GPU, before the model loads, by [train] fit (fastsft.plan.fit_recipe): the plan's simulated
+        peak for the GPU's free memory; with "auto" the exact levers that make it fit are applied (the run
+        goes on with the changed recipe, as if its keys were set) or the run stops here when nothing fits;
+        the plan's peak is put beside the real one after the first optimizer steps (run.json's `fit`).
+        Under several ranks rank 0 only warns (the plan is one GPU's, not a sharded step's)."""
+        from fastsft import plan
+
+        self.gpu_total, self.planned = guard.gpu_memory(), None
+        if self.gpu_total is None or not self.main:
+            return
+        mode = None if dist.world_size() == 1 else "warn"
+        budget = plan.free_memory() or self.gpu_total
+        self.recipe, self.planned = plan.fit_recipe(self.recipe, budget, self.log, mode=mode)
+        if self.planned is not None:
+            self.callbacks.append(
+                plan.fit_mod.callback(self.planned.pop("planned_reserved_bytes"), self._record_fit)
+            )
+
+    def _record_fit(self, real: dict) -> None:
+        """The plan against the first optimizer steps' torch.cuda.max_memory_reserved(), into run.json."""
+        self.planned = records.fit(self.planned, real)
+        if real.get("warning"):
+            self.log(f"warning: {real['warning']}")
+        self.run_dir.update_json(RUN_JSON, fit=self.planned)
 
     def _load(self) -> None:
         """The data first (the model folder's tokenizer; a bad row or, on a resume, changed data is refused
@@ -336,40 +248,8 @@ class Run:
 
     def _refuse_changed_data(self, prepared) -> None:
         """On a resume, data that changed since the run started is refused (unless --allow-data-change)."""
-        was = (self.previous.get("data") or {}).get("fingerprint")
-        if self.resume and was and was != prepared.fingerprint and not self.allow_data_change:
-            raise RunDirError(
-                f"--resume {self.run_dir.path}: the training data changed since the run started (fingerprint "
-                f"{was} then, {prepared.fingerprint} now: the data file, tokenizer or [data] settings differ); "
-                "nothing was changed. Put the original data back, start a new run, or pass "
-                "--allow-data-change to continue on the new data."
-            )
-
-    def _plan(self) -> None:
-        """On a GPU, before the model loads, by [train] fit (fastsft.plan.fit_recipe): the plan's simulated
-        peak for the GPU's free memory; with "auto" the exact levers that make it fit are applied (the run
-        goes on with the changed recipe, as if its keys were set) or the run stops here when nothing fits;
-        the plan's peak is put beside the real one after the first optimizer steps (run.json's `fit`).
-        Under several ranks rank 0 only warns (the plan is one GPU's, not a sharded step's)."""
-        from fastsft import plan
-
-        self.gpu_total, self.planned = guard.gpu_memory(), None
-        if self.gpu_total is None or not self.main:
-            return
-        mode = None if dist.world_size() == 1 else "warn"
-        budget = plan.free_memory() or self.gpu_total
-        self.recipe, self.planned = plan.fit_recipe(self.recipe, budget, self.log, mode=mode)
-        if self.planned is not None:
-            self.callbacks.append(
-                plan.fit_mod.callback(self.planned.pop("planned_reserved_bytes"), self._record_fit)
-            )
-
-    def _record_fit(self, real: dict) -> None:
-        """The plan against the first optimizer steps' torch.cuda.max_memory_reserved(), into run.json."""
-        self.planned.update(real)
-        if real.get("warning"):
-            self.log(f"warning: {real['warning']}")
-        self.run_dir.update_json(RUN_JSON, fit=self.planned)
+        if self.resumed is not None:
+            resume_mod.refuse_changed_data(self.resumed, prepared.fingerprint, allow=self.allow_data_change)
 
     def _check_memory_and_disk(self, target: Path) -> None:
         """The formula's memory estimate (run.json; printed where no plan was: on the CPU, or a model the
@@ -390,7 +270,7 @@ class Run:
         if self.resume:
             if self.main:
                 shutil.rmtree(self.run_dir.checkpoints / STAGING, ignore_errors=True)
-                self.run_dir.truncate_metrics(self.checkpoint_step)
+                self.run_dir.truncate_metrics(self.resumed.step)
         elif self.main:
             self.run_dir = RunDir.create(target, overwrite=self.overwrite)
             self.held.append(self.run_dir)
@@ -404,49 +284,26 @@ class Run:
                 self.run_dir = RunDir(target)
             self.log(f"run directory: {self.run_dir.path}")
 
-    @property
-    def checkpoint_step(self) -> int:
-        return int(self.checkpoint.name.rsplit("-", 1)[1])
-
     def _write_run_info(self) -> None:
-        """run.json as the run starts (a resume keeps what the earlier segments recorded) and recipe.toml."""
-        recipe, loaded, prepared, previous = self.recipe, self.loaded, self.prepared, self.previous
-        info = {
-            "status": "running",
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join(sys.argv),
-            "recipe_path": str(recipe.path) if recipe.path else None,
-            "versions": machine.versions(),
-            "device": machine.device_description(),
-            "cpu_threads": threads.facts(),  # OpenMP's wait policy and who chose it (fastsft.threads)
-            "seed": recipe.train.seed,
-            "backend": loaded.backend,
-            "backend_reason": loaded.reason,
-            "model_path": loaded.model_path,
-            "dtype": loaded.dtype,
-            "loss": self.route.describe(),
-            "memory_estimate_gib": {k: round(v / 2**30, 3) for k, v in self.estimate.items()},
-            **({"fit": self.planned} if self.planned else {}),  # [train] fit: changes, planned peak
-            "data": {"fingerprint": prepared.fingerprint, **prepared.stats},
-        }
-        if dist.world_size() > 1:
-            info["world_size"] = dist.world_size()
-            info["distributed"] = {"strategy": recipe.distributed.strategy, "world_size": dist.world_size()}
-        if self.resume:
-            info["started"] = previous.get("started", info["started"])
-            info["resumed"] = previous.get("resumed", []) + [
-                {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": self.checkpoint.name}
-            ]
-            if "before" in previous:
-                info["before"] = previous["before"]
-            if "retain_before" in previous:
-                info["retain_before"] = previous["retain_before"]
-            if previous.get("data", {}).get("fingerprint") != prepared.fingerprint:
-                info["data_changed_at"] = self.checkpoint.name
-        self.run_info = info
+        """run.json as the run starts (fastsft.run.records; a resume keeps what the earlier segments
+        recorded) and recipe.toml."""
+        resumed = self.resumed
+        self.run_info = info = records.run_info(
+            self.recipe,
+            self.loaded,
+            self.prepared,
+            loss=self.route.describe(),
+            estimate=self.estimate,
+            planned=self.planned,
+            facts=records.process_facts(),
+            world_size=dist.world_size(),
+            previous=resumed.previous if resumed else None,
+            resumed_from=resumed.checkpoint.name if resumed else None,
+            resumed_at=records.now() if resumed else None,
+        )
         if self.main:
             if not self.resume:
-                self.run_dir.write_text(RECIPE, recipe.with_absolute_paths().to_toml())
+                self.run_dir.write_text(RECIPE, self.recipe.with_absolute_paths().to_toml())
             self.run_dir.write_json(RUN_JSON, info)
 
     def _make_trainer(self):
@@ -457,6 +314,7 @@ class Run:
         args = sft_config(
             recipe,
             run_dir.checkpoints / STAGING,
+            run_name=run_dir.path.name,  # for W&B / MLflow / trackio
             dtype=loaded.dtype,
             backend=loaded.backend,
             data_kwargs=prepared.sft_kwargs,
@@ -465,10 +323,12 @@ class Run:
         self.nonfinite = guard.NonFiniteGuard(
             recipe.train.max_nonfinite_steps, check_grads=loaded.dtype != "fp16", log=self.log
         )
-        tokens_before = self.totals_before["tokens"] if self.totals_before else 0
+        totals_before = self.resumed.totals_before if self.resumed else None
         # the caller's callbacks run before the guards, so a stop they cause (a signal) counts in that step
         callbacks = [
-            progress_callback(run_dir, self.console, tokens_before=tokens_before),
+            progress_callback(
+                run_dir, self.console, tokens_before=totals_before["tokens"] if totals_before else 0
+            ),
             *self.callbacks,
             self.stop.callback(),
             self.nonfinite.callback(),
@@ -492,8 +352,8 @@ class Run:
             callbacks=callbacks,
         )
         trainer.add_callback(checkpoint_callback(trainer, run_dir.checkpoints))
-        if self.totals_before:
-            trainer.totals_before = dict(self.totals_before)
+        if totals_before:
+            trainer.totals_before = dict(totals_before)
         if dist.world_size() > 1:
             trainer.add_callback(sharding_callback(trainer, run_dir))
         if dist.world_size() > 1 and self.main:
@@ -502,158 +362,34 @@ class Run:
             run_dir.update_json(RUN_JSON, distributed={**self.run_info["distributed"], **engines})
         return trainer
 
-    def _answers_before(self) -> tuple[list[dict], list[dict]]:
-        """The report's prompts and the base model's answers to them (a resume keeps the first segment's)."""
-        prepared = self.prepared
-        prompts = sample_prompts(prepared.eval if prepared.eval is not None else prepared.train)
-        if self.resume:
-            return prompts, list(self.run_info.get("before", [])) if self.main else []
-        # sharded: on every rank, as under ZeRO-3 transformers' generate steps the ranks together
-        # (synced_gpus); the weights are still whole here, so every rank answers the same
-        answers = prompts and (self.main or dist.sharded(self.recipe))
-        model, tokenizer = self.loaded.model, self.loaded.tokenizer
-
-        def compute():
-            with self._phase(len(prompts), "base model: answers to the sample prompts") as advance:
-                return generate_answers(model, tokenizer, prompts, advance=advance)
-
-        parts = {
-            "prompts": prompts,
-            "max_new_tokens": SAMPLE_TOKENS,
-            "template": getattr(tokenizer, "chat_template", None),
-            "eot": end_of_turn_ids(tokenizer),
-        }
-        before = self._cached_before("answers", parts, compute, "base model's answers") if answers else []
-        if self.main and before:
-            self.run_dir.update_json(RUN_JSON, before=before)  # a resume reports the base model's answers too
-        return prompts, before
-
-    def _task_before(self) -> tuple[list, dict | None]:
-        """The held-out split's short answers (fastsft.run.task) and the base model's score on them."""
-        if not self.main or dist.sharded(self.recipe):
-            # sharded: rank 0 alone cannot run a model whose shards the others hold (under ZeRO-3 the
-            # weights are partitioned as they load, so a forward here would wait for ranks that never come)
-            return [], None
-        refs = task.held_out(self.prepared, self.loaded.tokenizer)
-        if not refs or self.resume:
-            return refs, self.run_info.get("task_before")
-        model, tokenizer = self.loaded.model, self.loaded.tokenizer
-
-        def compute():
-            what = f"base model: task metric on {len(refs)} held-out answers"
-            with self._phase(len(refs), what) as advance:
-                return task.score(model, tokenizer, refs, advance=advance)
-
-        parts = {
-            "refs": refs,
-            "max_new_tokens": task.budget(tokenizer, refs),
-            "batch_size": task.BATCH,
-            "eot": end_of_turn_ids(tokenizer),
-        }
-        before = self._cached_before("task", parts, compute, "base model's task metric")
-        self.run_dir.update_json(RUN_JSON, task_before=before)
-        return refs, before
-
-    def _retain_before(self) -> dict | None:
-        """The retain set's loss under the base model (a resume keeps the first segment's)."""
-        if (
-            self.retain_items is not None
-            and dist.world_size() > 1
-            and self.recipe.distributed.strategy != "ddp"
-        ):
-            self.log(
-                f"retain: not scored under {self.recipe.distributed.strategy} (sharded weights); score it "
-                f"after the run with fastsft eval RUN --data {self.retain_source}"
-            )
-            self.retain_items = None
-        if self.retain_items is None or not self.main or self.resume:
-            return self.run_info.get("retain_before")
-        t, route = self.recipe.train, self.route.describe()
-
-        def compute():
-            with self._phase(len(self.retain_items), "base model: retain loss") as advance:
-                return self._score_retain(advance=advance)
-
-        parts = {
-            "items": self.retain_items,
-            "max_length": self.recipe.data.max_length,
-            "batch_size": t.per_device_eval_batch_size or t.per_device_train_batch_size,
-            "pad_id": self.loaded.tokenizer.pad_token_id,
-            "loss": {k: route[k] for k in ("kernel", "implementation", "kernel_backend", "label_smoothing")},
-        }
-        before = self._cached_before("retain", parts, compute, "base model's retain loss")
-        self.run_dir.update_json(RUN_JSON, retain_before=before)
-        self.run_dir.append_metrics({"step": 0, "retain_loss": before["loss"]})
-        self.log(f"retain loss before training: {_fmt_loss(before['loss'])} ({before['tokens']} tokens)")
-        return before
-
-    def _score_retain(self, advance=None) -> dict:
-        t, tokenizer = self.recipe.train, self.loaded.tokenizer
-        return held_out_loss(
-            self.loaded.model,
-            self.retain_items,
-            max_length=self.recipe.data.max_length,
-            batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            loss=lambda model, batch: self.route(model, batch, None)[0],  # the training loss
-            advance=advance,
-        )
-
-    def _phase(self, total: int | None, what: str):
-        """fastsft.progress.bar for a setup phase on rank 0 (a bar on a terminal, else a line at least every
-        30 s); nothing on the other ranks."""
-        if self.main:
-            return progress.bar(self.console, total, what)
-        return contextlib.nullcontext(lambda n=1: None)
-
-    def _cached_before(self, kind: str, parts: dict, compute, what: str):
-        """A before-number of the base model from fastsft.run.before's cache, else computed (and stored).
-        Under several ranks it is computed (the ranks must generate together; the cache is per process)."""
-        if not hasattr(self, "_base_fp"):
-            loaded, recipe = self.loaded, self.recipe
-            self._base_fp = (
-                before_cache.model_fingerprint(
-                    loaded.model_path,
-                    model=recipe.model.as_dict(),
-                    backend=loaded.backend,
-                    dtype=loaded.dtype,
-                    method=recipe.train.method,
-                )
-                if dist.world_size() == 1
-                else None
-            )
-        value, reused = before_cache.cached(kind, self._base_fp, parts, compute)
-        self.before_reuse[kind] = "reused" if reused else "computed"
-        if reused:
-            self.log(f"{what}: reused from the cache (same base model, data and settings)")
-        return value
-
     # ------------------------------------------------------------------------------------------
     # train
     # ------------------------------------------------------------------------------------------
 
     def train(self):
         """TRL's loop under the signal and non-finite guards. Each way it can stop (non-finite steps, out
-        of memory, a full disk, a signal) becomes a fastsft error, with run.json saying so."""
+        of memory, a full disk, a signal) becomes a fastsft error (fastsft.run.guard), with run.json
+        saying so."""
         import torch
 
-        trainer = self.trainer
+        trainer, resumed = self.trainer, self.resumed
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         if self.main:
             self.run_dir.drop_replaced()  # the new run starts: the run it replaces goes
-        start_step = self.checkpoint_step if self.resume else trainer.state.global_step
+        start_step = resumed.step if resumed else trainer.state.global_step
         trainer.segment_start = time.perf_counter()
         try:
             with self.stop:
-                result = trainer.train(
-                    resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None
-                )
+                result = trainer.train(resume_from_checkpoint=str(resumed.checkpoint) if resumed else None)
         except BaseException as e:
-            err = self._explain_stop(e)
-            if err is None:
+            stopped = guard.explain_stop(e, self.run_dir, trainer.phase, self.run_dir.checkpoints / STAGING)
+            if stopped is None:
                 raise
-            raise err from None
+            self._record_stop(stopped.status, stopped.message, best_effort=stopped.best_effort)
+            if stopped.error is None:
+                raise
+            raise stopped.error from None
         if self.stop.requested:
             kept = self.run_dir.latest_checkpoint()
             msg = guard.interrupted_message(
@@ -663,58 +399,21 @@ class Run:
             raise Interrupted(msg, signal_name=self.stop.requested)
         steps_run = trainer.state.global_step - start_step
         if steps_run > 0 and self.nonfinite.bad_steps >= steps_run:
-            last = self.nonfinite.last_bad
-            msg = (
-                f"every step of the run ({steps_run}) had a NaN or infinite {last[1] if last else 'loss'}; "
-                f"no step was applied and nothing was learned. {guard.NONFINITE_CAUSES}."
-            )
+            msg = guard.every_step_nonfinite(steps_run, self.nonfinite.last_bad)
             self._record_stop("stopped: non-finite", msg)
             raise guard.NonFinite(msg)
         return result
 
-    def _explain_stop(self, e: BaseException) -> FastSFTError | None:
-        """The fastsft error for an exception out of the loop (None: re-raise it as it is)."""
-        if isinstance(e, guard.NonFinite):
-            kept = self.run_dir.latest_checkpoint()
-            msg = f"{e} Last good checkpoint: {kept[1] if kept else 'none'}."
-            self._record_stop("stopped: non-finite", msg)
-            return guard.NonFinite(msg)
-        if guard.is_oom(e):
-            err = guard.explain_oom(e, self.trainer.phase)
-            self._record_stop("stopped: out of memory", str(err))
-            return err
-        if is_write_error(e):
-            return self._write_failed(e)
-        if isinstance(e, KeyboardInterrupt):
-            self._record_stop("killed", "interrupted twice; no checkpoint written")
-        return None
-
-    def _record_stop(self, status: str, error: str) -> None:
-        if self.main:
-            self.run_dir.update_json(RUN_JSON, status=status, error=error)
-
-    def _write_failed(self, e: BaseException) -> WriteFailed:
-        """A write that failed during training (a full disk): the half-written checkpoint is removed,
-        run.json says so, and the message says how to go on."""
-        run_dir = self.run_dir
-        shutil.rmtree(run_dir.checkpoints / STAGING, ignore_errors=True)  # frees the space it took
-        if isinstance(e, WriteFailed):
-            what = str(e)
-        elif isinstance(e, OSError):
-            what = describe_os_error(e, getattr(e, "filename", None) or run_dir.path)
-        else:
-            what = f"cannot write in {run_dir.path}: {str(e).strip().splitlines()[0]}"
-        kept = run_dir.latest_checkpoint()
-        msg = f"{what} (during {self.trainer.phase}). The run stopped; " + (
-            f"its last complete checkpoint is {kept[1]}. Free some space, then resume: fastsft run --resume {run_dir.path}"
-            if kept
-            else "it had no complete checkpoint yet. Free some space, then start it again with --overwrite."
-        )
+    def _record_stop(self, status: str, error: str, *, best_effort: bool = False) -> None:
+        """run.json says how the run stopped; `best_effort`: a failed write of it is let go (the disk that
+        stopped the run is full), the stop's own error is raised all the same."""
+        if not self.main:
+            return
         try:
-            self._record_stop("stopped: write failed", msg)
+            self.run_dir.update_json(RUN_JSON, **records.stop(status, error))
         except (OSError, WriteFailed):
-            pass
-        return WriteFailed(msg)
+            if not best_effort:
+                raise
 
     # ------------------------------------------------------------------------------------------
     # finish
@@ -731,9 +430,7 @@ class Run:
         tokenizer.save_pretrained(str(weights))
         apply_umask(weights)
         summary = self._summary(result, totals)
-        run_dir.update_json(
-            RUN_JSON, status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), result=summary
-        )
+        run_dir.update_json(RUN_JSON, status="finished", finished=records.now(), result=summary)
         report.write_report(run_dir, summary)
         self._export()
         self.log(
@@ -742,101 +439,39 @@ class Run:
         return RunResult(run_dir.path, summary)
 
     def _summary(self, result, totals: dict) -> dict:
-        """run.json's `result` and the report's figures; loss, tokens and time cover every segment."""
-        recipe, loaded, prepared = self.recipe, self.loaded, self.prepared
-        samples = self._samples()  # generation first: the peak memory below includes it
-        peak, mem_kind = machine.peak_memory_gib()
-        global_step = self.trainer.state.global_step
-        train_seconds = totals["train_seconds"]
-        return {
-            "name": self.run_dir.path.name,
-            "model": recipe.model.name,
-            "backend": loaded.backend,
-            "backend_reason": loaded.reason,
-            "dtype": loaded.dtype,
-            "load_in_4bit": recipe.model.load_in_4bit,
-            "method": recipe.train.method,
-            "trainable_parameters": loaded.info.get("trainable_parameters"),
-            "loss": self.route.describe(),
-            "device": self.run_info["device"],
-            "global_step": global_step,
-            "train_seconds": train_seconds,
-            # the mean optimizer-step loss over the whole run (every segment of a resumed run)
-            "train_loss": totals["loss_sum"] / global_step if global_step else result.training_loss,
-            "tokens": totals["tokens"],
-            "tokens_per_s": totals["tokens"] / train_seconds if train_seconds > 0 else None,
-            "peak_mem_gib": peak,
-            "mem_kind": mem_kind,
-            **samples,
-            "data": {"summary": prepared.stats.get("summary", "")},
-            **self._watch(samples["compliance"]),
-        }
+        """run.json's `result` and the report's figures (fastsft.run.records.summary)."""
+        samples = self.compare.answers_after()  # generation first: the peak memory below includes it
+        peak = machine.peak_memory_gib()
+        watch = self._watch(samples["compliance"])
+        return records.summary(
+            self.recipe,
+            self.loaded,
+            name=self.run_dir.path.name,
+            loss=self.route.describe(),
+            device=self.run_info["device"],
+            global_step=self.trainer.state.global_step,
+            totals=totals,
+            training_loss=result.training_loss,
+            peak=peak,
+            samples=samples,
+            data_summary=self.prepared.stats.get("summary", ""),
+            watch=watch,
+        )
 
     def _watch(self, compliance: dict) -> dict:
         """The retain loss after training (against before), the health findings over the whole metrics
         history, and whether early stopping ended the run."""
         out: dict = {}
         state = self.trainer.state
-        if self.retain_items is not None:
-            after = self._score_retain()
-            self.run_dir.append_metrics({"step": state.global_step, "retain_loss": after["loss"]})
-            vocab = getattr(self.loaded.model.config, "vocab_size", None) or len(self.loaded.tokenizer)
-            out["retain"] = r = retain.summary(
-                self.retain_before, after, source=self.retain_source, vocab_size=vocab
-            )
-            delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
-            self.log(
-                f"retain loss: {_fmt_loss(r['before'])} before -> {_fmt_loss(r['after'])} after training ({delta})"
-            )
+        retained = self.compare.retain_after(state.global_step)
+        if retained is not None:
+            out["retain"] = retained
         out["health"] = [
             f.as_dict() for f in health.diagnose(self.run_dir.read_metrics(), compliance=compliance)
         ]
-        if self.recipe.train.early_stopping_patience is not None:
-            out["early_stopping"] = {
-                "patience": self.recipe.train.early_stopping_patience,
-                "stopped_early": state.global_step < state.max_steps,
-                "max_steps": state.max_steps,
-                "best_checkpoint": state.best_model_checkpoint,
-                "best_metric": state.best_metric,
-            }
-        return out
-
-    def _samples(self) -> dict:
-        """The answers before and after training to the same prompts, and how many follow the template."""
-        before, prompts = self.before, self.prompts
-        if dist.sharded(self.recipe):  # rank 0 alone cannot run a model whose shards the others hold
-            why = dist.SHARDED_ANSWERS.format(
-                strategy=self.recipe.distributed.strategy, run=self.run_dir.path
-            )
-            self.log(why)
-            return {
-                "samples": [],
-                "samples_skipped": why,
-                "compliance": {"base": None, "fine_tuned": None, "n": 0},
-            }
-        after = generate_answers(self.loaded.model, self.loaded.tokenizer, prompts) if prompts else []
-        paired = before if len(before) == len(after) else [None] * len(after)
-        samples = [
-            {"prompt": p["messages"][-1]["content"], "before": b["text"] if b else "", "after": a["text"]}
-            for p, b, a in zip(prompts, paired, after, strict=True)
-        ]
-        prepared, recipe = self.prepared, self.recipe
-        source = (
-            f"held-out prompts: the first of data.eval ({recipe.data.eval})"
-            if prepared.eval is not None and recipe.data.eval
-            else "held-out prompts: the first of the val_ratio split, none of which is a training example"
-            if prepared.eval is not None
-            else "training prompts (the recipe holds no data out): these answers show memorisation"
-        )
-        compliance = {
-            "base": sum(b["complies"] for b in before) / len(before) if before else None,
-            "fine_tuned": sum(a["complies"] for a in after) / len(after) if after else None,
-            "n": len(after),
-        }
-        out = {"samples": samples, "samples_source": source, "compliance": compliance}
-        if self.task_refs:  # the task metric on the held-out split's short answers, before -> after
-            after = task.score(self.loaded.model, self.loaded.tokenizer, self.task_refs)
-            out["task"] = {"before": self.task_before, "after": after}
+        patience = self.recipe.train.early_stopping_patience
+        if patience is not None:
+            out["early_stopping"] = records.early_stopping(patience, state)
         return out
 
     def _export(self) -> None:
@@ -865,8 +500,4 @@ class Run:
             r.unlock()
 
 
-def _fmt_loss(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
-__all__ = ["run", "Run", "resume_recipe", "RunResult"]
+__all__ = ["run", "Run", "RunResult"]

@@ -10,7 +10,7 @@ from test_data import CHATML_NO_MARKERS, make_recipe, quiet, write_jsonl
 from fastsft import data as D
 from fastsft.chat import templates as C
 from fastsft.errors import DataError
-from fastsft.run import train as T
+from fastsft.run.answers import sample_prompts
 
 WEATHER = {
     "type": "function",
@@ -248,7 +248,7 @@ def test_trl_renders_a_tool_row_as_fastsft_does(tmp_path, tiny_model_dir, tok):
 def test_report_prompts_carry_the_tools(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [weather_row(), {"messages": weather_row()["messages"]}])
     p = D.prepare_data(make_recipe(tmp_path, chat_template="chatml"), tok, log=quiet)
-    prompts = T.sample_prompts(p.train)
+    prompts = sample_prompts(p.train)
     assert prompts[0]["messages"] == weather_row()["messages"][:2]
     assert prompts[0]["tools"][0]["function"]["name"] == "get_weather"
     assert prompts[1]["tools"] is None

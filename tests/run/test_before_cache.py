@@ -14,7 +14,7 @@ from rich.console import Console
 from fastsft import recipe as R
 from fastsft.chat import generation
 from fastsft.errors import Interrupted
-from fastsft.run import task, train
+from fastsft.run import answers, guard, task, train
 
 from _tiny import DEMO, write_recipe
 
@@ -54,7 +54,7 @@ def counted(monkeypatch):
             return _real(*a, **kw)
 
         monkeypatch.setattr(generation, name, wrapper)
-        for module in (train, task):
+        for module in (answers, task):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, wrapper)
     return calls
@@ -134,7 +134,7 @@ def test_sigterm_during_setup_stops_the_run_so_its_cleanup_happens():
     """Outside the training loop (setup: the base model's answers, the retain loss) SIGTERM raises
     Interrupted (exit 143) instead of ending the process at once, so `run`'s finally removes the lock."""
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    with pytest.raises(Interrupted) as stopped, train._sigterm_interrupts():
+    with pytest.raises(Interrupted) as stopped, guard.sigterm_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)
     assert stopped.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

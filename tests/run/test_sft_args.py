@@ -50,7 +50,7 @@ def recipe_with(train: dict, **sections) -> R.Recipe:
 
 
 def config(recipe, tmp_path, *, dtype="fp32", backend="transformers"):
-    return sft_config(recipe, tmp_path / "out", dtype=dtype, backend=backend, data_kwargs={})
+    return sft_config(recipe, tmp_path / "out", run_name="run", dtype=dtype, backend=backend, data_kwargs={})
 
 
 def test_every_train_key_says_whether_it_maps_to_sft_config():

@@ -37,7 +37,7 @@ from fastsft import backends, machine  # noqa: E402
 from fastsft import recipe as R  # noqa: E402
 from fastsft.kernels import cross_entropy  # noqa: E402
 from fastsft.loss import route as loss  # noqa: E402
-from fastsft.run import train  # noqa: E402
+from fastsft.run import answers, train  # noqa: E402
 
 # the tests' shared helpers, by file: tests/ on sys.path would bring its folders (kernels/, data/, ...) too
 _spec = importlib.util.spec_from_file_location("_tiny", REPO / "tests" / "_tiny.py")
@@ -244,7 +244,7 @@ def check_training(tmp: Path) -> dict:
     out: dict = {}
     tmp.mkdir(parents=True, exist_ok=True)
     keep = model_keeper()
-    train.sample_prompts = lambda *a, **k: []  # before / after answers: Unsloth's generation is slow here
+    answers.sample_prompts = lambda *a, **k: []  # before / after answers: Unsloth's generation is slow here
     LAUNCHES["cross_entropy"] = 0
     a = train.run(
         make_recipe(tmp, "train.per_device_train_batch_size=2"), output_dir=tmp / "a", callbacks=[keep]
@@ -287,7 +287,7 @@ def check_full_finetuning(tmp: Path) -> dict:
     out: dict = {}
     tmp.mkdir(parents=True, exist_ok=True)
     keep = model_keeper()
-    train.sample_prompts = lambda *a, **k: []
+    answers.sample_prompts = lambda *a, **k: []
     LAUNCHES["cross_entropy"] = 0
     r = train.run(
         make_recipe(

@@ -1,0 +1,77 @@
+"""fastsft.run.resume: which run a resume opens and what it refuses, on run folders made on the spot
+(no model; the whole resume through `fastsft run --resume` is tests/run/test_reliability.py's)."""
+
+import json
+
+import pytest
+
+from fastsft.errors import RunDirError
+from fastsft.run import resume
+from fastsft.run.trainer import TOTALS
+from fastsft.rundir import RECIPE, RUN_JSON, RunDir
+
+
+def make_run(tmp_path, run_json: dict, checkpoints: dict[int, dict | None] = ()) -> RunDir:
+    """A run folder with `run_json` and a complete checkpoint per step ({step: its totals or None})."""
+    run = RunDir.create(tmp_path / "run")
+    run.write_text(RECIPE, "# stored recipe\n")
+    run.write_json(RUN_JSON, run_json)
+    for step, totals in dict(checkpoints).items():
+        ckpt = run.checkpoints / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text("{}")
+        if totals is not None:
+            (ckpt / TOTALS).write_text(json.dumps(totals))
+    run.unlock()
+    return run
+
+
+def test_opens_the_newest_complete_checkpoint_with_its_totals(tmp_path):
+    totals = {"loss_sum": 3.0, "tokens": 120, "train_seconds": 4.5}
+    run = make_run(tmp_path, {"status": "interrupted", "started": "then"}, {2: None, 4: totals})
+    (run.checkpoints / "checkpoint-6").mkdir()  # no trainer_state.json: a save cut short, never resumed from
+    held, logged = [], []
+    r = resume.open_resumed(run.path, main=True, held=held, log=logged.append)
+    try:
+        assert r.checkpoint == run.checkpoints / "checkpoint-4" and r.step == 4
+        assert r.totals_before == totals and r.previous["started"] == "then"
+        assert held == [r.run_dir] and (run.path / ".lock").exists()  # locked, and handed to the caller
+        assert logged == [f"resuming {run.path} from checkpoint-4 (step 4)"]
+    finally:
+        r.run_dir.unlock()
+
+
+@pytest.mark.parametrize(
+    ("run_json", "steps", "says"),
+    [
+        ({"status": "finished", "result": {"global_step": 4}}, {4: None}, r"this run finished \(4 steps\)"),
+        ({"status": "interrupted"}, {}, "no complete checkpoint to resume from"),
+    ],
+)
+def test_refused_runs_are_still_handed_over_for_unlocking(tmp_path, run_json, steps, says):
+    run = make_run(tmp_path, run_json, steps)
+    held = []
+    with pytest.raises(RunDirError, match=says):
+        resume.open_resumed(run.path, main=True, held=held, log=lambda m: None)
+    assert len(held) == 1 and (run.path / ".lock").exists()  # the caller's cleanup unlocks it
+    held[0].unlock()
+    assert not (run.path / ".lock").exists()
+
+
+def test_a_finished_run_whose_checkpoint_is_behind_its_result_resumes(tmp_path):
+    """A run recorded as finished at step 4 whose newest checkpoint is step 2 can still go on from it."""
+    run = make_run(tmp_path, {"status": "finished", "result": {"global_step": 4}}, {2: None})
+    r = resume.open_resumed(run.path, main=True, held=[], log=lambda m: None)
+    r.run_dir.unlock()
+    assert r.step == 2
+
+
+def test_changed_data_is_refused_unless_allowed(tmp_path):
+    run = make_run(tmp_path, {"status": "interrupted", "data": {"fingerprint": "aaa"}}, {2: None})
+    r = resume.open_resumed(run.path, main=True, held=[], log=lambda m: None)
+    r.run_dir.unlock()
+    resume.refuse_changed_data(r, "aaa", allow=False)  # the same data
+    resume.refuse_changed_data(r, "bbb", allow=True)  # --allow-data-change
+    with pytest.raises(RunDirError, match="fingerprint aaa then, bbb now") as e:
+        resume.refuse_changed_data(r, "bbb", allow=False)
+    assert "--allow-data-change" in str(e.value)
