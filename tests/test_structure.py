@@ -300,6 +300,7 @@ LAZY = {
     "fastsft.levers": "its children load torch",
     "fastsft.backends.unsloth": "imported first of all, only when the Unsloth backend is chosen",
     "fastsft.backends.transformers": "the other backend of that same choice",
+    "fastsft.run.callbacks": "transformers at load, which must come after the backend's start (Unsloth first)",
 }
 
 

@@ -4,7 +4,8 @@ preflight  checks before anything heavy loads (disk, trackers, the data's files)
 train      the conductor: recipe -> backend -> data -> trainer -> run directory
 resume     the run to resume: its stored recipe (overrides a resume may change), checkpoint and data
 sft_args   the recipe's [train] as TRL's SFTConfig
-trainer    the SFTTrainer subclass (the loss route, evaluation, the run directory's writes)
+trainer    the SFTTrainer subclass (the loss route, evaluation, the run's totals)
+callbacks  what a run adds to TRL's loop: progress and metrics.jsonl, atomic checkpoints, guards, health
 guard      what keeps a run safe: signals, non-finite steps, the memory estimate; the out-of-memory
            advice and the free-space check it names are fastsft.limits (an export uses them too); each
            way the loop stops, explained

@@ -1,9 +1,10 @@
 """What keeps a long run safe: signals, non-finite steps, out-of-memory, disk space, the memory estimate.
 
 - `StopOnSignal`: the first SIGINT/SIGTERM finishes the current optimizer step, writes a checkpoint
-  and stops; a second one exits at once. `sigterm_interrupts`: SIGTERM outside the loop stops as Ctrl-C.
-- `NonFiniteGuard`: a NaN/inf loss or gradient norm is never applied to the weights; after
-  `train.max_nonfinite_steps` such steps the run stops and says why.
+  and stops (callbacks.StopAtSignal); a second one exits at once. `sigterm_interrupts`: SIGTERM outside
+  the loop stops as Ctrl-C does.
+- `NonFiniteGuard`: a NaN/inf loss or gradient norm is never applied to the weights (checked by
+  callbacks.NonFiniteCheck); after `train.max_nonfinite_steps` such steps the run stops and says why.
 - `explain_oom`, `is_oom`, `check_disk`: out-of-memory advice and the free-space check, from
   `fastsft.limits` (an export uses them too), named here among the run's guards.
 - `estimate_memory`: the peak GPU memory a recipe will need, printed before training.
@@ -61,19 +62,6 @@ class StopOnSignal:
         for s, old in self._old.items():
             signal.signal(s, old)
         return False
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        guard = self
-
-        class _StopOnSignal(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if guard.requested:
-                    control.should_save = True
-                    control.should_training_stop = True
-
-        return _StopOnSignal()
 
 
 @contextlib.contextmanager
@@ -134,17 +122,6 @@ class NonFiniteGuard:
 
         bad = ~torch.isfinite(loss.detach()).all()
         self._flag = bad if self._flag is None else (self._flag | bad)
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        guard = self
-
-        class _NonFiniteGuard(TrainerCallback):
-            def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
-                guard.check(state.global_step + 1, model, optimizer)
-
-        return _NonFiniteGuard()
 
     def check(self, step: int, model, optimizer) -> None:
         import torch

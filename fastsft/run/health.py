@@ -2,7 +2,7 @@
 
 `diagnose(rows)` is a pure function over the metrics history (the rows of metrics.jsonl: `loss`,
 `grad_norm`, `eval_loss` by `step`) and the template compliance the report measures; it returns the
-findings, each with what was seen (numbers) and what to change. `HealthCallback` runs it on every log
+findings, each with what was seen (numbers) and what to change. `callbacks.HealthWatch` runs it on every log
 during training and prints each new kind of finding once; the report lists them at the end.
 
 The diagnoses:
@@ -287,36 +287,12 @@ def early_stopping_callback(recipe):
     )
 
 
-def callback(log):
-    """A TrainerCallback that diagnoses the history after every log and prints each new kind of finding
-    once (on the main process). Its `findings` hold the latest finding of each kind."""
-    from transformers import TrainerCallback
-
-    class HealthCallback(TrainerCallback):
-        def __init__(self):
-            self.rows: list[dict] = []
-            self.warned: set[str] = set()
-            self.findings: list[Finding] = []
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if not state.is_world_process_zero or not logs:
-                return
-            row = {"step": state.global_step}
-            for k in ("loss", "grad_norm", "eval_loss", "trained_tokens_per_step"):
-                if k in logs:
-                    v = logs[k]
-                    row[k] = float(v) if _finite(v) else None
-            if len(row) == 1:
-                return
-            self.rows.append(row)
-            # the recent train logs and every evaluation: a check per log stays cheap on long runs
-            train = [r for r in self.rows if "eval_loss" not in r][-LIVE_TRAIN_LOGS:]
-            evals = [r for r in self.rows if "eval_loss" in r]
-            recent = sorted(train + evals, key=lambda r: r["step"])
-            self.findings = diagnose(recent)
-            for f in self.findings:
-                if f.kind not in self.warned:
-                    self.warned.add(f.kind)
-                    log(f"warning: training health: {f.line()}")
-
-    return HealthCallback()
+def log_row(step: int, logs: dict) -> dict | None:
+    """The numbers of one Trainer log that the diagnosis reads, as a history row ({"step": ..., "loss": ...};
+    a non-finite value as None), or None when the log has none of them. (callbacks.HealthWatch keeps them.)"""
+    row = {"step": step}
+    for k in ("loss", "grad_norm", "eval_loss", "trained_tokens_per_step"):
+        if k in logs:
+            v = logs[k]
+            row[k] = float(v) if _finite(v) else None
+    return row if len(row) > 1 else None

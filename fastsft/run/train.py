@@ -9,7 +9,8 @@ order a run goes:
     resume.py    the run to resume: its stored recipe, the checkpoint, the data it must still match
     preflight.py what `fastsft validate` checks beyond the schema
     sft_args.py  the recipe's [train] as TRL's SFTConfig
-    trainer.py   the SFTTrainer subclass and its callbacks (progress, atomic checkpoints)
+    trainer.py   the SFTTrainer subclass (the loss route, the run's totals)
+    callbacks.py what the run adds to TRL's loop: progress, atomic checkpoints, guards, health
     records.py   what run.json records (as the run starts, its result, a stop, the fit), as plain functions
     answers.py   the base model against the fine-tuned one: sample answers, retain loss, task metric
     guard.py     the guards (signals, non-finite steps, memory, disk) and how each stop is explained
@@ -37,13 +38,7 @@ from fastsft.run import guard, health, preflight, records, report, retain, track
 from fastsft.run import resume as resume_mod
 from fastsft.run.answers import BeforeAfter
 from fastsft.run.sft_args import sft_config
-from fastsft.run.trainer import (
-    STAGING,
-    checkpoint_callback,
-    make_trainer_class,
-    progress_callback,
-    sharding_callback,
-)
+from fastsft.run.trainer import STAGING, make_trainer_class
 from fastsft.rundir import RECIPE, RUN_JSON, RunDir, default_path
 
 
@@ -307,8 +302,8 @@ class Run:
             self.run_dir.write_json(RUN_JSON, info)
 
     def _make_trainer(self):
-        """FastSFTTrainer with fastsft's callbacks (progress, signals, non-finite steps, atomic
-        checkpoints) and the caller's."""
+        """FastSFTTrainer with fastsft's callbacks (fastsft.run.callbacks: progress, signals, non-finite
+        steps, health, atomic checkpoints) and the caller's."""
         recipe, loaded, prepared, run_dir = self.recipe, self.loaded, self.prepared, self.run_dir
         # the Trainer writes each checkpoint into checkpoints/.staging; the checkpoint callback moves it
         args = sft_config(
@@ -323,16 +318,18 @@ class Run:
         self.nonfinite = guard.NonFiniteGuard(
             recipe.train.max_nonfinite_steps, check_grads=loaded.dtype != "fp16", log=self.log
         )
+        from fastsft.run import callbacks as cb  # transformers: imported after the backend's start
+
         totals_before = self.resumed.totals_before if self.resumed else None
         # the caller's callbacks run before the guards, so a stop they cause (a signal) counts in that step
         callbacks = [
-            progress_callback(
+            cb.ProgressAndMetrics(
                 run_dir, self.console, tokens_before=totals_before["tokens"] if totals_before else 0
             ),
             *self.callbacks,
-            self.stop.callback(),
-            self.nonfinite.callback(),
-            health.callback(self.log),
+            cb.StopAtSignal(self.stop),
+            cb.NonFiniteCheck(self.nonfinite),
+            cb.HealthWatch(self.log),
         ]
         if self.main:
             callbacks += trackers.callbacks(recipe, run_dir)
@@ -351,11 +348,11 @@ class Run:
             nonfinite_guard=self.nonfinite,
             callbacks=callbacks,
         )
-        trainer.add_callback(checkpoint_callback(trainer, run_dir.checkpoints))
+        trainer.add_callback(cb.AtomicCheckpoints(trainer, run_dir.checkpoints))
         if totals_before:
             trainer.totals_before = dict(totals_before)
         if dist.world_size() > 1:
-            trainer.add_callback(sharding_callback(trainer, run_dir))
+            trainer.add_callback(cb.LocalParameters(trainer, run_dir))
         if dist.world_size() > 1 and self.main:
             # what the Trainer (accelerate) actually set up, not only what was asked
             engines = {"fsdp": bool(trainer.is_fsdp_enabled), "deepspeed": bool(trainer.is_deepspeed_enabled)}

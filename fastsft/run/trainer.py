@@ -1,11 +1,12 @@
-"""The trainer: TRL's SFTTrainer with the loss routed through fastsft, and the callbacks a run adds.
+"""The trainer: TRL's SFTTrainer with the loss routed through fastsft.
 
 - `FastSFTTrainer.compute_loss`: one forward through the loss route serves the loss and the metrics;
   it counts the tokens trained on, the run's loss sum and the held-out loss as a token-weighted mean.
-- `checkpoint_callback`: atomic checkpoints. The Trainer writes each one into `args.output_dir`,
-  which is `checkpoints/.staging`; `on_save` renames it into `checkpoints/` with the run's totals,
-  then rotates older ones out, so a resumable checkpoint always exists.
-- `progress_callback`: the progress line (step, loss, tokens/s, ETA, memory) and metrics.jsonl.
+- `read_totals`: the run's totals a checkpoint holds (`TOTALS`, written by callbacks.AtomicCheckpoints
+  into each checkpoint, carried across resumes).
+- `warmup_warning`: a warm-up that never ends within the run (callbacks.ProgressAndMetrics prints it).
+
+The callbacks a run adds to the loop are fastsft.run.callbacks.
 
 Trainer internals still relied on, each pinned by tests/run/test_trainer.py for the tested versions:
 `_load_from_checkpoint` (dtypes after a resume), `model_accepts_loss_kwargs` (who divides by the
@@ -15,17 +16,10 @@ token count), `evaluation_loop`'s positional `metric_key_prefix`.
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
 import time
 from pathlib import Path
 
 from fastsft import dist
-from fastsft.files import apply_umask, write_text
-from fastsft.machine import peak_memory_gib
-from fastsft.progress import StepTimer, bar
-from fastsft.rundir import RunDir
 
 STAGING = ".staging"  # under checkpoints/: the Trainer's output_dir, where a checkpoint is written
 TOTALS = "fastsft_totals.json"  # in each checkpoint: the run's totals up to it, carried across resumes
@@ -199,156 +193,6 @@ def read_totals(checkpoint: Path) -> dict:
         return {"loss_sum": 0.0, "tokens": 0, "train_seconds": 0.0}
 
 
-def checkpoint_callback(trainer, root: Path):
-    """Atomic checkpoints (see the module docstring). `trainer` is the FastSFTTrainer whose totals go
-    into each checkpoint; `root` is checkpoints/, the parent of the Trainer's `args.output_dir`."""
-    from transformers import TrainerCallback
-
-    class AtomicCheckpoints(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            # every rank: the Trainer has written its part (rank 0 the weights, each rank its RNG state)
-            staging, name = Path(args.output_dir), f"checkpoint-{state.global_step}"
-            trainer.accelerator.wait_for_everyone()
-            best = state.best_model_checkpoint
-            moved_best = bool(best) and Path(best).parent == staging
-            if moved_best:
-                state.best_model_checkpoint = str(root / Path(best).name)
-            totals = trainer.totals()  # a collective: every rank
-            if args.should_save:
-                if moved_best:
-                    state.save_to_json(str(staging / name / "trainer_state.json"))
-                write_text(staging / name / TOTALS, json.dumps(totals) + "\n")
-                apply_umask(staging / name)
-                target = root / name
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(staging / name, target)
-                shutil.rmtree(staging, ignore_errors=True)  # and what else the Trainer wrote there
-                if args.save_total_limit:
-                    _rotate(trainer, root, args.save_total_limit)
-            trainer.accelerator.wait_for_everyone()
-            trainer.phase = "train"
-
-        def on_train_end(self, args, state, control, **kw):
-            if not args.should_save:
-                return
-            # The Trainer deletes every checkpoint but the best at the end when save_total_limit == 1,
-            # looking in its output_dir (the staging folder): do it where the checkpoints are.
-            best = state.best_model_checkpoint
-            if args.save_total_limit == 1 and best and Path(best).is_dir():
-                for d in root.glob("checkpoint-*"):
-                    if d.is_dir() and not os.path.samefile(d, best):
-                        shutil.rmtree(d, ignore_errors=True)
-            shutil.rmtree(args.output_dir, ignore_errors=True)  # made by the Trainer when it started
-
-    return AtomicCheckpoints()
-
-
-def sharding_callback(trainer, run: RunDir):
-    """run.json's `local_parameters`: the parameters each rank holds once the model is wrapped (a list,
-    one count per rank), so that a sharded run shows it sharded (about 1/N of them each) rather than
-    only that it asked to."""
-    from transformers import TrainerCallback
-
-    class LocalParameters(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            counts = dist.gather_object(dist.local_parameters(trainer.model))
-            if args.should_save:
-                run.update_json("run.json", local_parameters=counts)
-
-    return LocalParameters()
-
-
-def _rotate(trainer, root: Path, limit: int) -> None:
-    try:
-        from transformers.trainer_utils import rotate_checkpoints
-    except ImportError:  # older transformers: the Trainer's own method
-        trainer._rotate_checkpoints(use_mtime=True, output_dir=str(root))
-        return
-    rotate_checkpoints(
-        output_dir=str(root),
-        save_total_limit=limit,
-        best_model_checkpoint=trainer.state.best_model_checkpoint,
-        use_mtime=True,
-    )
-
-
-def progress_callback(run: RunDir, console, *, tokens_before: int = 0):
-    """The progress line and metrics.jsonl rows, as a TrainerCallback."""
-    from transformers import TrainerCallback
-
-    class ProgressAndMetrics(TrainerCallback):
-        """Progress line (step, loss, tokens/s, ETA, memory) and metrics.jsonl, on the main process."""
-
-        def __init__(self):
-            self.t0 = None
-            self.last_t = None
-            self.last_tokens = tokens_before  # num_tokens counts the whole run, across resumes
-            # the ETA from measured steps: the first logged interval (start-up) left out, then the
-            # median of the recent steps' times (not elapsed / steps, which the start-up inflates)
-            self.timer = StepTimer()
-            self.eval_bar = None  # an evaluation's progress, from its first batch to on_evaluate
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0 = self.last_t = time.perf_counter()
-            self.timer.start(state.global_step, self.t0)
-            warning = warmup_warning(args, state.max_steps)
-            if warning and state.is_world_process_zero:
-                console.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)
-
-        def on_prediction_step(self, args, state, control, **kw):
-            """An evaluation's progress (the base model's at step 0 among them): fastsft.progress.bar."""
-            if not state.is_world_process_zero:
-                return
-            if self.eval_bar is None:
-                loader = kw.get("eval_dataloader")
-                total = len(loader) if loader is not None and hasattr(loader, "__len__") else None
-                step = state.global_step
-                what = "base model: held-out loss (step 0)" if step == 0 else f"held-out loss at step {step}"
-                self.eval_bar = bar(console, total, what + ", batches")
-                self.eval_advance = self.eval_bar.__enter__()
-            self.eval_advance(1)
-
-        def on_evaluate(self, args, state, control, **kw):
-            if self.eval_bar is not None:
-                self.eval_bar.__exit__(None, None, None)
-                self.eval_bar = None
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if not state.is_world_process_zero or not logs:
-                return
-            now = time.perf_counter()
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-            if "loss" in logs:
-                tokens = int(logs.get("num_tokens", 0))
-                dt = max(now - self.last_t, 1e-9)
-                row["tokens_per_s"] = (tokens - self.last_tokens) / dt if tokens else None
-                self.last_t, self.last_tokens = now, tokens
-                mem, kind = peak_memory_gib()
-                mem_word = "rss" if "RSS" in kind else "mem"  # on the CPU: the process's peak RSS, said so
-                row["peak_mem_gib"] = round(mem, 3)
-                row["elapsed_s"] = round(now - self.t0, 2)
-                done, total = state.global_step, state.max_steps
-                self.timer.observe(done, now)
-                eta = self.timer.eta(total)
-                eta = float("nan") if eta is None else eta
-                tps = row["tokens_per_s"]
-                console.print(
-                    f"step {done:>5}/{total}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
-                    f"{'-' if tps is None else f'{tps:,.0f}'} tok/s  ETA {_duration(eta)}  {mem_word} {mem:.2f} GiB",
-                    highlight=False,
-                )
-            elif "eval_loss" in logs:
-                self.on_evaluate(args, state, control)  # the evaluation's progress ends before its result
-                console.print(
-                    f"eval  step {state.global_step:>5}  eval_loss {logs['eval_loss']:.4f}", highlight=False
-                )
-            run.append_metrics(row)
-
-    return ProgressAndMetrics()
-
-
 def warmup_warning(args, steps: int) -> str | None:
     """What is wrong when the warm-up is not shorter than the run's `steps` optimizer steps (known once
     the data is read, with num_train_epochs): the learning rate never reaches its peak. None otherwise.
@@ -362,11 +206,3 @@ def warmup_warning(args, steps: int) -> str | None:
         f"learning_rate = {args.learning_rate:g} (at most {args.learning_rate * steps / warmup:.2g}) for the "
         f"whole run. Set warmup_steps below {steps}, or a warmup_ratio under 1 (e.g. 0.05)"
     )
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"

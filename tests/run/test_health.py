@@ -257,7 +257,7 @@ def test_the_issue_run_gets_no_spike_warning():
     # the same blips without the token count: the recurring rule alone keeps the final one quiet
     bare = [{k: v for k, v in r.items() if k != "trained_tokens_per_step"} for r in rows]
     assert not any(f.step == 100 for f in health.diagnose(bare))
-    # and the live check during training (HealthCallback's diagnose over the rows so far) never warns
+    # and the live check during training (callbacks.HealthWatch's diagnose over the rows so far) never warns
     for n in range(MIN := health.MIN_HISTORY + 1, len(rows) + 1):
         assert kinds(rows[:n]) == set(), n
     assert MIN > 1
