@@ -65,9 +65,10 @@ class RunInfo:
         )
 
 
-def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
+def read_run(run_dir: str | Path, *, policy=None, recipe=None) -> RunInfo:
     """The run directory's recipe, run.json and base model, or an ExportError saying what is missing.
-    `policy` (backends.LoadPolicy, default: neither remote code nor pickle) is what loading may do."""
+    `policy` (backends.LoadPolicy, default: neither remote code nor pickle) is what loading may do;
+    `recipe`: the run's recipe when the caller holds it (the run that wrote recipe.toml), else read."""
     policy = policy or LoadPolicy()
 
     path = Path(run_dir)
@@ -77,13 +78,13 @@ def read_run(run_dir: str | Path, *, policy=None) -> RunInfo:
         )
     adapter = path / ADAPTER
     if not (adapter / "adapter_config.json").exists() and (path / MODEL / "config.json").exists():
-        return _read_full_run(path, policy)
+        return _read_full_run(path, policy, recipe)
     if not (adapter / "adapter_config.json").exists():
         raise ExportError(
             f"{path} has no trained adapter ({adapter}/adapter_config.json is missing). "
             "Export a run that finished: `fastsft run` writes the adapter at the end of training."
         )
-    run_json, recipe = _run_json_and_recipe(path, policy)
+    run_json, recipe = _run_json_and_recipe(path, policy, recipe)
     check_adapter(adapter)
 
     recorded = run_json.get("model_path")
@@ -164,24 +165,25 @@ def check_adapter(adapter: Path) -> None:
         ) from None
 
 
-def _run_json_and_recipe(path: Path, policy) -> tuple[dict, object]:
-    """A run directory's run.json ({} when absent) and recipe (None when absent), the recipe checked
-    against what `policy` allows."""
+def _run_json_and_recipe(path: Path, policy, recipe=None) -> tuple[dict, object]:
+    """A run directory's run.json ({} when absent) and recipe (`recipe` when given, else read; None when
+    absent), the recipe checked against what `policy` allows."""
     run_json = {}
     if (path / RUN_JSON).exists():
         try:
             run_json = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ExportError(f"{path / RUN_JSON} cannot be read: {e}") from None
-    recipe = recipe_mod.load(path / RECIPE) if (path / RECIPE).exists() else None
+    if recipe is None:
+        recipe = recipe_mod.load(path / RECIPE) if (path / RECIPE).exists() else None
     if recipe is not None:
         policy.check_recipe(recipe, where=str(path / RECIPE))
     return run_json, recipe
 
 
-def _read_full_run(path: Path, policy) -> RunInfo:
+def _read_full_run(path: Path, policy, recipe=None) -> RunInfo:
     """A full fine-tune's run directory: its model/ folder is the trained model."""
-    run_json, recipe = _run_json_and_recipe(path, policy)
+    run_json, recipe = _run_json_and_recipe(path, policy, recipe)
     model = path / MODEL
     return RunInfo(
         path=path,

@@ -38,10 +38,12 @@ def export_run(
     overwrite: bool = False,
     console=None,
     policy=None,
+    recipe=None,
 ) -> Path:
     """Export the run in `run_dir` as `fmt` (merged | adapter | gguf) into `to`
     (default RUN_DIR/export-<fmt>) and return that folder. `policy` (backends.LoadPolicy) is what loading
-    the base model may do. Raises ExportError."""
+    the base model may do; `recipe`: the run's recipe as its recipe.toml holds it, handed by the run that
+    has just finished (None: read from the run directory). Raises ExportError."""
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}.")
     if dtype not in EXPORT_DTYPES:
@@ -53,7 +55,7 @@ def export_run(
         )
     if fmt == "gguf" and dtype in GGUF_K_QUANTS:
         llama_cpp_quantizer(dtype)  # refused before the run is read and its model loaded
-    run = read_run(run_dir, policy=policy)
+    run = read_run(run_dir, policy=policy, recipe=recipe)
     target = Path(to) if to is not None else run.path / f"export-{fmt}"
     _prepare_destination(run, target, fmt, dtype, overwrite=overwrite)
     tmp = files.temp_dir(target.parent, f".{target.name}.tmp-")

@@ -472,11 +472,18 @@ class Run:
         return out
 
     def _export(self) -> None:
-        """The recipe's [export] formats, from the finished run directory."""
-        for fmt in self.recipe.export.formats:
+        """The recipe's [export] formats, from the finished run directory, handed the run's recipe (as
+        recipe.toml stores it) rather than reading it back."""
+        formats = self.recipe.export.formats
+        stored = self.recipe.with_absolute_paths() if formats else None
+        for fmt in formats:
             try:
                 export_mod.export_run(
-                    self.run_dir.path, fmt=fmt, dtype=self.recipe.export.dtype, console=self.console
+                    self.run_dir.path,
+                    fmt=fmt,
+                    dtype=self.recipe.export.dtype,
+                    console=self.console,
+                    recipe=stored,
                 )
             except BaseException as e:
                 if guard.is_oom(e):

@@ -1,5 +1,6 @@
 """End-to-end runs on the tiny model: what a run changes and writes, and how its loss is computed."""
 
+import io
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from fastsft import recipe as R
 from fastsft.cli.main import main
 
 from _launches import launch_counts, reset_launch_counts
-from _tiny import RECIPES, TINY_RECIPE
+from _tiny import DEMO, RECIPES, TINY_RECIPE, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +268,23 @@ def test_on_a_gpu_the_plan_speaks_before_the_model_loads(tmp_path, monkeypatch, 
     assert not any(line.startswith("memory estimate:") for line in order), order
     warned = any("will run out of GPU memory" in line for line in order)
     assert warned == (gib < 1), order
+
+
+def test_the_end_of_run_export_is_handed_the_runs_recipe(tmp_path, monkeypatch):
+    """The recipe's [export] formats are written from what the run holds: recipe.toml is not read back, and
+    the export sees the recipe as recipe.toml stores it (a relative data path made absolute)."""
+    from rich.console import Console
+
+    from fastsft import recipe as recipe_mod
+    from fastsft.run import train
+
+    (tmp_path / "data.jsonl").write_text(DEMO.read_text(encoding="utf-8"), encoding="utf-8")
+    text = TINY_RECIPE.replace(f'train = "{DEMO}"', 'train = "data.jsonl"')
+    recipe = R.load(write_recipe(tmp_path / "r.toml", text), ["train.max_steps=2", "export.formats=adapter"])
+    read_back = []
+    real = recipe_mod.load
+    monkeypatch.setattr(recipe_mod, "load", lambda *a, **kw: read_back.append(a[0]) or real(*a, **kw))
+    out = train.run(recipe, output_dir=tmp_path / "run", console=Console(file=io.StringIO())).run_dir
+    card = (out / "export-adapter" / "README.md").read_text(encoding="utf-8")
+    assert f"- train: `{(tmp_path / 'data.jsonl').resolve()}`" in card
+    assert read_back == []
