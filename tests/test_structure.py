@@ -4,7 +4,7 @@ The order, top to bottom (`LAYERS`; a package imports only from its own package 
 a package never from one beside it on the same floor):
 
     cli -> use -> run -> export, plan -> loss -> levers -> backends -> data -> chat
-        -> recipe, kernels -> dist -> rundir -> files, limits, progress -> machine, errors, threads
+        -> threads -> recipe, kernels -> dist -> rundir -> files, limits, progress -> machine, errors
 
 The graph is read from the source with `ast`, so imports inside functions count too: a cycle or an upward
 arrow hidden in a function body still ties two packages into one. An edge `a -> b` is every `import` /
@@ -156,11 +156,12 @@ LAYERS = (
     ("backends",),  # recipe -> (model, tokenizer)
     ("data",),  # recipe -> tokenized rows with masks
     ("chat",),  # templates, end of turn, the one generator, the task metric
+    ("threads",),  # the CPU policy: OpenMP's waits, the intra-op threads from the cores free (kernels')
     ("recipe", "kernels"),  # the typed recipe; the Triton kernels (no fastsft import at all)
     ("dist",),  # ranks of a distributed run
     ("rundir",),  # everything a run writes
     ("files", "limits", "progress"),  # atomic writes; out of memory / disk; progress bars
-    ("machine", "errors", "threads"),  # versions, device, peak memory; the error types; the CPU wait policy
+    ("machine", "errors"),  # versions, device, peak memory; the error types
 )
 FLOOR = {name: i for i, floor in enumerate(LAYERS) for name in floor}
 
@@ -225,7 +226,7 @@ LEAVES = {
     "fastsft.files": {"fastsft.errors"},
     "fastsft.chat.templates": {"fastsft.errors"},
     "fastsft.backends.common": {"fastsft.errors"},
-    "fastsft.chat.generation": {"fastsft.chat.templates"},
+    "fastsft.chat.generation": {"fastsft.chat.templates", "fastsft.threads"},  # (the free cores per token)
     "fastsft.cli.common": {"fastsft.errors", "fastsft.backends.common"},
 }
 

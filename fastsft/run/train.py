@@ -35,6 +35,7 @@ from fastsft.run.sft_args import sft_config
 from fastsft.run.trainer import (
     STAGING,
     checkpoint_callback,
+    cores_callback,
     make_trainer_class,
     progress_callback,
     read_totals,
@@ -478,6 +479,8 @@ class Run:
             callbacks += trackers.callbacks(recipe, run_dir)
         if levers.wanted(recipe):  # offloaded checkpoints, tiled MLP, 16-bit frozen weights
             callbacks.append(levers.callback(recipe, loaded.dtype))
+        if threads.following() and next(loaded.model.parameters()).device.type == "cpu":
+            callbacks.append(cores_callback())  # each step on the cores other work leaves free
         early = health.early_stopping_callback(recipe)
         if early is not None:
             callbacks.append(early)

@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fastsft import dist
+from fastsft import dist, threads
 from fastsft.files import apply_umask, write_text
 from fastsft.machine import peak_memory_gib
 from fastsft.progress import StepTimer, bar
@@ -370,3 +370,25 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def cores_callback():
+    """Each training step and evaluation batch on the intra-op threads the cores other processes leave
+    free (fastsft.threads.follow_free_cores), as a TrainerCallback; the count the run began with at the end."""
+    import torch
+    from transformers import TrainerCallback
+
+    class FollowFreeCores(TrainerCallback):
+        def __init__(self):
+            self.threads = torch.get_num_threads()
+
+        def on_step_begin(self, args, state, control, **kw):
+            threads.follow_free_cores(self.threads)
+
+        def on_prediction_step(self, args, state, control, **kw):
+            threads.follow_free_cores(self.threads)
+
+        def on_train_end(self, args, state, control, **kw):
+            torch.set_num_threads(self.threads)
+
+    return FollowFreeCores()
