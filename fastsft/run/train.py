@@ -495,6 +495,13 @@ class Run:
             callbacks=callbacks,
         )
         trainer.add_callback(checkpoint_callback(trainer, run_dir.checkpoints))
+        if (
+            args.eval_on_start
+            and trainer.eval_dataset is not None
+            and not self.resume
+            and dist.world_size() == 1
+        ):
+            trainer.base_eval = lambda compute: self._base_eval(trainer, compute)
         if self.totals_before:
             trainer.totals_before = dict(self.totals_before)
         if dist.world_size() > 1:
@@ -556,6 +563,29 @@ class Run:
         before = self._cached_before("task", parts, compute, "base model's task metric")
         self.run_dir.update_json(RUN_JSON, task_before=before)
         return refs, before
+
+    def _base_eval(self, trainer, compute) -> tuple[dict, bool]:
+        """(metrics, reused): the trainer's step-0 evaluation (the base model's held-out loss: a LoRA
+        adapter at initialisation changes no output) from the before-numbers' cache, else `compute()`."""
+        args = trainer.args
+        parts = {
+            "eval": before_cache.dataset_hash(trainer.eval_dataset),
+            "batch_size": args.per_device_eval_batch_size,
+            "max_length": self.recipe.data.max_length,
+            "precision": {"bf16": bool(args.bf16), "fp16": bool(args.fp16)},
+            "collator": {
+                k: getattr(args, k, None) for k in ("padding_free", "packing", "completion_only_loss")
+            },
+            "loss": {k: self.route.describe()[k] for k in ("kernel", "implementation", "label_smoothing")},
+        }
+
+        def fresh():
+            return {k: float(v) for k, v in compute().items() if isinstance(v, (int, float))}
+
+        metrics = self._cached_before("eval", parts, fresh, "base model's held-out loss")
+        if self.main:
+            self.run_dir.update_json(RUN_JSON, before_cache=self.before_reuse)
+        return metrics, self.before_reuse["eval"] == "reused"
 
     def _retain_before(self) -> dict | None:
         """The retain set's loss under the base model (a resume keeps the first segment's)."""
