@@ -12,6 +12,23 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
+def load_tiny(tmp_path: Path, *overrides: str):
+    """TINY_RECIPE written to tmp_path/r.toml and loaded with `--set`-style overrides ("train.max_steps=4")."""
+    from fastsft import recipe as R
+
+    p = tmp_path / "r.toml"
+    p.write_text(TINY_RECIPE)
+    return R.load(p, list(overrides))
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The training losses of a run, in step order, from its metrics.jsonl."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
 def assistant_batch(tokenizer, path: Path, n_rows: int) -> dict:
     """The first `n_rows` conversations ({"messages": [...]} lines) of a JSONL file as one right-padded
     batch: input_ids (rows, T), attention_mask, and labels that are the ids on the assistant's tokens (the
@@ -67,3 +84,39 @@ save_strategy = "no"
 gradient_checkpointing = false
 seed = 0
 """
+
+
+def tiny_recipe(**sections: dict) -> str:
+    """TINY_RECIPE with keys changed or added per section, for a test whose run differs in a few keys:
+    `tiny_recipe(data={"eval": held}, train={"max_steps": 2})`. A key the recipe has is replaced where it
+    stands, a new one is added at the end of its section (a new section at the end of the text); a value of
+    None removes the key. Values are written as TOML (strings quoted, booleans lower-case)."""
+    import json
+
+    def toml(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (str, Path)):
+            return json.dumps(str(v))
+        return repr(v)
+
+    out: dict[str, list[str]] = {}
+    section = ""
+    for line in TINY_RECIPE.strip().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+            out[section] = []
+        else:
+            out[section].append(line)
+    for name, keys in sections.items():
+        lines = out.setdefault(name, [])
+        for key, value in keys.items():
+            at = [i for i, line in enumerate(lines) if line.split("=")[0].strip() == key]
+            new = [] if value is None else [f"{key} = {toml(value)}"]
+            if at:
+                lines[at[0] : at[0] + 1] = new
+            else:
+                lines.extend(new)
+    return "\n" + "".join(
+        f"[{name}]\n" + "".join(f"{line}\n" for line in lines) for name, lines in out.items()
+    )
