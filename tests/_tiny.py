@@ -2,9 +2,22 @@
 
 from pathlib import Path
 
+from fastsft.chat.templates import CHATML
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 DEMO = RECIPES / "data" / "demo.jsonl"
+
+# a conversation with a system prompt and two exchanges (the data and chat template tests)
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Colour of a lime?"},
+    {"role": "assistant", "content": "A lime is green."},
+    {"role": "user", "content": "And a plum?"},
+    {"role": "assistant", "content": "A plum is purple."},
+]
+# the built-in ChatML template without its {% generation %} markers (masks found another way)
+CHATML_NO_MARKERS = CHATML.replace("{%- generation -%}\n", "").replace("{%- endgeneration -%}\n", "")
 
 
 def write_recipe(path: Path, text: str) -> Path:

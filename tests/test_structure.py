@@ -387,7 +387,6 @@ TESTED_ELSEWHERE = {
     "fastsft.data.prepare": "tests/data/test_data.py",
     "fastsft.data.preview": "tests/data/test_data.py",
     "fastsft.data.read": "tests/data/test_data.py",
-    "fastsft.chat.templates": "tests/data/test_data.py",
     "fastsft.dist": "tests/run/test_distributed.py",
     "fastsft.errors": "tests/run/test_reliability.py",
     # export: every format from one trained run (a module-scoped fixture); the transaction around each

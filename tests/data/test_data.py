@@ -1,4 +1,5 @@
-"""Data loading, validation, masks, truncation, templates and preview (fastsft.data, fastsft.chat.templates)."""
+"""Data loading, validation, masks, truncation and preview (fastsft.data); the chat templates themselves are
+tests/chat/test_templates.py."""
 
 import csv
 import io
@@ -12,17 +13,9 @@ from fastsft import recipe as R
 from fastsft.chat import templates as C
 from fastsft.errors import DataError
 
-from _tiny import RECIPES
+from _tiny import CHATML_NO_MARKERS, CONV, RECIPES
 
-CONV = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Colour of a lime?"},
-    {"role": "assistant", "content": "A lime is green."},
-    {"role": "user", "content": "And a plum?"},
-    {"role": "assistant", "content": "A plum is purple."},
-]
 TRAINED = "A lime is green.<|im_end|>A plum is purple.<|im_end|>"
-CHATML_NO_MARKERS = C.CHATML.replace("{%- generation -%}\n", "").replace("{%- endgeneration -%}\n", "")
 
 
 def qa(i: int) -> dict:
@@ -67,49 +60,6 @@ def prepare(recipe, tok, log=quiet):
 def trained_texts(recipe, tok, n=5):
     rows, _ = D.preview_rows(recipe, tok, n)
     return [r["trained_text"] for r in rows]
-
-
-# ----------------------------------------------------------------------------------------------
-# chat templates
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", sorted(C.TEMPLATES))
-def test_builtin_templates_mark_answers_and_end_of_turn(tok, name):
-    template = C.load_template(name)
-    assert C.has_generation_markers(template)
-    out = tok.apply_chat_template(
-        CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template
-    )
-    trained = tok.decode([i for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m])
-    eot = {"chatml": "<|im_end|>", "qwen2.5": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
-    end = eot.get(name, tok.eos_token)  # mistral ends the answer with the tokenizer's eos
-    assert trained.replace(" A plum", "A plum").lstrip() == f"A lime is green.{end}A plum is purple.{end}"
-    prompt = tok.apply_chat_template(
-        CONV[:2], tokenize=False, add_generation_prompt=True, chat_template=template
-    )
-    full = tok.apply_chat_template(CONV[:3], tokenize=False, chat_template=template)
-    assert full.startswith(prompt)  # prefix-preserving
-    with_tool = CONV[:3] + [{"role": "tool", "content": "42"}, CONV[3], CONV[4]]
-    assert "42" in tok.apply_chat_template(with_tool, tokenize=False, chat_template=template)
-
-
-def test_load_template_by_path_and_unknown_name(tmp_path):
-    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
-    assert C.load_template("t.jinja", tmp_path) == "{{ messages[0]['content'] }}"
-    with pytest.raises(DataError, match="chatml, llama3, mistral, qwen2.5, gemma"):
-        C.load_template("chatmll")
-    with pytest.raises(DataError, match="file not found"):
-        C.load_template("missing.jinja", tmp_path)
-    assert not C.has_generation_markers(CHATML_NO_MARKERS)
-    assert C.has_generation_markers("{%- generation -%}x{% endgeneration %}")
-
-
-def test_end_of_turn_token(tok):
-    assert C.end_of_turn_token(tok) == "<|im_end|>"
-    assert C.end_of_turn_token(tok, C.load_template("mistral")) == tok.eos_token
-    tok.chat_template = None
-    assert C.end_of_turn_token(tok) == tok.eos_token
 
 
 # ----------------------------------------------------------------------------------------------
