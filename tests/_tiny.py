@@ -1,7 +1,10 @@
 """Constants and helpers shared by the tests (importable as `_tiny` from tests/)."""
 
+import json
 from pathlib import Path
 
+from fastsft import data as D
+from fastsft import recipe as R
 from fastsft.chat.templates import CHATML
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +21,63 @@ CONV = [
 ]
 # the built-in ChatML template without its {% generation %} markers (masks found another way)
 CHATML_NO_MARKERS = CHATML.replace("{%- generation -%}\n", "").replace("{%- endgeneration -%}\n", "")
+# what CONV trains with the ChatML template: the answers and their end-of-turn tokens
+TRAINED = "A lime is green.<|im_end|>A plum is purple.<|im_end|>"
+
+
+# ----------------------------------------------------------------------------------------------
+# data rows and the recipes that read them (the tests of fastsft.data and fastsft.chat)
+# ----------------------------------------------------------------------------------------------
+
+
+def qa(i: int) -> dict:
+    """A one-exchange conversation row, numbered."""
+    return {
+        "messages": [
+            {"role": "user", "content": f"Question {i}?"},
+            {"role": "assistant", "content": f"Answer {i}."},
+        ]
+    }
+
+
+def write_jsonl(path, rows):
+    """Rows (dicts, or strings written as they are: a bad line) as a JSONL file."""
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
+    return path
+
+
+def make_recipe(tmp_path, data_file="train.jsonl", **data):
+    """A recipe of the tiny model with only a [data] section: `data_file` and the keys given, written to
+    tmp_path/recipe.toml and loaded."""
+    lines = ["[model]", 'name = "builtin:tiny-mistral"', "[data]", f"train = {json.dumps(str(data_file))}"]
+    for k, v in data.items():
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, str):
+            v = json.dumps(v)
+        elif isinstance(v, dict):
+            v = "{ " + ", ".join(f"{a} = {json.dumps(b)}" for a, b in v.items()) + " }"
+        lines.append(f"{k} = {v}")
+    path = tmp_path / "recipe.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return R.load(path)
+
+
+def quiet(msg):
+    pass
+
+
+def prepare(recipe, tok, log=quiet):
+    """fastsft.data.prepare_data, silent."""
+    return D.prepare_data(recipe, tok, log=log)
+
+
+def trained_texts(recipe, tok, n=5):
+    """The trained text of the first `n` rows, as `fastsft data preview` shows it."""
+    rows, _ = D.preview_rows(recipe, tok, n)
+    return [r["trained_text"] for r in rows]
 
 
 def write_recipe(path: Path, text: str) -> Path:
@@ -27,8 +87,6 @@ def write_recipe(path: Path, text: str) -> Path:
 
 def load_tiny(tmp_path: Path, *overrides: str):
     """TINY_RECIPE written to tmp_path/r.toml and loaded with `--set`-style overrides ("train.max_steps=4")."""
-    from fastsft import recipe as R
-
     p = tmp_path / "r.toml"
     p.write_text(TINY_RECIPE)
     return R.load(p, list(overrides))
@@ -36,8 +94,6 @@ def load_tiny(tmp_path: Path, *overrides: str):
 
 def losses(run_dir: Path) -> list[float]:
     """The training losses of a run, in step order, from its metrics.jsonl."""
-    import json
-
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
 
@@ -46,8 +102,6 @@ def assistant_batch(tokenizer, path: Path, n_rows: int) -> dict:
     """The first `n_rows` conversations ({"messages": [...]} lines) of a JSONL file as one right-padded
     batch: input_ids (rows, T), attention_mask, and labels that are the ids on the assistant's tokens (the
     chat template's assistant mask) and IGNORE_INDEX elsewhere, on the CPU."""
-    import json
-
     import torch
 
     from fastsft.data.encode import IGNORE_INDEX
@@ -104,7 +158,6 @@ def tiny_recipe(**sections: dict) -> str:
     `tiny_recipe(data={"eval": held}, train={"max_steps": 2})`. A key the recipe has is replaced where it
     stands, a new one is added at the end of its section (a new section at the end of the text); a value of
     None removes the key. Values are written as TOML (strings quoted, booleans lower-case)."""
-    import json
 
     def toml(v) -> str:
         if isinstance(v, bool):

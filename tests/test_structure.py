@@ -380,13 +380,6 @@ TESTED_ELSEWHERE = {
     "fastsft.cli.main": "tests/run/test_reliability.py",
     "fastsft.cli.doctor": "tests/test_machine.py",  # doctor prints machine's version report
     "fastsft.cli.use": "tests/export/test_export.py",  # test_cli_commands: generate, chat, eval, export
-    # data: one pipeline, one file of tests (shared row and recipe builders)
-    "fastsft.data.cache": "tests/data/test_data.py",
-    "fastsft.data.encode": "tests/data/test_data.py",
-    "fastsft.data.formats": "tests/data/test_data.py",
-    "fastsft.data.prepare": "tests/data/test_data.py",
-    "fastsft.data.preview": "tests/data/test_data.py",
-    "fastsft.data.read": "tests/data/test_data.py",
     "fastsft.dist": "tests/run/test_distributed.py",
     "fastsft.errors": "tests/run/test_reliability.py",
     # export: every format from one trained run (a module-scoped fixture); the transaction around each

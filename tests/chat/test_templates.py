@@ -1,12 +1,12 @@
 """fastsft.chat.templates: the built-in chat templates mark the answers and the end of a turn, and a
-template is loaded by name or path."""
+template is loaded by name or path; the system-role rule of the templates without one."""
 
 import pytest
 
 from fastsft.chat import templates as C
 from fastsft.errors import DataError
 
-from _tiny import CHATML_NO_MARKERS, CONV
+from _tiny import CHATML_NO_MARKERS, CONV, make_recipe, prepare, qa, write_jsonl
 
 
 @pytest.mark.parametrize("name", sorted(C.TEMPLATES))
@@ -45,3 +45,18 @@ def test_end_of_turn_token(tok):
     assert C.end_of_turn_token(tok, C.load_template("mistral")) == tok.eos_token
     tok.chat_template = None
     assert C.end_of_turn_token(tok) == tok.eos_token
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma"])
+def test_system_message_after_a_user_turn_is_kept_or_refused(tmp_path, tok, name):
+    """Mistral and Gemma have no system role: a later system message goes into the next user message;
+    one with no user message after it is refused by line, never dropped (#28)."""
+    later = CONV[:3] + [{"role": "system", "content": "Now be formal."}] + CONV[3:]
+    text = tok.apply_chat_template(later, tokenize=False, chat_template=C.load_template(name))
+    assert "Now be formal." in text and "Be brief." in text
+    two = [CONV[0], {"role": "system", "content": "Use metres."}] + CONV[1:3]
+    assert "Use metres." in tok.apply_chat_template(two, tokenize=False, chat_template=C.load_template(name))
+    orphan = [CONV[1], {"role": "system", "content": "Now be formal."}, CONV[2]]
+    write_jsonl(tmp_path / "train.jsonl", [qa(1), {"messages": orphan}, qa(3), qa(4), qa(5)])
+    with pytest.raises(DataError, match=r"line 2: .*message 2 \(system\) has no user message after it"):
+        prepare(make_recipe(tmp_path, chat_template=name), tok)
