@@ -92,6 +92,13 @@ def load_tiny(tmp_path: Path, *overrides: str):
     return R.load(p, list(overrides))
 
 
+def load_text(tmp_path: Path, text: str, overrides=None):
+    """A recipe text written to tmp_path/r.toml and loaded (with `--set`-style overrides)."""
+    p = tmp_path / "r.toml"
+    p.write_text(text, encoding="utf-8")
+    return R.load(p, overrides)
+
+
 def losses(run_dir: Path) -> list[float]:
     """The training losses of a run, in step order, from its metrics.jsonl."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -400,12 +400,6 @@ TESTED_ELSEWHERE = {
     "fastsft.plan.model": "tests/plan/test_plan.py",
     "fastsft.plan.simulate": "tests/plan/test_plan.py",
     "fastsft.plan.tracker": "tests/plan/test_plan.py",
-    # recipe: the package's public names, one file
-    "fastsft.recipe.keys": "tests/recipe/test_recipe.py",
-    "fastsft.recipe.loading": "tests/recipe/test_recipe.py",
-    "fastsft.recipe.rules": "tests/recipe/test_recipe.py",
-    "fastsft.recipe.schema": "tests/recipe/test_recipe.py",
-    "fastsft.recipe.schema_json": "tests/recipe/test_recipe.py",
     "fastsft.run.guard": "tests/run/test_reliability.py",  # signals, NaN and out-of-memory stops
     "fastsft.run.task": "tests/run/test_before_cache.py",  # the task metric before and after
     "fastsft.use.scores": "tests/use/test_model_refs.py",  # JSON answers scored field by field
