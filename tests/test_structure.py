@@ -381,7 +381,6 @@ TESTED_ELSEWHERE = {
     "fastsft.cli.doctor": "tests/test_machine.py",  # doctor prints machine's version report
     "fastsft.cli.use": "tests/export/test_export.py",  # test_cli_commands: generate, chat, eval, export
     "fastsft.dist": "tests/run/test_distributed.py",
-    "fastsft.errors": "tests/run/test_reliability.py",
     # export: every format from one trained run (a module-scoped fixture); the transaction around each
     "fastsft.export.adapter": "tests/export/test_export.py",
     "fastsft.export.merged": "tests/export/test_export.py",
@@ -402,7 +401,6 @@ TESTED_ELSEWHERE = {
     "fastsft.plan.tracker": "tests/plan/test_plan.py",
     "fastsft.run.guard": "tests/run/test_reliability.py",  # signals, NaN and out-of-memory stops
     "fastsft.run.task": "tests/run/test_before_cache.py",  # the task metric before and after
-    "fastsft.use.scores": "tests/use/test_model_refs.py",  # JSON answers scored field by field
     # serve: the real server, and the same under hostile load
     "fastsft.use.serve.app": "tests/use/test_serve.py",
     "fastsft.use.serve.engine": "tests/use/test_serve_attacks.py",
