@@ -405,11 +405,9 @@ TESTED_ELSEWHERE = {
     "fastsft.use.serve.app": "tests/use/test_serve.py",
     "fastsft.use.serve.engine": "tests/use/test_serve_attacks.py",
     "fastsft.use.serve.transport": "tests/use/test_serve_attacks.py",
-    "fastsft.use.serve.wire": "tests/use/test_serve.py",
     # kernels: the fused linear loss's parts against its reference, through the public function
     "fastsft.kernels": "tests/kernels/test_layout.py",  # the package itself is the folder mapping
     "fastsft.kernels.linear_forward": "tests/kernels/test_linear_cross_entropy.py",
-    "fastsft.kernels.memory_plan": "tests/kernels/test_linear_cross_entropy.py",
     "fastsft.kernels.online_tiles": "tests/kernels/test_linear_cross_entropy.py",
     "fastsft.kernels.ops": "tests/kernels/test_linear_cross_entropy.py",
 }
