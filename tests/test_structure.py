@@ -395,7 +395,6 @@ TESTED_ELSEWHERE = {
     # plan: the simulated step against the real one, which is what each part is for
     "fastsft.plan.attention": "tests/plan/test_plan.py",
     "fastsft.plan.autocast": "tests/plan/test_plan.py",
-    "fastsft.plan.device": "tests/plan/test_plan.py",
     "fastsft.plan.model": "tests/plan/test_plan.py",
     "fastsft.plan.simulate": "tests/plan/test_plan.py",
     "fastsft.plan.tracker": "tests/plan/test_plan.py",
