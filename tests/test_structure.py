@@ -399,7 +399,6 @@ TESTED_ELSEWHERE = {
     "fastsft.plan.simulate": "tests/plan/test_plan.py",
     "fastsft.plan.tracker": "tests/plan/test_plan.py",
     "fastsft.run.guard": "tests/run/test_reliability.py",  # signals, NaN and out-of-memory stops
-    "fastsft.run.task": "tests/run/test_before_cache.py",  # the task metric before and after
     # serve: the real server, and the same under hostile load
     "fastsft.use.serve.app": "tests/use/test_serve.py",
     "fastsft.use.serve.engine": "tests/use/test_serve_attacks.py",
