@@ -384,7 +384,6 @@ TESTED_ELSEWHERE = {
     # export: every format from one trained run (a module-scoped fixture); the transaction around each
     "fastsft.export.adapter": "tests/export/test_export.py",
     "fastsft.export.merged": "tests/export/test_export.py",
-    "fastsft.export.read": "tests/export/test_export.py",
     "fastsft.export.transaction": "tests/export/test_export.py",
     # levers: each lever against the plain checkpointed step, one harness
     "fastsft.levers._recompute": "tests/levers/test_levers.py",
