@@ -377,7 +377,6 @@ TESTED_ELSEWHERE = {
     "fastsft.chat.generation": "tests/chat/test_scoring.py",  # answer_batch against one-at-a-time
     # cli: each command is tested with the feature it runs; the error paragraph with the failures
     "fastsft.cli.main": "tests/run/test_reliability.py",
-    "fastsft.cli.doctor": "tests/test_machine.py",  # doctor prints machine's version report
     "fastsft.cli.use": "tests/export/test_export.py",  # test_cli_commands: generate, chat, eval, export
     "fastsft.dist": "tests/run/test_distributed.py",
     # export: every format from one trained run (a module-scoped fixture); the transaction around each
