@@ -12,6 +12,9 @@ arrow hidden in a function body still ties two packages into one. An edge `a -> 
 top-level kernels/ folder is read as `fastsft.kernels.*`, the name it is installed under. A package's
 __init__ importing its own children is the one direction allowed; a child importing its package
 __init__ back is a cycle like any other.
+
+Last, the tests' own layout: every product module has a test file a newcomer finds by name (or says where
+its tests are, or why it needs none).
 """
 
 from __future__ import annotations
@@ -375,7 +378,7 @@ TESTED_ELSEWHERE = {
     "fastsft.backends.transformers": "tests/backends/test_fp16.py",
     "fastsft.backends.gguf": "tests/use/test_model_refs.py",
     "fastsft.chat.generation": "tests/chat/test_scoring.py",  # answer_batch against one-at-a-time
-    # cli: each command is tested with the feature it runs; the error paragraph with the failures
+    # cli: each command is tested with the feature it runs (run's failures, generate / chat / eval / export)
     "fastsft.cli.main": "tests/run/test_reliability.py",
     "fastsft.cli.use": "tests/export/test_export.py",  # test_cli_commands: generate, chat, eval, export
     "fastsft.dist": "tests/run/test_distributed.py",
@@ -422,7 +425,9 @@ NEEDS_NO_TEST = {
 
 def test_file_for(module: str, path: Path) -> tuple[str, str]:
     """(folder, stem) of the test file that a module's tests go in: ("tests/data", "test_read")."""
-    parts = module.split(".")[1:] or ["fastsft"]
+    parts = module.split(".")[1:]
+    if not parts:
+        return "tests", "test_fastsft"
     is_package = path.name == "__init__.py" or module == "fastsft.kernels"  # fastsft/kernels.py: a package
     folder = "tests" if len(parts) == 1 and not is_package else f"tests/{parts[0]}"
     return folder, f"test_{parts[-1]}"
