@@ -16,32 +16,13 @@ from fastsft.chat import generation
 from fastsft.errors import Interrupted
 from fastsft.run import task, train
 
-from _tiny import DEMO, write_recipe
+from _tiny import DEMO, tiny_recipe, write_recipe
 
 
 def recipe_text(held) -> str:
-    return f"""
-[model]
-name = "builtin:tiny-mistral"
-load_in_4bit = false
-[lora]
-r = 8
-lora_alpha = 16
-[data]
-train = "{DEMO}"
-eval = "{held}"
-max_length = 96
-[train]
-learning_rate = 3e-3
-max_steps = 1
-per_device_train_batch_size = 4
-logging_steps = 1
-save_strategy = "no"
-eval_strategy = "steps"
-eval_steps = 1
-gradient_checkpointing = false
-seed = 0
-"""
+    """The tiny recipe, one step, with a held-out file (the before-numbers score it) evaluated at step 0
+    (eval_on_start: the base model's held-out loss) and after the step."""
+    return tiny_recipe(data={"eval": held}, train={"max_steps": 1, "eval_strategy": "steps", "eval_steps": 1})
 
 
 @pytest.fixture()
