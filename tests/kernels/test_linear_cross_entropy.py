@@ -345,7 +345,7 @@ def test_online_tiles_leave_cores_other_processes_hold(monkeypatch):
     """On the CPU, where OpenMP's threads spin while they wait, each online tile takes only the cores no
     other process is running on (its many small parallel operations wait for a thread that waits for a
     core): beside a busy process per core, one thread; and never more than it was given. Where they
-    sleep (OMP_WAIT_POLICY=PASSIVE, the `fastsft` command's policy) every thread is kept."""
+    sleep (OMP_WAIT_POLICY=PASSIVE, the test session's policy) every thread is kept."""
     import os
     import subprocess
     import sys
