@@ -1,11 +1,13 @@
 """What every pytest run of this repository shares, tests/ and benchmarks/ alike (pytest reads this file
 before the conftest.py of either folder):
 
-- the `fastsft` command's thread policy (fastsft.threads: OpenMP's waiting threads sleep instead of
-  spinning), set before torch loads: tests call fastsft in-process (train.run, evaluate, ...), which never
-  passes the command's entry, and on a busy machine (CI beside other work) spinning threads made the tiny
-  runs several times slower. A user's OMP_WAIT_POLICY wins; the thread tests and the busy-CPU benchmark
-  build their children's environment themselves.
+- OMP_WAIT_POLICY=PASSIVE (OpenMP's waiting threads sleep instead of spinning), set before torch loads:
+  on a busy machine (CI beside other work) spinning threads made the tiny runs several times slower. Not
+  the `fastsft` command's own policy (fastsft.threads: a short spin, and its loops follow the cores
+  free), which covers the loops of a run and generation but not a test's own forward passes and kernel
+  calls; PASSIVE covers every operation the suite runs, at some cost on an idle machine. A user's
+  OMP_WAIT_POLICY wins; the thread tests and the busy-CPU benchmark build their children's environment
+  themselves.
 - TRITON_INTERPRET=1 when there is no GPU, set before anything imports triton, so the Triton kernels run
   (slowly, exactly) on the CPU; on a GPU machine the same code runs natively.
 - `_private_cache`: built-in models and tokenized-data caches go to a folder of this session (unless
@@ -14,9 +16,8 @@ before the conftest.py of either folder):
 
 import os
 
-from fastsft import threads
-
-threads.apply()  # before torch is imported (OpenMP reads its settings once, when torch loads)
+if not any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch is imported (OpenMP reads it once, at load)
 
 import torch  # noqa: E402
 

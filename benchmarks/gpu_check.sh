@@ -124,7 +124,7 @@ if [ "$PLAN" = quick ]; then
   gpu_part fit 85 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/fit" -- benchmarks/test_fit_gpu.py -m fit
   gpu_part unsloth 55 "FASTSFT_UNSLOTH_SITE=$SITE" -- tests/backends/test_unsloth_cpu.py
 else
-  gpu_part tests 100 -- tests/run/test_loss.py tests/run/test_mixed_precision.py
+  gpu_part tests 100 -- tests/loss/test_route.py tests/run/test_mixed_precision.py
   gpu_part loss 120 "FASTSFT_BENCH_OUT=$WORK/loss" -- benchmarks/test_loss_bench.py -m loss \
     -k "N16384 and not V128256 and (fastsft or torch-V or torch-stock-linear or torch-linear-V or liger or cce or trl-V)"
   gpu_part e2e 200 "${BENCH[@]}" "FASTSFT_BENCH_OUT=$WORK/e2e" FASTSFT_BENCH_MODELS=llama-3.2-1b \

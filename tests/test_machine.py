@@ -36,19 +36,6 @@ def test_the_tested_ranges_are_pyprojects():
     )
 
 
-def test_doctor_holds_unsloth_to_the_gpu_extras_ranges(monkeypatch):
-    real = machine.version
-    monkeypatch.setattr(
-        machine, "version", lambda p: {"unsloth": "2026.10.7", "trl": "1.16.0"}.get(p) or real(p)
-    )
-    rows = {r["package"]: r for r in doctor.check_versions()}
-    assert not rows["trl"]["ok"] and rows["trl"]["note"].startswith("unsloth needs trl")
-    monkeypatch.setattr(
-        machine, "version", lambda p: None if p == "unsloth" else {"trl": "1.16.0"}.get(p) or real(p)
-    )
-    assert {r["package"]: r for r in doctor.check_versions()}["trl"]["ok"]
-
-
 def test_versions_name_every_package_and_python():
     v = machine.versions(extra=("no-such-package-x",))
     assert set(machine.PACKAGES) < set(v) and v["python"] and v["torch"]

@@ -139,7 +139,7 @@ def test_every_command_prints_its_phases_when_piped(tmp_path):
     finished run leaves no lock file."""
     import os
 
-    from _tiny import DEMO, write_recipe
+    from _tiny import DEMO, tiny_recipe, write_recipe
 
     env = {**os.environ, "FASTSFT_PROGRESS_SECONDS": "0.2", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
@@ -151,27 +151,10 @@ def test_every_command_prints_its_phases_when_piped(tmp_path):
     held.write_text("\n".join(rows[:6]) + "\n", encoding="utf-8")
     recipe = write_recipe(
         tmp_path / "r.toml",
-        f"""
-[model]
-name = "builtin:tiny-mistral"
-load_in_4bit = false
-[lora]
-r = 8
-lora_alpha = 16
-[data]
-train = "{DEMO}"
-eval = "{held}"
-max_length = 96
-[train]
-learning_rate = 3e-3
-max_steps = 2
-per_device_train_batch_size = 4
-logging_steps = 1
-eval_strategy = "steps"
-eval_steps = 2
-save_strategy = "no"
-gradient_checkpointing = false
-""",
+        tiny_recipe(
+            data={"eval": held},
+            train={"max_steps": 2, "eval_strategy": "steps", "eval_steps": 2, "seed": None},
+        ),
     )
     run = tmp_path / "run"
     out = piped(["run", str(recipe), "-o", str(run)], env)

@@ -4,7 +4,7 @@ The order, top to bottom (`LAYERS`; a package imports only from its own package 
 a package never from one beside it on the same floor):
 
     cli -> use -> run -> export, plan -> loss -> levers -> backends -> data -> chat
-        -> recipe, kernels -> dist -> rundir -> files, limits, progress -> machine, errors, threads
+        -> threads -> recipe, kernels -> dist -> rundir -> files, limits, progress -> machine, errors
 
 The graph is read from the source with `ast`, so imports inside functions count too: a cycle or an upward
 arrow hidden in a function body still ties two packages into one. An edge `a -> b` is every `import` /
@@ -12,6 +12,9 @@ arrow hidden in a function body still ties two packages into one. An edge `a -> 
 top-level kernels/ folder is read as `fastsft.kernels.*`, the name it is installed under. A package's
 __init__ importing its own children is the one direction allowed; a child importing its package
 __init__ back is a cycle like any other.
+
+Last, the tests' own layout: every product module has a test file a newcomer finds by name (or says where
+its tests are, or why it needs none).
 """
 
 from __future__ import annotations
@@ -156,11 +159,12 @@ LAYERS = (
     ("backends",),  # recipe -> (model, tokenizer)
     ("data",),  # recipe -> tokenized rows with masks
     ("chat",),  # templates, end of turn, the one generator, the task metric
+    ("threads",),  # the CPU policy: OpenMP's waits, the intra-op threads from the cores free (kernels')
     ("recipe", "kernels"),  # the typed recipe; the Triton kernels (no fastsft import at all)
     ("dist",),  # ranks of a distributed run
     ("rundir",),  # everything a run writes
     ("files", "limits", "progress"),  # atomic writes; out of memory / disk; progress bars
-    ("machine", "errors", "threads"),  # versions, device, peak memory; the error types; the CPU wait policy
+    ("machine", "errors"),  # versions, device, peak memory; the error types
 )
 FLOOR = {name: i for i, floor in enumerate(LAYERS) for name in floor}
 
@@ -225,7 +229,7 @@ LEAVES = {
     "fastsft.files": {"fastsft.errors"},
     "fastsft.chat.templates": {"fastsft.errors"},
     "fastsft.backends.common": {"fastsft.errors"},
-    "fastsft.chat.generation": {"fastsft.chat.templates"},
+    "fastsft.chat.generation": {"fastsft.chat.templates", "fastsft.threads"},  # (the free cores per token)
     "fastsft.cli.common": {"fastsft.errors", "fastsft.backends.common"},
 }
 
@@ -351,3 +355,176 @@ def test_kernels_import_nothing_of_fastsft():
                 if n.startswith(("fastsft", "."))
             ]
     assert not bad, "kernels/ imports fastsft:\n" + "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# every product module has a test file a newcomer finds by name
+# ----------------------------------------------------------------------------------------------
+#
+# The layout: tests/ mirrors the packages one folder deep.
+#   fastsft/<name>.py                 -> tests/test_<name>.py
+#   fastsft/<pkg>/.../<name>.py       -> tests/<pkg>/test_<name>.py   (use/serve/wire.py -> tests/use/test_wire.py)
+#   fastsft/<pkg>/__init__.py         -> tests/<pkg>/test_<pkg>.py    (use/serve/__init__ -> tests/use/test_serve.py)
+#   kernels/<name>.py                 -> tests/kernels/test_<name>.py (installed as fastsft.kernels.<name>)
+# and test_<name>_<topic>.py in that folder counts too (tests/export/test_gguf_quant.py for export/gguf.py).
+# Test files carry no __init__.py, so a basename is one test module for pytest: two modules with one name
+# (data/read.py, export/read.py) take a topic suffix apart (tests/export/test_read_run.py).
+
+# module -> the test file that holds its tests, where that file is named for something else and is the
+# better home (a split would only scatter one story over files)
+TESTED_ELSEWHERE = {
+    # backends: the loading policy, the fp16 load and a GGUF file as a model are each one story across
+    # the backends' modules
+    "fastsft.backends": "tests/backends/test_loading_policy.py",
+    "fastsft.backends.common": "tests/backends/test_loading_policy.py",
+    "fastsft.backends.transformers": "tests/backends/test_fp16.py",
+    "fastsft.backends.gguf": "tests/use/test_model_refs.py",
+    "fastsft.chat.generation": "tests/chat/test_scoring.py",  # answer_batch against one-at-a-time
+    # cli: each command is tested with the feature it runs (run's failures, generate / chat / eval / export)
+    "fastsft.cli.main": "tests/run/test_reliability.py",
+    "fastsft.cli.use": "tests/export/test_export.py",  # test_cli_commands: generate, chat, eval, export
+    "fastsft.dist": "tests/run/test_distributed.py",
+    # export: every format from one trained run (a module-scoped fixture); the transaction around each
+    "fastsft.export.adapter": "tests/export/test_export.py",
+    "fastsft.export.merged": "tests/export/test_export.py",
+    "fastsft.export.transaction": "tests/export/test_export.py",
+    # levers: each lever against the plain checkpointed step, one harness
+    "fastsft.levers._recompute": "tests/levers/test_levers.py",
+    "fastsft.levers.frozen16": "tests/levers/test_levers.py",
+    "fastsft.levers.offload": "tests/levers/test_levers.py",
+    "fastsft.levers.tiled_layer": "tests/levers/test_levers.py",
+    "fastsft.levers.tiled_mlp": "tests/levers/test_levers.py",
+    # plan: the simulated step against the real one, which is what each part is for
+    "fastsft.plan.attention": "tests/plan/test_plan.py",
+    "fastsft.plan.autocast": "tests/plan/test_plan.py",
+    "fastsft.plan.model": "tests/plan/test_plan.py",
+    "fastsft.plan.simulate": "tests/plan/test_plan.py",
+    "fastsft.plan.tracker": "tests/plan/test_plan.py",
+    # run: the before / after numbers and the loop's callbacks act in a whole run
+    "fastsft.run.answers": "tests/run/test_before_cache.py",  # before-numbers, cache, answers after
+    "fastsft.run.callbacks": "tests/run/test_reliability.py",  # checkpoints, signals, non-finite steps
+    # serve: the real server, and the same under hostile load
+    "fastsft.use.serve.app": "tests/use/test_serve.py",
+    "fastsft.use.serve.engine": "tests/use/test_serve_attacks.py",
+    "fastsft.use.serve.transport": "tests/use/test_serve_attacks.py",
+    # kernels: the fused linear loss's parts against its reference, through the public function
+    "fastsft.kernels": "tests/kernels/test_layout.py",  # the package itself is the folder mapping
+    "fastsft.kernels.linear_forward": "tests/kernels/test_linear_cross_entropy.py",
+    "fastsft.kernels.online_tiles": "tests/kernels/test_linear_cross_entropy.py",
+    "fastsft.kernels.ops": "tests/kernels/test_linear_cross_entropy.py",
+}
+
+# modules that need no test file of their own, with why
+NEEDS_NO_TEST = {
+    "fastsft": "empty",
+    "fastsft.cli": "re-exports entry",
+    "fastsft.cli.__main__": "`python -m fastsft.cli`: two lines calling entry",
+    "fastsft.chat": "a table of contents (docstring only)",
+    "fastsft.loss": "a table of contents (docstring only)",
+    "fastsft.run": "a table of contents (docstring only)",
+    "fastsft.use": "re-exports answer, evaluation and load",
+    "fastsft.kernels._triton": "two environment probes every kernel test goes through",
+}
+
+
+def test_file_for(module: str, path: Path) -> tuple[str, str]:
+    """(folder, stem) of the test file that a module's tests go in: ("tests/data", "test_read")."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "tests", "test_fastsft"
+    is_package = path.name == "__init__.py" or module == "fastsft.kernels"  # fastsft/kernels.py: a package
+    folder = "tests" if len(parts) == 1 and not is_package else f"tests/{parts[0]}"
+    return folder, f"test_{parts[-1]}"
+
+
+test_file_for.__test__ = False  # a helper, not a test
+
+
+def test_files(root: Path = ROOT) -> list[Path]:
+    return sorted(
+        p.relative_to(root) for folder in ("tests", "benchmarks") for p in (root / folder).rglob("test_*.py")
+    )
+
+
+test_files.__test__ = False
+
+
+def modules_without_tests(root: Path = ROOT, elsewhere=None, none=None) -> list[str]:
+    """Product modules with no test file by name and no entry in TESTED_ELSEWHERE / NEEDS_NO_TEST."""
+    elsewhere = TESTED_ELSEWHERE if elsewhere is None else elsewhere
+    none = NEEDS_NO_TEST if none is None else none
+    found = {(p.parent.as_posix(), p.stem) for p in test_files(root)}
+    missing = []
+    for module, path in modules(root).items():
+        folder, stem = test_file_for(module, path)
+        named = any(f == folder and (s == stem or s.startswith(stem + "_")) for f, s in found)
+        if not named and module not in elsewhere and module not in none:
+            missing.append(f"{path.relative_to(root)}: add {folder}/{stem}.py")
+    return missing
+
+
+def test_every_module_has_a_test_file_by_name():
+    missing = modules_without_tests()
+    assert not missing, (
+        "these modules have no test file a newcomer finds by name (write one, or name the file that tests "
+        "them in TESTED_ELSEWHERE, or say in NEEDS_NO_TEST why none is needed):\n" + "\n".join(missing)
+    )
+
+
+def test_the_test_maps_are_current():
+    """Every entry names a module that exists, and a test file that exists; a module that has gained a test
+    file by name leaves the maps (they only shrink)."""
+    known = modules()
+    listed = {**TESTED_ELSEWHERE, **NEEDS_NO_TEST}
+    stale = [f"{m}: no such module" for m in listed if m not in known]
+    stale += [f"{m}: {f} does not exist" for m, f in TESTED_ELSEWHERE.items() if not (ROOT / f).is_file()]
+    stale += [f"{m}: in both maps" for m in TESTED_ELSEWHERE.keys() & NEEDS_NO_TEST.keys()]
+    unnamed = {line.split(":")[0] for line in modules_without_tests(elsewhere={}, none={})}
+    stale += [
+        f"{m}: has a test file by name now, take it out of the map"
+        for m in listed
+        if m in known and known[m].relative_to(ROOT).as_posix() not in unnamed
+    ]
+    assert not stale, "\n".join(stale)
+
+
+def test_test_file_names_are_unique():
+    """pytest imports tests/ and benchmarks/ files by basename (no __init__.py): two with one name fail the
+    collection of both ("import file mismatch")."""
+    seen: dict[str, list[str]] = {}
+    for p in test_files():
+        seen.setdefault(p.name, []).append(p.as_posix())
+    assert not [v for v in seen.values() if len(v) > 1], [v for v in seen.values() if len(v) > 1]
+
+
+def test_the_test_file_checker_sees_a_module_without_tests(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    for rel in (
+        "fastsft/__init__.py",
+        "fastsft/top.py",
+        "fastsft/pkg/__init__.py",
+        "fastsft/pkg/sub/deep.py",
+        "fastsft/pkg/named.py",
+        "fastsft/pkg/bare.py",
+        "kernels/op.py",
+        "fastsft/alone.py",
+        "tests/test_top.py",
+        "tests/pkg/test_pkg.py",
+        "tests/pkg/test_deep.py",
+        "tests/pkg/test_named_topic.py",
+        "tests/kernels/test_op.py",
+    ):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    (tmp_path / "benchmarks").mkdir()
+    got = modules_without_tests(tmp_path, elsewhere={}, none={"fastsft": "empty"})
+    assert got == [
+        "fastsft/alone.py: add tests/test_alone.py",
+        "fastsft/pkg/bare.py: add tests/pkg/test_bare.py",
+    ]
+    assert (
+        modules_without_tests(
+            tmp_path, elsewhere={"fastsft.alone": "x"}, none={"fastsft": "", "fastsft.pkg.bare": ""}
+        )
+        == []
+    )

@@ -1,5 +1,6 @@
-"""fastsft.threads: the `fastsft` command sets OMP_WAIT_POLICY=PASSIVE before torch loads (OpenMP reads it
-once, then), what the user set wins, and the ranks of `run --launch` get it too.
+"""fastsft.threads: the `fastsft` command sets a short OpenMP spin (GOMP_SPINCOUNT) before torch loads
+(OpenMP reads it once, then), what the user set wins, the ranks of `run --launch` get it too, and the
+loops (training steps, generated tokens) follow the cores other processes leave free.
 
 The child processes carry a sitecustomize.py that notes the environment at the moment `torch` is
 first imported (a meta-path finder: the import itself is what OpenMP's settings are read at), then ends
@@ -78,7 +79,7 @@ COMMANDS = {
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_the_wait_policy_is_set_before_torch_loads(command, tmp_path):
     (seen,) = _fastsft(COMMANDS[command], tmp_path)
-    assert seen["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert seen["GOMP_SPINCOUNT"] == threads.SPIN and seen["OMP_WAIT_POLICY"] is None
     assert seen["OMP_NUM_THREADS"] is None  # no thread count is guessed
 
 
@@ -95,27 +96,88 @@ def test_what_the_user_set_wins(user, tmp_path):
 
 @pytest.mark.slow
 def test_the_ranks_of_a_launch_get_the_policy(tmp_path):
-    """`run --launch 2`: torchrun and both ranks (the `fastsft` script again) load torch under PASSIVE."""
+    """`run --launch 2`: torchrun and both ranks (the `fastsft` script again) load torch under the policy."""
     seen = _fastsft(
         ["run", str(REPO / "recipes/tiny.toml"), "--launch", "2", "-o", "out"], tmp_path, exit_at="ranks"
     )
     ranks = sorted(s["RANK"] for s in seen if s["RANK"] is not None)
     assert ranks == ["0", "1"], seen
-    assert all(s["OMP_WAIT_POLICY"] == "PASSIVE" for s in seen), seen
+    assert all(s["GOMP_SPINCOUNT"] == threads.SPIN and s["OMP_WAIT_POLICY"] is None for s in seen), seen
 
 
 def test_apply_decides_once_and_leaves_the_users_choice():
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert threads.apply(env) == "user" and env == {"OMP_WAIT_POLICY": "ACTIVE"}
     env = {"KMP_BLOCKTIME": "200"}
-    assert threads.apply(env) == "user" and "OMP_WAIT_POLICY" not in env
+    assert threads.apply(env) == "user" and env == {"KMP_BLOCKTIME": "200"}
     env = {"FASTSFT_THREAD_POLICY": "off"}
-    assert threads.apply(env) == "off" and "OMP_WAIT_POLICY" not in env
+    assert threads.apply(env) == "off" and "GOMP_SPINCOUNT" not in env
     # a rank of `run --launch` finds its parent's choice and records it as fastsft's
-    env = {"OMP_WAIT_POLICY": "PASSIVE", threads.MARK: "1"}
+    env = {"GOMP_SPINCOUNT": threads.SPIN, threads.MARK: "1"}
     assert threads.apply(env) == "fastsft" and threads.facts(env)["set_by"] == "fastsft"
-    assert threads.facts({"OMP_WAIT_POLICY": "PASSIVE"})["set_by"] == "user"
+    assert threads.facts(env)["follows_free_cores"] and threads.following(env)
+    assert threads.facts({"GOMP_SPINCOUNT": threads.SPIN})["set_by"] == "user"
+    assert not threads.following({"GOMP_SPINCOUNT": threads.SPIN})
+    assert not threads.following(
+        {"GOMP_SPINCOUNT": threads.SPIN, threads.MARK: "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    )
     assert threads.facts({})["set_by"] == "OpenMP default"
     # torch already loaded (a Python caller of entry()): nothing is set, since OpenMP would not read it
     env = {}
     assert "torch" in sys.modules and threads.apply(env) == "too late" and env == {}
+
+
+@pytest.mark.slow  # beside busy processes
+def test_the_loops_follow_the_cores_other_processes_leave_free(monkeypatch, tiny_model_dir):
+    """Under fastsft's policy a training step (the trainer's callback) and each generated token run on the
+    cores no other process holds: beside a busy process per core, one thread; the count the work began
+    with comes back after it. Without the policy (a user's own OMP settings) the count is left alone."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+
+    from fastsft.chat.generation import generate_ids
+    from fastsft.kernels.online_tiles import free_cpu_threads
+    from fastsft.run.callbacks import FollowFreeCores
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores < 2:
+        pytest.skip("one core: nothing to follow")
+    monkeypatch.setenv(threads.MARK, "1")
+    monkeypatch.setenv("GOMP_SPINCOUNT", threads.SPIN)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    seen = []
+
+    class Spy(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            seen.append(torch.get_num_threads())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        deadline = time.monotonic() + 10
+        while free_cpu_threads(cores) != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)  # (the busy processes need a moment to start)
+        callback = FollowFreeCores()
+        callback.on_step_begin(None, None, None)
+        assert torch.get_num_threads() == 1
+        callback.on_train_end(None, None, None)
+        assert torch.get_num_threads() == cores
+        generate_ids(model, tokenizer, [1, 2, 3], eot=[], max_new_tokens=4, stopping_criteria=[Spy()])
+        assert seen and seen[-1] == 1, seen  # the follower runs first, the spy after it
+        assert torch.get_num_threads() == cores
+        monkeypatch.delenv(threads.MARK)  # not fastsft's policy: nothing follows
+        seen.clear()
+        generate_ids(model, tokenizer, [1, 2, 3], eot=[], max_new_tokens=4, stopping_criteria=[Spy()])
+        assert seen and set(seen) == {cores}, seen
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        torch.set_num_threads(before)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastsft import threads
 from fastsft.chat.templates import chat_ids, end_of_turn_ids, role_markers
 
 
@@ -81,16 +82,18 @@ def generate_ids(
         kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
     if streamer is not None:
         kwargs["streamer"] = streamer
-    if stopping_criteria:
+    criteria = [*(stopping_criteria or []), *_follow_free_cores(model)]
+    if criteria:
         from transformers import StoppingCriteriaList
 
-        kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
-    was_training = model.training
+        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
+    was_training, threads_at_start = model.training, torch.get_num_threads()
     model.eval()
     try:
         with torch.no_grad():
             out = model.generate(**kwargs)
     finally:
+        torch.set_num_threads(threads_at_start)
         if was_training:
             model.train()
     new = out[0, ids.shape[1] :].tolist()
@@ -148,9 +151,11 @@ def answer_batch(
     ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eot[-1] if eot else 0)
     device = next(model.parameters()).device
+    from transformers import StoppingCriteriaList
+
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[Answer | None] = [None] * len(ids)
-    was_training = model.training
+    was_training, threads_at_start = model.training, torch.get_num_threads()
     model.eval()
     try:
         for start in range(0, len(order), max(1, batch_size)):
@@ -161,8 +166,10 @@ def answer_batch(
             for r, i in enumerate(rows):  # left padding: the prompt ends at the right edge
                 x[r, width - len(ids[i]) :] = torch.tensor(ids[i])
                 mask[r, width - len(ids[i]) :] = 1
+            follow = _follow_free_cores(model)
             with torch.no_grad():
                 gen = model.generate(
+                    **({"stopping_criteria": StoppingCriteriaList(follow)} if follow else {}),
                     input_ids=x.to(device),
                     attention_mask=mask.to(device),
                     max_new_tokens=max_new_tokens,
@@ -180,9 +187,30 @@ def answer_batch(
             if on_batch is not None:
                 on_batch(len(rows))
     finally:
+        torch.set_num_threads(threads_at_start)
         if was_training:
             model.train()
     return out  # type: ignore[return-value]
+
+
+def _follow_free_cores(model) -> list:
+    """[a StoppingCriteria that, before each new token, sets the intra-op threads to the cores other work
+    leaves free (fastsft.threads.follow_free_cores); it never stops anything], or [] on a GPU or where
+    fastsft's thread policy is not in force."""
+    import torch
+
+    if not threads.following() or next(model.parameters()).device.type != "cpu":
+        return []
+    from transformers import StoppingCriteria
+
+    start = torch.get_num_threads()
+
+    class FollowFreeCores(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            threads.follow_free_cores(start)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return [FollowFreeCores()]
 
 
 __all__ = ["Answer", "answer", "answer_batch", "generate_ids"]

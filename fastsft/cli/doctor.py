@@ -104,9 +104,19 @@ def report(console=None) -> bool:
             "GPU: none (CUDA not available): training runs on the CPU with the transformers backend"
         )
     t = threads.facts()
+    if t["follows_free_cores"]:
+        waits = (
+            f"a short spin (GOMP_SPINCOUNT={t.get('gomp_spincount')}), each step on the cores free (fastsft)"
+        )
+    else:
+        chosen = [
+            f"{k.upper()}={t[k]}" for k in ("omp_wait_policy", "gomp_spincount", "kmp_blocktime") if t.get(k)
+        ]
+        waits = f"{', '.join(chosen) or 'OpenMP defaults (spinning waits)'} ({t['set_by']})"
     console.print(
-        f"CPU threads: {t.get('intra_op_threads', '-')} intra-op on {t['cores']} cores, "
-        f"OMP_WAIT_POLICY={t['omp_wait_policy'] or '(unset: spinning waits)'} ({t['set_by']})"
+        f"CPU threads: {t.get('intra_op_threads', '-')} intra-op on {t['cores']} cores; waits: {waits}",
+        highlight=False,
+        markup=False,
     )
     backend, why = backends.choose_backend("auto")
     console.print(f'backend = "auto" picks: [bold]{backend}[/] ({escape(why)})')

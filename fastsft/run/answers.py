@@ -3,9 +3,10 @@ loss and the task metric, before training and after.
 
 - `sample_prompts`, `generate_answers`: the prompts and the greedy answers, each with whether it
   follows the chat template.
-- `BeforeAfter`: the run's before-numbers (`before()`, each from fastsft.run.before's cache when the same
-  base model, data and settings were scored already; a resume keeps the first segment's) and the
-  after-numbers beside them (`answers_after()`, `retain_after()`).
+- `BeforeAfter`: the run's before-numbers (`before()`, and the trainer's step-0 held-out loss through
+  `base_eval`; each from fastsft.run.before's cache when the same base model, data and settings were
+  scored already; a resume keeps the first segment's) and the after-numbers beside them
+  (`answers_after()`, `retain_after()`).
 """
 
 from __future__ import annotations
@@ -174,6 +175,30 @@ class BeforeAfter:
         before = self._cached("task", parts, compute, "base model's task metric")
         self.run_dir.update_json(RUN_JSON, task_before=before)
         return refs, before
+
+    def base_eval(self, trainer, compute) -> tuple[dict, bool]:
+        """(metrics, reused): the trainer's step-0 evaluation (the base model's held-out loss: a LoRA
+        adapter at initialisation changes no output) from the before-numbers' cache, else `compute()`.
+        Called by the trainer (FastSFTTrainer.base_eval) during training."""
+        args = trainer.args
+        parts = {
+            "eval": before_cache.dataset_hash(trainer.eval_dataset),
+            "batch_size": args.per_device_eval_batch_size,
+            "max_length": self.recipe.data.max_length,
+            "precision": {"bf16": bool(args.bf16), "fp16": bool(args.fp16)},
+            "collator": {
+                k: getattr(args, k, None) for k in ("padding_free", "packing", "completion_only_loss")
+            },
+            "loss": {k: self.route.describe()[k] for k in ("kernel", "implementation", "label_smoothing")},
+        }
+
+        def fresh():
+            return {k: float(v) for k, v in compute().items() if isinstance(v, (int, float))}
+
+        metrics = self._cached("eval", parts, fresh, "base model's held-out loss")
+        if self.main:
+            self.run_dir.update_json(RUN_JSON, before_cache=self.reuse)
+        return metrics, self.reuse["eval"] == "reused"
 
     def _retain_before(self) -> dict | None:
         """The retain set's loss under the base model (a resume keeps the first segment's)."""

@@ -1,5 +1,5 @@
 """The base model's before-numbers, paid once: its answers to the report's sample prompts, its task metric
-on the held-out split and its retain loss, kept under `$FASTSFT_CACHE/before/` and reused by later runs
+on the held-out split, its held-out loss (the trainer's step-0 evaluation) and its retain loss, kept under `$FASTSFT_CACHE/before/` and reused by later runs
 (and by `fastsft eval` of the same base model on the same data and settings).
 
 A number is named by everything it depends on, so a changed input recomputes it:
@@ -116,4 +116,13 @@ def content_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-__all__ = ["cached", "content_hash", "entry_path", "model_fingerprint"]
+def dataset_hash(dataset, rows: int = 256) -> str:
+    """sha256 (32 hex) of a datasets.Dataset's rows as it reads them (every column, in order; a selection
+    or shuffle of a larger table is hashed as the rows it yields), `rows` at a time."""
+    h = hashlib.sha256(json.dumps(sorted(dataset.column_names)).encode())
+    for i in range(0, len(dataset), rows):
+        h.update(json.dumps(dataset[i : i + rows], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+__all__ = ["cached", "content_hash", "dataset_hash", "entry_path", "model_fingerprint"]

@@ -7,6 +7,7 @@
 - `LocalParameters`: run.json's `local_parameters` under several ranks.
 - `StopAtSignal`, `NonFiniteCheck`: fastsft.run.guard's StopOnSignal and NonFiniteGuard in the loop.
 - `HealthWatch`: fastsft.run.health's diagnosis after every log.
+- `FollowFreeCores`: on the CPU, each step on the intra-op threads the cores other processes leave free.
 
 This module imports transformers when it loads, so the run imports it only once the backend has started
 (Unsloth must be imported before transformers), and `fastsft --help` does not pay for it.
@@ -21,9 +22,10 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
-from fastsft import dist
+from fastsft import dist, threads
 from fastsft.files import apply_umask, write_text
 from fastsft.machine import peak_memory_gib
 from fastsft.progress import StepTimer, bar
@@ -235,6 +237,23 @@ class HealthWatch(TrainerCallback):
                 self.log(f"warning: training health: {f.line()}")
 
 
+class FollowFreeCores(TrainerCallback):
+    """Each training step and evaluation batch on the intra-op threads the cores other processes leave
+    free (fastsft.threads.follow_free_cores); the count the run began with at the end."""
+
+    def __init__(self):
+        self.threads = torch.get_num_threads()
+
+    def on_step_begin(self, args, state, control, **kw):
+        threads.follow_free_cores(self.threads)
+
+    def on_prediction_step(self, args, state, control, **kw):
+        threads.follow_free_cores(self.threads)
+
+    def on_train_end(self, args, state, control, **kw):
+        torch.set_num_threads(self.threads)
+
+
 __all__ = [
     "ProgressAndMetrics",
     "AtomicCheckpoints",
@@ -242,4 +261,5 @@ __all__ = [
     "StopAtSignal",
     "NonFiniteCheck",
     "HealthWatch",
+    "FollowFreeCores",
 ]

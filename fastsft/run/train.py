@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsft import backends, dist, levers, machine, progress
+from fastsft import backends, dist, levers, machine, progress, threads
 from fastsft import data as data_mod
 from fastsft import export as export_mod
 from fastsft.backends.common import fit_embeddings
@@ -335,6 +335,8 @@ class Run:
             callbacks += trackers.callbacks(recipe, run_dir)
         if levers.wanted(recipe):  # offloaded checkpoints, tiled MLP, 16-bit frozen weights
             callbacks.append(levers.callback(recipe, loaded.dtype))
+        if threads.following() and next(loaded.model.parameters()).device.type == "cpu":
+            callbacks.append(cb.FollowFreeCores())  # each step on the cores other work leaves free
         early = health.early_stopping_callback(recipe)
         if early is not None:
             callbacks.append(early)
@@ -349,6 +351,14 @@ class Run:
             callbacks=callbacks,
         )
         trainer.add_callback(cb.AtomicCheckpoints(trainer, run_dir.checkpoints))
+        if (
+            args.eval_on_start
+            and trainer.eval_dataset is not None
+            and not self.resume
+            and dist.world_size() == 1
+        ):
+            # the base model's step-0 held-out loss, from the before-numbers' cache (set up in setup())
+            trainer.base_eval = lambda compute: self.compare.base_eval(trainer, compute)
         if totals_before:
             trainer.totals_before = dict(totals_before)
         if dist.world_size() > 1:

@@ -160,10 +160,24 @@ class FastSFTTrainerMixin:
             if n in dtypes and p.dtype != dtypes[n]:
                 p.data = p.data.to(dtypes[n])
 
-    def evaluate(self, *args, **kwargs):
+    # Set by the run: fn(compute) -> (metrics, reused), the base model's held-out metrics from the
+    # before-numbers' cache (fastsft.run.before); None: always computed
+    base_eval = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         self.phase = "eval"
         try:
-            return super().evaluate(*args, **kwargs)
+            if self.base_eval is None or self.state.global_step != 0 or eval_dataset is not None:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            # step 0 (eval_on_start): the base model's held-out loss, the same on every run of this base,
+            # data and settings; a reused one is logged and handed to the callbacks as the Trainer would
+            metrics, reused = self.base_eval(
+                lambda: super(FastSFTTrainerMixin, self).evaluate(None, ignore_keys, metric_key_prefix)
+            )
+            if reused:
+                self.log(dict(metrics))
+                self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
         finally:
             self.phase = "train"
 

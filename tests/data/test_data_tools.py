@@ -5,12 +5,13 @@ refused), the calls are trained, the definitions and results are not."""
 import json
 
 import pytest
-from test_data import CHATML_NO_MARKERS, make_recipe, quiet, write_jsonl
 
 from fastsft import data as D
 from fastsft.chat import templates as C
 from fastsft.errors import DataError
 from fastsft.run.answers import sample_prompts
+
+from _tiny import CHATML_NO_MARKERS, make_recipe, quiet, write_jsonl
 
 WEATHER = {
     "type": "function",

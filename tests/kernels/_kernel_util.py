@@ -7,6 +7,7 @@ import torch
 
 from fastsft.kernels import triton_available
 
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # the dtypes every kernel takes
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # gradient tolerance (relative error of the norm) per dtype; losses are float32 in every case
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}

@@ -12,10 +12,8 @@ import triton.language as tl
 from fastsft.kernels import cross_entropy_reference, fused_cross_entropy
 from fastsft.kernels.cross_entropy import _tanh
 
-from _kernel_util import DEVICES, GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
+from _kernel_util import DEVICES, DTYPES, GRAD_TOL, LOSS_TOL, fresh_generator, params, rel
 from _launches import launch_counts
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def make(n, v, dtype, device, *, scale=3.0, ignored=0.25):

@@ -95,6 +95,36 @@ def test_fa2_attention_holds_no_attention_matrix():
     assert (b - w) < 2.2 * (a - w), (a, b, w)
 
 
+@torch.library.custom_op("fastsft_test::scratchy", mutates_args=())
+def _scratchy(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_scratchy.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_a_kernels_scratch_counts_beside_its_outputs_and_in_the_reserved_segments():
+    """An opaque kernel's declared scratch (tracker.WORKSPACE, FA2's backward in the plan) is alive beside
+    the outputs the kernel was handed, and the caching allocator is asked for it: it can grow the
+    reserved segments, the figure the plan's fits compare (device_peak)."""
+    from fastsft.plan.tracker import WORKSPACE
+
+    MiB = 2**20
+    WORKSPACE["fastsft_test.scratchy.default"] = lambda args, kwargs: 64 * MiB
+    try:
+        x = torch.empty(16 * MiB, dtype=torch.uint8, device="meta")
+        with MemoryTracker("meta", allocator=CachingAllocator()) as tracker:
+            y = _scratchy(x)
+        assert y.shape == x.shape
+        assert tracker.peak == 16 * MiB + 64 * MiB, tracker.peak / MiB
+        assert tracker.peak_parts.get("other (kernel scratch)") == 64 * MiB
+        assert tracker.allocator.reserved_peak >= 80 * MiB, tracker.allocator.reserved_peak / MiB
+    finally:
+        del WORKSPACE["fastsft_test.scratchy.default"]
+
+
 def test_linear_loss_compiles_without_graph_break():
     from fastsft.kernels import fused_linear_cross_entropy
 
@@ -138,14 +168,20 @@ optim = "adamw_8bit"
     return p
 
 
+@pytest.mark.slow  # three 8B simulations at 78K tokens
 def test_8b_levers_fit_past_unsloth_in_24gib(tmp_path):
-    """The headline: Llama-3.1-8B QLoRA r=32, batch 1, with the levers fits 78,475 tokens (Unsloth's
-    published figure) in 24 GiB, and without them it does not."""
+    """The headline: Llama-3.1-8B QLoRA r=32, batch 1 (Unsloth's published setup), fits 78,475 tokens
+    (Unsloth's published figure) in 24 GiB with the levers set by hand (tiled layers among them); fit's
+    own ladder (offloaded checkpoints, tiled MLP) does not, once FlashAttention-2's backward scratch is
+    counted (24.84 GiB: its float32 dq accumulator and K/V gradients expanded to every query head); and
+    without levers it is far past 24 GiB."""
     from fastsft import recipe as recipe_mod
 
-    levers = dict(expandable_segments=True, offload_checkpoints=True, tiled_mlp=8, frozen_16bit=True)
-    setup = setup_from_recipe(recipe_mod.load(_recipe(tmp_path, **levers)))
+    ladder = dict(offload_checkpoints=True, tiled_mlp=8)
+    setup = setup_from_recipe(recipe_mod.load(_recipe(tmp_path, **ladder, tiled_layer=8)))
     assert device_peak(setup, 78475)[0] < 24 * GiB
+    no_tiles = setup_from_recipe(recipe_mod.load(_recipe(tmp_path, **ladder)))
+    assert device_peak(no_tiles, 78475)[0] > 24 * GiB
     plain = setup_from_recipe(recipe_mod.load(_recipe(tmp_path)))
     assert device_peak(plain, 78475)[0] > 24 * GiB
 
@@ -202,22 +238,6 @@ def test_a_simulation_leaves_autocast_as_it_found_it():
     before = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
     device_peak(setup, 96)
     assert (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) == before
-
-
-@pytest.mark.parametrize(
-    "text, said",
-    [
-        ("9" * 400, "is more than 4,096 GiB, far past any one GPU"),  # was an OverflowError traceback
-        ("1000000", "is more than 4,096 GiB"),  # 1,000,000 GiB
-        ("0", "less than 1 MiB"),
-    ],
-)
-def test_a_gpu_memory_past_any_gpu_is_refused(text, said):
-    from fastsft.plan.device import parse_size
-
-    with pytest.raises(ValueError, match=said):
-        parse_size(text)
-    assert parse_size("80GB") == 80 * GiB
 
 
 def test_the_longest_length_is_bounded_by_the_model_context_and_the_search_bound():

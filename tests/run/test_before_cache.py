@@ -16,37 +16,30 @@ from fastsft.chat import generation
 from fastsft.errors import Interrupted
 from fastsft.run import answers, guard, task, train
 
-from _tiny import DEMO, write_recipe
+from _tiny import DEMO, tiny_recipe, write_recipe
 
 
 def recipe_text(held) -> str:
-    return f"""
-[model]
-name = "builtin:tiny-mistral"
-load_in_4bit = false
-[lora]
-r = 8
-lora_alpha = 16
-[data]
-train = "{DEMO}"
-eval = "{held}"
-max_length = 96
-[train]
-learning_rate = 3e-3
-max_steps = 1
-per_device_train_batch_size = 4
-logging_steps = 1
-save_strategy = "no"
-gradient_checkpointing = false
-seed = 0
-"""
+    """The tiny recipe, one step, with a held-out file (the before-numbers score it) evaluated at step 0
+    (eval_on_start: the base model's held-out loss) and after the step."""
+    return tiny_recipe(data={"eval": held}, train={"max_steps": 1, "eval_strategy": "steps", "eval_steps": 1})
 
 
 @pytest.fixture()
 def counted(monkeypatch):
-    """How many times the base model generates (answer: the sample prompts; answer_batch: the task metric)."""
-    calls = {"answer": 0, "answer_batch": 0}
-    for name in calls:
+    """How many times the base model generates (answer: the sample prompts; answer_batch: the task metric)
+    and the trainer evaluates (evaluate: transformers' own, which a reused step-0 evaluation skips)."""
+    from transformers import Trainer
+
+    calls = {"answer": 0, "answer_batch": 0, "evaluate": 0}
+    real_evaluate = Trainer.evaluate
+
+    def evaluate(*a, **kw):
+        calls["evaluate"] += 1
+        return real_evaluate(*a, **kw)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    for name in ("answer", "answer_batch"):
         real = getattr(generation, name)
 
         def wrapper(*a, _real=real, _name=name, **kw):
@@ -58,6 +51,13 @@ def counted(monkeypatch):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, wrapper)
     return calls
+
+
+def step0_eval(run_dir) -> dict:
+    """The step-0 evaluation's metrics in a run's metrics.jsonl (times left out)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    row = next(r for r in rows if r.get("step") == 0 and "eval_loss" in r)
+    return {k: v for k, v in row.items() if "runtime" not in k and "per_second" not in k}
 
 
 def one_run(tmp_path, name, held, counted):
@@ -76,14 +76,28 @@ def test_a_second_run_reuses_the_base_models_numbers_and_a_change_recomputes(tmp
     held.write_text("\n".join(rows[:6]) + "\n", encoding="utf-8")
 
     first, calls = one_run(tmp_path, "first", held, counted)
-    assert first["before_cache"] == {"answers": "computed", "retain": "computed", "task": "computed"}
+    assert first["before_cache"] == {
+        "answers": "computed",
+        "eval": "computed",
+        "retain": "computed",
+        "task": "computed",
+    }
     assert calls["answer"] == 3 + 3 and calls["answer_batch"] == 2  # before and after training
+    evaluations = calls["evaluate"]
 
     second, calls = one_run(tmp_path, "second", held, counted)
-    assert second["before_cache"] == {"answers": "reused", "retain": "reused", "task": "reused"}
+    assert second["before_cache"] == {
+        "answers": "reused",
+        "eval": "reused",
+        "retain": "reused",
+        "task": "reused",
+    }
     assert calls["answer"] == 3 and calls["answer_batch"] == 1  # after training only
+    assert calls["evaluate"] == evaluations - 1  # the step-0 evaluation came from the cache
     for key in ("before", "task_before", "retain_before"):
         assert second[key] == first[key], key
+    step0 = [step0_eval(tmp_path / name) for name in ("first", "second")]
+    assert step0[0]["eval_loss"] > 0 and step0[1] == step0[0]  # logged as if computed: the report reads it
 
     # one held-out row changed: the answers and the task metric on it are computed again, the retain
     # set (fastsft's general set, unchanged) is not
@@ -91,7 +105,12 @@ def test_a_second_run_reuses_the_base_models_numbers_and_a_change_recomputes(tmp
     changed[0]["messages"][-1]["content"] = "Something else entirely."
     held.write_text("\n".join(json.dumps(r) for r in changed) + "\n", encoding="utf-8")
     third, _ = one_run(tmp_path, "third", held, counted)
-    assert third["before_cache"] == {"answers": "reused", "retain": "reused", "task": "computed"}
+    assert third["before_cache"] == {
+        "answers": "reused",
+        "eval": "computed",
+        "retain": "reused",
+        "task": "computed",
+    }
 
     # a generation setting changed (the task metric's answer budget): the task metric is recomputed
     monkeypatch.setattr(task, "SLACK_TOKENS", task.SLACK_TOKENS + 3)

@@ -23,7 +23,7 @@ from fastsft.errors import RecipeError
 from fastsft.loss import route as L
 from fastsft.run import train
 
-from _tiny import TINY_RECIPE
+from _tiny import TINY_RECIPE, load_tiny
 
 QUIET = dict(log=lambda *_: None)
 FULL = [
@@ -40,12 +40,6 @@ FULL = [
 ]
 
 
-def make_recipe(tmp_path, *overrides):
-    p = tmp_path / "r.toml"
-    p.write_text(TINY_RECIPE)
-    return R.load(p, list(overrides))
-
-
 def metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -53,7 +47,7 @@ def metrics(run_dir):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
-    result = train.run(make_recipe(tmp, *FULL), output_dir=tmp / "run")
+    result = train.run(load_tiny(tmp, *FULL), output_dir=tmp / "run")
     return result.run_dir
 
 
@@ -64,21 +58,21 @@ def full_run(tmp_path_factory):
 
 def test_full_defaults_to_16bit_weights_and_refuses_quantised_ones(tmp_path):
     assert (
-        make_recipe(tmp_path, "train.method=full").model.load_in_4bit is False
+        load_tiny(tmp_path, "train.method=full").model.load_in_4bit is False
     )  # not written: follows the method
-    assert make_recipe(tmp_path).model.load_in_4bit is False  # TINY_RECIPE writes false
+    assert load_tiny(tmp_path).model.load_in_4bit is False  # TINY_RECIPE writes false
     with pytest.raises(RecipeError) as e:
-        make_recipe(tmp_path, "train.method=full", "model.load_in_4bit=true")
+        load_tiny(tmp_path, "train.method=full", "model.load_in_4bit=true")
     assert "load_in_4bit = false" in str(e.value) and 'method = "lora"' in str(e.value)
     with pytest.raises(RecipeError, match="load_in_8bit = false"):
-        make_recipe(tmp_path, "train.method=full", "model.load_in_8bit=true")
+        load_tiny(tmp_path, "train.method=full", "model.load_in_8bit=true")
     with pytest.raises(RecipeError, match="DoRA is an adapter"):
-        make_recipe(tmp_path, "train.method=full", "lora.use_dora=true")
+        load_tiny(tmp_path, "train.method=full", "lora.use_dora=true")
 
 
 def test_4bit_and_8bit_are_exclusive(tmp_path):
     with pytest.raises(RecipeError, match="both true"):
-        make_recipe(tmp_path, "model.load_in_4bit=true", "model.load_in_8bit=true")
+        load_tiny(tmp_path, "model.load_in_4bit=true", "model.load_in_8bit=true")
     p = tmp_path / "q.toml"
     p.write_text(TINY_RECIPE.replace("load_in_4bit = false\n", "load_in_8bit = true\n"))
     assert R.load(p).model.load_in_4bit is False  # the 4-bit default gives way to an explicit 8-bit
@@ -86,7 +80,7 @@ def test_4bit_and_8bit_are_exclusive(tmp_path):
 
 def test_foreign_method_keys_name_ours(tmp_path):
     with pytest.raises(RecipeError, match="fastsft calls it `method` in \\[train\\]"):
-        make_recipe(tmp_path, "train.finetuning_type=full")
+        load_tiny(tmp_path, "train.finetuning_type=full")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +162,7 @@ def test_export_takes_a_full_run(full_run):
 def test_full_model_gradients_equal_stock(tmp_path, kernel):
     """Every weight's gradient (the lm_head's through the linear kernel's weight-gradient path, the
     embeddings') equals stock transformers' on one batch."""
-    recipe = make_recipe(tmp_path, "train.method=full", f"loss.kernel={kernel}")
+    recipe = load_tiny(tmp_path, "train.method=full", f"loss.kernel={kernel}")
     loaded = backends.load_model(recipe, **QUIET)
     assert all(p.requires_grad for p in loaded.model.parameters())
     stock = copy.deepcopy(loaded.model)
@@ -196,7 +190,7 @@ def test_full_model_gradients_equal_stock(tmp_path, kernel):
 def test_dora_adapter_has_magnitudes_and_loads_back(tmp_path):
     from fastsft.export import export_run
 
-    result = train.run(make_recipe(tmp_path, "lora.use_dora=true"), output_dir=tmp_path / "run")
+    result = train.run(load_tiny(tmp_path, "lora.use_dora=true"), output_dir=tmp_path / "run")
     adapter = load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
     mags = [k for k in adapter if "lora_magnitude_vector" in k]
     assert mags and len(mags) == len([k for k in adapter if "lora_A" in k])
@@ -210,7 +204,7 @@ def test_dora_adapter_has_magnitudes_and_loads_back(tmp_path):
 def test_modules_to_save_trains_and_saves_the_head(tmp_path):
     from fastsft.export import export_run
 
-    recipe = make_recipe(tmp_path, 'lora.modules_to_save=["lm_head"]')
+    recipe = load_tiny(tmp_path, 'lora.modules_to_save=["lm_head"]')
     result = train.run(recipe, output_dir=tmp_path / "run")
     adapter = load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
     (head_key,) = [k for k in adapter if "lm_head" in k]
@@ -226,7 +220,7 @@ def test_modules_to_save_trains_and_saves_the_head(tmp_path):
 def test_load_in_8bit_gives_int8_layers_under_lora(tmp_path):
     import bitsandbytes as bnb
 
-    recipe = make_recipe(tmp_path, "model.load_in_8bit=true", "model.load_in_4bit=false")
+    recipe = load_tiny(tmp_path, "model.load_in_8bit=true", "model.load_in_4bit=false")
     loaded = backends.load_model(recipe, **QUIET)
     int8 = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert int8 and loaded.info["quantization"] == "int8"
@@ -248,7 +242,7 @@ def test_an_adapter_saved_after_tokens_were_added_loads_back(tmp_path):
     first, so the adapter loads back with the trained logits."""
     from fastsft.backends.transformers import load_trained
 
-    recipe = make_recipe(tmp_path)
+    recipe = load_tiny(tmp_path)
     loaded = backends.load_model(recipe, **QUIET)
     rows = loaded.model.get_input_embeddings().num_embeddings
     loaded.tokenizer.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
@@ -264,11 +258,3 @@ def test_an_adapter_saved_after_tokens_were_added_loads_back(tmp_path):
     loaded.model.eval()
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, loaded.model(ids).logits, atol=1e-6)
-
-
-def _console():
-    import io
-
-    from rich.console import Console
-
-    return Console(file=io.StringIO(), width=200)

@@ -3,8 +3,6 @@ Trainer (accelerate) run the model under torch.autocast(bfloat16), as it does on
 `load_in_4bit` the QLoRA preparation leaves the hidden states and lm_head in float32 (the case that
 crashed the fused linear loss). Every loss route trains, and they agree."""
 
-import json
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from fastsft import recipe as R
 from fastsft.loss import route as loss
 from fastsft.run import train
 
-from _tiny import TINY_RECIPE
+from _tiny import TINY_RECIPE, losses
 
 KERNELS = ("torch", "fastsft", "fastsft-linear")
 # run name -> (loss.kernel, extra overrides): each route as shipped (frozen_16bit on: the frozen lm_head in
@@ -20,11 +18,6 @@ KERNELS = ("torch", "fastsft", "fastsft-linear")
 RUNS = {k: (k, []) for k in KERNELS} | {
     "fastsft-linear-f32-head": ("fastsft-linear", ["train.frozen_16bit=false"])
 }
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 @pytest.fixture(scope="module")

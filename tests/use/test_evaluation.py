@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from fastsft.cli.main import main
 
-from _tiny import DEMO, write_recipe
+from _tiny import DEMO, tiny_recipe, write_recipe
 
 STEPS = 120
 
@@ -23,27 +23,12 @@ def taught(tmp_path_factory):
     held.write_text("\n".join(rows[:8]) + "\n", encoding="utf-8")
     recipe = write_recipe(
         root / "r.toml",
-        f"""
-[model]
-name = "builtin:tiny-mistral"
-load_in_4bit = false
-[lora]
-r = 16
-lora_alpha = 32
-target_modules = "all-linear"
-[data]
-train = "{DEMO}"
-eval = "{held}"
-max_length = 96
-[train]
-learning_rate = 3e-3
-max_steps = {STEPS}
-per_device_train_batch_size = 8
-logging_steps = 20
-save_strategy = "no"
-gradient_checkpointing = false
-seed = 0
-""",
+        # a larger adapter on every linear layer and batches of 8: the tiny model has to learn 8 answers
+        tiny_recipe(
+            lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+            data={"eval": held},
+            train={"max_steps": STEPS, "per_device_train_batch_size": 8, "logging_steps": 20},
+        ),
     )
     out = root / "run"
     result = CliRunner().invoke(main, ["run", str(recipe), "-o", str(out)], catch_exceptions=False)

@@ -1,6 +1,5 @@
-"""The training loss goes through fastsft's kernels, and computes what the formula says."""
-
-import json
+"""The training loss route (fastsft.loss.route): the loss goes through fastsft's kernels, and computes what the
+formula says."""
 
 import pytest
 import torch
@@ -8,23 +7,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from fastsft import backends
-from fastsft import recipe as R
 from fastsft.loss import route as loss
 from fastsft.run import train
 
 from _launches import launch_counts, reset_launch_counts
-from _tiny import TINY_RECIPE, assistant_batch
-
-
-def make_recipe(tmp_path, *overrides):
-    p = tmp_path / "r.toml"
-    p.write_text(TINY_RECIPE)
-    return R.load(p, list(overrides))
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+from _tiny import assistant_batch, load_tiny, losses
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +19,7 @@ def trajectories(tmp_path_factory):
     out = {}
     for kernel in ("torch", "fastsft", "fastsft-linear"):
         tmp = tmp_path_factory.mktemp(kernel)
-        recipe = make_recipe(tmp, f"loss.kernel={kernel}", "train.max_steps=4", "loss.label_smoothing=0.1")
+        recipe = load_tiny(tmp, f"loss.kernel={kernel}", "train.max_steps=4", "loss.label_smoothing=0.1")
         reset_launch_counts()
         result = train.run(recipe, output_dir=tmp / "run")
         out[kernel] = (losses(result.run_dir), dict(launch_counts), result.summary["loss"])
@@ -60,7 +47,7 @@ def test_kernels_really_ran(trajectories):
 @pytest.mark.parametrize("kernel", ["torch", "fastsft", "fastsft-linear"])
 def test_label_smoothing_changes_the_loss_as_the_formula_says(tmp_path, kernel):
     eps = 0.2
-    recipe = make_recipe(tmp_path, f"loss.kernel={kernel}", f"loss.label_smoothing={eps}")
+    recipe = load_tiny(tmp_path, f"loss.kernel={kernel}", f"loss.label_smoothing={eps}")
     loaded = backends.load_model(recipe, log=lambda *_: None)
     route = loss.resolve(recipe, loaded.model, loaded.backend, torch.device("cpu"))
     route.install(loaded.model)
@@ -98,13 +85,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, kernel):
         "train.max_grad_norm=0",
     ]
     a = train.run(
-        make_recipe(
+        load_tiny(
             tmp_path, *common, "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1"
         ),
         output_dir=tmp_path / "a",
     )
     b = train.run(
-        make_recipe(
+        load_tiny(
             tmp_path, *common, "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=4"
         ),
         output_dir=tmp_path / "b",
@@ -128,6 +115,6 @@ def test_an_architecture_without_a_linear_patch_falls_back_to_logits_in(tmp_path
     class CohereForCausalLM(torch.nn.Module):
         pass
 
-    recipe = make_recipe(tmp_path, "loss.kernel=fastsft-linear")
+    recipe = load_tiny(tmp_path, "loss.kernel=fastsft-linear")
     route = loss.resolve(recipe, CohereForCausalLM(), model_backend, torch.device("cpu"))
     assert route.kernel == "fastsft" and "no linear-loss patch" in route.reason
