@@ -133,7 +133,8 @@ def phase_lines(text: str, what: str) -> list[str]:
 
 @pytest.mark.slow
 def test_every_command_prints_its_phases_when_piped(tmp_path):
-    """run (the base model's answers, task metric, retain loss, step-0 evaluation, the model's load), eval,
+    """run (the base model's answers, task metric, retain loss, step-0 evaluation, the model's load, and
+    after training the fine-tuned model's answers, task metric and retain loss), eval,
     generate --data and export, each with its output in a pipe: every phase says it started, how far it
     got (count, rate, ETA) and that it ended; the libraries print no 'Cannot enable progress bars'; the
     finished run leaves no lock file."""
@@ -163,6 +164,9 @@ def test_every_command_prints_its_phases_when_piped(tmp_path):
     phase_lines(out, "base model: retain loss")
     phase_lines(out, "base model: task metric on 6 held-out answers")
     phase_lines(out, "base model: held-out loss (step 0), batches")
+    assert phase_lines(out, "fine-tuned model: answers to the sample prompts")[0].endswith("3 to do")
+    phase_lines(out, "fine-tuned model: task metric on 6 held-out answers")
+    phase_lines(out, "fine-tuned model: retain loss")
     assert "Cannot enable progress bars" not in out
     assert not (run / ".lock").exists()
     if not torch.cuda.is_available():  # on the CPU: no GPU estimate, and the step lines say rss

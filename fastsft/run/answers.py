@@ -285,7 +285,10 @@ class BeforeAfter:
                 "samples_skipped": why,
                 "compliance": {"base": None, "fine_tuned": None, "n": 0},
             }
-        after = generate_answers(self.loaded.model, self.loaded.tokenizer, prompts) if prompts else []
+        after = []
+        if prompts:
+            with self.phase(len(prompts), "fine-tuned model: answers to the sample prompts") as advance:
+                after = generate_answers(self.loaded.model, self.loaded.tokenizer, prompts, advance=advance)
         paired = before if len(before) == len(after) else [None] * len(after)
         samples = [
             {"prompt": p["messages"][-1]["content"], "before": b["text"] if b else "", "after": a["text"]}
@@ -306,7 +309,9 @@ class BeforeAfter:
         }
         out = {"samples": samples, "samples_source": source, "compliance": compliance}
         if self.task_refs:  # the task metric on the held-out split's short answers, before -> after
-            after = task.score(self.loaded.model, self.loaded.tokenizer, self.task_refs)
+            what = f"fine-tuned model: task metric on {len(self.task_refs)} held-out answers"
+            with self.phase(len(self.task_refs), what) as advance:
+                after = task.score(self.loaded.model, self.loaded.tokenizer, self.task_refs, advance=advance)
             out["task"] = {"before": self.task_before, "after": after}
         return out
 
@@ -315,7 +320,8 @@ class BeforeAfter:
         metrics.jsonl row at `step`."""
         if self.retain_items is None:
             return None
-        after = self._score_retain()
+        with self.phase(len(self.retain_items), "fine-tuned model: retain loss") as advance:
+            after = self._score_retain(advance=advance)
         self.run_dir.append_metrics({"step": step, "retain_loss": after["loss"]})
         vocab = getattr(self.loaded.model.config, "vocab_size", None) or len(self.loaded.tokenizer)
         r = retain.summary(self.retain_before, after, source=self.retain_source, vocab_size=vocab)
