@@ -1,6 +1,7 @@
 """Resuming a run (`fastsft run --resume RUN_DIR`): what it continues with and where it continues from.
 
-- `resume_recipe`: the recipe stored in the run, with the overrides a resume may change (the others refused).
+- `resume_recipe`: the recipe stored in the run, with the overrides a resume may change (the others refused);
+  the recipe file the run started from is accepted too, with the changes `fit = "auto"` made applied again.
 - `open_resumed`: the run directory, locked, and its newest complete checkpoint; a finished run, a run
   with no checkpoint, or a checkpoint that lacks a rank's files is refused.
 - `refuse_changed_data`: data that changed since the run started is refused unless allowed.
@@ -8,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,8 @@ def resume_recipe(run_dir: str | Path, recipe_path: str | Path | None, overrides
     run = RunDir.open(run_dir)
     stored = recipe_mod.load(run / RECIPE)
     wanted = recipe_mod.load(recipe_path).with_absolute_paths() if recipe_path else stored
+    if recipe_path:  # the recipe as the user wrote it: fit's changes (stored in the run) apply again
+        wanted = _as_fit_left_it(wanted, stored, _run_json(run).get("fit") or {})
     if overrides:
         wanted = wanted.with_overrides(list(overrides))
     changed = [k for k in stored.differences(wanted) if k not in recipe_mod.RESUME_SAFE_KEYS]
@@ -37,6 +41,32 @@ def resume_recipe(run_dir: str | Path, recipe_path: str | Path | None, overrides
             path=str(recipe_path or run / RECIPE),
         )
     return wanted
+
+
+def _run_json(run: RunDir) -> dict:
+    try:
+        return run.read_json(RUN_JSON)
+    except (OSError, ValueError):
+        return {}
+
+
+def _as_fit_left_it(wanted, stored, fit: dict):
+    """`wanted` (the recipe the user gives to resume with) with the changes `fit = "auto"` made when the run
+    started (run.json's `fit`), where it still holds the value fit changed: the stored recipe holds fit's
+    values, the user's file its own, and both mean the same run. The accumulation fit set is taken when the
+    effective batch (batch x accumulation) the user wrote is the stored one."""
+    sets = []
+    for change in fit.get("changes") or []:
+        section, _, key = change["key"].partition(".")
+        if getattr(getattr(wanted, section, None), key, object()) == change.get("from"):
+            sets.append(f"{change['key']}={json.dumps(change['to'])}")
+    if "gradient_accumulation_steps" in fit:
+        w, s = wanted.train, stored.train
+        if w.per_device_train_batch_size * w.gradient_accumulation_steps == (
+            s.per_device_train_batch_size * s.gradient_accumulation_steps
+        ):
+            sets.append(f"train.gradient_accumulation_steps={s.gradient_accumulation_steps}")
+    return wanted.with_overrides(sets) if sets else wanted
 
 
 @dataclass

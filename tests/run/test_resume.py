@@ -75,3 +75,48 @@ def test_changed_data_is_refused_unless_allowed(tmp_path):
     with pytest.raises(RunDirError, match="fingerprint aaa then, bbb now") as e:
         resume.refuse_changed_data(r, "bbb", allow=False)
     assert "--allow-data-change" in str(e.value)
+
+
+def test_the_recipe_the_run_started_from_resumes_with_fits_changes(tmp_path):
+    """A run whose fit = "auto" halved the batch and offloaded checkpoints stores those values; resuming
+    with the user's own recipe file (which holds the values as written) continues with fit's, and a key
+    the user really changed is still refused."""
+    from fastsft import recipe as recipe_mod
+    from fastsft.errors import RecipeError
+
+    from _tiny import tiny_recipe, write_recipe
+
+    train = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+    written = write_recipe(tmp_path / "mine.toml", tiny_recipe(train=train))
+    fitted = recipe_mod.load(written).with_absolute_paths()
+    fitted = fitted.with_overrides(
+        [
+            "train.per_device_train_batch_size=2",
+            "train.gradient_accumulation_steps=4",
+            "train.offload_checkpoints=true",
+        ]
+    )
+    run = make_run(tmp_path, {"status": "interrupted"})
+    (run / RECIPE).write_text(fitted.to_toml())  # as the run stores it: fit's values as if written
+    fit = {
+        "changes": [
+            {"key": "train.offload_checkpoints", "from": False, "to": True},
+            {"key": "train.per_device_train_batch_size", "from": 4, "to": 2},
+        ],
+        "gradient_accumulation_steps": 4,
+    }
+    run.update_json(RUN_JSON, fit=fit)
+    got = resume.resume_recipe(run.path, written, [])
+    t = got.train
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.offload_checkpoints) == (
+        2,
+        4,
+        True,
+    )
+    with pytest.raises(RecipeError, match="learning_rate"):
+        resume.resume_recipe(run.path, written, ["train.learning_rate=1e-2"])
+    other = write_recipe(
+        tmp_path / "other.toml", tiny_recipe(train={**train, "per_device_train_batch_size": 8})
+    )
+    with pytest.raises(RecipeError, match="per_device_train_batch_size"):
+        resume.resume_recipe(run.path, other, [])  # not the value fit changed: a different run
