@@ -180,7 +180,7 @@ class BeforeAfter:
         """(metrics, reused): the trainer's step-0 evaluation (the base model's held-out loss: a LoRA
         adapter at initialisation changes no output) from the before-numbers' cache, else `compute()`.
         Called by the trainer (FastSFTTrainer.base_eval) during training."""
-        args = trainer.args
+        args, route = trainer.args, self.route.describe()
         parts = {
             "eval": before_cache.dataset_hash(trainer.eval_dataset),
             "batch_size": args.per_device_eval_batch_size,
@@ -189,7 +189,7 @@ class BeforeAfter:
             "collator": {
                 k: getattr(args, k, None) for k in ("padding_free", "packing", "completion_only_loss")
             },
-            "loss": {k: self.route.describe()[k] for k in ("kernel", "implementation", "label_smoothing")},
+            "loss": {k: route[k] for k in ("kernel", "implementation", "label_smoothing")},
         }
 
         def fresh():

@@ -167,7 +167,12 @@ class FastSFTTrainerMixin:
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         self.phase = "eval"
         try:
-            if self.base_eval is None or self.state.global_step != 0 or eval_dataset is not None:
+            if (
+                self.base_eval is None
+                or self.state.global_step != 0
+                or eval_dataset is not None
+                or metric_key_prefix != "eval"  # the cached metrics carry eval_ names
+            ):
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             # step 0 (eval_on_start): the base model's held-out loss, the same on every run of this base,
             # data and settings; a reused one is logged and handed to the callbacks as the Trainer would
