@@ -26,6 +26,7 @@ own; other layers (a layer class patched by Unsloth) are left as they are.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -44,17 +45,33 @@ ARCHITECTURES = {
 }
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside backward (checkpointing's recomputation: the autograd engine is
+    running a graph task): there the layer's output is only a root to backpropagate from."""
+    return getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1
+
+
 class _Tiled(torch.autograd.Function):
-    """`fn(*slices)` over `tiles` slices of dim 1 of every input, outputs concatenated along dim 1."""
+    """`fn(*slices)` over `tiles` slices of dim 1 of every input, outputs concatenated along dim 1.
+
+    `lazy`: the outputs are read by nothing when the forward is a recomputation inside backward (the
+    decoder layer's output: checkpointing backpropagates from it, and this function's backward recomputes
+    each tile anyway); there only the first tile runs (for the outputs' dtypes) and the outputs are
+    placeholders of the right shape that hold no memory (one element, expanded)."""
 
     @staticmethod
-    def forward(ctx, fn, tiles, *xs):
+    def forward(ctx, fn, tiles, lazy, *xs):
         ctx.fn, ctx.tiles = fn, tiles
         ctx.state = RunState(xs[0].device)
         ctx.save_for_backward(*xs)
         outs = None
+        t = xs[0].shape[1]
         with torch.no_grad():
-            for i, j in spans(xs[0].shape[1], tiles):
+            if lazy and recomputing():
+                i, j = spans(t, tiles)[0]
+                o = fn(*(x[:, i:j] for x in xs))
+                return tuple(y.new_empty(()).expand(y.shape[0], t, *y.shape[2:]) for y in o)
+            for i, j in spans(t, tiles):
                 o = fn(*(x[:, i:j] for x in xs))
                 if outs is None:
                     outs = tuple(t.new_empty((t.shape[0], xs[0].shape[1], *t.shape[2:])) for t in o)
@@ -66,8 +83,19 @@ class _Tiled(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         xs = ctx.saved_tensors
-        need = ctx.needs_input_grad[2:]
+        need = ctx.needs_input_grad[3:]
         dxs = [torch.empty_like(x) if n else None for x, n in zip(xs, need, strict=True)]
+        g = grads[0]
+        if (
+            need[0]
+            and _donated(g)
+            and g.shape == xs[0].shape
+            and g.dtype == xs[0].dtype
+            and g.is_contiguous()
+        ):
+            # the output's gradient, given up by its only holder (offload's backward), becomes the input's:
+            # tile i's slice is read by tile i's backward before tile i's input gradient is written there
+            dxs[0] = g
         for i, j in spans(xs[0].shape[1], ctx.tiles):
             sl = [x[:, i:j].detach().requires_grad_(n) for x, n in zip(xs, need, strict=True)]
             with ctx.state.replay():
@@ -81,7 +109,28 @@ class _Tiled(torch.autograd.Function):
                 if d is not None:
                     d[:, i:j] = s.grad if s.grad is not None else 0
             del o, sl, pairs
-        return (None, None, *dxs)
+        return (None, None, None, *dxs)
+
+
+_DONATED: list = []  # storages of output gradients their holder gives up (`donate`)
+
+
+@contextlib.contextmanager
+def donate(grad: torch.Tensor):
+    """Inside, a tiled function receiving `grad` as its first output's gradient may overwrite it with its
+    first input's gradient (the decoder layer: the residual stream's gradient in, the same shape out),
+    which saves one B x T x hidden tensor in each layer's backward. Only for a gradient nothing else
+    reads afterwards: offload's backward, which holds the layer output's gradient and only passes it to
+    the recomputed layer."""
+    _DONATED.append(grad.untyped_storage()._cdata)
+    try:
+        yield
+    finally:
+        _DONATED.pop()
+
+
+def _donated(g) -> bool:
+    return g is not None and bool(_DONATED) and g.untyped_storage()._cdata == _DONATED[-1]
 
 
 def spans(t: int, tiles: int):
@@ -135,28 +184,45 @@ def tiled_forward(
             # cast per tile, so no full-length float32 q / k exists
             dt = torch.get_autocast_dtype(kind)
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        return q, k, v
+        # one tensor per head group, so that attention runs (and its backward holds scratch) per group
+        return (*q.chunk(groups, 2), *k.chunk(groups, 2), *v.chunk(groups, 2))
 
-    q, k, v = _Tiled.apply(pre, tiles, x, cos, sin)  # (B, T, heads, D)
+    groups = head_groups(attn.config)
+    qkv = _Tiled.apply(pre, tiles, False, x, cos, sin)  # 3 x groups tensors (B, T, heads / groups, D)
     attention = attn.config._attn_implementation
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention, _eager(attn))
-    out, _ = interface(
-        attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
-        dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
-        **self._fastsft_attn_kwargs(attn), **kwargs,
-    )  # fmt: skip
-    del q, k, v
-    out = out.reshape(*x.shape[:-1], -1)
+    outs = []
+    for g in range(groups):
+        q, k, v = qkv[g], qkv[groups + g], qkv[2 * groups + g]
+        o, _ = interface(
+            attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+            dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
+            **self._fastsft_attn_kwargs(attn), **kwargs,
+        )  # fmt: skip
+        outs.append(o)  # (B, T, heads / groups, D)
+    del qkv, q, k, v, o
+    # the plain MLP inside a tile (a tile is already a slice of the sequence; the tiled MLP's shards inside
+    # it would recompute the MLP once more, and their small blocks fragment the allocator's segments)
     mlp = getattr(self.mlp, "_fastsft_untiled_forward", None) or self.mlp
 
-    def post(x, a):
+    def post(x, *a):
+        a = torch.cat(a, 2).reshape(*x.shape[:-1], -1) if len(a) > 1 else a[0].reshape(*x.shape[:-1], -1)
         h = x + attn.o_proj(a)
         return (h + mlp(self.post_attention_layernorm(h)),)
 
-    (y,) = _Tiled.apply(post, tiles, x, out)
+    (y,) = _Tiled.apply(post, tiles, True, x, *outs)
     return y
+
+
+def head_groups(config, most: int = 8) -> int:
+    """How many groups the heads are attended in: one per key/value head (each group its query heads),
+    at most `most` (KV heads merged in equal groups); FA2's backward holds a float32 dQ accumulator and,
+    with grouped-query attention, dK and dV expanded to every query head, so per group that scratch is
+    1 / groups of the whole's, for `groups` kernel launches instead of one."""
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return max(n for n in range(1, min(kv, most) + 1) if kv % n == 0)
 
 
 def _eager(attn):
@@ -176,4 +242,24 @@ def install(model, tiles: int) -> int:
         module._fastsft_attn_kwargs = kw
         module.forward = types.MethodType(tiled_forward, module)
         n += 1
+    for module in model.modules():  # the final norm of a model whose layers are tiled
+        layers, norm = getattr(module, "layers", None), getattr(module, "norm", None)
+        if norm is None or not isinstance(layers, torch.nn.ModuleList) or not layers:
+            continue
+        if getattr(layers[0], "_fastsft_tiles", None) is None or not callable(norm):
+            continue
+        if getattr(norm, "_fastsft_untiled_forward", None) is None:
+            norm._fastsft_untiled_forward = norm.forward
+        norm._fastsft_tiles = int(tiles)
+        norm.forward = types.MethodType(_tiled_norm, norm)
     return n
+
+
+def _tiled_norm(self, x):
+    """The model's final norm over sequence tiles: under QLoRA (float32 norm weights) the norm's backward
+    otherwise holds several float32 B x T x hidden tensors at once, at the step's peak once the layers
+    are tiled."""
+    if x.dim() != 3 or not (torch.is_grad_enabled() and x.requires_grad):
+        return self._fastsft_untiled_forward(x)
+    (y,) = _Tiled.apply(lambda t: (self._fastsft_untiled_forward(t),), self._fastsft_tiles, False, x)
+    return y

@@ -47,14 +47,16 @@ UNSLOTH_TABLE = {
 # (Setup field, value) in the order the plan (and `fit = "auto"`, plan/fit.py) adds them: first what costs
 # no time (the allocator's setting, the dtype of frozen weights), then what costs time (host copies that
 # overlap compute, then more kernel launches); fit.py's docstring gives the measured savings.
-# `tiled_layer` (levers/tiled_layer.py) is exact and simulated, but set by hand only, not by fit: no GPU
-# has run it yet, its peak sits inside FlashAttention's backward, whose scratch the plan does not yet count
-# in reserved memory (issue 36), and on a small model its tiles cost more than they save.
+# `tiled_layer` (levers/tiled_layer.py) last: exact, its tiles cost kernel launches like the tiled MLP's,
+# and it matters only at long lengths (the decoder layer's per-token work in tiles, attention per head
+# group); fit tries its tile counts 2 to 16 only when the levers before it do not fit, and keeps a count
+# only when it lowers the peak (on a small model its tiles can cost more than they save).
 LEVER_ORDER = (
     ("expandable_segments", True),
     ("frozen16", True),
     ("offload_checkpoints", True),
     ("tiled_mlp", 8),
+    ("tiled_layer", 16),
 )
 LEVERS = dict(LEVER_ORDER)
 # [train] key of each lever
@@ -191,6 +193,10 @@ def plan(
         # not one the model can train on
         every = fit_mod.every_change(setup, LEVER_ORDER) if fit == "auto" else setup
         memory, context = max_length(every, gpu_memory), model_context(setup)
+        if every.tiled_layer != setup.tiled_layer:  # fit keeps layer tiles only where they lower the peak
+            untiled = replace(every, tiled_layer=setup.tiled_layer)
+            if (other := max_length(untiled, gpu_memory)) > memory:
+                every, memory = untiled, other
         out["max_length_memory"] = memory
         out["max_length"] = min(memory, context) if context else memory
         out["max_length_bound"] = "context" if context and context < memory else "memory"

@@ -9,7 +9,8 @@
 2. gradient checkpointing, when the recipe turned it off (~30% more compute).
 3. the other levers of the table, in its order: offloaded checkpoints (a host copy per layer that
    overlaps the next layers' work), then the tiled MLP's shard count, doubled
-   from 2 up to the table's value (each doubling more kernel launches of a smaller shard).
+   from 2 up to the table's value (each doubling more kernel launches of a smaller shard), then the
+   tiled decoder layer's tile count, 2 to 16 (kept only where it lowers the peak).
 4. a smaller per-device batch with more gradient accumulation (the same effective batch and, with the
    loss summed over the accumulated tokens, the same losses): last, since a smaller batch under-fills
    the GPU and costs the most time.
@@ -171,11 +172,12 @@ def steps(setup: Setup, levers) -> list[tuple[dict, str]]:
             continue
         if isinstance(v, bool):
             out.append(({k: v}, WHY.get(k, "an exact memory lever")))
-        else:  # a count (tiled MLP shards): doubled from 2 up to the table's value
+        else:  # a count (tiled MLP shards, layer tiles): doubled from 2 up to the table's value
             n = 2
+            unit = "tiles" if k == "tiled_layer" else "shards"
             while n <= v:
                 if n > (getattr(cur, k) or 0):
-                    out.append(({k: n}, WHY.get(k, "an exact memory lever") + f" ({n} shards)"))
+                    out.append(({k: n}, WHY.get(k, "an exact memory lever") + f" ({n} {unit})"))
                 n *= 2
     b = setup.batch_size
     for nb in sorted((d for d in range(1, b) if b % d == 0), reverse=True):
@@ -280,8 +282,11 @@ def decide(setup: Setup, seq_len: int, budget: int, levers, *, accumulation: int
     for change, why in steps(setup, levers):
         if fit.fits:
             break
+        peak = device_peak(replace(cur, **change), seq_len)[0]
+        if "tiled_layer" in change and peak >= fit.peak:
+            continue  # layer tiles that do not lower the peak (a small model, a short length): not taken
         cur = replace(cur, **change)
-        fit.peak = device_peak(cur, seq_len)[0]
+        fit.peak = peak
         fit.setup = cur
         for k, v in change.items():
             fit.changes = [c for c in fit.changes if c["key"] != f"train.{KEYS[k]}"]  # a count raised again

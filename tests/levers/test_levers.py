@@ -236,3 +236,46 @@ def test_tiled_layer_leaves_patched_layers_alone(monkeypatch):
     patched.__module__ = "unsloth.models.llama"
     monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", patched)
     assert tiled_layer.install(_model(), 3) == 0
+
+
+def test_tiled_layer_attends_per_head_group_and_skips_the_recomputed_output(monkeypatch):
+    """Attention runs once per key/value head group (FA2's backward scratch per group, not for every head
+    at once); in checkpointing's recomputation the layer's output is a placeholder (only the first tile
+    runs, for its dtype), so the MLP runs tiles (forward) + 1 (recompute) + tiles (backward) times per
+    layer, not 3 x tiles; the final norm is tiled too. Loss and gradients as the plain step's."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    loss0, g0 = _padded_step(_model())
+    m = _model()
+    assert tiled_layer.install(m, 3) == 3
+    base = m.get_base_model().model
+    assert base.norm._fastsft_tiles == 3
+    heads, mlp_calls = [], []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def counting(module, q, k, v, *args, **kwargs):
+        heads.append((q.shape[1], k.shape[1]))
+        return sdpa(module, q, k, v, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", counting)
+    for layer in base.layers:
+        layer.mlp.register_forward_hook(lambda mod, args, out: mlp_calls.append(args[0].shape[1]))
+    loss1, g1 = _padded_step(m)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+    # 4 query heads over 2 key/value heads: 2 groups of (2 query heads, 1 key/value head), in forward
+    # and in the recomputation, 3 layers
+    assert heads == [(2, 1)] * (2 * 2 * 3), heads
+    assert len(mlp_calls) == 3 * (3 + 1 + 3), mlp_calls
+
+
+def test_head_groups():
+    from types import SimpleNamespace as C
+
+    assert tiled_layer.head_groups(C(num_attention_heads=32, num_key_value_heads=8)) == 8
+    assert tiled_layer.head_groups(C(num_attention_heads=32, num_key_value_heads=32)) == 8
+    assert tiled_layer.head_groups(C(num_attention_heads=12, num_key_value_heads=12)) == 6
+    assert tiled_layer.head_groups(C(num_attention_heads=14, num_key_value_heads=2)) == 2
+    assert tiled_layer.head_groups(C(num_attention_heads=8, num_key_value_heads=1)) == 1
+    assert tiled_layer.head_groups(C(num_attention_heads=8, num_key_value_heads=None)) == 8
