@@ -12,6 +12,9 @@ from fastsft.cli.main import main
 
 from _tiny import TINY_RECIPE, write_recipe
 
+# every test reads tiny_run, a 30-step run (13 s); the GGUF test converts it too (143 s in all)
+pytestmark = pytest.mark.slow
+
 # Greedy answers (12 tokens, 4 prompts) that agree token for token with the run's, at least:
 AGREEMENT = {"fp32": 1.0, "q8_0": 0.9, "q4_0": 0.5}
 
@@ -32,7 +35,6 @@ def _greedy(model, tok, prompts):
     return [a.ids for a in answer_batch(model, tok, prompts, max_new_tokens=12, batch_size=4)]
 
 
-@pytest.mark.slow  # a run and GGUF conversions: 143 s of setup
 def test_gguf_types_names_modelfile_and_answers(tiny_run, tmp_path):
     import gguf
     import torch

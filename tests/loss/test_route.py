@@ -26,6 +26,7 @@ def trajectories(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # reads trajectories: three training runs, 27 s
 def test_kernels_give_the_stock_loss_trajectory(trajectories):
     ref, _, _ = trajectories["torch"]
     assert len(ref) == 4
@@ -34,6 +35,7 @@ def test_kernels_give_the_stock_loss_trajectory(trajectories):
         assert got == pytest.approx(ref, rel=2e-4), kernel
 
 
+@pytest.mark.slow  # reads trajectories: three training runs, 27 s
 def test_kernels_really_ran(trajectories):
     _, torch_launches, _ = trajectories["torch"]
     assert sum(torch_launches.values()) == 0
@@ -71,7 +73,8 @@ def test_label_smoothing_changes_the_loss_as_the_formula_says(tmp_path, kernel):
     )
 
 
-@pytest.mark.parametrize("kernel", ["fastsft-linear", "torch"])
+# the linear kernel in Triton's interpreter: 10 s, in the full suite; torch's stays in the quick loop
+@pytest.mark.parametrize("kernel", [pytest.param("fastsft-linear", marks=pytest.mark.slow), "torch"])
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, kernel):
     """Batch 4 x accumulation 1 and batch 1 x accumulation 4 take the same optimizer step: the loss
     is normalised over the supervised tokens of the whole accumulated batch (num_items_in_batch)."""

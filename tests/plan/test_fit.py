@@ -97,6 +97,7 @@ def test_decide_takes_the_cheapest_changes_that_fit_and_keeps_the_effective_batc
     assert [c["key"] for c in g.changes] == keys[: len(g.changes)]
 
 
+@pytest.mark.slow  # memory simulations: 20 s
 def test_nothing_fits_names_the_longest_length_and_the_keys():
     s = small_setup()
     # the weights alone do not fit: said so, no length search
@@ -124,6 +125,7 @@ def _tiny(tmp_path, *sets):
     return r
 
 
+@pytest.mark.slow  # memory simulations: 19 s
 def test_fit_recipe_modes_and_fallback(tmp_path):
     r = _tiny(tmp_path, "train.expandable_segments=false", "train.frozen_16bit=false")
     logged = []
@@ -252,6 +254,7 @@ def test_8b_default_recipe_needs_no_hand_set_lever_up_to_the_headline_length():
     assert out.train.offload_checkpoints and out.data.max_length == 78475
 
 
+@pytest.mark.slow  # `fastsft plan` children that simulate: 18 s
 def test_plan_cli_names_what_fit_would_change_and_weights_that_cannot_fit():
     """`fastsft plan` with fit = "auto": what each lever saves, what a run would change; a --gpu-memory
     below what the weights alone hold is said so (no silent "fits", no traceback)."""

@@ -200,6 +200,7 @@ def test_hf_baseline_matches_unsloth_table_within_10_percent(tmp_path, gib):
     assert device_peak(setup, int(published * 1.1))[0] > gib * GiB
 
 
+@pytest.mark.slow  # `fastsft plan` children that simulate: 18 s
 def test_cli_plan_json_and_bad_size(tmp_path):
     p = _recipe(tmp_path)
     out = subprocess.run(

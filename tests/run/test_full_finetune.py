@@ -187,6 +187,7 @@ def test_full_model_gradients_equal_stock(tmp_path, kernel):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a DoRA run: 6 s
 def test_dora_adapter_has_magnitudes_and_loads_back(tmp_path):
     from fastsft.export import export_run
 
@@ -201,6 +202,7 @@ def test_dora_adapter_has_magnitudes_and_loads_back(tmp_path):
     assert parity["passed"] and parity["reproduction_error"] is not None, parity
 
 
+@pytest.mark.slow  # a run with a trained head: 7 s
 def test_modules_to_save_trains_and_saves_the_head(tmp_path):
     from fastsft.export import export_run
 

@@ -173,6 +173,7 @@ def test_a_planted_overfit_is_diagnosed_live_and_in_the_report(tmp_path):
     assert any(f["kind"] == "overfitting" for f in stored)
 
 
+@pytest.mark.slow  # a long training run: 20 s
 def test_early_stopping_stops_before_max_steps(tmp_path):
     recipe = overfit_recipe(
         tmp_path,

@@ -60,6 +60,7 @@ def bf16_runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # reads bf16_runs: four training runs, 44 s
 def test_every_route_trains_under_bf16_autocast(bf16_runs):
     for name, (result, steps, _) in bf16_runs.items():
         kernel = RUNS[name][0]
@@ -69,6 +70,7 @@ def test_every_route_trains_under_bf16_autocast(bf16_runs):
         assert steps[-1] < steps[0] - 0.5, (name, steps)
 
 
+@pytest.mark.slow  # reads bf16_runs: four training runs, 44 s
 def test_the_routes_agree_under_bf16_autocast(bf16_runs):
     ref = bf16_runs["torch"][1]
     for kernel in ("fastsft", "fastsft-linear"):
@@ -77,6 +79,7 @@ def test_the_routes_agree_under_bf16_autocast(bf16_runs):
         assert got == pytest.approx(ref, rel=2e-2), kernel  # a few bf16 steps later
 
 
+@pytest.mark.slow  # reads bf16_runs: four training runs, 44 s
 def test_the_fused_linear_loss_saw_the_qlora_case(bf16_runs):
     """float32 hidden states and lm_head (prepare_model_for_kbit_training), inside the Trainer's
     autocast: what raised "Expected out tensor to have dtype BFloat16, but got float"; and as shipped, the

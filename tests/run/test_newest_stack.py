@@ -17,10 +17,13 @@ from _tiny import RECIPES, REPO
 NEWEST = REPO / ".cache" / "newest-stack"
 WANT = {"transformers": "5.25.0", "datasets": "5.2.0", "trl": "1.16.0"}
 
-pytestmark = pytest.mark.skipif(
-    not (NEWEST / "transformers").is_dir(),
-    reason="the newest stack is not installed in .cache/newest-stack (tests/install-test-extras.sh)",
-)
+pytestmark = [
+    pytest.mark.slow,  # whole `fastsft run`, eval and plan children: 30 s
+    pytest.mark.skipif(
+        not (NEWEST / "transformers").is_dir(),
+        reason="the newest stack is not installed in .cache/newest-stack (tests/install-test-extras.sh)",
+    ),
+]
 
 
 def _fastsft(args, cwd, timeout=600):

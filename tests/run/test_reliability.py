@@ -178,6 +178,7 @@ def _recipe(tmp_path, *overrides):
     return R.load(p, list(overrides))
 
 
+@pytest.mark.slow  # training runs: 8 s
 def test_nan_loss_stops_the_run_and_is_never_applied(tmp_path, monkeypatch):
     from fastsft.loss import route as loss_mod
 
@@ -511,6 +512,7 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run):
     assert _snapshot(out) == before
 
 
+@pytest.mark.slow  # a resume of a run: 8 s
 def test_resume_after_the_data_changed_is_refused(tmp_path, finished_run, monkeypatch):
     import shutil
 
@@ -538,6 +540,7 @@ def test_resume_after_the_data_changed_is_refused(tmp_path, finished_run, monkey
         data_file.write_text(original)
 
 
+@pytest.mark.slow  # a run, then a resume: 9 s
 def test_a_full_disk_during_training_is_an_error_and_the_run_resumes(tmp_path, monkeypatch):
     import errno
 
@@ -583,6 +586,7 @@ def test_a_run_where_every_step_is_nan_fails(tmp_path, monkeypatch):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl is not JSON"))
 
 
+@pytest.mark.slow  # training runs: 13 s
 def test_eval_loss_is_the_token_weighted_mean_everywhere(tmp_path):
     """The same held-out loss whatever the eval batch size, and the same as `fastsft eval` gives."""
     from fastsft import use

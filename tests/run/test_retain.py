@@ -21,6 +21,7 @@ def test_the_shipped_general_set_is_there_with_its_licence():
     assert "Apache-2.0" in readme and "Source" in readme
 
 
+@pytest.mark.slow  # a training run scored before and after: 23 s
 def test_a_run_without_retain_scores_the_general_set(tmp_path):
     recipe = write_recipe(tmp_path / "r.toml", TINY_RECIPE)
     out = tmp_path / "run"

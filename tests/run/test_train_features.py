@@ -41,6 +41,7 @@ def demo_subset(tmp_path, n=24):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two training runs: 9 s
 def test_tiny_llama_trains_through_the_linear_kernel_with_the_stock_loss(tmp_path):
     runs = {}
     for kernel in ("torch", "fastsft-linear"):
@@ -118,6 +119,7 @@ def test_gemma2_softcap_loss_equals_transformers_own(tmp_path, kernel):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a run and the packed pieces scored alone: 12 s
 def test_packing_packs_rows_trains_only_answers_and_keeps_examples_apart(tmp_path, monkeypatch):
     from fastsft import data as D
 

@@ -13,6 +13,8 @@ from _tiny import DEMO, tiny_recipe, write_recipe
 
 STEPS = 120
 
+pytestmark = pytest.mark.slow  # every test reads `taught`: a 120-step run, 32 s
+
 
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory):
