@@ -202,8 +202,10 @@ def test_plan_runs_tiled_layer_on_real_and_meta_tensors():
 
 def test_plan_tiled_layer_cuts_the_per_token_cost():
     """The plan's QLoRA step (4-bit, bf16, every other lever on): with tiled_layer, the memory each token
-    adds (between 2,048 and 4,096 tokens) is well below the step's without it (0.77x at this scale:
-    10.4 vs 13.5 MB per 2,048 tokens; the 8B model's 100K-token step: 0.67x)."""
+    adds (between 2,048 and 4,096 tokens) is well below the step's without it: 0.61x at this scale (8.3
+    vs 13.5 MB per 2,048 tokens); 0.77x before the recomputed layer output became a placeholder, the
+    offloaded layer output's gradient was donated, the final norm was tiled and the first layer's
+    input was no longer held (benchmarks/results/2026-12-07-tiled-layer/)."""
     from fastsft.plan import Setup
     from fastsft.plan.simulate import simulate_layers
 
@@ -222,7 +224,7 @@ def test_plan_tiled_layer_cuts_the_per_token_cost():
     def slope(s):
         return simulate_layers(s, 4096, 2).peak_bytes - simulate_layers(s, 2048, 2).peak_bytes
 
-    assert slope(tiled) <= 0.85 * slope(base), (slope(tiled), slope(base))
+    assert slope(tiled) <= 0.65 * slope(base), (slope(tiled), slope(base))
 
 
 def test_tiled_layer_leaves_patched_layers_alone(monkeypatch):
