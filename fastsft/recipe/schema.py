@@ -256,7 +256,9 @@ class TrainSection(Section):
         0,
         "Run each decoder layer's per-token work (norms, q/k/v/o projections with their adapters, "
         "residuals, MLP) over this many sequence tiles, only attention over the whole sequence "
-        "(fastsft.levers.tiled_layer); 0: off. Exact. Llama, Mistral, Qwen2, Qwen3 layers.",
+        "(fastsft.levers.tiled_layer; attention per key/value head group, the final norm tiled too); 0: off. "
+        'Exact. Llama, Mistral, Qwen2, Qwen3 layers. fit = "auto" sets it (2 to 16) when the levers before it '
+        "do not fit.",
         min=0,
         max=4096,
         sft=False,
@@ -279,7 +281,7 @@ class TrainSection(Section):
         "auto",
         "On a CUDA GPU, before the weights load, `fastsft plan` simulates one step for the GPU's free memory. "
         '"auto": when it would not fit, turn on the exact memory levers in order of cost (expandable_segments '
-        "and frozen_16bit, then offload_checkpoints, then tiled_mlp shards, then a smaller "
+        "and frozen_16bit, then offload_checkpoints, then tiled_mlp shards, then tiled_layer tiles, then a smaller "
         "per_device_train_batch_size with more gradient_accumulation_steps: the same effective batch), print "
         "each change and record it in run.json; stop before loading when nothing fits, naming the longest "
         'data.max_length that does. "warn": only warn, naming the levers. "off": plan nothing.',

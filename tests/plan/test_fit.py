@@ -188,7 +188,9 @@ def test_a_fitted_run_trains_to_the_losses_of_none_and_records_plan_against_real
     plain = _tiny(tmp_path, *common, "train.fit=off")
     a = train.run(plain, output_dir=tmp_path / "a", console=Console(file=io.StringIO()))
     r = _tiny(tmp_path, *common)
-    budget = fit_mod.decide(plan.setup_from_recipe(r), 1024, CUDA_CONTEXT + 2**20, LEVER_ORDER, longest=False).peak
+    budget = fit_mod.decide(
+        plan.setup_from_recipe(r), 1024, CUDA_CONTEXT + 2**20, LEVER_ORDER, longest=False
+    ).peak
     monkeypatch.setattr(guard, "gpu_memory", lambda: 24 * GiB)
     monkeypatch.setattr(plan, "free_memory", lambda: budget)
     planned = {}
