@@ -41,7 +41,7 @@ def to_host(t: torch.Tensor):
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, anchor, hidden, *rest):
+    def forward(ctx, run, hidden, *rest):
         ctx.run, ctx.rest, ctx.device = run, rest, hidden.device
         ctx.state = RunState(hidden.device)
         ctx.host = to_host(hidden)
@@ -53,25 +53,20 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        need = ctx.needs_input_grad[2]
-        hidden = ctx.host.to(ctx.device, non_blocking=True).detach().requires_grad_(need)
+        hidden = ctx.host.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
         ctx.host = None
         with ctx.state.replay():
             out = ctx.run(hidden, *ctx.rest)
         with donate(grad_out):  # nothing reads grad_out after this: a tiled layer may reuse its memory
             torch.autograd.backward(out, grad_out)
-        return (None, None, hidden.grad if need else None) + (None,) * len(ctx.rest)
+        return (None, hidden.grad) + (None,) * len(ctx.rest)
 
 
 def offloaded_checkpoint(run, hidden, *rest):
     """`run(hidden, *rest)` with `hidden` offloaded to host memory until backward recomputes `run`."""
-    anchor = None
-    if not hidden.requires_grad and torch.is_grad_enabled():
-        # the first layer over frozen embeddings: still a node in the graph, so backward reaches the
-        # layer's adapters, through an empty leaf (a leaf made of the embeddings' output would keep it,
-        # B x T x hidden, alive on the GPU until backward ends: its gradient's accumulator holds it)
-        anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _OffloadedCheckpoint.apply(run, anchor, hidden, *rest)
+    if not hidden.requires_grad:  # the first layer over frozen embeddings: still a node in the graph,
+        hidden = hidden.detach().requires_grad_(True)  # so backward reaches the layer's adapters
+    return _OffloadedCheckpoint.apply(run, hidden, *rest)
 
 
 def install(model) -> int:
