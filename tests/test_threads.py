@@ -127,6 +127,32 @@ def test_apply_decides_once_and_leaves_the_users_choice():
     assert "torch" in sys.modules and threads.apply(env) == "too late" and env == {}
 
 
+def test_a_loop_drops_threads_only_when_the_cores_stay_taken(monkeypatch):
+    """The follower keeps the last WINDOW samples of the free cores and runs on the most of them: a single
+    sample that saw a core taken (a passing process on an idle machine) does not put a step on fewer
+    threads; samples that all saw it taken do, and one free sample brings the threads back."""
+    import torch
+
+    from fastsft.kernels import online_tiles
+
+    monkeypatch.setenv(threads.MARK, "1")
+    monkeypatch.setenv("GOMP_SPINCOUNT", threads.SPIN)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
+    samples = iter([2, 1, 2, 2, 1, 1, 1, 2, 1])
+    monkeypatch.setattr(online_tiles, "free_cpu_threads", lambda threads: next(samples))
+    before = torch.get_num_threads()
+    try:
+        follow = threads.Follower(2, window=3)
+        chosen = []
+        for _ in range(9):
+            follow()
+            chosen.append(torch.get_num_threads())
+        assert chosen == [2, 2, 2, 2, 2, 2, 1, 2, 2], chosen
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow  # beside busy processes
 def test_the_loops_follow_the_cores_other_processes_leave_free(monkeypatch, tiny_model_dir):
     """Under fastsft's policy a training step (the trainer's callback) and each generated token run on the

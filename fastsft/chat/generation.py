@@ -195,7 +195,7 @@ def answer_batch(
 
 def _follow_free_cores(model) -> list:
     """[a StoppingCriteria that, before each new token, sets the intra-op threads to the cores other work
-    leaves free (fastsft.threads.follow_free_cores); it never stops anything], or [] on a GPU or where
+    leaves free (fastsft.threads.Follower); it never stops anything], or [] on a GPU or where
     fastsft's thread policy is not in force."""
     import torch
 
@@ -203,11 +203,11 @@ def _follow_free_cores(model) -> list:
         return []
     from transformers import StoppingCriteria
 
-    start = torch.get_num_threads()
+    follow = threads.Follower(torch.get_num_threads())
 
     class FollowFreeCores(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            threads.follow_free_cores(start)
+            follow()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     return [FollowFreeCores()]

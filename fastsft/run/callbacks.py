@@ -239,16 +239,17 @@ class HealthWatch(TrainerCallback):
 
 class FollowFreeCores(TrainerCallback):
     """Each training step and evaluation batch on the intra-op threads the cores other processes leave
-    free (fastsft.threads.follow_free_cores); the count the run began with at the end."""
+    free (fastsft.threads.Follower); the count the run began with at the end."""
 
     def __init__(self):
         self.threads = torch.get_num_threads()
+        self.follow = threads.Follower(self.threads)
 
     def on_step_begin(self, args, state, control, **kw):
-        threads.follow_free_cores(self.threads)
+        self.follow()
 
     def on_prediction_step(self, args, state, control, **kw):
-        threads.follow_free_cores(self.threads)
+        self.follow()
 
     def on_train_end(self, args, state, control, **kw):
         torch.set_num_threads(self.threads)
