@@ -112,9 +112,11 @@ def test_context_table():
     }
     write_outputs(rows, took, slopes)
     for r in rows:
-        if r["gpu_gib"] == 24:
-            assert r["fastsft_2026_12_06"] > 78475
-            assert r["fastsft_tiled_layer"] > r["fastsft_2026_12_06"]
+        # issue 36's goal: twice Unsloth's published figure (157,000 at 24 GiB, 686,000 at 80 GiB) with
+        # every lever of fit's ladder; the 2026-12-06 levers alone are level with Unsloth (0.97-1.05x)
+        if r["gpu_gib"] in (24, 80):
+            assert r["fastsft_tiled_layer"] >= 2 * r["unsloth_published"] * 0.999
+        assert r["fastsft_tiled_layer"] > r["fastsft_2026_12_06"]
     if len(slopes) == 2:
         assert slopes["fastsft_tiled_layer"] < slopes["fastsft_2026_12_06"]
 
