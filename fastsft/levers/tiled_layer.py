@@ -65,13 +65,13 @@ class _Tiled(torch.autograd.Function):
         ctx.state = RunState(xs[0].device)
         ctx.save_for_backward(*xs)
         outs = None
-        t = xs[0].shape[1]
+        length = xs[0].shape[1]
         with torch.no_grad():
             if lazy and recomputing():
-                i, j = spans(t, tiles)[0]
+                i, j = spans(length, tiles)[0]
                 o = fn(*(x[:, i:j] for x in xs))
-                return tuple(y.new_empty(()).expand(y.shape[0], t, *y.shape[2:]) for y in o)
-            for i, j in spans(t, tiles):
+                return tuple(y.new_empty(()).expand(y.shape[0], length, *y.shape[2:]) for y in o)
+            for i, j in spans(length, tiles):
                 o = fn(*(x[:, i:j] for x in xs))
                 if outs is None:
                     outs = tuple(t.new_empty((t.shape[0], xs[0].shape[1], *t.shape[2:])) for t in o)
@@ -84,18 +84,14 @@ class _Tiled(torch.autograd.Function):
     def backward(ctx, *grads):
         xs = ctx.saved_tensors
         need = ctx.needs_input_grad[3:]
-        dxs = [torch.empty_like(x) if n else None for x, n in zip(xs, need, strict=True)]
-        g = grads[0]
-        if (
-            need[0]
-            and _donated(g)
-            and g.shape == xs[0].shape
-            and g.dtype == xs[0].dtype
-            and g.is_contiguous()
-        ):
-            # the output's gradient, given up by its only holder (offload's backward), becomes the input's:
-            # tile i's slice is read by tile i's backward before tile i's input gradient is written there
-            dxs[0] = g
+        g, x0 = grads[0], xs[0]
+        # the output's gradient, given up by its only holder (offload's backward), becomes the input's: tile
+        # i's slice is read by tile i's backward before tile i's input gradient is written there
+        donated = _donated(g) and g.shape == x0.shape and g.dtype == x0.dtype and g.is_contiguous()
+        dxs = [
+            (g if i == 0 and donated else torch.empty_like(x)) if n else None
+            for i, (x, n) in enumerate(zip(xs, need, strict=True))
+        ]
         for i, j in spans(xs[0].shape[1], ctx.tiles):
             sl = [x[:, i:j].detach().requires_grad_(n) for x, n in zip(xs, need, strict=True)]
             with ctx.state.replay():
@@ -208,7 +204,7 @@ def tiled_forward(
     mlp = getattr(self.mlp, "_fastsft_untiled_forward", None) or self.mlp
 
     def post(x, *a):
-        a = torch.cat(a, 2).reshape(*x.shape[:-1], -1) if len(a) > 1 else a[0].reshape(*x.shape[:-1], -1)
+        a = (torch.cat(a, 2) if len(a) > 1 else a[0]).reshape(*x.shape[:-1], -1)
         h = x + attn.o_proj(a)
         return (h + mlp(self.post_attention_layernorm(h)),)
 
