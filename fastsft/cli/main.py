@@ -360,9 +360,10 @@ def plan(recipe, overrides, gpu_memory, find_max, baseline, as_json):
     setup = plan_mod.setup_from_recipe(r, baseline=baseline)
     fit = "off" if baseline else r.train.fit  # (the baseline is the stock setup, fitted by nothing)
     accumulation = r.train.gradient_accumulation_steps
-    out = plan_mod.plan(
-        setup, r.data.max_length, budget, find_max=find_max, fit=fit, accumulation=accumulation
-    )
+    with plan_mod.fit_mod.reporting(lambda line: click.echo(line, err=True)):  # progress: stderr
+        out = plan_mod.plan(
+            setup, r.data.max_length, budget, find_max=find_max, fit=fit, accumulation=accumulation
+        )
     out["recipe"] = str(recipe)
     out["simulation"] = "meta tensors on the CPU; transformers backend; FlashAttention-2 memory"
     if as_json:

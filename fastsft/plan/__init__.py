@@ -230,6 +230,11 @@ def fit_recipe(recipe, budget: int, log, *, mode: str | None = None):
     that does and the keys to set. A recipe the simulation cannot build falls back to the formula's
     estimate after loading (one line says so). Returns (recipe, run.json's `fit` record or None)."""
     mode = mode or recipe.train.fit
+    with fit_mod.reporting(log):  # each simulated step said as it runs (a search can take minutes)
+        return _fit_recipe(recipe, budget, log, mode)
+
+
+def _fit_recipe(recipe, budget: int, log, mode: str):
     if mode == "off":
         log('fit: off ([train] fit = "off"): nothing planned; the formula\'s estimate follows after loading')
         return recipe, None

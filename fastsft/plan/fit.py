@@ -29,7 +29,9 @@ under-filled batch), which is why the batch comes last although it is exact.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from dataclasses import dataclass, field, replace
 
 from .device import CUDA_CONTEXT, MAX_LENGTH, GiB, allocator_rounding
@@ -63,6 +65,25 @@ WALK = 8  # max_length's `tol` steps from its linear guess before it brackets an
 
 
 _PEAKS: dict = {}  # (the setup's fields, seq_len) -> (setup, result): fit's, plan's and ladder's steps shared
+_REPORT: list = []  # whom each simulated step is told to (`reporting`)
+
+
+@contextlib.contextmanager
+def reporting(report):
+    """Inside, `report(line)` hears of each step simulated (not those already simulated): one line before
+    it (a tiled 8B step takes ~30-90 s on a small CPU, and a length search several), one after it."""
+    _REPORT.append(report)
+    try:
+        yield
+    finally:
+        _REPORT.pop()
+
+
+def _levers(setup: Setup) -> str:
+    on = [
+        f"{KEYS[k]}={json.dumps(getattr(setup, k))}" for k in KEYS if k != "batch_size" and getattr(setup, k)
+    ]
+    return f"batch {setup.batch_size}" + (", " + ", ".join(on) if on else "")
 
 
 def _key(setup: Setup, seq_len: int) -> tuple:
@@ -78,7 +99,16 @@ def device_peak(setup: Setup, seq_len: int):
     hit = _PEAKS.get(key)
     if hit is not None and hit[0].config is setup.config and hit[0].lora is setup.lora:
         return hit[1]
+    report = _REPORT[-1] if _REPORT else None
+    if report is not None:
+        report(f"plan: simulating one step of {seq_len:,} tokens ({_levers(setup)})")
+        start = time.monotonic()
     p = simulate(setup, seq_len, rounding=allocator_rounding)
+    if report is not None:
+        report(
+            f"plan: {seq_len:,} tokens need {(p.reserved_bytes + CUDA_CONTEXT) / GiB:.2f} GiB "
+            f"({time.monotonic() - start:.0f} s)"
+        )
     if len(_PEAKS) >= 64:
         _PEAKS.pop(next(iter(_PEAKS)))
     _PEAKS[key] = (setup, (p.reserved_bytes + CUDA_CONTEXT, p))  # the setup kept: its ids stay its own
@@ -428,4 +458,5 @@ __all__ = [
     "max_length",
     "every_change",
     "as_sets",
+    "reporting",
 ]

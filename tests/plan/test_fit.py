@@ -276,3 +276,22 @@ def test_plan_cli_names_what_fit_would_change_and_weights_that_cannot_fit():
     out = tiny.stdout + tiny.stderr
     assert tiny.returncode == 0 and "weights alone" in out and "Traceback" not in out, out[-2000:]
     assert "fits in" not in out
+
+
+def test_each_simulated_step_is_reported_as_it_runs():
+    """A length search or fit's ladder can simulate for minutes (the tiled 8B step: ~30-90 s each): inside
+    `reporting`, each new step is said before it runs and with its need after; a step already simulated
+    is not simulated again, so nothing is said."""
+    s = small_setup(tiled_mlp=2)
+    lines = []
+    with fit_mod.reporting(lines.append):
+        peak = fit_mod.device_peak(s, 1237)[0]
+        fit_mod.device_peak(s, 1237)
+    assert len(lines) == 2, lines
+    assert (
+        lines[0].startswith("plan: simulating one step of 1,237 tokens (batch 4, ")
+        and "tiled_mlp=2" in lines[0]
+    )
+    assert f"1,237 tokens need {peak / GiB:.2f} GiB" in lines[1]
+    fit_mod.device_peak(s, 1238)  # outside: nothing heard
+    assert len(lines) == 2
