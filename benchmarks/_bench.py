@@ -7,7 +7,10 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +65,23 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+@contextmanager
+def busy(n: int | None = None):
+    """`n` processes (default: one per core) that each keep a core busy (`while True: pass`) for the
+    `with` block: the benchmarks' "beside other work"."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n or os.cpu_count() or 2)
+    ]
+    try:
+        time.sleep(1.0)  # let the scheduler see them
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 def device_name() -> str:
@@ -176,7 +196,13 @@ class Results:
         self.e2e[:] = merge(
             self.e2e,
             old.get("e2e", []),
-            lambda r: (r.get("model"), r.get("backend"), r.get("seq_len"), r.get("longest_fitting")),
+            lambda r: (
+                r.get("model"),
+                r.get("backend"),
+                r.get("seq_len"),
+                r.get("longest_fitting"),
+                r.get("background"),
+            ),
         )
         self.notes[:] = [n for n in old.get("notes", []) if n not in self.notes] + self.notes
         for k, v in old.items():
@@ -227,8 +253,9 @@ class Results:
                 "|---|---|---|---|---|---|---|---|",
             ]
             for r in runs:
+                backend = r["backend"] + (f" (+{r['background']})" if r.get("background") else "")
                 out.append(
-                    f"| {r['model']} | {r['backend']} | {r['seq_len']} | {_f(r.get('tokens_per_s'), 0)} | "
+                    f"| {r['model']} | {backend} | {r['seq_len']} | {_f(r.get('tokens_per_s'), 0)} | "
                     f"{_f(r.get('speedup_vs_transformers'))} | {_f(r.get('peak_mem_gib'), 2)} | "
                     f"{_f(r.get('mem_vs_transformers'))} | {r.get('first_losses', '')} |"
                 )

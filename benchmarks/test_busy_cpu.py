@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from _bench import GPU, loadavg, machine, versions
+from _bench import GPU, busy, loadavg, machine, versions
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny.toml"
@@ -118,22 +118,6 @@ def run_once(setting: str, condition: str, work: Path, cache: Path) -> dict:
     return row
 
 
-class Busy:
-    """One spinning Python process per core, for the duration of a `with` block."""
-
-    def __enter__(self):
-        n = os.cpu_count() or 2
-        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-        time.sleep(1.0)  # let the scheduler see them
-        return self
-
-    def __exit__(self, *exc):
-        for p in self.procs:
-            p.kill()
-        for p in self.procs:
-            p.wait()
-
-
 def summarize(rows: list[dict]) -> dict:
     """Per (setting, condition): the runs' train seconds, their median, and the ratio to each baseline."""
     by: dict[tuple[str, str], list[float]] = {}
@@ -212,7 +196,7 @@ def test_busy_cpu_training_step(capsys):
                 order = list(SETTINGS)
                 order = order[rnd % len(order) :] + order[: rnd % len(order)]  # rotate: no fixed first slot
                 if cond == "busy":
-                    with Busy():
+                    with busy():
                         for s in order:
                             run(s, cond)
                 else:
