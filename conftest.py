@@ -12,6 +12,8 @@ before the conftest.py of either folder):
   (slowly, exactly) on the CPU; on a GPU machine the same code runs natively.
 - `_private_cache`: built-in models and tokenized-data caches go to a folder of this session (unless
   FASTSFT_CACHE is set), never to the user's ~/.cache.
+- Under pytest-xdist (the README's `pytest -n 2 --dist loadscope tests`), the modules holding a `slow` test
+  are sent out first (`pytest_collection_modifyitems`).
 """
 
 import os
@@ -33,3 +35,13 @@ def _private_cache(tmp_path_factory):
     if "FASTSFT_CACHE" not in os.environ:
         os.environ["FASTSFT_CACHE"] = str(tmp_path_factory.mktemp("fastsft-cache"))
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's workers, the modules that hold a `slow` test first, the rest after, each group in
+    collection order: with `--dist loadscope` a module runs whole on one worker, and a long one handed out
+    last (Unsloth's interpreter child: minutes) would run alone while the other worker sits idle."""
+    if not hasattr(config, "workerinput"):
+        return
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)

@@ -37,7 +37,7 @@ from fastsft import backends, machine  # noqa: E402
 from fastsft import recipe as R  # noqa: E402
 from fastsft.kernels import cross_entropy  # noqa: E402
 from fastsft.loss import route as loss  # noqa: E402
-from fastsft.run import answers, train  # noqa: E402
+from fastsft.run import answers, retain, train  # noqa: E402
 
 # the tests' shared helpers, by file: tests/ on sys.path would bring its folders (kernels/, data/, ...) too
 _spec = importlib.util.spec_from_file_location("_tiny", REPO / "tests" / "_tiny.py")
@@ -245,6 +245,10 @@ def check_training(tmp: Path) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     keep = model_keeper()
     answers.sample_prompts = lambda *a, **k: []  # before / after answers: Unsloth's generation is slow here
+    # nor the retain set's loss before and after (100 forwards of the general set in Triton's interpreter, ~4
+    # of this child's ~11 minutes): it runs through the same loss route on every backend
+    # (tests/run/test_retain.py); what this checks is the training, accumulation and export
+    retain.encode = lambda *a, **k: (None, None)
     LAUNCHES["cross_entropy"] = 0
     a = train.run(
         make_recipe(tmp, "train.per_device_train_batch_size=2"), output_dir=tmp / "a", callbacks=[keep]
@@ -288,6 +292,7 @@ def check_full_finetuning(tmp: Path) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     keep = model_keeper()
     answers.sample_prompts = lambda *a, **k: []
+    retain.encode = lambda *a, **k: (None, None)
     LAUNCHES["cross_entropy"] = 0
     r = train.run(
         make_recipe(
