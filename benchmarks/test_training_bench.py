@@ -258,8 +258,9 @@ def test_training(model, seq_len, background, results, tmp_path):
         else:
             rows[row] = rec
     base = rows.get("transformers")
+    entries = {}
     for r, rec in rows.items():
-        entry = {
+        entry = entries[r] = {
             "model": model,
             "backend": r,
             "seq_len": seq_len,
@@ -306,19 +307,17 @@ def test_training(model, seq_len, background, results, tmp_path):
             failures.append(f"the rows disagree on the first loss: {first}")
     assert rows, "no row ran: " + "; ".join(failures)
     assert not failures, "; ".join(failures)
-    ours = next((e for e in results.e2e[-len(rows) :] if e["backend"] == "fastsft-transformers"), None)
-    if CPU_FULL and ours and ours.get("speedup_vs_transformers"):
+    if CPU_FULL:  # issue 39's target, quiet and busy: a missing row or figure fails, never passes
         where = f"beside {background} busy processes" if background else "quiet"
+        ours = entries.get("fastsft-transformers", {})
+        speed, mem = ours.get("speedup_vs_transformers"), ours.get("mem_vs_transformers")
+        assert speed is not None and mem is not None, f"{where}: tokens/s or peak RSS not measured: {entries}"
         results.notes.append(
-            f"{model} {seq_len} {where}: fastsft {ours['speedup_vs_transformers']:.2f}x the plain TRL script's "
-            f"tokens/s at {ours.get('mem_vs_transformers') or float('nan'):.2f}x its peak resident set"
+            f"{model} {seq_len} {where}: fastsft {speed:.2f}x the plain TRL script's tokens/s at {mem:.2f}x its "
+            "peak resident set"
         )
-        assert ours["speedup_vs_transformers"] >= CPU_TARGET, (
-            f"{where}: {ours['speedup_vs_transformers']:.2f}x"
-        )
-        assert (ours.get("mem_vs_transformers") or 0) <= 1.0, (
-            f"{where}: {ours.get('mem_vs_transformers')}x memory"
-        )
+        assert speed >= CPU_TARGET, f"{where}: {speed:.2f}x the TRL script's tokens/s, under {CPU_TARGET}x"
+        assert mem <= 1.0, f"{where}: {mem:.2f}x the TRL script's peak resident set"
     if not MEASURED:
         pytest.skip("no GPU: smoke pass only (both rows trained, first losses agree), nothing measured")
 
